@@ -1,0 +1,28 @@
+# Two entry points: `make demo` (the embedded default run) and `make test` (lint + the CPU suite).
+# Both create .venv on first use and install the package with its test extras.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build keeps a laptop/CI install small; set TORCH=torch for the default (CUDA) wheel.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup test lint demo clean
+
+$(BIN)/axiom: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)" || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/axiom
+
+lint: setup
+	$(BIN)/ruff check axiom tests
+	$(BIN)/ruff format --check axiom tests
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,43 @@
+"""The `axiom` command: one entry point, one subcommand per module (each has add_arguments and run)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from axiom.errors import AxiomError
+
+# name -> (module, one-line help). Modules are imported only to build their own parser.
+COMMANDS = {
+    "info": ("axiom.info", "print parameters, tokens, steps, FLOPs and memory of a configuration"),
+    "generate": ("axiom.sample", "sample text from a checkpoint (or a randomly initialised preset)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="axiom", description="Pretrain, evaluate, sample from and publish Axiom-Dense models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return importlib.import_module(args.module).run(args) or 0
+    except AxiomError as e:
+        print(f"axiom {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"axiom {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

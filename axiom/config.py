@@ -1,0 +1,242 @@
+"""Model and training configuration: two dataclasses, named presets, and `--set NAME=VALUE` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+
+from axiom.errors import AxiomError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 100_277  # cl100k_base, EOS 100257 included
+    d_model: int = 1024
+    n_layers: int = 24
+    n_heads: int = 16
+    n_kv_heads: int = 8  # grouped-query attention: each KV head serves n_heads // n_kv_heads query heads
+    ffn_multiplier: float = 2.6667  # SwiGLU width = ffn_multiplier * d_model, rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10_000.0
+    max_seq_len: int = 1024
+    tie_embeddings: bool = True  # lm_head.weight is embed.weight
+    dropout: float = 0.0
+    head_dim: int = field(init=False)
+    ffn_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "ffn_multiple_of",
+            "max_seq_len",
+        ):
+            if getattr(self, name) <= 0:
+                raise AxiomError(f"model config: {name}={getattr(self, name)} must be positive")
+        if self.d_model % self.n_heads:
+            raise AxiomError(
+                f"model config: d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise AxiomError(
+                f"model config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        self.head_dim = self.d_model // self.n_heads
+        if self.head_dim % 2:
+            raise AxiomError(f"model config: head_dim={self.head_dim} must be even for RoPE")
+        if self.ffn_multiplier <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise AxiomError(
+                f"model config: ffn_multiplier={self.ffn_multiplier}, norm_eps={self.norm_eps} and "
+                f"rope_theta={self.rope_theta} must be positive"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise AxiomError(f"model config: dropout={self.dropout} must be in [0, 1)")
+        m = self.ffn_multiple_of
+        self.ffn_dim = m * math.ceil(self.ffn_multiplier * self.d_model / m)
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1  # sequences per forward/backward
+    seq_len: int = 1024  # tokens per sequence
+    grad_accum_steps: int = 320  # micro-batches per optimizer step (summed over all ranks)
+    target_tokens: int = 8_000_000_000  # steps = target_tokens // tokens_per_step
+    max_steps: int | None = None  # optional cap on optimizer steps
+    warmup_steps: int = 2000  # linear warmup from 0 to lr_max
+    decay_fraction: float = 0.2  # final share of steps over which the LR follows a cosine to lr_min
+    lr_max: float = 3e-4
+    lr_min: float = 1e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_interval: int = 500  # optimizer steps between evaluations
+    eval_tokens: int = 1_048_576  # validation tokens per evaluation
+    checkpoint_interval: int = 1000  # optimizer steps between checkpoints
+    seed: int = 1337  # Python, NumPy and PyTorch
+    dtype: str = "bfloat16"  # autocast dtype on GPU: bfloat16 | float16 | float32
+    compile: bool = False  # torch.compile the model
+    gradient_checkpointing: bool = True  # recompute each block's activations in backward
+    optimizer: str = "adamw8bit"  # adamw8bit (bitsandbytes, falls back to adamw) | adamw
+    val_fraction: float = 0.001  # share of documents hashed into the validation split
+    split_seed: int = 1337  # salt of the split hash
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "seq_len", "grad_accum_steps", "target_tokens", "eval_tokens"):
+            if getattr(self, name) <= 0:
+                raise AxiomError(f"train config: {name}={getattr(self, name)} must be positive")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise AxiomError(f"train config: max_steps={self.max_steps} must be positive or None")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise AxiomError(f"train config: decay_fraction={self.decay_fraction} must be in [0, 1]")
+        if not 0.0 <= self.lr_min <= self.lr_max:
+            raise AxiomError(f"train config: need 0 <= lr_min ({self.lr_min}) <= lr_max ({self.lr_max})")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise AxiomError(f"train config: val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise AxiomError(f"train config: dtype={self.dtype!r} must be bfloat16, float16 or float32")
+        if self.optimizer not in ("adamw8bit", "adamw"):
+            raise AxiomError(f"train config: optimizer={self.optimizer!r} must be adamw8bit or adamw")
+        if self.steps == 0:
+            raise AxiomError(
+                f"train config: target_tokens={self.target_tokens} is less than one optimizer step "
+                f"({self.tokens_per_step} tokens)"
+            )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.seq_len * self.grad_accum_steps
+
+    @property
+    def steps(self) -> int:
+        steps = self.target_tokens // self.tokens_per_step
+        return min(steps, self.max_steps) if self.max_steps is not None else steps
+
+    @property
+    def planned_tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {"model": _init_fields(self.model), "train": _init_fields(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        return cls(ModelConfig(**d["model"]), TrainConfig(**d["train"]))
+
+
+def _axiom_380m() -> Config:
+    return Config(ModelConfig(), TrainConfig())
+
+
+def _tiny() -> Config:
+    # Trains visibly on 2 CPU cores in minutes; the vocabulary stays cl100k_base's.
+    return Config(
+        ModelConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_multiple_of=64, max_seq_len=256),
+        TrainConfig(
+            micro_batch_size=8,
+            seq_len=256,
+            grad_accum_steps=1,
+            target_tokens=600 * 2048,
+            warmup_steps=30,
+            lr_max=2e-3,
+            lr_min=1e-4,
+            eval_interval=100,
+            eval_tokens=32_768,
+            checkpoint_interval=200,
+            dtype="float32",
+            gradient_checkpointing=False,
+            val_fraction=0.02,
+        ),
+    )
+
+
+PRESETS = {"axiom-380m": _axiom_380m, "tiny": _tiny}
+
+
+def get_config(preset: str, overrides: list[str] | None = None) -> Config:
+    """The named preset with `NAME=VALUE` overrides applied (names from ModelConfig or TrainConfig)."""
+    if preset not in PRESETS:
+        raise AxiomError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]()
+    model_kw = _init_fields(cfg.model)
+    train_kw = _init_fields(cfg.train)
+    for item in overrides or []:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise AxiomError(f"--set {item!r}: expected NAME=VALUE")
+        if name in model_kw:
+            model_kw[name] = _parse(ModelConfig, name, raw)
+        elif name in train_kw:
+            train_kw[name] = _parse(TrainConfig, name, raw)
+        else:
+            known = ", ".join(sorted([*model_kw, *train_kw]))
+            raise AxiomError(f"--set {item!r}: unknown field {name!r}; known fields: {known}")
+    return Config(ModelConfig(**model_kw), TrainConfig(**train_kw))
+
+
+def _init_fields(obj) -> dict:
+    """The constructor arguments of a config dataclass (derived fields left out)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+
+
+def _parse(cls: type, name: str, raw: str):
+    """Convert a CLI string to the field's annotated type (int, float, bool, str, or an optional of one)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in args if a is not type(None))
+    raw = raw.strip()
+    if optional and raw.lower() in ("none", "null", ""):
+        return None
+    try:
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            value = float(raw)  # accepts 8e9 and 8_000_000_000 alike
+            if not value.is_integer():
+                raise ValueError
+            return int(value)
+        return hint(raw)
+    except ValueError:
+        raise AxiomError(f"--set {name}={raw}: expected {hint.__name__}") from None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = "tiny") -> None:
+    parser.add_argument(
+        "--preset",
+        default=default_preset,
+        choices=sorted(PRESETS),
+        help=f"named configuration (default: {default_preset})",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override any ModelConfig or TrainConfig field, e.g. --set lr_max=1e-3 (repeatable)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return get_config(args.preset, args.overrides)
