@@ -1,0 +1,66 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from axiom.cli import COMMANDS, main
+
+
+def test_top_level_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert f"usage: axiom {command}" in capsys.readouterr().out
+
+
+def test_info_json_reports_the_card(capsys):
+    assert main(["info", "--preset", "axiom-380m", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == 385_849_344
+    assert info["tokens_per_step"] == 327_680
+    assert info["steps"] == 24_414
+    assert info["planned_tokens"] == 7_999_979_520
+    assert info["flops_per_token"] == 2_616_784_896
+
+
+def test_info_applies_overrides(capsys):
+    assert main(["info", "--preset", "axiom-380m", "--set", "grad_accum_steps=160", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tokens_per_step"] == 163_840 and info["steps"] == 48_828
+
+
+def test_bad_override_is_one_line_error_and_nonzero_exit():
+    proc = subprocess.run(
+        [sys.executable, "-m", "axiom.cli", "info", "--set", "d_model=abc"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "axiom info: error: --set d_model=abc: expected int"
+
+
+def test_generate_from_random_init(capsys):
+    args = [
+        "generate",
+        "--preset",
+        "tiny",
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("Once upon a time") and len(first) > len("Once upon a time\n")
+    assert main(args) == 0
+    assert capsys.readouterr().out == first  # seeded init and greedy decoding are reproducible

@@ -1,0 +1,135 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from axiom.checkpoint import load_model, save_model
+from axiom.config import ModelConfig, get_config
+from axiom.generate import generate
+from axiom.model import Axiom, chunked_cross_entropy, flops_per_token, num_params
+
+SMALL = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_multiple_of=16, max_seq_len=64)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return Axiom(SMALL).eval()
+
+
+def test_card_parameter_count_on_meta_device():
+    cfg = get_config("axiom-380m").model
+    with torch.device("meta"):
+        m = Axiom(cfg)
+    assert m.num_params() == num_params(cfg) == 385_849_344
+    assert m.num_params(non_embedding=True) == 385_849_344 - 100_277 * 1024
+    assert m.lm_head.weight is m.embed.weight
+    assert flops_per_token(cfg, 1024) == 6 * (385_849_344 - 49 * 1024) + 12 * 24 * 1024 * 1024
+
+
+def test_causality(model):
+    x = torch.randint(0, 97, (2, 20))
+    y = x.clone()
+    y[:, 12:] = (y[:, 12:] + 1) % 97
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
+
+
+def naive_attention(attn, x, cos, sin):
+    """Reference: per-head softmax(QK^T/sqrt(d) + causal mask) V with KV heads repeated explicitly."""
+    from axiom.model import apply_rope
+
+    B, T, _ = x.shape
+    nh, nkv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q, k, v = attn.qkv_proj(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+    q = apply_rope(q.view(B, T, nh, hd).transpose(1, 2), cos, sin)
+    k = apply_rope(k.view(B, T, nkv, hd).transpose(1, 2), cos, sin).repeat_interleave(nh // nkv, dim=1)
+    v = v.view(B, T, nkv, hd).transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    y = torch.softmax(scores, dim=-1) @ v
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def test_gqa_attention_equals_naive_reference(model):
+    attn = model.layers[0].attn
+    x = torch.randn(2, 10, SMALL.d_model)
+    cos, sin = model.rope_cos[:10], model.rope_sin[:10]
+    with torch.no_grad():
+        assert torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-5)
+
+
+def test_kv_cache_greedy_equals_full_recompute(model):
+    prompt = [5, 17, 3, 88, 42]
+    cached = generate(model, [prompt], 12, temperature=0)[0]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert cached == seq[len(prompt) :]
+
+
+def test_batched_prompts_of_different_lengths_match_single(model):
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [40, 41, 42, 43]]
+    batched = generate(model, prompts, 6, temperature=0)
+    assert batched == [generate(model, [p], 6, temperature=0)[0] for p in prompts]
+
+
+def test_sampling_is_seeded_and_stops_at_eos(model):
+    a = generate(model, [[1, 2]], 10, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    b = generate(model, [[1, 2]], 10, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    assert a == b and len(a[0]) == 10
+    first = generate(model, [[1, 2]], 10, temperature=0)[0][0]
+    assert generate(model, [[1, 2]], 10, temperature=0, eos_id=first) == [[first]]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_loss_equals_cross_entropy(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(50, 16, requires_grad=True)
+    w = torch.randn(97, 16, requires_grad=True)
+    t = torch.randint(0, 97, (50,))
+    t[3] = -100  # ignored position
+    loss = chunked_cross_entropy(h, w, t, chunk)
+    (loss * 2.5).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy(h @ w.t(), t)
+    (ref * 2.5).backward()
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, w.grad, atol=1e-6)
+
+
+def grads(model, x, y):
+    model.zero_grad()
+    model(x, y).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_gives_same_gradients(model):
+    model.train()
+    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    plain = grads(model, x, y)
+    model.gradient_checkpointing = True
+    checkpointed = grads(model, x, y)
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+def test_tied_weights_stay_tied_through_training_and_reload(model, tmp_path):
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))).backward()
+    opt.step()
+    assert model.lm_head.weight is model.embed.weight
+    cfg = get_config("tiny")
+    cfg.model = SMALL
+    save_model(model, cfg, tmp_path, step=1)
+    loaded, _, meta = load_model(tmp_path)
+    assert loaded.lm_head.weight is loaded.embed.weight and meta["step"] == 1
+    x = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
