@@ -88,6 +88,10 @@ class TrainConfig:
     optimizer: str = "adamw8bit"  # adamw8bit (bitsandbytes, falls back to adamw) | adamw
     val_fraction: float = 0.001  # share of documents hashed into the validation split
     split_seed: int = 1337  # salt of the split hash
+    keep_checkpoints: int = 3  # newest step checkpoints kept (the best is kept apart, in checkpoints/best)
+    max_bad_steps: int = 10  # consecutive non-finite loss/grad-norm steps (each skipped) before training stops
+    log_interval: int = 10  # optimizer steps between lines in train.log / train.csv
+    fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state with FSDP2 instead of DDP
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "seq_len", "grad_accum_steps", "target_tokens", "eval_tokens"):
@@ -105,6 +109,9 @@ class TrainConfig:
             raise AxiomError(f"train config: dtype={self.dtype!r} must be bfloat16, float16 or float32")
         if self.optimizer not in ("adamw8bit", "adamw"):
             raise AxiomError(f"train config: optimizer={self.optimizer!r} must be adamw8bit or adamw")
+        for name in ("keep_checkpoints", "max_bad_steps", "log_interval", "eval_interval", "checkpoint_interval"):
+            if getattr(self, name) <= 0:
+                raise AxiomError(f"train config: {name}={getattr(self, name)} must be positive")
         if self.steps == 0:
             raise AxiomError(
                 f"train config: target_tokens={self.target_tokens} is less than one optimizer step "
@@ -171,7 +178,11 @@ def get_config(preset: str, overrides: list[str] | None = None) -> Config:
     """The named preset with `NAME=VALUE` overrides applied (names from ModelConfig or TrainConfig)."""
     if preset not in PRESETS:
         raise AxiomError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    cfg = PRESETS[preset]()
+    return apply_overrides(PRESETS[preset](), overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
+    """A new Config: `cfg` with `NAME=VALUE` overrides applied (names from ModelConfig or TrainConfig)."""
     model_kw = _init_fields(cfg.model)
     train_kw = _init_fields(cfg.train)
     for item in overrides or []:
