@@ -1,0 +1,259 @@
+"""Token shards on disk (the format `axiom prepare` writes) and the loaders that feed training and evaluation.
+
+A prepared directory holds `manifest.json` and shards `train_00000.bin`, `val_00000.bin`, ... of raw little-endian
+uint32 token ids, with EOS after every document. Each split is read as one memory-mapped token stream (shards in
+manifest order, never read whole). Training windows are `seq_len + 1` tokens at stride `seq_len`, so the inputs cover
+each token once per epoch; their order is a permutation fixed by (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from axiom.errors import AxiomError
+from axiom.tokenizer import EOS_ID, NAME, SHA256, load_tokenizer
+
+FORMAT_VERSION = 1
+TOKEN_DTYPE = np.dtype("<u4")  # cl100k_base has 100,277 ids: more than uint16 holds
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+MANIFEST_KEYS = (
+    "format_version",
+    "tokenizer",
+    "eos_id",
+    "split",
+    "shards",
+    "train_tokens",
+    "val_tokens",
+    "train_docs",
+    "val_docs",
+    "train_bytes",
+    "val_bytes",
+)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:05d}.bin"
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON under a temporary name and rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """The manifest of a prepared directory, checked for the keys and version this code reads."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise AxiomError(f"{path} not found: {data_dir} is not a prepared data directory; run `axiom prepare`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AxiomError(f"{path}: invalid JSON ({e}); re-run `axiom prepare`") from e
+    if not isinstance(manifest, dict):
+        raise AxiomError(f"{path}: expected a JSON object; re-run `axiom prepare`")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise AxiomError(f"{path}: missing keys {', '.join(missing)}; re-run `axiom prepare`")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise AxiomError(
+            f"{path}: format_version {manifest['format_version']}, this code reads {FORMAT_VERSION}; "
+            "re-run `axiom prepare`"
+        )
+    return manifest
+
+
+class TokenStream:
+    """One split's shards as a single token sequence, memory-mapped; `read` copies out any range."""
+
+    def __init__(self, data_dir: str | Path, split: str, manifest: dict | None = None) -> None:
+        data_dir = Path(data_dir)
+        manifest = manifest if manifest is not None else read_manifest(data_dir)
+        self.shards: list[np.memmap] = []
+        sizes = []
+        for shard in manifest["shards"]:
+            if shard["split"] != split or shard["tokens"] == 0:
+                continue
+            path = data_dir / shard["file"]
+            expected = shard["tokens"] * TOKEN_DTYPE.itemsize
+            actual = path.stat().st_size if path.is_file() else None
+            if actual != expected:
+                found = "missing" if actual is None else f"{actual:,} bytes"
+                raise AxiomError(
+                    f"{path}: {found}, manifest says {shard['tokens']:,} tokens ({expected:,} bytes); "
+                    "re-run `axiom prepare`"
+                )
+            self.shards.append(np.memmap(path, dtype=TOKEN_DTYPE, mode="r"))
+            sizes.append(shard["tokens"])
+        self.offsets = np.cumsum([0, *sizes])  # shard i holds stream positions offsets[i]:offsets[i+1]
+        self.num_tokens = int(self.offsets[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as int64, crossing shard boundaries where needed."""
+        if start < 0 or start + length > self.num_tokens:
+            raise IndexError(f"tokens [{start}, {start + length}) outside a stream of {self.num_tokens}")
+        out = np.empty(length, dtype=np.int64)
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        done = 0
+        while done < length:
+            lo = start + done - int(self.offsets[i])
+            n = min(length - done, len(self.shards[i]) - lo)
+            out[done : done + n] = self.shards[i][lo : lo + n]
+            done += n
+            i += 1
+        return out
+
+
+class TrainLoader:
+    """Shuffled `(inputs, targets)` windows of the train split; each call is one global micro-batch.
+
+    A global micro-batch is `micro_batch_size * world_size` windows; rank r returns rows [r*B, (r+1)*B), so ranks
+    read disjoint windows. When fewer windows than one global batch remain in an epoch, the next epoch starts with
+    a new permutation. `state_dict()` is a few ints that resume on exactly the next batch.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        seq_len: int,
+        micro_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if seq_len <= 0 or micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+            raise AxiomError(
+                f"loader: need seq_len, micro_batch_size, world_size > 0 and 0 <= rank < world_size, got "
+                f"seq_len={seq_len}, micro_batch_size={micro_batch_size}, rank={rank}, world_size={world_size}"
+            )
+        self.data_dir = Path(data_dir)
+        self.stream = TokenStream(data_dir, "train")
+        self.seq_len, self.micro_batch_size, self.seed = seq_len, micro_batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = micro_batch_size * world_size
+        # Window w covers tokens [w*seq_len, w*seq_len + seq_len + 1): the +1 is the last target.
+        self.num_windows = max(self.stream.num_tokens - 1, 0) // seq_len
+        if self.num_windows < self.global_batch:
+            raise AxiomError(
+                f"{data_dir}: the train split has {self.stream.num_tokens:,} tokens, fewer than one global batch "
+                f"needs ({self.global_batch} windows of {seq_len}+1 tokens = "
+                f"{self.global_batch * seq_len + 1:,} tokens); prepare more data or lower seq_len/batch size"
+            )
+        self.epoch = 0
+        self.position = 0  # windows of this epoch's permutation already consumed (all ranks)
+        self._perm_epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (micro_batch_size, seq_len) int64 on the CPU; targets are inputs shifted by one."""
+        if self.position + self.global_batch > self.num_windows:
+            self.epoch += 1
+            self.position = 0
+        first = self.position + self.rank * self.micro_batch_size
+        windows = self._permutation()[first : first + self.micro_batch_size]
+        self.position += self.global_batch
+        L = self.seq_len
+        batch = np.stack([self.stream.read(int(w) * L, L + 1) for w in windows])  # (B, L+1)
+        batch = torch.from_numpy(batch)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "num_windows": self.num_windows,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "seq_len", "num_windows"):
+            if state.get(key) != getattr(self, key):
+                raise AxiomError(
+                    f"loader state has {key}={state.get(key)}, but this loader over {self.data_dir} has "
+                    f"{key}={getattr(self, key)}; resume with the same data, seq_len and seed"
+                )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def eval_batches(
+    data_dir: str | Path, seq_len: int, batch_size: int, eval_tokens: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `eval_tokens` of the val split as consecutive windows, in order; the last batch may be smaller.
+
+    Covers `min(eval_tokens, val_tokens - 1) // seq_len` windows; every rank and every call sees the same batches.
+    """
+    stream = TokenStream(data_dir, "val")
+    available = max(stream.num_tokens - 1, 0) // seq_len
+    if available == 0:
+        raise AxiomError(
+            f"{data_dir}: the val split has {stream.num_tokens:,} tokens, fewer than one window of "
+            f"{seq_len}+1; prepare with a larger --val-fraction or lower seq_len"
+        )
+    num_windows = min(eval_tokens // seq_len, available)
+    for first in range(0, num_windows, batch_size):
+        n = min(batch_size, num_windows - first)
+        batch = torch.from_numpy(stream.read(first * seq_len, n * seq_len + 1))
+        inputs = batch[:-1].view(n, seq_len)
+        targets = batch[1:].view(n, seq_len)
+        yield inputs, targets
+
+
+def write_dataset(
+    data_dir: str | Path,
+    train: Sequence[Sequence[int] | str],
+    val: Sequence[Sequence[int] | str] = (),
+    shard_tokens: int = 1 << 20,
+) -> dict:
+    """Write a small prepared directory from in-memory documents (token id lists or text); returns the manifest.
+
+    For tests and tiny experiments: the same files `axiom prepare` writes, without its sources or split hash.
+    Text is encoded with cl100k_base; EOS follows every document.
+    """
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    enc = load_tokenizer()
+    manifest: dict = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"name": NAME, "sha256": SHA256},
+        "eos_id": EOS_ID,
+        "split": {"val_fraction": None, "split_seed": None, "formula": "given by the caller (write_dataset)"},
+        "shard_tokens": shard_tokens,
+        "shards": [],
+        "skipped_empty_docs": 0,
+        "sources": [],
+    }
+    for split, docs in (("train", train), ("val", val)):
+        ids, nbytes = [], 0
+        for doc in docs:
+            tokens = enc.encode_ordinary(doc) if isinstance(doc, str) else list(doc)
+            nbytes += len(doc.encode("utf-8")) if isinstance(doc, str) else len(enc.decode_bytes(tokens))
+            ids.extend([*tokens, EOS_ID])
+        stream = np.asarray(ids, dtype=TOKEN_DTYPE)
+        for index, lo in enumerate(range(0, len(stream), shard_tokens)):
+            chunk = stream[lo : lo + shard_tokens]
+            name = shard_name(split, index)
+            tmp = data_dir / (name + ".tmp")
+            chunk.tofile(tmp)
+            os.replace(tmp, data_dir / name)
+            docs_in = int(np.count_nonzero(chunk == EOS_ID))
+            manifest["shards"].append({"file": name, "split": split, "tokens": len(chunk), "docs": docs_in})
+        manifest[f"{split}_tokens"] = len(stream)
+        manifest[f"{split}_docs"] = len(docs)
+        manifest[f"{split}_bytes"] = nbytes
+    write_json_atomic(data_dir / MANIFEST, manifest)
+    return manifest
