@@ -2,15 +2,23 @@
 
     CKPT/model.safetensors   weights; a tied table is stored once, as embed.weight
     CKPT/config.json         {"model": ModelConfig, "train": TrainConfig, "step", "tokens", "axiom_version"}
+    CKPT/state.pt            training checkpoints only: optimizer, loader position, RNG states, counters
 
-Loading never unpickles code: safetensors for weights, JSON for the rest.
+Loading never unpickles code: safetensors for weights, JSON for the rest, and state.pt (tensors and plain
+Python values only) through torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -21,12 +29,19 @@ from axiom.model import Axiom, rope_tables
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+STATE = "state.pt"
+STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def save_model(model: Axiom, cfg: Config, directory: str | Path, **progress) -> None:
     """Write weights and config.json into `directory` (which must exist); `progress`: step, tokens, ...."""
+    save_weights(model.state_dict(), cfg, directory, **progress)
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: str | Path, **progress) -> None:
+    """`save_model` from a full state dict (e.g. one gathered from FSDP shards)."""
     directory = Path(directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     if cfg.model.tie_embeddings:
         del state["lm_head.weight"]
     save_file(state, directory / WEIGHTS)
@@ -77,3 +92,92 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     cos, sin = rope_tables(cfg.model.head_dim, cfg.model.max_seq_len, cfg.model.rope_theta)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     return model, cfg, meta
+
+
+# ---- training checkpoints: RUN/checkpoints/step_000200/{model.safetensors, config.json, state.pt}
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def save_training_state(state: dict, directory: str | Path) -> None:
+    """`state` must hold only tensors and plain Python values, so that weights_only loading accepts it."""
+    torch.save(state, Path(directory) / STATE)
+
+
+def load_training_state(directory: str | Path) -> dict:
+    path = Path(directory) / STATE
+    if not path.is_file():
+        raise AxiomError(f"checkpoint: {path} not found; resume needs a checkpoint written by axiom train")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated or foreign file
+        raise AxiomError(
+            f"checkpoint: {path} cannot be read ({type(e).__name__}); resume from another checkpoint"
+        ) from e
+
+
+def rng_state() -> dict:
+    """Python, NumPy and PyTorch (CPU and CUDA) generator states as tensors and plain values."""
+    version, py_state, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_dir_atomic(final: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp_dir)`, then rename tmp_dir to `final`: a kill at any moment leaves either the old
+    directory or the new one complete (an old `final` is moved aside first and removed last)."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp")
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    for f in tmp.iterdir():  # data on disk before the rename makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete step checkpoints under `root`, oldest first (temporary directories start with a dot)."""
+    root = Path(root)
+    found = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = STEP_DIR.fullmatch(d.name)
+            if m and all((d / f).is_file() for f in (WEIGHTS, CONFIG, STATE)):
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Remove all but the newest `keep` step checkpoints."""
+    for _, d in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(d)
