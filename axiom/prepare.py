@@ -1,0 +1,327 @@
+"""`axiom prepare`: text corpora to tokenized shards (train/val) plus manifest.json, in parallel and restartable.
+
+Units of work (see axiom/sources.py) are tokenized by a process pool and their results consumed in unit order, so
+the token stream of each split, and thus every shard boundary, is the same for any number of workers. Shards are
+cut every `shard_tokens` tokens (documents may straddle two shards; the loader reads one stream). After each unit,
+`prepare-state.json` records the completed shards and the length of the shard being written; a re-run after an
+interruption truncates that shard to the recorded length and continues with the next unit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from axiom import sources
+from axiom.errors import AxiomError
+from axiom.loader import FORMAT_VERSION, MANIFEST, SPLITS, TOKEN_DTYPE, shard_name, write_json_atomic
+from axiom.sources import SPLIT_FORMULA, Unit, UnitResult
+from axiom.tokenizer import EOS_ID, NAME, SHA256
+
+STATE = "prepare-state.json"
+SHARD_FILE = re.compile(r"^(train|val)_(\d{5})\.bin(\.tmp)?$")
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="file, directory or glob of .parquet/.jsonl/.jsonl.gz/.jsonl.zst/.txt, or hf:OWNER/DATASET[:FOLDER]",
+    )
+    parser.add_argument("--out", required=True, help="output directory for shards and manifest.json")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="tokenizer processes (default: all)")
+    parser.add_argument("--val-fraction", type=float, default=0.001, help="share of documents for val")
+    parser.add_argument("--split-seed", type=int, default=1337, help="salt of the split hash")
+    parser.add_argument("--text-field", default="text", help="parquet column / JSON field holding the text")
+    parser.add_argument(
+        "--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (4 bytes each; default 100M)"
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    prepare(
+        args.inputs,
+        args.out,
+        workers=args.workers,
+        val_fraction=args.val_fraction,
+        split_seed=args.split_seed,
+        text_field=args.text_field,
+        shard_tokens=args.shard_tokens,
+    )
+
+
+def settings_for(files: list[Path], val_fraction: float, split_seed: int, text_field: str, shard_tokens: int) -> dict:
+    """Everything the output depends on; a directory prepared with other settings is never mixed with these."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"name": NAME, "sha256": SHA256},
+        "eos_id": EOS_ID,
+        "split": {"val_fraction": val_fraction, "split_seed": split_seed, "formula": SPLIT_FORMULA},
+        "text_field": text_field,
+        "shard_tokens": shard_tokens,
+        "sources": [sources.source_info(f) for f in files],
+    }
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_settings(found: dict, settings: dict, path: Path) -> None:
+    before, now = flat({k: found.get(k) for k in settings}), flat(settings)
+    changed = sorted(k for k in now.keys() | before.keys() if before.get(k) != now.get(k))
+    if changed:
+        detail = ", ".join(
+            "source files (path, size or mtime)" if k == "sources" else f"{k} {before.get(k)} -> {now.get(k)}"
+            for k in changed
+        )
+        raise AxiomError(
+            f"{path} was made with different settings ({detail}); use another --out or delete {path.parent}"
+        )
+
+
+class SplitWriter:
+    """Appends one split's tokens to `SPLIT_NNNNN.bin.tmp`, cutting a shard every `shard_tokens` tokens.
+
+    `state` ({"shards", "partial_tokens", "partial_docs"}) is updated in place; completed shards wait in `pending`
+    until the caller has saved the state, then `rename_pending` gives them their final names.
+    """
+
+    def __init__(self, out: Path, split: str, shard_tokens: int, state: dict) -> None:
+        self.out, self.split, self.shard_tokens, self.state = out, split, shard_tokens, state
+        self.file = None
+        self.pending: list[str] = []
+
+    def current(self) -> str:
+        return shard_name(self.split, len(self.state["shards"]))
+
+    def write(self, tokens: np.ndarray) -> None:
+        st = self.state
+        while len(tokens):
+            if self.file is None:
+                self.file = open(self.out / (self.current() + ".tmp"), "ab")  # noqa: SIM115 (open across units)
+            piece = tokens[: self.shard_tokens - st["partial_tokens"]]
+            self.file.write(piece.tobytes())
+            st["partial_tokens"] += len(piece)
+            st["partial_docs"] += int(np.count_nonzero(piece == EOS_ID))
+            tokens = tokens[len(piece) :]
+            if st["partial_tokens"] == self.shard_tokens:
+                self.close_shard()
+
+    def close_shard(self) -> None:
+        st = self.state
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if st["partial_tokens"]:
+            name = self.current()
+            st["shards"].append({"file": name, "tokens": st["partial_tokens"], "docs": st["partial_docs"]})
+            self.pending.append(name)
+            st["partial_tokens"] = st["partial_docs"] = 0
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def rename_pending(self) -> None:
+        for name in self.pending:
+            os.replace(self.out / (name + ".tmp"), self.out / name)
+        self.pending.clear()
+
+
+def restore(out: Path, state: dict) -> None:
+    """Make the files agree with a saved state after an interruption: finish renames, cut off unrecorded tokens,
+    and remove shards written after the last save."""
+    keep = set()
+    for split in SPLITS:
+        st = state["splits"][split]
+        for shard in st["shards"]:
+            final, tmp = out / shard["file"], out / (shard["file"] + ".tmp")
+            size = shard["tokens"] * TOKEN_DTYPE.itemsize
+            if tmp.is_file() and tmp.stat().st_size == size:
+                os.replace(tmp, final)
+            if not (final.is_file() and final.stat().st_size == size):
+                raise AxiomError(f"{final}: missing or wrong size for the saved state in {out / STATE}; delete {out}")
+            keep.add(shard["file"])
+        partial = shard_name(split, len(st["shards"])) + ".tmp"
+        size = st["partial_tokens"] * TOKEN_DTYPE.itemsize
+        if size:
+            tmp = out / partial
+            if not tmp.is_file() or tmp.stat().st_size < size:
+                raise AxiomError(f"{tmp}: shorter than the saved state in {out / STATE} records; delete {out}")
+            os.truncate(tmp, size)
+            keep.add(partial)
+    for p in out.iterdir():
+        if SHARD_FILE.match(p.name) and p.name not in keep:
+            p.unlink()
+
+
+def remove_outputs(out: Path) -> None:
+    """After bad input: leave nothing behind that looks like (part of) a prepared directory."""
+    for p in out.iterdir():
+        if SHARD_FILE.match(p.name) or p.name in (STATE, STATE + ".tmp"):
+            p.unlink()
+
+
+def results_in_order(
+    units: list[Unit], workers: int, text_field: str, val_fraction: float, split_seed: int
+) -> Iterator[UnitResult]:
+    """Tokenized units in unit order, with at most 2 * workers units in flight (bounded memory)."""
+    job = (text_field, val_fraction, split_seed)
+    if workers == 1:
+        for unit in units:
+            yield sources.tokenize_unit(unit, *job)
+        return
+    # spawn: workers import only axiom.sources (no torch), and no forked copy of the parent's threads
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        todo: Iterable[Unit] = iter(units)
+        flight: deque = deque()
+        for unit in todo:
+            flight.append(pool.apply_async(sources.tokenize_unit, (unit, *job)))
+            if len(flight) >= 2 * workers:
+                yield flight.popleft().get()
+        while flight:
+            yield flight.popleft().get()
+
+
+def prepare(
+    inputs: list[str],
+    out: str | Path,
+    workers: int | None = None,
+    val_fraction: float = 0.001,
+    split_seed: int = 1337,
+    text_field: str = "text",
+    shard_tokens: int = 100_000_000,
+    quiet: bool = False,
+) -> dict:
+    """Tokenize `inputs` into `out`; returns the manifest. Resumes an interrupted run with the same settings."""
+    workers = workers or default_workers()
+    if workers < 1 or shard_tokens < 1 or not 0.0 <= val_fraction <= 1.0:
+        raise AxiomError(
+            f"prepare: need --workers >= 1, --shard-tokens >= 1 and 0 <= --val-fraction <= 1, got {workers}, "
+            f"{shard_tokens}, {val_fraction}"
+        )
+    out = Path(out)
+    files = sources.resolve_inputs(inputs)
+    units = sources.plan_units(files, text_field)
+    settings = settings_for(files, val_fraction, split_seed, text_field, shard_tokens)
+
+    if (out / MANIFEST).is_file():
+        manifest = json.loads((out / MANIFEST).read_text())
+        check_same_settings(manifest, settings, out / MANIFEST)
+        if not quiet:
+            print(f"{out} is already prepared with these settings: nothing to do")
+        return manifest
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / STATE).is_file():
+        state = json.loads((out / STATE).read_text())
+        check_same_settings(state["settings"], settings, out / STATE)
+        restore(out, state)
+    else:
+        state = {
+            "settings": settings,
+            "units_done": 0,
+            "skipped_empty_docs": 0,
+            "splits": {
+                s: {"shards": [], "partial_tokens": 0, "partial_docs": 0, "tokens": 0, "docs": 0, "bytes": 0}
+                for s in SPLITS
+            },
+        }
+        restore(out, state)  # clears stray shards of an unrecorded earlier attempt
+    writers = {s: SplitWriter(out, s, shard_tokens, state["splits"][s]) for s in SPLITS}
+
+    done = state["units_done"]
+    bar = tqdm(
+        total=sum(u.est_bytes for u in units),
+        initial=sum(u.est_bytes for u in units[:done]),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc="prepare",
+        disable=quiet,
+        dynamic_ncols=True,
+    )
+    start_time, text_bytes, run_tokens = time.perf_counter(), 0, 0
+    try:
+        for result in results_in_order(units[done:], workers, text_field, val_fraction, split_seed):
+            for split in SPLITS:
+                st = state["splits"][split]
+                writers[split].write(result.tokens[split])
+                writers[split].flush()
+                st["tokens"] += len(result.tokens[split])
+                st["docs"] += result.docs[split]
+                st["bytes"] += result.text_bytes[split]
+                text_bytes += result.text_bytes[split]
+                run_tokens += len(result.tokens[split])
+            state["skipped_empty_docs"] += result.skipped_empty
+            state["units_done"] += 1
+            if state["units_done"] == len(units):
+                for w in writers.values():
+                    w.close_shard()  # the last, shorter shard of each split
+            write_json_atomic(out / STATE, state)  # the recovery point: only then do shards get final names
+            for w in writers.values():
+                w.rename_pending()
+            bar.update(result.est_bytes)
+            bar.set_postfix(docs=sum(state["splits"][s]["docs"] for s in SPLITS), refresh=False)
+    except AxiomError:
+        for w in writers.values():
+            w.close_shard()
+        remove_outputs(out)
+        raise
+    finally:
+        bar.close()
+        for w in writers.values():
+            if w.file is not None:
+                w.file.close()
+    elapsed = time.perf_counter() - start_time
+
+    totals = {s: state["splits"][s] for s in SPLITS}
+    if not totals["train"]["docs"] and not totals["val"]["docs"]:
+        remove_outputs(out)
+        raise AxiomError(
+            f"no documents in {' '.join(inputs)} ({state['skipped_empty_docs']} empty skipped); check the inputs"
+        )
+    manifest = {
+        **settings,
+        "shards": [{**sh, "split": s} for s in SPLITS for sh in totals[s]["shards"]],
+        "skipped_empty_docs": state["skipped_empty_docs"],
+        "units": len(units),
+    }
+    for s in SPLITS:
+        manifest[f"{s}_tokens"] = totals[s]["tokens"]
+        manifest[f"{s}_docs"] = totals[s]["docs"]
+        manifest[f"{s}_bytes"] = totals[s]["bytes"]
+    write_json_atomic(out / MANIFEST, manifest)
+    (out / STATE).unlink()
+    if not quiet:
+        report(out, manifest, elapsed, text_bytes, run_tokens, workers)
+    return manifest
+
+
+def report(out: Path, m: dict, elapsed: float, text_bytes: int, tokens: int, workers: int) -> None:
+    print(f"prepared {out}: {len(m['sources'])} source files, {m['skipped_empty_docs']:,} empty documents skipped")
+    for s in SPLITS:
+        n = sum(1 for sh in m["shards"] if sh["split"] == s)
+        print(f"  {s:<5} {m[f'{s}_docs']:>12,} docs {m[f'{s}_tokens']:>15,} tokens {n:>5} shards")
+    print(
+        f"  this run: {text_bytes / 1e6:,.1f} MB of text in {elapsed:.1f} s = {text_bytes / 1e6 / elapsed:.2f} MB/s "
+        f"and {tokens / elapsed:,.0f} tokens/s with {workers} workers"
+    )
