@@ -1,0 +1,681 @@
+"""`axiom train`: the card's recipe end to end, on one CPU or under torchrun on many GPUs.
+
+Reusable pieces (the benchmark imports them): `lr_at` (the schedule), `build_optimizer` and `train_step`
+(one optimizer step over a list of micro-batches). `train` is the loop: evaluation, checkpoints, resume, signals.
+
+    RUN/config.json                  resolved config of the run
+    RUN/train.log                    the plan, progress lines, evaluations, notices
+    RUN/train.csv                    step, tokens, loss, grad_norm, lr, tokens_per_s, skipped (every log_interval)
+    RUN/eval.csv                     step, tokens, train_loss, val_loss, val_ppl, val_bpb, lr, elapsed_s, tokens_per_s
+    RUN/checkpoints/step_000200/     model.safetensors + config.json + state.pt (the newest keep_checkpoints)
+    RUN/checkpoints/best/            weights and config.json of the lowest val loss so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from axiom.checkpoint import (
+    list_checkpoints,
+    load_model,
+    load_training_state,
+    prune_checkpoints,
+    read_meta,
+    rng_state,
+    save_training_state,
+    save_weights,
+    set_rng_state,
+    step_dir_name,
+    write_dir_atomic,
+)
+from axiom.config import Config, TrainConfig, add_config_arguments, apply_overrides, config_from_args
+from axiom.errors import AxiomError
+from axiom.evaluate import autocast, evaluate
+from axiom.loader import TrainLoader, read_manifest
+from axiom.model import Axiom, flops_per_token, num_params
+
+# Dense bf16 tensor-core peaks (vendor datasheets, TFLOP/s); the first name contained in the device name wins.
+GPU_BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756),
+    ("H100 NVL", 835),
+    ("H100", 989),
+    ("H200", 989),
+    ("H800", 989),
+    ("A100", 312),
+    ("A800", 312),
+    ("L40S", 362),
+    ("L4", 121),
+    ("RTX 4090", 165),
+    ("RTX 3090", 71),
+)
+EVAL_COLUMNS = ("step", "tokens", "train_loss", "val_loss", "val_ppl", "val_bpb", "lr", "elapsed_s", "tokens_per_s")
+TRAIN_COLUMNS = ("step", "tokens", "loss", "grad_norm", "lr", "tokens_per_s", "skipped")
+
+
+# ---- the schedule, the optimizer and one step: shared with `axiom bench train`
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup to lr_max over warmup_steps, constant,
+    then a cosine from lr_max to lr_min over the last decay_fraction of the steps (the last step uses lr_min)."""
+    steps = cfg.steps
+    decay_steps = round(cfg.decay_fraction * steps)
+    decay_start = steps - decay_steps
+    if step >= decay_start and decay_steps > 0:
+        progress = (step - decay_start) / max(decay_steps - 1, 1)
+        lr = cfg.lr_min + 0.5 * (cfg.lr_max - cfg.lr_min) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    else:
+        lr = cfg.lr_max
+    if step < cfg.warmup_steps:
+        lr = min(lr, cfg.lr_max * (step + 1) / cfg.warmup_steps)
+    return lr
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on every matrix (attention, MLP, and the tied embedding/output table); none on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied table appears once
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def _adamw8bit(groups: list[dict], cfg: TrainConfig, device: torch.device):
+    """bitsandbytes AdamW8bit, or (None, why not) when it is missing or fails a probe step on this device."""
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # ImportError, or a broken native library
+        return None, f"bitsandbytes is not usable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    try:
+        probe = torch.nn.Parameter(torch.zeros(4096, device=device))  # 8-bit state starts at 4096 elements
+        probe.grad = torch.ones_like(probe)
+        bnb.optim.AdamW8bit([probe]).step()
+    except Exception as e:
+        return None, f"bitsandbytes AdamW8bit fails on {device.type} ({type(e).__name__})"
+    opt = bnb.optim.AdamW8bit(groups, lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    return opt, None
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device: torch.device | str, fsdp: bool = False
+) -> tuple[torch.optim.Optimizer, str]:
+    """The card's optimizer: AdamW8bit when asked for and usable, else torch AdamW (fused on CUDA).
+
+    Returns (optimizer, description); a fallback is printed as one notice line."""
+    device = torch.device(device)
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        opt, why = _adamw8bit(groups, cfg, device) if not fsdp else (None, "FSDP shards need torch AdamW")
+        if opt is not None:
+            return opt, "AdamW8bit (bitsandbytes)"
+        print(f"notice: {why}; using torch AdamW instead of AdamW8bit", file=sys.stderr)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(groups, lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    return opt, "AdamW (torch, fused)" if fused else "AdamW (torch)"
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the step's micro-batches (and ranks)
+    grad_norm: float  # before clipping
+    skipped: bool  # non-finite loss or gradient norm: no update was made
+
+
+def _grad_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not sync:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    lr: float,
+    cfg: TrainConfig,
+) -> StepResult:
+    """One optimizer step: accumulate gradients over `micro_batches` (this rank's), clip, update.
+
+    The loss of each micro-batch is divided by their number, so the step equals one batch of all of them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    n = len(micro_batches)
+    total = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(micro_batches):
+        with _grad_sync(model, i == n - 1):
+            with autocast(device, cfg.dtype):
+                loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            (loss / n).backward()
+        total += loss.detach().float()
+    loss = total / n
+    if dist.is_initialized():  # every rank logs and judges the same mean loss
+        dist.all_reduce(loss)
+        loss /= dist.get_world_size()
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    loss_value, norm_value = loss.item(), norm.item()
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_value, norm_value, skipped=True)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_value, norm_value, skipped=False)
+
+
+# ---- processes, devices and model wrapping
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(requested: str | None, d: Dist) -> torch.device:
+    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise AxiomError("--device cuda: no CUDA device is visible; use --device cpu")
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device(name)
+
+
+def parallelize(model: Axiom, cfg: TrainConfig, device: torch.device, d: Dist) -> torch.nn.Module:
+    """Activation checkpointing, torch.compile and DDP/FSDP2 applied from outside the model, in one place.
+    Compiling in place (`Module.compile`) keeps parameter names, so checkpoints look the same."""
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile:
+        model.compile()
+    if d.world_size == 1:
+        return model
+    if cfg.fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _full_state(model: Axiom, optimizer: torch.optim.Optimizer | None, fsdp: bool) -> tuple[dict, dict | None]:
+    """Full (unsharded, CPU) weights and optimizer state; under FSDP every rank must call this."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=opts)
+    return weights, get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+
+
+def _load_optimizer(model: Axiom, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=opts)
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in GPU_BF16_PEAK_TFLOPS if key in name), None)
+
+
+# ---- logs
+
+
+class RunLog:
+    """train.log, train.csv and eval.csv of rank 0, plus TensorBoard / W&B when asked for."""
+
+    def __init__(self, run_dir: Path, main: bool, tensorboard: bool = False, wandb_project: str | None = None):
+        self.run_dir, self.main = run_dir, main
+        self.tb = self.wandb = None
+        if not main:
+            return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise AxiomError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise AxiomError("--wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), resume="allow")
+
+    def info(self, message: str) -> None:
+        if not self.main:
+            return
+        tqdm.write(message)
+        with open(self.run_dir / "train.log", "a") as f:
+            f.write(message + "\n")
+
+    def row(self, name: str, columns: tuple[str, ...], values: dict) -> None:
+        if not self.main:
+            return
+        path = self.run_dir / name
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(columns)
+            w.writerow([_fmt(values[c]) for c in columns])
+        metrics = {f"{name.removesuffix('.csv')}/{k}": v for k, v in values.items() if k != "step"}
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, float(v), values["step"])
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=values["step"])
+
+    def truncate(self, step: int) -> None:
+        """Drop csv rows after `step`: a resumed run rewrites what the killed one logged past its checkpoint."""
+        if not self.main:
+            return
+        for name in ("train.csv", "eval.csv"):
+            path = self.run_dir / name
+            if not path.exists():
+                continue
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+            tmp = path.with_name(name + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+            os.replace(tmp, path)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else str(v)  # repr: the exact value, so runs compare bit for bit
+    return str(v)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ---- the loop
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    history: list[StepResult] = field(default_factory=list)  # the steps this call ran
+    stopped: str | None = None  # the signal that stopped training early
+    last_eval: dict | None = None
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask for a checkpoint at the next step boundary; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(
+    cfg: Config,
+    data_dir: str | Path,
+    run_dir: str | Path,
+    resume: bool = False,
+    device: str | None = None,
+    tensorboard: bool = False,
+    wandb_project: str | None = None,
+) -> TrainResult:
+    """Train `cfg` on a prepared data directory into `run_dir`; with `resume`, continue its newest checkpoint
+    (whose config is used; pass one with train-field overrides applied to change e.g. max_steps)."""
+    d = init_distributed()
+    try:
+        return _train(cfg, Path(data_dir), Path(run_dir), resume, pick_device(device, d), d, tensorboard, wandb_project)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project) -> TrainResult:
+    t = cfg.train
+    ckpt_root = run_dir / "checkpoints"
+    manifest = read_manifest(data_dir)
+    if t.seq_len > cfg.model.max_seq_len:
+        raise AxiomError(f"train config: seq_len={t.seq_len} exceeds the model's max_seq_len={cfg.model.max_seq_len}")
+    if t.grad_accum_steps % d.world_size:
+        raise AxiomError(
+            f"train config: grad_accum_steps={t.grad_accum_steps} is not divisible by the {d.world_size} processes"
+        )
+    checkpoints = list_checkpoints(ckpt_root)
+    if resume and not checkpoints:
+        raise AxiomError(f"--resume: no complete checkpoint in {ckpt_root}; start without --resume")
+    if not resume and checkpoints:
+        raise AxiomError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out")
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    log = RunLog(run_dir, d.main, tensorboard, wandb_project)
+
+    seed_everything(t.seed)
+    if resume:
+        latest = checkpoints[-1][1]
+        model, _, _ = load_model(latest, "cpu")
+        state = load_training_state(latest)
+    else:
+        model, state = Axiom(cfg.model), None
+    model = model.to(device)
+    model.train()
+    raw = model
+    model = parallelize(raw, t, device, d)
+    optimizer, opt_name = build_optimizer(raw, t, device, fsdp=t.fsdp and d.world_size > 1)
+    fsdp = t.fsdp and d.world_size > 1
+    loader = TrainLoader(data_dir, t.seq_len, t.micro_batch_size, t.seed, d.rank, d.world_size)
+    micro_steps = t.grad_accum_steps // d.world_size
+
+    step = tokens = bad_steps = 0
+    elapsed = 0.0  # training wall time over all sessions of this run
+    best = math.inf
+    window = [0.0, 0]  # sum and count of finite step losses since the last evaluation (eval.csv's train_loss)
+    if state is not None:
+        _load_optimizer(raw, optimizer, state["optimizer"], fsdp)
+        loader.load_state_dict(state["loader"])
+        rngs = state["rng"]
+        set_rng_state(rngs[d.rank] if len(rngs) == d.world_size else rngs[0])
+        step, tokens, bad_steps = state["step"], state["tokens"], state["bad_steps"]
+        elapsed, best, window = state["elapsed_s"], state["best_val_loss"], list(state["window"])
+        log.truncate(step)
+        log.info(f"resumed from {latest} at step {step:,} ({tokens:,} tokens)")
+
+    peak = gpu_peak_flops(device)
+    fpt = flops_per_token(cfg.model, t.seq_len)
+    _print_plan(log, cfg, manifest, data_dir, run_dir, device, d, opt_name, peak, fpt)
+
+    def save(stop_reason: str | None = None) -> Path:
+        weights, optim = _full_state(raw, optimizer, fsdp)
+        rngs = [rng_state()]
+        if d.world_size > 1:
+            gathered = [None] * d.world_size if d.main else None
+            dist.gather_object(rngs[0], gathered, dst=0)
+            rngs = gathered
+        target = ckpt_root / step_dir_name(step)
+        if d.main:
+            progress = {"step": step, "tokens": tokens}
+            state = {
+                **progress,
+                "optimizer": optim,
+                "loader": loader.state_dict(),
+                "rng": rngs,
+                "bad_steps": bad_steps,
+                "elapsed_s": elapsed,
+                "best_val_loss": best,
+                "window": window,
+                "optimizer_name": opt_name,
+            }
+
+            def write(tmp: Path) -> None:
+                save_weights(weights, cfg, tmp, **progress)
+                save_training_state(state, tmp)
+
+            write_dir_atomic(target, write)
+            prune_checkpoints(ckpt_root, t.keep_checkpoints)
+        if d.world_size > 1:
+            dist.barrier()
+        return target
+
+    def run_eval() -> dict:
+        nonlocal best, window
+        res = evaluate(raw, data_dir, t.seq_len, t.micro_batch_size, t.eval_tokens, t.dtype)
+        row = {
+            "step": step,
+            "tokens": tokens,
+            "train_loss": window[0] / window[1] if window[1] else math.nan,
+            "val_loss": res.loss,
+            "val_ppl": res.ppl,
+            "val_bpb": res.bpb,
+            "lr": lr_at(max(step - 1, 0), t),
+            "elapsed_s": round(elapsed, 3),
+            "tokens_per_s": round(window_tokens / window_time, 1) if window_time > 0 else math.nan,
+        }
+        log.row("eval.csv", EVAL_COLUMNS, row)
+        marker = ""
+        if res.loss < best:
+            best = res.loss
+            marker = " (best)"
+            weights = _full_state(raw, None, fsdp)[0]
+            if d.main:
+                progress = {"step": step, "tokens": tokens, "val_loss": res.loss}
+                write_dir_atomic(ckpt_root / "best", lambda tmp: save_weights(weights, cfg, tmp, **progress))
+        log.info(
+            f"eval step {step:,}: val loss {res.loss:.4f}, ppl {res.ppl:.2f}, bpb {res.bpb:.4f}"
+            f" over {res.tokens:,} tokens{marker}"
+        )
+        window = [0.0, 0]
+        return row
+
+    history: list[StepResult] = []
+    last_eval = None
+    window_tokens, window_time = 0, 0.0
+    log_tokens, log_time, log_losses = 0, 0.0, []
+    if step == 0:
+        last_eval = run_eval()  # the untrained baseline: the first point of the curve
+    stopped = None
+    bar = tqdm(total=t.steps, initial=step, disable=None if d.main else True, unit="step", dynamic_ncols=True)
+    with _StopFlag() as stop:
+        while step < t.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, t)
+            batches = [loader.next_batch() for _ in range(micro_steps)]
+            result = train_step(model, optimizer, batches, lr, t)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            step += 1
+            tokens += t.tokens_per_step
+            elapsed += dt
+            window_tokens, window_time = window_tokens + t.tokens_per_step, window_time + dt
+            log_tokens, log_time = log_tokens + t.tokens_per_step, log_time + dt
+            history.append(result)
+            if result.skipped:
+                bad_steps += 1
+                log.info(
+                    f"step {step:,}: non-finite loss {result.loss} or grad norm {result.grad_norm}; skipped "
+                    f"({bad_steps} in a row, limit max_bad_steps={t.max_bad_steps})"
+                )
+                if bad_steps >= t.max_bad_steps:
+                    last = list_checkpoints(ckpt_root)
+                    where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+                    raise AxiomError(
+                        f"training stopped at step {step:,}: {bad_steps} steps in a row had a non-finite loss or "
+                        f"gradient norm; {where}; lower lr_max or check the data, then --resume"
+                    )
+            else:
+                bad_steps = 0
+                window[0] += result.loss
+                window[1] += 1
+                log_losses.append(result.loss)
+            tok_s = log_tokens / log_time if log_time > 0 else 0.0
+            mfu = f" mfu {fpt * tok_s / (peak * d.world_size):.1%}" if peak else ""
+            bar.set_postfix_str(f"loss {result.loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s{mfu}", refresh=False)
+            bar.update(1)
+            if step % t.log_interval == 0 or step == t.steps:
+                eta = (t.steps - step) * log_time / max(len(log_losses), 1)
+                mean = sum(log_losses) / len(log_losses) if log_losses else math.nan
+                log.info(
+                    f"step {step:,}/{t.steps:,} | loss {mean:.4f} | lr {lr:.3e} | grad norm {result.grad_norm:.3f} "
+                    f"| {tok_s:,.0f} tok/s{' |' + mfu if mfu else ''} | eta {_duration(eta)}"
+                )
+                log.row(
+                    "train.csv",
+                    TRAIN_COLUMNS,
+                    {
+                        "step": step,
+                        "tokens": tokens,
+                        "loss": result.loss,
+                        "grad_norm": result.grad_norm,
+                        "lr": lr,
+                        "tokens_per_s": round(tok_s, 1),
+                        "skipped": int(result.skipped),
+                    },
+                )
+                log_tokens, log_time, log_losses = 0, 0.0, []
+            if step % t.eval_interval == 0 or step == t.steps:
+                last_eval = run_eval()
+                window_tokens, window_time = 0, 0.0
+            if d.world_size > 1:  # a signal to any rank stops all of them at the same step
+                flag = torch.tensor([1.0 if stop.signal else 0.0], device=device)
+                dist.all_reduce(flag)
+                if flag.item() > 0 and stop.signal is None:
+                    stop.signal = "a signal to another rank"
+            if stop.signal or step % t.checkpoint_interval == 0 or step == t.steps:
+                path = save()
+                if stop.signal:
+                    stopped = stop.signal
+                    log.info(f"stopped by {stopped} at step {step:,}: saved {path}; continue with --resume")
+                    break
+    bar.close()
+    if not stopped:
+        log.info(f"done: {step:,} steps, {tokens:,} tokens in {_duration(elapsed)}; best val loss {best:.4f}")
+    log.close()
+    return TrainResult(step, tokens, history, stopped, last_eval)
+
+
+def _print_plan(log, cfg, manifest, data_dir, run_dir, device, d, opt_name, peak, fpt) -> None:
+    m, t = cfg.model, cfg.train
+    decay = round(t.decay_fraction * t.steps)
+    log.info(f"run          {run_dir}")
+    log.info(
+        f"model        {num_params(m):,} parameters ({num_params(m, non_embedding=True):,} non-embedding): "
+        f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads / {m.n_kv_heads} KV heads"
+    )
+    log.info(
+        f"batch        {t.micro_batch_size} x {t.seq_len} tokens x {t.grad_accum_steps} micro-batches "
+        f"({d.world_size} process{'es' if d.world_size > 1 else ''}) = {t.tokens_per_step:,} tokens per step"
+    )
+    log.info(
+        f"schedule     {t.steps:,} steps = {t.planned_tokens:,} tokens; warmup {t.warmup_steps:,}, lr {t.lr_max:g} "
+        f"constant, cosine to {t.lr_min:g} over the last {decay:,} steps"
+    )
+    log.info(f"optimizer    {opt_name}, betas ({t.beta1}, {t.beta2}), weight decay {t.weight_decay} on matrices")
+    precision = f"{t.dtype} autocast" if device.type == "cuda" and t.dtype != "float32" else "float32"
+    estimate = ""
+    if peak:  # 40% MFU is what a well-tuned run of this size reaches
+        seconds = fpt * t.planned_tokens / (0.4 * peak * d.world_size)
+        estimate = f"; about {_duration(seconds)} at 40% MFU"
+    log.info(f"device       {device} x {d.world_size}, {precision}{estimate}")
+    log.info(
+        f"data         {data_dir}: {manifest['train_tokens']:,} train tokens, {manifest['val_tokens']:,} val tokens; "
+        f"eval every {t.eval_interval:,} steps on {t.eval_tokens:,} tokens, checkpoint every "
+        f"{t.checkpoint_interval:,}"
+    )
+
+
+# ---- the command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--data", required=True, help="prepared data directory (from axiom prepare)")
+    parser.add_argument("--out", required=True, help="run directory for logs, eval.csv and checkpoints")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in OUT (its config; --set may change train fields)",
+    )
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
+    parser.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume:
+        checkpoints = list_checkpoints(Path(args.out) / "checkpoints")
+        if not checkpoints:
+            raise AxiomError(f"--resume: no complete checkpoint in {Path(args.out) / 'checkpoints'}")
+        saved = Config.from_dict(read_meta(checkpoints[-1][1]))
+        cfg = apply_overrides(saved, args.overrides)
+        if cfg.model != saved.model:
+            raise AxiomError("--resume: --set may change training fields only, not the model's shape")
+    else:
+        cfg = config_from_args(args)
+    train(cfg, args.data, args.out, args.resume, args.device, args.tensorboard, args.wandb)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"outputs in {args.out}: eval.csv, train.log, checkpoints/ (best: {args.out}/checkpoints/best)")
+    return 0
