@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import io
 import json
-from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,7 +286,8 @@ def tokenize_unit(unit: Unit, text_field: str, val_fraction: float, split_seed: 
     """Read, split and tokenize one unit (runs in a worker process)."""
     enc = load_tokenizer()
     salt = f"{split_seed}:".encode()
-    buffers = {"train": array("I"), "val": array("I")}
+    eos = np.array([EOS_ID], dtype=np.uint32)
+    pieces: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     docs = {"train": 0, "val": 0}
     text_bytes = {"train": 0, "val": 0}
     skipped = 0
@@ -297,10 +297,11 @@ def tokenize_unit(unit: Unit, text_field: str, val_fraction: float, split_seed: 
             continue
         data = text.encode("utf-8")
         split = "val" if is_val(data, salt, val_fraction) else "train"
-        buf = buffers[split]
-        buf.extend(enc.encode_ordinary(text))
-        buf.append(EOS_ID)
+        # encode_ordinary's tokens (no special tokens recognised), straight into a uint32 buffer: ~10% faster
+        pieces[split] += [enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()), eos]
         docs[split] += 1
         text_bytes[split] += len(data)
-    tokens = {s: np.frombuffer(b, dtype=np.uint32).astype("<u4", copy=False) for s, b in buffers.items()}
+    tokens = {
+        s: np.concatenate(p).astype("<u4", copy=False) if p else np.empty(0, dtype="<u4") for s, p in pieces.items()
+    }
     return UnitResult(tokens, docs, text_bytes, skipped, unit.est_bytes)
