@@ -117,13 +117,13 @@ def plan_units(files: list[Path], text_field: str) -> list[Unit]:
     txt: list[Path] = []
 
     def flush_txt() -> None:
-        group: list[Path] = []
-        for p in txt + [None]:
-            if group and (p is None or sum(g.stat().st_size for g in group) >= TXT_GROUP_BYTES):
-                units.append(Unit(".txt", tuple(map(str, group)), est_bytes=sum(g.stat().st_size for g in group)))
-                group = []
-            if p is not None:
-                group.append(p)
+        group, size = [], 0
+        for i, p in enumerate(txt):
+            group.append(str(p))
+            size += p.stat().st_size
+            if size >= TXT_GROUP_BYTES or i == len(txt) - 1:
+                units.append(Unit(".txt", tuple(group), est_bytes=size))
+                group, size = [], 0
         txt.clear()
 
     for path in files:
@@ -153,7 +153,8 @@ def plan_parquet(path: Path, text_field: str) -> list[Unit]:
             f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)}); choose one with --text-field"
         )
     col_type = schema.field(text_field).type
-    if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
+    is_string_view = getattr(pa.types, "is_string_view", lambda t: False)  # pyarrow >= 16
+    if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type) or is_string_view(col_type)):
         raise AxiomError(f"{path}: column '{text_field}' has type {col_type}, expected string text")
     col = schema.get_field_index(text_field)
     return [
@@ -227,8 +228,10 @@ def read_jsonl(
     def where(i: int) -> str:
         if first_line is not None:
             return f"{path}:{first_line + i}"
+        before = 0
         with open(path, "rb") as f:  # an error is rare: count the lines before this range only now
-            before = f.read(offset).count(b"\n")
+            for _ in range(0, offset, 1 << 24):
+                before += f.read(min(1 << 24, offset - f.tell())).count(b"\n")
         return f"{path}:{before + 1 + i}"
 
     for i, raw in enumerate(lines):

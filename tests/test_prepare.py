@@ -79,6 +79,7 @@ def run_cli(capsys, *argv):
 
 def test_tokens_split_and_manifest_match_tiktoken(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "JSONL_CHUNK_BYTES", 40)  # several byte-range units in one jsonl file
+    monkeypatch.setattr(sources, "TXT_GROUP_BYTES", 10)  # one unit per .txt file
     out = tmp_path / "out"
     m = prep.prepare([str(corpus)], out, workers=1, val_fraction=0.4, shard_tokens=16, quiet=True)
     streams, counts = expected_streams(ALL_DOCS, 0.4)
@@ -171,7 +172,7 @@ def test_restart_after_interruption_redoes_only_missing_work(corpus, tmp_path, m
         assert p.read_bytes() == (tmp_path / "ref" / p.name).read_bytes(), p.name
 
 
-def test_bad_inputs_fail_in_one_line_without_complete_looking_shards(tmp_path, capsys):
+def test_bad_inputs_fail_in_one_line_without_complete_looking_shards(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps({"text": f"document number {i} " * 20}) + "\n" for i in range(40)))
@@ -196,6 +197,9 @@ def test_bad_inputs_fail_in_one_line_without_complete_looking_shards(tmp_path, c
     (tmp_path / "json.jsonl").write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": "unterminated}\n')
     fails([good, tmp_path / "json.jsonl"], "json.jsonl:3: invalid JSON", "--workers", "2")  # raised in a worker
     assert not (out / prep.STATE).exists() and not list(out.glob("*.tmp"))
+    with monkeypatch.context() as mp:  # the bad line is in a later byte range: its number is still right
+        mp.setattr(sources, "JSONL_CHUNK_BYTES", 20)
+        fails([tmp_path / "json.jsonl"], "json.jsonl:3: invalid JSON")
     (tmp_path / "field.jsonl").write_text('{"body": "x"}\n')
     fails([tmp_path / "field.jsonl"], "field.jsonl:1: no field 'text' (found: body)")
     (tmp_path / "utf8.txt").write_bytes(b"line one\nline \xc3\x28 two\n")
