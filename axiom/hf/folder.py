@@ -51,7 +51,8 @@ def hf_config(cfg: Config, fmt: str, dtype: str, meta: dict) -> dict:
             "attention_dropout": 0.0,
             "initializer_range": 0.02,
         }
-    tail = {"bos_token_id": None, "eos_token_id": EOS_ID, "use_cache": True, "dtype": dtype, "torch_dtype": dtype}
+    eos = EOS_ID if m.vocab_size > EOS_ID else None  # a cut-down test vocabulary has no EOS
+    tail = {"bos_token_id": None, "eos_token_id": eos, "use_cache": True, "dtype": dtype, "torch_dtype": dtype}
     return {**head, **fields, **tail, "axiom": meta}
 
 

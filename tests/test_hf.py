@@ -1,0 +1,443 @@
+"""`axiom export` / `axiom import` against Hugging Face transformers: parity, round trips, tokenizer, bad input.
+
+Offline and on CPU. Two checkpoints: a random model with cl100k_base's full vocabulary (tokenizer, generate and
+eval paths) and a micro model trained in-test on a small vocabulary (parity on a model whose logits mean
+something). Exports are shared through a module-scoped cache.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from axiom.checkpoint import load_model, read_meta, save_model
+from axiom.cli import main
+from axiom.config import Config, ModelConfig, TrainConfig
+from axiom.errors import AxiomError
+from axiom.generate import generate
+from axiom.hf.export import export
+from axiom.hf.folder import hf_config
+from axiom.hf.importer import import_hf
+from axiom.hf.names import from_llama, llama_names, to_llama
+from axiom.model import Axiom, num_params
+from axiom.tokenizer import EOS_ID, load_tokenizer
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+transformers = pytest.importorskip("transformers", reason="the hf extra is needed: pip install 'axiom-lm[hf]'")
+
+FULL = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_multiple_of=64, max_seq_len=128)
+SMALL = ModelConfig(
+    vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_multiple_of=64, max_seq_len=128
+)
+FORMATS = ["axiom", "llama"]
+ARCH = {"axiom": "AxiomForCausalLM", "llama": "LlamaForCausalLM"}
+FP32_ATOL = 1e-5
+# bfloat16 exports (docs/interop.md): against Axiom run in bfloat16, within BF16_ATOL (measured 0 on CPU);
+# against the float32 model, within BF16_REL of the largest logit magnitude (measured about 0.4%).
+BF16_ATOL = 1e-2
+BF16_REL = 0.02
+EVAL_ROWS = [(10, 5.0), (20, 4.0), (30, 4.5)]  # (step, val_loss) in the trained run's eval.csv
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    (root / "random").mkdir()
+    save_model(Axiom(FULL), Config(FULL, TrainConfig()), root / "random", step=0, tokens=0)
+
+    # A micro model trained 40 steps with plain AdamW on a stream that repeats a fixed 64-token pattern.
+    torch.manual_seed(0)
+    model = Axiom(SMALL)
+    pattern = torch.randperm(SMALL.vocab_size)[:64]
+    stream = pattern.repeat(40)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        starts = torch.randint(0, len(stream) - 33, (8,))
+        batch = torch.stack([stream[s : s + 33] for s in starts])
+        loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    run = root / "run"
+    trained = run / "checkpoints" / "step_000040"
+    trained.mkdir(parents=True)
+    save_model(model, Config(SMALL, TrainConfig()), trained, step=40, tokens=40 * 8 * 32)
+    with (run / "eval.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "tokens", "train_loss", "val_loss", "val_ppl", "val_bpb"])
+        for step, loss in EVAL_ROWS:
+            w.writerow([step, step * 256, loss + 0.1, loss, math.exp(loss), loss / 3])
+    return {"random": root / "random", "trained": trained, "pattern": pattern}
+
+
+@pytest.fixture(scope="module")
+def exported(ckpts, tmp_path_factory):
+    cache = {}
+
+    def get(kind: str, fmt: str, dtype: str = "float32"):
+        if (kind, fmt, dtype) not in cache:
+            out = tmp_path_factory.mktemp("hf") / f"{kind}-{fmt}-{dtype}"
+            cache[kind, fmt, dtype] = export(ckpts[kind], out, fmt, dtype)
+        return cache[kind, fmt, dtype]
+
+    return get
+
+
+def hf_load(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).eval()
+
+
+def ours(path):
+    return load_model(path)[0].eval()
+
+
+def test_name_map_covers_llama_exactly():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = hf_config(Config(SMALL, TrainConfig()), "llama", "float32", {})
+    cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "axiom", "torch_dtype")}
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(LlamaConfig(**cfg))
+    theirs = {k: v.shape for k, v in llama.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v for k, v in Axiom(SMALL).state_dict().items() if k != "lm_head.weight"}
+    converted = to_llama(state, SMALL)
+    assert {k: v.shape for k, v in converted.items()} == theirs
+    back, missing = from_llama(converted, SMALL)
+    assert missing == [] and back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert len(llama_names(SMALL)) == 2 + 6 * SMALL.n_layers
+    assert llama_names(dataclasses.replace(SMALL, tie_embeddings=False))["lm_head.weight"] == ("lm_head.weight",)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_folder_layout(fmt, exported):
+    path = exported("random", fmt)
+    files = {p.name for p in path.iterdir()}
+    common = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    remote = {"configuration_axiom.py", "modeling_axiom.py"}
+    assert files == common | {"README.md"} | (remote if fmt == "axiom" else set())
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == [ARCH[fmt]] and config["model_type"] == fmt
+    assert config["tie_word_embeddings"] is True and config["eos_token_id"] == EOS_ID
+    if fmt == "axiom":
+        assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_axiom.AxiomForCausalLM"
+        assert config["auto_map"]["AutoConfig"] == "configuration_axiom.AxiomConfig"
+    # the tied table is stored once, under the input-embedding name
+    keys = load_file(path / "model.safetensors").keys()
+    assert "lm_head.weight" not in keys
+    assert ("embed.weight" if fmt == "axiom" else "model.embed_tokens.weight") in keys
+    assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == EOS_ID
+    for name in remote & files:  # remote code imports only torch and transformers (and its sibling file)
+        imports = [ln for ln in (path / name).read_text().splitlines() if ln.startswith(("import ", "from "))]
+        assert all(ln.split()[1].split(".")[0] in ("torch", "transformers", "") for ln in imports), imports
+
+    from transformers import AutoConfig
+
+    loaded = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    assert (loaded.hidden_size, loaded.num_hidden_layers, loaded.num_key_value_heads) == (64, 2, 2)
+    assert loaded.max_position_embeddings == 128 and loaded.eos_token_id == EOS_ID
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kind", ["random", "trained"])
+def test_float32_logits_and_greedy_generation_match(kind, fmt, ckpts, exported):
+    model, hf = ours(ckpts[kind]), hf_load(exported(kind, fmt))
+    assert type(hf).__name__ == ARCH[fmt]
+    x = torch.randint(0, model.cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    if kind == "trained":  # windows of the training pattern, where the model is confident
+        x = torch.stack([ckpts["pattern"].repeat(2)[s : s + 48] for s in (5, 30)])
+    with torch.no_grad():
+        diff = (model(x) - hf(x).logits).abs().max().item()
+    assert diff <= FP32_ATOL
+
+    prompts = [x[0, :6].tolist(), x[1, :3].tolist()]  # different lengths: left padding on both sides
+    want = generate(model, prompts, 32, temperature=0, eos_id=EOS_ID)
+    ids = torch.tensor([prompts[0], [0] * 3 + prompts[1]])
+    mask = torch.tensor([[1] * 6, [0] * 3 + [1] * 3])
+    with torch.no_grad():
+        got = hf.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    for row, expected in zip(got[:, 6:].tolist(), want, strict=True):
+        assert row[: len(expected)] == expected
+    assert len(want[0]) == 32
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bfloat16_export_within_documented_tolerance(fmt, ckpts, exported):
+    path = exported("trained", fmt, "bfloat16")
+    assert {t.dtype for t in load_file(path / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    model, hf = ours(ckpts["trained"]), hf_load(path, torch.bfloat16)
+    x = torch.randint(0, SMALL.vocab_size, (2, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs, ref32 = hf(x).logits.float(), model(x)
+        ref16 = model.to(torch.bfloat16)(x).float()
+    assert (theirs - ref16).abs().max() <= BF16_ATOL
+    assert (theirs - ref32).abs().max() <= BF16_REL * ref32.abs().max()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_save_pretrained_round_trip_still_matches(fmt, ckpts, exported, tmp_path):
+    hf = hf_load(exported("trained", fmt))
+    hf.save_pretrained(tmp_path / "again")
+    if fmt == "axiom":  # the remote code travels with the weights
+        assert (tmp_path / "again" / "modeling_axiom.py").is_file()
+        assert "auto_map" in json.loads((tmp_path / "again" / "config.json").read_text())
+    assert "lm_head.weight" not in load_file(tmp_path / "again" / "model.safetensors")
+    again = hf_load(tmp_path / "again")
+    x = torch.randint(0, SMALL.vocab_size, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        first, second, want = hf(x).logits, again(x).logits, ours(ckpts["trained"])(x)
+    assert torch.equal(first, second)
+    assert (second - want).abs().max() <= FP32_ATOL
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_import_export_is_lossless(fmt, ckpts, exported, tmp_path):
+    first = exported("random", fmt)
+    ckpt = import_hf(first, tmp_path / "ckpt")
+    original, back = load_file(ckpts["random"] / "model.safetensors"), load_file(ckpt / "model.safetensors")
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+    meta, original_meta = read_meta(ckpt), read_meta(ckpts["random"])
+    assert meta["model"] == original_meta["model"] and meta["train"] == original_meta["train"]
+    assert meta["step"] == 0 and meta["imported_format"] == fmt
+
+    second = export(ckpt, tmp_path / "again", fmt)
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config_a, config_b = (json.loads((p / "config.json").read_text()) for p in (first, second))
+    assert {k: v for k, v in config_a.items() if k != "axiom"} == {k: v for k, v in config_b.items() if k != "axiom"}
+    assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
+
+
+def test_import_reads_card_names_with_tied_lm_head_stored(ckpts, tmp_path):
+    """A hand-made folder: AxiomForCausalLM config without Axiom's own config, and lm_head.weight stored too."""
+    model, cfg, _ = load_model(ckpts["trained"])
+    src = tmp_path / "src"
+    src.mkdir()
+    config = hf_config(cfg, "axiom", "float32", {})
+    del config["axiom"]
+    (src / "config.json").write_text(json.dumps(config))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert "lm_head.weight" in state
+    save_file(state, src / "model.safetensors")
+    back, back_cfg, _ = load_model(import_hf(src, tmp_path / "ckpt"))
+    assert back_cfg.model.ffn_dim == cfg.model.ffn_dim and back_cfg.model.head_dim == cfg.model.head_dim
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values(), strict=True))
+    assert back.lm_head.weight is back.embed.weight
+
+    state["lm_head.weight"] += 1.0
+    save_file(state, src / "model.safetensors")
+    with pytest.raises(AxiomError, match="lm_head.weight differs from embed.weight"):
+        import_hf(src, tmp_path / "ckpt2")
+
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. It's 'quoted', isn't it? I'll, you've, we're.",
+    "def f(x: int) -> int:\n    return x ** 2  # square\n\nclass A:\n\tpass\n",
+    "3.14159 2718281828 -42 1e10 0x1F 100,000.00 1/2 12:30",
+    "a  b   c    d\t\te\n\n\n  \n f      \r\n g \u00a0h  ",
+    "Привет, мир! 你好，世界。こんにちは 안녕하세요 مرحبا بالعالم שלום Ελληνικά",
+    "emoji 🎉🚀👍🏽 family 👨‍👩‍👧 flag 🇫🇷 and e\u0301 combining",
+    "",
+    " leading space and trailing space ",
+]
+
+
+def test_tokenizer_matches_tiktoken(exported):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(exported("random", "axiom"))
+    enc = load_tokenizer()
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == EOS_ID
+    g = torch.Generator().manual_seed(0)
+    alphabet = "aZ9 \t\n.,'!é中😀ß-_()"
+    fuzz = ["".join(alphabet[i] for i in torch.randint(0, len(alphabet), (40,), generator=g)) for _ in range(50)]
+    for text in TEXTS + fuzz:
+        ids = enc.encode_ordinary(text)
+        assert tok(text)["input_ids"] == ids, text
+        assert tok.decode(ids) == text
+    mixed = "one<|endoftext|>two"  # special tokens in text map to their ids, as tiktoken's allowed_special
+    assert tok(mixed)["input_ids"] == enc.encode(mixed, allowed_special="all")
+
+
+def test_model_card_reports_config_and_eval_csv(exported):
+    card = (exported("trained", "axiom") / "README.md").read_text()
+    assert f"{num_params(SMALL):,}" in card
+    assert "| layers | 2 |" in card and "| attention heads / KV heads | 4 / 2 (grouped-query) |" in card
+    assert f"| best | 20 | 4.0000 | {math.exp(4.0):.2f} |" in card
+    assert f"| final | 30 | 4.5000 | {math.exp(4.5):.2f} |" in card
+    assert "| optimizer steps done | 40 |" in card and "trust_remote_code=True" in card
+    assert "Intended uses and limitations" in card
+    llama_card = (exported("random", "llama") / "README.md").read_text()
+    assert "No eval.csv was found" in llama_card and "trust_remote_code" not in llama_card
+
+
+def test_import_rejects_bad_folders_with_clear_messages(exported, tmp_path):
+    src = exported("trained", "llama")
+
+    def case(name, mutate):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        mutate(d)
+        return d
+
+    def edit_config(**changes):
+        def mutate(d):
+            config = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**config, **changes}))
+
+        return mutate
+
+    def edit_weights(change):
+        def mutate(d):
+            state = load_file(d / "model.safetensors")
+            change(state)
+            save_file(state, d / "model.safetensors")
+
+        return mutate
+
+    k_proj = "model.layers.0.self_attn.k_proj.weight"
+    cases = {
+        "missing-dir": (lambda d: shutil.rmtree(d), "is not a directory"),
+        "no-config": (lambda d: (d / "config.json").unlink(), r"config.json not found"),
+        "no-weights": (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
+        "bad-json": (lambda d: (d / "config.json").write_text("{"), "is not valid JSON"),
+        "gpt2": (
+            edit_config(architectures=["GPT2LMHeadModel"], model_type="gpt2"),
+            r"unknown architecture \['GPT2LMHeadModel'\] \(model_type 'gpt2'\)",
+        ),
+        "bias": (edit_config(attention_bias=True), "attention_bias True is not supported"),
+        "shape": (
+            edit_weights(lambda s: s.update({k_proj: s[k_proj][:8].clone()})),
+            rf"{k_proj} has shape \(8, 64\) but config.json implies \(32, 64\)",
+        ),
+        "missing-tensor": (edit_weights(lambda s: s.pop("model.norm.weight")), r"missing \[model.norm.weight\]"),
+        "extra-tensor": (
+            edit_weights(lambda s: s.update({"model.extra.weight": torch.zeros(2)})),
+            r"unexpected \[model.extra.weight\]",
+        ),
+        "config-vs-axiom": (edit_config(intermediate_size=256), "axiom.model gives ffn_dim=192 but"),
+    }
+    for name, (mutate, message) in cases.items():
+        with pytest.raises(AxiomError, match=message):
+            import_hf(case(name, mutate), tmp_path / f"out-{name}")
+        assert not (tmp_path / f"out-{name}").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_export_refuses_non_empty_out_unless_forced(ckpts, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(AxiomError, match="not empty; pass --force"):
+        export(ckpts["trained"], out, "llama")
+    with pytest.raises(AxiomError, match="not found"):  # a failed forced export leaves the old folder alone
+        export(tmp_path / "no-such-ckpt", out, "llama", force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    export(ckpts["trained"], out, "llama", force=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_cli_export_import_and_one_line_errors(ckpts, tmp_path, capsys):
+    hf, ckpt = str(tmp_path / "hf"), str(tmp_path / "ckpt")
+    assert main(["export", "--ckpt", str(ckpts["trained"]), "--out", hf, "--format", "llama"]) == 0
+    assert main(["import", "--hf", hf, "--out", ckpt, "--set", "lr_max=1e-4"]) == 0
+    assert read_meta(ckpt)["train"]["lr_max"] == 1e-4
+    capsys.readouterr()
+    assert main(["export", "--ckpt", str(ckpts["trained"]), "--out", hf]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not empty; pass --force" in err
+    assert main(["import", "--hf", ckpt, "--out", str(tmp_path / "x")]) == 2  # an Axiom checkpoint, not HF
+    assert "unknown architecture None" in capsys.readouterr().err
+    assert main(["import", "--hf", hf, "--out", str(tmp_path / "y"), "--set", "d_model=128"]) == 2
+    assert "training fields only" in capsys.readouterr().err
+
+
+def test_imported_checkpoint_feeds_generate_eval_and_training(ckpts, exported, tmp_path, capsys):
+    from axiom.loader import write_dataset
+
+    ckpt = import_hf(exported("random", "llama"), tmp_path / "ckpt")
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+
+    data = tmp_path / "data"
+    write_dataset(data, train=["some training text"] * 4, val=["The validation text, said twice. " * 40] * 2)
+    results = []
+    for path in (ckpts["random"], ckpt):
+        args = ["eval", "--ckpt", str(path), "--data", str(data), "--eval-tokens", "256", "--batch-size", "2"]
+        assert main([*args, "--device", "cpu", "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert results[0]["loss"] == results[1]["loss"] and math.isfinite(results[1]["loss"])
+
+    # continued pretraining: a fresh optimizer on the imported weights lowers the loss
+    model, _, _ = load_model(ckpt)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = torch.randint(0, FULL.vocab_size, (2, 17), generator=torch.Generator().manual_seed(5))
+    losses = []
+    for _ in range(5):
+        loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_lm_eval_harness_runs_on_export(ckpts, exported, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
+    pytest.importorskip("accelerate", reason="lm_eval --model hf needs accelerate: pip install 'axiom-lm[eval]'")
+    path = exported("random", "axiom")
+    docs = [
+        {"question": "The sky is", "choices": ["blue", "green"], "answer": 0},
+        {"question": "def add(a, b): return", "choices": ["a + b", "banana"], "answer": 0},
+    ]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "axiom_tiny.yaml").write_text(
+        "task: axiom_tiny\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'docs.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args"]
+    cmd += [f"pretrained={path},trust_remote_code=True,dtype=float32", "--tasks", "axiom_tiny"]
+    cmd += ["--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "2", "--log_samples"]
+    cmd += ["--output_path", str(tmp_path / "results")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    samples = [
+        json.loads(line) for f in (tmp_path / "results").rglob("samples_axiom_tiny_*.jsonl") for line in f.open()
+    ]
+    assert len(samples) == len(docs)
+
+    # the harness's log-likelihoods are our model's
+    model, enc = ours(ckpts["random"]), load_tokenizer()
+    for sample in samples:
+        requests = [sample["arguments"][f"gen_args_{i}"] for i in range(len(sample["arguments"]))]
+        for request, resp in zip(requests, sample["filtered_resps"], strict=True):
+            # the harness's split: encode context + continuation whole, the context's tokens come first
+            whole = enc.encode_ordinary(request["arg_0"] + request["arg_1"])
+            context = enc.encode_ordinary(request["arg_0"])
+            continuation = whole[len(context) :]
+            ids = torch.tensor([whole])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids)[0, :-1].double(), -1)
+            want = sum(logp[len(context) - 1 + i, t].item() for i, t in enumerate(continuation))
+            assert abs(float(resp[0]) - want) < 1e-3
