@@ -29,7 +29,7 @@ from axiom.sources import SPLIT_FORMULA, Unit, UnitResult
 from axiom.tokenizer import EOS_ID, NAME, SHA256
 
 STATE = "prepare-state.json"
-SHARD_FILE = re.compile(r"^(train|val)_(\d{5})\.bin(\.tmp)?$")
+SHARD_FILE = re.compile(r"^(train|val)_(\d{5,})\.bin(\.tmp)?$")
 
 
 def default_workers() -> int:
@@ -76,6 +76,16 @@ def settings_for(files: list[Path], val_fraction: float, split_seed: int, text_f
         "shard_tokens": shard_tokens,
         "sources": [sources.source_info(f) for f in files],
     }
+
+
+def read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AxiomError(f"{path}: not valid JSON ({e}); use another --out or delete {path.parent}") from e
+    if not isinstance(obj, dict):
+        raise AxiomError(f"{path}: expected a JSON object; use another --out or delete {path.parent}")
+    return obj
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -213,7 +223,7 @@ def prepare(
     quiet: bool = False,
 ) -> dict:
     """Tokenize `inputs` into `out`; returns the manifest. Resumes an interrupted run with the same settings."""
-    workers = workers or default_workers()
+    workers = default_workers() if workers is None else workers
     if workers < 1 or shard_tokens < 1 or not 0.0 <= val_fraction <= 1.0:
         raise AxiomError(
             f"prepare: need --workers >= 1, --shard-tokens >= 1 and 0 <= --val-fraction <= 1, got {workers}, "
@@ -225,15 +235,15 @@ def prepare(
     settings = settings_for(files, val_fraction, split_seed, text_field, shard_tokens)
 
     if (out / MANIFEST).is_file():
-        manifest = json.loads((out / MANIFEST).read_text())
+        manifest = read_json(out / MANIFEST)
         check_same_settings(manifest, settings, out / MANIFEST)
         if not quiet:
             print(f"{out} is already prepared with these settings: nothing to do")
         return manifest
     out.mkdir(parents=True, exist_ok=True)
     if (out / STATE).is_file():
-        state = json.loads((out / STATE).read_text())
-        check_same_settings(state["settings"], settings, out / STATE)
+        state = read_json(out / STATE)
+        check_same_settings(state.get("settings", {}), settings, out / STATE)
         restore(out, state)
     else:
         state = {

@@ -212,6 +212,11 @@ def test_bad_inputs_fail_in_one_line_without_complete_looking_shards(tmp_path, c
     capsys.readouterr()
     code, (line,) = run_cli(capsys, good, "--out", out, "--val-fraction", "0.1")
     assert code == 2 and "manifest.json was made with different settings (split.val_fraction 0.5 -> 0.1)" in line
+    (out / "manifest.json").write_text("{truncated")
+    code, (line,) = run_cli(capsys, good, "--out", out)
+    assert code == 2 and "manifest.json: not valid JSON" in line and f"delete {out}" in line
+    code, (line,) = run_cli(capsys, good, "--out", tmp_path / "w0", "--workers", "0")
+    assert code == 2 and "need --workers >= 1" in line
 
 
 def test_hf_source_without_hub_access_fails_in_one_line(tmp_path, capsys, monkeypatch):
