@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -41,6 +42,42 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def decode_one(model: Axiom, ids: Tensor, cache: KVCache) -> Tensor:
+    """(B,) newest tokens -> (B, V) logits of the next position; the cache advances by one slot."""
+    return model(ids[:, None], cache=cache, last_only=True)[:, -1]
+
+
+_static_caches: weakref.WeakKeyDictionary[Axiom, KVCache] = weakref.WeakKeyDictionary()
+_compiled_decode_one = None
+
+
+def static_cache(model: Axiom, pad: Tensor) -> KVCache:
+    """An emptied static cache of max_seq_len slots for len(pad) rows, `pad` copied in.
+
+    One per model, reused while the batch size, dtype and device stay the same: a compiled decoding step
+    is specialised to the cache's tensors (their addresses are what CUDA graphs replay), so a fresh cache
+    per call would mean a fresh compilation per call."""
+    device, dtype = pad.device, next(model.parameters()).dtype
+    cache = _static_caches.get(model)
+    if cache is None or cache.pad.shape != pad.shape or cache.keys[0].dtype != dtype or cache.pad.device != device:
+        cache = KVCache.empty(model.cfg, len(pad), model.cfg.max_seq_len, device, dtype, pad.clone(), static=True)
+        for t in (*cache.keys, *cache.values, cache.pad, cache.position):
+            torch._dynamo.mark_static_address(t)
+        _static_caches[model] = cache
+    cache.pad.copy_(pad)
+    cache.position.zero_()  # stale keys and values beyond the position stay masked
+    return cache
+
+
+def compiled_decode_one():
+    """`decode_one` through torch.compile: fused kernels, and CUDA graphs on a GPU ("reduce-overhead"),
+    which replay a whole step with one launch. Built on first use; compiles per model and batch shape."""
+    global _compiled_decode_one
+    if _compiled_decode_one is None:
+        _compiled_decode_one = torch.compile(decode_one, mode="reduce-overhead", fullgraph=True)
+    return _compiled_decode_one
+
+
 @torch.inference_mode()
 def stream(
     model: Axiom,
@@ -51,10 +88,14 @@ def stream(
     top_p: float | None = None,
     seed: int | None = None,
     eos_id: int | None = None,
+    static: bool = False,
+    compile: bool = False,
 ) -> Iterator[Tensor]:
     """Yield (B,) new token ids step by step; rows that produced `eos_id` keep yielding it.
 
-    Prompts of different lengths are left-padded; the cache masks the padding.
+    Prompts of different lengths are left-padded; the cache masks the padding. `static` decodes with a
+    fixed-shape cache (see `static_cache`); `compile` runs each step compiled and implies `static`.
+    The default, a dynamic cache in eager mode, is the fastest on CPU (docs/benchmarks.md).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -67,22 +108,28 @@ def stream(
         )
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
     tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache.empty(model.cfg, len(prompts), total, device, dtype, pad if pad.any() else None)
+    if static or compile:
+        cache = static_cache(model, pad)
+    else:
+        dtype = next(model.parameters()).dtype
+        cache = KVCache.empty(model.cfg, len(prompts), total, device, dtype, pad if pad.any() else None)
+    step = compiled_decode_one() if compile else decode_one
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    logits = model(tokens, cache=cache)[:, -1]  # prefill
-    for _ in range(total - longest):
+    logits = model(tokens, cache=cache, last_only=True)[:, -1]  # prefill
+    for n in range(1, total - longest + 1):
         next_ids = sample(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             next_ids = next_ids.masked_fill(done, eos_id)
             done |= next_ids == eos_id
         yield next_ids
-        if bool(done.all()) or cache.length == total:
+        if n == total - longest or (eos_id is not None and bool(done.all())):
             return
-        logits = model(next_ids[:, None], cache=cache)[:, -1]
+        if compile:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        logits = step(model, next_ids, cache)
 
 
 def generate(model: Axiom, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:

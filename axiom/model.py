@@ -55,23 +55,47 @@ class KVCache:
 
     `pad` (B,) counts left-padding slots per row (prompts of different lengths are left-padded):
     those keys are masked and positions start after them.
+
+    A dynamic cache (the default) tracks its fill level in the Python int `length` and attends over the
+    filled slots only. A static cache (`static=True`) keeps every shape fixed: attention spans all
+    max_len slots under a mask and the fill level is the device tensor `position`, so one compiled
+    graph (or CUDA graph) serves every decoding step; its `length` stays 0.
     """
 
     keys: list[Tensor]  # per layer (B, n_kv_heads, max_len, head_dim)
     values: list[Tensor]
     pad: Tensor | None = None
-    length: int = 0  # slots filled so far
+    length: int = 0  # slots filled so far (dynamic cache)
+    position: Tensor | None = None  # (1,) int64 slots filled so far (static cache), advanced in place
+
+    @property
+    def static(self) -> bool:
+        return self.position is not None
 
     @classmethod
     def empty(
-        cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype, pad: Tensor | None = None
+        cls,
+        cfg: ModelConfig,
+        batch: int,
+        max_len: int,
+        device,
+        dtype,
+        pad: Tensor | None = None,
+        static: bool = False,
     ) -> KVCache:
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         new = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]  # noqa: E731
-        return cls(new(), new(), pad)
+        position = torch.zeros(1, dtype=torch.long, device=device) if static else None
+        return cls(new(), new(), pad, 0, position)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, n_kv, T, hd) after the filled slots; return all keys and values so far."""
+        """Store k, v (B, n_kv, T, hd) after the filled slots; return the keys and values to attend over
+        (the filled ones, or every slot of a static cache)."""
+        if self.static:
+            slots = self.position + torch.arange(k.shape[2], device=k.device)
+            self.keys[layer].index_copy_(2, slots, k)
+            self.values[layer].index_copy_(2, slots, v)
+            return self.keys[layer], self.values[layer]
         end = self.length + k.shape[2]
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
@@ -97,18 +121,15 @@ class Attention(nn.Module):
         mask: Tensor | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim],
-            dim=-1,
-        )
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, nkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh+2nkv, T, hd)
+        # One RoPE call rotates query and key heads together: half the kernels of rotating them apart.
+        qk = apply_rope(qkv[:, : nh + nkv], cos, sin)
+        q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]  # (B, nh, T, hd), (B, nkv, T, hd) x 2
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # Causal within a fresh sequence; a cached step brings its own mask (or none for one new token).
-        is_causal = cache is None or (mask is None and cache.length == 0 and T > 1)
+        is_causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -181,31 +202,15 @@ class Axiom(nn.Module):
         targets: Tensor | None = None,
         cache: KVCache | None = None,
         loss_chunk: int = 1024,
+        last_only: bool = False,
     ) -> Tensor:
-        """tokens (B, T) -> mean cross-entropy over `targets` (B, T) if given, else logits (B, T, V).
+        """tokens (B, T) -> mean cross-entropy over `targets` (B, T) if given, else logits (B, T, V), or
+        (B, 1, V) with `last_only` (what decoding needs: the other positions' projections are skipped).
 
         With `cache`, the tokens continue the cached sequences: their keys and values are appended.
         """
         B, T = tokens.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {start + T} exceeds max_seq_len={self.cfg.max_seq_len}")
-        mask = None
-        if cache is not None and cache.pad is not None:
-            positions = (torch.arange(start, start + T, device=tokens.device) - cache.pad[:, None]).clamp(
-                min=0
-            )
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hd)
-            slots = torch.arange(start + T, device=tokens.device)
-            causal = slots[None, :] <= (start + torch.arange(T, device=tokens.device))[:, None]  # (T, S)
-            mask = causal[None] & (slots[None, None, :] >= cache.pad[:, None, None])  # (B, T, S)
-            mask = mask[:, None]  # (B, 1, T, S)
-        else:
-            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hd)
-            if cache is not None and start > 0 and T > 1:
-                slots = torch.arange(start + T, device=tokens.device)
-                mask = slots[None, :] <= (start + torch.arange(T, device=tokens.device))[:, None]
-
+        cos, sin, mask = self._positions(T, cache, tokens.device)
         x = self.embed(tokens)  # (B, T, d)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
@@ -213,11 +218,46 @@ class Axiom(nn.Module):
             else:
                 x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
-            cache.length += T
+            if cache.static:
+                cache.position.add_(T)
+            else:
+                cache.length += T
+        if last_only:
+            x = x[:, -1:]
         x = self.norm(x)
         if targets is None:
-            return self.lm_head(x)
+            return output_logits(x, self.lm_head.weight)
         return chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk)
+
+    def _positions(self, T: int, cache: KVCache | None, device) -> tuple[Tensor, Tensor, Tensor | None]:
+        """RoPE cos/sin for the T new tokens and the attention mask (None where SDPA's causal flag or
+        no mask at all is exact: a fresh sequence, or one new token attending to every filled slot)."""
+        if cache is None or (not cache.static and cache.pad is None):
+            start = cache.length if cache is not None else 0
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {start + T} exceeds max_seq_len={self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hd)
+            if start == 0 or T == 1:
+                return cos, sin, None
+            slots = torch.arange(start + T, device=device)
+            return cos, sin, slots[None, :] <= slots[start:, None]  # (T, S)
+        # Slots are tensors here, never Python ints, so a static cache's shapes stay fixed step to step.
+        if cache.static:
+            pos = cache.position + torch.arange(T, device=device)  # (T,) slots being written
+            slots = torch.arange(cache.keys[0].shape[2], device=device)  # (S,) every slot
+        else:
+            if cache.length + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {cache.length + T} exceeds max_seq_len={self.cfg.max_seq_len}")
+            slots = torch.arange(cache.length + T, device=device)
+            pos = slots[cache.length :]
+        mask = slots[None, :] <= pos[:, None]  # (T, S) causal
+        if cache.pad is None:
+            return self.rope_cos[pos], self.rope_sin[pos], mask
+        positions = (pos[None, :] - cache.pad[:, None]).clamp(min=0)  # (B, T): each row counts from its text
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hd)
+        # Padding keys are hidden; a padding query still sees itself so that no softmax row is empty.
+        mask = mask[None] & ((slots[None, None, :] >= cache.pad[:, None, None]) | (slots == pos[:, None]))
+        return cos, sin, mask[:, None]  # (B, 1, T, S)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (tied weights once); `non_embedding` leaves out the token table."""
@@ -249,12 +289,39 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     return 6 * matmul_weights + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
+def output_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """x (..., d) @ weight.T -> logits (..., V).
+
+    On CPU a handful of rows (decoding) takes MKL's matrix-vector path, which runs on one core far below
+    memory bandwidth (4.2 ms for the 100,277 x 128 table on the 2-core benchmark VM); the same dot products
+    as a batched matmul over row blocks of the table use every core (0.8 ms). See docs/benchmarks.md."""
+    rows, (V, d) = x.numel() // x.shape[-1], weight.shape
+    blocks = _ROW_BLOCKS
+    if x.device.type != "cpu" or rows > _FEW_ROWS or V // blocks < 64:
+        return F.linear(x, weight)
+    xt = x.reshape(rows, d).t()  # (d, rows)
+    per = V // blocks
+    out = torch.bmm(weight[: blocks * per].view(blocks, per, d), xt.expand(blocks, d, rows))  # (blocks, per, rows)
+    out = out.permute(2, 0, 1).reshape(rows, blocks * per)
+    if blocks * per < V:
+        out = torch.cat([out, xt.t() @ weight[blocks * per :].t()], dim=1)
+    return out.view(*x.shape[:-1], V)
+
+
+_FEW_ROWS = 16  # above this many rows MKL's matrix-matrix path is efficient on its own
+_ROW_BLOCKS = 16  # one block per thread or more; 2 to 149 blocks measured alike on the 2-core VM
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T` without holding (N, V) fp32 logits.
 
     The forward pass walks the rows in chunks, and for each chunk computes the loss and at once its
     gradients with respect to the hidden states and the weight (softmax - one_hot). Backward then only
     scales the stored gradients, so no logits are kept and none are recomputed.
+
+    Each chunk touches one (n, V) fp32 block only: log-softmax and exp run in place on it, and the
+    per-row factor valid / n_valid is applied to the small (n, d) operands instead of the block.
+    Under autocast the table is cast to the low-precision dtype once, not once per chunk and matmul.
     """
 
     @staticmethod
@@ -269,25 +336,33 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if weight.requires_grad
             else None
         )
+        device_type = hidden.device.type
+        low = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        w = weight.to(low) if low is not None else weight
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s : s + chunk], targets[s : s + chunk]
-            logits = (h @ weight.t()).float()  # (n, V)
+            h = h.to(low) if low is not None else h
+            rows = torch.arange(len(t), device=t.device)
             valid = t != ignore_index
             safe_t = t.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            loss += ((lse - picked) * valid).sum()
+            logp = (h @ w.t()).float()  # (n, V)
+            torch.log_softmax(logp, dim=-1, out=logp)
+            loss -= (logp[rows, safe_t] * valid).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            # d(mean loss)/d logits = (softmax - one_hot) / n_valid on valid rows, 0 elsewhere
-            g = torch.exp(logits - lse[:, None])
-            g[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-            g *= (valid.float() / n_valid)[:, None]
-            g = g.to(hidden.dtype)
+            # d(mean loss)/d logits = (softmax - one_hot) * valid / n_valid
+            g = logp.exp_()
+            g[rows, safe_t] -= 1.0
+            g = g.to(h.dtype)
+            scale = (valid / n_valid).to(h.dtype)[:, None]  # (n, 1)
             if grad_hidden is not None:
-                grad_hidden[s : s + chunk] = g @ weight
-            if grad_weight is not None:
-                grad_weight += (g.t() @ h).float()
+                grad_hidden[s : s + chunk] = (g @ w) * scale
+            if grad_weight is None:
+                continue
+            if low is None:
+                grad_weight.addmm_(g.t(), h * scale)  # accumulates without a (V, d) temporary
+            else:
+                grad_weight += (g.t() @ (h * scale)).float()  # low-precision product, fp32 sum
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss / n_valid
