@@ -217,7 +217,9 @@ def open_compressed(path: str, kind: str) -> io.BufferedIOBase:
         import zstandard
     except ImportError as e:
         raise AxiomError(f"{path}: reading .zst needs zstandard; run: pip install zstandard") from e
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return io.BufferedReader(
+        zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+    )
 
 
 def read_jsonl(
