@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import csv
 import json
+import logging
 import math
 import os
 import random
@@ -98,6 +99,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def _adamw8bit(groups: list[dict], cfg: TrainConfig, device: torch.device):
     """bitsandbytes AdamW8bit, or (None, why not) when it is missing or fails a probe step on this device."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its warnings concern 4-bit kernels we never use
     try:
         import bitsandbytes as bnb
     except Exception as e:  # ImportError, or a broken native library

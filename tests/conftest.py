@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny prepared data directories and micro model configs that train in a second on a CPU."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from axiom.config import Config, get_config
+from axiom.loader import write_dataset
+
+# A model of a few thousand non-embedding parameters (the cl100k table stays: EOS is id 100257).
+MICRO = [
+    "d_model=32",
+    "n_layers=2",
+    "n_heads=2",
+    "n_kv_heads=1",
+    "ffn_multiple_of=32",
+    "max_seq_len=32",
+    "seq_len=32",
+    "micro_batch_size=2",
+    "grad_accum_steps=2",
+    "warmup_steps=2",
+    "lr_max=3e-3",
+    "lr_min=3e-4",
+    "eval_tokens=256",
+    "log_interval=1",
+    "optimizer=adamw",
+]
+
+
+def micro_config(*overrides: str) -> Config:
+    """The micro model, then `overrides` (NAME=VALUE); 128 tokens per optimizer step."""
+    return get_config("tiny", [*MICRO, *overrides])
+
+
+def micro_args(*overrides: str) -> list[str]:
+    """The same as `axiom train` arguments."""
+    return [arg for item in [*MICRO, *overrides] for arg in ("--set", item)]
+
+
+def _patterned_docs(n: int, seed: int) -> list[list[int]]:
+    """Documents that walk a fixed cycle of 24 token ids from a random start: easy to learn, so loss falls fast."""
+    cycle = [1000 + 37 * i for i in range(24)]
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        start, length = rng.randrange(24), rng.randint(20, 60)
+        docs.append([cycle[(start + i) % 24] for i in range(length)])
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A prepared directory of ~16k train and ~2k val tokens (see _patterned_docs)."""
+    path = tmp_path_factory.mktemp("tiny_data")
+    write_dataset(path, _patterned_docs(400, seed=0), _patterned_docs(50, seed=1))
+    return path

@@ -1,0 +1,87 @@
+"""Evaluation numbers against a plain reference, the `axiom eval` command, and `axiom plot`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import micro_config
+
+from axiom.checkpoint import save_model
+from axiom.cli import main
+from axiom.evaluate import evaluate, token_byte_lengths
+from axiom.loader import eval_batches
+from axiom.model import Axiom
+from axiom.plot import plot_run
+from axiom.tokenizer import EOS_ID, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def micro_ckpt(tmp_path_factory):
+    cfg = micro_config()
+    torch.manual_seed(0)
+    model = Axiom(cfg.model)
+    path = tmp_path_factory.mktemp("ckpt")
+    save_model(model, cfg, path, step=7, tokens=896)
+    return model, cfg, path
+
+
+def test_token_byte_lengths_match_the_tokenizer():
+    enc = load_tokenizer()
+    lengths = token_byte_lengths()
+    assert lengths[EOS_ID] == 0
+    for text in ["Hello, world!", "naïve café — 日本語", "def f(x):\n    return x"]:
+        ids = enc.encode_ordinary(text)
+        assert int(lengths[torch.tensor(ids)].sum()) == len(text.encode("utf-8"))
+
+
+def test_evaluate_matches_plain_cross_entropy(micro_ckpt, tiny_data):
+    model, cfg, _ = micro_ckpt
+    result = evaluate(model, tiny_data, seq_len=32, batch_size=3, eval_tokens=200)
+    xs, ys = zip(*eval_batches(tiny_data, 32, 3, 200), strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert x.shape == (6, 32) and result.tokens == 192  # 200 // 32 whole windows
+    with torch.no_grad():
+        logits = model(x)
+    ref = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+    nbytes = len(load_tokenizer().decode_bytes([t for t in y.flatten().tolist() if t != EOS_ID]))
+    assert result.bytes == nbytes
+    assert result.loss == pytest.approx(ref / 192, rel=1e-5)
+    assert result.ppl == pytest.approx(math.exp(ref / 192), rel=1e-5)
+    assert result.bpb == pytest.approx(ref / math.log(2) / nbytes, rel=1e-5)
+    assert model.training  # evaluate restores the mode it found
+
+
+def test_eval_command_json(micro_ckpt, tiny_data, capsys):
+    model, cfg, path = micro_ckpt
+    assert main(["eval", "--ckpt", str(path), "--data", str(tiny_data), "--json", "--eval-tokens", "200"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = evaluate(model, tiny_data, seq_len=32, batch_size=2, eval_tokens=200)
+    assert out["step"] == 7 and out["tokens_seen"] == 896 and out["tokens"] == 192
+    assert out["loss"] == pytest.approx(expected.loss, rel=1e-6)
+    assert out["bpb"] == pytest.approx(expected.bpb, rel=1e-6)
+    assert main(["eval", "--ckpt", str(path), "--data", str(tiny_data), "--eval-tokens", "200"]) == 0
+    assert f"val loss {expected.loss:.4f}" in capsys.readouterr().out
+
+
+def test_eval_command_bad_data_is_one_line_error(micro_ckpt, tmp_path, capsys):
+    _, _, path = micro_ckpt
+    assert main(["eval", "--ckpt", str(path), "--data", str(tmp_path)]) == 2
+    assert "manifest.json not found" in capsys.readouterr().err
+
+
+def test_plot_writes_png(tmp_path):
+    (tmp_path / "eval.csv").write_text(
+        "step,tokens,train_loss,val_loss,val_ppl,val_bpb,lr,elapsed_s,tokens_per_s\n"
+        "0,0,nan,11.5,98715.8,4.0,0.0,0.0,nan\n10,1280,9.0,8.5,4914.8,3.0,0.001,1.0,1280.0\n"
+    )
+    (tmp_path / "train.csv").write_text(
+        "step,tokens,loss,grad_norm,lr,tokens_per_s,skipped\n5,640,10.0,1.0,0.001,100.0,0\n10,1280,9.0,1.0,0.001,100.0,0\n"
+    )
+    out = plot_run(tmp_path)
+    assert out == tmp_path / "loss.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 10_000
+    assert main(["plot", str(tmp_path / "missing")]) == 2
