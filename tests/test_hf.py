@@ -175,6 +175,21 @@ def test_float32_logits_and_greedy_generation_match(kind, fmt, ckpts, exported):
     assert len(want[0]) == 32
 
 
+def test_remote_code_cache_continues_in_chunks_with_padding(exported):
+    """Prefill in two chunks (cached keys plus several new tokens) with a left-padded row, as a server would."""
+    hf = hf_load(exported("trained", "axiom"))
+    x = torch.randint(0, SMALL.vocab_size, (2, 40), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(x)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        full = hf(x, attention_mask=mask).logits
+        first = hf(x[:, :25], attention_mask=mask[:, :25], use_cache=True)
+        rest = hf(x[:, 25:], attention_mask=mask, cache=first.cache, use_cache=True).logits
+        alone = hf(x[1:, 7:]).logits  # the padded row equals the same tokens without padding
+    assert (rest - full[:, 25:]).abs().max() <= FP32_ATOL
+    assert (full[1:, 7:] - alone).abs().max() <= FP32_ATOL
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_bfloat16_export_within_documented_tolerance(fmt, ckpts, exported):
     path = exported("trained", fmt, "bfloat16")
@@ -260,7 +275,7 @@ TEXTS = [
 def test_tokenizer_matches_tiktoken(exported):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(exported("random", "axiom"))
+    tok = AutoTokenizer.from_pretrained(exported("random", "llama"))  # the same files in both formats
     enc = load_tokenizer()
     assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == EOS_ID
     g = torch.Generator().manual_seed(0)

@@ -110,7 +110,7 @@ exported by `axiom export --format {fmt} --dtype {dtype}` from a checkpoint writ
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("PATH")
+tokenizer = AutoTokenizer.from_pretrained("PATH"{remote})
 model = AutoModelForCausalLM.from_pretrained("PATH"{remote})
 ids = tokenizer("The meaning of life is", return_tensors="pt").input_ids
 print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))
@@ -129,8 +129,9 @@ print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0
 
 ## Data and split
 
-Training data: {data}. Each document goes to the validation split when a hash of its text salted with
-`split_seed={t.split_seed}` falls below `val_fraction={t.val_fraction}`; everything else is training data.
+Training data: {data}. `axiom prepare` puts a document in the validation split when a hash of its text,
+salted with a split seed, falls below a validation fraction (this run's config: `split_seed={t.split_seed}`,
+`val_fraction={t.val_fraction}`; the data's own values are in its manifest.json); the rest is training data.
 
 ## Training
 

@@ -95,7 +95,7 @@ class AxiomBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-def attention_mask_4d(attention_mask, past: int, T: int) -> torch.Tensor | None:
+def attention_mask_4d(attention_mask, past: int, T: int, device: torch.device) -> torch.Tensor | None:
     """A boolean (B, 1, T, past+T) mask, or None when plain causal attention (or none at all) is right.
 
     Padded keys are hidden; a padded query still sees itself so that its softmax is defined (its output is
@@ -104,7 +104,6 @@ def attention_mask_4d(attention_mask, past: int, T: int) -> torch.Tensor | None:
     padded = attention_mask is not None and not bool(attention_mask.all())
     if not padded and (past == 0 or T == 1):
         return None
-    device = attention_mask.device if attention_mask is not None else None
     q_pos = torch.arange(past, past + T, device=device)
     k_pos = torch.arange(past + T, device=device)
     mask = (k_pos[None, :] <= q_pos[:, None])[None]  # (1, T, S)
@@ -168,7 +167,7 @@ class AxiomForCausalLM(PreTrainedModel, GenerationMixin):
             else:
                 position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
         cos, sin = rope(position_ids, self.config.head_dim, self.config.rope_theta)
-        mask = attention_mask_4d(attention_mask, past, T)
+        mask = attention_mask_4d(attention_mask, past, T, x.device)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache if use_cache else None)
         x = self.norm(x)
