@@ -18,6 +18,7 @@ COMMANDS = {
     "prepare": ("axiom.prepare", "tokenize text corpora into train/val token shards with a manifest"),
     "export": ("axiom.hf.export", "write a checkpoint as a Hugging Face folder (remote code or Llama)"),
     "import": ("axiom.hf.importer", "read a Hugging Face folder (axiom or Llama format) into a checkpoint"),
+    "bench": ("axiom.bench", "time training steps or decoding, optionally against transformers' Llama"),
 }
 
 

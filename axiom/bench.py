@@ -1,0 +1,371 @@
+"""`axiom bench train|generate`: our training step or decoding, timed, optionally beside transformers' Llama.
+
+`train` times `axiom.train.train_step` (the training loop's own step: forward, backward, clipping, optimizer)
+on synthetic token ids. `generate` times `axiom.generate.generate` at temperature 0 with EOS disabled. With
+`--vs-hf`, `transformers.LlamaForCausalLM` gets the same shapes, dtype, weights, batch, optimizer and loss (or
+prompt and new tokens, via its own `generate` with the KV cache, SDPA attention) and is timed the same way in
+the same process. Rounds alternate ours-first and theirs-first so that load from other processes falls on both;
+throughput is the median over rounds, the ratio ours / theirs of the medians.
+
+`--json` prints one object: tokens_per_s, mfu (null without a known peak: CPU), peak_mem_bytes (CUDA max
+allocated, or process peak RSS on CPU, taken before the reference model exists), achieved_tflops, per-round
+figures and versions; plus hf_tokens_per_s, ratio_vs_hf, hf_peak_mem_bytes and a parity check with --vs-hf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from axiom.config import Config, ModelConfig, add_config_arguments, config_from_args
+from axiom.errors import AxiomError
+from axiom.generate import generate
+from axiom.model import Axiom, flops_per_token, num_params
+from axiom.train import Dist, build_optimizer, gpu_peak_flops, lr_at, parallelize, pick_device, train_step
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    train = sub.add_parser("train", help="optimizer steps per second of a preset (tokens/s, TFLOP/s, MFU, memory)")
+    gen = sub.add_parser("generate", help="decoding tokens per second with the KV cache")
+    for p in (train, gen):
+        add_config_arguments(p)
+        p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+        p.add_argument("--vs-hf", action="store_true", help="also time transformers.LlamaForCausalLM and compare")
+        p.add_argument("--rounds", type=int, default=3, help="timed rounds per model, interleaved (default: 3)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the weights and synthetic token ids")
+        p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one of our runs")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+    train.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: 2)")
+    train.add_argument("--steps", type=int, default=3, help="timed optimizer steps per round (default: 3)")
+    gen.add_argument("--warmup", type=int, default=1, help="untimed generate calls per model first (default: 1)")
+    gen.add_argument("--batch", type=int, default=1, help="prompts decoded together (default: 1)")
+    gen.add_argument("--prompt-len", type=int, default=32, help="prompt tokens, prefilled (default: 32)")
+    gen.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="static KV cache and torch.compile'd decoding step (CUDA graphs on GPU); the reference then uses "
+        "transformers' static cache with its forward compiled the same way",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    for name in ("rounds", "warmup", "steps", "batch", "prompt_len", "new_tokens"):
+        value = getattr(args, name, 1)
+        if value < (0 if name == "warmup" else 1):
+            raise AxiomError(f"--{name.replace('_', '-')}={value} must be positive")
+    cfg = config_from_args(args)
+    device = pick_device(args.device, Dist())
+    result = bench_train(cfg, device, args) if args.what == "train" else bench_generate(cfg, device, args)
+    result = {"what": args.what, "preset": args.preset, "overrides": args.overrides, **result, **_versions(device)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_human(result)
+
+
+# ---- timing
+
+
+@dataclass
+class Contender:
+    name: str
+    run: Callable[[], None]  # one timed unit: an optimizer step, or one generate call
+    tokens: int  # tokens per unit
+    units: int  # units per round
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(contenders: list[Contender], rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """Tokens/s of each contender per round; the order flips every round (ABBA) to cancel drift."""
+    rates = {c.name: [] for c in contenders}
+    for r in range(rounds):
+        for c in contenders if r % 2 == 0 else contenders[::-1]:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(c.units):
+                c.run()
+            _sync(device)
+            rates[c.name].append(c.tokens * c.units / (time.perf_counter() - start))
+    return rates
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: "5" resets the process's peak RSS (VmHWM) to its current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory(device: torch.device, since_reset: bool = False) -> int | None:
+    """CUDA max allocated bytes, or the process's peak RSS on CPU (getrusage; VmHWM after a reset)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if since_reset:
+        try:
+            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+            return int(line.split()[1]) * 1024
+        except (OSError, StopIteration):
+            return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+
+
+def _profile(fn: Callable[[], None]) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
+
+
+def _summary(rates: dict[str, list[float]], flops: float, device: torch.device) -> dict:
+    ours = statistics.median(rates["axiom"])
+    peak = gpu_peak_flops(device)
+    out = {
+        "tokens_per_s": ours,
+        "achieved_tflops": ours * flops / 1e12,
+        "mfu": ours * flops / peak if peak else None,
+        "rounds_tokens_per_s": rates["axiom"],
+    }
+    if "hf" in rates:
+        theirs = statistics.median(rates["hf"])
+        out |= {"hf_tokens_per_s": theirs, "ratio_vs_hf": ours / theirs, "hf_rounds_tokens_per_s": rates["hf"]}
+    return out
+
+
+# ---- the reference model
+
+
+def llama_like(m: ModelConfig, device: torch.device, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """transformers' Llama with our shapes (tied embeddings, no biases, SDPA attention) and our weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
+
+    from axiom.hf.names import to_llama
+
+    logging.set_verbosity_error()  # no notes about generation flags on every call
+    config = LlamaConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.d_model,
+        intermediate_size=m.ffn_dim,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_kv_heads,
+        head_dim=m.head_dim,
+        rms_norm_eps=m.norm_eps,
+        rope_theta=m.rope_theta,
+        max_position_embeddings=m.max_seq_len,
+        tie_word_embeddings=m.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=m.dropout,
+        bos_token_id=None,
+        eos_token_id=None,  # EOS disabled: every run generates exactly the tokens asked for
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
+    with torch.device(device):
+        hf = LlamaForCausalLM(config)
+    missing, unexpected = hf.load_state_dict(to_llama(weights, m), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise AxiomError(f"reference Llama does not fit: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+class LlamaLoss(torch.nn.Module):
+    """A Llama behind our call signature, model(x, y) -> mean cross-entropy of predicting y, so that the one
+    `train_step` drives both models. `shift_labels` makes transformers use y as given (x and y are already
+    shifted by one), so both losses cover the same tokens."""
+
+    def __init__(self, hf: torch.nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+
+
+# ---- train
+
+
+def bench_train(cfg: Config, device: torch.device, args: argparse.Namespace) -> dict:
+    m, t = cfg.model, cfg.train
+    if t.seq_len > m.max_seq_len:
+        raise AxiomError(f"seq_len={t.seq_len} exceeds max_seq_len={m.max_seq_len}; lower it with --set seq_len=N")
+    torch.manual_seed(args.seed)
+    tokens = torch.randint(0, m.vocab_size, (t.grad_accum_steps, t.micro_batch_size, t.seq_len + 1))
+    batches = [(row[:, :-1].contiguous().to(device), row[:, 1:].contiguous().to(device)) for row in tokens]
+
+    model = Axiom(m).to(device)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if args.vs_hf else None
+    model = parallelize(model, t, device, Dist())
+    optimizer, opt_name = build_optimizer(model, t, device)
+    step = [0]
+
+    def ours() -> None:
+        train_step(model, optimizer, batches, lr_at(step[0], t), t)
+        step[0] += 1
+
+    _reset_peak(device)
+    first = train_step(model, optimizer, batches, lr_at(0, t), t).loss
+    for _ in range(args.warmup - 1):
+        ours()
+    peak = peak_memory(device)  # before the reference exists: ours alone
+    contenders = [Contender("axiom", ours, t.tokens_per_step, args.steps)]
+    extra = {}
+    if args.vs_hf:
+        hf = LlamaLoss(llama_like(m, device, weights))
+        if t.gradient_checkpointing:
+            hf.hf.gradient_checkpointing_enable()
+        if t.compile:
+            hf.compile()
+        hf.train()
+        hf_opt, _ = build_optimizer(hf, t, device)
+        hf_step = [0]
+
+        def theirs() -> None:
+            train_step(hf, hf_opt, batches, lr_at(hf_step[0], t), t)
+            hf_step[0] += 1
+
+        _reset_peak(device)
+        hf_first = train_step(hf, hf_opt, batches, lr_at(0, t), t).loss
+        for _ in range(args.warmup - 1):
+            theirs()
+        extra = {
+            "hf_peak_mem_bytes": peak_memory(device, since_reset=True),
+            "hf_first_loss": hf_first,
+            "hf_params": sum(p.numel() for p in hf.parameters()),
+        }
+        contenders.append(Contender("hf", theirs, t.tokens_per_step, args.steps))
+    rates = interleaved(contenders, args.rounds, device)
+    if args.profile:
+        _profile(ours)
+    return {
+        **_summary(rates, flops_per_token(m, t.seq_len), device),
+        "peak_mem_bytes": peak,
+        "first_loss": first,
+        "params": num_params(m),
+        **extra,
+        "tokens_per_step": t.tokens_per_step,
+        "micro_batch_size": t.micro_batch_size,
+        "seq_len": t.seq_len,
+        "grad_accum_steps": t.grad_accum_steps,
+        "optimizer": opt_name,
+        "dtype": t.dtype if device.type == "cuda" else "float32",
+        "compile": t.compile,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "steps_per_round": args.steps,
+    }
+
+
+# ---- generate
+
+
+def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) -> dict:
+    m = cfg.model
+    if args.prompt_len + args.new_tokens > m.max_seq_len:
+        raise AxiomError(
+            f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds max_seq_len={m.max_seq_len}"
+        )
+    torch.manual_seed(args.seed)
+    prompts = torch.randint(0, m.vocab_size, (args.batch, args.prompt_len))
+    model = Axiom(m).to(device).eval()
+    n = args.new_tokens
+    out: dict[str, list[list[int]]] = {}
+
+    def ours() -> None:
+        out["axiom"] = generate(model, prompts.tolist(), n, temperature=0.0, compile=args.compile)
+
+    _reset_peak(device)
+    for _ in range(max(args.warmup, 1) if args.compile else args.warmup):
+        ours()
+    peak = peak_memory(device)
+    contenders = [Contender("axiom", ours, args.batch * n, 1)]
+    extra = {}
+    if args.vs_hf:
+        hf = llama_like(m, device, model.state_dict()).eval()
+        ids = prompts.to(device)
+        options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
+        if args.compile:  # transformers' own recipe for compiled decoding
+            options["cache_implementation"] = "static"
+            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+
+        @torch.inference_mode()
+        def theirs() -> None:
+            result = hf.generate(ids, attention_mask=torch.ones_like(ids), **options)
+            out["hf"] = result[:, args.prompt_len :].tolist()
+
+        _reset_peak(device)
+        for _ in range(max(args.warmup, 1)):
+            theirs()
+        # Greedy decoding of the same weights: the tokens agree unless two logits tie within rounding.
+        same = sum(a == b for x, y in zip(out["axiom"], out["hf"], strict=True) for a, b in zip(x, y, strict=True))
+        extra = {
+            "hf_peak_mem_bytes": peak_memory(device, since_reset=True),
+            "same_tokens_as_hf": same / (len(out["hf"]) * n),
+        }
+        contenders.append(Contender("hf", theirs, args.batch * n, 1))
+    rates = interleaved(contenders, args.rounds, device)
+    if args.profile:
+        _profile(ours)
+    context = args.prompt_len + n // 2  # mean attention span of a decoded token
+    return {
+        **_summary(rates, flops_per_token(m, context) / 3, device),  # forward only: a third of training's
+        "peak_mem_bytes": peak,
+        **extra,
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "new_tokens": n,
+        "compile": args.compile,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+# ---- output
+
+
+def _versions(device: torch.device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu_threads"] = torch.get_num_threads()
+    return info
+
+
+def _print_human(r: dict) -> None:
+    unit = "optimizer steps" if r["what"] == "train" else "generate calls"
+    print(f"axiom bench {r['what']} --preset {r['preset']} on {r['device']} (torch {r['torch']}), rounds of {unit}")
+    print(f"  axiom         {r['tokens_per_s']:>12,.0f} tokens/s   {r['achieved_tflops']:.4f} TFLOP/s", end="")
+    print(f"   MFU {r['mfu']:.1%}" if r["mfu"] is not None else "   MFU n/a (no known peak)")
+    if "hf_tokens_per_s" in r:
+        print(f"  transformers  {r['hf_tokens_per_s']:>12,.0f} tokens/s   ratio {r['ratio_vs_hf']:.2f}x")
+    mem = r["peak_mem_bytes"]
+    print(f"  peak memory   {mem / 2**20:>12,.0f} MiB" if mem is not None else "  peak memory   n/a")
+    if r.get("hf_peak_mem_bytes") is not None:
+        print(f"  hf peak mem   {r['hf_peak_mem_bytes'] / 2**20:>12,.0f} MiB")

@@ -1,0 +1,143 @@
+"""Every fast path gives the answer of the plain one: few-row logits, last-position logits, the chunked loss
+(fp32 and the autocast branch the GPU takes), static vs dynamic KV cache, compiled decoding, left-padded
+batches, and `axiom bench` comparing like with like. No timing here: speed lives in `axiom bench`."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from axiom.cli import main
+from axiom.config import get_config
+from axiom.generate import generate
+from axiom.model import Axiom, KVCache, chunked_cross_entropy, output_logits
+
+SMALL = get_config(
+    "tiny", ["vocab_size=1000", "d_model=32", "n_layers=2", "n_heads=4", "n_kv_heads=2", "max_seq_len=48"]
+).model
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Axiom(SMALL).eval()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+@pytest.mark.parametrize("vocab", [1000, 1031])  # 1031 leaves a remainder after the row blocks
+def test_output_logits_equal_linear(rows, vocab):
+    torch.manual_seed(rows)
+    w, x = torch.randn(vocab, 32), torch.randn(1, rows, 32)
+    out = output_logits(x, w)
+    assert out.shape == (1, rows, vocab)
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_last_only_logits_equal_the_last_row_of_full_logits(model):
+    tokens = torch.randint(0, SMALL.vocab_size, (2, 9))
+    with torch.no_grad():
+        full, last = model(tokens), model(tokens, last_only=True)
+    assert last.shape == (2, 1, SMALL.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+def _loss_and_grads(fn, h, w, t):
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fn(h, w, t)
+    (2.5 * loss).backward()  # a non-unit upstream gradient, as with gradient accumulation
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64, 1024])
+def test_chunked_loss_value_and_grads_equal_plain_cross_entropy(chunk):
+    torch.manual_seed(chunk)
+    h, w = torch.randn(40, 16), torch.randn(300, 16) * 0.5
+    t = torch.randint(0, 300, (40,))
+    t[::5] = -100  # ignored rows count neither in the mean nor in the gradients
+    plain = _loss_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t), h, w, t)
+    fast = _loss_and_grads(lambda h, w, t: chunked_cross_entropy(h, w, t, chunk), h, w, t)
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_under_autocast_follows_the_low_precision_branch():
+    # The GPU runs the loss under bf16 autocast: the table is cast once and grads accumulate in fp32.
+    torch.manual_seed(1)
+    h, w = torch.randn(24, 16), torch.randn(200, 16) * 0.5
+    t = torch.randint(0, 200, (24,))
+    plain = _loss_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t), h, w, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = _loss_and_grads(lambda h, w, t: chunked_cross_entropy(h, w, t, 8), h, w, t)
+    assert fast[1].dtype == fast[2].dtype == torch.float32
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.01)
+
+
+def test_static_cache_forward_equals_full_recompute(model):
+    tokens = torch.randint(0, SMALL.vocab_size, (2, 12))
+    cache = KVCache.empty(SMALL, 2, SMALL.max_seq_len, "cpu", torch.float32, torch.zeros(2, dtype=torch.long), True)
+    with torch.no_grad():
+        full = model(tokens)
+        steps = [model(tokens[:, :5], cache=cache)] + [model(tokens[:, i : i + 1], cache=cache) for i in range(5, 12)]
+    assert cache.static and int(cache.position) == 12 and cache.length == 0
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_left_padded_batch_equals_each_prompt_alone(model, static):
+    batch = generate(model, PROMPTS, 12, temperature=0.0, static=static)
+    alone = [generate(model, [p], 12, temperature=0.0, static=static)[0] for p in PROMPTS]
+    assert batch == alone
+
+
+def test_static_cache_generation_equals_dynamic(model):
+    kw = dict(temperature=0.9, top_k=50, seed=3)
+    assert generate(model, PROMPTS, 15, static=True, **kw) == generate(model, PROMPTS, 15, **kw)
+    # The reused static cache is emptied between calls: a second, different call is unaffected by the first.
+    assert generate(model, PROMPTS[1:2], 15, static=True, **kw) == generate(model, PROMPTS[1:2], 15, **kw)
+
+
+def test_compiled_decoding_equals_eager(model):
+    pytest.importorskip("torch._inductor")
+    expected = generate(model, PROMPTS, 10, temperature=0.0)
+    try:
+        compiled = generate(model, PROMPTS, 10, temperature=0.0, compile=True)
+    except Exception as e:  # no C++ toolchain for inductor's CPU kernels on this machine
+        if "compil" in str(e).lower() and "C++" in str(e):
+            pytest.skip(f"torch.compile cannot build CPU kernels here: {str(e).splitlines()[0][:100]}")
+        raise
+    assert compiled == expected
+    assert generate(model, PROMPTS, 10, temperature=0.0, compile=True) == expected  # reuses graph and cache
+
+
+BENCH = ["--set", "vocab_size=512", "--set", "d_model=32", "--set", "n_layers=1", "--set", "n_heads=2"]
+BENCH += ["--set", "n_kv_heads=1", "--set", "max_seq_len=32", "--set", "seq_len=16", "--set", "micro_batch_size=2"]
+
+
+def test_bench_train_compares_the_same_model_and_loss(capsys):
+    pytest.importorskip("transformers")
+    args = ["bench", "train", "--preset", "tiny", *BENCH, "--vs-hf", "--json"]
+    assert main([*args, "--warmup", "1", "--steps", "1", "--rounds", "2"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0 and r["peak_mem_bytes"] > 0
+    assert r["ratio_vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf_tokens_per_s"])
+    assert r["mfu"] is None  # no known peak for a CPU
+    assert r["hf_params"] == r["params"]  # same shapes, tied table counted once
+    assert r["first_loss"] == pytest.approx(r["hf_first_loss"], rel=1e-5)  # same weights, same batch, same loss
+    assert len(r["rounds_tokens_per_s"]) == len(r["hf_rounds_tokens_per_s"]) == 2
+
+
+def test_bench_generate_decodes_the_same_tokens_as_transformers(capsys):
+    pytest.importorskip("transformers")
+    args = ["bench", "generate", "--preset", "tiny", *BENCH, "--vs-hf", "--json", "--rounds", "1"]
+    assert main([*args, "--batch", "2", "--prompt-len", "4", "--new-tokens", "8"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["same_tokens_as_hf"] == 1.0
+    assert {"tokens_per_s", "mfu", "peak_mem_bytes", "hf_tokens_per_s", "ratio_vs_hf"} <= set(r)
+
+
+def test_bench_rejects_a_generation_longer_than_the_context(capsys):
+    assert main(["bench", "generate", "--preset", "tiny", *BENCH, "--prompt-len", "30", "--new-tokens", "8"]) == 2
+    assert "exceeds max_seq_len=32" in capsys.readouterr().err
