@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
     best = run / "checkpoints" / "best"
     _step(f"5/5 samples from {best}")
-    for prompt in PROMPTS:
-        _call(["generate", "--ckpt", str(best), "--prompt", prompt, "--max-new-tokens", "48", "--device", "cpu"])
+    for i, prompt in enumerate(PROMPTS):
+        sample = ["--max-new-tokens", "48", "--seed", str(1337 + i), "--device", "cpu"]
+        _call(["generate", "--ckpt", str(best), "--prompt", prompt, *sample])
         print()
 
     print(f"\ndone. outputs in {out}/:")

@@ -561,13 +561,6 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
                     f"step {step:,}: non-finite loss {result.loss} or grad norm {result.grad_norm}; skipped "
                     f"({bad_steps} in a row, limit max_bad_steps={t.max_bad_steps})"
                 )
-                if bad_steps >= t.max_bad_steps:
-                    last = list_checkpoints(ckpt_root)
-                    where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-                    raise AxiomError(
-                        f"training stopped at step {step:,}: {bad_steps} steps in a row had a non-finite loss or "
-                        f"gradient norm; {where}; lower lr_max or check the data, then --resume"
-                    )
             else:
                 bad_steps = 0
                 window[0] += result.loss
@@ -598,6 +591,13 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
                     },
                 )
                 log_tokens, log_time, log_losses = 0, 0.0, []
+            if bad_steps >= t.max_bad_steps:
+                last = list_checkpoints(ckpt_root)
+                where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+                raise AxiomError(
+                    f"training stopped at step {step:,}: {bad_steps} steps in a row had a non-finite loss or "
+                    f"gradient norm; {where}; lower lr_max or check the data, then --resume"
+                )
             if step % t.eval_interval == 0 or step == t.steps:
                 last_eval = run_eval()
                 window_tokens, window_time = 0, 0.0

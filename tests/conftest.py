@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from axiom.config import Config, get_config
-from axiom.loader import write_dataset
+from axiom.loader import TOKEN_DTYPE, write_dataset
+from axiom.tokenizer import EOS_ID
 
-# A model of a few thousand non-embedding parameters (the cl100k table stays: EOS is id 100257).
+MICRO_VOCAB = 512  # a 100k-way softmax would be most of every test's time; tiny_data's ids stay below this
 MICRO = [
+    f"vocab_size={MICRO_VOCAB}",
     "d_model=32",
     "n_layers=2",
     "n_heads=2",
@@ -41,7 +44,7 @@ def micro_args(*overrides: str) -> list[str]:
 
 def _patterned_docs(n: int, seed: int) -> list[list[int]]:
     """Documents that walk a fixed cycle of 24 token ids from a random start: easy to learn, so loss falls fast."""
-    cycle = [1000 + 37 * i for i in range(24)]
+    cycle = [3 + 19 * i for i in range(24)]
     rng = random.Random(seed)
     docs = []
     for _ in range(n):
@@ -52,7 +55,12 @@ def _patterned_docs(n: int, seed: int) -> list[list[int]]:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """A prepared directory of ~16k train and ~2k val tokens (see _patterned_docs)."""
+    """A prepared directory of ~16k train and ~2k val tokens (see _patterned_docs), all ids below MICRO_VOCAB:
+    EOS is stored as id 0 instead of 100257."""
     path = tmp_path_factory.mktemp("tiny_data")
-    write_dataset(path, _patterned_docs(400, seed=0), _patterned_docs(50, seed=1))
+    manifest = write_dataset(path, _patterned_docs(400, seed=0), _patterned_docs(50, seed=1))
+    for shard in manifest["shards"]:
+        tokens = np.fromfile(path / shard["file"], dtype=TOKEN_DTYPE)
+        tokens[tokens == EOS_ID] = 0
+        tokens.tofile(path / shard["file"])
     return path

@@ -1,0 +1,311 @@
+"""Training: schedule, accumulation, optimizer choice, the loop's eval.csv, checkpoints, exact resume (in process
+and after kill -9), a crash while writing a checkpoint, non-finite steps, and 2 gloo processes vs 1."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import MICRO_VOCAB, micro_args, micro_config
+from safetensors.torch import load_file
+
+import axiom.train as train_mod
+from axiom.checkpoint import list_checkpoints, load_model, load_training_state
+from axiom.config import TrainConfig
+from axiom.errors import AxiomError
+from axiom.model import Axiom
+from axiom.train import EVAL_COLUMNS, build_optimizer, lr_at, train, train_step
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def final_weights(run):
+    last = list_checkpoints(run / "checkpoints")[-1][1]
+    return load_file(last / "model.safetensors")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---- the schedule, the optimizer and one step
+
+
+def test_lr_schedule_boundaries():
+    cfg = TrainConfig(
+        target_tokens=100, micro_batch_size=1, seq_len=1, grad_accum_steps=1, warmup_steps=10, lr_max=1e-3, lr_min=1e-4
+    )
+    assert cfg.steps == 100 and cfg.decay_fraction == 0.2
+    assert lr_at(0, cfg) == pytest.approx(1e-4)  # warmup: (step + 1) / warmup_steps of lr_max
+    assert lr_at(4, cfg) == pytest.approx(5e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == lr_at(50, cfg) == lr_at(79, cfg) == 1e-3  # constant
+    assert lr_at(80, cfg) == pytest.approx(1e-3)  # the cosine starts at lr_max over the last 20 steps ...
+    assert lr_at(99, cfg) == pytest.approx(1e-4)  # ... and ends at lr_min on the last step
+    mid = 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 10 / 19))
+    assert lr_at(90, cfg) == pytest.approx(mid)
+    decay = [lr_at(s, cfg) for s in range(80, 100)]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+    flat = TrainConfig(
+        target_tokens=100, micro_batch_size=1, seq_len=1, grad_accum_steps=1, decay_fraction=0.0, warmup_steps=0
+    )
+    assert lr_at(99, flat) == flat.lr_max
+
+
+def _model_and_opt(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = Axiom(cfg.model)
+    return model, build_optimizer(model, cfg.train, "cpu")[0]
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    cfg = micro_config()
+    x = torch.randint(0, MICRO_VOCAB, (4, 32))
+    y = torch.randint(0, MICRO_VOCAB, (4, 32))
+    m1, _ = _model_and_opt(cfg)
+    m2, _ = _model_and_opt(cfg)
+    before = {k: v.clone() for k, v in m1.state_dict().items()}
+    # plain SGD with lr 1: the weight change is the (clipped) gradient itself, which Adam would blur
+    r1 = train_step(m1, torch.optim.SGD(m1.parameters()), [(x[:2], y[:2]), (x[2:], y[2:])], 1.0, cfg.train)
+    r2 = train_step(m2, torch.optim.SGD(m2.parameters()), [(x, y)], 1.0, cfg.train)
+    assert r1.loss == pytest.approx(r2.loss, rel=1e-6)
+    assert r1.grad_norm == pytest.approx(r2.grad_norm, rel=1e-5)
+    for name, p1 in m1.state_dict().items():
+        p2 = m2.state_dict()[name]
+        torch.testing.assert_close(p1 - before[name], p2 - before[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.equal(m1.embed.weight, before["embed.weight"])
+
+
+def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, capsys):
+    cfg = micro_config("optimizer=adamw8bit")
+    model = Axiom(cfg.model)
+    opt, name = build_optimizer(model, cfg.train, "cpu")
+    assert name == "AdamW8bit (bitsandbytes)" and type(opt).__name__ == "AdamW8bit"
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert {p.dim() for p in decayed["params"]} == {2} and {p.dim() for p in plain["params"]} == {1}
+    assert any(p is model.embed.weight for p in decayed["params"])  # the tied table, once
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
+    opt, name = build_optimizer(model, cfg.train, "cpu")
+    assert isinstance(opt, torch.optim.AdamW) and name == "AdamW (torch)"
+    err = capsys.readouterr().err
+    assert "notice: bitsandbytes is not usable (ModuleNotFoundError" in err and "using torch AdamW" in err
+
+
+def test_non_finite_step_is_skipped_and_leaves_weights():
+    cfg = micro_config()
+    model, opt = _model_and_opt(cfg)
+    with torch.no_grad():
+        model.layers[0].attn_norm.weight[0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, MICRO_VOCAB, (2, 32))
+    result = train_step(model, opt, [(x, x)], 1e-3, cfg.train)
+    assert result.skipped and math.isnan(result.loss)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all(), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ---- the loop
+
+
+def test_short_run_learns_and_writes_eval_csv(tiny_data, tmp_path):
+    cfg = micro_config("max_steps=24", "eval_interval=8", "checkpoint_interval=8", "keep_checkpoints=2")
+    run = tmp_path / "run"
+    result = train(cfg, tiny_data, run)
+    assert result.step == 24 and result.tokens == 24 * 128 and result.stopped is None
+    rows = read_rows(run / "eval.csv")
+    assert tuple(rows[0]) == EVAL_COLUMNS
+    assert [int(r["step"]) for r in rows] == [0, 8, 16, 24]
+    assert [int(r["tokens"]) for r in rows] == [0, 1024, 2048, 3072]
+    first, last = float(rows[0]["val_loss"]), float(rows[-1]["val_loss"])
+    assert first == pytest.approx(math.log(MICRO_VOCAB), abs=0.2)  # untrained: about uniform over the vocabulary
+    assert last < first - 2.5, (first, last)
+    for r in rows:
+        loss = float(r["val_loss"])
+        assert float(r["val_ppl"]) == pytest.approx(math.exp(loss), rel=1e-9)
+        assert 0 < float(r["val_bpb"]) < loss / math.log(2)  # every token here is more than one byte
+    steps = [float(r["loss"]) for r in read_rows(run / "train.csv")]
+    assert len(steps) == 24 and steps == [s.loss for s in result.history]
+    train_losses = [float(r["train_loss"]) for r in rows[1:]]
+    assert train_losses[0] == pytest.approx(sum(steps[:8]) / 8)
+    assert [float(r["lr"]) for r in rows[1:]] == [lr_at(s - 1, cfg.train) for s in (8, 16, 24)]
+    # the newest keep_checkpoints plus best; best holds the lowest val loss and loads for generate/export
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [16, 24]
+    model, _, meta = load_model(run / "checkpoints" / "best")
+    assert meta["step"] == 24 and meta["val_loss"] == pytest.approx(last)
+    log = (run / "train.log").read_text()
+    assert "optimizer    AdamW (torch)" in log and "step 24/24 | loss" in log and "tok/s" in log
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
+    cfg = micro_config("max_steps=10", "eval_interval=4", "checkpoint_interval=3", "optimizer=adamw8bit")
+    full = train(cfg, tiny_data, tmp_path / "full")
+
+    calls = []
+    real_step = train_mod.train_step
+
+    def step_then_signal(*args, **kwargs):  # SIGTERM arrives during step 5: a checkpoint at its end, then exit
+        calls.append(1)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+    part = tmp_path / "part"
+    first = train(cfg, tiny_data, part)
+    assert first.stopped == "SIGTERM" and first.step == 5
+    assert "stopped by SIGTERM at step 5" in (part / "train.log").read_text()
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    with pytest.raises(AxiomError, match="already holds checkpoints; pass --resume"):
+        train(cfg, tiny_data, part)
+    second = train(cfg, tiny_data, part, resume=True)
+    assert second.step == 10
+    losses = [s.loss for s in first.history + second.history]
+    assert losses == [s.loss for s in full.history]
+    assert_same_weights(final_weights(part), final_weights(tmp_path / "full"))
+    state_full = load_training_state(list_checkpoints(tmp_path / "full" / "checkpoints")[-1][1])
+    state_part = load_training_state(list_checkpoints(part / "checkpoints")[-1][1])
+    assert state_full["loader"] == state_part["loader"]
+    assert read_rows(part / "eval.csv")[-1]["val_loss"] == read_rows(tmp_path / "full" / "eval.csv")[-1]["val_loss"]
+
+
+def test_crash_while_writing_checkpoint_leaves_previous_loadable(tiny_data, tmp_path, monkeypatch):
+    cfg = micro_config("max_steps=6", "eval_interval=6", "checkpoint_interval=2")
+    run = tmp_path / "run"
+    real_save = train_mod.save_training_state
+
+    def crash_on_second(state, directory):
+        if state["step"] == 4:  # the weights are already in the temporary directory: die mid-checkpoint
+            raise KeyboardInterrupt
+        real_save(state, directory)
+
+    monkeypatch.setattr(train_mod, "save_training_state", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tiny_data, run)
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2]
+    assert (run / "checkpoints" / ".step_000004.tmp" / "model.safetensors").exists()
+    model, _, meta = load_model(run / "checkpoints" / "step_000002")
+    assert meta["step"] == 2
+    monkeypatch.setattr(train_mod, "save_training_state", real_save)
+    resumed = train(cfg, tiny_data, run, resume=True)
+    assert resumed.step == 6 and [s for s, _ in list_checkpoints(run / "checkpoints")] == [2, 4, 6]
+    reference = tmp_path / "reference"
+    train(cfg, tiny_data, reference)
+    assert_same_weights(final_weights(run), final_weights(reference))
+
+
+def test_non_finite_losses_stop_training_with_checkpoint_intact(tiny_data, tmp_path, monkeypatch):
+    cfg = micro_config("max_steps=20", "eval_interval=20", "checkpoint_interval=2", "max_bad_steps=3")
+    real_forward = Axiom.forward
+    calls = []
+
+    def forward_goes_nan(self, tokens, targets=None, **kw):
+        out = real_forward(self, tokens, targets, **kw)
+        if targets is not None and self.training:
+            calls.append(1)
+            if len(calls) > 2 * 3:  # steps 1-3 train normally (2 micro-batches each), then every loss is nan
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(Axiom, "forward", forward_goes_nan)
+    run = tmp_path / "run"
+    with pytest.raises(AxiomError) as e:
+        train(cfg, tiny_data, run)
+    msg = str(e.value)
+    assert "training stopped at step 6: 3 steps in a row had a non-finite loss" in msg
+    assert "step_000004" in msg  # the checkpoint at step 6 is not written: the error comes first
+    log = (run / "train.log").read_text()
+    assert "step 4: non-finite loss nan" in log and "(1 in a row, limit max_bad_steps=3)" in log
+    model, _, meta = load_model(run / "checkpoints" / "step_000004")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    skipped = [r["skipped"] for r in read_rows(run / "train.csv")]
+    assert skipped == ["0", "0", "0", "1", "1", "1"]
+
+
+def _axiom_cmd(*args):
+    return [sys.executable, "-m", "axiom.cli", *args]
+
+
+def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
+    extra = ("max_steps=12", "eval_interval=6", "checkpoint_interval=2")
+    reference = tmp_path / "reference"
+    train(micro_config(*extra), tiny_data, reference)
+    run = tmp_path / "run"
+    cmd = _axiom_cmd("train", "--data", str(tiny_data), "--out", str(run), *micro_args(*extra))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not (run / "checkpoints" / "step_000004").exists():  # then kill it wherever it is
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout
+    assert_same_weights(final_weights(run), final_weights(reference))
+    ref_losses = [r["loss"] for r in read_rows(reference / "train.csv")]
+    assert [r["loss"] for r in read_rows(run / "train.csv")] == ref_losses
+
+
+def test_two_gloo_processes_match_one(tiny_data, tmp_path):
+    extra = ("max_steps=4", "eval_interval=4", "checkpoint_interval=4")
+    single = tmp_path / "single"
+    train(micro_config(*extra), tiny_data, single)
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "axiom.cli",
+        "train",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(run),
+        "--device",
+        "cpu",
+        *micro_args(*extra),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in (run / "train.log").read_text()
+    ddp = [float(r["loss"]) for r in read_rows(run / "train.csv")]
+    one = [float(r["loss"]) for r in read_rows(single / "train.csv")]
+    assert ddp == pytest.approx(one, rel=1e-5)
+    val = lambda d: float(read_rows(d / "eval.csv")[-1]["val_loss"])  # noqa: E731
+    assert val(run) == pytest.approx(val(single), rel=1e-5)
+    ddp_weights, one_weights = final_weights(run), final_weights(single)
+    for k in one_weights:
+        torch.testing.assert_close(ddp_weights[k], one_weights[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_without_checkpoint_is_an_error(tiny_data, tmp_path):
+    done = subprocess.run(
+        _axiom_cmd("train", "--data", str(tiny_data), "--out", str(tmp_path / "none"), "--resume"),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith(f"--resume: no complete checkpoint in {tmp_path / 'none' / 'checkpoints'}")
