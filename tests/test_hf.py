@@ -189,6 +189,14 @@ def test_remote_code_cache_continues_in_chunks_with_padding(exported):
     assert (rest - full[:, 25:]).abs().max() <= FP32_ATOL
     assert (full[1:, 7:] - alone).abs().max() <= FP32_ATOL
 
+    # the transformers conventions tools rely on: hidden states, and the shifted mean loss from labels
+    with torch.no_grad():
+        out = hf(x, labels=x, output_hidden_states=True)
+    assert len(out.hidden_states) == SMALL.n_layers + 1
+    assert torch.allclose(hf.lm_head(out.hidden_states[-1]), out.logits)
+    want = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+    assert torch.allclose(out.loss, want)
+
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_bfloat16_export_within_documented_tolerance(fmt, ckpts, exported):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -57,7 +58,9 @@ def export(
     evals = eval_summary(csv_path) if csv_path is not None else None
     with staged_dir(out, force) as tmp:
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(hf_config(cfg, fmt, dtype, meta), indent=2) + "\n")
+        # transformers_version: 4.57.3 warns about a Mistral regex bug on configs that lack it
+        config = {**hf_config(cfg, fmt, dtype, meta), "transformers_version": version("transformers")}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         generation = {"bos_token_id": None, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         write_tokenizer(tmp, cfg.model.max_seq_len)

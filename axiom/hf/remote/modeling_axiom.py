@@ -152,10 +152,10 @@ class AxiomForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        cache = cache if cache is not None else past_key_values
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B, T = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = (cache if cache is not None else past_key_values) if use_cache else None
         if use_cache and cache is None:
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
@@ -168,9 +168,12 @@ class AxiomForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
         cos, sin = rope(position_ids, self.config.head_dim, self.config.rope_theta)
         mask = attention_mask_4d(attention_mask, past, T, x.device)
+        hidden = []  # the input of every block, then the final normed output (transformers' convention)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache if use_cache else None)
+            hidden.append(x)
+            x = layer(x, cos, sin, mask, cache)
         x = self.norm(x)
+        hidden.append(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)  # (B, T, V)
@@ -179,4 +182,7 @@ class AxiomForCausalLM(PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
+        want_hidden = kwargs.get("output_hidden_states") or self.config.output_hidden_states
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=tuple(hidden) if want_hidden else None, **{CACHE_FIELD: cache}
+        )
