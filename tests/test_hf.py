@@ -268,6 +268,34 @@ def test_import_reads_card_names_with_tied_lm_head_stored(ckpts, tmp_path):
         import_hf(src, tmp_path / "ckpt2")
 
 
+def test_untied_model_and_sharded_llama_folder(tmp_path):
+    untied = dataclasses.replace(SMALL, tie_embeddings=False)
+    torch.manual_seed(7)
+    model = Axiom(untied).eval()
+    (tmp_path / "ckpt").mkdir()
+    save_model(model, Config(untied, TrainConfig()), tmp_path / "ckpt", step=1)
+    x = torch.randint(0, untied.vocab_size, (1, 24), generator=torch.Generator().manual_seed(8))
+    for fmt in FORMATS:
+        path = export(tmp_path / "ckpt", tmp_path / fmt, fmt)
+        assert "lm_head.weight" in load_file(path / "model.safetensors")
+        with torch.no_grad():
+            assert (hf_load(path)(x).logits - model(x)).abs().max() <= FP32_ATOL
+
+    # split the Llama weights into two shards with an index, as large checkpoints are published
+    state = load_file(tmp_path / "llama" / "model.safetensors")
+    (tmp_path / "llama" / "model.safetensors").unlink()
+    names = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        shard = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, tmp_path / "llama" / shard)
+        weight_map |= dict.fromkeys(part, shard)
+    (tmp_path / "llama" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    back, back_cfg, _ = load_model(import_hf(tmp_path / "llama", tmp_path / "imported"))
+    assert not back_cfg.model.tie_embeddings and back.lm_head.weight is not back.embed.weight
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values(), strict=True))
+
+
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. It's 'quoted', isn't it? I'll, you've, we're.",
     "def f(x: int) -> int:\n    return x ** 2  # square\n\nclass A:\n\tpass\n",
