@@ -243,7 +243,7 @@ def _axiom_cmd(*args):
 
 
 def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
-    extra = ("max_steps=12", "eval_interval=6", "checkpoint_interval=2")
+    extra = ("max_steps=40", "eval_interval=10", "checkpoint_interval=2")
     reference = tmp_path / "reference"
     train(micro_config(*extra), tiny_data, reference)
     run = tmp_path / "run"
@@ -252,11 +252,12 @@ def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
     try:
         while not (run / "checkpoints" / "step_000004").exists():  # then kill it wherever it is
             assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.05)
+            time.sleep(0.01)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished: 36 steps were still to go
+    assert not (run / "checkpoints" / "step_000040").exists()
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stdout
@@ -265,11 +266,13 @@ def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
     assert [r["loss"] for r in read_rows(run / "train.csv")] == ref_losses
 
 
-def test_two_gloo_processes_match_one(tiny_data, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_gloo_processes_match_one(tiny_data, tmp_path, fsdp):
     extra = ("max_steps=4", "eval_interval=4", "checkpoint_interval=4")
     single = tmp_path / "single"
     train(micro_config(*extra), tiny_data, single)
-    run = tmp_path / "ddp"
+    extra = (*extra, f"fsdp={fsdp}")
+    run = tmp_path / "ranks"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
