@@ -1,11 +1,13 @@
 """`axiom bench train|generate`: our training step or decoding, timed, optionally beside transformers' Llama.
 
 `train` times `axiom.train.train_step` (the training loop's own step: forward, backward, clipping, optimizer)
-on synthetic token ids. `generate` times `axiom.generate.generate` at temperature 0 with EOS disabled. With
-`--vs-hf`, `transformers.LlamaForCausalLM` gets the same shapes, dtype, weights, batch, optimizer and loss (or
-prompt and new tokens, via its own `generate` with the KV cache, SDPA attention) and is timed the same way in
-the same process. Rounds alternate ours-first and theirs-first so that load from other processes falls on both;
-throughput is the median over rounds, the ratio ours / theirs of the medians.
+on synthetic token ids. `generate` times `axiom.generate.generate` at temperature 0 with EOS disabled, by
+default with the static cache and the compiled decoding step (`--eager`: the dynamic cache, no compilation).
+With `--vs-hf`, `transformers.LlamaForCausalLM` gets the same shapes, dtype, weights, batch, optimizer and loss
+(or prompt and new tokens, via its default `generate`: dynamic KV cache, SDPA attention; `--hf-compile` gives
+it its static-cache compiled recipe) and is timed the same way in the same process. Rounds alternate
+ours-first and theirs-first so that load from other processes falls on both; throughput is the median over
+rounds, the ratio ours / theirs of the medians.
 
 `--json` prints one object: tokens_per_s, mfu (null without a known peak: CPU), peak_mem_bytes (CUDA max
 allocated, or process peak RSS on CPU, taken before the reference model exists), achieved_tflops, per-round
@@ -54,10 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--prompt-len", type=int, default=32, help="prompt tokens, prefilled (default: 32)")
     gen.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
     gen.add_argument(
-        "--compile",
+        "--eager",
         action="store_true",
-        help="static KV cache and torch.compile'd decoding step (CUDA graphs on GPU); the reference then uses "
-        "transformers' static cache with its forward compiled the same way",
+        help="decode with the dynamic cache in eager mode (`axiom generate`'s default) instead of the static cache "
+        "and the torch.compile'd step (CUDA graphs on GPU)",
+    )
+    gen.add_argument(
+        "--hf-compile",
+        action="store_true",
+        help="give transformers its own compiled recipe too (static cache, forward compiled with "
+        "mode='reduce-overhead') instead of its default generate",
     )
 
 
@@ -293,10 +301,10 @@ def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) 
     out: dict[str, list[list[int]]] = {}
 
     def ours() -> None:
-        out["axiom"] = generate(model, prompts.tolist(), n, temperature=0.0, compile=args.compile)
+        out["axiom"] = generate(model, prompts.tolist(), n, temperature=0.0, compile=not args.eager)
 
     _reset_peak(device)
-    for _ in range(max(args.warmup, 1) if args.compile else args.warmup):
+    for _ in range(args.warmup if args.eager else max(args.warmup, 1)):  # compiling is never timed
         ours()
     peak = peak_memory(device)
     contenders = [Contender("axiom", ours, args.batch * n, 1)]
@@ -305,7 +313,7 @@ def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) 
         hf = llama_like(m, device, model.state_dict()).eval()
         ids = prompts.to(device)
         options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
-        if args.compile:  # transformers' own recipe for compiled decoding
+        if args.hf_compile:  # transformers' own recipe for compiled decoding
             options["cache_implementation"] = "static"
             hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
 
@@ -335,7 +343,8 @@ def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) 
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "new_tokens": n,
-        "compile": args.compile,
+        "compile": not args.eager,
+        "hf_compile": args.hf_compile,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
 

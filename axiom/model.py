@@ -296,20 +296,22 @@ def output_logits(x: Tensor, weight: Tensor) -> Tensor:
     memory bandwidth (4.2 ms for the 100,277 x 128 table on the 2-core benchmark VM); the same dot products
     as a batched matmul over row blocks of the table use every core (0.8 ms). See docs/benchmarks.md."""
     rows, (V, d) = x.numel() // x.shape[-1], weight.shape
-    blocks = _ROW_BLOCKS
-    if x.device.type != "cpu" or rows > _FEW_ROWS or V // blocks < 64:
+    if x.device.type != "cpu" or rows > 16:  # MKL's matrix-matrix path is efficient on its own
         return F.linear(x, weight)
+    blocks = _row_blocks(V)
     xt = x.reshape(rows, d).t()  # (d, rows)
     per = V // blocks
     out = torch.bmm(weight[: blocks * per].view(blocks, per, d), xt.expand(blocks, d, rows))  # (blocks, per, rows)
     out = out.permute(2, 0, 1).reshape(rows, blocks * per)
-    if blocks * per < V:
+    if blocks * per < V:  # a vocabulary without a divisor in range: the last rows separately
         out = torch.cat([out, xt.t() @ weight[blocks * per :].t()], dim=1)
     return out.view(*x.shape[:-1], V)
 
 
-_FEW_ROWS = 16  # above this many rows MKL's matrix-matrix path is efficient on its own
-_ROW_BLOCKS = 16  # one block per thread or more; 2 to 149 blocks measured alike on the 2-core VM
+def _row_blocks(V: int) -> int:
+    """A block count in [16, 256] that divides V (100,277 = 149 x 673), so no remainder needs copying in;
+    16 otherwise. Any count from 2 to 256 runs alike on the 2-core VM: more blocks only spread the rows."""
+    return next((b for b in range(16, 257) if V % b == 0), 16)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

@@ -131,7 +131,7 @@ def test_bench_train_compares_the_same_model_and_loss(capsys):
 
 def test_bench_generate_decodes_the_same_tokens_as_transformers(capsys):
     pytest.importorskip("transformers")
-    args = ["bench", "generate", "--preset", "tiny", *BENCH, "--vs-hf", "--json", "--rounds", "1"]
+    args = ["bench", "generate", "--preset", "tiny", *BENCH, "--vs-hf", "--json", "--rounds", "1", "--eager"]
     assert main([*args, "--batch", "2", "--prompt-len", "4", "--new-tokens", "8"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["same_tokens_as_hf"] == 1.0
