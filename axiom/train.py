@@ -470,7 +470,7 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
     fpt = flops_per_token(cfg.model, t.seq_len)
     _print_plan(log, cfg, manifest, data_dir, run_dir, device, d, opt_name, peak, fpt)
 
-    def save(stop_reason: str | None = None) -> Path:
+    def save() -> Path:
         weights, optim = _full_state(raw, optimizer, fsdp)
         rngs = [rng_state()]
         if d.world_size > 1:
@@ -535,7 +535,7 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
     history: list[StepResult] = []
     last_eval = None
     window_tokens, window_time = 0, 0.0
-    log_tokens, log_time, log_losses = 0, 0.0, []
+    log_tokens, log_time, log_steps, log_losses = 0, 0.0, 0, []  # since the last progress line
     if step == 0:
         last_eval = run_eval()  # the untrained baseline: the first point of the curve
     stopped = None
@@ -553,7 +553,7 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
             tokens += t.tokens_per_step
             elapsed += dt
             window_tokens, window_time = window_tokens + t.tokens_per_step, window_time + dt
-            log_tokens, log_time = log_tokens + t.tokens_per_step, log_time + dt
+            log_tokens, log_time, log_steps = log_tokens + t.tokens_per_step, log_time + dt, log_steps + 1
             history.append(result)
             if result.skipped:
                 bad_steps += 1
@@ -571,7 +571,7 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
             bar.set_postfix_str(f"loss {result.loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s{mfu}", refresh=False)
             bar.update(1)
             if step % t.log_interval == 0 or step == t.steps:
-                eta = (t.steps - step) * log_time / max(len(log_losses), 1)
+                eta = (t.steps - step) * log_time / log_steps
                 mean = sum(log_losses) / len(log_losses) if log_losses else math.nan
                 log.info(
                     f"step {step:,}/{t.steps:,} | loss {mean:.4f} | lr {lr:.3e} | grad norm {result.grad_norm:.3f} "
@@ -590,7 +590,7 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
                         "skipped": int(result.skipped),
                     },
                 )
-                log_tokens, log_time, log_losses = 0, 0.0, []
+                log_tokens, log_time, log_steps, log_losses = 0, 0.0, 0, []
             if bad_steps >= t.max_bad_steps:
                 last = list_checkpoints(ckpt_root)
                 where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
