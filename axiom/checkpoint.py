@@ -151,6 +151,8 @@ def write_dir_atomic(final: str | Path, write: Callable[[Path], None]) -> Path:
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp")
     old = final.with_name(f".{final.name}.old")
+    if old.exists() and not final.exists():  # a kill between the two renames below: restore the old one
+        os.replace(old, final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
