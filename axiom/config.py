@@ -174,7 +174,31 @@ def _tiny() -> Config:
     )
 
 
-PRESETS = {"axiom-380m": _axiom_380m, "tiny": _tiny}
+def _small() -> Config:
+    # The mid-size benchmark preset (`axiom bench`, docs/benchmarks.md): 32M parameters, 8 layers x 256 with
+    # head_dim 64 like the card, so the blocks weigh more than in tiny; one step of 1,024 tokens takes seconds
+    # on 2 CPU cores.
+    return Config(
+        ModelConfig(d_model=256, n_layers=8, n_heads=4, n_kv_heads=2, max_seq_len=512),
+        TrainConfig(
+            micro_batch_size=4,
+            seq_len=256,
+            grad_accum_steps=1,
+            target_tokens=20_000_000,
+            warmup_steps=200,
+            lr_max=1e-3,
+            lr_min=1e-4,
+            eval_interval=500,
+            eval_tokens=65_536,
+            checkpoint_interval=1000,
+            gradient_checkpointing=False,
+            optimizer="adamw",
+            val_fraction=0.02,
+        ),
+    )
+
+
+PRESETS = {"axiom-380m": _axiom_380m, "tiny": _tiny, "small": _small}
 
 
 def get_config(preset: str, overrides: list[str] | None = None) -> Config:
