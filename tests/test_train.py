@@ -248,7 +248,8 @@ def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
     train(micro_config(*extra), tiny_data, reference)
     run = tmp_path / "run"
     cmd = _axiom_cmd("train", "--data", str(tiny_data), "--out", str(run), *micro_args(*extra))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # same threads and numbers; no spinning on busy cores
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         while not (run / "checkpoints" / "step_000004").exists():  # then kill it wherever it is
             assert proc.poll() is None, proc.stderr.read().decode()
@@ -258,7 +259,7 @@ def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL  # killed, not finished: 36 steps were still to go
     assert not (run / "checkpoints" / "step_000040").exists()
-    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stdout
     assert_same_weights(final_weights(run), final_weights(reference))
