@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--rounds", type=int, default=3, help="timed rounds per model, interleaved (default: 3)")
         p.add_argument("--seed", type=int, default=0, help="seed of the weights and synthetic token ids")
         p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one of our runs")
+        p.add_argument(
+            "--threads", type=int, default=None, help="CPU threads of both models (default: torch's, one per core)"
+        )
         p.add_argument("--json", action="store_true", help="print one JSON object")
     train.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: 2)")
     train.add_argument("--steps", type=int, default=3, help="timed optimizer steps per round (default: 3)")
@@ -67,15 +70,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="give transformers its own compiled recipe too (static cache, forward compiled with "
         "mode='reduce-overhead') instead of its default generate",
     )
+    gen.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="weights and KV cache of both models (default: bfloat16 on CUDA, float32 on CPU); RoPE tables stay fp32",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
-    for name in ("rounds", "warmup", "steps", "batch", "prompt_len", "new_tokens"):
-        value = getattr(args, name, 1)
-        if value < (0 if name == "warmup" else 1):
+    for name in ("rounds", "warmup", "steps", "batch", "prompt_len", "new_tokens", "threads"):
+        value = getattr(args, name, None)
+        if value is not None and value < (0 if name == "warmup" else 1):
             raise AxiomError(f"--{name.replace('_', '-')}={value} must be positive")
     cfg = config_from_args(args)
     device = pick_device(args.device, Dist())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = bench_train(cfg, device, args) if args.what == "train" else bench_generate(cfg, device, args)
     result = {"what": args.what, "preset": args.preset, "overrides": args.overrides, **result, **_versions(device)}
     if args.json:
@@ -296,7 +307,10 @@ def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) 
         )
     torch.manual_seed(args.seed)
     prompts = torch.randint(0, m.vocab_size, (args.batch, args.prompt_len))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model = Axiom(m).to(device).eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()} if args.vs_hf else None
+    cast_weights(model, dtype)
     n = args.new_tokens
     out: dict[str, list[list[int]]] = {}
 
@@ -310,7 +324,7 @@ def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) 
     contenders = [Contender("axiom", ours, args.batch * n, 1)]
     extra = {}
     if args.vs_hf:
-        hf = llama_like(m, device, model.state_dict()).eval()
+        hf = cast_weights(llama_like(m, device, weights).eval(), dtype)
         ids = prompts.to(device)
         options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
         if args.hf_compile:  # transformers' own recipe for compiled decoding
@@ -345,8 +359,15 @@ def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) 
         "new_tokens": n,
         "compile": not args.eager,
         "hf_compile": args.hf_compile,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Parameters to `dtype` (a tied table once); buffers such as RoPE tables keep their fp32 precision."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
 
 
 # ---- output

@@ -365,15 +365,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(g.t(), h * scale)  # accumulates without a (V, d) temporary
             else:
                 grad_weight += (g.t() @ (h * scale)).float()  # low-precision product, fp32 sum
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        # Kept on ctx, not saved for backward: they are this function's own buffers, scaled in place once.
+        ctx.grads = (grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None
-        gw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
+        if ctx.grads is None:
+            raise RuntimeError("chunked_cross_entropy supports one backward pass per forward (no retain_graph)")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        # In place: no second (V, d) table of gradients allocated per step.
+        gh = grad_hidden.mul_(grad_out.to(grad_hidden.dtype)) if grad_hidden is not None else None
+        gw = grad_weight.mul_(grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
         return gh, gw, None, None, None
 
 

@@ -138,6 +138,14 @@ def test_bench_generate_decodes_the_same_tokens_as_transformers(capsys):
     assert {"tokens_per_s", "mfu", "peak_mem_bytes", "hf_tokens_per_s", "ratio_vs_hf"} <= set(r)
 
 
+def test_bench_generate_in_bfloat16_the_gpu_default(capsys):
+    pytest.importorskip("transformers")
+    args = ["bench", "generate", "--preset", "tiny", *BENCH, "--vs-hf", "--json", "--rounds", "1", "--eager"]
+    assert main([*args, "--dtype", "bfloat16", "--prompt-len", "4", "--new-tokens", "4"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["dtype"] == "bfloat16" and r["tokens_per_s"] > 0 and 0.0 <= r["same_tokens_as_hf"] <= 1.0
+
+
 def test_bench_rejects_a_generation_longer_than_the_context(capsys):
     assert main(["bench", "generate", "--preset", "tiny", *BENCH, "--prompt-len", "30", "--new-tokens", "8"]) == 2
     assert "exceeds max_seq_len=32" in capsys.readouterr().err
