@@ -422,6 +422,8 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
     manifest = read_manifest(data_dir)
     if t.seq_len > cfg.model.max_seq_len:
         raise AxiomError(f"train config: seq_len={t.seq_len} exceeds the model's max_seq_len={cfg.model.max_seq_len}")
+    if device.type == "cuda" and t.dtype == "float16":
+        raise AxiomError("train config: dtype=float16 needs loss scaling, which axiom train does not do; use bfloat16")
     if t.grad_accum_steps % d.world_size:
         raise AxiomError(
             f"train config: grad_accum_steps={t.grad_accum_steps} is not divisible by the {d.world_size} processes"
