@@ -356,6 +356,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             g = logp.exp_()
             g[rows, safe_t] -= 1.0
             g = g.to(h.dtype)
+            del logp  # under autocast g is a low-precision copy: free the fp32 block before the matmuls
             scale = (valid / n_valid).to(h.dtype)[:, None]  # (n, 1)
             if grad_hidden is not None:
                 grad_hidden[s : s + chunk] = (g @ w) * scale
@@ -364,7 +365,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if low is None:
                 grad_weight.addmm_(g.t(), h * scale)  # accumulates without a (V, d) temporary
             else:
-                grad_weight += (g.t() @ (h * scale)).float()  # low-precision product, fp32 sum
+                grad_weight += g.t() @ (h * scale)  # low-precision product, fp32 sum, no fp32 (V, d) temporary
         # Kept on ctx, not saved for backward: they are this function's own buffers, scaled in place once.
         ctx.grads = (grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
