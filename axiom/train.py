@@ -45,7 +45,7 @@ from axiom.checkpoint import (
     step_dir_name,
     write_dir_atomic,
 )
-from axiom.config import Config, TrainConfig, add_config_arguments, apply_overrides, config_from_args
+from axiom.config import Config, TrainConfig, add_config_arguments, apply_overrides, config_from_args, get_config
 from axiom.errors import AxiomError
 from axiom.evaluate import autocast, evaluate
 from axiom.loader import TrainLoader, read_manifest
@@ -405,18 +405,22 @@ def train(
     device: str | None = None,
     tensorboard: bool = False,
     wandb_project: str | None = None,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train `cfg` on a prepared data directory into `run_dir`; with `resume`, continue its newest checkpoint
-    (whose config is used; pass one with train-field overrides applied to change e.g. max_steps)."""
+    (whose config is used; pass one with train-field overrides applied to change e.g. max_steps). `init_from`
+    starts a new run (step 0, fresh optimizer) from a checkpoint's weights, e.g. one made by `axiom import`."""
     d = init_distributed()
     try:
-        return _train(cfg, Path(data_dir), Path(run_dir), resume, pick_device(device, d), d, tensorboard, wandb_project)
+        return _train(
+            cfg, Path(data_dir), Path(run_dir), resume, pick_device(device, d), d, tensorboard, wandb_project, init_from
+        )
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project) -> TrainResult:
+def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project, init_from) -> TrainResult:
     t = cfg.train
     ckpt_root = run_dir / "checkpoints"
     manifest = read_manifest(data_dir)
@@ -443,6 +447,8 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
         latest = checkpoints[-1][1]
         model, _, _ = load_model(latest, "cpu")
         state = load_training_state(latest)
+    elif init_from is not None:
+        model, state = load_model(init_from, "cpu")[0], None
     else:
         model, state = Axiom(cfg.model), None
     model = model.to(device)
@@ -663,23 +669,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue from the newest complete checkpoint in OUT (its config; --set may change train fields)",
     )
+    parser.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start a new run from this checkpoint's weights and model shape (e.g. from axiom import); "
+        "training fields come from --preset and --set",
+    )
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
     parser.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
 
 
+def _model_fixed(base: Config, overrides: list[str], flag: str) -> Config:
+    """`base` with --set applied, refusing changes to the model's shape (the weights fix it)."""
+    cfg = apply_overrides(base, overrides)
+    if cfg.model != base.model:
+        raise AxiomError(f"{flag}: --set may change training fields only, not the model's shape")
+    return cfg
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.resume and args.init_from:
+        raise AxiomError("--resume and --init-from exclude each other: --resume continues OUT's own checkpoints")
     if args.resume:
         checkpoints = list_checkpoints(Path(args.out) / "checkpoints")
         if not checkpoints:
             raise AxiomError(f"--resume: no complete checkpoint in {Path(args.out) / 'checkpoints'}")
-        saved = Config.from_dict(read_meta(checkpoints[-1][1]))
-        cfg = apply_overrides(saved, args.overrides)
-        if cfg.model != saved.model:
-            raise AxiomError("--resume: --set may change training fields only, not the model's shape")
+        cfg = _model_fixed(Config.from_dict(read_meta(checkpoints[-1][1])), args.overrides, "--resume")
+    elif args.init_from:
+        saved = Config.from_dict(read_meta(args.init_from))
+        cfg = _model_fixed(Config(saved.model, get_config(args.preset).train), args.overrides, "--init-from")
     else:
         cfg = config_from_args(args)
-    train(cfg, args.data, args.out, args.resume, args.device, args.tensorboard, args.wandb)
+    train(cfg, args.data, args.out, args.resume, args.device, args.tensorboard, args.wandb, args.init_from)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"outputs in {args.out}: eval.csv, train.log, checkpoints/ (best: {args.out}/checkpoints/best)")
     return 0

@@ -313,3 +313,19 @@ def test_resume_without_checkpoint_is_an_error(tiny_data, tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.strip().endswith(f"--resume: no complete checkpoint in {tmp_path / 'none' / 'checkpoints'}")
+
+
+def test_init_from_starts_a_new_run_from_checkpoint_weights(tiny_data, tmp_path):
+    from axiom.cli import main
+
+    source = tmp_path / "source"
+    train(micro_config("max_steps=12", "eval_interval=12"), tiny_data, source)
+    trained_val = float(read_rows(source / "eval.csv")[-1]["val_loss"])
+    run = tmp_path / "continued"
+    args = ["train", "--data", str(tiny_data), "--out", str(run), "--init-from", str(source / "checkpoints" / "best")]
+    # the model's shape comes from the checkpoint (a different d_model here is refused), training fields from --set
+    assert main([*args, *micro_args("max_steps=4", "d_model=64")]) == 2
+    assert main([*args, *micro_args("max_steps=4", "eval_interval=4")]) == 0
+    rows = read_rows(run / "eval.csv")
+    assert [int(r["step"]) for r in rows] == [0, 4]
+    assert float(rows[0]["val_loss"]) == pytest.approx(trained_val, rel=1e-6)  # step 0 evaluates the loaded weights
