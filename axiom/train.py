@@ -391,6 +391,16 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def data_record(data_dir: Path, manifest: dict) -> dict:
+    """What a checkpoint says about its data, so a model card can name it without the run's command line."""
+    return {
+        "dir": str(data_dir),
+        "sources": [Path(s["path"]).name for s in manifest["sources"]],
+        **{k: manifest[k] for k in ("train_tokens", "val_tokens", "train_docs", "val_docs")},
+        **{k: manifest["split"][k] for k in ("val_fraction", "split_seed")},
+    }
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -424,6 +434,7 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
     t = cfg.train
     ckpt_root = run_dir / "checkpoints"
     manifest = read_manifest(data_dir)
+    data = data_record(data_dir, manifest)
     if t.seq_len > cfg.model.max_seq_len:
         raise AxiomError(f"train config: seq_len={t.seq_len} exceeds the model's max_seq_len={cfg.model.max_seq_len}")
     if device.type == "cuda" and t.dtype == "float16":
@@ -487,7 +498,7 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
             rngs = gathered
         target = ckpt_root / step_dir_name(step)
         if d.main:
-            progress = {"step": step, "tokens": tokens}
+            progress = {"step": step, "tokens": tokens, "data": data}
             state = {
                 **progress,
                 "optimizer": optim,
@@ -531,7 +542,7 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
             marker = " (best)"
             weights = _full_state(raw, None, fsdp)[0]
             if d.main:
-                progress = {"step": step, "tokens": tokens, "val_loss": res.loss}
+                progress = {"step": step, "tokens": tokens, "val_loss": res.loss, "data": data}
                 write_dir_atomic(ckpt_root / "best", lambda tmp: save_weights(weights, cfg, tmp, **progress))
         log.info(
             f"eval step {step:,}: val loss {res.loss:.4f}, ppl {res.ppl:.2f}, bpb {res.bpb:.4f}"

@@ -73,7 +73,9 @@ def ckpts(tmp_path_factory):
     run = root / "run"
     trained = run / "checkpoints" / "step_000040"
     trained.mkdir(parents=True)
-    save_model(model, Config(SMALL, TrainConfig()), trained, step=40, tokens=40 * 8 * 32)
+    data = {"dir": "data/x", "sources": ["a.parquet"], "train_tokens": 9000, "val_tokens": 100, "train_docs": 90}
+    data.update(val_docs=1, val_fraction=0.01, split_seed=7)
+    save_model(model, Config(SMALL, TrainConfig()), trained, step=40, tokens=40 * 8 * 32, data=data)
     with (run / "eval.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "tokens", "train_loss", "val_loss", "val_ppl", "val_bpb"])
@@ -333,6 +335,8 @@ def test_model_card_reports_config_and_eval_csv(exported):
     assert f"| final | 30 | 4.5000 | {math.exp(4.5):.2f} |" in card
     assert "| optimizer steps done | 40 |" in card and "trust_remote_code=True" in card
     assert "Intended uses and limitations" in card
+    assert "9,000 train tokens (90 documents) and 100 validation tokens (1 documents) prepared from `a.parquet`" in card
+    assert "`val_fraction=0.01`, `split_seed=7`" in card
     llama_card = (exported("random", "llama") / "README.md").read_text()
     assert "No eval.csv was found" in llama_card and "trust_remote_code" not in llama_card
 

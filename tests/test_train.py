@@ -20,6 +20,7 @@ import axiom.train as train_mod
 from axiom.checkpoint import list_checkpoints, load_model, load_training_state
 from axiom.config import TrainConfig
 from axiom.errors import AxiomError
+from axiom.loader import read_manifest
 from axiom.model import Axiom
 from axiom.train import EVAL_COLUMNS, build_optimizer, lr_at, train, train_step
 
@@ -149,6 +150,10 @@ def test_short_run_learns_and_writes_eval_csv(tiny_data, tmp_path):
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [16, 24]
     model, _, meta = load_model(run / "checkpoints" / "best")
     assert meta["step"] == 24 and meta["val_loss"] == pytest.approx(last)
+    assert (
+        meta["data"]["dir"] == str(tiny_data)
+        and meta["data"]["train_tokens"] == read_manifest(tiny_data)["train_tokens"]
+    )
     log = (run / "train.log").read_text()
     assert "optimizer    AdamW (torch)" in log and "step 24/24 | loss" in log and "tok/s" in log
 

@@ -82,7 +82,7 @@ def model_card(cfg: Config, meta: dict, fmt: str, dtype: str, evals: dict | None
             ("seed", t.seed),
         ]
     )
-    data = meta.get("data") or meta.get("data_dir") or "not recorded in the checkpoint"
+    data = _describe_data(meta.get("data"))
     if evals:
         rows = [
             f"| {label} | {r['step']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
@@ -130,8 +130,7 @@ print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0
 ## Data and split
 
 Training data: {data}. `axiom prepare` puts a document in the validation split when a hash of its text,
-salted with a split seed, falls below a validation fraction (this run's config: `split_seed={t.split_seed}`,
-`val_fraction={t.val_fraction}`; the data's own values are in its manifest.json); the rest is training data.
+salted with a split seed, falls below a validation fraction; the rest is training data.
 
 ## Training
 
@@ -153,3 +152,15 @@ for safety, and it will produce fluent but false, biased or offensive text. It s
 so other languages and specialised domains are weak. Context is limited to {m.max_seq_len} tokens. Do not use
 it for decisions about people or as a source of facts.
 """
+
+
+def _describe_data(data: dict | None) -> str:
+    """The `data` record `axiom train` stores in a checkpoint, as one sentence."""
+    if not data:
+        return "not recorded in the checkpoint"
+    sources = ", ".join(f"`{s}`" for s in data["sources"][:8]) + (" …" if len(data["sources"]) > 8 else "")
+    return (
+        f"{data['train_tokens']:,} train tokens ({data['train_docs']:,} documents) and {data['val_tokens']:,} "
+        f"validation tokens ({data['val_docs']:,} documents) prepared from {sources}, split with "
+        f"`val_fraction={data['val_fraction']}`, `split_seed={data['split_seed']}`"
+    )
