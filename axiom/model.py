@@ -299,7 +299,7 @@ def output_logits(x: Tensor, weight: Tensor) -> Tensor:
     rows, (V, d) = x.numel() // x.shape[-1], weight.shape
     if x.device.type != "cpu" or rows > 16:  # MKL's matrix-matrix path is efficient on its own
         return F.linear(x, weight)
-    blocks = _row_blocks(V)
+    blocks = row_blocks(V)
     xt = x.reshape(rows, d).t()  # (d, rows)
     per = V // blocks
     out = torch.bmm(weight[: blocks * per].view(blocks, per, d), xt.expand(blocks, d, rows))  # (blocks, per, rows)
@@ -309,7 +309,7 @@ def output_logits(x: Tensor, weight: Tensor) -> Tensor:
     return out.view(*x.shape[:-1], V)
 
 
-def _row_blocks(V: int) -> int:
+def row_blocks(V: int) -> int:
     """A block count in [16, 256] that divides V (100,277 = 149 x 673), so no remainder needs copying in;
     16 otherwise. Any count from 2 to 256 runs alike on the 2-core VM: more blocks only spread the rows."""
     return next((b for b in range(16, 257) if V % b == 0), 16)

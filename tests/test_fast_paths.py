@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from axiom.cli import main
 from axiom.config import get_config
-from axiom.generate import generate
+from axiom.generate import generate, greedy
 from axiom.model import Axiom, KVCache, chunked_cross_entropy, output_logits
 
 SMALL = get_config(
@@ -33,6 +33,16 @@ def test_output_logits_equal_linear(rows, vocab):
     out = output_logits(x, w)
     assert out.shape == (1, rows, vocab)
     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [100_277, 1000, 1031])
+def test_greedy_picks_the_first_maximum_like_argmax(vocab):
+    torch.manual_seed(vocab)
+    logits = torch.randn(4, vocab)
+    logits[0, 3] = logits[0, vocab - 2] = 50.0  # a tie across blocks: the first index wins
+    logits[1] = 0.0  # all equal
+    logits[2, vocab - 1] = 50.0  # the last entry
+    assert torch.equal(greedy(logits), logits.argmax(dim=-1))
 
 
 def test_last_only_logits_equal_the_last_row_of_full_logits(model):
