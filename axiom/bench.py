@@ -33,7 +33,7 @@ import torch
 from axiom.config import Config, ModelConfig, add_config_arguments, config_from_args
 from axiom.errors import AxiomError
 from axiom.generate import generate
-from axiom.model import Axiom, flops_per_token, num_params
+from axiom.model import Axiom, flops_per_token, num_params, release_loss_workspace
 from axiom.train import Dist, build_optimizer, gpu_peak_flops, lr_at, parallelize, pick_device, train_step
 
 
@@ -265,6 +265,7 @@ def bench_train(cfg: Config, device: torch.device, args: argparse.Namespace) -> 
             train_step(hf, hf_opt, batches, lr_at(hf_step[0], t), t)
             hf_step[0] += 1
 
+        release_loss_workspace()  # our kept loss block is not the reference's memory
         _reset_peak(device)
         hf_first = train_step(hf, hf_opt, batches, lr_at(0, t), t).loss
         for _ in range(args.warmup - 1):

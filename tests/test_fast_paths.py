@@ -72,6 +72,22 @@ def test_chunked_loss_value_and_grads_equal_plain_cross_entropy(chunk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_chunked_loss_reuses_its_cpu_block_without_carrying_state():
+    from axiom import model as model_module
+
+    torch.manual_seed(2)
+    w = torch.randn(300, 16) * 0.5
+    for n in (40, 8, 40):  # a big call, a small one inside the kept block, a big one again
+        h, t = torch.randn(n, 16), torch.randint(0, 300, (n,))
+        fast = _loss_and_grads(lambda h, w, t: chunked_cross_entropy(h, w, t, 16), h, w, t)
+        plain = _loss_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t), h, w, t)
+        for a, b in zip(fast, plain, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert len(model_module._spare_blocks) == 1 and model_module._spare_blocks[0].numel() >= 16 * 300
+    model_module.release_loss_workspace()
+    assert model_module._spare_blocks == []
+
+
 def test_chunked_loss_under_autocast_follows_the_low_precision_branch():
     # The GPU runs the loss under bf16 autocast: the table is cast once and grads accumulate in fp32.
     torch.manual_seed(1)
