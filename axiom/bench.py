@@ -253,8 +253,8 @@ def bench_train(cfg: Config, device: torch.device, args: argparse.Namespace) -> 
     extra = {}
     if args.vs_hf:
         hf = LlamaLoss(llama_like(m, device, weights))
-        if t.gradient_checkpointing:
-            hf.hf.gradient_checkpointing_enable()
+        if t.gradient_checkpointing:  # transformers >= 5.x renamed it; older ones only have the first name
+            getattr(hf.hf, "activation_checkpointing_enable", hf.hf.gradient_checkpointing_enable)()
         if t.compile:
             hf.compile()
         hf.train()
