@@ -253,7 +253,7 @@ def bench_train(cfg: Config, device: torch.device, args: argparse.Namespace) -> 
     extra = {}
     if args.vs_hf:
         hf = LlamaLoss(llama_like(m, device, weights))
-        if t.gradient_checkpointing:  # transformers >= 5.x renamed it; older ones only have the first name
+        if t.gradient_checkpointing:  # newer transformers renamed gradient_checkpointing_enable
             getattr(hf.hf, "activation_checkpointing_enable", hf.hf.gradient_checkpointing_enable)()
         if t.compile:
             hf.compile()
