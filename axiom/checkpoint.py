@@ -76,9 +76,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.model.tie_embeddings else set())
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise AxiomError(
-            f"checkpoint: {weights} does not fit the config: missing {missing}, unexpected {extra}"
-        )
+        raise AxiomError(f"checkpoint: {weights} does not fit the config: missing {missing}, unexpected {extra}")
     for name, tensor in state.items():
         if tensor.shape != model.state_dict()[name].shape:
             raise AxiomError(

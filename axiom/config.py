@@ -42,13 +42,9 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise AxiomError(f"model config: {name}={getattr(self, name)} must be positive")
         if self.d_model % self.n_heads:
-            raise AxiomError(
-                f"model config: d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
-            )
+            raise AxiomError(f"model config: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise AxiomError(
-                f"model config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
-            )
+            raise AxiomError(f"model config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         self.head_dim = self.d_model // self.n_heads
         if self.head_dim % 2:
             raise AxiomError(f"model config: head_dim={self.head_dim} must be even for RoPE")

@@ -116,9 +116,7 @@ def stream(
     longest = max(len(p) for p in prompts)
     total = min(longest + max_new_tokens, model.cfg.max_seq_len)
     if longest >= total:
-        raise ValueError(
-            f"prompt of {longest} tokens leaves no room under max_seq_len={model.cfg.max_seq_len}"
-        )
+        raise ValueError(f"prompt of {longest} tokens leaves no room under max_seq_len={model.cfg.max_seq_len}")
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
     tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
     if static or compile:

@@ -22,9 +22,7 @@ def training_memory_bytes(cfg: Config) -> dict[str, int]:
     tokens = t.micro_batch_size * t.seq_len
     per_block = 17 * act_bytes * tokens * m.d_model
     kept = (
-        m.n_layers * act_bytes * tokens * m.d_model + per_block
-        if t.gradient_checkpointing
-        else m.n_layers * per_block
+        m.n_layers * act_bytes * tokens * m.d_model + per_block if t.gradient_checkpointing else m.n_layers * per_block
     )
     loss = 2 * 4 * min(tokens, 1024) * m.vocab_size + 4 * m.vocab_size * m.d_model
     parts = {

