@@ -103,7 +103,7 @@ def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, capsys
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
     opt, name = build_optimizer(model, cfg.train, "cpu")
-    assert isinstance(opt, torch.optim.AdamW) and name == "AdamW (torch)"
+    assert isinstance(opt, torch.optim.AdamW) and name == "AdamW (torch, fused)"
     err = capsys.readouterr().err
     assert "notice: bitsandbytes is not usable (ModuleNotFoundError" in err and "using torch AdamW" in err
 
@@ -155,7 +155,7 @@ def test_short_run_learns_and_writes_eval_csv(tiny_data, tmp_path):
         and meta["data"]["train_tokens"] == read_manifest(tiny_data)["train_tokens"]
     )
     log = (run / "train.log").read_text()
-    assert "optimizer    AdamW (torch)" in log and "step 24/24 | loss" in log and "tok/s" in log
+    assert "optimizer    AdamW (torch, fused)" in log and "step 24/24 | loss" in log and "tok/s" in log
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
