@@ -11,7 +11,6 @@ Python values only) through torch.load(weights_only=True).
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from axiom import __version__
 from axiom.config import Config
 from axiom.errors import AxiomError
+from axiom.files import read_json, replace_dir, restore_dir
 from axiom.model import Axiom, rope_tables
 
 WEIGHTS = "model.safetensors"
@@ -53,10 +53,7 @@ def read_meta(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise AxiomError(f"checkpoint: {path} not found; pass a checkpoint directory written by axiom train")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AxiomError(f"checkpoint: {path} is not valid JSON ({e})") from None
+    return read_json(path, "pass a checkpoint directory written by axiom train")
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Axiom, Config, dict]:
@@ -148,20 +145,11 @@ def write_dir_atomic(final: str | Path, write: Callable[[Path], None]) -> Path:
     directory or the new one complete (an old `final` is moved aside first and removed last)."""
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp")
-    old = final.with_name(f".{final.name}.old")
-    if old.exists() and not final.exists():  # a kill between the two renames below: restore the old one
-        os.replace(old, final)
+    restore_dir(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)
     return final
 
 

@@ -262,14 +262,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | 
         choices=sorted(PRESETS),
         help=f"named configuration (default: {default_preset})",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="override any ModelConfig or TrainConfig field, e.g. --set lr_max=1e-3 (repeatable)",
-    )
+    add_overrides_argument(parser, "override any ModelConfig or TrainConfig field, e.g. --set lr_max=1e-3 (repeatable)")
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE", help=help)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -8,7 +8,6 @@ each token once per epoch; their order is a permutation fixed by (seed, epoch).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from axiom.errors import AxiomError
+from axiom.files import read_json, write_json_atomic
 from axiom.tokenizer import EOS_ID, NAME, SHA256, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -42,24 +42,12 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:05d}.bin"
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON under a temporary name and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def read_manifest(data_dir: str | Path) -> dict:
     """The manifest of a prepared directory, checked for the keys and version this code reads."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise AxiomError(f"{path} not found: {data_dir} is not a prepared data directory; run `axiom prepare`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AxiomError(f"{path}: invalid JSON ({e}); re-run `axiom prepare`") from e
-    if not isinstance(manifest, dict):
-        raise AxiomError(f"{path}: expected a JSON object; re-run `axiom prepare`")
+    manifest = read_json(path, "re-run `axiom prepare`")
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
         raise AxiomError(f"{path}: missing keys {', '.join(missing)}; re-run `axiom prepare`")

@@ -10,7 +10,6 @@ interruption truncates that shard to the recorded length and continues with the 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import re
@@ -24,7 +23,8 @@ from tqdm import tqdm
 
 from axiom import sources
 from axiom.errors import AxiomError
-from axiom.loader import FORMAT_VERSION, MANIFEST, SPLITS, TOKEN_DTYPE, shard_name, write_json_atomic
+from axiom.files import read_json, write_json_atomic
+from axiom.loader import FORMAT_VERSION, MANIFEST, SPLITS, TOKEN_DTYPE, shard_name
 from axiom.sources import SPLIT_FORMULA, Unit, UnitResult
 from axiom.tokenizer import EOS_ID, NAME, SHA256
 
@@ -76,16 +76,6 @@ def settings_for(files: list[Path], val_fraction: float, split_seed: int, text_f
         "shard_tokens": shard_tokens,
         "sources": [sources.source_info(f) for f in files],
     }
-
-
-def read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AxiomError(f"{path}: not valid JSON ({e}); use another --out or delete {path.parent}") from e
-    if not isinstance(obj, dict):
-        raise AxiomError(f"{path}: expected a JSON object; use another --out or delete {path.parent}")
-    return obj
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -235,14 +225,14 @@ def prepare(
     settings = settings_for(files, val_fraction, split_seed, text_field, shard_tokens)
 
     if (out / MANIFEST).is_file():
-        manifest = read_json(out / MANIFEST)
+        manifest = read_json(out / MANIFEST, f"use another --out or delete {out}")
         check_same_settings(manifest, settings, out / MANIFEST)
         if not quiet:
             print(f"{out} is already prepared with these settings: nothing to do")
         return manifest
     out.mkdir(parents=True, exist_ok=True)
     if (out / STATE).is_file():
-        state = read_json(out / STATE)
+        state = read_json(out / STATE, f"use another --out or delete {out}")
         check_same_settings(state.get("settings", {}), settings, out / STATE)
         restore(out, state)
     else:

@@ -370,7 +370,7 @@ def test_import_rejects_bad_folders_with_clear_messages(exported, tmp_path):
         "missing-dir": (lambda d: shutil.rmtree(d), "is not a directory"),
         "no-config": (lambda d: (d / "config.json").unlink(), r"config.json not found"),
         "no-weights": (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
-        "bad-json": (lambda d: (d / "config.json").write_text("{"), "is not valid JSON"),
+        "bad-json": (lambda d: (d / "config.json").write_text("{"), "config.json: not valid JSON"),
         "gpt2": (
             edit_config(architectures=["GPT2LMHeadModel"], model_type="gpt2"),
             r"unknown architecture \['GPT2LMHeadModel'\] \(model_type 'gpt2'\)",

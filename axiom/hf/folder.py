@@ -20,6 +20,7 @@ from torch import Tensor
 
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
+from axiom.files import read_json, replace_dir, restore_dir
 from axiom.hf.names import AXIOM_CONFIG, LLAMA_CONFIG, from_llama, to_llama
 from axiom.model import Axiom
 from axiom.tokenizer import EOS_ID
@@ -62,10 +63,7 @@ def read_config(directory: Path) -> dict:
         raise AxiomError(f"{directory} is not a directory; pass a Hugging Face model folder")
     if not path.is_file():
         raise AxiomError(f"{path} not found; a Hugging Face model folder needs config.json and model.safetensors")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AxiomError(f"{path} is not valid JSON ({e})") from None
+    return read_json(path, "a Hugging Face model folder needs a valid config.json")
 
 
 def detect_format(hf: dict, path: Path) -> str:
@@ -228,6 +226,7 @@ def staged_dir(out: str | Path, force: bool) -> Iterator[Path]:
     A non-empty `out` is refused unless `force`; on failure `out` is left as it was.
     """
     out = check_out(out, force)
+    restore_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -237,10 +236,4 @@ def staged_dir(out: str | Path, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    replace_dir(tmp, out)

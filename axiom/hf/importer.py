@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from axiom.checkpoint import save_weights
-from axiom.config import apply_overrides
+from axiom.config import add_overrides_argument, apply_overrides
 from axiom.errors import AxiomError
 from axiom.hf.folder import check_out, read_folder, staged_dir
 
@@ -34,13 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", required=True, help="Hugging Face model folder (axiom export output, or Llama)")
     parser.add_argument("--out", required=True, help="checkpoint folder to write; must be empty or absent")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="override a TrainConfig field stored with the checkpoint, e.g. --set lr_max=1e-4 (repeatable)",
+    add_overrides_argument(
+        parser, "override a TrainConfig field stored with the checkpoint, e.g. --set lr_max=1e-4 (repeatable)"
     )
 
 
