@@ -18,8 +18,8 @@ $(BIN)/axiom: pyproject.toml
 setup: $(BIN)/axiom
 
 lint: setup
-	$(BIN)/ruff check axiom tests
-	$(BIN)/ruff format --check axiom tests
+	$(BIN)/ruff check axiom tests scripts
+	$(BIN)/ruff format --check axiom tests scripts
 
 test: lint
 	$(BIN)/pytest -q
