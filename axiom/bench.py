@@ -34,7 +34,8 @@ from axiom.config import Config, ModelConfig, add_config_arguments, config_from_
 from axiom.errors import AxiomError
 from axiom.generate import generate
 from axiom.model import Axiom, flops_per_token, num_params, release_loss_workspace
-from axiom.train import Dist, build_optimizer, gpu_peak_flops, lr_at, parallelize, pick_device, train_step
+from axiom.parallel import Dist, gpu_peak_flops, parallelize, pick_device
+from axiom.train import build_optimizer, lr_at, train_step
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

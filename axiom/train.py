@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import logging
 import math
@@ -50,21 +49,16 @@ from axiom.errors import AxiomError
 from axiom.evaluate import autocast, evaluate
 from axiom.loader import TrainLoader, read_manifest
 from axiom.model import Axiom, flops_per_token, num_params
-
-# Dense bf16 tensor-core peaks (vendor datasheets, TFLOP/s); the first name contained in the device name wins.
-GPU_BF16_PEAK_TFLOPS = (
-    ("H100 PCIe", 756),
-    ("H100 NVL", 835),
-    ("H100", 989),
-    ("H200", 989),
-    ("H800", 989),
-    ("A100", 312),
-    ("A800", 312),
-    ("L40S", 362),
-    ("L4", 121),
-    ("RTX 4090", 165),
-    ("RTX 3090", 71),
+from axiom.parallel import (
+    full_state,
+    gpu_peak_flops,
+    init_distributed,
+    load_optimizer_state,
+    parallelize,
+    pick_device,
 )
+from axiom.runlog import RunLog
+
 EVAL_COLUMNS = ("step", "tokens", "train_loss", "val_loss", "val_ppl", "val_bpb", "lr", "elapsed_s", "tokens_per_s")
 TRAIN_COLUMNS = ("step", "tokens", "loss", "grad_norm", "lr", "tokens_per_s", "skipped")
 
@@ -185,170 +179,6 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_value, norm_value, skipped=False)
-
-
-# ---- processes, devices and model wrapping
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def pick_device(requested: str | None, d: Dist) -> torch.device:
-    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise AxiomError("--device cuda: no CUDA device is visible; use --device cpu")
-        torch.cuda.set_device(d.local_rank)
-        return torch.device("cuda", d.local_rank)
-    return torch.device(name)
-
-
-def parallelize(model: Axiom, cfg: TrainConfig, device: torch.device, d: Dist) -> torch.nn.Module:
-    """Activation checkpointing, torch.compile and DDP/FSDP2 applied from outside the model, in one place.
-    Compiling in place (`Module.compile`) keeps parameter names, so checkpoints look the same."""
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    if cfg.compile:
-        model.compile()
-    if d.world_size == 1:
-        return model
-    if cfg.fsdp:
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:  # torch < 2.6
-            from torch.distributed._composable.fsdp import fully_shard
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def _full_state(model: Axiom, optimizer: torch.optim.Optimizer | None, fsdp: bool) -> tuple[dict, dict | None]:
-    """Full (unsharded, CPU) weights and optimizer state; under FSDP every rank must call this."""
-    if not fsdp:
-        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=opts)
-    return weights, get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
-
-
-def _load_optimizer(model: Axiom, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
-    if not fsdp:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=opts)
-
-
-def gpu_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in GPU_BF16_PEAK_TFLOPS if key in name), None)
-
-
-# ---- logs
-
-
-class RunLog:
-    """train.log, train.csv and eval.csv of rank 0, plus TensorBoard / W&B when asked for."""
-
-    def __init__(self, run_dir: Path, main: bool, tensorboard: bool = False, wandb_project: str | None = None):
-        self.run_dir, self.main = run_dir, main
-        self.tb = self.wandb = None
-        if not main:
-            return
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise AxiomError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise AxiomError("--wandb needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), resume="allow")
-
-    def info(self, message: str) -> None:
-        if not self.main:
-            return
-        tqdm.write(message)
-        with open(self.run_dir / "train.log", "a") as f:
-            f.write(message + "\n")
-
-    def row(self, name: str, columns: tuple[str, ...], values: dict) -> None:
-        if not self.main:
-            return
-        path = self.run_dir / name
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(columns)
-            w.writerow([_fmt(values[c]) for c in columns])
-        metrics = {f"{name.removesuffix('.csv')}/{k}": v for k, v in values.items() if k != "step"}
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, float(v), values["step"])
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=values["step"])
-
-    def truncate(self, step: int) -> None:
-        """Drop csv rows after `step`: a resumed run rewrites what the killed one logged past its checkpoint."""
-        if not self.main:
-            return
-        for name in ("train.csv", "eval.csv"):
-            path = self.run_dir / name
-            if not path.exists():
-                continue
-            with open(path, newline="") as f:
-                rows = list(csv.reader(f))
-            kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-            tmp = path.with_name(name + ".tmp")
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows(kept)
-            os.replace(tmp, path)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else str(v)  # repr: the exact value, so runs compare bit for bit
-    return str(v)
 
 
 def _duration(seconds: float) -> str:
@@ -477,7 +307,7 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
     best = math.inf
     window = [0.0, 0]  # sum and count of finite step losses since the last evaluation (eval.csv's train_loss)
     if state is not None:
-        _load_optimizer(raw, optimizer, state["optimizer"], fsdp)
+        load_optimizer_state(raw, optimizer, state["optimizer"], fsdp)
         loader.load_state_dict(state["loader"])
         rngs = state["rng"]
         set_rng_state(rngs[d.rank] if len(rngs) == d.world_size else rngs[0])
@@ -491,7 +321,7 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
     _print_plan(log, cfg, manifest, data_dir, run_dir, device, d, opt_name, peak, fpt)
 
     def save() -> Path:
-        weights, optim = _full_state(raw, optimizer, fsdp)
+        weights, optim = full_state(raw, optimizer, fsdp)
         rngs = [rng_state()]
         if d.world_size > 1:
             gathered = [None] * d.world_size if d.main else None
@@ -541,7 +371,7 @@ def _train(cfg, data_dir, run_dir, resume, device, d, tensorboard, wandb_project
         if res.loss < best:
             best = res.loss
             marker = " (best)"
-            weights = _full_state(raw, None, fsdp)[0]
+            weights = full_state(raw, None, fsdp)[0]
             if d.main:
                 progress = {"step": step, "tokens": tokens, "val_loss": res.loss, "data": data}
                 write_dir_atomic(ckpt_root / "best", lambda tmp: save_weights(weights, cfg, tmp, **progress))

@@ -1,0 +1,87 @@
+"""The files a run writes as it goes: train.log, train.csv and eval.csv (rank 0 only), plus TensorBoard and
+Weights & Biases when installed and asked for."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from axiom.errors import AxiomError
+
+
+class RunLog:
+    """train.log, train.csv and eval.csv of rank 0, plus TensorBoard / W&B when asked for."""
+
+    def __init__(self, run_dir: Path, main: bool, tensorboard: bool = False, wandb_project: str | None = None):
+        self.run_dir, self.main = run_dir, main
+        self.tb = self.wandb = None
+        if not main:
+            return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise AxiomError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise AxiomError("--wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), resume="allow")
+
+    def info(self, message: str) -> None:
+        if not self.main:
+            return
+        tqdm.write(message)
+        with open(self.run_dir / "train.log", "a") as f:
+            f.write(message + "\n")
+
+    def row(self, name: str, columns: tuple[str, ...], values: dict) -> None:
+        if not self.main:
+            return
+        path = self.run_dir / name
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(columns)
+            w.writerow([format_value(values[c]) for c in columns])
+        metrics = {f"{name.removesuffix('.csv')}/{k}": v for k, v in values.items() if k != "step"}
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, float(v), values["step"])
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=values["step"])
+
+    def truncate(self, step: int) -> None:
+        """Drop csv rows after `step`: a resumed run rewrites what the killed one logged past its checkpoint."""
+        if not self.main:
+            return
+        for name in ("train.csv", "eval.csv"):
+            path = self.run_dir / name
+            if not path.exists():
+                continue
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+            tmp = path.with_name(name + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+            os.replace(tmp, path)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_value(v) -> str:
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else str(v)  # repr: the exact value, so runs compare bit for bit
+    return str(v)
