@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from axiom import sources
+from axiom.config import TrainConfig
 from axiom.errors import AxiomError
 from axiom.files import read_json, write_json_atomic
 from axiom.loader import FORMAT_VERSION, MANIFEST, SPLITS, TOKEN_DTYPE, shard_name
@@ -45,9 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="output directory for shards and manifest.json")
     parser.add_argument("--workers", type=int, default=default_workers(), help="tokenizer processes (default: all)")
-    parser.add_argument("--val-fraction", type=float, default=0.001, help="share of documents for val")
-    parser.add_argument("--split-seed", type=int, default=1337, help="salt of the split hash")
-    parser.add_argument("--text-field", default="text", help="parquet column / JSON field holding the text")
+    card = TrainConfig()  # the split settings of the card's run
+    parser.add_argument(
+        "--val-fraction", type=float, default=card.val_fraction, help="val share of documents (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--split-seed", type=int, default=card.split_seed, help="salt of the split hash (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--text-field", default="text", help="parquet column / JSON field holding the text (default: %(default)s)"
+    )
     parser.add_argument(
         "--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (4 bytes each; default 100M)"
     )
