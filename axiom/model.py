@@ -210,6 +210,14 @@ class Axiom(nn.Module):
 
         With `cache`, the tokens continue the cached sequences: their keys and values are appended.
         """
+        x = self.hidden_states(tokens, cache, last_only)
+        if targets is None:
+            return output_logits(x, self.lm_head.weight)
+        return chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk)
+
+    def hidden_states(self, tokens: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
+        """`forward` up to the output layer: the final normalised hidden states (B, T, d), or (B, 1, d)
+        with `last_only`."""
         B, T = tokens.shape
         cos, sin, mask = self._positions(T, cache, tokens.device)
         x = self.embed(tokens)  # (B, T, d)
@@ -225,10 +233,7 @@ class Axiom(nn.Module):
                 cache.length += T
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        if targets is None:
-            return output_logits(x, self.lm_head.weight)
-        return chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk)
+        return self.norm(x)
 
     def _positions(self, T: int, cache: KVCache | None, device) -> tuple[Tensor, Tensor, Tensor | None]:
         """RoPE cos/sin for the T new tokens and the attention mask (None where SDPA's causal flag or

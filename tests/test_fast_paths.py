@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from axiom.cli import main
 from axiom.config import get_config
-from axiom.generate import generate, greedy
+from axiom.generate import decode_one, decode_one_and_hidden, generate, greedy
 from axiom.model import Axiom, KVCache, chunked_cross_entropy, output_logits
 
 SMALL = get_config(
@@ -136,6 +136,21 @@ def test_compiled_decoding_equals_eager(model):
         raise
     assert compiled == expected
     assert generate(model, PROMPTS, 10, temperature=0.0, compile=True) == expected  # reuses graph and cache
+
+
+def test_hidden_states_are_forward_before_the_output_layer(model):
+    # The compiled step returns the final hidden state beside the logits (so inductor stores it once).
+    tokens = torch.randint(0, SMALL.vocab_size, (2, 9))
+    caches = [KVCache.empty(SMALL, 2, 16, "cpu", torch.float32, static=s) for s in (False, True)]
+    with torch.no_grad():
+        hidden = model.hidden_states(tokens, last_only=True)
+        assert hidden.shape == (2, 1, SMALL.d_model)
+        torch.testing.assert_close(output_logits(hidden, model.lm_head.weight), model(tokens, last_only=True))
+        for cache in caches:
+            model(tokens, cache=cache, last_only=True)
+        logits, step_hidden = decode_one_and_hidden(model, tokens[:, 0], caches[1])
+        torch.testing.assert_close(logits, decode_one(model, tokens[:, 0], caches[0]), rtol=1e-5, atol=1e-5)
+    assert step_hidden.shape == (2, 1, SMALL.d_model) and int(caches[1].position) == caches[0].length == 10
 
 
 def test_compiled_model_gives_the_eager_loss_and_gradients():
