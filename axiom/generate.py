@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -68,8 +68,15 @@ def decode_one_and_hidden(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Te
     return output_logits(x, model.lm_head.weight)[:, -1], x
 
 
+def decode_greedy(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
+    """`decode_one_and_hidden` with the greedy pick: (B,) next ids and the hidden states. Compiled, the pick
+    runs inside the graph (~25 us less per token on tiny than `greedy` after it)."""
+    logits, x = decode_one_and_hidden(model, ids, cache)
+    return greedy(logits), x
+
+
 _static_caches: weakref.WeakKeyDictionary[Axiom, KVCache] = weakref.WeakKeyDictionary()
-_compiled_decode_one = None
+_compiled: dict[Callable, Callable] = {}
 
 
 def static_cache(model: Axiom, pad: Tensor) -> KVCache:
@@ -90,14 +97,12 @@ def static_cache(model: Axiom, pad: Tensor) -> KVCache:
     return cache
 
 
-def compiled_decode_one():
-    """`decode_one` through torch.compile: fused kernels, and CUDA graphs on a GPU ("reduce-overhead"),
+def compiled(step: Callable) -> Callable:
+    """A decoding step through torch.compile: fused kernels, and CUDA graphs on a GPU ("reduce-overhead"),
     which replay a whole step with one launch. Built on first use; compiles per model and batch shape."""
-    global _compiled_decode_one
-    if _compiled_decode_one is None:
-        compiled = torch.compile(decode_one_and_hidden, mode="reduce-overhead", fullgraph=True)
-        _compiled_decode_one = lambda model, ids, cache: compiled(model, ids, cache)[0]  # noqa: E731
-    return _compiled_decode_one
+    if step not in _compiled:
+        _compiled[step] = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    return _compiled[step]
 
 
 @torch.inference_mode()
@@ -133,23 +138,30 @@ def stream(
     else:
         dtype = next(model.parameters()).dtype
         cache = KVCache.empty(model.cfg, len(prompts), total, device, dtype, pad if pad.any() else None)
-    step = compiled_decode_one() if compile else decode_one
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+
+    def advance(ids: Tensor) -> Tensor:
+        """One decoding step: the newest (B,) ids in, the next ones out."""
+        if not compile:
+            return sample(decode_one(model, ids, cache), temperature, top_k, top_p, generator)
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        if temperature <= 0:  # cloned: a CUDA graph's outputs are overwritten by its next replay
+            return compiled(decode_greedy)(model, ids, cache)[0].clone()
+        return sample(compiled(decode_one_and_hidden)(model, ids, cache)[0], temperature, top_k, top_p, generator)
+
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     logits = model(tokens, cache=cache, last_only=True)[:, -1]  # prefill
+    next_ids = sample(logits, temperature, top_k, top_p, generator)
     for n in range(1, total - longest + 1):
-        next_ids = sample(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             next_ids = next_ids.masked_fill(done, eos_id)
             done |= next_ids == eos_id
         yield next_ids
         if n == total - longest or (eos_id is not None and bool(done.all())):
             return
-        if compile:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        logits = step(model, next_ids, cache)
+        next_ids = advance(next_ids)
 
 
 def generate(model: Axiom, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:

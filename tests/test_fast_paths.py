@@ -136,6 +136,13 @@ def test_compiled_decoding_equals_eager(model):
         raise
     assert compiled == expected
     assert generate(model, PROMPTS, 10, temperature=0.0, compile=True) == expected  # reuses graph and cache
+    # Greedy picks inside the graph; sampling takes the compiled logits; EOS masking works on either.
+    eos = expected[0][3]
+    assert generate(model, PROMPTS, 10, temperature=0.0, compile=True, eos_id=eos) == generate(
+        model, PROMPTS, 10, temperature=0.0, eos_id=eos
+    )
+    kw = dict(temperature=0.9, top_k=50, seed=3)
+    assert generate(model, PROMPTS, 10, compile=True, **kw) == generate(model, PROMPTS, 10, **kw)
 
 
 def test_hidden_states_are_forward_before_the_output_layer(model):
