@@ -49,6 +49,32 @@ def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: st
     (directory / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def stored_tensors(model: Axiom) -> dict[str, torch.Tensor]:
+    """The state dict as saved: a tied output table is left out (it is embed.weight)."""
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        del state["lm_head.weight"]
+    return state
+
+
+def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str, config: str) -> None:
+    """One AxiomError naming what differs between `found` and `expected`: missing, unexpected or misshapen tensors."""
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or unexpected:
+        raise AxiomError(
+            f"{where}: weights do not match {config}: missing [{_first(missing)}], unexpected [{_first(unexpected)}]"
+        )
+    for name, tensor in found.items():
+        if tensor.shape != expected[name].shape:
+            raise AxiomError(
+                f"{where}: {name} has shape {tuple(tensor.shape)} but {config} implies {tuple(expected[name].shape)}"
+            )
+
+
+def _first(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
 def read_meta(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG
     if not path.is_file():
@@ -70,16 +96,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     with torch.device("meta"):
         model = Axiom(cfg.model)
     state = load_file(weights, device=str(device))
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.model.tie_embeddings else set())
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise AxiomError(f"checkpoint: {weights} does not fit the config: missing {missing}, unexpected {extra}")
-    for name, tensor in state.items():
-        if tensor.shape != model.state_dict()[name].shape:
-            raise AxiomError(
-                f"checkpoint: {weights}: {name} has shape {tuple(tensor.shape)}, "
-                f"config needs {tuple(model.state_dict()[name].shape)}"
-            )
+    check_tensors(state, stored_tensors(model), f"checkpoint: {weights}", CONFIG)
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.model.tie_embeddings:
         model.lm_head.weight = model.embed.weight

@@ -133,3 +133,22 @@ def test_tied_weights_stay_tied_through_training_and_reload(model, tmp_path):
     x = torch.randint(0, 97, (1, 8))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_checkpoint_that_does_not_fit_its_config_is_a_clear_error(model, tmp_path):
+    import json
+
+    from axiom.errors import AxiomError
+
+    cfg = get_config("tiny")
+    cfg.model = SMALL
+    save_model(model, cfg, tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["model"]["n_kv_heads"] = 4  # qkv_proj would need 64 + 2 * 32 rows, the file has 64 + 2 * 16
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(AxiomError, match=r"layers.0.attn.qkv_proj.weight has shape \(64, 32\) but config.json implies"):
+        load_model(tmp_path)
+    meta["model"]["n_kv_heads"], meta["model"]["n_layers"] = 2, 3
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(AxiomError, match=r"weights do not match config.json: missing \[layers.2.attn.o_proj.weight"):
+        load_model(tmp_path)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from axiom.checkpoint import check_tensors, stored_tensors
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
 from axiom.files import read_json, replace_dir, restore_dir
@@ -171,10 +172,6 @@ def load_weights(directory: Path) -> dict[str, Tensor]:
     return state
 
 
-def _summary(names: list[str]) -> str:
-    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-
-
 def read_folder(directory: str | Path) -> tuple[str, Config, dict[str, Tensor], dict]:
     """A Hugging Face folder in either format -> (format, Config, Axiom float32 state dict, progress metadata)."""
     directory = Path(directory)
@@ -184,7 +181,7 @@ def read_folder(directory: str | Path) -> tuple[str, Config, dict[str, Tensor], 
     cfg, progress = _config_with_provenance(hf, model_config_from_hf(hf, fmt, path), path)
     m = cfg.model
     with torch.device("meta"):
-        expected = {k: v for k, v in Axiom(m).state_dict().items() if not (m.tie_embeddings and k == "lm_head.weight")}
+        expected = stored_tensors(Axiom(m))
     if fmt == "llama":
         expected = to_llama(expected, m)
     raw = {k: v for k, v in load_weights(directory).items() if not k.endswith("rotary_emb.inv_freq")}
@@ -193,18 +190,7 @@ def read_folder(directory: str | Path) -> tuple[str, Config, dict[str, Tensor], 
         head = raw.pop("lm_head.weight")
         if embed in raw and not torch.equal(head, raw[embed]):
             raise AxiomError(f"{directory}: lm_head.weight differs from {embed} but config.json ties them")
-    missing, unexpected = sorted(expected.keys() - raw.keys()), sorted(raw.keys() - expected.keys())
-    if missing or unexpected:
-        raise AxiomError(
-            f"{directory}: weights do not match config.json ({ARCHITECTURES[fmt]}): "
-            f"missing [{_summary(missing)}], unexpected [{_summary(unexpected)}]"
-        )
-    for name, tensor in raw.items():
-        if tensor.shape != expected[name].shape:
-            raise AxiomError(
-                f"{directory}: {name} has shape {tuple(tensor.shape)} but config.json implies "
-                f"{tuple(expected[name].shape)}"
-            )
+    check_tensors(raw, expected, f"{directory} ({ARCHITECTURES[fmt]})", CONFIG)
     state = from_llama(raw, m)[0] if fmt == "llama" else raw
     return fmt, cfg, {k: v.float() for k, v in state.items()}, progress
 
