@@ -12,6 +12,7 @@ from axiom.errors import AxiomError
 COMMANDS = {
     "info": ("axiom.info", "print parameters, tokens, steps, FLOPs and memory of a configuration"),
     "generate": ("axiom.sample", "sample text from a checkpoint (or a randomly initialised preset)"),
+    "chat": ("axiom.chat_cli", "talk to a checkpoint fine-tuned on chat data, interactively or one --message"),
     "train": ("axiom.train", "train a preset on prepared data: eval.csv, checkpoints, --resume, torchrun"),
     "eval": ("axiom.evaluate", "validation loss, perplexity and bits per byte of a checkpoint"),
     "plot": ("axiom.plot", "draw train and val loss of a run against tokens to a PNG"),

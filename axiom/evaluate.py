@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from axiom.checkpoint import load_model
-from axiom.loader import eval_batches, read_manifest
+from axiom.loader import data_kind, eval_batches, read_manifest
+from axiom.packing import IGNORE_INDEX, chat_eval_batches
 from axiom.tokenizer import load_tokenizer
 
 
@@ -61,20 +62,25 @@ def evaluate(
     eval_tokens: int,
     dtype: str = "float32",
 ) -> EvalResult:
-    """Loss over the first `eval_tokens` tokens of the val split (fixed windows, the same on every call)."""
+    """Loss over the first `eval_tokens` tokens of the val split (fixed windows, the same on every call).
+
+    On chat data (axiom.packing) only the trained tokens count: loss, tokens and bytes are those of the targets
+    that are not -100 (assistant replies and their <|im_end|>)."""
     device = next(model.parameters()).device
+    chat = data_kind(read_manifest(data_dir)) == "chat"
     lengths = token_byte_lengths()
     was_training = model.training
     model.eval()
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     tokens = nbytes = 0
     try:
-        for x, y in eval_batches(data_dir, seq_len, batch_size, eval_tokens):
+        for x, y in (chat_eval_batches if chat else eval_batches)(data_dir, seq_len, batch_size, eval_tokens):
             with autocast(device, dtype):
                 loss = model(x.to(device), y.to(device))
-            total_nats += loss.double() * y.numel()
-            tokens += y.numel()
-            nbytes += int(lengths[y].sum())
+            targets = y[y != IGNORE_INDEX]  # all of y for text data
+            total_nats += loss.double() * targets.numel()
+            tokens += targets.numel()
+            nbytes += int(lengths[targets].sum())
     finally:
         model.train(was_training)
     loss = total_nats.item() / tokens

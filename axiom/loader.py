@@ -21,6 +21,7 @@ from axiom.tokenizer import EOS_ID, NAME, SHA256, load_tokenizer
 
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.dtype("<u4")  # cl100k_base has 100,277 ids: more than uint16 holds
+MASK_DTYPE = np.dtype("u1")  # chat data: 1 where the token is a training target, per token beside each shard
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 MANIFEST_KEYS = (
@@ -42,6 +43,16 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:05d}.bin"
 
 
+def mask_name(shard_file: str) -> str:
+    """The loss-mask file beside a chat data shard: train_00000.bin -> train_00000.mask."""
+    return shard_file.removesuffix(".bin") + ".mask"
+
+
+def data_kind(manifest: dict) -> str:
+    """ "text" or "chat" (docs/finetuning.md); a manifest without the key is text."""
+    return manifest.get("kind", "text")
+
+
 def read_manifest(data_dir: str | Path) -> dict:
     """The manifest of a prepared directory, checked for the keys and version this code reads."""
     path = Path(data_dir) / MANIFEST
@@ -60,18 +71,20 @@ def read_manifest(data_dir: str | Path) -> dict:
 
 
 class TokenStream:
-    """One split's shards as a single token sequence, memory-mapped; `read` copies out any range."""
+    """One split's shards as a single token sequence, memory-mapped; `read` copies out any range. With `masks`,
+    the loss masks of chat data beside the shards instead of the tokens."""
 
-    def __init__(self, data_dir: str | Path, split: str, manifest: dict | None = None) -> None:
+    def __init__(self, data_dir: str | Path, split: str, manifest: dict | None = None, masks: bool = False) -> None:
         data_dir = Path(data_dir)
         manifest = manifest if manifest is not None else read_manifest(data_dir)
+        dtype = MASK_DTYPE if masks else TOKEN_DTYPE
         self.shards: list[np.memmap] = []
         sizes = []
         for shard in manifest["shards"]:
             if shard["split"] != split or shard["tokens"] == 0:
                 continue
-            path = data_dir / shard["file"]
-            expected = shard["tokens"] * TOKEN_DTYPE.itemsize
+            path = data_dir / (mask_name(shard["file"]) if masks else shard["file"])
+            expected = shard["tokens"] * dtype.itemsize
             actual = path.stat().st_size if path.is_file() else None
             if actual != expected:
                 found = "missing" if actual is None else f"{actual:,} bytes"
@@ -79,7 +92,7 @@ class TokenStream:
                     f"{path}: {found}, manifest says {shard['tokens']:,} tokens ({expected:,} bytes); "
                     "re-run `axiom prepare`"
                 )
-            self.shards.append(np.memmap(path, dtype=TOKEN_DTYPE, mode="r"))
+            self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
             sizes.append(shard["tokens"])
         self.offsets = np.cumsum([0, *sizes])  # shard i holds stream positions offsets[i]:offsets[i+1]
         self.num_tokens = int(self.offsets[-1])

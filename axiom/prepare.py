@@ -15,22 +15,23 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from axiom import chat as chat_data
 from axiom import sources
 from axiom.config import TrainConfig
 from axiom.errors import AxiomError
 from axiom.files import read_json, write_json_atomic
-from axiom.loader import FORMAT_VERSION, MANIFEST, SPLITS, TOKEN_DTYPE, shard_name
+from axiom.loader import FORMAT_VERSION, MANIFEST, MASK_DTYPE, SPLITS, TOKEN_DTYPE, mask_name, shard_name
 from axiom.sources import SPLIT_FORMULA, Unit, UnitResult
 from axiom.tokenizer import EOS_ID, NAME, SHA256
 
 STATE = "prepare-state.json"
-SHARD_FILE = re.compile(r"^(train|val)_(\d{5,})\.bin(\.tmp)?$")
+SHARD_FILE = re.compile(r"^(train|val)_(\d{5,})\.(bin|mask)(\.tmp)?$")
 
 
 def default_workers() -> int:
@@ -59,6 +60,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (4 bytes each; default 100M)"
     )
+    chat = parser.add_argument_group("chat data (docs/finetuning.md)")
+    chat.add_argument(
+        "--chat",
+        action="store_true",
+        help="rows are conversations ('messages' or ShareGPT 'conversations'): ChatML ids plus a loss mask",
+    )
+    chat.add_argument(
+        "--seq-len",
+        type=int,
+        default=card.seq_len,
+        help="--chat: longest conversation in tokens, EOS included (default: the card's context, %(default)s)",
+    )
+    chat.add_argument(
+        "--overflow",
+        choices=chat_data.OVERFLOW,
+        default="truncate",
+        help="--chat: a longer conversation keeps its longest prefix ending with an assistant turn (truncate, "
+        "the default) or is skipped (skip); both are counted in the manifest",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -70,12 +90,17 @@ def run(args: argparse.Namespace) -> None:
         split_seed=args.split_seed,
         text_field=args.text_field,
         shard_tokens=args.shard_tokens,
+        chat=chat_data.chat_settings(args.seq_len, args.overflow) if args.chat else None,
     )
 
 
-def settings_for(files: list[Path], val_fraction: float, split_seed: int, text_field: str, shard_tokens: int) -> dict:
+def settings_for(
+    files: list[Path], val_fraction: float, split_seed: int, text_field: str, shard_tokens: int, chat: dict | None
+) -> dict:
     """Everything the output depends on; a directory prepared with other settings is never mixed with these."""
     return {
+        "kind": "chat" if chat else "text",
+        **({"chat": chat} if chat else {}),
         "format_version": FORMAT_VERSION,
         "tokenizer": {"name": NAME, "sha256": SHA256},
         "eos_id": EOS_ID,
@@ -94,7 +119,8 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 
 def check_same_settings(found: dict, settings: dict, path: Path) -> None:
-    before, now = flat({k: found.get(k) for k in settings}), flat(settings)
+    before = flat({k: found.get(k, "text" if k == "kind" else None) for k in settings})  # no kind: text
+    now = flat(settings)
     changed = sorted(k for k in now.keys() | before.keys() if before.get(k) != now.get(k))
     if changed:
         detail = ", ".join(
@@ -110,24 +136,31 @@ class SplitWriter:
     """Appends one split's tokens to `SPLIT_NNNNN.bin.tmp`, cutting a shard every `shard_tokens` tokens.
 
     `state` ({"shards", "partial_tokens", "partial_docs"}) is updated in place; completed shards wait in `pending`
-    until the caller has saved the state, then `rename_pending` gives them their final names.
+    until the caller has saved the state, then `rename_pending` gives them their final names. With `masked`
+    (chat data), each shard has a loss mask beside it, `SPLIT_NNNNN.mask`, one byte per token, cut alike.
     """
 
-    def __init__(self, out: Path, split: str, shard_tokens: int, state: dict) -> None:
+    def __init__(self, out: Path, split: str, shard_tokens: int, state: dict, masked: bool = False) -> None:
         self.out, self.split, self.shard_tokens, self.state = out, split, shard_tokens, state
-        self.file = None
+        self.masked = masked
+        self.file = self.mask_file = None
         self.pending: list[str] = []
 
     def current(self) -> str:
         return shard_name(self.split, len(self.state["shards"]))
 
-    def write(self, tokens: np.ndarray) -> None:
+    def write(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> None:
         st = self.state
         while len(tokens):
             if self.file is None:
                 self.file = open(self.out / (self.current() + ".tmp"), "ab")  # noqa: SIM115 (open across units)
+                if self.masked:
+                    self.mask_file = open(self.out / (mask_name(self.current()) + ".tmp"), "ab")  # noqa: SIM115
             piece = tokens[: self.shard_tokens - st["partial_tokens"]]
             self.file.write(piece.tobytes())
+            if self.mask_file is not None:
+                self.mask_file.write(mask[: len(piece)].tobytes())
+                mask = mask[len(piece) :]
             st["partial_tokens"] += len(piece)
             st["partial_docs"] += int(np.count_nonzero(piece == EOS_ID))
             tokens = tokens[len(piece) :]
@@ -136,9 +169,10 @@ class SplitWriter:
 
     def close_shard(self) -> None:
         st = self.state
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        for f in (self.file, self.mask_file):
+            if f is not None:
+                f.close()
+        self.file = self.mask_file = None
         if st["partial_tokens"]:
             name = self.current()
             st["shards"].append({"file": name, "tokens": st["partial_tokens"], "docs": st["partial_docs"]})
@@ -146,12 +180,14 @@ class SplitWriter:
             st["partial_tokens"] = st["partial_docs"] = 0
 
     def flush(self) -> None:
-        if self.file is not None:
-            self.file.flush()
+        for f in (self.file, self.mask_file):
+            if f is not None:
+                f.flush()
 
     def rename_pending(self) -> None:
         for name in self.pending:
-            os.replace(self.out / (name + ".tmp"), self.out / name)
+            for file in (name, mask_name(name)) if self.masked else (name,):
+                os.replace(self.out / (file + ".tmp"), self.out / file)
         self.pending.clear()
 
 
@@ -159,24 +195,32 @@ def restore(out: Path, state: dict) -> None:
     """Make the files agree with a saved state after an interruption: finish renames, cut off unrecorded tokens,
     and remove shards written after the last save."""
     keep = set()
+    # (file name of a shard, bytes per token): the token file, and for chat data its mask
+    parts = [(lambda n: n, TOKEN_DTYPE.itemsize)]
+    if state["settings"].get("kind", "text") == "chat":
+        parts.append((mask_name, MASK_DTYPE.itemsize))
     for split in SPLITS:
         st = state["splits"][split]
         for shard in st["shards"]:
-            final, tmp = out / shard["file"], out / (shard["file"] + ".tmp")
-            size = shard["tokens"] * TOKEN_DTYPE.itemsize
-            if tmp.is_file() and tmp.stat().st_size == size:
-                os.replace(tmp, final)
-            if not (final.is_file() and final.stat().st_size == size):
-                raise AxiomError(f"{final}: missing or wrong size for the saved state in {out / STATE}; delete {out}")
-            keep.add(shard["file"])
-        partial = shard_name(split, len(st["shards"])) + ".tmp"
-        size = st["partial_tokens"] * TOKEN_DTYPE.itemsize
-        if size:
-            tmp = out / partial
-            if not tmp.is_file() or tmp.stat().st_size < size:
-                raise AxiomError(f"{tmp}: shorter than the saved state in {out / STATE} records; delete {out}")
-            os.truncate(tmp, size)
-            keep.add(partial)
+            for name_of, itemsize in parts:
+                final, tmp = out / name_of(shard["file"]), out / (name_of(shard["file"]) + ".tmp")
+                size = shard["tokens"] * itemsize
+                if tmp.is_file() and tmp.stat().st_size == size:
+                    os.replace(tmp, final)
+                if not (final.is_file() and final.stat().st_size == size):
+                    raise AxiomError(
+                        f"{final}: missing or wrong size for the saved state in {out / STATE}; delete {out}"
+                    )
+                keep.add(final.name)
+        for name_of, itemsize in parts:
+            partial = name_of(shard_name(split, len(st["shards"]))) + ".tmp"
+            size = st["partial_tokens"] * itemsize
+            if size:
+                tmp = out / partial
+                if not tmp.is_file() or tmp.stat().st_size < size:
+                    raise AxiomError(f"{tmp}: shorter than the saved state in {out / STATE} records; delete {out}")
+                os.truncate(tmp, size)
+                keep.add(partial)
     for p in out.iterdir():
         if SHARD_FILE.match(p.name) and p.name not in keep:
             p.unlink()
@@ -189,21 +233,18 @@ def remove_outputs(out: Path) -> None:
             p.unlink()
 
 
-def results_in_order(
-    units: list[Unit], workers: int, text_field: str, val_fraction: float, split_seed: int
-) -> Iterator[UnitResult]:
-    """Tokenized units in unit order, with at most 2 * workers units in flight (bounded memory)."""
-    job = (text_field, val_fraction, split_seed)
+def results_in_order(units: list[Unit], workers: int, work: Callable, job: tuple) -> Iterator[UnitResult]:
+    """`work(unit, *job)` for each unit, in unit order, with at most 2 * workers units in flight (bounded memory)."""
     if workers == 1:
         for unit in units:
-            yield sources.tokenize_unit(unit, *job)
+            yield work(unit, *job)
         return
     # spawn: workers import only axiom.sources (no torch), and no forked copy of the parent's threads
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         todo: Iterable[Unit] = iter(units)
         flight: deque = deque()
         for unit in todo:
-            flight.append(pool.apply_async(sources.tokenize_unit, (unit, *job)))
+            flight.append(pool.apply_async(work, (unit, *job)))
             if len(flight) >= 2 * workers:
                 yield flight.popleft().get()
         while flight:
@@ -219,8 +260,10 @@ def prepare(
     text_field: str = "text",
     shard_tokens: int = 100_000_000,
     quiet: bool = False,
+    chat: dict | None = None,
 ) -> dict:
-    """Tokenize `inputs` into `out`; returns the manifest. Resumes an interrupted run with the same settings."""
+    """Tokenize `inputs` into `out`; returns the manifest. Resumes an interrupted run with the same settings.
+    `chat` (from `chat_settings`): the inputs are conversations, written with a loss mask (docs/finetuning.md)."""
     workers = default_workers() if workers is None else workers
     if workers < 1 or shard_tokens < 1 or not 0.0 <= val_fraction <= 1.0:
         raise AxiomError(
@@ -229,8 +272,12 @@ def prepare(
         )
     out = Path(out)
     files = sources.resolve_inputs(inputs)
-    units = sources.plan_units(files, text_field)
-    settings = settings_for(files, val_fraction, split_seed, text_field, shard_tokens)
+    units = chat_data.plan_chat_units(files) if chat else sources.plan_units(files, text_field)
+    settings = settings_for(files, val_fraction, split_seed, text_field, shard_tokens, chat)
+    if chat:
+        work, job = chat_data.tokenize_chat_unit, (val_fraction, split_seed, chat["seq_len"], chat["overflow"])
+    else:
+        work, job = sources.tokenize_unit, (text_field, val_fraction, split_seed)
 
     if (out / MANIFEST).is_file():
         manifest = read_json(out / MANIFEST, f"use another --out or delete {out}")
@@ -248,13 +295,14 @@ def prepare(
             "settings": settings,
             "units_done": 0,
             "skipped_empty_docs": 0,
+            **({"chat": chat_data.new_chat_counts()} if chat else {}),
             "splits": {
                 s: {"shards": [], "partial_tokens": 0, "partial_docs": 0, "tokens": 0, "docs": 0, "bytes": 0}
                 for s in SPLITS
             },
         }
         restore(out, state)  # clears stray shards of an unrecorded earlier attempt
-    writers = {s: SplitWriter(out, s, shard_tokens, state["splits"][s]) for s in SPLITS}
+    writers = {s: SplitWriter(out, s, shard_tokens, state["splits"][s], masked=bool(chat)) for s in SPLITS}
 
     done = state["units_done"]
     bar = tqdm(
@@ -269,10 +317,12 @@ def prepare(
     )
     start_time, text_bytes, run_tokens = time.perf_counter(), 0, 0
     try:
-        for result in results_in_order(units[done:], workers, text_field, val_fraction, split_seed):
+        for result in results_in_order(units[done:], workers, work, job):
+            if chat:
+                chat_data.count_chat(state["chat"], result)
             for split in SPLITS:
                 st = state["splits"][split]
-                writers[split].write(result.tokens[split])
+                writers[split].write(result.tokens[split], result.masks[split] if chat else None)
                 writers[split].flush()
                 st["tokens"] += len(result.tokens[split])
                 st["docs"] += result.docs[split]
@@ -297,21 +347,25 @@ def prepare(
     finally:
         bar.close()
         for w in writers.values():
-            if w.file is not None:
-                w.file.close()
+            for f in (w.file, w.mask_file):
+                if f is not None:
+                    f.close()
     elapsed = time.perf_counter() - start_time
 
     totals = {s: state["splits"][s] for s in SPLITS}
     if not totals["train"]["docs"] and not totals["val"]["docs"]:
         remove_outputs(out)
+        too_long = f", {state['chat']['skipped_long']} longer than --seq-len" if chat else ""
         raise AxiomError(
-            f"no documents in {' '.join(inputs)} ({state['skipped_empty_docs']} empty skipped); check the inputs"
+            f"no documents in {' '.join(inputs)} ({state['skipped_empty_docs']} empty{too_long} skipped); "
+            "check the inputs"
         )
     manifest = {
         **settings,
         "shards": [{**sh, "split": s} for s in SPLITS for sh in totals[s]["shards"]],
         "skipped_empty_docs": state["skipped_empty_docs"],
         "units": len(units),
+        **(chat_data.chat_totals(state["chat"]) if chat else {}),
     }
     for s in SPLITS:
         manifest[f"{s}_tokens"] = totals[s]["tokens"]
@@ -321,6 +375,8 @@ def prepare(
     (out / STATE).unlink()
     if not quiet:
         report(out, manifest, elapsed, text_bytes, run_tokens, workers)
+        if chat:
+            chat_data.report_chat(manifest)
     return manifest
 
 

@@ -8,12 +8,13 @@ This module imports neither torch nor the loader, so worker processes start fast
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,15 +186,36 @@ def read_unit(unit: Unit, text_field: str) -> Iterator[str | None]:
         for name in unit.paths:
             yield decode(Path(name).read_bytes(), name)
     else:
-        path = unit.paths[0]
-        if unit.kind == ".jsonl":
-            with open(path, "rb") as f:
-                f.seek(unit.start)
-                lines = io.BytesIO(f.read(unit.end - unit.start))  # at most JSONL_CHUNK_BYTES plus a line
-            yield from read_jsonl(lines, path, text_field, first_line=None, offset=unit.start)
-        else:
-            with open_compressed(path, unit.kind) as lines:
-                yield from read_jsonl(lines, path, text_field, first_line=1, offset=0)
+        yield from read_jsonl(unit, text_field)
+
+
+def read_rows(unit: Unit, columns: tuple[str, ...] = ()) -> Iterator[tuple[object, Callable[[], str]]]:
+    """Whole rows of a JSON Lines or parquet unit (of parquet, the `columns` it has), each with a function naming
+    its place (`file:line`, `file: row N`) for an error message."""
+    path = unit.paths[0]
+    if unit.kind == ".jsonl":
+        with open(path, "rb") as f:
+            f.seek(unit.start)
+            lines = io.BytesIO(f.read(unit.end - unit.start))  # at most JSONL_CHUNK_BYTES plus a line
+        yield from parse_jsonl(lines, path, first_line=None, offset=unit.start)
+        return
+    if unit.kind != ".parquet":
+        with open_compressed(path, unit.kind) as lines:
+            yield from parse_jsonl(lines, path, first_line=1, offset=0)
+        return
+    try:
+        pf = pq.ParquetFile(path)
+        first = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
+        names = [c for c in columns if c in pf.schema_arrow.names]
+        batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[unit.start], columns=names)
+        for batch in batches:
+            for row in batch.to_pylist():
+                first += 1
+                yield row, lambda n=first: f"{path}: row {n}"
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        raise AxiomError(
+            f"{path}: row group {unit.start} is unreadable ({' '.join(str(e).split())[:160]}); the file is corrupt"
+        ) from e
 
 
 def read_parquet(unit: Unit, text_field: str) -> Iterator[str | None]:
@@ -222,10 +244,10 @@ def open_compressed(path: str, kind: str) -> io.BufferedIOBase:
     )
 
 
-def read_jsonl(
-    lines: io.BufferedIOBase, path: str, text_field: str, first_line: int | None, offset: int
-) -> Iterator[str | None]:
-    """One document per non-blank line. `first_line` None means: count lines before `offset` only on error."""
+def parse_jsonl(
+    lines: io.BufferedIOBase, path: str, first_line: int | None, offset: int
+) -> Iterator[tuple[object, Callable[[], str]]]:
+    """Each non-blank line parsed. `first_line` None means: count lines before `offset` only on error."""
 
     def where(i: int) -> str:
         if first_line is not None:
@@ -245,14 +267,20 @@ def read_jsonl(
             raise AxiomError(f"{where(i)}: invalid UTF-8 at byte {e.start} of the line; fix or remove it") from e
         except json.JSONDecodeError as e:
             raise AxiomError(f"{where(i)}: invalid JSON ({e.msg} at column {e.colno}); fix or remove it") from e
+        yield obj, functools.partial(where, i)
+
+
+def read_jsonl(unit: Unit, text_field: str) -> Iterator[str | None]:
+    """One document per non-blank line: the string (or null) in `text_field`."""
+    for obj, where in read_rows(unit):
         if not isinstance(obj, dict) or text_field not in obj:
             fields = ", ".join(obj) if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
-            raise AxiomError(f"{where(i)}: no field '{text_field}' (found: {fields}); choose one with --text-field")
+            raise AxiomError(f"{where()}: no field '{text_field}' (found: {fields}); choose one with --text-field")
         text = obj[text_field]
         if text is not None and not isinstance(text, str):
-            raise AxiomError(f"{where(i)}: field '{text_field}' is {type(text).__name__}, expected a string")
+            raise AxiomError(f"{where()}: field '{text_field}' is {type(text).__name__}, expected a string")
         if text is not None and not is_valid_text(text):
-            raise AxiomError(f"{where(i)}: field '{text_field}' holds a lone surrogate (not valid Unicode text)")
+            raise AxiomError(f"{where()}: field '{text_field}' holds a lone surrogate (not valid Unicode text)")
         yield text
 
 

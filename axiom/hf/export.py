@@ -5,7 +5,9 @@
     --format llama   a native LlamaForCausalLM (names mapped by axiom.hf.names), no remote code
 
 Both carry model.safetensors (the tied table stored once), generation_config.json, the cl100k_base tokenizer
-(tokenizer.json, tokenizer_config.json) and a README.md model card.
+(tokenizer.json, tokenizer_config.json) and a README.md model card. A checkpoint fine-tuned on chat data
+("chat_template" in its config.json) also carries the ChatML tokens and template, and generation stops at
+<|im_end|>.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from axiom.chat import IM_END, TEMPLATE_NAME
 from axiom.checkpoint import load_model
 from axiom.errors import AxiomError
 from axiom.hf.card import eval_summary, find_eval_csv, model_card
@@ -49,6 +52,9 @@ def export(
     if eval_csv is not None and not Path(eval_csv).is_file():
         raise AxiomError(f"--eval-csv {eval_csv}: file not found")
     model, cfg, meta = load_model(ckpt)
+    chat = meta.get("chat_template") is not None
+    if chat and meta["chat_template"] != TEMPLATE_NAME:
+        raise AxiomError(f"{ckpt}: unknown chat_template {meta['chat_template']!r} in config.json; Axiom knows chatml")
     state = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
     if cfg.model.tie_embeddings:
         del state["lm_head.weight"]  # transformers re-ties it from config.tie_word_embeddings
@@ -61,9 +67,10 @@ def export(
         # transformers_version: 4.57.3 warns about a Mistral regex bug on configs that lack it
         config = {**hf_config(cfg, fmt, dtype, meta), "transformers_version": version("transformers")}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        generation = {"bos_token_id": None, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
+        stop = [IM_END, EOS_ID] if chat else EOS_ID  # a chat model's reply ends with <|im_end|>
+        generation = {"bos_token_id": None, "eos_token_id": stop, "pad_token_id": EOS_ID}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        write_tokenizer(tmp, cfg.model.max_seq_len)
+        write_tokenizer(tmp, cfg.model.max_seq_len, chat)
         if fmt == "axiom":
             for name in REMOTE_FILES:
                 shutil.copyfile(REMOTE_CODE / name, tmp / name)
