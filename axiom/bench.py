@@ -34,8 +34,8 @@ from axiom.config import Config, ModelConfig, add_config_arguments, config_from_
 from axiom.errors import AxiomError
 from axiom.generate import generate
 from axiom.model import Axiom, flops_per_token, num_params, release_loss_workspace
-from axiom.parallel import Dist, gpu_peak_flops, parallelize, pick_device
 from axiom.optim import build_optimizer, lr_at
+from axiom.parallel import Dist, gpu_peak_flops, parallelize, pick_device
 from axiom.trainer import train_step
 
 
