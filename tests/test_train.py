@@ -16,13 +16,15 @@ import torch
 from conftest import MICRO_VOCAB, micro_args, micro_config
 from safetensors.torch import load_file
 
-import axiom.train as train_mod
+import axiom.trainer as trainer_mod
 from axiom.checkpoint import list_checkpoints, load_model, load_training_state
 from axiom.config import TrainConfig
 from axiom.errors import AxiomError
 from axiom.loader import read_manifest
 from axiom.model import Axiom
-from axiom.train import EVAL_COLUMNS, build_optimizer, lr_at, train, train_step
+from axiom.optim import build_optimizer, lr_at
+from axiom.train import train
+from axiom.trainer import EVAL_COLUMNS, train_step
 
 
 def read_rows(path):
@@ -163,7 +165,7 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypa
     full = train(cfg, tiny_data, tmp_path / "full")
 
     calls = []
-    real_step = train_mod.train_step
+    real_step = trainer_mod.train_step
 
     def step_then_signal(*args, **kwargs):  # SIGTERM arrives during step 5: a checkpoint at its end, then exit
         calls.append(1)
@@ -171,12 +173,12 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypa
             signal.raise_signal(signal.SIGTERM)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_step", step_then_signal)
+    monkeypatch.setattr(trainer_mod, "train_step", step_then_signal)
     part = tmp_path / "part"
     first = train(cfg, tiny_data, part)
     assert first.stopped == "SIGTERM" and first.step == 5
     assert "stopped by SIGTERM at step 5" in (part / "train.log").read_text()
-    monkeypatch.setattr(train_mod, "train_step", real_step)
+    monkeypatch.setattr(trainer_mod, "train_step", real_step)
     with pytest.raises(AxiomError, match="already holds checkpoints; pass --resume"):
         train(cfg, tiny_data, part)
     second = train(cfg, tiny_data, part, resume=True)
@@ -193,21 +195,21 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypa
 def test_crash_while_writing_checkpoint_leaves_previous_loadable(tiny_data, tmp_path, monkeypatch):
     cfg = micro_config("max_steps=6", "eval_interval=6", "checkpoint_interval=2")
     run = tmp_path / "run"
-    real_save = train_mod.save_training_state
+    real_save = trainer_mod.save_training_state
 
     def crash_on_second(state, directory):
         if state["step"] == 4:  # the weights are already in the temporary directory: die mid-checkpoint
             raise KeyboardInterrupt
         real_save(state, directory)
 
-    monkeypatch.setattr(train_mod, "save_training_state", crash_on_second)
+    monkeypatch.setattr(trainer_mod, "save_training_state", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tiny_data, run)
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2]
     assert (run / "checkpoints" / ".step_000004.tmp" / "model.safetensors").exists()
     model, _, meta = load_model(run / "checkpoints" / "step_000002")
     assert meta["step"] == 2
-    monkeypatch.setattr(train_mod, "save_training_state", real_save)
+    monkeypatch.setattr(trainer_mod, "save_training_state", real_save)
     resumed = train(cfg, tiny_data, run, resume=True)
     assert resumed.step == 6 and [s for s, _ in list_checkpoints(run / "checkpoints")] == [2, 4, 6]
     reference = tmp_path / "reference"
