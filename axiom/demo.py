@@ -6,7 +6,9 @@
 4. plot     loss against tokens to loss.png
 5. sample   `axiom generate --ckpt RUN/checkpoints/best` on a few prompts
 
-Run it again and it continues (or reuses) what is already there.
+Run it again and it continues (or reuses) what is already there. With --chat (`make demo-chat`), the base
+model is then instruction-tuned on questions about the same text and measured before and after
+(axiom/chat_demo.py; the base steps are skipped when OUT/run/checkpoints/best exists).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from axiom import chat_demo
 from axiom.checkpoint import list_checkpoints
 from axiom.cli import main as axiom
 from axiom.config import get_config
@@ -67,10 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m axiom.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="folder for corpus, data and run (default: runs/demo)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--chat", action="store_true", help="then fine-tune the base model on questions (OUT/chat)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     corpus, data, run = out / "corpus" / "kjv.jsonl", out / "data", out / "run"
     cfg = get_config("tiny", args.overrides)
+    if args.chat and (run / "checkpoints" / "best").is_dir():
+        chat_demo.run(out / "chat", run / "checkpoints" / "best", _call, _step)
+        return 0
 
     _step(f"1/5 corpus: the King James Bible -> {corpus}")
     if not corpus.is_file():
@@ -101,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {run}/loss.png          train and val loss against tokens")
     print(f"  {run}/train.log         the plan and progress lines")
     print(f"  {best}/    the best checkpoint: axiom generate --ckpt {best} --prompt '...'")
+    if args.chat:
+        chat_demo.run(out / "chat", best, _call, _step)
     return 0
 
 

@@ -14,6 +14,7 @@ packs the val split in stream order. Attention is not masked between the convers
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from axiom.loader import TokenStream, read_manifest
 from axiom.tokenizer import EOS_ID
 
 IGNORE_INDEX = -100  # model.chunked_cross_entropy's ignore_index
+OPEN_WINDOWS = 16  # windows that packing fills at a time (see `pack`)
 
 
 class Conversations:
@@ -64,17 +66,43 @@ class Conversations:
         return tokens[:-1], np.where(mask[1:] == 1, tokens[1:], IGNORE_INDEX)
 
 
-def pack(lengths: np.ndarray, order: np.ndarray, capacity: int) -> np.ndarray:
-    """Window boundaries for conversations taken in `order`: window w holds order[cuts[w]:cuts[w+1]], as many as
-    fit in `capacity` tokens (next fit: a conversation that does not fit starts the next window)."""
-    cuts, used = [0], 0
-    for i, n in enumerate(lengths[order].tolist()):
-        if used + n > capacity and used:
-            cuts.append(i)
-            used = 0
-        used += n
-    cuts.append(len(order))
-    return np.asarray(cuts, dtype=np.int64)
+@dataclass
+class Packing:
+    """Window w holds conversations members[cuts[w]:cuts[w + 1]]."""
+
+    members: np.ndarray
+    cuts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.cuts) - 1
+
+    def window(self, w: int) -> np.ndarray:
+        return self.members[self.cuts[w] : self.cuts[w + 1]]
+
+
+def pack(lengths: np.ndarray, order: np.ndarray, capacity: int, open_windows: int = OPEN_WINDOWS) -> Packing:
+    """Conversations taken in `order`, packed whole into windows of `capacity` tokens: each goes into the first of
+    the `open_windows` most recent windows with room for it, or opens a new one (the oldest open window is then
+    closed). Next fit (one open window) leaves about a fifth of each window empty when conversations are a third
+    of it long; a few open windows fill them nearly full while keeping the shuffled order."""
+    closed: list[list[int]] = []
+    windows: list[list[int]] = []  # open: conversation indices
+    used: list[int] = []
+    for c, n in zip(order.tolist(), lengths[order].tolist(), strict=True):
+        w = next((i for i, u in enumerate(used) if u + n <= capacity), None)
+        if w is None:
+            if len(windows) == open_windows:
+                closed.append(windows.pop(0))
+                used.pop(0)
+            windows.append([])
+            used.append(0)
+            w = len(windows) - 1
+        windows[w].append(c)
+        used[w] += n
+    closed += windows
+    cuts = np.cumsum([0, *map(len, closed)])
+    members = np.fromiter((c for w in closed for c in w), dtype=np.int64, count=int(cuts[-1]))
+    return Packing(members, cuts)
 
 
 def to_batch(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,29 +143,33 @@ class ChatLoader:
         self.epoch = 0
         self.position = 0  # windows of this epoch's packing already consumed (all ranks)
         self._packed_epoch = -1
-        if len(self._packing()[1]) - 1 < self.global_batch:
+        if self.windows() < self.global_batch:
             raise AxiomError(
-                f"{data_dir}: the train split packs into {len(self._cuts) - 1} windows of {seq_len}+1 tokens, fewer "
+                f"{data_dir}: the train split packs into {self.windows()} windows of {seq_len}+1 tokens, fewer "
                 f"than one global batch ({self.global_batch}); prepare more conversations or lower the batch size"
             )
 
-    def _packing(self) -> tuple[np.ndarray, np.ndarray]:
+    def _packing(self) -> Packing:
         if self._packed_epoch != self.epoch:
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_conversations)
-            self._cuts = pack(self.data.lengths, self._order, self.seq_len + 1)
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_conversations)
+            self._packed = pack(self.data.lengths, order, self.seq_len + 1)
             self._packed_epoch = self.epoch
-        return self._order, self._cuts
+        return self._packed
+
+    def windows(self) -> int:
+        """Windows in this epoch's packing (other epochs differ by a few)."""
+        return len(self._packing())
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (micro_batch_size, seq_len) int64 on the CPU; targets -100 where not trained."""
-        if self.position + self.global_batch > len(self._packing()[1]) - 1:
+        if self.position + self.global_batch > self.windows():
             self.epoch += 1
             self.position = 0
-        order, cuts = self._packing()
+        packing = self._packing()
         first = self.position + self.rank * self.micro_batch_size
         self.position += self.global_batch
         windows = range(first, first + self.micro_batch_size)
-        return to_batch([self.data.window(order[cuts[w] : cuts[w + 1]], self.seq_len) for w in windows])
+        return to_batch([self.data.window(packing.window(w), self.seq_len) for w in windows])
 
     def state_dict(self) -> dict:
         return {
@@ -167,9 +199,8 @@ def chat_eval_batches(
     if len(data) == 0:
         raise AxiomError(f"{data_dir}: the val split has no conversations; prepare with a larger --val-fraction")
     data.check_fit(seq_len, str(data_dir))
-    order = np.arange(len(data))
-    cuts = pack(data.lengths, order, seq_len + 1)
-    num_windows = min(max(eval_tokens // seq_len, 1), len(cuts) - 1)
+    packing = pack(data.lengths, np.arange(len(data)), seq_len + 1)
+    num_windows = min(max(eval_tokens // seq_len, 1), len(packing))
     for first in range(0, num_windows, batch_size):
         windows = range(first, min(first + batch_size, num_windows))
-        yield to_batch([data.window(order[cuts[w] : cuts[w + 1]], seq_len) for w in windows])
+        yield to_batch([data.window(packing.window(w), seq_len) for w in windows])

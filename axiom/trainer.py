@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from axiom.chat import TEMPLATE_NAME
 from axiom.checkpoint import (
     list_checkpoints,
     prune_checkpoints,
@@ -30,9 +31,10 @@ from axiom.checkpoint import (
 from axiom.config import Config, TrainConfig
 from axiom.errors import AxiomError
 from axiom.evaluate import autocast, evaluate
-from axiom.loader import TrainLoader
+from axiom.loader import TrainLoader, data_kind
 from axiom.model import Axiom, flops_per_token, num_params
 from axiom.optim import build_optimizer, lr_at
+from axiom.packing import IGNORE_INDEX, ChatLoader
 from axiom.parallel import Dist, full_state, gpu_peak_flops, load_optimizer_state, parallelize
 from axiom.runlog import RunLog
 
@@ -65,15 +67,26 @@ def train_step(
 ) -> StepResult:
     """One optimizer step: accumulate gradients over `micro_batches` (this rank's), clip, update.
 
-    The loss of each micro-batch is divided by their number, so the step equals one batch of all of them."""
+    Each micro-batch's mean loss is weighted by its share of the step's target tokens (those not -100, over all
+    ranks), so the step equals one batch of all of them also when chat data masks a different number of targets
+    in each; with every target counted (text) each weight is exactly 1 / len(micro_batches)."""
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     n = len(micro_batches)
+    counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]
+    total_count, world = float(sum(counts)), 1
+    if dist.is_initialized():
+        world = dist.get_world_size()
+        summed = torch.tensor([total_count], device=device, dtype=torch.float64)
+        dist.all_reduce(summed)
+        total_count = summed.item()
+    mean_count = max(total_count, 1.0) / (n * world)  # target tokens per micro-batch, over all ranks
     total = torch.zeros((), device=device)
     for i, (x, y) in enumerate(micro_batches):
+        weight = counts[i] / mean_count  # exactly 1.0 for text data
         with _grad_sync(model, i == n - 1):
             with autocast(device, cfg.dtype):
-                loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) * weight
             (loss / n).backward()
         total += loss.detach().float()
     loss = total / n
@@ -177,6 +190,7 @@ def data_record(data_dir: Path, manifest: dict) -> dict:
     """What a checkpoint says about its data, so a model card can name it without the run's command line."""
     return {
         "dir": str(data_dir),
+        "kind": data_kind(manifest),
         "sources": [Path(s["path"]).name for s in manifest["sources"]],
         **{k: manifest[k] for k in ("train_tokens", "val_tokens", "train_docs", "val_docs")},
         **{k: manifest["split"][k] for k in ("val_fraction", "split_seed")},
@@ -208,7 +222,9 @@ class Trainer:
         self.raw.train()
         self.model = parallelize(self.raw, t, device, d)
         self.optimizer, self.optimizer_name = build_optimizer(self.raw, t, device, fsdp=self.fsdp)
-        self.loader = TrainLoader(data_dir, t.seq_len, t.micro_batch_size, t.seed, d.rank, d.world_size)
+        self.chat = data_kind(manifest) == "chat"  # conversations: masked targets, whole ones per window
+        loader = ChatLoader if self.chat else TrainLoader
+        self.loader = loader(data_dir, t.seq_len, t.micro_batch_size, t.seed, d.rank, d.world_size)
         self.micro_steps = t.grad_accum_steps // d.world_size
         self.state = TrainState()
         if state is not None:
@@ -292,6 +308,7 @@ class Trainer:
             "tokens": self.state.tokens,
             **extra,
             "data": data_record(self.data_dir, self.manifest),
+            **({"chat_template": TEMPLATE_NAME} if self.chat else {}),  # export, serve and chat apply it
         }
 
     def save_best(self, val_loss: float) -> None:
@@ -409,6 +426,14 @@ class Trainer:
             f"{self.manifest['val_tokens']:,} val tokens; eval every {t.eval_interval:,} steps on "
             f"{t.eval_tokens:,} tokens, checkpoint every {t.checkpoint_interval:,}"
         )
+        if self.chat:
+            windows = self.loader.windows()
+            epochs = t.steps * t.micro_batch_size * t.grad_accum_steps / windows
+            log.info(
+                f"chat data    {self.loader.num_conversations:,} conversations, "
+                f"{self.manifest['train_trained_tokens']:,} trained tokens, packed whole into about {windows:,} "
+                f"windows of {t.seq_len:,}; {t.steps:,} steps cover {epochs:.2f} epochs"
+            )
 
     # ---- the loop
 

@@ -1,0 +1,414 @@
+"""Chat: the ChatML template and encode_chat, `axiom prepare --chat` (formats, workers, restart, every bad-row
+class), packing, the masked loss, fine-tuning through the training loop (resume after kill -9), `axiom chat`, and
+exports whose tokenizer reproduces encode_chat in transformers."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+import zstandard
+from safetensors.torch import load_file
+
+from axiom import prepare as prep
+from axiom import sources
+from axiom.chat import IM_END, IM_START, chat_settings, encode_chat, render
+from axiom.chat_cli import Chat
+from axiom.checkpoint import list_checkpoints, read_meta, save_model
+from axiom.cli import main
+from axiom.config import Config, get_config
+from axiom.errors import AxiomError
+from axiom.evaluate import evaluate
+from axiom.loader import read_manifest
+from axiom.model import Axiom
+from axiom.packing import IGNORE_INDEX, ChatLoader, Conversations, chat_eval_batches, pack
+from axiom.tokenizer import EOS_ID, load_tokenizer
+from axiom.train import train
+from axiom.trainer import train_step
+
+# A micro model with the full cl100k table: chat data uses ids 100264/100265 (a cut-down table has no such rows).
+CHAT_MICRO = [
+    "d_model=16",
+    "n_layers=2",
+    "n_heads=2",
+    "n_kv_heads=1",
+    "ffn_multiple_of=16",
+    "max_seq_len=64",
+    "seq_len=64",
+    "micro_batch_size=2",
+    "grad_accum_steps=2",
+    "warmup_steps=2",
+    "lr_max=1e-2",
+    "lr_min=1e-3",
+    "eval_tokens=512",
+    "log_interval=1",
+    "optimizer=adamw",
+]
+SYSTEM = "You are a test."
+REPLY = "Hello there!"  # every training conversation's reply: a model learns it in a few dozen steps
+
+
+def chat_config(*overrides: str) -> Config:
+    return get_config("tiny", [*CHAT_MICRO, *overrides])
+
+
+def set_args(*overrides: str) -> list[str]:
+    return [a for item in [*CHAT_MICRO, *overrides] for a in ("--set", item)]
+
+
+def conversation(i: int) -> list[dict]:
+    """Conversations of varied length and turns: one to three exchanges, some with a system message."""
+    messages = [{"role": "system", "content": SYSTEM}] if i % 3 == 0 else []
+    for turn in range(1 + i % 3):
+        messages.append({"role": "user", "content": f"Question {i}.{turn}: " + "word " * (i % 7)})
+        messages.append({"role": "assistant", "content": REPLY})
+    return messages
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def fits(messages, seq_len):
+    return len(encode_chat(messages).ids) + 1 <= seq_len
+
+
+def settings(seq_len=64, overflow="truncate"):
+    return chat_settings(seq_len, overflow)
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    src = write_jsonl(root / "chats.jsonl", [{"messages": conversation(i)} for i in range(300)])
+    prep.prepare([str(src)], root / "data", workers=1, val_fraction=0.1, chat=settings(), quiet=True)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "ckpt"
+    path.mkdir()
+    torch.manual_seed(0)
+    cfg = chat_config()
+    save_model(Axiom(cfg.model), cfg, path, step=0, tokens=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tuned(chat_dir, base_ckpt, tmp_path_factory):
+    """A fine-tuning run of 30 steps from the random base: it learns to say REPLY and stop."""
+    run = tmp_path_factory.mktemp("sft") / "run"
+    result = train(chat_config("max_steps=30", "eval_interval=15"), chat_dir, run, init_from=base_ckpt)
+    return run, result
+
+
+# ---- the template
+
+
+def test_encode_chat_is_chatml_with_the_mask_on_replies():
+    enc = load_tokenizer()
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say <|im_end|> and <|endoftext|>"},  # ordinary text, never control ids
+        {"role": "assistant", "content": "\nOK"},  # the newline merges with the role's into one token
+    ]
+    tokens = encode_chat(messages)
+    nl = enc.encode_ordinary("\n")
+    expected = []
+    for m in messages:
+        expected += [IM_START, *enc.encode_ordinary(f"{m['role']}\n{m['content']}"), IM_END, *nl]
+    assert tokens.ids == expected
+    assert tokens.ids.count(IM_START) == tokens.ids.count(IM_END) == 3 and EOS_ID not in tokens.ids
+    trained = [t for t, m in zip(tokens.ids, tokens.mask, strict=True) if m]
+    assert trained == [*enc.encode_ordinary("assistant\n\nOK")[1:], IM_END]  # "\n\n" counts as the reply's
+    assert enc.decode(trained[:-1]) == "\n\nOK"
+    prompt = encode_chat(messages[:2], add_generation_prompt=True)
+    assert prompt.ids[-3:] == [IM_START, *enc.encode_ordinary("assistant\n")] and not any(prompt.mask)
+    with pytest.raises(ValueError, match="role"):
+        encode_chat([{"role": "robot", "content": "x"}])
+
+
+# ---- prepare --chat
+
+
+def test_prepare_chat_reads_every_format_the_same_for_any_workers_and_restarts(tmp_path, monkeypatch):
+    convs = [conversation(i) for i in range(40)]
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", [{"messages": c} for c in convs[:10]])
+    sharegpt = {"system": "system", "user": "human", "assistant": "gpt"}
+    gz = [{"conversations": [{"from": sharegpt[m["role"]], "value": m["content"]} for m in c]} for c in convs[10:20]]
+    (src / "b.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in gz).encode()))
+    zst = "".join(json.dumps({"messages": c, "id": i}) + "\n" for i, c in enumerate(convs[20:30]))
+    (src / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(zst.encode()))
+    pq.write_table(pa.table({"messages": convs[30:], "id": list(range(10))}), src / "d.parquet", row_group_size=4)
+
+    kwargs = dict(val_fraction=0.25, shard_tokens=300, chat=settings(48), quiet=True)
+    one = prep.prepare([str(src)], tmp_path / "one", workers=1, **kwargs)
+    two = prep.prepare([str(src)], tmp_path / "two", workers=2, **kwargs)
+    assert one == two and one["kind"] == "chat" and len(one["shards"]) > 2
+    for p in (tmp_path / "one").iterdir():
+        assert p.read_bytes() == (tmp_path / "two" / p.name).read_bytes(), p.name
+
+    # the streams are encode_chat's ids and masks, EOS after each conversation, in file order and split by hash
+    expected = {"train": ([], []), "val": ([], [])}
+    for c in convs:
+        split = "val" if sources.is_val(render(c).encode(), b"1337:", 0.25) else "train"
+        # with EOS over 48 tokens: the longest prefix that ends with a reply and fits
+        k = max(k for k in range(len(c) + 1) if k == 0 or (c[k - 1]["role"] == "assistant" and fits(c[:k], 48)))
+        t = encode_chat(c[:k])
+        expected[split][0].extend([*t.ids, EOS_ID])
+        expected[split][1].extend([*t.mask, 0])
+    for split in ("train", "val"):
+        data = Conversations(tmp_path / "one", split)
+        assert data.tokens.read(0, data.tokens.num_tokens).tolist() == expected[split][0]
+        assert data.masks.read(0, data.masks.num_tokens).tolist() == expected[split][1]
+        assert one[f"{split}_trained_tokens"] == sum(expected[split][1])
+    assert one["train_docs"] + one["val_docs"] == 40
+    assert one["truncated_conversations"] == sum(not fits(c, 48) for c in convs) > 0
+    skip = prep.prepare([str(src)], tmp_path / "skip", workers=1, **{**kwargs, "chat": settings(48, "skip")})
+    assert skip["skipped_long_conversations"] == one["truncated_conversations"] and skip["truncated_conversations"] == 0
+
+    # interrupted after the third unit, then a stray byte in the partial mask: the re-run gives the same bytes
+    saves, real_write = [], prep.write_json_atomic
+
+    def interrupting_write(path, obj):
+        real_write(path, obj)
+        saves.append(path)
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "write_json_atomic", interrupting_write)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare([str(src)], tmp_path / "re", workers=1, **kwargs)
+    monkeypatch.setattr(prep, "write_json_atomic", real_write)
+    train_state = json.loads((tmp_path / "re" / prep.STATE).read_text())["splits"]["train"]
+    assert train_state["partial_tokens"] > 0
+    with open(tmp_path / "re" / f"train_{len(train_state['shards']):05d}.mask.tmp", "ab") as f:
+        f.write(b"\x01\x01")  # kill -9 while the next unit was being written: mask bytes past the record
+    assert prep.prepare([str(src)], tmp_path / "re", workers=1, **kwargs) == one
+    assert sorted(p.name for p in (tmp_path / "re").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    for p in (tmp_path / "one").iterdir():
+        assert p.read_bytes() == (tmp_path / "re" / p.name).read_bytes(), p.name
+
+
+def user(text="x"):
+    return {"role": "user", "content": text}
+
+
+def assistant(text="y"):
+    return {"role": "assistant", "content": text}
+
+
+def system(text="s"):
+    return {"role": "system", "content": text}
+
+
+BAD_ROWS = [
+    ({"messages": [{"role": "robot", "content": "x"}, assistant()]}, "message 0: unknown role 'robot'"),
+    ({"conversations": [{"from": "user", "value": "x"}]}, "unknown from 'user'; expected one of system, human, gpt"),
+    ({"messages": [user(" \n"), assistant()]}, "message 0 (user): empty content"),
+    ({"messages": [user(), assistant("")]}, "message 1 (assistant): empty content"),
+    ({"messages": [{"role": "user", "content": 3}, assistant()]}, "content is int, expected a string"),
+    ({"messages": [{"role": "user"}, assistant()]}, "content is NoneType, expected a string"),
+    ({"messages": [system(), user()]}, "no assistant turn"),
+    ({"messages": [assistant()]}, "roles out of order: message 0 is assistant first"),
+    ({"messages": [user(), user(), assistant()]}, "roles out of order: message 1 is user after user"),
+    ({"messages": [user(), assistant(), user()]}, "roles out of order: the last message is user"),
+    ({"messages": [user(), system(), assistant()]}, "roles out of order: message 1 is system after user"),
+    ({"messages": []}, "'messages' must be a non-empty list"),
+    ({"text": "plain"}, "no field 'messages' or 'conversations' (found: text)"),
+    ({"messages": ["hi"]}, "message 0 is str, expected an object"),
+]
+
+
+def test_every_bad_row_class_is_one_line_naming_file_and_line(tmp_path, capsys):
+    good = [{"messages": conversation(i)} for i in range(3)]
+    for n, (row, pattern) in enumerate(BAD_ROWS):
+        path = write_jsonl(tmp_path / f"bad{n}.jsonl", [*good, row])
+        code = main(["prepare", "--chat", str(path), "--out", str(tmp_path / f"out{n}"), "--workers", "1"])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and line.startswith(f"axiom prepare: error: {path}:4: "), line
+        assert pattern in line, line
+        assert not list((tmp_path / f"out{n}").glob("*.bin")) and not list((tmp_path / f"out{n}").glob("*.mask"))
+    pq.write_table(
+        pa.table({"messages": [conversation(1), [{"role": "user", "content": "x"}]]}), tmp_path / "p.parquet"
+    )
+    assert main(["prepare", "--chat", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "po")]) == 2
+    assert f"{tmp_path / 'p.parquet'}: row 2: no assistant turn" in capsys.readouterr().err
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "t.parquet")
+    assert main(["prepare", "--chat", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "to")]) == 2
+    assert "no list column 'messages' or 'conversations' (columns: text)" in capsys.readouterr().err
+
+
+# ---- packing and the masked loss
+
+
+def test_packing_keeps_conversations_whole_and_masks_targets(chat_dir):
+    data = Conversations(chat_dir, "train")
+    tokens = lambda c: data.tokens.read(int(data.starts[c]), int(data.lengths[c])).tolist()  # noqa: E731
+    mask = lambda c: data.masks.read(int(data.starts[c]), int(data.lengths[c])).tolist()  # noqa: E731
+    # epoch e packs every conversation once, whole, in the order of the (seed, e) permutation
+    order = np.random.default_rng([5, 0]).permutation(len(data))
+    packing = pack(data.lengths, order, 65)
+    assert sorted(packing.members.tolist()) == list(range(len(data)))
+    assert all(data.lengths[packing.window(w)].sum() <= 65 for w in range(len(packing)))
+    assert len(packing) < len(pack(data.lengths, order, 65, open_windows=1))  # fuller than next fit
+    # the loader's batches are those windows: the conversations end to end, EOS padding; targets masked
+    loader = ChatLoader(chat_dir, seq_len=64, micro_batch_size=3, seed=5)
+    assert loader.windows() == len(packing)
+    for b in range(len(packing) // 3):
+        x, y = loader.next_batch()
+        assert x.shape == y.shape == (3, 64) and loader.epoch == 0
+        for r in range(3):
+            w = packing.window(3 * b + r)
+            ids = [t for c in w for t in tokens(c)]
+            ids += [EOS_ID] * (65 - len(ids))
+            m = [k for c in w for k in mask(c)]
+            m += [0] * (65 - len(m))
+            assert x[r].tolist() == ids[:-1]
+            assert y[r].tolist() == [t if k else IGNORE_INDEX for t, k in zip(ids[1:], m[1:], strict=True)]
+    loader.next_batch()
+    assert loader.epoch == 1  # fewer windows than a batch were left: a new epoch and a new packing
+    # what is trained on is exactly the replies and their <|im_end|>
+    _, y = next(chat_eval_batches(chat_dir, 64, 4, 512))
+    trained = y[y != IGNORE_INDEX].tolist()
+    reply = [*load_tokenizer().encode_ordinary(REPLY), IM_END]
+    assert trained == reply * (len(trained) // len(reply))
+
+
+def test_masked_loss_equals_hand_computed_cross_entropy():
+    torch.manual_seed(0)
+    cfg = chat_config("vocab_size=512", "max_seq_len=16")
+    model = Axiom(cfg.model)
+    x = torch.randint(0, 512, (4, 16))
+    y = torch.randint(0, 512, (4, 16))
+    y[torch.rand(4, 16) < 0.6] = IGNORE_INDEX
+    y[3] = IGNORE_INDEX  # a row with nothing to learn
+    logits = model(x).float()
+    valid = y != IGNORE_INDEX
+    hand = -torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0][valid].mean()
+    assert model(x, y).item() == pytest.approx(hand.item(), rel=1e-5)
+    assert model(x, y).item() == pytest.approx(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item(), rel=1e-5)
+    # accumulated over micro-batches with different numbers of targets, a step is the loss of one batch of all
+    m1, m2 = Axiom(cfg.model), Axiom(cfg.model)
+    m2.load_state_dict(m1.state_dict())
+    before = {k: v.clone() for k, v in m1.state_dict().items()}
+    r1 = train_step(m1, torch.optim.SGD(m1.parameters()), [(x[:1], y[:1]), (x[1:], y[1:])], 1.0, cfg.train)
+    r2 = train_step(m2, torch.optim.SGD(m2.parameters()), [(x, y)], 1.0, cfg.train)
+    assert r1.loss == pytest.approx(r2.loss, rel=1e-5) and r1.grad_norm == pytest.approx(r2.grad_norm, rel=1e-4)
+    for name, p in m1.state_dict().items():
+        torch.testing.assert_close(p - before[name], m2.state_dict()[name] - before[name], rtol=1e-4, atol=1e-6)
+
+
+# ---- fine-tuning
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fine_tuning_learns_the_replies_and_marks_the_checkpoint(tuned, chat_dir):
+    run, result = tuned
+    rows = read_rows(run / "eval.csv")
+    assert [int(r["step"]) for r in rows] == [0, 15, 30]
+    assert float(rows[-1]["val_loss"]) < 0.3 * float(rows[0]["val_loss"])
+    meta = read_meta(run / "checkpoints" / "best")
+    assert meta["chat_template"] == "chatml" and meta["data"]["kind"] == "chat"
+    model = load_model_eval(run / "checkpoints" / "best")
+    cfg = chat_config()
+    res = evaluate(model, chat_dir, 64, 2, 512)
+    assert res.loss == pytest.approx(float(rows[-1]["val_loss"]), rel=1e-5)
+    assert res.tokens == sum(int((y != IGNORE_INDEX).sum()) for _, y in chat_eval_batches(chat_dir, 64, 2, 512))
+    assert "chat data    " in (run / "train.log").read_text() and cfg.train.seq_len == 64
+
+
+def load_model_eval(path):
+    from axiom.checkpoint import load_model
+
+    return load_model(path)[0].eval()
+
+
+def test_chat_command_replies_and_stops_at_the_end_of_the_turn(tuned, tmp_path):
+    run, _ = tuned
+    best = str(run / "checkpoints" / "best")
+    done = subprocess.run(
+        [sys.executable, "-m", "axiom.cli", "chat", "--ckpt", best, "--message", "Hi?", "--temperature", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == REPLY + "\n"
+    # interactive, from a pipe: /system, a turn, /reset, a turn; EOF quits
+    script = "/system Be brief.\nHi?\n/reset\nHello?\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "axiom.cli", "chat", "--ckpt", best, "--temperature", "0"],
+        input=script,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["(system message set)", REPLY, "(conversation forgotten)", REPLY]
+
+
+def test_chat_history_drops_the_oldest_exchanges_to_fit(tuned):
+    model = load_model_eval(tuned[0] / "checkpoints" / "best")  # max_seq_len 64
+    chat = Chat(model, "sys", max_new_tokens=16, temperature=0, top_k=None, top_p=None, seed=0)
+    for i in range(6):
+        reply = "".join(chat.reply(f"Question {i}?"))
+        assert reply == REPLY
+    assert len(chat.history) == 12
+    ids, budget = chat.prompt("Last question?")
+    assert budget == 16
+
+    def prompt(exchanges: int) -> list[int]:
+        history = chat.history[len(chat.history) - 2 * exchanges :]
+        messages = [{"role": "system", "content": "sys"}, *history, {"role": "user", "content": "Last question?"}]
+        return encode_chat(messages, add_generation_prompt=True).ids
+
+    kept = max(k for k in range(7) if len(prompt(k)) + 16 <= 64)
+    assert 0 < kept < 6 and ids == prompt(kept)  # the system message and the newest exchanges that fit
+    with pytest.raises(AxiomError, match="send a shorter message"):
+        chat.prompt("word " * 100)
+
+
+def test_fine_tuning_resumes_bit_exact_after_kill_9(chat_dir, base_ckpt, tmp_path):
+    extra = ("max_steps=16", "eval_interval=8", "checkpoint_interval=2")
+    reference = tmp_path / "reference"
+    train(chat_config(*extra), chat_dir, reference, init_from=base_ckpt)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "axiom.cli", "train", "--data", str(chat_dir), "--out", str(run)]
+    cmd += ["--init-from", str(base_ckpt), *set_args(*extra)]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        while not (run / "checkpoints" / "step_000004").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (run / "checkpoints" / "step_000016").exists()
+    resume = [*cmd[: cmd.index("--init-from")], "--resume", *set_args(*extra)]
+    done = subprocess.run(resume, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    last = lambda r: load_file(list_checkpoints(r / "checkpoints")[-1][1] / "model.safetensors")  # noqa: E731
+    ours, ref = last(run), last(reference)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert [r["loss"] for r in read_rows(run / "train.csv")] == [r["loss"] for r in read_rows(reference / "train.csv")]
+    assert read_manifest(chat_dir)["kind"] == "chat"
