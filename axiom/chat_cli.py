@@ -132,7 +132,7 @@ def interactive(chat: Chat, tty: bool) -> int:
             chat.reset()
             print("(conversation forgotten)")
             continue
-        if line.startswith("/system"):
+        if line.strip() == "/system" or line.startswith("/system "):
             chat.system = line[len("/system") :].strip() or None
             print(f"(system message {'set' if chat.system else 'removed'})")
             continue

@@ -1,15 +1,16 @@
 """`make demo-chat` (`python -m axiom.demo --chat`): instruction tuning of the demo's base model, measured.
 
-1. questions  six kinds of question about the KJV text with one exact answer each, as chat JSON Lines; the
+1. questions  five kinds of question about the KJV text with one exact answer each, as chat JSON Lines; the
               questions about held-out verses and chapters are kept apart for measuring
-2. prepare    `axiom prepare --chat` (conversations of at most 128 tokens, tiny's context for training)
+2. prepare    `axiom prepare --chat` (conversations of at most 128 tokens, tiny's training context)
 3. before     the exact-match rate of the base model on the held-out questions (greedy replies)
 4. fine-tune  `axiom train --init-from BASE --data CHAT`: masked loss, whole conversations packed into windows
 5. after      the same questions to the fine-tuned model, then a few chats through `axiom chat --message`
 
-Two kinds can be answered from the question alone (copying from it), two need what pretraining stored in the
-model (a word of a known verse), two need the KJV by heart (a verse from its reference, a chapter from its
-opening words): the rates show what supervised fine-tuning adds to a 6.6M-parameter model and what it cannot.
+Two kinds can be answered from the question itself (the book of a reference, the last word of a verse), one
+from what pretraining stored in the model (the word that comes next in a verse), and two only from the KJV by
+heart (a chapter from its opening words, a verse from its reference): the rates show what supervised
+fine-tuning adds to a 6.6M-parameter model, and what it cannot.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ SEED = 1337
 HELD_OUT = 0.05  # share of verses (and chapters) whose questions are only asked in the measurement
 TRAIN_PER_KIND = 1000
 TEST_PER_KIND = 40
-MAX_WORDS = 24  # verses longer than this are left out: replies fit the context and the time
+MAX_WORDS = 16  # verses longer than this are left out: replies fit the context and the time
 SYSTEM = "You answer questions about the King James Bible."
 # The fine-tuning recipe of the demo (docs/finetuning.md): the tiny preset's batch, a tenth of its peak lr.
 SFT_SETTINGS = (
@@ -80,8 +81,23 @@ def words(text: str) -> list[str]:
 
 
 # Each kind: (question, answer) from a verse and a random generator, or None when the verse does not suit it.
-def quote(v: Verse, rng: random.Random) -> tuple[str, str]:
-    return f"Quote {v.ref}.", v.text
+def book(v: Verse, rng: random.Random) -> tuple[str, str]:
+    return f"Which book is {v.ref} in?", v.book
+
+
+def last_word(v: Verse, rng: random.Random) -> tuple[str, str] | None:
+    w = words(v.text)
+    return (f"What is the last word of: {v.text}", w[-1]) if w else None
+
+
+def next_word(v: Verse, rng: random.Random) -> tuple[str, str] | None:
+    """The start of a verse, cut before a word: what the base model has read decides the answer."""
+    w = v.text.split(" ")
+    cuts = [i for i in range(3, len(w)) if re.fullmatch(r"[A-Za-z]+[,.;:]?", w[i])]
+    if not cuts:
+        return None
+    i = rng.choice(cuts)
+    return f"Which word comes next? {' '.join(w[:i])}", re.match(r"[A-Za-z]+", w[i]).group()
 
 
 def chapter(v: Verse, rng: random.Random) -> tuple[str, str] | None:
@@ -90,66 +106,45 @@ def chapter(v: Verse, rng: random.Random) -> tuple[str, str] | None:
     return f"Which book and chapter begin with: {' '.join(v.text.split()[:8])} ...?", f"{v.book} {v.chapter}"
 
 
-def book(v: Verse, rng: random.Random) -> tuple[str, str]:
-    return f"In which book is {v.ref}?", v.book
-
-
-def first_word(v: Verse, rng: random.Random) -> tuple[str, str] | None:
-    w = words(v.text)
-    return (f"What is the first word of this verse? {v.text}", w[0]) if w else None
-
-
-def blank(v: Verse, rng: random.Random) -> tuple[str, str] | None:
-    """A word of four letters or more blanked out: the rest of a verse the model has read points to it."""
-    tokens = v.text.split(" ")
-    choices = [i for i, t in enumerate(tokens) if re.fullmatch(r"[A-Za-z]{4,}[,.;:]?", t)]
-    if not choices:
-        return None
-    i = rng.choice(choices)
-    word = re.match(r"[A-Za-z]+", tokens[i]).group()
-    tokens[i] = tokens[i].replace(word, "___")
-    return f"Fill in the blank: {' '.join(tokens)}", word
-
-
-def repeat(v: Verse, rng: random.Random) -> tuple[str, str]:
-    return f"Repeat after me: {v.text}", v.text
+def quote(v: Verse, rng: random.Random) -> tuple[str, str]:
+    return f"Quote {v.ref}.", v.text
 
 
 KINDS: dict[str, Callable] = {
     "book": book,
-    "first word": first_word,
-    "fill in the blank": blank,
-    "repeat": repeat,
-    "quote": quote,
+    "last word": last_word,
+    "next word": next_word,
     "chapter": chapter,
+    "quote": quote,
 }
+TRAIN_SHARE = {"book": 1.0, "last word": 1.0, "next word": 1.0, "chapter": 0.5, "quote": 0.5}
 
 
 def questions() -> tuple[list[list[dict]], list[tuple[str, list[dict], str]]]:
-    """(train conversations, held-out (kind, messages without the reply, answer)): TRAIN_PER_KIND and
-    TEST_PER_KIND of each kind; held-out questions come only from held-out verses (chapters, for `chapter`)."""
+    """(train conversations, held-out (kind, messages without the reply, answer)): TRAIN_PER_KIND (times the
+    kind's TRAIN_SHARE) and TEST_PER_KIND of each kind; held-out questions come only from held-out verses
+    (chapters, for `chapter`). A third of them start with the system message."""
     rng = random.Random(SEED)
     verses = [v for v in kjv_verses() if len(v.text.split()) <= MAX_WORDS or v.verse == 1]
     train, test = [], []
     for kind, make in KINDS.items():
         pool = verses[:]
         rng.shuffle(pool)
-        seen_train = seen_test = 0
+        quota = {False: round(TRAIN_PER_KIND * TRAIN_SHARE[kind]), True: TEST_PER_KIND}
         for v in pool:
-            key = f"{v.book} {v.chapter}" if kind == "chapter" else v.ref
-            is_test = held_out(key)
-            if (seen_test if is_test else seen_train) >= (TEST_PER_KIND if is_test else TRAIN_PER_KIND):
+            if not quota[False] and not quota[True]:
+                break
+            is_test = held_out(f"{v.book} {v.chapter}" if kind == "chapter" else v.ref)
+            qa = make(v, rng) if quota[is_test] and (kind == "chapter" or len(v.text.split()) <= MAX_WORDS) else None
+            if qa is None:
                 continue
-            qa = make(v, rng)
-            if qa is None or (kind != "chapter" and len(v.text.split()) > MAX_WORDS):
-                continue
-            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": qa[0]}]
+            quota[is_test] -= 1
+            messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 1 / 3 else []
+            messages.append({"role": "user", "content": qa[0]})
             if is_test:
                 test.append((kind, messages, qa[1]))
-                seen_test += 1
             else:
                 train.append([*messages, {"role": "assistant", "content": qa[1]}])
-                seen_train += 1
     rng.shuffle(train)
     return train, test
 
@@ -197,7 +192,7 @@ def run(out: Path, base: Path, call: Callable[[list[str]], None], step: Callable
         to_jsonl(train, train_file)
     print(f"{len(train):,} training conversations, {len(test):,} held-out questions of {len(KINDS)} kinds")
     for kind, messages, answer in test[::TEST_PER_KIND][: len(KINDS)]:
-        print(f"  {kind:<18} {messages[1]['content'][:70]!r} -> {answer[:40]!r}")
+        print(f"  {kind:<18} {messages[-1]['content'][:70]!r} -> {answer[:40]!r}")
 
     step(f"2/5 prepare --chat: {data}")
     call(["prepare", "--chat", str(train_file), "--out", str(data), "--seq-len", "128", "--val-fraction", "0.05"])
@@ -217,10 +212,10 @@ def run(out: Path, base: Path, call: Callable[[list[str]], None], step: Callable
     print(table(before, after))
     shown = test[::TEST_PER_KIND][: len(KINDS)]
     for i, (kind, messages, answer) in enumerate(shown):
-        print(f"\n[{kind}] user: {messages[1]['content']}\n  expected: {answer}")
+        print(f"\n[{kind}] user: {messages[-1]['content']}\n  expected: {answer}")
         print(f"  base:       {before['replies'][i * TEST_PER_KIND]}")
         print(f"  fine-tuned: {after['replies'][i * TEST_PER_KIND]}")
     print("\na chat with the fine-tuned model (axiom chat --message):")
-    for question in ("In which book is Ruth 2:4?", "What is the first word of this verse? Jesus wept."):
+    for question in ("Which book is Ruth 2:4 in?", "Which word comes next? The LORD is my"):
         print(f"user: {question}\naxiom: ", end="", flush=True)
         call(["chat", "--ckpt", str(tuned), "--system", SYSTEM, "--message", question, "--temperature", "0"])

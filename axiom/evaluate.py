@@ -19,7 +19,8 @@ import torch
 
 from axiom.checkpoint import load_model
 from axiom.loader import data_kind, eval_batches, read_manifest
-from axiom.packing import IGNORE_INDEX, chat_eval_batches
+from axiom.model import IGNORE_INDEX
+from axiom.packing import chat_eval_batches
 from axiom.tokenizer import load_tokenizer
 
 

@@ -22,9 +22,9 @@ import torch
 
 from axiom.errors import AxiomError
 from axiom.loader import TokenStream, read_manifest
+from axiom.model import IGNORE_INDEX
 from axiom.tokenizer import EOS_ID
 
-IGNORE_INDEX = -100  # model.chunked_cross_entropy's ignore_index
 OPEN_WINDOWS = 16  # windows that packing fills at a time (see `pack`)
 
 

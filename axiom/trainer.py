@@ -32,9 +32,9 @@ from axiom.config import Config, TrainConfig
 from axiom.errors import AxiomError
 from axiom.evaluate import autocast, evaluate
 from axiom.loader import TrainLoader, data_kind
-from axiom.model import Axiom, flops_per_token, num_params
+from axiom.model import IGNORE_INDEX, Axiom, flops_per_token, num_params
 from axiom.optim import build_optimizer, lr_at
-from axiom.packing import IGNORE_INDEX, ChatLoader
+from axiom.packing import ChatLoader
 from axiom.parallel import Dist, full_state, gpu_peak_flops, load_optimizer_state, parallelize
 from axiom.runlog import RunLog
 

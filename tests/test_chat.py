@@ -32,19 +32,19 @@ from axiom.config import Config, get_config
 from axiom.errors import AxiomError
 from axiom.evaluate import evaluate
 from axiom.loader import read_manifest
-from axiom.model import Axiom
-from axiom.packing import IGNORE_INDEX, ChatLoader, Conversations, chat_eval_batches, pack
+from axiom.model import IGNORE_INDEX, Axiom
+from axiom.packing import ChatLoader, Conversations, chat_eval_batches, pack
 from axiom.tokenizer import EOS_ID, load_tokenizer
 from axiom.train import train
 from axiom.trainer import train_step
 
 # A micro model with the full cl100k table: chat data uses ids 100264/100265 (a cut-down table has no such rows).
 CHAT_MICRO = [
-    "d_model=16",
+    "d_model=32",
     "n_layers=2",
     "n_heads=2",
     "n_kv_heads=1",
-    "ffn_multiple_of=16",
+    "ffn_multiple_of=32",
     "max_seq_len=64",
     "seq_len=64",
     "micro_batch_size=2",
@@ -304,6 +304,10 @@ def test_masked_loss_equals_hand_computed_cross_entropy():
     hand = -torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0][valid].mean()
     assert model(x, y).item() == pytest.approx(hand.item(), rel=1e-5)
     assert model(x, y).item() == pytest.approx(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item(), rel=1e-5)
+    nothing = model(x[3:], y[3:])  # every target ignored (padding only): no loss and no gradient
+    nothing.backward()
+    assert nothing.item() == 0 and all(not p.grad.any() for p in model.parameters())
+    model.zero_grad()
     # accumulated over micro-batches with different numbers of targets, a step is the loss of one batch of all
     m1, m2 = Axiom(cfg.model), Axiom(cfg.model)
     m2.load_state_dict(m1.state_dict())
@@ -412,3 +416,50 @@ def test_fine_tuning_resumes_bit_exact_after_kill_9(chat_dir, base_ckpt, tmp_pat
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
     assert [r["loss"] for r in read_rows(run / "train.csv")] == [r["loss"] for r in read_rows(reference / "train.csv")]
     assert read_manifest(chat_dir)["kind"] == "chat"
+
+
+# ---- export: transformers reproduces the template
+
+
+PARITY = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+    [
+        {"role": "system", "content": "You are terse.\n  Answer in English; numbers like 12345 as digits."},
+        {"role": "user", "content": "What's 2+2?  And   spaces\n\nand newlines"},
+        {"role": "assistant", "content": "\n4, of course.\n"},
+        {"role": "user", "content": " ünïcödé 🌍 and 日本語 <b>tags</b>"},
+        {"role": "assistant", "content": "  Noted."},
+        {"role": "user", "content": "Last one?"},
+    ],
+]
+
+
+@pytest.mark.parametrize("fmt", ["axiom", "llama"])
+def test_export_template_matches_encode_chat_in_transformers_and_stops_at_the_turn(tuned, tmp_path, fmt):
+    transformers = pytest.importorskip("transformers", reason="the hf extra is needed: pip install 'axiom-lm[hf]'")
+    from axiom.chat import CHAT_TEMPLATE
+    from axiom.hf.export import export
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    out = export(tuned[0] / "checkpoints" / "best", tmp_path / fmt, fmt)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [IM_END, EOS_ID]
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [IM_START, IM_END]
+
+    def hf_ids(messages, prompt):
+        ids = tok.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True)
+        return ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5 returns a BatchEncoding
+
+    for messages in PARITY:
+        assert hf_ids(messages, False) == encode_chat(messages).ids
+        assert hf_ids(messages[:-1], True) == encode_chat(messages[:-1], add_generation_prompt=True).ids
+    # the one difference, on purpose: transformers reads control strings in the text as control tokens
+    inject = [{"role": "user", "content": "<|im_end|>"}]
+    assert IM_END not in encode_chat(inject).ids[1:-2] and IM_END in hf_ids(inject, False)[1:-2]
+
+    generator = transformers.pipeline("text-generation", model=str(out), trust_remote_code=fmt == "axiom")
+    chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Question 7?"}]
+    result = generator(chat, max_new_tokens=20, do_sample=False)[0]["generated_text"]
+    assert result[:-1] == chat and result[-1] == {"role": "assistant", "content": REPLY}
