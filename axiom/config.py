@@ -88,6 +88,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite loss/grad-norm steps (each skipped) before training stops
     log_interval: int = 10  # optimizer steps between lines in train.log / train.csv
     fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state with FSDP2 instead of DDP
+    doc_masking: bool | None = None  # attention only within each document of a window; None: on for chat data only
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "seq_len", "grad_accum_steps", "target_tokens", "eval_tokens"):

@@ -49,7 +49,7 @@ def mask_name(shard_file: str) -> str:
 
 
 def data_kind(manifest: dict) -> str:
-    """ "text" or "chat" (docs/finetuning.md); a manifest without the key is text."""
+    """The kind of data a manifest describes, "text" or "chat" (docs/finetuning.md); without the key, text."""
     return manifest.get("kind", "text")
 
 

@@ -185,6 +185,9 @@ class Axiom(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.gradient_checkpointing = False
+        # Document masking of packed sequences: with an id here (EOS), a position attends only within its document,
+        # each ending with that id; set from outside (train.doc_masking), used without a KV cache only.
+        self.doc_sep: int | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -229,10 +232,12 @@ class Axiom(nn.Module):
         with `last_only`."""
         B, T = tokens.shape
         cos, sin, mask = self._positions(T, cache, tokens.device)
+        if cache is None and self.doc_sep is not None:
+            mask = document_mask(tokens, self.doc_sep)
         x = self.embed(tokens)  # (B, T, d)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, None, i, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
@@ -278,6 +283,16 @@ class Axiom(nn.Module):
         """Parameters counted once (tied weights once); `non_embedding` leaves out the token table."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
+
+
+def document_mask(tokens: Tensor, sep: int) -> Tensor:
+    """(B, T) ids -> (B, 1, T, T) causal attention mask within documents, each ending with `sep`. With RoPE this
+    computes exactly what each document alone would (scores depend on relative positions only)."""
+    ends = (tokens == sep).long()
+    doc = ends.cumsum(dim=1) - ends  # (B, T) document number of each position; a document's `sep` belongs to it
+    T = tokens.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()  # (T, T)
+    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
 def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:

@@ -37,6 +37,7 @@ from axiom.optim import build_optimizer, lr_at
 from axiom.packing import ChatLoader
 from axiom.parallel import Dist, full_state, gpu_peak_flops, load_optimizer_state, parallelize
 from axiom.runlog import RunLog
+from axiom.tokenizer import EOS_ID
 
 EVAL_COLUMNS = ("step", "tokens", "train_loss", "val_loss", "val_ppl", "val_bpb", "lr", "elapsed_s", "tokens_per_s")
 TRAIN_COLUMNS = ("step", "tokens", "loss", "grad_norm", "lr", "tokens_per_s", "skipped")
@@ -220,9 +221,11 @@ class Trainer:
         self.fsdp = t.fsdp and d.world_size > 1
         self.raw = model.to(device)
         self.raw.train()
+        self.chat = data_kind(manifest) == "chat"  # conversations: masked targets, whole ones per window
+        if self.chat if t.doc_masking is None else t.doc_masking:  # in training and evaluation alike
+            self.raw.doc_sep = EOS_ID
         self.model = parallelize(self.raw, t, device, d)
         self.optimizer, self.optimizer_name = build_optimizer(self.raw, t, device, fsdp=self.fsdp)
-        self.chat = data_kind(manifest) == "chat"  # conversations: masked targets, whole ones per window
         loader = ChatLoader if self.chat else TrainLoader
         self.loader = loader(data_dir, t.seq_len, t.micro_batch_size, t.seed, d.rank, d.world_size)
         self.micro_steps = t.grad_accum_steps // d.world_size
@@ -434,6 +437,8 @@ class Trainer:
                 f"{self.manifest['train_trained_tokens']:,} trained tokens, packed whole into about {windows:,} "
                 f"windows of {t.seq_len:,}; {t.steps:,} steps cover {epochs:.2f} epochs"
             )
+        if self.raw.doc_sep is not None:
+            log.info("attention    within each document of a window (doc_masking)")
 
     # ---- the loop
 

@@ -1,13 +1,13 @@
 """Attention across packed conversations: document masking against none, on the chat demo (docs/finetuning.md).
 
-Axiom packs whole conversations into a window and lets attention cross them. Document masking instead lets a token
-attend only within its own conversation (a block-diagonal causal mask; with RoPE that computes exactly what each
-conversation alone would). This script patches it in (`Axiom.hidden_states` with a mask that never crosses an EOS)
-and measures both on the demo's chat data (`make demo-chat` first):
+Fine-tuning on chat data masks attention at conversation boundaries by default (`doc_masking`, `Axiom.doc_sep`):
+a token attends only within its own conversation, which with RoPE computes exactly what each conversation alone
+would. The alternative lets attention cross the conversations of a window (`--set doc_masking=false`). This script
+measures both on the demo's chat data (run `make demo-chat` first):
 
-    speed    train steps of the demo's recipe, the two kinds interleaved A B B A in one process
+    speed    train steps of the demo's recipe, the two interleaved A B B A in one process
     quality  (--quality) the demo's fine-tuning run with each, then the exact-match rate on the held-out questions
-             and the masked val loss with and without the mask
+             and the masked val loss of the packed windows with and without the mask
 
     PYTHONPATH=. python scripts/chat_doc_masking.py [--demo runs/demo] [--rounds 8] [--quality]
 """
@@ -18,44 +18,15 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from axiom import chat_demo
 from axiom.checkpoint import load_model
 from axiom.cli import main as axiom
 from axiom.config import get_config
 from axiom.evaluate import evaluate
-from axiom.model import Axiom
 from axiom.optim import build_optimizer
 from axiom.packing import ChatLoader
 from axiom.tokenizer import EOS_ID
 from axiom.trainer import train_step
-
-PLAIN = Axiom.hidden_states
-
-
-def doc_mask(tokens: torch.Tensor) -> torch.Tensor:
-    """(B, T) ids -> (B, 1, T, T) causal mask within conversations (a conversation's EOS belongs to it)."""
-    eos = (tokens == EOS_ID).long()
-    seg = torch.cumsum(eos, dim=1) - eos  # (B, T) conversation number of each position
-    T = tokens.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-    return (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]
-
-
-def masked_hidden_states(self: Axiom, tokens, cache=None, last_only=False):
-    if cache is not None:  # decoding: one conversation, nothing to mask
-        return PLAIN(self, tokens, cache, last_only)
-    T = tokens.shape[1]
-    cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], doc_mask(tokens)
-    x = self.embed(tokens)
-    for i, layer in enumerate(self.layers):
-        x = layer(x, cos, sin, None, i, mask)
-    return self.norm(x[:, -1:] if last_only else x)
-
-
-def use(masking: bool) -> None:
-    Axiom.hidden_states = masked_hidden_states if masking else PLAIN
 
 
 def speed(demo: Path, rounds: int, steps: int = 10) -> None:
@@ -67,12 +38,11 @@ def speed(demo: Path, rounds: int, steps: int = 10) -> None:
     seconds = {False: 0.0, True: 0.0}
     for r in range(rounds):
         for masking in (False, True) if r % 2 == 0 else (True, False):
-            use(masking)
+            model.doc_sep = EOS_ID if masking else None
             start = time.perf_counter()
             for batch in batches:
                 train_step(model, optimizer, [batch], 1e-4, cfg.train)
             seconds[masking] += time.perf_counter() - start
-    use(False)
     tokens = rounds * steps * cfg.train.tokens_per_step
     plain, masked = tokens / seconds[False], tokens / seconds[True]
     print(f"train steps: no mask {plain:,.0f} tok/s, document mask {masked:,.0f} tok/s ({masked / plain:.3f}x)")
@@ -82,9 +52,8 @@ def quality(demo: Path) -> None:
     _, test = chat_demo.questions()
     data = demo / "chat" / "data"
     for masking in (False, True):
-        use(masking)
-        run = demo / f"chat-docmask-{'on' if masking else 'off'}"
-        sets = [x for item in chat_demo.SFT_SETTINGS for x in ("--set", item)]
+        run = demo / f"chat-doc-masking-{str(masking).lower()}"
+        sets = [x for item in (*chat_demo.SFT_SETTINGS, f"doc_masking={masking}") for x in ("--set", item)]
         axiom(["train", "--preset", "tiny", *sets, "--data", str(data), "--out", str(run), "--device", "cpu",
                "--init-from", str(demo / "run" / "checkpoints" / "best")])  # fmt: skip
         best = run / "checkpoints" / "best"
@@ -92,16 +61,15 @@ def quality(demo: Path) -> None:
         model = load_model(best)[0]
         losses = {}
         for mask_eval in (False, True):
-            use(mask_eval)
+            model.doc_sep = EOS_ID if mask_eval else None
             losses[mask_eval] = evaluate(model, data, 128, 4, 1 << 20).loss
         right = sum(scores[k][0] for k in chat_demo.KINDS)
         asked = sum(scores[k][1] for k in chat_demo.KINDS)
         per_kind = ", ".join(f"{k} {scores[k][0]}/{scores[k][1]}" for k in chat_demo.KINDS)
         print(
-            f"trained {'with' if masking else 'without'} document mask: exact match {right}/{asked} ({per_kind}); "
-            f"val loss packed {losses[False]:.4f}, each conversation alone {losses[True]:.4f}"
+            f"doc_masking={masking}: exact match {right}/{asked} ({per_kind}); val loss of packed windows "
+            f"{losses[False]:.4f}, with each conversation alone {losses[True]:.4f}"
         )
-    use(False)
 
 
 if __name__ == "__main__":

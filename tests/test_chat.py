@@ -445,6 +445,7 @@ def test_export_template_matches_encode_chat_in_transformers_and_stops_at_the_tu
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["chat_template"] == CHAT_TEMPLATE
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [IM_END, EOS_ID]
+    assert "fine-tuned on chat data" in (out / "README.md").read_text()
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [IM_START, IM_END]
 
@@ -463,3 +464,17 @@ def test_export_template_matches_encode_chat_in_transformers_and_stops_at_the_tu
     chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Question 7?"}]
     result = generator(chat, max_new_tokens=20, do_sample=False)[0]["generated_text"]
     assert result[:-1] == chat and result[-1] == {"role": "assistant", "content": REPLY}
+
+
+def test_document_masking_computes_each_conversation_as_if_alone():
+    torch.manual_seed(0)
+    model = Axiom(chat_config("vocab_size=512", "max_seq_len=32").model).eval()
+    first, second = torch.randint(1, 512, (1, 9)), torch.randint(1, 512, (1, 12))
+    first[0, -1] = second[0, -1] = 0  # each ends with the separator (EOS in chat data)
+    packed = torch.cat([first, second, torch.zeros(1, 5, dtype=torch.long)], dim=1)  # then padding
+    model.doc_sep = 0
+    together = model(packed)
+    torch.testing.assert_close(together[:, 9:21], model(second), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(together[:, :9], model(first), rtol=1e-4, atol=1e-5)
+    model.doc_sep = None  # without the mask the second conversation sees the first
+    assert not torch.allclose(model(packed)[:, 9:21], model(second), atol=1e-3)

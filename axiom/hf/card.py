@@ -83,6 +83,14 @@ def model_card(cfg: Config, meta: dict, fmt: str, dtype: str, evals: dict | None
         ]
     )
     data = _describe_data(meta.get("data"))
+    if meta.get("chat_template"):  # fine-tuned on chat data (docs/finetuning.md)
+        kind = (
+            "It was fine-tuned on chat data: prompt it through its chat template (ChatML, "
+            "`tokenizer.apply_chat_template`; replies end at <|im_end|>); it is not aligned for safety"
+        )
+        per = "reply token: the loss is on assistant replies only"
+    else:
+        kind, per = "It is a base model: not instruction-tuned, not aligned for safety", "token"
     if evals:
         rows = [
             f"| {label} | {r['step']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
@@ -138,7 +146,7 @@ salted with a split seed, falls below a validation fraction; the rest is trainin
 
 ## Evaluation
 
-Validation loss (nats per token), perplexity and bits per byte from the run's eval.csv:
+Validation loss (nats per {per}), perplexity and bits per byte from the run's eval.csv:
 
 {evaluation}
 
@@ -147,8 +155,8 @@ Community benchmarks: `lm_eval --model hf --model_args pretrained=PATH{remote.re
 ## Intended uses and limitations
 
 Intended for research and education on language-model pretraining: studying training dynamics, comparing
-against other small models, fine-tuning experiments. It is a base model: not instruction-tuned, not aligned
-for safety, and it will produce fluent but false, biased or offensive text. It saw mostly English web text,
+against other small models, fine-tuning experiments. {kind},
+and it will produce fluent but false, biased or offensive text. It saw mostly English web text,
 so other languages and specialised domains are weak. Context is limited to {m.max_seq_len} tokens. Do not use
 it for decisions about people or as a source of facts.
 """
