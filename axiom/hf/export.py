@@ -46,7 +46,8 @@ def resolve_dtype(fmt: str, dtype: str) -> str:
         raise AxiomError(f"--format {fmt!r}: choose {', '.join(FORMAT_DTYPES)}")
     short = SHORT_NAMES.get(dtype, dtype)
     if short not in FORMAT_DTYPES[fmt]:
-        choices = " or ".join(f"{d} ({LONG_NAMES[d]})" if d in LONG_NAMES else d for d in FORMAT_DTYPES[fmt])
+        names = [f"{d} ({LONG_NAMES[d]})" if d in LONG_NAMES else d for d in FORMAT_DTYPES[fmt]]
+        choices = f"{', '.join(names[:-1])} or {names[-1]}"
         hint = "; f16 and q8_0 are for --format gguf" if fmt != "gguf" and short in FORMAT_DTYPES["gguf"] else ""
         raise AxiomError(f"--dtype {dtype}: --format {fmt} writes {choices}{hint}")
     return short

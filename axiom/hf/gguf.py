@@ -17,6 +17,7 @@ writes a Llama:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from pathlib import Path
@@ -98,17 +99,26 @@ def gguf_tensors(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, to
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _cl100k_bpe() -> tuple[dict[int, str], dict[int, str], list[str]]:
+    """({id: byte-level token}, {id: special token}, merges as "left right") from the HF export's tokenizer.json."""
+    spec = json.loads(tokenizer_json())
+    by_id = {i: t for t, i in spec["model"]["vocab"].items()}
+    special = {t["id"]: t["content"] for t in spec["added_tokens"]}
+    # byte-level strings never hold a real space, so "left right" is unambiguous
+    merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in spec["model"]["merges"]]
+    return by_id, special, merges
+
+
 def vocabulary(vocab_size: int, chat: bool) -> tuple[list[str], list[int], list[str]]:
     """(tokens, token types, merges) of cl100k_base as llama.cpp's `gpt2` BPE, padded to `vocab_size` ids.
 
     Byte-level token strings and merges come from the same tokenizer.json as the Hugging Face export; ids
     that cl100k_base leaves unused are `[PAD<id>]` of type UNUSED, as llama.cpp's converter writes them."""
     gguf = _gguf()
-    spec = json.loads(tokenizer_json())
-    by_id = {i: t for t, i in spec["model"]["vocab"].items()}
-    special = {t["id"]: t["content"] for t in spec["added_tokens"]}
+    by_id, special, merges = _cl100k_bpe()
     if chat:
-        special |= CHAT_TOKENS
+        special = special | CHAT_TOKENS
     tokens, types = [], []
     for i in range(vocab_size):
         if i in special:
@@ -120,8 +130,6 @@ def vocabulary(vocab_size: int, chat: bool) -> tuple[list[str], list[int], list[
         else:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-    # byte-level strings never hold a real space, so "left right" is unambiguous
-    merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in spec["model"]["merges"]]
     return tokens, types, merges
 
 
@@ -149,18 +157,18 @@ def check_out_file(out: str | Path, ckpt: Path, force: bool) -> Path:
     return out
 
 
-def write_gguf(
+def gguf_writer(
     state: dict[str, torch.Tensor],
     m: ModelConfig,
-    out: str | Path,
     dtype: str = "f32",
     name: str = "axiom",
     template: str | None = None,
-) -> Path:
-    """Write `state` (Axiom names, float32, a tied table once) as the GGUF file `out`, under a temporary name
-    beside it and renamed when complete. `dtype`: f32, bf16, f16 or q8_0; `template` (Jinja) marks a chat model."""
+):
+    """A gguf.GGUFWriter holding everything the file will: metadata, tokenizer and tensors (nothing written yet).
+
+    `state`: Axiom names, float32, a tied table once; `dtype`: f32, bf16, f16 or q8_0; `template` (Jinja)
+    marks a chat model."""
     gguf = _gguf()
-    out = Path(out)
     if dtype not in DTYPES:
         raise AxiomError(f"--dtype {dtype!r}: --format gguf writes {', '.join(DTYPES)}")
     if m.vocab_size < VOCAB_SIZE:
@@ -212,7 +220,21 @@ def write_gguf(
         except gguf.QuantError:  # q8_0 needs rows a multiple of 32 wide: float16 then, as llama.cpp's converter
             packed, t = data.astype(np.float16), gguf.GGMLQuantizationType.F16
         w.add_tensor(gname, packed, raw_dtype=t)  # the writer reads a quantized shape from its bytes
+    return w
 
+
+def write_gguf(
+    state: dict[str, torch.Tensor],
+    m: ModelConfig,
+    out: str | Path,
+    dtype: str = "f32",
+    name: str = "axiom",
+    template: str | None = None,
+) -> Path:
+    """Write the GGUF file `out` (see gguf_writer for the arguments) under a temporary name beside it, renamed
+    when complete; a failure leaves no temporary file and raises one AxiomError line."""
+    out = Path(out)
+    w = gguf_writer(state, m, dtype, name, template)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
