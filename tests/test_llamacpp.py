@@ -68,8 +68,9 @@ PROMPTS = [
 ]
 NEW_TOKENS = 40
 MIN_MARGIN = 1.0  # logits between the greedy choice and the runner-up, at every step of PROMPTS' continuations
-# llama-perplexity's mean NLL against ours on the same tokens (docs/interop.md has the measured figures)
-PPL_RTOL = {"f32": 1e-3, "bf16": 2e-2, "f16": 2e-3, "q8_0": 5e-3}
+# llama-perplexity's mean NLL against ours on the same tokens, relative: about ten times the largest difference
+# measured (docs/interop.md); the issue asks for 1e-3 in float32
+PPL_RTOL = {"f32": 1e-4, "bf16": 2e-4, "f16": 2e-4, "q8_0": 1e-3}
 
 
 def llama(program: str, *args: str) -> subprocess.CompletedProcess:
@@ -290,40 +291,41 @@ def test_chat_template_renders_and_generation_stops_at_im_end(trained):
     assert want == [*load_tokenizer().encode_ordinary(ANSWER), IM_END]
 
 
-def our_window_nll(model: Axiom, data: Path, n_ctx: int, n_tokens: int) -> torch.Tensor:
-    """(windows, n_ctx) per-token NLL over `axiom eval`'s windows of the val split (eval_batches)."""
+@pytest.fixture(scope="module")
+def heldout(trained):
+    """Genesis 3 as a text file for llama-perplexity and as the val split of a prepared directory, with our
+    mean NLL over the positions llama-perplexity scores (see test_perplexity_matches_our_loss)."""
+    text, n_ctx = trained["heldout"], MODEL.max_seq_len
+    data, text_file = trained["root"] / "data", trained["root"] / "heldout.txt"
+    write_dataset(data, train=["unused"], val=[text])
+    text_file.write_text(text, encoding="utf-8")  # no trailing newline: llama-perplexity would strip one
+    n_tokens = len(load_tokenizer().encode_ordinary(text))
+    model = load_model(trained["ckpt"])[0].eval()
     rows = []
     with torch.no_grad():
-        for x, y in eval_batches(data, n_ctx, batch_size=4, eval_tokens=n_tokens):
+        for x, y in eval_batches(data, n_ctx, batch_size=4, eval_tokens=n_tokens):  # axiom eval's windows
             rows.append(F.cross_entropy(model(x).flatten(0, 1).double(), y.flatten(), reduction="none").view_as(y))
-    return torch.cat(rows)
+    nll = torch.cat(rows)  # (windows, n_ctx)
+    assert nll.shape == (n_tokens // n_ctx, n_ctx)
+    # over whole windows this is exactly what `axiom eval` reports
+    full = evaluate(model, data, seq_len=n_ctx, batch_size=4, eval_tokens=n_tokens)
+    assert math.isclose(full.loss, nll.mean().item(), rel_tol=1e-5)  # evaluate: float32 log-softmax over 100k ids
+    return {"file": text_file, "chunks": n_tokens // n_ctx, "nll": nll[:, n_ctx // 2 : n_ctx - 1].mean().item()}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_perplexity_matches_our_loss(dtype, trained, gguf_file):
+def test_perplexity_matches_our_loss(dtype, gguf_file, heldout):
     """llama-perplexity on Genesis 3 against our loss on the same tokens and windows.
 
     llama-perplexity tokenizes the file (one trailing newline stripped), cuts it into len // n_ctx chunks of
     n_ctx tokens, runs each from an empty cache (no BOS: add_bos is false) and scores only the second half:
     the logits at positions n_ctx/2 .. n_ctx-2 against the next tokens, n_ctx/2 - 1 per chunk. `axiom eval`'s
-    windows over a val split holding the same text are the same chunks; we score the same positions."""
-    text, n_ctx = trained["heldout"], MODEL.max_seq_len
-    data, text_file = trained["root"] / "data", trained["root"] / "heldout.txt"
-    if not data.exists():
-        write_dataset(data, train=["unused"], val=[text])
-        text_file.write_text(text, encoding="utf-8")
-    n_tokens = len(load_tokenizer().encode_ordinary(text))
-    model = load_model(trained["ckpt"])[0].eval()
-    nll = our_window_nll(model, data, n_ctx, n_tokens)
-    assert nll.shape == (n_tokens // n_ctx, n_ctx)
-    # the whole windows are exactly what `axiom eval` reports
-    full = evaluate(model, data, seq_len=n_ctx, batch_size=4, eval_tokens=n_tokens)
-    assert math.isclose(full.loss, nll.mean().item(), rel_tol=1e-5)  # evaluate: float32 log-softmax over 100k ids
-    ours = nll[:, n_ctx // 2 : n_ctx - 1].mean().item()
-
-    log = llama("llama-perplexity", "-m", str(gguf_file(dtype)), "-f", str(text_file), "-b", str(n_ctx), *LLAMA_ARGS)
-    log = log.stdout + log.stderr
-    assert f"calculating perplexity over {n_tokens // n_ctx} chunks, n_ctx={n_ctx}" in log
-    theirs = math.log(float(re.search(r"Final estimate: PPL = ([0-9.]+)", log).group(1)))
+    windows over a val split holding the same text are the same chunks; `heldout` scores the same positions."""
+    n_ctx = MODEL.max_seq_len
+    args = ["-m", str(gguf_file(dtype)), "-f", str(heldout["file"]), "-b", str(n_ctx), *LLAMA_ARGS]
+    done = llama("llama-perplexity", *args)
+    log = done.stdout + done.stderr
+    assert f"calculating perplexity over {heldout['chunks']} chunks, n_ctx={n_ctx}" in log
+    theirs, ours = math.log(float(re.search(r"Final estimate: PPL = ([0-9.]+)", log).group(1))), heldout["nll"]
     print(f"{dtype}: llama-perplexity mean NLL {theirs:.6f}, ours {ours:.6f}, relative {abs(theirs / ours - 1):.2e}")
     assert abs(theirs / ours - 1) <= PPL_RTOL[dtype]
