@@ -6,6 +6,7 @@ tests/test_llamacpp.py runs the files in llama.cpp itself.
 """
 
 import dataclasses
+import errno
 import json
 import os
 
@@ -208,7 +209,7 @@ def test_chat_checkpoint_gets_axiom_chat_template(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr("axiom.hf.export.write_gguf", lambda *args: args)  # what export would write
     state, m, out, dtype, name, template = export(chat, tmp_path / "chat.gguf", "gguf")
     assert template == module.CHAT_TEMPLATE
-    assert kv(gguf_writer(state, m, template=template), "tokenizer.ggml.eot_token_id") == module.IM_END
+    assert kv(gguf_writer(state, m, template=template), "tokenizer.ggml.eot_token_id") == 100265  # IM_END
 
 
 def test_dtype_spellings():
@@ -263,6 +264,18 @@ def test_bad_output_paths_fail_in_one_line(ckpt, tmp_path, capsys):
         "f16 and q8_0 are for --format gguf\n"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "m.gguf"]  # no temporary files left
+
+
+def test_read_only_file_system_fails_in_one_line(ckpt, tmp_path, monkeypatch):
+    """As root (CI) no directory is read-only to us: the writer's open fails as on a read-only mount instead."""
+
+    def refuse(self, path=None):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_header_to_file", refuse)
+    with pytest.raises(AxiomError, match=r"m.gguf: cannot write \(Read-only file system\)$"):
+        export(ckpt, tmp_path / "m.gguf", "gguf")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_read_only_directory_fails_in_one_line(ckpt, tmp_path):
