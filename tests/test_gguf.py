@@ -83,17 +83,16 @@ def test_tensor_names_are_llama_cpps():
 def test_interleaved_rope_rows_give_the_same_rotation():
     """RoPE on llama.cpp's adjacent pairs of the reordered rows = our rotate-half RoPE, rows reordered the same way."""
     n_heads, hd, d, T = 4, 16, 64, 10
-    w = torch.randn(n_heads * hd, d, dtype=torch.float64)
-    x = torch.randn(T, d, dtype=torch.float64)
-    cos, sin = rope_tables(hd, T, 10_000.0)
-    ours = apply_rope((x @ w.T).view(T, n_heads, hd).transpose(0, 1), cos.double(), sin.double())  # (H, T, hd)
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(n_heads * hd, d, generator=g).double(), torch.randn(T, d, generator=g).double()
+    cos, sin = (t.double() for t in rope_tables(hd, T, 10_000.0))  # (T, hd): the same angle twice, [a, a]
+    ours = apply_rope((x @ w.T).view(T, n_heads, hd).transpose(0, 1), cos, sin)  # (H, T, hd)
 
-    pairs = (x @ interleave_rope_rows(w, n_heads).T).view(T, n_heads, hd // 2, 2).transpose(0, 1)
-    angle = torch.outer(torch.arange(T), 1.0 / 10_000.0 ** (torch.arange(0, hd, 2) / hd)).double()  # (T, hd/2)
-    a, b = pairs[..., 0], pairs[..., 1]
-    theirs = torch.stack([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()], dim=-1)
+    pairs = (x @ interleave_rope_rows(w, n_heads).T).view(T, n_heads, hd // 2, 2).transpose(0, 1)  # (H, T, hd/2, 2)
+    a, b, c, s = pairs[..., 0], pairs[..., 1], cos[:, : hd // 2], sin[:, : hd // 2]
+    theirs = torch.stack([a * c - b * s, a * s + b * c], dim=-1).transpose(0, 1).reshape(T, n_heads * hd)
     reordered = interleave_rope_rows(ours.transpose(0, 1).reshape(T, n_heads * hd).T, n_heads).T
-    assert torch.allclose(theirs.transpose(0, 1).reshape(T, n_heads * hd), reordered, atol=1e-12)
+    assert torch.allclose(theirs, reordered, rtol=0, atol=1e-12)
 
 
 EXPECTED_KV = {
