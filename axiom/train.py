@@ -14,7 +14,6 @@ axiom/trainer.py; the schedule and optimizer are in axiom/optim.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 from pathlib import Path
@@ -26,11 +25,13 @@ import torch.distributed as dist
 from axiom.checkpoint import list_checkpoints, load_model, load_training_state, read_meta
 from axiom.config import Config, add_config_arguments, apply_overrides, config_from_args, get_config
 from axiom.errors import AxiomError
+from axiom.files import write_json_atomic
+from axiom.hf.folder import folder_config, read_folder
 from axiom.loader import read_manifest
 from axiom.model import Axiom
-from axiom.parallel import Dist, init_distributed, pick_device
+from axiom.parallel import Dist, init_distributed, pick_device, set_model_state
 from axiom.runlog import RunLog
-from axiom.trainer import Trainer, TrainResult
+from axiom.trainer import EVENT_COLUMNS, Trainer, TrainResult, set_aside_newer
 
 
 def seed_everything(seed: int) -> None:
@@ -48,17 +49,30 @@ def train(
     tensorboard: bool = False,
     wandb_project: str | None = None,
     init_from: str | Path | None = None,
+    resume_from: str | Path | None = None,
 ) -> TrainResult:
-    """Train `cfg` on a prepared data directory into `run_dir`; with `resume`, continue its newest checkpoint
-    (whose config is used; pass one with train-field overrides applied to change e.g. max_steps). `init_from`
-    starts a new run (step 0, fresh optimizer) from a checkpoint's weights, e.g. one made by `axiom import`."""
+    """Train `cfg` on a prepared data directory into `run_dir`.
+
+    `resume`: continue the newest checkpoint of `run_dir`, or start fresh if it has none yet (so one command line
+    can be re-run after any preemption); the model's shape comes from the checkpoint, training fields from `cfg`.
+    `resume_from`: continue this training checkpoint instead (newer ones of the run are moved aside).
+    `init_from`: a new run (step 0, fresh optimizer) from the weights of a checkpoint or a Hugging Face folder."""
     d = init_distributed()
     try:
+        run_dir = Path(run_dir)
+        if resume_from is None and resume:
+            resume_from = newest_checkpoint(run_dir)
         log_to = {"tensorboard": tensorboard, "wandb_project": wandb_project}
-        return setup(cfg, Path(data_dir), Path(run_dir), resume, pick_device(device, d), d, init_from, log_to).fit()
+        device = pick_device(device, d)
+        return setup(cfg, Path(data_dir), run_dir, resume, device, d, init_from, resume_from, log_to).fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir / "checkpoints")
+    return found[-1][1] if found else None
 
 
 def setup(
@@ -69,6 +83,7 @@ def setup(
     device: torch.device,
     d: Dist,
     init_from: str | Path | None = None,
+    resume_from: str | Path | None = None,
     log_to: dict | None = None,
 ) -> Trainer:
     """Check the run against its data and directory, build or load the model, and return its Trainer."""
@@ -82,32 +97,62 @@ def setup(
         raise AxiomError(
             f"train config: grad_accum_steps={t.grad_accum_steps} is not divisible by the {d.world_size} processes"
         )
-    ckpt_root = run_dir / "checkpoints"
-    checkpoints = list_checkpoints(ckpt_root)
-    if resume and not checkpoints:
-        raise AxiomError(f"--resume: no complete checkpoint in {ckpt_root}; start without --resume")
-    if not resume and checkpoints:
-        raise AxiomError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose a new --out")
+    start = Path(resume_from) if resume_from is not None else None
+    used = run_dir.is_dir() and any(run_dir.iterdir())
+    if start is None and used and not resume:
+        raise AxiomError(f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out")
+    if start is not None and used and not start.resolve().is_relative_to((run_dir / "checkpoints").resolve()):
+        raise AxiomError(f"--resume-from {start}: not a checkpoint of {run_dir}; continue it into an empty --out")
+    state = load_training_state(start) if start is not None else None  # first: a bad state.pt is refused early
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        write_json_atomic(run_dir / "config.json", cfg.to_dict())
     log = RunLog(run_dir, d.main, **(log_to or {}))
 
     seed_everything(t.seed)
-    state = None
-    if resume:
-        latest = checkpoints[-1][1]
-        model, state = load_model(latest, "cpu")[0], load_training_state(latest)
+    if start is not None:
+        model = load_model(start, "cpu")[0]
     elif init_from is not None:
-        model = load_model(init_from, "cpu")[0]
+        model = initial_model(Path(init_from))
     else:
         model = Axiom(cfg.model)
     trainer = Trainer(cfg, data_dir, manifest, run_dir, model, device, d, log, state)
-    if resume:
+    if start is not None:
+        if d.main:
+            set_aside_newer(run_dir / "checkpoints", trainer.state.step, log)
         log.truncate(trainer.state.step)
-        log.info(f"resumed from {latest} at step {trainer.state.step:,} ({trainer.state.tokens:,} tokens)")
+        log.write_rows("events.csv", EVENT_COLUMNS, trainer.state.rollbacks)
+        log.info(f"resumed from {start} at step {trainer.state.step:,} ({trainer.state.tokens:,} tokens)")
+    elif used:
+        log.truncate(-1)
+        log.info(f"--resume: {run_dir} has no complete checkpoint yet; starting fresh")
     trainer.log_plan()
     return trainer
+
+
+def _is_hf_folder(path: Path) -> bool:
+    meta = read_meta(path)
+    return "model" not in meta and ("architectures" in meta or "model_type" in meta)
+
+
+def initial_model(path: Path) -> Axiom:
+    """The model of --init-from: an Axiom checkpoint, or a Hugging Face folder read as `axiom import` reads it."""
+    if not _is_hf_folder(path):
+        return load_model(path, "cpu")[0]
+    _, cfg, state, _ = read_folder(path)
+    model = Axiom(cfg.model)
+    set_model_state(model, state, fsdp=False)
+    return model
+
+
+def checkpoint_config(path: Path) -> Config:
+    """The Config stored in a checkpoint's or a Hugging Face folder's config.json."""
+    if _is_hf_folder(path):
+        return folder_config(path)[1]
+    try:
+        return Config.from_dict(read_meta(path))
+    except (KeyError, TypeError) as e:
+        raise AxiomError(f"{path / 'config.json'}: no valid model/train config ({e})") from None
 
 
 # ---- the command
@@ -120,13 +165,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the newest complete checkpoint in OUT (its config; --set may change train fields)",
+        help="continue from the newest complete checkpoint in OUT (its config; --set may change train fields), or "
+        "start fresh if OUT has none yet: one command line to re-run after any preemption",
+    )
+    parser.add_argument(
+        "--resume-from",
+        metavar="CKPT",
+        help="continue from this checkpoint of OUT (e.g. when the newest is corrupt); newer checkpoints are moved "
+        "aside to abandoned-step_N",
     )
     parser.add_argument(
         "--init-from",
         metavar="CKPT",
-        help="start a new run from this checkpoint's weights and model shape (e.g. from axiom import); "
-        "training fields come from --preset and --set",
+        help="start a new run from the weights and model shape of a checkpoint or a Hugging Face folder (axiom or "
+        "Llama format, as axiom import reads it); training fields come from --preset and --set",
     )
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
@@ -142,19 +194,17 @@ def _model_fixed(base: Config, overrides: list[str], flag: str) -> Config:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.resume and args.init_from:
-        raise AxiomError("--resume and --init-from exclude each other: --resume continues OUT's own checkpoints")
-    if args.resume:
-        checkpoints = list_checkpoints(Path(args.out) / "checkpoints")
-        if not checkpoints:
-            raise AxiomError(f"--resume: no complete checkpoint in {Path(args.out) / 'checkpoints'}")
-        cfg = _model_fixed(Config.from_dict(read_meta(checkpoints[-1][1])), args.overrides, "--resume")
+    if sum(bool(x) for x in (args.resume, args.resume_from, args.init_from)) > 1:
+        raise AxiomError("--resume, --resume-from and --init-from exclude each other")
+    start = args.resume_from or (newest_checkpoint(Path(args.out)) if args.resume else None)
+    if start is not None:
+        cfg = _model_fixed(checkpoint_config(Path(start)), args.overrides, "--resume")
     elif args.init_from:
-        saved = Config.from_dict(read_meta(args.init_from))
+        saved = checkpoint_config(Path(args.init_from))
         cfg = _model_fixed(Config(saved.model, get_config(args.preset).train), args.overrides, "--init-from")
     else:
         cfg = config_from_args(args)
-    train(cfg, args.data, args.out, args.resume, args.device, args.tensorboard, args.wandb, args.init_from)
+    train(cfg, args.data, args.out, args.resume, args.device, args.tensorboard, args.wandb, args.init_from, start)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"outputs in {args.out}: eval.csv, train.log, checkpoints/ (best: {args.out}/checkpoints/best)")
     return 0

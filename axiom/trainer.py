@@ -15,11 +15,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from axiom.chat import TEMPLATE_NAME
 from axiom.checkpoint import (
+    WEIGHTS,
     list_checkpoints,
+    load_training_state,
     prune_checkpoints,
     rng_state,
     save_training_state,
@@ -35,10 +38,12 @@ from axiom.loader import TrainLoader, data_kind
 from axiom.model import IGNORE_INDEX, Axiom, flops_per_token, num_params
 from axiom.optim import build_optimizer, lr_at
 from axiom.packing import ChatLoader
-from axiom.parallel import Dist, full_state, gpu_peak_flops, load_optimizer_state, parallelize
+from axiom.parallel import Dist, full_state, gpu_peak_flops, load_optimizer_state, parallelize, set_model_state
 from axiom.runlog import RunLog
 from axiom.tokenizer import EOS_ID
 
+LOSS_AVG_DECAY = 0.95  # the running loss average spans about the last 20 steps taken
+EVENT_COLUMNS = ("step", "tokens", "event", "from_step", "skipped_windows", "lr_scale", "reason")
 EVAL_COLUMNS = ("step", "tokens", "train_loss", "val_loss", "val_ppl", "val_bpb", "lr", "elapsed_s", "tokens_per_s")
 TRAIN_COLUMNS = ("step", "tokens", "loss", "grad_norm", "lr", "tokens_per_s", "skipped")
 
@@ -47,7 +52,7 @@ TRAIN_COLUMNS = ("step", "tokens", "loss", "grad_norm", "lr", "tokens_per_s", "s
 class StepResult:
     loss: float  # mean over the step's micro-batches (and ranks)
     grad_norm: float  # before clipping
-    skipped: bool  # non-finite loss or gradient norm: no update was made
+    skipped: bool  # non-finite loss or gradient norm, or a loss above max_loss: no update was made
 
 
 def _grad_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -65,12 +70,15 @@ def train_step(
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
     lr: float,
     cfg: TrainConfig,
+    max_loss: float = math.inf,
 ) -> StepResult:
     """One optimizer step: accumulate gradients over `micro_batches` (this rank's), clip, update.
 
     Each micro-batch's mean loss is weighted by its share of the step's target tokens (those not -100, over all
     ranks), so the step equals one batch of all of them also when chat data masks a different number of targets
-    in each; with every target counted (text) each weight is exactly 1 / len(micro_batches)."""
+    in each; with every target counted (text) each weight is exactly 1 / len(micro_batches). A step whose mean
+    loss is non-finite or above `max_loss` (a spike), or whose gradient norm is non-finite, makes no update: its
+    gradients are dropped."""
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     n = len(micro_batches)
@@ -98,7 +106,7 @@ def train_step(
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
     loss_value, norm_value = loss.item(), norm.item()
-    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)) or loss_value > max_loss:
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_value, norm_value, skipped=True)
     for group in optimizer.param_groups:
@@ -121,11 +129,15 @@ class TrainState:
 
     step: int = 0  # optimizer steps taken, skipped ones included
     tokens: int = 0  # tokens of those steps
-    bad_steps: int = 0  # consecutive skipped steps (non-finite loss or gradient norm)
+    bad_steps: int = 0  # consecutive skipped steps (non-finite, or a loss spike)
     best_val_loss: float = math.inf
     elapsed_s: float = 0.0  # training wall time over all sessions of this run
-    loss_sum: float = 0.0  # finite step losses since the last evaluation: eval.csv's train_loss
+    loss_sum: float = 0.0  # losses of the steps taken since the last evaluation: eval.csv's train_loss
     loss_count: int = 0
+    loss_avg: float | None = None  # running average of the steps taken (LOSS_AVG_DECAY), for spike detection
+    lr_scale: float = 1.0  # the LR multiplier after rollbacks ...
+    lr_scale_until: int = 0  # ... up to this step
+    rollbacks: list[dict] = field(default_factory=list)  # every rollback of the run (events.csv)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -198,6 +210,20 @@ def data_record(data_dir: Path, manifest: dict) -> dict:
     }
 
 
+def set_aside_newer(ckpt_root: Path, step: int, log: RunLog) -> None:
+    """Rename the run's checkpoints after `step` to abandoned-step_N, so that --resume never picks them again (a
+    rollback, a stop for bad steps or --resume-from an older checkpoint leaves them behind); nothing is deleted."""
+    for newer_step, path in list_checkpoints(ckpt_root):
+        if newer_step > step:
+            target = path.with_name(f"abandoned-{path.name}")
+            n = 1
+            while target.exists():
+                n += 1
+                target = path.with_name(f"abandoned{n}-{path.name}")
+            path.rename(target)
+            log.info(f"set aside {path} (after the checkpoint training continues from) as {target.name}")
+
+
 class Trainer:
     """One run: the model, optimizer, loader and logs it was set up with, its `TrainState`, and one small method
     per part of the loop (`step`, `evaluate`, `save`, `log_progress`). `fit` runs the loop."""
@@ -231,29 +257,38 @@ class Trainer:
         self.micro_steps = t.grad_accum_steps // d.world_size
         self.state = TrainState()
         if state is not None:
-            load_optimizer_state(self.raw, self.optimizer, state["optimizer"], self.fsdp)
-            self.loader.load_state_dict(state["loader"])
-            rngs = state["rng"]
-            set_rng_state(rngs[d.rank] if len(rngs) == d.world_size else rngs[0])
-            self.state = TrainState.from_dict(state)
+            self._restore(state)
         self.peak_flops = gpu_peak_flops(device)
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.progress = Meter()  # since the last progress line
         self.eval_window = Meter()  # since the last evaluation
+        self.save_pending = False  # a checkpoint was due during a streak of bad steps
+        self.last_skip = ""  # why the newest skipped step was skipped
+
+    def _restore(self, state: dict) -> None:
+        """Optimizer, loader, RNG and TrainState from a checkpoint's state.pt (the weights are loaded apart)."""
+        load_optimizer_state(self.raw, self.optimizer, state["optimizer"], self.fsdp)
+        self.loader.load_state_dict(state["loader"])
+        rngs = state["rng"]
+        set_rng_state(rngs[self.d.rank] if len(rngs) == self.d.world_size else rngs[0])
+        self.state = TrainState.from_dict(state)
 
     # ---- the parts of the loop
 
     def lr(self) -> float:
-        """The learning rate of the next step."""
-        return lr_at(self.state.step, self.cfg.train)
+        """The learning rate of the next step (lowered for a while after a rollback)."""
+        s = self.state
+        return lr_at(s.step, self.cfg.train) * (s.lr_scale if s.step < s.lr_scale_until else 1.0)
 
     def step(self) -> StepResult:
-        """One optimizer step over the next `grad_accum_steps` micro-batches; counts it in the state and meters."""
+        """One optimizer step over the next `grad_accum_steps` micro-batches; counts it in the state and meters.
+        A non-finite step, or one whose loss exceeds spike_factor x the running average, is skipped."""
         t, s = self.cfg.train, self.state
         start = time.perf_counter()
         lr = self.lr()
+        max_loss = t.spike_factor * s.loss_avg if t.spike_factor and s.loss_avg is not None else math.inf
         batches = [self.loader.next_batch() for _ in range(self.micro_steps)]
-        result = train_step(self.model, self.optimizer, batches, lr, t)
+        result = train_step(self.model, self.optimizer, batches, lr, t, max_loss)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -262,21 +297,40 @@ class Trainer:
         s.elapsed_s += seconds
         if result.skipped:
             s.bad_steps += 1
+            if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+                self.last_skip = f"loss {result.loss:.4g} > spike_factor {t.spike_factor:g} x average {s.loss_avg:.4g}"
+            else:
+                self.last_skip = f"non-finite loss {result.loss} or grad norm {result.grad_norm}"
             self.log.info(
-                f"step {s.step:,}: non-finite loss {result.loss} or grad norm {result.grad_norm}; skipped "
-                f"({s.bad_steps} in a row, limit max_bad_steps={t.max_bad_steps})"
+                f"step {s.step:,}: {self.last_skip}; skipped ({s.bad_steps} in a row, limit max_bad_steps="
+                f"{t.max_bad_steps})"
             )
         else:
             s.bad_steps = 0
             s.loss_sum += result.loss
             s.loss_count += 1
-        finite_loss = None if result.skipped else result.loss
-        self.progress.add(t.tokens_per_step, seconds, finite_loss)
-        self.eval_window.add(t.tokens_per_step, seconds, finite_loss)
+            s.loss_avg = (
+                result.loss if s.loss_avg is None else LOSS_AVG_DECAY * s.loss_avg + (1 - LOSS_AVG_DECAY) * result.loss
+            )
+        taken_loss = None if result.skipped else result.loss
+        self.progress.add(t.tokens_per_step, seconds, taken_loss)
+        self.eval_window.add(t.tokens_per_step, seconds, taken_loss)
         return result
 
+    def weights_finite(self) -> bool:
+        """Every weight finite (on every rank: under FSDP each holds a shard)."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.raw.parameters()]).all().float()
+        if self.d.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def healthy(self) -> bool:
+        """Weights that may be written as a checkpoint: outside a streak of bad steps, and finite."""
+        return self.state.bad_steps == 0 and self.weights_finite()
+
     def evaluate(self) -> dict:
-        """Val loss into eval.csv and train.log; a new lowest val loss replaces checkpoints/best."""
+        """Val loss into eval.csv and train.log; a new lowest val loss from healthy weights replaces
+        checkpoints/best."""
         t, s = self.cfg.train, self.state
         res = evaluate(self.raw, self.data_dir, t.seq_len, t.micro_batch_size, t.eval_tokens, t.dtype)
         window = self.eval_window
@@ -293,7 +347,7 @@ class Trainer:
         }
         self.log.row("eval.csv", EVAL_COLUMNS, row)
         marker = ""
-        if res.loss < s.best_val_loss:
+        if math.isfinite(res.loss) and res.loss < s.best_val_loss and self.healthy():
             s.best_val_loss = res.loss
             marker = " (best)"
             self.save_best(res.loss)
@@ -322,7 +376,7 @@ class Trainer:
 
     def save(self) -> Path:
         """A training checkpoint of this step (weights, optimizer, loader, RNG of every rank, state); the oldest
-        beyond keep_checkpoints are pruned."""
+        beyond keep_checkpoints are pruned. Callers check `healthy()` first."""
         d = self.d
         weights, optim = full_state(self.raw, self.optimizer, self.fsdp)
         rngs = [rng_state()]
@@ -351,6 +405,86 @@ class Trainer:
         if d.world_size > 1:
             dist.barrier()
         return target
+
+    def save_if_healthy(self) -> Path | None:
+        """`save`, or None (postponed to the next healthy step) during a streak of bad steps or with
+        non-finite weights: a checkpoint is always one that training can continue from."""
+        if self.healthy():
+            self.save_pending = False
+            return self.save()
+        if not self.save_pending:
+            self.log.info(f"step {self.state.step:,}: checkpoint postponed until the bad steps end")
+        self.save_pending = True
+        return None
+
+    def last_good_checkpoint(self) -> tuple[int, Path] | None:
+        """The newest checkpoint that a later step proved healthy. A checkpoint's weights are judged by the loss
+        of the step after it: in a streak of bad steps that began at step b, the weights of step b - 1 gave the
+        first bad loss, so only checkpoints up to step b - 2 are good."""
+        s = self.state
+        limit = s.step - s.bad_steps - 1
+        found = [(step, path) for step, path in list_checkpoints(self.ckpt_root) if step <= limit]
+        return found[-1] if found else None
+
+    def stop_for_bad_steps(self, why: str, good: tuple[int, Path] | None) -> AxiomError:
+        """Set aside the checkpoints after `good` (so that --resume continues from it) and say why training
+        stops."""
+        s, t = self.state, self.cfg.train
+        if self.d.main:
+            set_aside_newer(self.ckpt_root, good[0] if good else -1, self.log)
+        if good is None:
+            return AxiomError(
+                f"training stopped at step {s.step:,}: {why}; no checkpoint precedes the bad steps; lower lr_max or "
+                "check the data, then start again (--resume starts fresh)"
+            )
+        return AxiomError(
+            f"training stopped at step {s.step:,}: {why}, after {len(s.rollbacks)} rollbacks (max_rollbacks="
+            f"{t.max_rollbacks}); the last good checkpoint is {good[1]}; lower lr_max or check the data, then --resume"
+        )
+
+    def rollback(self) -> None:
+        """After max_bad_steps skipped steps in a row: back to the last good checkpoint, in process. The loader
+        stays where it is, so the windows consumed since that checkpoint are skipped; the LR is lowered for
+        rollback_lr_steps; newer checkpoints are set aside and the good one is rewritten with this new state at
+        once, so that a kill from here on resumes exactly as this process continues (a kill before that replays
+        the same bad steps and the same rollback). Raises an AxiomError when it cannot (no good checkpoint, or
+        max_rollbacks reached)."""
+        t, s = self.cfg.train, self.state
+        good = self.last_good_checkpoint()
+        why = f"{s.bad_steps} steps in a row were skipped (the last: {self.last_skip})"
+        if good is None or len(s.rollbacks) >= t.max_rollbacks:
+            raise self.stop_for_bad_steps(why, good)
+        from_step, best, elapsed, rollbacks = s.step, s.best_val_loss, s.elapsed_s, s.rollbacks
+        loader = self.loader.state_dict()
+        good_dir = good[1]
+        set_model_state(self.raw, load_file(good_dir / WEIGHTS), self.fsdp)
+        self._restore(load_training_state(good_dir))
+        self.loader.load_state_dict(loader)  # past the windows of the abandoned steps
+        s = self.state
+        scale = (s.lr_scale if s.step < s.lr_scale_until else 1.0) * t.rollback_lr_factor
+        s.lr_scale, s.lr_scale_until = scale, s.step + t.rollback_lr_steps
+        s.best_val_loss, s.elapsed_s = best, elapsed  # best/ and the wall time are not undone
+        skipped = (from_step - s.step) * t.grad_accum_steps * t.micro_batch_size
+        event = {
+            "step": s.step,
+            "tokens": s.tokens,
+            "event": "rollback",
+            "from_step": from_step,
+            "skipped_windows": skipped,
+            "lr_scale": scale,
+            "reason": why,
+        }
+        s.rollbacks = [*rollbacks, event]
+        if self.d.main:
+            set_aside_newer(self.ckpt_root, s.step, self.log)
+        self.save()
+        self.log.truncate(s.step)
+        self.log.write_rows("events.csv", EVENT_COLUMNS, s.rollbacks)
+        self.log.info(
+            f"step {from_step:,}: {why}; rolled back to {good_dir} (rollback {len(s.rollbacks)} of at most "
+            f"{t.max_rollbacks}), skipping the {skipped:,} windows read since; lr x {scale:g} until step "
+            f"{s.lr_scale_until:,}"
+        )
 
     def log_progress(self, result: StepResult, lr: float) -> None:
         """A progress line in train.log and a row of train.csv, every log_interval steps and at the end."""
@@ -387,14 +521,6 @@ class Trainer:
             if flag.item() > 0 and stop.signal is None:
                 stop.signal = "a signal to another rank"
         return stop.signal is not None
-
-    def too_many_bad_steps(self) -> AxiomError:
-        last = list_checkpoints(self.ckpt_root)
-        where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-        return AxiomError(
-            f"training stopped at step {self.state.step:,}: {self.state.bad_steps} steps in a row had a non-finite "
-            f"loss or gradient norm; {where}; lower lr_max or check the data, then --resume"
-        )
 
     def log_plan(self) -> None:
         """The run's plan at the top of train.log: model, batch, schedule, optimizer, device, data."""
@@ -462,16 +588,22 @@ class Trainer:
                 bar.update(1)
                 if s.step % t.log_interval == 0 or s.step == t.steps:
                     self.log_progress(result, lr)
-                if s.bad_steps >= t.max_bad_steps:
-                    raise self.too_many_bad_steps()
+                if s.bad_steps >= t.max_bad_steps or (s.bad_steps and s.step == t.steps):
+                    self.rollback()
+                    s = self.state  # restored from the checkpoint
+                    bar.reset(total=t.steps)
+                    bar.update(s.step)
+                    continue
                 if s.step % t.eval_interval == 0 or s.step == t.steps:
                     last_eval = self.evaluate()
-                if self.stop_requested(stop) or s.step % t.checkpoint_interval == 0 or s.step == t.steps:
-                    path = self.save()
-                    if stop.signal:
-                        stopped = stop.signal
-                        self.log.info(f"stopped by {stopped} at step {s.step:,}: saved {path}; continue with --resume")
-                        break
+                stopping = self.stop_requested(stop)
+                if stopping or s.step % t.checkpoint_interval == 0 or s.step == t.steps or self.save_pending:
+                    path = self.save_if_healthy()
+                if stopping:
+                    stopped = stop.signal
+                    saved = f"saved {path}" if path else "no checkpoint is written during a streak of bad steps"
+                    self.log.info(f"stopped by {stopped} at step {s.step:,}: {saved}; continue with --resume")
+                    break
         bar.close()
         if not stopped:
             self.log.info(

@@ -179,7 +179,7 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypa
     assert first.stopped == "SIGTERM" and first.step == 5
     assert "stopped by SIGTERM at step 5" in (part / "train.log").read_text()
     monkeypatch.setattr(trainer_mod, "train_step", real_step)
-    with pytest.raises(AxiomError, match="already holds checkpoints; pass --resume"):
+    with pytest.raises(AxiomError, match="already holds a run; pass --resume"):
         train(cfg, tiny_data, part)
     second = train(cfg, tiny_data, part, resume=True)
     assert second.step == 10
@@ -215,34 +215,6 @@ def test_crash_while_writing_checkpoint_leaves_previous_loadable(tiny_data, tmp_
     reference = tmp_path / "reference"
     train(cfg, tiny_data, reference)
     assert_same_weights(final_weights(run), final_weights(reference))
-
-
-def test_non_finite_losses_stop_training_with_checkpoint_intact(tiny_data, tmp_path, monkeypatch):
-    cfg = micro_config("max_steps=20", "eval_interval=20", "checkpoint_interval=2", "max_bad_steps=3")
-    real_forward = Axiom.forward
-    calls = []
-
-    def forward_goes_nan(self, tokens, targets=None, **kw):
-        out = real_forward(self, tokens, targets, **kw)
-        if targets is not None and self.training:
-            calls.append(1)
-            if len(calls) > 2 * 3:  # steps 1-3 train normally (2 micro-batches each), then every loss is nan
-                return out * float("nan")
-        return out
-
-    monkeypatch.setattr(Axiom, "forward", forward_goes_nan)
-    run = tmp_path / "run"
-    with pytest.raises(AxiomError) as e:
-        train(cfg, tiny_data, run)
-    msg = str(e.value)
-    assert "training stopped at step 6: 3 steps in a row had a non-finite loss" in msg
-    assert "step_000004" in msg  # the checkpoint at step 6 is not written: the error comes first
-    log = (run / "train.log").read_text()
-    assert "step 4: non-finite loss nan" in log and "(1 in a row, limit max_bad_steps=3)" in log
-    model, _, meta = load_model(run / "checkpoints" / "step_000004")
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    skipped = [r["skipped"] for r in read_rows(run / "train.csv")]
-    assert skipped == ["0", "0", "0", "1", "1", "1"]
 
 
 def _axiom_cmd(*args):
@@ -310,16 +282,6 @@ def test_two_gloo_processes_match_one(tiny_data, tmp_path, fsdp):
     ddp_weights, one_weights = final_weights(run), final_weights(single)
     for k in one_weights:
         torch.testing.assert_close(ddp_weights[k], one_weights[k], rtol=1e-4, atol=1e-5)
-
-
-def test_resume_without_checkpoint_is_an_error(tiny_data, tmp_path):
-    done = subprocess.run(
-        _axiom_cmd("train", "--data", str(tiny_data), "--out", str(tmp_path / "none"), "--resume"),
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 2
-    assert done.stderr.strip().endswith(f"--resume: no complete checkpoint in {tmp_path / 'none' / 'checkpoints'}")
 
 
 def test_init_from_starts_a_new_run_from_checkpoint_weights(tiny_data, tmp_path):
