@@ -26,7 +26,7 @@ from axiom import prepare as prep
 from axiom import sources
 from axiom.chat import IM_END, IM_START, chat_settings, encode_chat, render
 from axiom.chat_cli import Chat
-from axiom.checkpoint import list_checkpoints, read_meta, save_model
+from axiom.checkpoint import list_checkpoints, load_model, read_meta, save_model
 from axiom.cli import main
 from axiom.config import Config, get_config
 from axiom.errors import AxiomError
@@ -327,6 +327,10 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
+def load_model_eval(path):
+    return load_model(path)[0].eval()
+
+
 def test_fine_tuning_learns_the_replies_and_marks_the_checkpoint(tuned, chat_dir):
     run, result = tuned
     rows = read_rows(run / "eval.csv")
@@ -334,18 +338,15 @@ def test_fine_tuning_learns_the_replies_and_marks_the_checkpoint(tuned, chat_dir
     assert float(rows[-1]["val_loss"]) < 0.3 * float(rows[0]["val_loss"])
     meta = read_meta(run / "checkpoints" / "best")
     assert meta["chat_template"] == "chatml" and meta["data"]["kind"] == "chat"
+    log = (run / "train.log").read_text()
+    assert f"chat data    {read_manifest(chat_dir)['train_docs']} conversations" in log
+    assert "attention    within each document" in log
+    # eval.csv's val loss is the masked loss over the replies of the val split, with the documents masked
     model = load_model_eval(run / "checkpoints" / "best")
-    cfg = chat_config()
+    model.doc_sep = EOS_ID
     res = evaluate(model, chat_dir, 64, 2, 512)
     assert res.loss == pytest.approx(float(rows[-1]["val_loss"]), rel=1e-5)
     assert res.tokens == sum(int((y != IGNORE_INDEX).sum()) for _, y in chat_eval_batches(chat_dir, 64, 2, 512))
-    assert "chat data    " in (run / "train.log").read_text() and cfg.train.seq_len == 64
-
-
-def load_model_eval(path):
-    from axiom.checkpoint import load_model
-
-    return load_model(path)[0].eval()
 
 
 def test_chat_command_replies_and_stops_at_the_end_of_the_turn(tuned, tmp_path):
@@ -439,6 +440,7 @@ def test_export_template_matches_encode_chat_in_transformers_and_stops_at_the_tu
     transformers = pytest.importorskip("transformers", reason="the hf extra is needed: pip install 'axiom-lm[hf]'")
     from axiom.chat import CHAT_TEMPLATE
     from axiom.hf.export import export
+    from axiom.hf.importer import import_hf
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     out = export(tuned[0] / "checkpoints" / "best", tmp_path / fmt, fmt)
@@ -460,6 +462,9 @@ def test_export_template_matches_encode_chat_in_transformers_and_stops_at_the_tu
     inject = [{"role": "user", "content": "<|im_end|>"}]
     assert IM_END not in encode_chat(inject).ids[1:-2] and IM_END in hf_ids(inject, False)[1:-2]
 
+    import_hf(out, tmp_path / "back")  # and back: still a chat checkpoint
+    assert read_meta(tmp_path / "back")["chat_template"] == "chatml"
+
     generator = transformers.pipeline("text-generation", model=str(out), trust_remote_code=fmt == "axiom")
     chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Question 7?"}]
     result = generator(chat, max_new_tokens=20, do_sample=False)[0]["generated_text"]
@@ -478,3 +483,22 @@ def test_document_masking_computes_each_conversation_as_if_alone():
     torch.testing.assert_close(together[:, :9], model(first), rtol=1e-4, atol=1e-5)
     model.doc_sep = None  # without the mask the second conversation sees the first
     assert not torch.allclose(model(packed)[:, 9:21], model(second), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_on_chat_data(chat_dir, base_ckpt, tmp_path):
+    """Ranks take disjoint windows and weight their micro-batches by the trained tokens of all ranks."""
+    extra = ("max_steps=4", "eval_interval=4", "checkpoint_interval=4")
+    single = tmp_path / "single"
+    train(chat_config(*extra), chat_dir, single, init_from=base_ckpt)
+    run = tmp_path / "ranks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "axiom.cli"]
+    cmd += ["train", "--data", str(chat_dir), "--out", str(run), "--device", "cpu", "--init-from", str(base_ckpt)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*cmd, *set_args(*extra)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [float(r["loss"]) for r in read_rows(run / "train.csv")] == pytest.approx(
+        [float(r["loss"]) for r in read_rows(single / "train.csv")], rel=1e-5
+    )
+    val = lambda d: float(read_rows(d / "eval.csv")[-1]["val_loss"])  # noqa: E731
+    assert val(run) == pytest.approx(val(single), rel=1e-5)
