@@ -104,6 +104,8 @@ def setup(
     if start is not None and used and not start.resolve().is_relative_to((run_dir / "checkpoints").resolve()):
         raise AxiomError(f"--resume-from {start}: not a checkpoint of {run_dir}; continue it into an empty --out")
     state = load_training_state(start) if start is not None else None  # first: a bad state.pt is refused early
+    if d.world_size > 1:
+        dist.barrier()  # every rank has judged the directory before rank 0 writes into it
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", cfg.to_dict())

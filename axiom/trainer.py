@@ -300,7 +300,8 @@ class Trainer:
 
     def weights_finite(self) -> bool:
         """Every weight finite (on every rank: under FSDP each holds a shard)."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.raw.parameters()]).all().float()
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.raw.parameters()]  # FSDP2: own shard
+        finite = torch.stack([torch.isfinite(p).all() for p in local]).all().float()
         if self.d.world_size > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite.item())
