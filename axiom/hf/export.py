@@ -17,10 +17,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from axiom.checkpoint import load_model
+from axiom.checkpoint import load_model, run_dir_of, save_safetensors, stored_tensors
 from axiom.errors import AxiomError
+from axiom.files import check_no_overlap
 from axiom.hf.card import eval_summary, find_eval_csv, model_card
 from axiom.hf.folder import CONFIG, WEIGHTS, check_out, hf_config, staged_dir
 from axiom.hf.names import to_llama
@@ -45,19 +45,18 @@ def export(
         raise AxiomError(f"--format {fmt!r}: choose axiom or llama")
     if dtype not in DTYPES:
         raise AxiomError(f"--dtype {dtype!r}: choose {' or '.join(DTYPES)}")
-    ckpt, out = Path(ckpt), check_out(out, force)
+    ckpt, out = Path(ckpt), check_out(out, force, "export")
     if eval_csv is not None and not Path(eval_csv).is_file():
         raise AxiomError(f"--eval-csv {eval_csv}: file not found")
-    model, cfg, meta = load_model(ckpt)
-    state = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
-    if cfg.model.tie_embeddings:
-        del state["lm_head.weight"]  # transformers re-ties it from config.tie_word_embeddings
-    if fmt == "llama":
-        state = to_llama(state, cfg.model)
     csv_path = Path(eval_csv) if eval_csv is not None else find_eval_csv(ckpt)
-    evals = eval_summary(csv_path) if csv_path is not None else None
-    with staged_dir(out, force) as tmp:
-        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+    check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run_dir_of(ckpt), "the eval.csv": csv_path})
+    with staged_dir(out, force, "export") as tmp:
+        model, cfg, meta = load_model(ckpt)
+        state = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in stored_tensors(model).items()}
+        if fmt == "llama":
+            state = to_llama(state, cfg.model)
+        evals = eval_summary(csv_path) if csv_path is not None else None
+        save_safetensors(state, tmp / WEIGHTS, metadata={"format": "pt"})
         # transformers_version: 4.57.3 warns about a Mistral regex bug on configs that lack it
         config = {**hf_config(cfg, fmt, dtype, meta), "transformers_version": version("transformers")}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -74,7 +73,9 @@ def export(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (model.safetensors + config.json)")
-    parser.add_argument("--out", required=True, help="folder to write; must be empty or absent unless --force")
+    parser.add_argument(
+        "--out", required=True, help="folder to write: absent or empty (or see --force); outside the checkpoint's run"
+    )
     parser.add_argument(
         "--format",
         default="axiom",
@@ -82,7 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="axiom: Axiom's code as transformers remote code (default); llama: native LlamaForCausalLM",
     )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--force", action="store_true", help="replace --out if it is an earlier axiom export (never anything else)"
+    )
     parser.add_argument("--eval-csv", help="the run's eval.csv for the model card (default: found next to --ckpt)")
 
 
