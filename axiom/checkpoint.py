@@ -137,8 +137,31 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
 
 def save_training_state(state: dict, directory: str | Path) -> None:
     """`state` must hold only tensors and plain Python values, so that weights_only loading accepts it."""
-    with open(Path(directory) / STATE, "wb") as f:  # a file object: a full disk is OSError, not "unexpected pos"
-        torch.save(state, f)
+    try:
+        with open(Path(directory) / STATE, "wb", buffering=0) as f:
+            torch.save(state, _WholeWrites(f))
+    except RuntimeError as e:  # torch's zip writer fails again on closing and hides the OSError behind this
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
+
+
+class _WholeWrites:
+    """A file for torch.save whose `write` writes everything or raises OSError: given a path (or a buffered file)
+    torch reports a full disk only as "RuntimeError ... unexpected pos"."""
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += self.raw.write(view[done:])  # a full disk raises OSError here
+        return done
+
+    def flush(self) -> None:
+        pass
 
 
 def write_checksums(directory: str | Path) -> dict:
@@ -186,7 +209,11 @@ def write_dir_atomic(final: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def read_meta(directory: str | Path) -> dict:
-    path = Path(directory) / CONFIG
+    """config.json of a checkpoint, as a dict (one AxiomError if it is missing or not JSON)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise AxiomError(f"checkpoint: {directory} {describe_missing(directory)}, not a checkpoint folder")
+    path = directory / CONFIG
     if not path.is_file():
         what = "not found" if not path.exists() else describe_missing(path)
         raise AxiomError(f"checkpoint: {path} {what}; pass a checkpoint directory written by axiom train")
@@ -195,6 +222,11 @@ def read_meta(directory: str | Path) -> dict:
 
 def config_of(meta: dict, path: Path) -> Config:
     """The Config stored in a checkpoint's config.json, or one AxiomError naming the file."""
+    if "architectures" in meta or "model_type" in meta:
+        raise AxiomError(
+            f"checkpoint: {path.parent} is a Hugging Face model folder, not an Axiom checkpoint; convert it first: "
+            f"axiom import --hf {path.parent} --out CKPT"
+        )
     try:
         return Config.from_dict(meta)
     except (KeyError, TypeError, AxiomError) as e:

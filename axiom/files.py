@@ -31,7 +31,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 
 from axiom import __version__
@@ -96,10 +96,15 @@ def _chain(path: Path) -> list[tuple[int, int]]:
     return [i for i in map(_identity, (resolved, *resolved.parents)) if i is not None]
 
 
-def check_no_overlap(out: str | Path, inputs: Mapping[str, str | Path | None], flag: str = "--out") -> None:
+def check_no_overlap(
+    out: str | Path,
+    inputs: Mapping[str, str | Path | None] | Iterable[tuple[str, str | Path | None]],
+    flag: str = "--out",
+) -> None:
     """Refuse an output that is, contains or lies inside any of `inputs`.
 
-    `inputs` maps a label for the message (e.g. "--ckpt", "the run of --ckpt", "input") to a path; None values are
+    `inputs` maps a label for the message (e.g. "--ckpt", "the run of --ckpt") to a path, or is a sequence of
+    (label, path) pairs where labels repeat (e.g. ("the input", f) for every source file); None paths are
     skipped. Paths are compared by file identity (device and inode) after resolving symbolic links, so a symlink,
     a `..` detour, a bind mount or a case-insensitive spelling of the same folder is caught too. Inputs that do not
     exist cannot overlap anything and are ignored. Call it before any slow work and before taking the lock.
@@ -107,7 +112,7 @@ def check_no_overlap(out: str | Path, inputs: Mapping[str, str | Path | None], f
     out = Path(out)
     out_chain = _chain(out)  # out itself (if it exists) and the folders above it
     out_id = _identity(Path(os.path.realpath(out)))
-    for label, path in inputs.items():
+    for label, path in inputs.items() if isinstance(inputs, Mapping) else inputs:
         if path is None:
             continue
         path = Path(path)

@@ -46,6 +46,8 @@ def read_manifest(data_dir: str | Path) -> dict:
     """The manifest of a prepared directory, checked for the keys, types, version and tokenizer this code reads;
     every shard's `file` is a name inside `data_dir`."""
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise AxiomError(f"{data_dir} {describe_missing(data_dir)}, not a prepared data directory; run `axiom prepare`")
     path = data_dir / MANIFEST
     if not path.is_file():
         what = "not found" if not path.exists() else describe_missing(path)

@@ -339,12 +339,12 @@ def prepare(
     if (out.exists() or out.is_symlink()) and not out.is_dir():
         raise AxiomError(f"--out {out}: exists and {describe_missing(out)}, not a folder; choose another --out")
     files = sources.resolve_inputs(inputs)
-    source_dirs = {f"input {i}": Path(i) for i in inputs if not i.startswith("hf:") and Path(i).is_dir()}
-    check_no_overlap(out, {**source_dirs, **{f"input file {f}": f for f in files}})
+    dirs = [Path(i) for i in inputs if not i.startswith("hf:") and Path(i).is_dir()]
+    check_no_overlap(out, [("the input", p) for p in dirs + files])
     units = sources.plan_units(files, text_field)
     settings = settings_for(files, val_fraction, split_seed, text_field, shard_tokens)
     kept = f"the work recorded in {out / STATE} is kept; fix that, then run the same command again to continue"
-    with write_errors(out, kept), output_lock(out, "prepare"):
+    with write_errors(out, "nothing was written"), output_lock(out, "prepare"):
         if (out / MANIFEST).is_file():
             manifest = read_json(out / MANIFEST, f"use another --out or delete {out}")
             check_same_settings(manifest, settings, out / MANIFEST)
@@ -356,7 +356,8 @@ def prepare(
         out.mkdir(parents=True, exist_ok=True)
         for name in (STATE, MANIFEST):
             remove_stale_temps(out / name)
-        return _prepare(inputs, out, workers, units, settings, made_out, quiet)
+        with write_errors(out, kept):
+            return _prepare(inputs, out, workers, units, settings, made_out, quiet)
 
 
 def _prepare(inputs, out, workers, units, settings, made_out, quiet) -> dict:
