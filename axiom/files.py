@@ -233,6 +233,9 @@ def output_lock(out: str | Path, command: str) -> Iterator[Path]:
     command's own cleanup runs.
     """
     out = Path(out)
+    blocked = next((p for p in reversed(out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise AxiomError(f"{out}: cannot write ({blocked} {describe_missing(blocked)}, not a folder)")
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock_path(out)
     while True:
