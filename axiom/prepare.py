@@ -292,7 +292,8 @@ def results_in_order(
 ) -> Iterator[UnitResult]:
     """Tokenized units in unit order, with at most 2 * workers units in flight (bounded memory)."""
     job = (text_field, val_fraction, split_seed)
-    if workers == 1:
+    workers = min(workers, len(units))  # no idle processes (each holds a tokenizer)
+    if workers <= 1:
         for unit in units:
             yield sources.tokenize_unit(unit, *job)
         return
@@ -422,6 +423,7 @@ def _prepare(inputs, out, workers, units, settings, made_out, quiet) -> dict:
         remove_outputs(out, state, made_out)
         raise
     except KeyboardInterrupt:
+        bar.close()  # its line ends before ours
         print(
             f"prepare: stopped after {state['units_done']} of {len(units)} units; run the same command again to "
             "continue",

@@ -20,7 +20,7 @@ import torch
 
 from axiom.checkpoint import load_model, run_dir_of, save_safetensors, stored_tensors
 from axiom.errors import AxiomError
-from axiom.files import check_no_overlap
+from axiom.files import check_no_overlap, describe_missing
 from axiom.hf.card import eval_summary, find_eval_csv, model_card
 from axiom.hf.folder import CONFIG, WEIGHTS, check_out, hf_config, staged_dir
 from axiom.hf.names import to_llama
@@ -47,7 +47,7 @@ def export(
         raise AxiomError(f"--dtype {dtype!r}: choose {' or '.join(DTYPES)}")
     ckpt, out = Path(ckpt), check_out(out, force, "export")
     if eval_csv is not None and not Path(eval_csv).is_file():
-        raise AxiomError(f"--eval-csv {eval_csv}: file not found")
+        raise AxiomError(f"--eval-csv {eval_csv}: {describe_missing(Path(eval_csv)).removeprefix('is ')}")
     csv_path = Path(eval_csv) if eval_csv is not None else find_eval_csv(ckpt)
     check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run_dir_of(ckpt), "the eval.csv": csv_path})
     with staged_dir(out, force, "export") as tmp:
