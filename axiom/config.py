@@ -120,8 +120,8 @@ class TrainConfig:
             )
 
     def check_plan(self) -> None:
-        """Checks between fields of a run being configured (`--set` on train, info, ...). Stored configs are not
-        held to them, so that older checkpoints still load for eval and export."""
+        """Checks between fields of a run being configured (`--set` on train, info, import, ...). Stored configs are
+        not held to them, so that older checkpoints still load, resume and export."""
         if self.warmup_steps > self.steps:
             raise AxiomError(
                 f"train config: warmup_steps={self.warmup_steps} is more than the run's {self.steps} steps, so the "
@@ -265,7 +265,8 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
             known = ", ".join(sorted([*model_kw, *train_kw]))
             raise AxiomError(f"--set {item!r}: unknown field {name!r}; known fields: {known}")
     new = Config(ModelConfig(**model_kw), TrainConfig(**train_kw))
-    new.train.check_plan()
+    if overrides:  # a configuration being made; a stored one (resume, import without --set) ran as it is
+        new.train.check_plan()
     return new
 
 

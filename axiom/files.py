@@ -14,8 +14,10 @@ A command that writes `out` from `inputs` does, before any slow work:
 
     out = check_replaceable(out, "export", force)            # (folders replaced as a whole)
     check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run})
-    with output_lock(out, "export"), write_errors(out, "nothing was replaced"):
+    with write_errors(out, "nothing was replaced; ..."), output_lock(out, "export"):
         ... write under temp_path(out), write_marker(tmp, "export"), replace_dir(tmp, out)
+
+(`axiom.hf.folder.staged_dir` does all of it for a folder replaced as a whole.) docs/reliability.md has the why.
 """
 
 from __future__ import annotations

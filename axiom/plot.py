@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from axiom.errors import AxiomError
-from axiom.files import check_no_overlap, describe_missing, write_errors
+from axiom.files import check_no_overlap, describe_missing, remove_stale_temps, temp_path, write_errors
 
 
 def read_csv(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict[str, float]]:
@@ -61,6 +61,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     except ImportError:
         raise AxiomError("axiom plot needs matplotlib: pip install 'axiom-lm[plot]'") from None
     fig, ax = plt.subplots(figsize=(8, 5))
+    kind = out.suffix[1:].lower() or "png"
+    if kind not in fig.canvas.get_supported_filetypes():
+        plt.close(fig)
+        raise AxiomError(f"--out {out}: matplotlib cannot write .{kind} files; use .png, .pdf or .svg")
     if train:
         ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.7, label="train loss")
     elif any(math.isfinite(r.get("train_loss", math.nan)) for r in evals):
@@ -79,10 +83,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set_title(f"{run_dir.name}: loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix or '.png'}")
+    tmp = temp_path(out)  # .NAME.tmp-PID: two plots at once never share a temporary
     with write_errors(out, f"{run_dir} is unchanged"):
+        remove_stale_temps(out)
         try:
-            fig.savefig(tmp, dpi=120, bbox_inches="tight")
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format=kind)
             os.replace(tmp, out)
         finally:
             plt.close(fig)

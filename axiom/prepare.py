@@ -4,7 +4,9 @@ Units of work (see axiom/sources.py) are tokenized by a process pool and their r
 the token stream of each split, and thus every shard boundary, is the same for any number of workers. Shards are
 cut every `shard_tokens` tokens (documents may straddle two shards; the loader reads one stream). After each unit,
 `prepare-state.json` records the completed shards and the length of the shard being written; a re-run after an
-interruption truncates that shard to the recorded length and continues with the next unit.
+interruption truncates that shard to the recorded length and continues with the next unit. The state also lists
+every shard file prepare created (`Ledger`): only those are ever truncated or deleted. `--out` is locked while
+prepare runs and must not overlap an input (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -196,9 +198,6 @@ class Ledger:
             return
         self.state["created"].append(name)
         write_json_atomic(self.out / STATE, {**json.loads(self.saved), "created": self.state["created"]})
-
-    def owned(self) -> set[str]:
-        return set(self.state["created"])
 
 
 def created_files(state: dict) -> list[str]:

@@ -259,5 +259,7 @@ def test_plot_refuses_empty_or_garbage_csv(tmp_path, capsys):
     (tmp_path / "ok" / "eval.csv").write_text(
         "step,tokens,train_loss,val_loss\n0,0,,6.0\n2,256,nan,5.0\n4,512,4.8,nan\n"
     )
+    fails(capsys, ["plot", tmp_path / "ok", "--out", tmp_path / "ok" / "loss.weird"], "cannot write .weird files")
     succeeds(capsys, ["plot", tmp_path / "ok"])
     assert (tmp_path / "ok" / "loss.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["eval.csv", "loss.png"]
