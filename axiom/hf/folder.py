@@ -20,6 +20,7 @@ from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
 from axiom.files import (
     check_replaceable,
+    describe_missing,
     member,
     output_lock,
     read_json,
@@ -70,7 +71,8 @@ def read_config(directory: Path) -> dict:
     if not directory.is_dir():
         raise AxiomError(f"{directory} is not a directory; pass a Hugging Face model folder")
     if not path.is_file():
-        raise AxiomError(f"{path} not found; a Hugging Face model folder needs config.json and model.safetensors")
+        what = "not found" if not path.exists() else describe_missing(path)
+        raise AxiomError(f"{path} {what}; a Hugging Face model folder needs config.json and model.safetensors")
     return read_json(path, "a Hugging Face model folder needs a valid config.json")
 
 
