@@ -184,7 +184,9 @@ def check_replaceable(out: str | Path, command: str, force: bool) -> Path:
 
 
 def _lock_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.lock"
+    """`.NAME.lock` beside the real location of `out`, so that every spelling of it (a symlink, `..`) shares one."""
+    real = Path(os.path.realpath(out))
+    return real.parent / f".{real.name}.lock"
 
 
 def pid_alive(pid: int) -> bool:
@@ -240,6 +242,7 @@ def output_lock(out: str | Path, command: str) -> Iterator[Path]:
         raise AxiomError(f"{out}: cannot write ({blocked} {describe_missing(blocked)}, not a folder)")
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock_path(out)
+    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
