@@ -337,7 +337,7 @@ def prepare(
         )
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not out.is_dir():
-        raise AxiomError(f"--out {out}: exists and {describe_missing(out)}, not a folder; choose another --out")
+        raise AxiomError(f"--out {out}: {describe_missing(out)}, not a folder; choose another --out")
     files = sources.resolve_inputs(inputs)
     dirs = [Path(i) for i in inputs if not i.startswith("hf:") and Path(i).is_dir()]
     check_no_overlap(out, [("the input", p) for p in dirs + files])

@@ -128,9 +128,10 @@ def test_second_writer_is_refused_and_a_dead_holder_frees_the_output(run, corpus
         fails(capsys, ["prepare", corpus, "--out", out, "--workers", "1"], named, "wait for it")
         fails(capsys, ["export", "--ckpt", run / "checkpoints" / "best", "--out", out], named)
         fails(capsys, ["import", "--hf", tmp_path / "nowhere", "--out", out], named)
+        assert not out.exists()
+        out.mkdir()
         (tmp_path / "alias").symlink_to(out)  # another spelling of the same output shares its lock
         fails(capsys, ["prepare", corpus, "--out", tmp_path / "alias", "--workers", "1"], named)
-        assert not out.exists()
     finally:
         holder.kill()  # kill -9: the kernel releases the lock; the file it leaves behind means nothing
         holder.wait()
