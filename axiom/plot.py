@@ -1,4 +1,5 @@
-"""`axiom plot RUN`: train and validation loss against tokens seen, from RUN/train.csv and RUN/eval.csv."""
+"""`axiom plot RUN`: train and validation loss against tokens seen, from RUN/train.csv and RUN/eval.csv; rollbacks
+(RUN/events.csv) are dashed vertical lines where the run continued."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         what = "not found" if not eval_csv.exists() else describe_missing(eval_csv)
         raise AxiomError(f"{eval_csv} {what}; pass a run directory written by axiom train")
     out = Path(out) if out else run_dir / "loss.png"
-    check_no_overlap(out, {"eval.csv": eval_csv, "train.csv": train_csv if train_csv.is_file() else None})
+    inputs = {name: run_dir / name for name in ("eval.csv", "train.csv", "events.csv")}
+    check_no_overlap(out, inputs)
     if out.is_dir():
         raise AxiomError(f"--out {out} is a folder; pass the PNG file to write")
     evals = read_csv(eval_csv, ("tokens", "val_loss"), optional=("train_loss",))
@@ -70,6 +72,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     elif any(math.isfinite(r.get("train_loss", math.nan)) for r in evals):
         ax.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "-", label="train loss")
     ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
+    events = run_dir / "events.csv"
+    for i, event in enumerate(read_csv(events, ("tokens",)) if events.is_file() else []):
+        # a rollback: the run continued from this many tokens, skipping the bad steps' data
+        label = "rollback (events.csv)" if i == 0 else None
+        ax.axvline(event["tokens"], color="tab:red", ls="--", lw=1, alpha=0.7, label=label)
     best = min((r for r in evals if math.isfinite(r["val_loss"])), key=lambda r: r["val_loss"])
     ax.annotate(
         f"best {best['val_loss']:.3f}",
