@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -133,16 +134,23 @@ class TrainConfig:
     def check_plan(self) -> None:
         """Checks between fields of a run being configured (`--set` on train, info, import, ...). Stored configs are
         not held to them, so that older checkpoints still load, resume and export."""
-        if self.warmup_steps > self.steps:
-            raise AxiomError(
-                f"train config: warmup_steps={self.warmup_steps} is more than the run's {self.steps} steps, so the "
-                f"LR would never reach lr_max; lower it, e.g. --set warmup_steps={max(self.steps // 10, 1)}"
-            )
         if self.eval_tokens < self.seq_len:
             raise AxiomError(
                 f"train config: eval_tokens={self.eval_tokens} is less than one sequence (seq_len={self.seq_len}), "
                 "so an evaluation would read nothing"
             )
+
+    def notices(self) -> list[str]:
+        """Settings that run but probably not as meant; printed when a configuration is made from --set. (A
+        warmup longer than the run is a notice, not an error: short smoke runs of a preset do it on purpose.)"""
+        notes = []
+        if self.warmup_steps > self.steps:
+            reached = self.steps / self.warmup_steps
+            notes.append(
+                f"warmup_steps={self.warmup_steps} is more than the run's {self.steps} steps: the LR only reaches "
+                f"{reached:.0%} of lr_max (e.g. --set warmup_steps={max(self.steps // 10, 1)})"
+            )
+        return notes
 
     @property
     def tokens_per_step(self) -> int:
@@ -328,4 +336,8 @@ def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return get_config(args.preset, args.overrides)
+    """The --preset with its --set overrides; settings that probably do not do what was meant are named on stderr."""
+    cfg = get_config(args.preset, args.overrides)
+    for note in cfg.train.notices() if args.overrides else []:
+        print(f"notice: {note}", file=sys.stderr)
+    return cfg

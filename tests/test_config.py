@@ -21,16 +21,7 @@ def test_every_preset_builds():
 
 def test_overrides_are_typed():
     cfg = get_config(
-        "tiny",
-        [
-            "d_model=256",
-            "lr_max=1e-3",
-            "compile=true",
-            "max_steps=7",
-            "warmup_steps=7",
-            "dtype=float32",
-            "target_tokens=8e9",
-        ],
+        "tiny", ["d_model=256", "lr_max=1e-3", "compile=true", "max_steps=7", "dtype=float32", "target_tokens=8e9"]
     )
     assert cfg.model.d_model == 256 and cfg.model.head_dim == 64
     assert cfg.train.lr_max == 1e-3 and cfg.train.compile is True and cfg.train.max_steps == 7
