@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -38,6 +37,11 @@ from pathlib import Path, PurePosixPath
 
 from axiom import __version__
 from axiom.errors import AxiomError
+
+try:
+    import fcntl
+except ImportError:  # Windows: output_lock falls back to its PID file
+    fcntl = None
 
 MARKER = ".axiom-output.json"
 
@@ -244,6 +248,9 @@ def output_lock(out: str | Path, command: str) -> Iterator[Path]:
     lock = _lock_path(out)
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
+        if fcntl is None:
+            fd = _pidfile_lock(out, command, lock)
+            break
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
