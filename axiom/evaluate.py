@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from axiom.checkpoint import load_model
+from axiom.errors import AxiomError
 from axiom.loader import eval_batches, read_manifest
+from axiom.parallel import pick_device
 from axiom.tokenizer import load_tokenizer
 
 
@@ -68,8 +70,9 @@ def evaluate(
     model.eval()
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     tokens = nbytes = 0
+    vocab_size = getattr(getattr(model, "cfg", None), "vocab_size", None)  # ids past it fail in eval_batches
     try:
-        for x, y in eval_batches(data_dir, seq_len, batch_size, eval_tokens):
+        for x, y in eval_batches(data_dir, seq_len, batch_size, eval_tokens, vocab_size):
             with autocast(device, dtype):
                 loss = model(x.to(device), y.to(device))
             total_nats += loss.double() * y.numel()
@@ -92,22 +95,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="prepared data directory (from axiom prepare)")
     parser.add_argument("--eval-tokens", type=int, help="validation tokens (default: the checkpoint's eval_tokens)")
     parser.add_argument("--batch-size", type=int, help="sequences per batch (default: its micro_batch_size)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> None:
+    for flag, value in (("--eval-tokens", args.eval_tokens), ("--batch-size", args.batch_size)):
+        if value is not None and value <= 0:
+            raise AxiomError(f"{flag} {value}: must be positive")
+    device = pick_device(args.device)
     read_manifest(args.data)  # a clear error before the model loads
-    model, cfg, meta = load_model(args.ckpt, args.device)
+    model, cfg, meta = load_model(args.ckpt, device)
     t = cfg.train
+    seq_len = min(t.seq_len, cfg.model.max_seq_len)
+    eval_tokens = args.eval_tokens if args.eval_tokens is not None else t.eval_tokens
+    if eval_tokens < seq_len:
+        raise AxiomError(f"--eval-tokens {eval_tokens}: less than one sequence of {seq_len} tokens")
     result = evaluate(
         model,
         args.data,
-        seq_len=min(t.seq_len, cfg.model.max_seq_len),
-        batch_size=args.batch_size or t.micro_batch_size,
-        eval_tokens=args.eval_tokens or t.eval_tokens,
+        seq_len=seq_len,
+        batch_size=args.batch_size if args.batch_size is not None else t.micro_batch_size,
+        eval_tokens=eval_tokens,
         dtype=t.dtype,
     )
+    if not math.isfinite(result.loss):
+        raise AxiomError(
+            f"{args.ckpt}: the validation loss is {result.loss} (not finite) over {result.tokens:,} tokens; the "
+            "model overflows on this data (a diverged run?)"
+        )
     out = {"ckpt": str(args.ckpt), "step": meta.get("step"), "tokens_seen": meta.get("tokens"), **asdict(result)}
     if args.json:
         print(json.dumps(out))
