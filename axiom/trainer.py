@@ -28,6 +28,7 @@ from axiom.checkpoint import (
     save_weights,
     set_rng_state,
     step_dir_name,
+    verify_checkpoint,
     write_dir_atomic,
 )
 from axiom.config import Config, TrainConfig
@@ -234,7 +235,9 @@ class Trainer:
         self.raw.train()
         self.model = parallelize(self.raw, t, device, d)
         self.optimizer, self.optimizer_name = build_optimizer(self.raw, t, device, fsdp=self.fsdp)
-        self.loader = TrainLoader(data_dir, t.seq_len, t.micro_batch_size, t.seed, d.rank, d.world_size)
+        self.loader = TrainLoader(
+            data_dir, t.seq_len, t.micro_batch_size, t.seed, d.rank, d.world_size, cfg.model.vocab_size
+        )
         self.micro_steps = t.grad_accum_steps // d.world_size
         self.state = TrainState()
         if state is not None:
@@ -399,13 +402,21 @@ class Trainer:
         return None
 
     def last_good_checkpoint(self) -> tuple[int, Path] | None:
-        """The newest checkpoint that a later step proved healthy. A checkpoint's weights are judged by the loss
-        of the step after it: in a streak of bad steps that began at step b, the weights of step b - 1 gave the
-        first bad loss, so only checkpoints up to step b - 2 are good."""
+        """The newest checkpoint that a later step proved healthy and whose files verify. A checkpoint's weights are
+        judged by the loss of the step after it: in a streak of bad steps that began at step b, the weights of step
+        b - 1 gave the first bad loss, so only checkpoints up to step b - 2 are good."""
         s = self.state
         limit = s.step - s.bad_steps - 1
-        found = [(step, path) for step, path in list_checkpoints(self.ckpt_root) if step <= limit]
-        return found[-1] if found else None
+        for step, path in reversed(list_checkpoints(self.ckpt_root)):
+            if step > limit:
+                continue
+            try:
+                verify_checkpoint(path, need_state=True)  # its files are the ones written (content hashes)
+            except AxiomError as e:
+                self.log.info(f"{path} does not verify, so it is not rolled back to: {e}")
+                continue
+            return step, path
+        return None
 
     def stop_for_bad_steps(self, why: str, good: tuple[int, Path] | None) -> AxiomError:
         """Set aside the checkpoints after `good` (so that --resume continues from it) and say why training
