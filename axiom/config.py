@@ -88,6 +88,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite loss/grad-norm steps (each skipped) before training stops
     log_interval: int = 10  # optimizer steps between lines in train.log / train.csv
     fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state with FSDP2 instead of DDP
+    eval_tasks: str = ""  # comma-separated multiple-choice JSONL files scored at every evaluation (docs/evaluation.md)
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "seq_len", "grad_accum_steps", "target_tokens", "eval_tokens"):
@@ -108,11 +109,21 @@ class TrainConfig:
         for name in ("keep_checkpoints", "max_bad_steps", "log_interval", "eval_interval", "checkpoint_interval"):
             if getattr(self, name) <= 0:
                 raise AxiomError(f"train config: {name}={getattr(self, name)} must be positive")
+        names = [p.strip() for p in self.eval_tasks.split(",")] if self.eval_tasks.strip() else []
+        if "" in names or len(set(names)) < len(names):
+            raise AxiomError(
+                f"train config: eval_tasks={self.eval_tasks!r} must be distinct task file paths separated by commas"
+            )
         if self.steps == 0:
             raise AxiomError(
                 f"train config: target_tokens={self.target_tokens} is less than one optimizer step "
                 f"({self.tokens_per_step} tokens)"
             )
+
+    @property
+    def task_files(self) -> list[str]:
+        """The paths in eval_tasks."""
+        return [p.strip() for p in self.eval_tasks.split(",") if p.strip()]
 
     @property
     def tokens_per_step(self) -> int:

@@ -137,7 +137,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from axiom.tasks import choice_loglikelihoods, read_task_file, score  # imported here: it imports autocast
+    from axiom.tasks import choice_loglikelihoods, read_task_file, score, task_name  # it imports autocast from here
 
     tasks = check_args(args)
     if args.data:
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> None:
         out["task_files"] = {}
         for path, items in task_items.items():
             lls = choice_loglikelihoods(model, items, args.batch_size or TASK_BATCH, t.dtype, progress=not args.json)
-            res = score(Path(path).stem, items, lls)
+            res = score(task_name(path), items, lls)
             out["task_files"][path] = asdict(res)
             rows.append((f"{res.name} (file)", res.n, res.acc, res.acc_stderr, res.acc_norm, res.acc_norm_stderr))
     if tasks:

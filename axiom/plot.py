@@ -36,7 +36,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise AxiomError("axiom plot needs matplotlib: pip install 'axiom-lm[plot]'") from None
     evals = read_csv(eval_csv)
     train = read_csv(train_csv) if train_csv.is_file() else []
-    fig, ax = plt.subplots(figsize=(8, 5))
+    tasks = [c.removesuffix("_acc") for c in evals[0] if c.endswith("_acc")] if evals else []  # TrainConfig.eval_tasks
+    if tasks:
+        fig, (ax, task_ax) = plt.subplots(2, 1, figsize=(8, 8), sharex=True, height_ratios=(3, 2))
+        plot_tasks(task_ax, evals, tasks)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 5))
     if train:
         ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.7, label="train loss")
     elif any(math.isfinite(r["train_loss"]) for r in evals):
@@ -61,6 +66,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     plt.close(fig)
     os.replace(tmp, out)
     return out
+
+
+def plot_tasks(ax, evals: list[dict[str, float]], tasks: list[str]) -> None:
+    """acc (solid) and acc_norm (dashed) of each in-loop task file against tokens, one colour per task."""
+    tokens = [r["tokens"] for r in evals]
+    for i, name in enumerate(tasks):
+        color = f"C{i}"
+        ax.plot(tokens, [r[f"{name}_acc"] for r in evals], "o-", color=color, label=f"{name} acc")
+        ax.plot(tokens, [r.get(f"{name}_acc_norm", math.nan) for r in evals], "--", color=color, label="acc_norm")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -297,9 +297,42 @@ def score(name: str, items: Sequence[Item], lls: Sequence[Sequence[float]]) -> T
     return TaskResult(name, len(items), *mean_and_stderr(acc), *mean_and_stderr(norm))
 
 
+def task_name(path: str | Path) -> str:
+    """A task file's name in tables and eval.csv columns: its stem, with anything but letters, digits and _ as _."""
+    return re.sub(r"\W+", "_", Path(path).stem)
+
+
 def evaluate_task_file(
     model: Axiom, path: str | Path, limit: int | None = None, batch_size: int = 16, dtype: str = "float32"
 ) -> TaskResult:
     """acc and acc_norm of `model` on the first `limit` items (all by default) of a task file."""
     items = read_task_file(path)[:limit]
-    return score(Path(path).stem, items, choice_loglikelihoods(model, items, batch_size, dtype))
+    return score(task_name(path), items, choice_loglikelihoods(model, items, batch_size, dtype))
+
+
+# ---- evaluation during training (TrainConfig.eval_tasks)
+
+
+def load_tasks(paths: Sequence[str]) -> dict[str, list[Item]]:
+    """Task name -> items for each file, read once when training starts (so a bad file fails before step 1)."""
+    tasks: dict[str, list[Item]] = {}
+    for path in paths:
+        name = task_name(path)
+        if name in tasks:
+            raise AxiomError(f"eval_tasks: two task files are both named {name!r} in eval.csv; rename one")
+        tasks[name] = read_task_file(path)
+    return tasks
+
+
+def task_columns(tasks: dict[str, list[Item]]) -> tuple[str, ...]:
+    """The eval.csv columns of `tasks`: NAME_acc and NAME_acc_norm per task."""
+    return tuple(f"{name}_{metric}" for name in tasks for metric in ("acc", "acc_norm"))
+
+
+def evaluate_tasks(model: Axiom, tasks: dict[str, list[Item]], dtype: str = "float32") -> dict[str, float]:
+    """eval.csv column -> value for `tasks` (see task_columns)."""
+    row = {}
+    for name, items in tasks.items():
+        result = score(name, items, choice_loglikelihoods(model, items, dtype=dtype))
+        row |= {f"{name}_acc": result.acc, f"{name}_acc_norm": result.acc_norm}
+    return row

@@ -342,3 +342,37 @@ def json_for_hub() -> dict:
         "doc_to_choice": "{{endings}}",
         "doc_to_target": "{{label}}",
     }
+
+
+def test_eval_tasks_config_and_loading(tmp_path):
+    from axiom.config import get_config
+    from axiom.tasks import evaluate_tasks, load_tasks, task_columns
+
+    a, b = write_jsonl(tmp_path / "kjv-val.jsonl", THREE), write_jsonl(tmp_path / "b.jsonl", THREE[:2])
+    cfg = get_config("tiny", [f"eval_tasks={a} , {b}"])
+    assert cfg.train.task_files == [a, b]
+    for bad in (f"{a},,{b}", f"{a},{a}", ","):
+        with pytest.raises(AxiomError, match="eval_tasks=.* must be distinct task file paths"):
+            get_config("tiny", [f"eval_tasks={bad}"])
+    tasks = load_tasks(cfg.train.task_files)
+    assert task_columns(tasks) == ("kjv_val_acc", "kjv_val_acc_norm", "b_acc", "b_acc_norm")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(AxiomError, match="both named 'b'"):
+        load_tasks([b, write_jsonl(tmp_path / "sub" / "b.jsonl", THREE)])
+    torch.manual_seed(2)
+    row = evaluate_tasks(Axiom(FULL), tasks)
+    assert row == {"kjv_val_acc": 1 / 3, "kjv_val_acc_norm": 0.0, "b_acc": 0.0, "b_acc_norm": 0.0}
+
+
+def test_plot_draws_a_task_panel(tmp_path):
+    pytest.importorskip("matplotlib", reason="axiom plot needs the plot extra")
+    import matplotlib.pyplot as plt
+
+    from axiom.plot import plot_run
+
+    header = "step,tokens,train_loss,val_loss,val_ppl,val_bpb,kjv_acc,kjv_acc_norm\n"
+    (tmp_path / "eval.csv").write_text(
+        header + "0,0,nan,11.5,9.8e4,4.0,0.25,0.24\n10,1280,9.0,8.5,4914.8,3.0,0.3,0.31\n"
+    )
+    height, width, _ = plt.imread(plot_run(tmp_path)).shape
+    assert height > 0.9 * width  # two panels, one above the other (loss alone is 8 x 5)
