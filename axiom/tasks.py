@@ -189,11 +189,12 @@ def loglikelihoods(
     batch_size: int = 16,
     dtype: str = "float32",
     progress: bool = False,
+    greedy: bool = True,
 ) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the summed log-probability of the continuation given the context,
-    and whether greedy decoding would produce it (lm-eval's `loglikelihood` answer). `batch_size` counts distinct
-    contexts per forward pass; `dtype` is the autocast dtype on CUDA (the CPU runs in the model's dtype);
-    `progress` shows a bar over the batches."""
+    and whether greedy decoding would produce it (lm-eval's `loglikelihood` answer; always False when `greedy` is
+    off, which saves the argmax over the vocabulary). `batch_size` counts distinct contexts per forward pass; `dtype`
+    is the autocast dtype on CUDA (the CPU runs in the model's dtype); `progress` shows a bar over the batches."""
     device = next(model.parameters()).device
     max_len = model.cfg.max_seq_len
     out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
@@ -203,66 +204,70 @@ def loglikelihoods(
         batches = _batches(_groups(requests, max_len), batch_size, max_len)
         for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
             with autocast(device, dtype):
-                hidden, targets, spans = _batch_hidden(model, batch, device)
-            logp, greedy = _target_logprobs(hidden, model.lm_head.weight, targets)
+                hidden, rows, targets, spans = _batch_hidden(model, batch, device)
+            logp, hits = _target_logprobs(hidden, model.lm_head.weight, rows, targets, greedy)
             for index, (start, end) in spans.items():
-                out[index] = (float(logp[start:end].sum()), bool(greedy[start:end].all()))
+                out[index] = (float(logp[start:end].sum()), bool(hits[start:end].all()))
     finally:
         model.train(was_training)
     return out
 
 
-def _batch_hidden(model: Axiom, batch: list[_Group], device) -> tuple[Tensor, Tensor, dict[int, tuple[int, int]]]:
-    """Final hidden states at every position that predicts a continuation token, those tokens, and each request's
-    (start, end) rows in them.
+def _batch_hidden(model: Axiom, batch: list[_Group], device) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """The final hidden states that predict continuation tokens (N, d); for every continuation token its row in
+    them (M,) and the token itself (M,); and each request's (start, end) range of those M tokens.
 
-    Pass 1 runs the contexts, left-padded to one length, into a KV cache; the last position predicts each
-    continuation's first token. Pass 2 copies each context's cache rows once per continuation and runs the
-    continuations without their last token, right-padded (causal attention never looks at the padding)."""
+    Pass 1 runs the contexts, left-padded to one length, into a KV cache; its last position predicts the first token
+    of every continuation of that context (one row, shared). Pass 2 copies each context's cache rows once per
+    continuation and runs the continuations without their last token, right-padded (causal attention never looks
+    at the padding)."""
     P = len(batch[0].prefix)
     S = max(g.suffix_len for g in batch)
     pad = torch.tensor([P - len(g.prefix) for g in batch], device=device)
     prefixes = torch.tensor([[0] * (P - len(g.prefix)) + g.prefix for g in batch], device=device)  # (B, P)
     dtype = next(model.parameters()).dtype
     cache = KVCache.empty(model.cfg, len(batch), P + S, device, dtype, pad if pad.any() else None)
-    last = model.hidden_states(prefixes, cache, last_only=True)[:, 0]  # (B, d)
+    hidden = [model.hidden_states(prefixes, cache, last_only=True)[:, 0]]  # (B, d)
 
-    rows = [(b, c) for b, g in enumerate(batch) for c in g.continuations]  # one row per request
+    requests = [(b, i, c) for b, g in enumerate(batch) for i, c in zip(g.requests, g.continuations, strict=True)]
     if S > 0:
-        owner = torch.tensor([b for b, _ in rows], device=device)
+        owner = torch.tensor([b for b, _, _ in requests], device=device)
         cache = KVCache(
             [k[owner] for k in cache.keys],
             [v[owner] for v in cache.values],
             cache.pad[owner] if cache.pad is not None else None,
             cache.length,
         )
-        suffixes = torch.tensor([c[:-1] + [0] * (S + 1 - len(c)) for _, c in rows], device=device)  # (R, S)
+        suffixes = torch.tensor([c[:-1] + [0] * (S + 1 - len(c)) for _, _, c in requests], device=device)  # (R, S)
         after = model.hidden_states(suffixes, cache)  # (R, S, d)
 
-    picked, targets, spans = [], [], {}
-    start = 0
-    indices = [i for g in batch for i in g.requests]
-    for r, ((b, cont), index) in enumerate(zip(rows, indices, strict=True)):
-        picked.append(last[b : b + 1])
+    rows, targets, spans = [], [], {}
+    n = len(batch)
+    for r, (b, index, cont) in enumerate(requests):
         if len(cont) > 1:
-            picked.append(after[r, : len(cont) - 1])
-        targets.extend(cont)
-        spans[index] = (start, start + len(cont))
-        start += len(cont)
-    return torch.cat(picked), torch.tensor(targets, device=device), spans
+            hidden.append(after[r, : len(cont) - 1])
+        rows += [b, *range(n, n + len(cont) - 1)]
+        n += len(cont) - 1
+        spans[index] = (len(targets), len(targets) + len(cont))
+        targets += cont
+    return torch.cat(hidden), torch.tensor(rows, device=device), torch.tensor(targets, device=device), spans
 
 
-def _target_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """(N, d) hidden states, (N,) targets -> (N,) float64 log-probabilities of the targets and (N,) whether each
-    target is the argmax; the (N, V) logits are made LOGIT_ROWS rows at a time, in float32."""
-    logps, greedy = [], []
-    for s in range(0, len(targets), LOGIT_ROWS):
-        logits = output_logits(hidden[s : s + LOGIT_ROWS], weight).float()
-        t = targets[s : s + LOGIT_ROWS]
-        logp = torch.log_softmax(logits, dim=-1)
-        logps.append(logp.gather(1, t[:, None])[:, 0].double())
-        greedy.append(logits.argmax(dim=-1) == t)
-    return torch.cat(logps).cpu(), torch.cat(greedy).cpu()
+def _target_logprobs(
+    hidden: Tensor, weight: Tensor, rows: Tensor, targets: Tensor, greedy: bool
+) -> tuple[Tensor, Tensor]:
+    """(M,) float64 log-probabilities of `targets` at their `rows` of `hidden` (N, d), and (M,) whether each is the
+    argmax there (all False without `greedy`). The (N, V) logits are made LOGIT_ROWS rows at a time, in float32."""
+    logp = torch.empty(len(targets), dtype=torch.float64, device=hidden.device)
+    hits = torch.zeros(len(targets), dtype=torch.bool, device=hidden.device)
+    for s in range(0, len(hidden), LOGIT_ROWS):
+        logits = output_logits(hidden[s : s + LOGIT_ROWS], weight).float()  # (n, V)
+        sel = ((rows >= s) & (rows < s + LOGIT_ROWS)).nonzero()[:, 0]  # the targets scored in this block
+        r, t = rows[sel] - s, targets[sel]
+        logp[sel] = (logits[r, t] - torch.logsumexp(logits, dim=-1)[r]).double()
+        if greedy:
+            hits[sel] = logits.argmax(dim=-1)[r] == t
+    return logp.cpu(), hits.cpu()
 
 
 def choice_loglikelihoods(
@@ -270,7 +275,7 @@ def choice_loglikelihoods(
 ) -> list[list[float]]:
     """Per item, the log-likelihood of `" " + choice` given its context, for each choice."""
     requests = [encode_pair(item.context, " " + choice) for item in items for choice in item.choices]
-    flat = iter(ll for ll, _ in loglikelihoods(model, requests, batch_size, dtype, progress))
+    flat = iter(ll for ll, _ in loglikelihoods(model, requests, batch_size, dtype, progress, greedy=False))
     return [[next(flat) for _ in item.choices] for item in items]
 
 

@@ -8,6 +8,9 @@ checks that all three give the same acc and acc_norm.
     python scripts/bench_tasks.py --task-file hellaswag_val.jsonl --ckpt RUN/checkpoints/best --limit 500
 
 Without --ckpt the model is the --preset (default tiny) with random weights: speed does not depend on them.
+On a machine that other jobs keep busy, run with OMP_WAIT_POLICY=PASSIVE (as `make demo` does): spinning OpenMP
+threads that wait for a descheduled sibling make every small op cost milliseconds, which says nothing about either
+contender.
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds (each times every contender twice)")
     parser.add_argument("--batch-size", type=int, default=16, help="native scorer: contexts per pass")
     parser.add_argument("--hf-batch-size", type=int, default=32, help="lm-eval's HF model: requests per pass")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets is imported: it reads them once
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval import simple_evaluate
