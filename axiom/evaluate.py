@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> None:
         for path, items in task_items.items():
             lls = choice_loglikelihoods(model, items, args.batch_size or TASK_BATCH, t.dtype, progress=not args.json)
             res = score(task_name(path), items, lls)
-            out["task_files"][path] = asdict(res)
+            out["task_files"][path] = {k: None if v != v else v for k, v in asdict(res).items()}  # nan -> null
             rows.append((f"{res.name} (file)", res.n, res.acc, res.acc_stderr, res.acc_norm, res.acc_norm_stderr))
     if tasks:
         harness = run_tasks(model, tasks, args.limit, args.num_fewshot, args.batch_size or TASK_BATCH, t.dtype)

@@ -376,3 +376,30 @@ def test_plot_draws_a_task_panel(tmp_path):
     )
     height, width, _ = plt.imread(plot_run(tmp_path)).shape
     assert height > 0.9 * width  # two panels, one above the other (loss alone is 8 x 5)
+
+
+def test_training_logs_task_columns_in_eval_csv(tiny_data, tmp_path):
+    import csv
+
+    from axiom.checkpoint import list_checkpoints, load_model
+    from axiom.tasks import evaluate_tasks, load_tasks
+    from axiom.train import train
+    from axiom.trainer import EVAL_COLUMNS
+
+    file = write_jsonl(tmp_path / "three.jsonl", THREE)
+    sets = ["vocab_size=100277", "max_steps=4", "eval_interval=2", "checkpoint_interval=4", f"eval_tasks={file}"]
+    run = tmp_path / "run"
+    train(micro_config(*sets), tiny_data, run)
+    with open(run / "eval.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == (*EVAL_COLUMNS, "three_acc", "three_acc_norm")
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    model = load_model(list_checkpoints(run / "checkpoints")[-1][1])[0]  # step 4
+    want = evaluate_tasks(model, load_tasks([file]))
+    assert {k: float(rows[-1][k]) for k in want} == want
+    assert f"three_acc {want['three_acc']:.4f}, three_acc_norm" in (run / "train.log").read_text()
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [json.dumps({"context": "a"})])
+    with pytest.raises(AxiomError, match="bad.jsonl:1: missing field 'choices'"):
+        train(micro_config(*sets[:-1], f"eval_tasks={bad}"), tiny_data, tmp_path / "run2")
+    assert not list_checkpoints(tmp_path / "run2" / "checkpoints")
