@@ -403,3 +403,41 @@ def test_training_logs_task_columns_in_eval_csv(tiny_data, tmp_path):
     with pytest.raises(AxiomError, match="bad.jsonl:1: missing field 'choices'"):
         train(micro_config(*sets[:-1], f"eval_tasks={bad}"), tiny_data, tmp_path / "run2")
     assert not list_checkpoints(tmp_path / "run2" / "checkpoints")
+
+
+def test_lambada_style_task_through_the_adapter_and_the_table(ckpt, tmp_path):
+    """A loglikelihood task as lm-eval's lambada_openai defines it (last word; perplexity and greedy acc), on a local
+    file: the harness's numbers equal plain computations and the table gets a perplexity column."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
+    from lm_eval.tasks import TaskManager
+
+    from axiom.evaluate import harness_rows, task_table
+    from axiom.harness import run_tasks
+
+    model, _ = ckpt
+    texts = ["In the beginning God created the heaven and the earth", "The sky is blue", "Two plus two equals four"]
+    path = write_jsonl(tmp_path / "texts.jsonl", [{"text": t} for t in texts])
+    task = {
+        "task": "last_word",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": path}},
+        "test_split": "test",
+        "output_type": "loglikelihood",
+        "doc_to_text": "{{text.split(' ')[:-1]|join(' ')}}",  # lambada_openai's own templates
+        "doc_to_target": "{{' '+text.split(' ')[-1]}}",
+        "metric_list": [
+            {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+        ],
+    }
+    results = run_tasks(model, [task], task_manager=TaskManager(include_defaults=False))
+    pairs = [t.rsplit(" ", 1) for t in texts]  # (passage without its last word, the word)
+    lls = [plain_loglikelihood(model, *encode_pair(context, " " + word)) for context, word in pairs]
+    metrics = results["results"]["last_word"]
+    assert metrics["perplexity,none"] == pytest.approx(math.exp(-sum(ll for ll, _ in lls) / 3), rel=1e-4)
+    assert metrics["acc,none"] == pytest.approx(sum(g for _, g in lls) / 3)
+    table = task_table(harness_rows(results)).splitlines()
+    assert table[0].split() == ["task", "n", "acc", "acc_norm", "perplexity"]
+    cells = table[1].split()  # task, n, acc ± err, acc_norm "-", perplexity ± err
+    assert cells[:3] == ["last_word", "3", f"{metrics['acc,none']:.4f}"] and cells[5] == "-"
+    assert cells[6] == f"{metrics['perplexity,none']:.2f}"
