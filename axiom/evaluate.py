@@ -137,7 +137,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from axiom.tasks import choice_loglikelihoods, read_task_file, score, task_name  # it imports autocast from here
+    from axiom.tasks import choice_loglikelihoods, read_task_file, score, task_name  # here: it imports this module
 
     tasks = check_args(args)
     if args.data:
