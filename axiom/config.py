@@ -93,6 +93,7 @@ class TrainConfig:
     rollback_lr_steps: int = 1000  # ... for this many steps from the checkpoint rolled back to
     log_interval: int = 10  # optimizer steps between lines in train.log / train.csv
     fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state with FSDP2 instead of DDP
+    eval_tasks: str = ""  # comma-separated multiple-choice JSONL files scored at every evaluation (docs/evaluation.md)
 
     def __post_init__(self) -> None:
         """Each field's own range; `check_plan` adds the checks between fields for a run being started."""
@@ -125,6 +126,11 @@ class TrainConfig:
             )
         for name in ("keep_checkpoints", "max_bad_steps", "log_interval", "eval_interval", "checkpoint_interval"):
             _need(name, getattr(self, name), getattr(self, name) > 0, "must be positive")
+        names = [p.strip() for p in self.eval_tasks.split(",")] if self.eval_tasks.strip() else []
+        if "" in names or len(set(names)) < len(names):
+            raise AxiomError(
+                f"train config: eval_tasks={self.eval_tasks!r} must be distinct task file paths separated by commas"
+            )
         if self.steps == 0:
             raise AxiomError(
                 f"train config: target_tokens={self.target_tokens} is less than one optimizer step "
@@ -151,6 +157,11 @@ class TrainConfig:
                 f"{reached:.0%} of lr_max (e.g. --set warmup_steps={max(self.steps // 10, 1)})"
             )
         return notes
+
+    @property
+    def task_files(self) -> list[str]:
+        """The paths in eval_tasks."""
+        return [p.strip() for p in self.eval_tasks.split(",") if p.strip()]
 
     @property
     def tokens_per_step(self) -> int:

@@ -51,7 +51,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     check_no_overlap(out, inputs)
     if out.is_dir():
         raise AxiomError(f"--out {out} is a folder; pass the PNG file to write")
-    evals = read_csv(eval_csv, ("tokens", "val_loss"), optional=("train_loss",))
+    try:
+        with open(eval_csv, newline="") as f:
+            header = next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error):
+        header = []  # read_csv says what is wrong with the file
+    scores = tuple(c for c in header if c.endswith(("_acc", "_acc_norm")))  # in-loop task files (eval_tasks)
+    evals = read_csv(eval_csv, ("tokens", "val_loss"), optional=("train_loss", *scores))
     if not any(math.isfinite(r["val_loss"]) for r in evals):
         raise AxiomError(f"{eval_csv}: no evaluation with a finite val_loss yet; plot again after the first one")
     train = read_csv(train_csv, ("tokens", "loss")) if train_csv.is_file() else []
@@ -62,7 +68,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise AxiomError("axiom plot needs matplotlib: pip install 'axiom-lm[plot]'") from None
-    fig, ax = plt.subplots(figsize=(8, 5))
+    tasks = [c.removesuffix("_acc") for c in evals[0] if c.endswith("_acc")]  # TrainConfig.eval_tasks columns
+    if tasks:
+        fig, (ax, task_ax) = plt.subplots(2, 1, figsize=(8, 8), sharex=True, height_ratios=(3, 2))
+        plot_tasks(task_ax, evals, tasks)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 5))
     kind = out.suffix[1:].lower() or "png"
     if kind not in fig.canvas.get_supported_filetypes():
         plt.close(fig)
@@ -100,6 +111,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             plt.close(fig)
             tmp.unlink(missing_ok=True)
     return out
+
+
+def plot_tasks(ax, evals: list[dict[str, float]], tasks: list[str]) -> None:
+    """acc (solid) and acc_norm (dashed) of each in-loop task file against tokens, one colour per task."""
+    tokens = [r["tokens"] for r in evals]
+    for i, name in enumerate(tasks):
+        color = f"C{i}"
+        ax.plot(tokens, [r[f"{name}_acc"] for r in evals], "o-", color=color, label=f"{name} acc")
+        ax.plot(tokens, [r.get(f"{name}_acc_norm", math.nan) for r in evals], "--", color=color, label="acc_norm")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ axiom/trainer.py; the schedule and optimizer are in axiom/optim.py.
     RUN/train.log                    the plan, progress lines, evaluations, notices
     RUN/train.csv                    step, tokens, loss, grad_norm, lr, tokens_per_s, skipped (every log_interval)
     RUN/eval.csv                     step, tokens, train_loss, val_loss, val_ppl, val_bpb, lr, elapsed_s, tokens_per_s
+                                     (+ NAME_acc, NAME_acc_norm per eval_tasks file)
     RUN/checkpoints/step_000200/     model.safetensors + config.json + state.pt (the newest keep_checkpoints)
     RUN/checkpoints/best/            weights and config.json of the lowest val loss so far
 """
@@ -68,7 +69,8 @@ def train(
     d = init_distributed()
     try:
         run_dir, data_dir = Path(run_dir), Path(data_dir)
-        check_no_overlap(run_dir, {"--data": data_dir, "--init-from": init_from})
+        inputs = [("--data", data_dir), ("--init-from", init_from), *(("eval_tasks", f) for f in cfg.train.task_files)]
+        check_no_overlap(run_dir, inputs)
         log_to = {"tensorboard": tensorboard, "wandb_project": wandb_project}
         device = pick_device(device, d)
         with contextlib.ExitStack() as held:

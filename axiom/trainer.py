@@ -39,6 +39,7 @@ from axiom.model import Axiom, flops_per_token, num_params
 from axiom.optim import build_optimizer, lr_at
 from axiom.parallel import Dist, full_state, gpu_peak_flops, load_optimizer_state, parallelize, set_model_state
 from axiom.runlog import RunLog
+from axiom.tasks import evaluate_tasks, load_tasks, task_columns
 
 LOSS_AVG_DECAY = 0.95  # the running loss average spans about the last 20 steps taken
 EVENT_COLUMNS = ("step", "tokens", "event", "from_step", "skipped_windows", "lr_scale", "reason")
@@ -238,6 +239,7 @@ class Trainer:
         self.loader = TrainLoader(
             data_dir, t.seq_len, t.micro_batch_size, t.seed, d.rank, d.world_size, cfg.model.vocab_size
         )
+        self.tasks = load_tasks(t.task_files)  # eval_tasks: read now, so that a bad file fails before step 1
         self.micro_steps = t.grad_accum_steps // d.world_size
         self.state = TrainState()
         if state is not None:
@@ -314,8 +316,8 @@ class Trainer:
         return self.state.bad_steps == 0 and self.weights_finite()
 
     def evaluate(self) -> dict:
-        """Val loss into eval.csv and train.log; a new lowest val loss from healthy weights replaces
-        checkpoints/best."""
+        """Val loss (and the eval_tasks' acc and acc_norm) into eval.csv and train.log; a new lowest val loss from
+        healthy weights replaces checkpoints/best."""
         t, s = self.cfg.train, self.state
         res = evaluate(self.raw, self.data_dir, t.seq_len, t.micro_batch_size, t.eval_tokens, t.dtype)
         window = self.eval_window
@@ -330,7 +332,9 @@ class Trainer:
             "elapsed_s": round(s.elapsed_s, 3),
             "tokens_per_s": round(window.tokens_per_s, 1) if window.seconds > 0 else math.nan,
         }
-        self.log.row("eval.csv", EVAL_COLUMNS, row)
+        tasks = evaluate_tasks(self.raw, self.tasks, t.dtype)  # on every rank: an FSDP forward needs them all
+        row |= tasks
+        self.log.row("eval.csv", EVAL_COLUMNS + task_columns(self.tasks), row)
         marker = ""
         if math.isfinite(res.loss) and res.loss < s.best_val_loss and self.healthy():
             s.best_val_loss = res.loss
@@ -338,7 +342,7 @@ class Trainer:
             self.save_best(res.loss)
         self.log.info(
             f"eval step {s.step:,}: val loss {res.loss:.4f}, ppl {res.ppl:.2f}, bpb {res.bpb:.4f}"
-            f" over {res.tokens:,} tokens{marker}"
+            f" over {res.tokens:,} tokens{marker}{''.join(f', {k} {v:.4f}' for k, v in tasks.items())}"
         )
         s.loss_sum, s.loss_count = 0.0, 0
         window.reset()
