@@ -14,7 +14,7 @@ COMMANDS = {
     "generate": ("axiom.sample", "sample text from a checkpoint (or a randomly initialised preset)"),
     "chat": ("axiom.chat_cli", "talk to a checkpoint fine-tuned on chat data, interactively or one --message"),
     "train": ("axiom.train", "train a preset on prepared data: eval.csv, checkpoints, --resume, torchrun"),
-    "eval": ("axiom.evaluate", "validation loss, perplexity and bits per byte of a checkpoint"),
+    "eval": ("axiom.evaluate", "val loss, ppl and bits per byte; lm-eval tasks and multiple-choice files"),
     "plot": ("axiom.plot", "draw train and val loss of a run against tokens to a PNG"),
     "prepare": ("axiom.prepare", "tokenize text corpora into train/val token shards with a manifest"),
     "export": ("axiom.hf.export", "write a checkpoint as a Hugging Face folder (remote code or Llama) or a GGUF file"),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ class ModelConfig:
     ffn_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
+        _check_types(self, "model config")
         for name in (
             "vocab_size",
             "d_model",
@@ -48,11 +51,9 @@ class ModelConfig:
         self.head_dim = self.d_model // self.n_heads
         if self.head_dim % 2:
             raise AxiomError(f"model config: head_dim={self.head_dim} must be even for RoPE")
-        if self.ffn_multiplier <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise AxiomError(
-                f"model config: ffn_multiplier={self.ffn_multiplier}, norm_eps={self.norm_eps} and "
-                f"rope_theta={self.rope_theta} must be positive"
-            )
+        for name in ("ffn_multiplier", "norm_eps", "rope_theta"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise AxiomError(f"model config: {name}={getattr(self, name)} must be a positive finite number")
         if not 0.0 <= self.dropout < 1.0:
             raise AxiomError(f"model config: dropout={self.dropout} must be in [0, 1)")
         m = self.ffn_multiple_of
@@ -92,20 +93,27 @@ class TrainConfig:
     rollback_lr_steps: int = 1000  # ... for this many steps from the checkpoint rolled back to
     log_interval: int = 10  # optimizer steps between lines in train.log / train.csv
     fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state with FSDP2 instead of DDP
+    eval_tasks: str = ""  # comma-separated multiple-choice JSONL files scored at every evaluation (docs/evaluation.md)
     doc_masking: bool | None = None  # attention only within each document of a window; None: on for chat data only
 
     def __post_init__(self) -> None:
-        for name in ("micro_batch_size", "seq_len", "grad_accum_steps", "target_tokens", "eval_tokens"):
-            if getattr(self, name) <= 0:
-                raise AxiomError(f"train config: {name}={getattr(self, name)} must be positive")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise AxiomError(f"train config: max_steps={self.max_steps} must be positive or None")
-        if not 0.0 <= self.decay_fraction <= 1.0:
-            raise AxiomError(f"train config: decay_fraction={self.decay_fraction} must be in [0, 1]")
-        if not 0.0 <= self.lr_min <= self.lr_max:
-            raise AxiomError(f"train config: need 0 <= lr_min ({self.lr_min}) <= lr_max ({self.lr_max})")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise AxiomError(f"train config: val_fraction={self.val_fraction} must be in (0, 1)")
+        """Each field's own range; `check_plan` adds the checks between fields for a run being started."""
+        _check_types(self, "train config")
+        for name in ("micro_batch_size", "grad_accum_steps", "target_tokens", "eval_tokens"):
+            _need(name, getattr(self, name), getattr(self, name) > 0, "must be positive")
+        _need("seq_len", self.seq_len, self.seq_len >= 2, "must be at least 2 (one token of context and a target)")
+        if self.max_steps is not None:
+            _need("max_steps", self.max_steps, self.max_steps > 0, "must be positive or None")
+        _need("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "must be 0 or more")
+        _need("decay_fraction", self.decay_fraction, 0.0 <= self.decay_fraction <= 1.0, "must be in [0, 1]")
+        _need("lr_max", self.lr_max, 0.0 < self.lr_max < math.inf, "must be a positive finite number")
+        _need("lr_min", self.lr_min, 0.0 <= self.lr_min <= self.lr_max, f"must be in [0, lr_max={self.lr_max}]")
+        _need("weight_decay", self.weight_decay, 0.0 <= self.weight_decay < math.inf, "must be 0 or more (finite)")
+        for name in ("beta1", "beta2"):
+            _need(name, getattr(self, name), 0.0 <= getattr(self, name) < 1.0, "must be in [0, 1)")
+        _need("grad_clip", self.grad_clip, 0.0 <= self.grad_clip < math.inf, "must be 0 (off) or a positive number")
+        _need("val_fraction", self.val_fraction, 0.0 < self.val_fraction < 1.0, "must be in (0, 1)")
+        _need("seed", self.seed, 0 <= self.seed < 2**32, "must be in [0, 2**32) (NumPy's seed range)")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise AxiomError(f"train config: dtype={self.dtype!r} must be bfloat16, float16 or float32")
         if self.optimizer not in ("adamw8bit", "adamw"):
@@ -118,13 +126,43 @@ class TrainConfig:
                 f"(got {self.max_rollbacks}) and rollback_lr_steps >= 0 (got {self.rollback_lr_steps})"
             )
         for name in ("keep_checkpoints", "max_bad_steps", "log_interval", "eval_interval", "checkpoint_interval"):
-            if getattr(self, name) <= 0:
-                raise AxiomError(f"train config: {name}={getattr(self, name)} must be positive")
+            _need(name, getattr(self, name), getattr(self, name) > 0, "must be positive")
+        names = [p.strip() for p in self.eval_tasks.split(",")] if self.eval_tasks.strip() else []
+        if "" in names or len(set(names)) < len(names):
+            raise AxiomError(
+                f"train config: eval_tasks={self.eval_tasks!r} must be distinct task file paths separated by commas"
+            )
         if self.steps == 0:
             raise AxiomError(
                 f"train config: target_tokens={self.target_tokens} is less than one optimizer step "
                 f"({self.tokens_per_step} tokens)"
             )
+
+    def check_plan(self) -> None:
+        """Checks between fields of a run being configured (`--set` on train, info, import, ...). Stored configs are
+        not held to them, so that older checkpoints still load, resume and export."""
+        if self.eval_tokens < self.seq_len:
+            raise AxiomError(
+                f"train config: eval_tokens={self.eval_tokens} is less than one sequence (seq_len={self.seq_len}), "
+                "so an evaluation would read nothing"
+            )
+
+    def notices(self) -> list[str]:
+        """Settings that run but probably not as meant; printed when a configuration is made from --set. (A
+        warmup longer than the run is a notice, not an error: short smoke runs of a preset do it on purpose.)"""
+        notes = []
+        if self.warmup_steps > self.steps:
+            reached = self.steps / self.warmup_steps
+            notes.append(
+                f"warmup_steps={self.warmup_steps} is more than the run's {self.steps} steps: the LR only reaches "
+                f"{reached:.0%} of lr_max (e.g. --set warmup_steps={max(self.steps // 10, 1)})"
+            )
+        return notes
+
+    @property
+    def task_files(self) -> list[str]:
+        """The paths in eval_tasks."""
+        return [p.strip() for p in self.eval_tasks.split(",") if p.strip()]
 
     @property
     def tokens_per_step(self) -> int:
@@ -138,6 +176,31 @@ class TrainConfig:
     @property
     def planned_tokens(self) -> int:
         return self.steps * self.tokens_per_step
+
+
+def _check_types(obj, what: str) -> None:
+    """Every init field holds its annotated type (an int is a float; a bool is not an int): a config.json with
+    "d_model": "64" or "compile": "yes" fails here with the field's name, not later with a TypeError."""
+    for name, allowed in _field_types(type(obj)).items():
+        value = getattr(obj, name)
+        ok = any(
+            value is None if t is type(None) else isinstance(value, (int, float) if t is float else t) for t in allowed
+        )
+        if not ok or (isinstance(value, bool) and bool not in allowed):
+            raise AxiomError(f"{what}: {name}={value!r} must be of type {' or '.join(t.__name__ for t in allowed)}")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """Init field name -> the types its annotation allows (int | None -> (int, NoneType))."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) or (hints[f.name],) for f in dataclasses.fields(cls) if f.init}
+
+
+def _need(name: str, value, ok: bool, what: str) -> None:
+    """One AxiomError for a TrainConfig field outside its range (NaN fails every range)."""
+    if not ok:
+        raise AxiomError(f"train config: {name}={value} {what}")
 
 
 @dataclass
@@ -232,7 +295,10 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
         else:
             known = ", ".join(sorted([*model_kw, *train_kw]))
             raise AxiomError(f"--set {item!r}: unknown field {name!r}; known fields: {known}")
-    return Config(ModelConfig(**model_kw), TrainConfig(**train_kw))
+    new = Config(ModelConfig(**model_kw), TrainConfig(**train_kw))
+    if overrides:  # a configuration being made; a stored one (resume, import without --set) ran as it is
+        new.train.check_plan()
+    return new
 
 
 def _init_fields(obj) -> dict:
@@ -282,4 +348,8 @@ def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return get_config(args.preset, args.overrides)
+    """The --preset with its --set overrides; settings that probably do not do what was meant are named on stderr."""
+    cfg = get_config(args.preset, args.overrides)
+    for note in cfg.train.notices() if args.overrides else []:
+        print(f"notice: {note}", file=sys.stderr)
+    return cfg

@@ -1,32 +1,390 @@
-"""File helpers shared by data, checkpoints and exports: JSON read with one-line errors, directories replaced
-atomically."""
+"""File safety shared by every command that writes: JSON read with one-line errors, atomic writes, and the rules
+that keep a user's data safe from our outputs.
+
+    check_no_overlap(out, inputs)     an output never is, contains or lies inside an input (symlinks resolved)
+    write_marker / read_marker        `.axiom-output.json`: which command wrote a folder (so --force may replace it)
+    check_replaceable(out, cmd, force) refuse a file, a non-empty folder without --force, a foreign folder with it
+    output_lock(out, cmd)             one writer per output: an exclusive flock, released on any exit
+    write_errors(out, then)           a full disk, read-only or forbidden target as one line
+    replace_dir / restore_dir         a complete folder appears in one rename; a kill in between is undone
+    temp_path / remove_stale_temps    `.NAME.tmp-PID` temporaries; those of dead processes are removed
+    member(folder, name, where)       a file named inside a manifest or index stays inside its folder
+
+A command that writes `out` from `inputs` does, before any slow work:
+
+    out = check_replaceable(out, "export", force)            # (folders replaced as a whole)
+    check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run})
+    with write_errors(out, "nothing was replaced; ..."), output_lock(out, "export"):
+        ... write under temp_path(out), write_marker(tmp, "export"), replace_dir(tmp, out)
+
+(`axiom.hf.folder.staged_dir` does all of it for a folder replaced as a whole.) docs/reliability.md has the why.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
-from pathlib import Path
+import signal
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path, PurePosixPath
 
+from axiom import __version__
 from axiom.errors import AxiomError
+
+try:
+    import fcntl
+except ImportError:  # Windows: output_lock falls back to its PID file
+    fcntl = None
+
+MARKER = ".axiom-output.json"
 
 
 def read_json(path: Path, hint: str) -> dict:
     """The JSON object in `path`; invalid JSON or another JSON type is an AxiomError ending with `hint`."""
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(Path(path).read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AxiomError(f"{path}: not valid JSON ({e}); {hint}") from None
+    except OSError as e:
+        raise AxiomError(f"{path}: cannot read ({e.strerror}); {hint}") from None
     if not isinstance(obj, dict):
         raise AxiomError(f"{path}: expected a JSON object; {hint}")
     return obj
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON under a temporary name and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write JSON under a temporary name and rename, so a reader never sees half a file (nor a full disk's stub)."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def describe_missing(path: Path) -> str:
+    """Why `path` is not a readable regular file or folder, in a few words ("no such file or directory", ...)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"a broken symbolic link to {os.readlink(path)}" if path.is_symlink() else "no such file or directory"
+    except OSError as e:
+        return e.strerror or str(e)
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device"}
+    kinds |= {stat.S_ISBLK: "a block device", stat.S_ISDIR: "a directory", stat.S_ISREG: "a regular file"}
+    return "is " + next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+
+
+# ---- outputs never overlap inputs
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _chain(path: Path) -> list[tuple[int, int]]:
+    """Identities of `path` and of every folder above it, after resolving symbolic links (existing ones only)."""
+    resolved = Path(os.path.realpath(path))
+    return [i for i in map(_identity, (resolved, *resolved.parents)) if i is not None]
+
+
+def check_no_overlap(
+    out: str | Path,
+    inputs: Mapping[str, str | Path | None] | Iterable[tuple[str, str | Path | None]],
+    flag: str = "--out",
+) -> None:
+    """Refuse an output that is, contains or lies inside any of `inputs`.
+
+    `inputs` maps a label for the message (e.g. "--ckpt", "the run of --ckpt") to a path, or is a sequence of
+    (label, path) pairs where labels repeat (e.g. ("the input", f) for every source file); None paths are
+    skipped. Paths are compared by file identity (device and inode) after resolving symbolic links, so a symlink,
+    a `..` detour, a bind mount or a case-insensitive spelling of the same folder is caught too. Inputs that do not
+    exist cannot overlap anything and are ignored. Call it before any slow work and before taking the lock.
+    """
+    out = Path(out)
+    out_chain = _chain(out)  # out itself (if it exists) and the folders above it
+    out_id = _identity(Path(os.path.realpath(out)))
+    for label, path in inputs.items() if isinstance(inputs, Mapping) else inputs:
+        if path is None:
+            continue
+        path = Path(path)
+        in_id = _identity(Path(os.path.realpath(path)))
+        if in_id is None:
+            continue
+        if in_id == out_id:
+            how = "is"
+        elif in_id in out_chain:
+            how = "lies inside"
+        elif out_id is not None and out_id in _chain(path):
+            how = "contains"
+        else:
+            continue
+        raise AxiomError(
+            f"{flag} {out} {how} {label} {path}: an output must not overlap an input; choose an {flag} outside it"
+        )
+
+
+# ---- markers: which command wrote a folder
+
+
+def write_marker(directory: str | Path, command: str, **info) -> None:
+    """Mark `directory` as written by `axiom COMMAND` (call it on the temporary folder, before the rename)."""
+    record = {"command": command, "axiom_version": __version__, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (Path(directory) / MARKER).write_text(json.dumps({**record, **info}, indent=2) + "\n")
+
+
+def read_marker(directory: str | Path) -> dict | None:
+    """The marker of a folder written by an axiom command, or None (no marker, or not a readable one)."""
+    try:
+        obj = json.loads((Path(directory) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) and isinstance(obj.get("command"), str) else None
+
+
+def check_replaceable(out: str | Path, command: str, force: bool) -> Path:
+    """Refuse an `out` that `axiom COMMAND` must not replace; returns it as a Path.
+
+    Absent or empty: fine. A file (or FIFO, ...): refused. A non-empty folder: refused without `force`; with
+    `force`, replaced only if its marker says `axiom COMMAND` wrote it, so that --force never deletes a run, a
+    checkpoint or anything else that merely happens to be at that path.
+    """
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not out.is_dir():
+        raise AxiomError(f"{out} exists and is {describe_missing(out).removeprefix('is ')}, not a folder")
+    if not any(out.iterdir()):
+        return out
+    marker = read_marker(out)
+    ours = marker is not None and marker["command"] == command
+    if not force:
+        hint = "pass --force to replace it" if ours else "choose another --out"
+        raise AxiomError(f"{out} exists and is not empty; {hint}")
+    if not ours:
+        origin = f"it was written by axiom {marker['command']}" if marker else f"it holds no {MARKER}"
+        raise AxiomError(
+            f"{out}: --force replaces only a folder written by axiom {command}, and {origin}; it is left alone: "
+            "choose another --out"
+        )
+    return out
+
+
+# ---- one writer per output
+
+
+def _lock_path(out: Path) -> Path:
+    """`.NAME.lock` beside the real location of `out`, so that every spelling of it (a symlink, `..`) shares one."""
+    real = Path(os.path.realpath(out))
+    return real.parent / f".{real.name}.lock"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (ours or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder(lock: Path) -> dict:
+    try:
+        obj = json.loads(lock.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _held_error(out: Path, command: str, lock: Path) -> AxiomError:
+    h = _holder(lock)
+    who = (
+        f"axiom {h.get('command', '?')} (pid {h.get('pid', '?')} on {h.get('host', '?')}, since {h.get('since', '?')})"
+    )
+    return AxiomError(
+        f"{out} is being written by {who if h else 'another process'}; wait for it to finish or stop it, "
+        f"then run axiom {command} again (lock: {lock})"
+    )
+
+
+def _stale_pidfile(lock: Path) -> bool:
+    h = _holder(lock)
+    return h.get("host") == socket.gethostname() and isinstance(h.get("pid"), int) and not pid_alive(h["pid"])
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path, command: str) -> Iterator[Path]:
+    """Hold `out` exclusively for `axiom COMMAND`; a second writer fails at once with an AxiomError naming us.
+
+    The lock is `flock` on `.NAME.lock` beside `out` (beside, so it also covers an output that is replaced by a
+    rename, and exists before `out` does). flock because the kernel releases it on any exit, kill -9 and OOM
+    included, so a lock is never stale and no PID can be mistaken for ours after reuse; the file holds our PID,
+    host and start time only to name us in the other writer's message, and is removed on release. Where the
+    filesystem has no flock (some network mounts) the file is created exclusively instead and counts as stale
+    once its PID is gone from this host. While held, SIGTERM unwinds like Ctrl-C (KeyboardInterrupt), so the
+    command's own cleanup runs.
+    """
+    out = Path(out)
+    blocked = next((p for p in reversed(out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise AxiomError(f"{out}: cannot write ({blocked} {describe_missing(blocked)}, not a folder)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock_path(out)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        if fcntl is None:
+            fd = _pidfile_lock(out, command, lock)
+            break
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _held_error(out, command, lock) from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS...: no flock on this filesystem
+            os.close(fd)
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                raise _held_error(out, command, lock) from None
+            fd = _pidfile_lock(out, command, lock)
+            break
+        # A holder removes the file just before releasing it: if we locked a file that is no longer at the path,
+        # someone else may be locking the new one; start over.
+        if _identity(lock) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+            break
+        os.close(fd)
+    info = {"command": command, "pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(info).encode())
+    try:
+        with _sigterm_as_interrupt():
+            yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+
+
+def _pidfile_lock(out: Path, command: str, lock: Path) -> int:
+    """The fallback without flock: create the lock file exclusively; a leftover of a dead local PID is removed."""
+    for _ in range(2):
+        try:
+            return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            if not _stale_pidfile(lock):
+                raise _held_error(out, command, lock) from None
+            lock.unlink(missing_ok=True)
+    raise _held_error(out, command, lock)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---- failed writes as one line
+
+WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "file too large",
+    errno.EIO: "input/output error",
+    errno.ENOTDIR: "a path component is not a folder",
+    errno.EISDIR: "is a folder",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+@contextlib.contextmanager
+def write_errors(out: str | Path, then: str) -> Iterator[None]:
+    """Turn a write that failed for a reason outside the program (full disk, read-only target, permissions) into
+    one AxiomError: `OUT: cannot write FILE (no space left on the device); THEN`. `then` says what happened to
+    the user's data and what to do, e.g. "nothing was replaced; free space and run the command again"."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename and str(e.filename) != str(out) else ""
+        raise AxiomError(f"{out}: cannot write{where} ({WRITE_ERRNOS[e.errno]}); {then}") from None
+
+
+def os_error_in(e: Exception) -> OSError | None:
+    """The OSError that a library reported only in its message, e.g. safetensors' "... (os error 28)"."""
+    text = str(e)
+    mark = text.rfind("(os error ")
+    if mark < 0:
+        return None
+    code = text[mark + 10 :].split(")", 1)[0]
+    return OSError(int(code), os.strerror(int(code))) if code.isdigit() else None
+
+
+# ---- atomic folders and temporaries
+
+
+def temp_path(final: Path) -> Path:
+    """`.NAME.tmp-PID` beside `final`: one writer's temporary, recognisable as stale once PID is gone."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Remove the `.NAME.tmp-PID` files or folders beside `final` whose process is gone; returns them."""
+    removed = []
+    prefix = f".{final.name}.tmp-"
+    with contextlib.suppress(FileNotFoundError):
+        for p in final.parent.iterdir():
+            pid = p.name[len(prefix) :] if p.name.startswith(prefix) else ""
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                remove_path(p)
+                removed.append(p)
+    return removed
+
+
+def remove_path(p: Path) -> None:
+    """Remove a file, link or folder tree; nothing if it is gone."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the renames inside `directory` durable (a no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -38,16 +396,37 @@ def replace_dir(tmp: Path, final: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+    fsync_dir(tmp)
     old = final.with_name(f".{final.name}.old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    if final.exists() or final.is_symlink():
+        remove_path(old)
         os.replace(final, old)
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(final.parent)
+    remove_path(old)
 
 
 def restore_dir(final: Path) -> None:
-    """Put back a directory that a kill left moved aside by `replace_dir`."""
+    """Undo a kill inside `replace_dir`: put back a `final` left moved aside, or remove the old copy left behind
+    once the new `final` is in place (only complete folders are ever renamed to `final`)."""
     old = final.with_name(f".{final.name}.old")
-    if old.exists() and not final.exists():
+    if not (old.exists() or old.is_symlink()):
+        return
+    if final.exists() or final.is_symlink():
+        remove_path(old)
+    else:
         os.replace(old, final)
+
+
+# ---- names read from files
+
+
+def member(folder: Path, name: object, where: str) -> Path:
+    """`folder / name` for a file name read from a manifest or index (`where` names the field for the message):
+    a relative path that stays inside `folder`; absolute paths, `..` and non-strings are refused."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise AxiomError(f"{where}: {name!r} is not a file name")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise AxiomError(f"{where}: {name!r} points outside {folder}; only files inside the folder are read")
+    return folder / pure

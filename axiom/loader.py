@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from axiom.errors import AxiomError
-from axiom.files import read_json, write_json_atomic
-from axiom.tokenizer import EOS_ID, NAME, SHA256, load_tokenizer
+from axiom.files import describe_missing, member, read_json, write_json_atomic
+from axiom.tokenizer import EOS_ID, NAME, SHA256, VOCAB_SIZE, load_tokenizer
 
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.dtype("<u4")  # cl100k_base has 100,277 ids: more than uint16 holds
@@ -54,48 +54,117 @@ def data_kind(manifest: dict) -> str:
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    """The manifest of a prepared directory, checked for the keys and version this code reads."""
-    path = Path(data_dir) / MANIFEST
+    """The manifest of a prepared directory, checked for the keys, types, version and tokenizer this code reads;
+    every shard's `file` is a name inside `data_dir`."""
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise AxiomError(f"{data_dir} {describe_missing(data_dir)}, not a prepared data directory; run `axiom prepare`")
+    path = data_dir / MANIFEST
     if not path.is_file():
-        raise AxiomError(f"{path} not found: {data_dir} is not a prepared data directory; run `axiom prepare`")
-    manifest = read_json(path, "re-run `axiom prepare`")
+        what = "not found" if not path.exists() else describe_missing(path)
+        raise AxiomError(f"{path} {what}: {data_dir} is not a prepared data directory; run `axiom prepare`")
+    manifest = read_json(path, DAMAGED.format(dir=data_dir))
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
-        raise AxiomError(f"{path}: missing keys {', '.join(missing)}; re-run `axiom prepare`")
+        raise AxiomError(f"{path}: missing keys {', '.join(missing)}; {DAMAGED.format(dir=data_dir)}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise AxiomError(
             f"{path}: format_version {manifest['format_version']}, this code reads {FORMAT_VERSION}; "
-            "re-run `axiom prepare`"
+            f"{DAMAGED.format(dir=data_dir)}"
         )
+    _check_manifest(manifest, path, data_dir)
     return manifest
 
 
-class TokenStream:
-    """One split's shards as a single token sequence, memory-mapped; `read` copies out any range. With `masks`,
-    the loss masks of chat data beside the shards instead of the tokens."""
+DAMAGED = "delete {dir} and run `axiom prepare` again"
 
-    def __init__(self, data_dir: str | Path, split: str, manifest: dict | None = None, masks: bool = False) -> None:
+
+def _count(obj: dict, key: str, where: str, fix: str) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise AxiomError(f"{where}: {key} is {value!r}, expected a count (an integer >= 0); {fix}")
+    return value
+
+
+def _check_manifest(m: dict, path: Path, data_dir: Path) -> None:
+    """Types and consistency of the fields the loaders use, so that a hand-edited or damaged manifest fails here
+    in one line instead of deep inside training."""
+    fix = DAMAGED.format(dir=data_dir)
+    tok = m["tokenizer"]
+    if not isinstance(tok, dict) or tok.get("name") != NAME or tok.get("sha256") != SHA256:
+        raise AxiomError(f"{path}: tokenizer {tok!r} is not this code's {NAME} (sha256 {SHA256[:12]}...); {fix}")
+    if m["eos_id"] != EOS_ID:
+        raise AxiomError(f"{path}: eos_id {m['eos_id']!r}, but {NAME}'s end-of-text id is {EOS_ID}; {fix}")
+    shards = m["shards"]
+    if not isinstance(shards, list):
+        raise AxiomError(f"{path}: shards is {type(shards).__name__}, expected a list; {fix}")
+    totals = dict.fromkeys(SPLITS, 0)
+    for i, shard in enumerate(shards):
+        where = f"{path}: shards[{i}]"
+        if not isinstance(shard, dict):
+            raise AxiomError(f"{where} is {shard!r}, expected an object; {fix}")
+        if "file" not in shard:
+            raise AxiomError(f"{where} has no 'file'; {fix}")
+        member(data_dir, shard["file"], f"{where}.file")
+        if shard.get("split") not in SPLITS:
+            raise AxiomError(f"{where}.split is {shard.get('split')!r}, expected one of {', '.join(SPLITS)}; {fix}")
+        totals[shard["split"]] += _count(shard, "tokens", where, fix)
+    for split in SPLITS:
+        for key in ("tokens", "docs", "bytes"):
+            _count(m, f"{split}_{key}", str(path), fix)
+        if totals[split] != m[f"{split}_tokens"]:
+            raise AxiomError(
+                f"{path}: the {split} shards hold {totals[split]:,} tokens but {split}_tokens is "
+                f"{m[f'{split}_tokens']:,}; {fix}"
+            )
+
+
+class TokenStream:
+    """One split's shards as a single token sequence, memory-mapped; `read` copies out any range.
+
+    Every read is checked against `vocab_size` (default: the tokenizer's), so garbage in a shard of the right size
+    is caught where it is read, naming the file, without scanning the shards up front (the first tokens of each
+    shard are checked when it is opened). With `masks`, the loss masks of chat data beside the shards instead
+    (values 0 and 1)."""
+
+    HEAD_CHECK = 4096  # tokens of each shard checked when it is opened
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        manifest: dict | None = None,
+        vocab_size: int | None = None,
+        masks: bool = False,
+    ) -> None:
         data_dir = Path(data_dir)
         manifest = manifest if manifest is not None else read_manifest(data_dir)
+        self.masks = masks
+        self.vocab_size = 2 if masks else vocab_size or VOCAB_SIZE
         dtype = MASK_DTYPE if masks else TOKEN_DTYPE
         self.shards: list[np.memmap] = []
+        self.paths: list[Path] = []
         sizes = []
         for shard in manifest["shards"]:
             if shard["split"] != split or shard["tokens"] == 0:
                 continue
-            path = data_dir / (mask_name(shard["file"]) if masks else shard["file"])
+            name = mask_name(shard["file"]) if masks else shard["file"]
+            path = member(data_dir, name, f"{data_dir / MANIFEST}: shards[].file")
             expected = shard["tokens"] * dtype.itemsize
             actual = path.stat().st_size if path.is_file() else None
             if actual != expected:
                 found = "missing" if actual is None else f"{actual:,} bytes"
                 raise AxiomError(
                     f"{path}: {found}, manifest says {shard['tokens']:,} tokens ({expected:,} bytes); "
-                    "re-run `axiom prepare`"
+                    f"the prepared data is damaged: {DAMAGED.format(dir=data_dir)}"
                 )
             self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
+            self.paths.append(path)
             sizes.append(shard["tokens"])
         self.offsets = np.cumsum([0, *sizes])  # shard i holds stream positions offsets[i]:offsets[i+1]
         self.num_tokens = int(self.offsets[-1])
+        for i, shard in enumerate(self.shards):
+            self._check(np.asarray(shard[: self.HEAD_CHECK]), int(self.offsets[i]))
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int64, crossing shard boundaries where needed."""
@@ -110,7 +179,28 @@ class TokenStream:
             out[done : done + n] = self.shards[i][lo : lo + n]
             done += n
             i += 1
+        self._check(out, start)
         return out
+
+    def _check(self, tokens: np.ndarray, start: int) -> None:
+        """AxiomError naming the shard and position of the first id >= vocab_size in `tokens` (stream from `start`)."""
+        if not len(tokens) or int(tokens.max()) < self.vocab_size:
+            return
+        pos = start + int(np.argmax(tokens >= self.vocab_size))
+        i = int(np.searchsorted(self.offsets, pos, side="right")) - 1
+        value = int(tokens[pos - start])
+        what = "mask value" if self.masks else "token id"
+        where = f"{self.paths[i]}: {what} {value:,} at token {pos - int(self.offsets[i]):,}"
+        if self.masks:
+            raise AxiomError(
+                f"{where}; a loss mask holds 0 or 1: the file is corrupt; {DAMAGED.format(dir=self.paths[i].parent)}"
+            )
+        why = (
+            f"the model's vocab_size is {self.vocab_size:,}: use a model with {NAME}'s {VOCAB_SIZE:,} ids"
+            if value < VOCAB_SIZE
+            else f"not a {NAME} id (< {VOCAB_SIZE:,}): the shard is corrupt; {DAMAGED.format(dir=self.paths[i].parent)}"
+        )
+        raise AxiomError(f"{where}; {why}")
 
 
 class TrainLoader:
@@ -129,14 +219,17 @@ class TrainLoader:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        vocab_size: int | None = None,
     ) -> None:
+        """`vocab_size`: the model's; a token id at or above it fails the batch that reads it (default: the
+        tokenizer's vocabulary)."""
         if seq_len <= 0 or micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
             raise AxiomError(
                 f"loader: need seq_len, micro_batch_size, world_size > 0 and 0 <= rank < world_size, got "
                 f"seq_len={seq_len}, micro_batch_size={micro_batch_size}, rank={rank}, world_size={world_size}"
             )
         self.data_dir = Path(data_dir)
-        self.stream = TokenStream(data_dir, "train")
+        self.stream = TokenStream(data_dir, "train", vocab_size=vocab_size)
         self.seq_len, self.micro_batch_size, self.seed = seq_len, micro_batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.global_batch = micro_batch_size * world_size
@@ -192,13 +285,18 @@ class TrainLoader:
 
 
 def eval_batches(
-    data_dir: str | Path, seq_len: int, batch_size: int, eval_tokens: int
+    data_dir: str | Path, seq_len: int, batch_size: int, eval_tokens: int, vocab_size: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first `eval_tokens` of the val split as consecutive windows, in order; the last batch may be smaller.
 
     Covers `min(eval_tokens, val_tokens - 1) // seq_len` windows; every rank and every call sees the same batches.
     """
-    stream = TokenStream(data_dir, "val")
+    if seq_len <= 0 or batch_size <= 0 or eval_tokens < seq_len:
+        raise AxiomError(
+            f"evaluation: need seq_len > 0, batch size > 0 and eval tokens >= seq_len, got seq_len={seq_len}, "
+            f"batch size {batch_size}, eval tokens {eval_tokens}"
+        )
+    stream = TokenStream(data_dir, "val", vocab_size=vocab_size)
     available = max(stream.num_tokens - 1, 0) // seq_len
     if available == 0:
         raise AxiomError(

@@ -31,9 +31,11 @@ OPEN_WINDOWS = 16  # windows that packing fills at a time (see `pack`)
 class Conversations:
     """One split of a chat directory: its token stream, its mask stream, and where each conversation starts."""
 
-    def __init__(self, data_dir: str | Path, split: str, manifest: dict | None = None) -> None:
+    def __init__(
+        self, data_dir: str | Path, split: str, manifest: dict | None = None, vocab_size: int | None = None
+    ) -> None:
         manifest = manifest if manifest is not None else read_manifest(data_dir)
-        self.tokens = TokenStream(data_dir, split, manifest)
+        self.tokens = TokenStream(data_dir, split, manifest, vocab_size)
         self.masks = TokenStream(data_dir, split, manifest, masks=True)
         shards = zip(self.tokens.shards, self.tokens.offsets[:-1], strict=True)
         ends = [np.flatnonzero(np.asarray(s) == EOS_ID) + offset + 1 for s, offset in shards]
@@ -127,6 +129,7 @@ class ChatLoader:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        vocab_size: int | None = None,
     ) -> None:
         if seq_len <= 0 or micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
             raise AxiomError(
@@ -134,7 +137,7 @@ class ChatLoader:
                 f"seq_len={seq_len}, micro_batch_size={micro_batch_size}, rank={rank}, world_size={world_size}"
             )
         self.data_dir = Path(data_dir)
-        self.data = Conversations(data_dir, "train")
+        self.data = Conversations(data_dir, "train", vocab_size=vocab_size)
         self.data.check_fit(seq_len, str(data_dir))
         self.seq_len, self.micro_batch_size, self.seed = seq_len, micro_batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -191,11 +194,11 @@ class ChatLoader:
 
 
 def chat_eval_batches(
-    data_dir: str | Path, seq_len: int, batch_size: int, eval_tokens: int
+    data_dir: str | Path, seq_len: int, batch_size: int, eval_tokens: int, vocab_size: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The val split's conversations packed in stream order: the first `eval_tokens // seq_len` windows (at least
     one), in batches of `batch_size` (the last may be smaller); the same on every rank and call."""
-    data = Conversations(data_dir, "val")
+    data = Conversations(data_dir, "val", vocab_size=vocab_size)
     if len(data) == 0:
         raise AxiomError(f"{data_dir}: the val split has no conversations; prepare with a larger --val-fraction")
     data.check_fit(seq_len, str(data_dir))

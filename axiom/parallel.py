@@ -54,14 +54,25 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def pick_device(requested: str | None, d: Dist) -> torch.device:
-    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda":
+def pick_device(requested: str | None, d: Dist | None = None) -> torch.device:
+    """The device for `--device` (cpu, cuda, cuda:N or mps; default cuda when available), checked to exist:
+    anything else is one AxiomError. Under torchrun (`d`), plain `cuda` means this process's local GPU."""
+    name = (requested or ("cuda" if torch.cuda.is_available() else "cpu")).strip().lower()
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+        raise AxiomError(f"--device {requested}: unknown device; use cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
         if not torch.cuda.is_available():
-            raise AxiomError("--device cuda: no CUDA device is visible; use --device cpu")
-        torch.cuda.set_device(d.local_rank)
-        return torch.device("cuda", d.local_rank)
-    return torch.device(name)
+            raise AxiomError(f"--device {requested}: no CUDA device is visible; use --device cpu")
+        n = torch.cuda.device_count()
+        i = int(index) if index else (d.local_rank if d is not None else torch.cuda.current_device())
+        if i >= n:
+            raise AxiomError(f"--device {requested}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
+        torch.cuda.set_device(i)
+        return torch.device("cuda", i)
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise AxiomError(f"--device {requested}: Apple's MPS backend is not available here; use --device cpu")
+    return torch.device(kind)
 
 
 def parallelize(model: Axiom, cfg: TrainConfig, device: torch.device, d: Dist) -> torch.nn.Module:

@@ -10,17 +10,33 @@ import os
 from pathlib import Path
 
 from axiom.errors import AxiomError
+from axiom.files import check_no_overlap, describe_missing, remove_stale_temps, temp_path, write_errors
 
 
-def read_csv(path: Path, text: tuple[str, ...] = ()) -> list[dict]:
-    """Rows of a run's csv as floats (empty cells and 'nan' become nan), except the `text` columns."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    number = lambda k, v: v if k in text else float(v) if v not in ("", None) else math.nan  # noqa: E731
+def read_csv(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict[str, float]]:
+    """`columns` (which the header must have) and `optional` columns of a run's csv as floats, one dict per row
+    (empty cells and 'nan' become nan)."""
+    hint = "was it written by axiom train?"
     try:
-        return [{k: number(k, v) for k, v in row.items()} for row in rows]
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise AxiomError(f"{path}: no column {', '.join(missing)} in its header; {hint}")
+            rows = list(reader)
+            columns += tuple(c for c in optional if c in (reader.fieldnames or []))
+    except UnicodeDecodeError:
+        raise AxiomError(f"{path}: not a text file; {hint}") from None
+    except csv.Error as e:
+        raise AxiomError(f"{path}: not a csv file ({e}); {hint}") from None
+    try:
+        return [
+            {k: float(row[k]) if row[k] not in ("", None) else math.nan for k in columns}
+            for row in rows
+            if None not in row  # a row longer than the header
+        ]
     except ValueError as e:
-        raise AxiomError(f"{path}: not a csv of numbers ({e}); was it written by axiom train?") from None
+        raise AxiomError(f"{path}: not a csv of numbers ({e}); {hint}") from None
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -28,7 +44,23 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     eval_csv, train_csv = run_dir / "eval.csv", run_dir / "train.csv"
     if not eval_csv.is_file():
-        raise AxiomError(f"{eval_csv} not found; pass a run directory written by axiom train")
+        what = "not found" if not eval_csv.exists() else describe_missing(eval_csv)
+        raise AxiomError(f"{eval_csv} {what}; pass a run directory written by axiom train")
+    out = Path(out) if out else run_dir / "loss.png"
+    inputs = {name: run_dir / name for name in ("eval.csv", "train.csv", "events.csv")}
+    check_no_overlap(out, inputs)
+    if out.is_dir():
+        raise AxiomError(f"--out {out} is a folder; pass the PNG file to write")
+    try:
+        with open(eval_csv, newline="") as f:
+            header = next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error):
+        header = []  # read_csv says what is wrong with the file
+    scores = tuple(c for c in header if c.endswith(("_acc", "_acc_norm")))  # in-loop task files (eval_tasks)
+    evals = read_csv(eval_csv, ("tokens", "val_loss"), optional=("train_loss", *scores))
+    if not any(math.isfinite(r["val_loss"]) for r in evals):
+        raise AxiomError(f"{eval_csv}: no evaluation with a finite val_loss yet; plot again after the first one")
+    train = read_csv(train_csv, ("tokens", "loss")) if train_csv.is_file() else []
     try:
         import matplotlib
 
@@ -36,20 +68,27 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise AxiomError("axiom plot needs matplotlib: pip install 'axiom-lm[plot]'") from None
-    evals = read_csv(eval_csv)
-    train = read_csv(train_csv) if train_csv.is_file() else []
-    fig, ax = plt.subplots(figsize=(8, 5))
+    tasks = [c.removesuffix("_acc") for c in evals[0] if c.endswith("_acc")]  # TrainConfig.eval_tasks columns
+    if tasks:
+        fig, (ax, task_ax) = plt.subplots(2, 1, figsize=(8, 8), sharex=True, height_ratios=(3, 2))
+        plot_tasks(task_ax, evals, tasks)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 5))
+    kind = out.suffix[1:].lower() or "png"
+    if kind not in fig.canvas.get_supported_filetypes():
+        plt.close(fig)
+        raise AxiomError(f"--out {out}: matplotlib cannot write .{kind} files; use .png, .pdf or .svg")
     if train:
         ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.7, label="train loss")
-    elif any(math.isfinite(r["train_loss"]) for r in evals):
+    elif any(math.isfinite(r.get("train_loss", math.nan)) for r in evals):
         ax.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "-", label="train loss")
     ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
     events = run_dir / "events.csv"
-    for i, event in enumerate(read_csv(events, text=("event", "reason")) if events.is_file() else []):
+    for i, event in enumerate(read_csv(events, ("tokens",)) if events.is_file() else []):
         # a rollback: the run continued from this many tokens, skipping the bad steps' data
         label = "rollback (events.csv)" if i == 0 else None
         ax.axvline(event["tokens"], color="tab:red", ls="--", lw=1, alpha=0.7, label=label)
-    best = min(evals, key=lambda r: r["val_loss"])
+    best = min((r for r in evals if math.isfinite(r["val_loss"])), key=lambda r: r["val_loss"])
     ax.annotate(
         f"best {best['val_loss']:.3f}",
         (best["tokens"], best["val_loss"]),
@@ -62,12 +101,29 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set_title(f"{run_dir.name}: loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(out) if out else run_dir / "loss.png"
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out)
+    tmp = temp_path(out)  # .NAME.tmp-PID: two plots at once never share a temporary
+    with write_errors(out, f"{run_dir} is unchanged"):
+        remove_stale_temps(out)
+        try:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format=kind)
+            os.replace(tmp, out)
+        finally:
+            plt.close(fig)
+            tmp.unlink(missing_ok=True)
     return out
+
+
+def plot_tasks(ax, evals: list[dict[str, float]], tasks: list[str]) -> None:
+    """acc (solid) and acc_norm (dashed) of each in-loop task file against tokens, one colour per task."""
+    tokens = [r["tokens"] for r in evals]
+    for i, name in enumerate(tasks):
+        color = f"C{i}"
+        ax.plot(tokens, [r[f"{name}_acc"] for r in evals], "o-", color=color, label=f"{name} acc")
+        ax.plot(tokens, [r.get(f"{name}_acc_norm", math.nan) for r in evals], "--", color=color, label="acc_norm")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,8 @@ import gzip
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from axiom.errors import AxiomError
+from axiom.files import describe_missing
 from axiom.tokenizer import EOS_ID, load_tokenizer
 
 SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".txt")
@@ -56,6 +58,8 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
             found = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if kind_of(Path(p))]
             if not found:
                 raise AxiomError(f"{item}: the pattern matches no {', '.join(SUFFIXES)} files")
+        elif Path(item).exists() or Path(item).is_symlink():
+            raise AxiomError(f"{item}: {describe_missing(Path(item))}; prepare reads regular files and folders")
         else:
             raise AxiomError(f"{item}: no such file or directory")
         files.extend(found)
@@ -200,8 +204,7 @@ def read_rows(unit: Unit, columns: tuple[str, ...] = ()) -> Iterator[tuple[objec
         yield from parse_jsonl(lines, path, first_line=None, offset=unit.start)
         return
     if unit.kind != ".parquet":
-        with open_compressed(path, unit.kind) as lines:
-            yield from parse_jsonl(lines, path, first_line=1, offset=0)
+        yield from parse_jsonl(compressed_lines(path, unit.kind), path, first_line=1, offset=0)
         return
     try:
         pf = pq.ParquetFile(path)
@@ -232,20 +235,67 @@ def read_parquet(unit: Unit, text_field: str) -> Iterator[str | None]:
         ) from e
 
 
-def open_compressed(path: str, kind: str) -> io.BufferedIOBase:
-    if kind == ".jsonl.gz":
-        return gzip.open(path, "rb")
+COMPRESSED_CHUNK = 1 << 20  # compressed bytes read at a time
+
+
+def compressed_lines(path: str, kind: str) -> Iterator[bytes]:
+    """The lines of a .jsonl.gz / .jsonl.zst file, verified complete: a stream that ends inside a gzip member or a
+    zstd frame, a bad CRC or checksum, or a file that is not in that format is one AxiomError naming the file.
+    The last line is yielded only after the end of the stream has been verified, so a file cut mid-line is
+    reported as truncated, not as invalid JSON."""
+    chunks = _gzip_chunks(path) if kind == ".jsonl.gz" else _zstd_chunks(path)
+    rest = b""
+    for chunk in chunks:
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _gzip_chunks(path: str) -> Iterator[bytes]:
+    """Decompressed data of every gzip member; Python's gzip checks each member's CRC-32 and length trailer."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(COMPRESSED_CHUNK):
+                yield chunk
+    except EOFError:
+        raise AxiomError(f"{path}: truncated (the gzip stream ends before its end marker); {REFETCH}") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise AxiomError(f"{path}: not a valid gzip file ({e}); {REFETCH}") from None
+
+
+def _zstd_chunks(path: str) -> Iterator[bytes]:
+    """Decompressed data of every zstd frame (a file may hold several); a frame's content checksum, when it has
+    one, is checked by zstd. Python-zstandard's stream reader accepts a file cut between two blocks of a frame
+    as complete, so frames are followed here and the file must end at a frame's end."""
     try:
         import zstandard
     except ImportError as e:
         raise AxiomError(f"{path}: reading .zst needs zstandard; run: pip install zstandard") from e
-    return io.BufferedReader(
-        zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
-    )
+    dctx = zstandard.ZstdDecompressor()
+    frame, inside = dctx.decompressobj(), False
+    try:
+        with open(path, "rb") as f:
+            while data := f.read(COMPRESSED_CHUNK):
+                while data:
+                    inside = True
+                    yield frame.decompress(data)
+                    if not frame.eof:
+                        break
+                    data = frame.unused_data  # the start of the next frame, if any
+                    frame, inside = dctx.decompressobj(), False
+    except zstandard.ZstdError as e:
+        raise AxiomError(f"{path}: not a valid zstd file ({e}); {REFETCH}") from None
+    if inside:
+        raise AxiomError(f"{path}: truncated (the file ends inside a zstd frame); {REFETCH}")
+
+
+REFETCH = "download or compress it again (nothing was written)"
 
 
 def parse_jsonl(
-    lines: io.BufferedIOBase, path: str, first_line: int | None, offset: int
+    lines: Iterable[bytes], path: str, first_line: int | None, offset: int
 ) -> Iterator[tuple[object, Callable[[], str]]]:
     """Each non-blank line parsed. `first_line` None means: count lines before `offset` only on error."""
 

@@ -7,6 +7,7 @@ axiom/trainer.py; the schedule and optimizer are in axiom/optim.py.
     RUN/train.log                    the plan, progress lines, evaluations, notices
     RUN/train.csv                    step, tokens, loss, grad_norm, lr, tokens_per_s, skipped (every log_interval)
     RUN/eval.csv                     step, tokens, train_loss, val_loss, val_ppl, val_bpb, lr, elapsed_s, tokens_per_s
+                                     (+ NAME_acc, NAME_acc_norm per eval_tasks file)
     RUN/checkpoints/step_000200/     model.safetensors + config.json + state.pt (the newest keep_checkpoints)
     RUN/checkpoints/best/            weights and config.json of the lowest val loss so far
 """
@@ -14,6 +15,7 @@ axiom/trainer.py; the schedule and optimizer are in axiom/optim.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -22,10 +24,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from axiom.checkpoint import list_checkpoints, load_model, load_training_state, read_meta
+from axiom.checkpoint import (
+    clean_stale_checkpoints,
+    load_model,
+    load_training_state,
+    newest_valid_checkpoint,
+    read_meta,
+    verify_checkpoint,
+)
 from axiom.config import Config, add_config_arguments, apply_overrides, config_from_args, get_config
 from axiom.errors import AxiomError
-from axiom.files import write_json_atomic
+from axiom.files import check_no_overlap, output_lock, write_errors, write_json_atomic
 from axiom.hf.folder import folder_config, read_folder
 from axiom.loader import read_manifest
 from axiom.model import Axiom
@@ -59,20 +68,19 @@ def train(
     `init_from`: a new run (step 0, fresh optimizer) from the weights of a checkpoint or a Hugging Face folder."""
     d = init_distributed()
     try:
-        run_dir = Path(run_dir)
-        if resume_from is None and resume:
-            resume_from = newest_checkpoint(run_dir)
+        run_dir, data_dir = Path(run_dir), Path(data_dir)
+        inputs = [("--data", data_dir), ("--init-from", init_from), *(("eval_tasks", f) for f in cfg.train.task_files)]
+        check_no_overlap(run_dir, inputs)
         log_to = {"tensorboard": tensorboard, "wandb_project": wandb_project}
         device = pick_device(device, d)
-        return setup(cfg, Path(data_dir), run_dir, resume, device, d, init_from, resume_from, log_to).fit()
+        with contextlib.ExitStack() as held:
+            if d.main:  # one writer per run directory; a full disk or read-only target is one line
+                held.enter_context(write_errors(run_dir, "the checkpoints written so far are intact; then --resume"))
+                held.enter_context(output_lock(run_dir, "train"))
+            return setup(cfg, data_dir, run_dir, resume, device, d, init_from, resume_from, log_to).fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir / "checkpoints")
-    return found[-1][1] if found else None
 
 
 def setup(
@@ -97,17 +105,31 @@ def setup(
         raise AxiomError(
             f"train config: grad_accum_steps={t.grad_accum_steps} is not divisible by the {d.world_size} processes"
         )
-    start = Path(resume_from) if resume_from is not None else None
+    notes = clean_stale_checkpoints(run_dir / "checkpoints") if d.main else []  # a kill's leftovers, under the lock
+    skipped: list[tuple[Path, str]] = []
+    if resume_from is not None:
+        start = Path(resume_from)
+        verify_checkpoint(start, need_state=True)
+    elif resume:
+        start, skipped = newest_valid_checkpoint(run_dir / "checkpoints")
+    else:
+        start = None
     used = run_dir.is_dir() and any(run_dir.iterdir())
     if start is None and used and not resume:
         raise AxiomError(f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out")
     if start is not None and used and not start.resolve().is_relative_to((run_dir / "checkpoints").resolve()):
         raise AxiomError(f"--resume-from {start}: not a checkpoint of {run_dir}; continue it into an empty --out")
     state = load_training_state(start) if start is not None else None  # first: a bad state.pt is refused early
+    if d.world_size > 1:
+        dist.barrier()  # every rank has judged the directory before rank 0 writes into it
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", cfg.to_dict())
     log = RunLog(run_dir, d.main, **(log_to or {}))
+    for line in notes:
+        log.info(f"cleaned up: {line}")
+    for path, reason in skipped:
+        log.info(f"--resume: skipped {path}, which does not verify ({reason})")
 
     seed_everything(t.seed)
     if start is not None:
@@ -196,7 +218,9 @@ def _model_fixed(base: Config, overrides: list[str], flag: str) -> Config:
 def run(args: argparse.Namespace) -> int:
     if sum(bool(x) for x in (args.resume, args.resume_from, args.init_from)) > 1:
         raise AxiomError("--resume, --resume-from and --init-from exclude each other")
-    start = args.resume_from or (newest_checkpoint(Path(args.out)) if args.resume else None)
+    start = args.resume_from
+    if start is None and args.resume:  # the one train() will pick (it names the ones it skips in train.log)
+        start = newest_valid_checkpoint(Path(args.out) / "checkpoints")[0]
     if start is not None:
         cfg = _model_fixed(checkpoint_config(Path(start)), args.overrides, "--resume")
     elif args.init_from:
@@ -204,7 +228,17 @@ def run(args: argparse.Namespace) -> int:
         cfg = _model_fixed(Config(saved.model, get_config(args.preset).train), args.overrides, "--init-from")
     else:
         cfg = config_from_args(args)
-    train(cfg, args.data, args.out, args.resume, args.device, args.tensorboard, args.wandb, args.init_from, start)
+    train(
+        cfg,
+        args.data,
+        args.out,
+        args.resume,
+        args.device,
+        args.tensorboard,
+        args.wandb,
+        args.init_from,
+        args.resume_from,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"outputs in {args.out}: eval.csv, train.log, checkpoints/ (best: {args.out}/checkpoints/best)")
     return 0

@@ -29,6 +29,7 @@ from axiom.checkpoint import (
     save_weights,
     set_rng_state,
     step_dir_name,
+    verify_checkpoint,
     write_dir_atomic,
 )
 from axiom.config import Config, TrainConfig
@@ -40,6 +41,7 @@ from axiom.optim import build_optimizer, lr_at
 from axiom.packing import ChatLoader
 from axiom.parallel import Dist, full_state, gpu_peak_flops, load_optimizer_state, parallelize, set_model_state
 from axiom.runlog import RunLog
+from axiom.tasks import evaluate_tasks, load_tasks, task_columns
 from axiom.tokenizer import EOS_ID
 
 LOSS_AVG_DECAY = 0.95  # the running loss average spans about the last 20 steps taken
@@ -253,7 +255,10 @@ class Trainer:
         self.model = parallelize(self.raw, t, device, d)
         self.optimizer, self.optimizer_name = build_optimizer(self.raw, t, device, fsdp=self.fsdp)
         loader = ChatLoader if self.chat else TrainLoader
-        self.loader = loader(data_dir, t.seq_len, t.micro_batch_size, t.seed, d.rank, d.world_size)
+        self.loader = loader(
+            data_dir, t.seq_len, t.micro_batch_size, t.seed, d.rank, d.world_size, cfg.model.vocab_size
+        )
+        self.tasks = load_tasks(t.task_files)  # eval_tasks: read now, so that a bad file fails before step 1
         self.micro_steps = t.grad_accum_steps // d.world_size
         self.state = TrainState()
         if state is not None:
@@ -319,7 +324,8 @@ class Trainer:
 
     def weights_finite(self) -> bool:
         """Every weight finite (on every rank: under FSDP each holds a shard)."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.raw.parameters()]).all().float()
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.raw.parameters()]  # FSDP2: own shard
+        finite = torch.stack([torch.isfinite(p).all() for p in local]).all().float()
         if self.d.world_size > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite.item())
@@ -329,8 +335,8 @@ class Trainer:
         return self.state.bad_steps == 0 and self.weights_finite()
 
     def evaluate(self) -> dict:
-        """Val loss into eval.csv and train.log; a new lowest val loss from healthy weights replaces
-        checkpoints/best."""
+        """Val loss (and the eval_tasks' acc and acc_norm) into eval.csv and train.log; a new lowest val loss from
+        healthy weights replaces checkpoints/best."""
         t, s = self.cfg.train, self.state
         res = evaluate(self.raw, self.data_dir, t.seq_len, t.micro_batch_size, t.eval_tokens, t.dtype)
         window = self.eval_window
@@ -345,7 +351,9 @@ class Trainer:
             "elapsed_s": round(s.elapsed_s, 3),
             "tokens_per_s": round(window.tokens_per_s, 1) if window.seconds > 0 else math.nan,
         }
-        self.log.row("eval.csv", EVAL_COLUMNS, row)
+        tasks = evaluate_tasks(self.raw, self.tasks, t.dtype)  # on every rank: an FSDP forward needs them all
+        row |= tasks
+        self.log.row("eval.csv", EVAL_COLUMNS + task_columns(self.tasks), row)
         marker = ""
         if math.isfinite(res.loss) and res.loss < s.best_val_loss and self.healthy():
             s.best_val_loss = res.loss
@@ -353,7 +361,7 @@ class Trainer:
             self.save_best(res.loss)
         self.log.info(
             f"eval step {s.step:,}: val loss {res.loss:.4f}, ppl {res.ppl:.2f}, bpb {res.bpb:.4f}"
-            f" over {res.tokens:,} tokens{marker}"
+            f" over {res.tokens:,} tokens{marker}{''.join(f', {k} {v:.4f}' for k, v in tasks.items())}"
         )
         s.loss_sum, s.loss_count = 0.0, 0
         window.reset()
@@ -418,13 +426,21 @@ class Trainer:
         return None
 
     def last_good_checkpoint(self) -> tuple[int, Path] | None:
-        """The newest checkpoint that a later step proved healthy. A checkpoint's weights are judged by the loss
-        of the step after it: in a streak of bad steps that began at step b, the weights of step b - 1 gave the
-        first bad loss, so only checkpoints up to step b - 2 are good."""
+        """The newest checkpoint that a later step proved healthy and whose files verify. A checkpoint's weights are
+        judged by the loss of the step after it: in a streak of bad steps that began at step b, the weights of step
+        b - 1 gave the first bad loss, so only checkpoints up to step b - 2 are good."""
         s = self.state
         limit = s.step - s.bad_steps - 1
-        found = [(step, path) for step, path in list_checkpoints(self.ckpt_root) if step <= limit]
-        return found[-1] if found else None
+        for step, path in reversed(list_checkpoints(self.ckpt_root)):
+            if step > limit:
+                continue
+            try:
+                verify_checkpoint(path, need_state=True)  # its files are the ones written (content hashes)
+            except AxiomError as e:
+                self.log.info(f"{path} does not verify, so it is not rolled back to: {e}")
+                continue
+            return step, path
+        return None
 
     def stop_for_bad_steps(self, why: str, good: tuple[int, Path] | None) -> AxiomError:
         """Set aside the checkpoints after `good` (so that --resume continues from it) and say why training

@@ -246,7 +246,13 @@ def test_bad_output_paths_fail_in_one_line(ckpt, tmp_path, capsys):
     assert run("--out", str(tmp_path / "m.gguf"))[1].endswith("exists; pass --force to replace it\n")
     assert run("--out", str(tmp_path / "m.gguf"), "--force")[0] == 0
     assert (tmp_path / "m.gguf").stat().st_size > 25_000_000  # replaced by the f32 export (the f16 one is ~19 MB)
-    assert "inside the checkpoint" in run("--out", str(ckpt / "model.gguf"))[1]
+    assert "lies inside --ckpt" in run("--out", str(ckpt / "model.gguf"))[1]
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("not a model")
+    assert run("--out", str(foreign), "--force")[1].endswith(
+        "is not a GGUF file; --force replaces only an earlier GGUF export\n"
+    )
+    assert foreign.read_text() == "not a model"
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     code, err = run("--out", str(blocker / "m.gguf"))
@@ -262,7 +268,8 @@ def test_bad_output_paths_fail_in_one_line(ckpt, tmp_path, capsys):
         "axiom export: error: --dtype q8_0: --format llama writes f32 (float32) or bf16 (bfloat16); "
         "f16 and q8_0 are for --format gguf\n"
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "m.gguf"]  # no temporary files left
+    # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "m.gguf", "notes.txt"]
 
 
 def test_read_only_file_system_fails_in_one_line(ckpt, tmp_path, monkeypatch):

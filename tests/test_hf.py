@@ -22,6 +22,7 @@ from axiom.checkpoint import load_model, read_meta, save_model
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
+from axiom.files import MARKER
 from axiom.generate import generate
 from axiom.hf.export import export
 from axiom.hf.folder import hf_config
@@ -131,7 +132,7 @@ def test_export_folder_layout(fmt, exported):
     files = {p.name for p in path.iterdir()}
     common = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
     remote = {"configuration_axiom.py", "modeling_axiom.py"}
-    assert files == common | {"README.md"} | (remote if fmt == "axiom" else set())
+    assert files == common | {"README.md", MARKER} | (remote if fmt == "axiom" else set())
     config = json.loads((path / "config.json").read_text())
     assert config["architectures"] == [ARCH[fmt]] and config["model_type"] == fmt
     assert config["tie_word_embeddings"] is True and config["eos_token_id"] == EOS_ID
@@ -398,14 +399,20 @@ def test_export_refuses_non_empty_out_unless_forced(ckpts, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(AxiomError, match="not empty; pass --force"):
+    with pytest.raises(AxiomError, match="not empty; choose another --out"):
         export(ckpts["trained"], out, "llama")
-    with pytest.raises(AxiomError, match="not found"):  # a failed forced export leaves the old folder alone
-        export(tmp_path / "no-such-ckpt", out, "llama", force=True)
+    with pytest.raises(AxiomError, match="--force replaces only a folder written by axiom export"):
+        export(ckpts["trained"], out, "llama", force=True)  # a folder of the user's: never replaced
     assert (out / "keep.txt").read_text() == "mine"
-    export(ckpts["trained"], out, "llama", force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    out2 = export(ckpts["trained"], tmp_path / "out2", "llama")
+    with pytest.raises(AxiomError, match="not empty; pass --force"):
+        export(ckpts["trained"], out2, "llama")
+    with pytest.raises(AxiomError, match="not found"):  # a failed forced export leaves the old folder alone
+        export(tmp_path / "no-such-ckpt", out2, "llama", force=True)
+    (out2 / "note.txt").write_text("added")
+    export(ckpts["trained"], out2, "llama", force=True)  # an earlier export: replaced
+    assert not (out2 / "note.txt").exists() and (out2 / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2"]
 
 
 def test_cli_export_import_and_one_line_errors(ckpts, tmp_path, capsys):

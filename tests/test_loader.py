@@ -152,7 +152,7 @@ def test_errors_name_the_directory_and_counts(tmp_path, data_dir):
         read_manifest(tmp_path / "nowhere")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
-    with pytest.raises(AxiomError, match="manifest.json: not valid JSON .*re-run `axiom prepare`"):
+    with pytest.raises(AxiomError, match="manifest.json: not valid JSON .*run `axiom prepare` again"):
         read_manifest(tmp_path / "bad")
     (tmp_path / "bad" / "manifest.json").write_text('{"format_version": 1}')
     with pytest.raises(AxiomError, match="missing keys tokenizer"):

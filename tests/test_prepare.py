@@ -139,13 +139,12 @@ def test_restart_after_interruption_redoes_only_missing_work(corpus, tmp_path, m
     ref = prep.prepare([str(corpus)], tmp_path / "ref", **kwargs)
     units = len(sources.plan_units(sources.resolve_inputs([str(corpus)]), "text"))
 
-    out, saves = tmp_path / "out", []
+    out = tmp_path / "out"
     real_write = prep.write_json_atomic
 
     def interrupting_write(path, obj):
         real_write(path, obj)
-        saves.append(path)
-        if len(saves) == 4:  # Ctrl-C after the 4th unit was recorded
+        if obj.get("units_done") == 4:  # Ctrl-C after the 4th unit was recorded
             raise KeyboardInterrupt
 
     monkeypatch.setattr(prep, "write_json_atomic", interrupting_write)
@@ -155,13 +154,16 @@ def test_restart_after_interruption_redoes_only_missing_work(corpus, tmp_path, m
     assert not (out / "manifest.json").exists()
     state = json.loads((out / prep.STATE).read_text())
     assert state["units_done"] == 4
-    # kill -9 while the next unit was being written: tokens past the recorded length, a stray next shard
+    # kill -9 while the next unit was being written: tokens past the recorded length, and a next shard that was
+    # claimed (listed in the state's "created") and begun
     train = state["splits"]["train"]
     assert train["partial_tokens"] > 0
     partial = out / f"train_{len(train['shards']):05d}.bin.tmp"
     with open(partial, "ab") as f:
         f.write(b"\x01\x00\x00\x00" * 3)
-    (out / "train_00099.bin").write_bytes(b"\0" * 40)
+    following = f"train_{len(train['shards']) + 1:05d}.bin"
+    real_write(out / prep.STATE, {**state, "created": [*state["created"], following]})
+    (out / (following + ".tmp")).write_bytes(b"\0" * 40)
 
     calls = []
     real_tokenize = sources.tokenize_unit

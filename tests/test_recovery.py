@@ -249,3 +249,53 @@ def test_init_from_a_hugging_face_folder(tiny_data, tmp_path):
     assert main([*args, *micro_args("max_steps=2", "eval_interval=2")]) == 0
     rows = read_rows(run / "eval.csv")
     assert float(rows[0]["val_loss"]) == pytest.approx(trained_val, rel=1e-6)
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(tiny_data, tmp_path):
+    sets = micro_args("max_steps=8", "eval_interval=4", "checkpoint_interval=2", "keep_checkpoints=4")
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(reference), *sets]) == 0
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, "--set", "max_steps=6"]) == 0
+    newest = run / "checkpoints" / "step_000006" / "model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-100:] = bytes(100)  # same size, different bytes: only the content hash can tell
+    newest.write_bytes(data)
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, "--resume"]) == 0
+    log = (run / "train.log").read_text()
+    assert f"--resume: skipped {newest.parent}, which does not verify ({newest}: content differs" in log
+    assert f"resumed from {run / 'checkpoints' / 'step_000004'} at step 4" in log
+    assert (run / "checkpoints" / "abandoned-step_000006" / "model.safetensors").read_bytes() == bytes(data)
+    ours = load_file(run / "checkpoints" / "step_000008" / "model.safetensors")
+    theirs = load_file(reference / "checkpoints" / "step_000008" / "model.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_two_runs_into_one_directory_and_outputs_over_inputs(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    sets = micro_args("max_steps=400", "eval_interval=400", "checkpoint_interval=400")
+    cmd = [sys.executable, "-m", "axiom.cli", "train", "--data", str(tiny_data), "--out", str(run), *sets]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not (run / "train.log").is_file():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.01)
+        assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"axiom train: error: {run} is being written by axiom train (pid {proc.pid} on ")
+        assert "\n" not in err
+    finally:
+        proc.kill()
+        proc.wait()
+    # the run directory may not be, contain or lie inside the data
+    for out in (tiny_data, tiny_data / "run", tiny_data.parent):
+        before = {p: p.read_bytes() for p in tiny_data.iterdir()}
+        assert main(["train", "--data", str(tiny_data), "--out", str(out), *sets]) == 2
+        assert "an output must not overlap an input" in capsys.readouterr().err
+        assert {p: p.read_bytes() for p in tiny_data.iterdir()} == before
+
+
+def test_data_ids_beyond_the_model_vocabulary(tiny_data, tmp_path, capsys):
+    sets = micro_args("max_steps=2", "vocab_size=100")  # tiny_data's ids reach 440
+    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the model's vocab_size is 100" in err

@@ -23,11 +23,11 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from axiom.chat import IM_END
-from axiom.checkpoint import load_model
+from axiom.checkpoint import load_model, run_dir_of, save_safetensors, stored_tensors
 from axiom.errors import AxiomError
+from axiom.files import check_no_overlap, describe_missing, output_lock, remove_stale_temps, write_errors
 from axiom.hf.card import eval_summary, find_eval_csv, model_card
 from axiom.hf.folder import CONFIG, WEIGHTS, check_out, hf_config, staged_dir
 from axiom.hf.gguf import chat_template, check_out_file, write_gguf
@@ -68,24 +68,26 @@ def export(
     dtype = resolve_dtype(fmt, dtype)
     ckpt = Path(ckpt)
     if fmt == "gguf":
-        out = check_out_file(out, ckpt, force)
-        model, cfg, meta = load_model(ckpt)
-        return write_gguf(model.state_dict(), cfg.model, out, dtype, out.stem, chat_template(meta))
+        out = check_out_file(out, force)
+        check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run_dir_of(ckpt)})
+        with write_errors(out, "nothing was replaced; fix that and run the command again"), output_lock(out, "export"):
+            remove_stale_temps(out)
+            model, cfg, meta = load_model(ckpt)
+            return write_gguf(model.state_dict(), cfg.model, out, dtype, out.stem, chat_template(meta))
     dtype = LONG_NAMES[dtype]
-    out = check_out(out, force)
+    out = check_out(out, force, "export")
     if eval_csv is not None and not Path(eval_csv).is_file():
-        raise AxiomError(f"--eval-csv {eval_csv}: file not found")
-    model, cfg, meta = load_model(ckpt)
-    chat = chat_template(meta) is not None  # fine-tuned on chat data (an unknown template is an error)
-    state = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
-    if cfg.model.tie_embeddings:
-        del state["lm_head.weight"]  # transformers re-ties it from config.tie_word_embeddings
-    if fmt == "llama":
-        state = to_llama(state, cfg.model)
+        raise AxiomError(f"--eval-csv {eval_csv}: {describe_missing(Path(eval_csv)).removeprefix('is ')}")
     csv_path = Path(eval_csv) if eval_csv is not None else find_eval_csv(ckpt)
-    evals = eval_summary(csv_path) if csv_path is not None else None
-    with staged_dir(out, force) as tmp:
-        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+    check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run_dir_of(ckpt), "the eval.csv": csv_path})
+    with staged_dir(out, force, "export") as tmp:
+        model, cfg, meta = load_model(ckpt)
+        chat = chat_template(meta) is not None  # fine-tuned on chat data (an unknown template is an error)
+        state = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in stored_tensors(model).items()}
+        if fmt == "llama":
+            state = to_llama(state, cfg.model)
+        evals = eval_summary(csv_path) if csv_path is not None else None
+        save_safetensors(state, tmp / WEIGHTS, metadata={"format": "pt"})
         # transformers_version: 4.57.3 warns about a Mistral regex bug on configs that lack it
         config = {**hf_config(cfg, fmt, dtype, meta), "transformers_version": version("transformers")}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -104,7 +106,10 @@ def export(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (model.safetensors + config.json)")
     parser.add_argument(
-        "--out", required=True, help="folder to write, empty or absent unless --force (gguf: a file, e.g. model.gguf)"
+        "--out",
+        required=True,
+        help="folder to write: absent or empty (or see --force), outside the checkpoint's run; gguf: a file, e.g. "
+        "model.gguf",
     )
     parser.add_argument(
         "--format",
@@ -121,7 +126,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights: f32 (= float32, default) or bf16 (= bfloat16) for every format; "
         "f16 (= float16) or q8_0 (8-bit blocks) for gguf",
     )
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out (gguf: an existing file)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it is an earlier axiom export (a folder, or for gguf a GGUF file; never anything else)",
+    )
     parser.add_argument("--eval-csv", help="the run's eval.csv for the model card (default: found next to --ckpt)")
 
 

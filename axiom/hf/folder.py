@@ -7,23 +7,31 @@ represent, and every tensor's name and shape, so that bad input fails with one m
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from axiom.checkpoint import check_tensors, stored_tensors
+from axiom.checkpoint import EMBED, check_finite, check_tensors, expected_tensors, untie
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
-from axiom.files import read_json, replace_dir, restore_dir
-from axiom.hf.names import AXIOM_CONFIG, LLAMA_CONFIG, from_llama, to_llama
-from axiom.model import Axiom
+from axiom.files import (
+    check_replaceable,
+    describe_missing,
+    member,
+    output_lock,
+    read_json,
+    remove_stale_temps,
+    replace_dir,
+    restore_dir,
+    temp_path,
+    write_errors,
+    write_marker,
+)
+from axiom.hf.names import AXIOM_CONFIG, LLAMA_CONFIG, LLAMA_NAMES, from_llama, to_llama
 from axiom.tokenizer import EOS_ID
 
 CONFIG = "config.json"
@@ -63,7 +71,8 @@ def read_config(directory: Path) -> dict:
     if not directory.is_dir():
         raise AxiomError(f"{directory} is not a directory; pass a Hugging Face model folder")
     if not path.is_file():
-        raise AxiomError(f"{path} not found; a Hugging Face model folder needs config.json and model.safetensors")
+        what = "not found" if not path.exists() else describe_missing(path)
+        raise AxiomError(f"{path} {what}; a Hugging Face model folder needs config.json and model.safetensors")
     return read_json(path, "a Hugging Face model folder needs a valid config.json")
 
 
@@ -147,15 +156,16 @@ def _config_with_provenance(hf: dict, m: ModelConfig, path: Path) -> tuple[Confi
 
 
 def load_weights(directory: Path) -> dict[str, Tensor]:
-    """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
+    """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json (file names
+    inside `directory` only)."""
     if (directory / WEIGHTS).is_file():
         files = [directory / WEIGHTS]
     elif (directory / INDEX).is_file():
-        try:
-            weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise AxiomError(f"{directory / INDEX}: no valid weight_map ({e})") from None
-        files = sorted({directory / name for name in weight_map.values()})
+        index = read_json(directory / INDEX, "a sharded model needs a valid index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise AxiomError(f"{directory / INDEX}: no valid weight_map (expected an object of tensor -> file)")
+        files = sorted({member(directory, name, f"{directory / INDEX}: weight_map") for name in weight_map.values()})
     else:
         raise AxiomError(
             f"{directory}: no {WEIGHTS} (or {INDEX}); axiom import reads safetensors only, "
@@ -187,46 +197,42 @@ def read_folder(directory: str | Path) -> tuple[str, Config, dict[str, Tensor], 
     directory = Path(directory)
     fmt, cfg, progress = folder_config(directory)
     m = cfg.model
-    with torch.device("meta"):
-        expected = stored_tensors(Axiom(m))
+    expected = expected_tensors(m)
     if fmt == "llama":
         expected = to_llama(expected, m)
     raw = {k: v for k, v in load_weights(directory).items() if not k.endswith("rotary_emb.inv_freq")}
-    embed = "model.embed_tokens.weight" if fmt == "llama" else "embed.weight"
-    if m.tie_embeddings and "lm_head.weight" in raw:  # some writers store the tied table twice
-        head = raw.pop("lm_head.weight")
-        if embed in raw and not torch.equal(head, raw[embed]):
-            raise AxiomError(f"{directory}: lm_head.weight differs from {embed} but config.json ties them")
+    embed = LLAMA_NAMES[EMBED][0] if fmt == "llama" else EMBED
+    raw = untie(raw, m.tie_embeddings, embed, where=str(directory))  # some writers store the tied table twice
     check_tensors(raw, expected, f"{directory} ({ARCHITECTURES[fmt]})", CONFIG)
+    check_finite(raw, str(directory))
     state = from_llama(raw, m)[0] if fmt == "llama" else raw
     return fmt, cfg, {k: v.float() for k, v in state.items()}, progress
 
 
-def check_out(out: str | Path, force: bool) -> Path:
-    """Refuse an output path that is a file, or a non-empty folder without `force` (call before slow work)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise AxiomError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise AxiomError(f"{out} exists and is not empty; pass --force to replace it")
-    return out
+def check_out(out: str | Path, force: bool, command: str = "export") -> Path:
+    """Refuse an output folder that `axiom COMMAND` must not replace (see `axiom.files.check_replaceable`):
+    a file, a non-empty folder without `force`, and with `force` any folder another command wrote. Call it before
+    slow work; `staged_dir` checks again under the lock."""
+    return check_replaceable(out, command, force)
 
 
 @contextlib.contextmanager
-def staged_dir(out: str | Path, force: bool) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `out`; on success it replaces `out` in one rename.
-
-    A non-empty `out` is refused unless `force`; on failure `out` is left as it was.
-    """
-    out = check_out(out, force)
-    restore_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
+def staged_dir(out: str | Path, force: bool, command: str = "export") -> Iterator[Path]:
+    """Yield a fresh temporary folder `.NAME.tmp-PID` beside `out`; on success it is marked as written by
+    `axiom COMMAND` and replaces `out` in one rename. `out` is locked meanwhile; a full or read-only target is one
+    AxiomError; on any failure `out` is left as it was. Stale temporaries of dead processes are removed first."""
+    out = check_out(out, force, command)
+    with write_errors(out, "nothing was replaced; fix that and run the command again"), output_lock(out, command):
+        check_out(out, force, command)  # again: another command may have written it meanwhile
+        restore_dir(out)
+        remove_stale_temps(out)
+        tmp = temp_path(out)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, out)
+        tmp.mkdir()
+        try:
+            yield tmp
+            write_marker(tmp, command)
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

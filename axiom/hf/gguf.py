@@ -27,6 +27,7 @@ import torch
 
 from axiom.config import ModelConfig
 from axiom.errors import AxiomError
+from axiom.files import temp_path
 from axiom.hf.names import to_llama
 from axiom.hf.tokenizer import tokenizer_json
 from axiom.tokenizer import EOS_ID, VOCAB_SIZE
@@ -145,15 +146,18 @@ def chat_template(meta: dict) -> str | None:
     return CHAT_TEMPLATE
 
 
-def check_out_file(out: str | Path, ckpt: Path, force: bool) -> Path:
-    """Refuse a directory, an existing file without `force`, or a path inside the checkpoint (before slow work)."""
+def check_out_file(out: str | Path, force: bool) -> Path:
+    """Refuse a directory, an existing file without `force`, and with `force` a file that is not GGUF (so --force
+    only ever replaces an earlier export); call before slow work."""
     out = Path(out)
     if out.is_dir():
         raise AxiomError(f"--out {out} is a directory; --format gguf writes one file, e.g. --out model.gguf")
     if out.exists() and not force:
         raise AxiomError(f"--out {out} exists; pass --force to replace it")
-    if ckpt.resolve() in out.resolve().parents:
-        raise AxiomError(f"--out {out} is inside the checkpoint {ckpt}; write the GGUF file elsewhere")
+    if out.exists():
+        with open(out, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise AxiomError(f"--out {out} is not a GGUF file; --force replaces only an earlier GGUF export")
     return out
 
 
@@ -235,7 +239,7 @@ def write_gguf(
     when complete; a failure leaves no temporary file and raises one AxiomError line."""
     out = Path(out)
     w = gguf_writer(state, m, dtype, name, template)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         w.write_header_to_file(path=tmp)

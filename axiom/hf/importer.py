@@ -10,30 +10,33 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from axiom.checkpoint import save_weights
+from axiom.checkpoint import save_weights, write_checksums
 from axiom.config import add_overrides_argument, apply_overrides
 from axiom.errors import AxiomError
+from axiom.files import check_no_overlap
 from axiom.hf.folder import check_out, read_folder, staged_dir
 
 
 def import_hf(src: str | Path, out: str | Path, force: bool = False, overrides: list[str] | None = None) -> Path:
     """Convert the Hugging Face folder `src` into the checkpoint folder `out`; returns `out`."""
-    out = check_out(out, force)
-    fmt, cfg, state, progress = read_folder(src)
-    new = apply_overrides(cfg, overrides)
-    if new.model != cfg.model:
-        raise AxiomError("--set may change training fields only; the model's shape comes from the weights")
-    if new.model.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]  # save_weights stores the tied table once
-    with staged_dir(out, force) as tmp:
+    out = check_out(out, force, "import")
+    check_no_overlap(out, {"--hf": src})
+    with staged_dir(out, force, "import") as tmp:
+        fmt, cfg, state, progress = read_folder(src)
+        new = apply_overrides(cfg, overrides)
+        if new.model != cfg.model:
+            raise AxiomError("--set may change training fields only; the model's shape comes from the weights")
         save_weights(state, new, tmp, **{**progress, "imported_from": str(src), "imported_format": fmt})
+        write_checksums(tmp)
     return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", required=True, help="Hugging Face model folder (axiom export output, or Llama)")
     parser.add_argument("--out", required=True, help="checkpoint folder to write; must be empty or absent")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--force", action="store_true", help="replace --out if it is an earlier axiom import (never anything else)"
+    )
     add_overrides_argument(
         parser, "override a TrainConfig field stored with the checkpoint, e.g. --set lr_max=1e-4 (repeatable)"
     )

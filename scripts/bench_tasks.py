@@ -1,0 +1,118 @@
+"""Multiple-choice scoring speed: Axiom's native scorer against lm-eval-harness on the `axiom export` of the same
+model (`lm_eval --model hf`, in-process), on the same items, in one process with interleaved rounds (ABBA).
+
+Also times lm-eval's own pipeline with the Axiom adapter (`AxiomLM`), to show what the harness itself costs, and
+checks that all three give the same acc and acc_norm.
+
+    python scripts/bench_tasks.py --task-file runs/demo/kjv_choices.jsonl --limit 200 --rounds 2
+    python scripts/bench_tasks.py --task-file hellaswag_val.jsonl --ckpt RUN/checkpoints/best --limit 500
+
+Without --ckpt the model is the --preset (default tiny) with random weights: speed does not depend on them.
+On a machine that other jobs keep busy, run with OMP_WAIT_POLICY=PASSIVE (as `make demo` does): spinning OpenMP
+threads that wait for a descheduled sibling make every small op cost milliseconds, which says nothing about either
+contender.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from axiom.checkpoint import load_model, save_model
+from axiom.config import get_config
+from axiom.hf.export import export
+from axiom.model import Axiom
+from axiom.tasks import choice_loglikelihoods, encode_pair, read_task_file, score
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task-file", required=True, type=Path, help="multiple-choice JSONL (either format)")
+    parser.add_argument("--ckpt", help="checkpoint to score with (default: a random --preset model)")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--limit", type=int, help="first N items")
+    parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds (each times every contender twice)")
+    parser.add_argument("--batch-size", type=int, default=16, help="native scorer: contexts per pass")
+    parser.add_argument("--hf-batch-size", type=int, default=32, help="lm-eval's HF model: requests per pass")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets is imported: it reads them once
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from axiom.harness import AxiomLM, json_task
+
+    items = read_task_file(args.task_file)[: args.limit]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.ckpt:
+            ckpt = args.ckpt
+        else:
+            cfg = get_config(args.preset)
+            torch.manual_seed(0)
+            ckpt = Path(tmp) / "ckpt"
+            ckpt.mkdir()
+            save_model(Axiom(cfg.model), cfg, ckpt, step=0, tokens=0)
+        model = load_model(ckpt)[0].eval()
+        folder = export(ckpt, Path(tmp) / "hf", "axiom")
+        hf = HFLM(
+            pretrained=str(folder), trust_remote_code=True, dtype="float32", device="cpu", batch_size=args.hf_batch_size
+        )
+        jsonl = Path(tmp) / "items.jsonl"  # the same items in the generic format, for lm-eval's json task
+        rows = ({"context": i.context, "choices": i.choices, "answer": i.label} for i in items)
+        jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        task = json_task(args.task_file.stem, jsonl)
+        manager = TaskManager(include_defaults=False)
+
+        def native():
+            return score("x", items, choice_loglikelihoods(model, items, args.batch_size))
+
+        def harness(lm):
+            res = simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=False)
+            r = res["results"][task["task"]]
+            return r["acc,none"], r["acc_norm,none"]
+
+        contenders = {
+            "native": native,
+            "lm-eval + HF export": lambda: harness(hf),
+            "lm-eval + AxiomLM": lambda: harness(AxiomLM(model, batch_size=args.batch_size)),
+        }
+        results = {name: fn() for name, fn in contenders.items()}  # warm-up, and the numbers to compare
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        order = list(contenders)
+        for r in range(args.rounds):
+            for name in order if r % 2 == 0 else order[::-1]:  # ABBA: drift in machine load hits all alike
+                start = time.perf_counter()
+                contenders[name]()
+                times[name].append(time.perf_counter() - start)
+
+    native_res = results["native"]
+    ctx = [len(encode_pair(i.context, " " + i.choices[0])[0]) for i in items]
+    cont = [len(encode_pair(i.context, " " + c)[1]) for i in items for c in i.choices]
+    print(
+        f"{len(items)} items, {len(cont)} choices; context {statistics.mean(ctx):.1f} tokens, choice "
+        f"{statistics.mean(cont):.1f} tokens on average; torch threads {torch.get_num_threads()}"
+    )
+    print(f"acc / acc_norm: native {native_res.acc:.4f} / {native_res.acc_norm:.4f}", end="")
+    for name in order[1:]:
+        print(f", {name} {results[name][0]:.4f} / {results[name][1]:.4f}", end="")
+    print()
+    base = statistics.median(times["native"])
+    for name in order:
+        t = statistics.median(times[name])
+        runs = ", ".join(f"{x:.2f}" for x in times[name])
+        print(f"{name:<22} median {t:7.2f} s  ({runs})  {t / base:5.2f}x native's time")
+
+
+if __name__ == "__main__":
+    main()

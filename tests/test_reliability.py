@@ -1,0 +1,295 @@
+"""Outputs never damage inputs: overlap, --force, one writer per output, crash leftovers, failed writes.
+
+One test per fault class of issue 9 (docs/reliability.md lists them). Each asserts the exit status, the one-line
+message and that the user's files are byte-identical afterwards. Inputs and checkpoints: test_reliability_inputs.py
+and test_reliability_checkpoints.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from reliability_helpers import REPO, axiom_process, copy_run, fails, hashes, jsonl, make_run, succeeds
+
+from axiom import checkpoint as ckpt_mod
+from axiom import files, sources
+from axiom import prepare as prep
+from axiom.checkpoint import (
+    clean_stale_checkpoints,
+    list_checkpoints,
+    prune_checkpoints,
+    save_model,
+    save_training_state,
+    write_dir_atomic,
+)
+from axiom.errors import AxiomError
+from axiom.files import MARKER, check_no_overlap, output_lock
+
+pytest.importorskip("transformers", reason="export writes transformers' files: pip install 'axiom-lm[hf]'")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("reliability"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return jsonl(tmp_path / "c.jsonl", [f"document {i} " + "word " * (i % 17 + 3) for i in range(60)])
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+# ---- 1. outputs never overlap inputs; --force replaces only an earlier output of the same command
+
+
+def test_outputs_never_overlap_inputs(run, corpus, tmp_path, capsys):
+    best = run / "checkpoints" / "best"
+    (tmp_path / "link").symlink_to(run)
+    before = hashes(run)
+    overlap = "an output must not overlap an input"
+    for out in (run / "hf", tmp_path / "link" / "hf", run / "checkpoints" / "new"):
+        fails(capsys, ["export", "--ckpt", best, "--out", out], "lies inside the run of --ckpt", overlap)
+    fails(capsys, ["export", "--ckpt", tmp_path / "link/checkpoints/best", "--out", run / "x"], "lies inside", overlap)
+    empty = tmp_path / "empty"
+    (empty / "ckpt").mkdir(parents=True)
+    save_model(*ckpt_mod.load_model(best)[:2], empty / "ckpt")
+    fails(capsys, ["export", "--ckpt", empty / "ckpt", "--out", empty, "--force"], "--force replaces only")
+    fails(capsys, ["import", "--hf", best, "--out", best / "sub"], "lies inside --hf", overlap)
+    fails(capsys, ["plot", run, "--out", run / "eval.csv"], "is eval.csv", overlap)
+    # prepare: the output is an input folder, lies inside one, or contains an input file (also through a link)
+    data = tmp_path / "corpus"
+    data.mkdir()
+    jsonl(data / "a.jsonl", ["some text"] * 3)
+    (tmp_path / "corpus-link").symlink_to(data)
+    fails(capsys, ["prepare", data, "--out", data], "is the input", overlap)
+    fails(capsys, ["prepare", data, "--out", tmp_path / "corpus-link" / "out"], "lies inside the input", overlap)
+    fails(capsys, ["prepare", data / "a.jsonl", "--out", tmp_path], "contains the input", overlap)
+    assert hashes(run) == before
+    assert sorted(p.name for p in data.iterdir()) == ["a.jsonl"]
+    with pytest.raises(AxiomError, match="contains the run"):
+        check_no_overlap(run.parent, [("the run", run)])
+
+
+def test_force_replaces_only_an_earlier_output_of_the_same_command(run, tmp_path, capsys):
+    best = run / "checkpoints" / "best"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not an export")
+    before = hashes(run, mine)
+    for cmd in (["export", "--ckpt", best], ["import", "--hf", tmp_path / "hf"]):
+        fails(capsys, [*cmd, "--out", mine], "exists and is not empty; choose another --out")
+        fails(capsys, [*cmd, "--out", mine, "--force"], "--force replaces only a folder written by", "left alone")
+    fails(capsys, ["export", "--ckpt", best, "--out", run / "checkpoints" / "step_000002", "--force"], "left alone")
+    (tmp_path / "file.txt").write_text("x")
+    fails(capsys, ["export", "--ckpt", best, "--out", tmp_path / "file.txt", "--force"], "exists and is a regular file")
+    assert hashes(run, mine) == before
+    hf = tmp_path / "hf"
+    succeeds(capsys, ["export", "--ckpt", best, "--out", hf])
+    assert json.loads((hf / MARKER).read_text())["command"] == "export"
+    fails(capsys, ["export", "--ckpt", best, "--out", hf], "not empty; pass --force to replace it")
+    (hf / "stale.txt").write_text("from before")
+    succeeds(capsys, ["export", "--ckpt", best, "--out", hf, "--force"])
+    assert not (hf / "stale.txt").exists()
+    imported = tmp_path / "imported"
+    succeeds(capsys, ["import", "--hf", hf, "--out", imported])
+    fails(capsys, ["import", "--hf", hf, "--out", hf, "--force"], "it was written by axiom export")
+    fails(capsys, ["export", "--ckpt", imported, "--out", imported, "--force"], "it was written by axiom import")
+    succeeds(capsys, ["import", "--hf", hf, "--out", imported, "--force"])
+
+
+# ---- 4. one writer per output: the second names the holder and exits 2; a dead holder's lock is free
+
+
+def test_second_writer_is_refused_and_a_dead_holder_frees_the_output(run, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from axiom.files import output_lock\n"
+         "with output_lock(sys.argv[1], 'prepare'):\n    print('locked', flush=True); time.sleep(60)", str(out)],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        named = f"is being written by axiom prepare (pid {holder.pid} on "
+        fails(capsys, ["prepare", corpus, "--out", out, "--workers", "1"], named, "wait for it")
+        fails(capsys, ["export", "--ckpt", run / "checkpoints" / "best", "--out", out], named)
+        fails(capsys, ["import", "--hf", tmp_path / "nowhere", "--out", out], named)
+        assert not out.exists()
+        out.mkdir()
+        (tmp_path / "alias").symlink_to(out)  # another spelling of the same output shares its lock
+        fails(capsys, ["prepare", corpus, "--out", tmp_path / "alias", "--workers", "1"], named)
+    finally:
+        holder.kill()  # kill -9: the kernel releases the lock; the file it leaves behind means nothing
+        holder.wait()
+    assert (tmp_path / ".out.lock").exists()
+    succeeds(capsys, ["prepare", corpus, "--out", out, "--workers", "1", "--val-fraction", "0.2"])
+    assert not (tmp_path / ".out.lock").exists()
+    with output_lock(out, "prepare"), pytest.raises(AxiomError, match=f"pid {os.getpid()}"), output_lock(out, "train"):
+        pass
+
+
+def test_lock_without_flock_falls_back_to_a_pid_file(tmp_path, monkeypatch):
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    out, lock = tmp_path / "out", tmp_path / ".out.lock"
+    lock.write_text(json.dumps({"pid": dead_pid(), "host": os.uname().nodename, "command": "prepare"}))
+    stale_taken = output_lock(out, "prepare")  # the holder is gone: stale
+    with stale_taken, pytest.raises(AxiomError, match=f"axiom prepare \\(pid {os.getpid()}"), output_lock(out, "x"):
+        pass
+    assert not lock.exists()
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename, "command": "train"}))
+    with pytest.raises(AxiomError, match="being written by axiom train"), output_lock(out, "prepare"):
+        pass
+
+
+# ---- 6. crash leftovers: pruning is crash-safe; each command removes its own stale temporaries
+
+
+def test_crash_leftovers_are_hidden_and_cleaned_on_the_next_run(run, tmp_path, capsys, monkeypatch):
+    r = copy_run(run, tmp_path / "run")
+    root = r / "checkpoints"
+    real_rmtree = ckpt_mod.shutil.rmtree
+
+    def killed_mid_delete(path, ignore_errors=False):
+        (next(p for p in sorted(path.iterdir()) if p.is_file())).unlink()  # one file gone, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoints(root, keep=1)
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", real_rmtree)
+    assert [s for s, _ in list_checkpoints(root)] == [4]  # the half-deleted one is hidden
+    assert (root / ".step_000002.pruned").is_dir()
+    # a kill inside write_dir_atomic: a temporary folder, and `best` moved aside before its replacement arrived
+    (root / ".step_000006.tmp").mkdir()
+    os.replace(root / "best", root / ".best.old")
+    done = clean_stale_checkpoints(root)
+    assert sorted(p.name for p in root.iterdir()) == ["best", "step_000004"]
+    assert len(done) == 3 and any("restored" in line for line in done)
+    assert ckpt_mod.load_model(root / "best")[2]["step"] == 4
+    # export: a killed export's `.NAME.tmp-PID` goes when its PID is dead, not while it lives
+    out = tmp_path / "hf"
+    stale, live = tmp_path / f".hf.tmp-{dead_pid()}", tmp_path / f".hf.tmp-{os.getppid()}"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    succeeds(capsys, ["export", "--ckpt", root / "best", "--out", out])
+    assert not stale.exists() and live.exists()
+    # prepare: a state temporary of a dead process
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / f".prepare-state.json.tmp-{dead_pid()}").write_text("{")
+    inputs = [jsonl(tmp_path / "c.jsonl", ["a b c", "d e f"] * 9), "--workers", "1", "--val-fraction", "0.3"]
+    succeeds(capsys, ["prepare", *inputs, "--out", data])
+    assert not [p for p in data.iterdir() if ".tmp" in p.name]
+
+
+# ---- failed writes (full disk, read-only target) are one line; nothing is replaced; the re-run recovers
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_failed_writes_are_one_line_and_the_rerun_recovers(run, corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sources, "JSONL_CHUNK_BYTES", 300)  # several units
+    args = ["--workers", "1", "--val-fraction", "0.2", "--shard-tokens", "100"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    succeeds(capsys, ["prepare", corpus, "--out", ref, *args])
+    real_write, calls = prep.SplitWriter.write, []
+
+    def full_after_a_while(self, tokens):
+        calls.append(1)
+        if len(calls) == 7:
+            enospc()
+        real_write(self, tokens)
+
+    monkeypatch.setattr(prep.SplitWriter, "write", full_after_a_while)
+    fails(capsys, ["prepare", corpus, "--out", out, *args], "no space left on the device", "run the same command again")
+    assert json.loads((out / prep.STATE).read_text())["units_done"] == 3
+    monkeypatch.setattr(prep.SplitWriter, "write", real_write)
+    succeeds(capsys, ["prepare", corpus, "--out", out, *args])
+    assert hashes(out) == {k.replace(str(ref), str(out)): v for k, v in hashes(ref).items()}
+
+    # read-only targets: nothing is written, one line
+    real_open = files.os.open
+
+    def read_only(path, *a, **kw):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **kw)
+
+    best = run / "checkpoints" / "best"
+    with monkeypatch.context() as m:
+        m.setattr(files.os, "open", read_only)
+        for argv in (["prepare", corpus], ["export", "--ckpt", best], ["import", "--hf", tmp_path / "x"]):
+            fails(capsys, [*argv, "--out", tmp_path / "ro"], "read-only file system", "nothing was")
+    (tmp_path / "afile").write_text("a file where a folder is expected")
+    fails(capsys, ["prepare", corpus, "--out", tmp_path / "afile" / "out"], "cannot write", "is a regular file")
+    fails(capsys, ["plot", run, "--out", tmp_path / "afile" / "loss.png"], "cannot write", "is unchanged")
+
+    # a full disk during an export or a checkpoint: the previous folder is left as it was, no temporary remains
+    hf = tmp_path / "hf"
+    succeeds(capsys, ["export", "--ckpt", best, "--out", hf])
+    before = hashes(hf, run)
+    with monkeypatch.context() as m:
+        m.setattr(ckpt_mod, "save_file", safetensors_disk_full)
+        fails(capsys, ["export", "--ckpt", best, "--out", hf, "--force"], "no space left", "nothing was replaced")
+        m.setattr(ckpt_mod._WholeWrites, "write", enospc)
+        model, cfg, _ = ckpt_mod.load_model(best)
+
+        def write(tmp):
+            save_model(model, cfg, tmp, step=6)
+            save_training_state({"step": 6}, tmp)
+
+        with pytest.raises(AxiomError, match="cannot write .*no space left.* earlier checkpoints are intact"):
+            write_dir_atomic(run / "checkpoints" / "step_000004", write)
+    assert hashes(hf, run) == before
+    assert not [p.name for p in [*tmp_path.iterdir(), *(run / "checkpoints").iterdir()] if ".tmp" in p.name]
+
+
+def safetensors_disk_full(*args, **kwargs):
+    raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+# ---- SIGTERM and Ctrl-C stop prepare cleanly (pool workers too); the re-run finishes the same output
+
+
+def test_sigterm_stops_prepare_with_workers_cleanly(tmp_path):
+    """SIGTERM while pool workers are busy (the old code printed ~70 lines of BrokenPipeError from them)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    for i in range(8):  # one unit each, ~2 MB: seconds of tokenizing even on fast cores
+        line = json.dumps({"text": " ".join(f"{rng.getrandbits(20):x}" for _ in range(5000))}) + "\n"
+        (corpus / f"{i}.jsonl").write_text(line * 50)
+    out = tmp_path / "out"
+    child = axiom_process("prepare", corpus, "--out", out, "--workers", "2", "--val-fraction", "0.2")
+    deadline = time.monotonic() + 120
+    while not (out / prep.STATE).exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # the first unit is written: the workers are tokenizing the next ones
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert lines[-1] == "axiom prepare: interrupted", err
+    assert re.fullmatch(r"prepare: stopped after [0-7] of 8 units; run the same command again to continue", lines[-2])
+    assert not (tmp_path / ".out.lock").exists() and not (out / "manifest.json").exists()
+    prep.restore(out, json.loads((out / prep.STATE).read_text()))  # what the re-run starts with: consistent

@@ -1,0 +1,271 @@
+"""Bad inputs are refused in one line: compressed files, prepared directories, manifests and indexes, values.
+
+One test per fault class of issue 9 (docs/reliability.md lists them); each asserts the exit status, the one-line
+message and that the user's files are unchanged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from reliability_helpers import fails, hashes, jsonl, make_run, succeeds
+
+from axiom import prepare as prep
+from axiom.cli import main
+from axiom.errors import AxiomError
+from axiom.loader import MANIFEST, TokenStream, TrainLoader
+
+DOCS = [f"document {i}: " + " ".join(f"w{(i * 7 + j) % 101}" for j in range(40 + i % 30)) for i in range(400)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("reliability-inputs"))
+
+
+def zstd_block_ends(frame: bytes) -> list[int]:
+    """Offsets just past each block of a single zstd frame (RFC 8878 section 3.1.1), e.g. to cut a file between
+    two blocks, which python-zstandard's stream reader accepts as a complete file."""
+    fhd, pos = frame[4], 5
+    single_segment = fhd >> 5 & 1
+    pos += (0 if single_segment else 1) + (0, 1, 2, 4)[fhd & 3] + (single_segment, 2, 4, 8)[fhd >> 6]
+    ends = []
+    while True:
+        header = int.from_bytes(frame[pos : pos + 3], "little")
+        pos += 3 + (1 if (header >> 1 & 3) == 1 else header >> 3)
+        ends.append(pos)
+        if header & 1:
+            return ends
+
+
+def test_compressed_inputs_are_verified_complete(tmp_path, capsys):
+    rng = random.Random(0)  # words that compress little, so that each 128 KiB block is large
+    texts = [" ".join(f"{rng.getrandbits(24):x}" for _ in range(60)) for _ in range(800)]
+    data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    frame = zstandard.ZstdCompressor(level=1).compress(data)
+    ends = zstd_block_ends(frame)
+    assert len(ends) >= 3 and ends[-1] == len(frame) and ends[1] - ends[0] > 10_000
+    gz = gzip.compress(data)
+    flipped = bytearray(gz)
+    flipped[len(gz) // 2] ^= 0x10
+    cases = {
+        "block-boundary.jsonl.zst": (frame[: ends[1]], "truncated (the file ends inside a zstd frame)"),
+        "mid-block.jsonl.zst": (frame[: ends[0] + 5000], "truncated (the file ends inside a zstd frame)"),
+        "no-checksum-yet.jsonl.zst": (frame[:-2], "truncated"),
+        "not-zstd.jsonl.zst": (data[:4000], "not a valid zstd file"),
+        "mid-stream.jsonl.gz": (gz[: len(gz) // 2], "truncated (the gzip stream ends before its end marker)"),
+        "no-trailer.jsonl.gz": (gz[:-4], "truncated"),
+        "flipped.jsonl.gz": (bytes(flipped), "not a valid gzip file"),
+        "plain.jsonl.gz": (data[:4000], "not a valid gzip file (Not a gzipped file"),
+    }
+    good = jsonl(tmp_path / "good.jsonl", DOCS[:50])
+    for i, (name, (content, message)) in enumerate(cases.items()):
+        (tmp_path / name).write_bytes(content)
+        out = tmp_path / f"out{i}"
+        workers = "2" if name == "block-boundary.jsonl.zst" else "1"  # raised in a worker process
+        fails(capsys, ["prepare", good, tmp_path / name, "--out", out, "--workers", workers], name, message)
+        assert not out.exists()  # nothing left behind: no shards, no state, no folder
+    # complete files, one of them several frames, are read in full
+    two = zstandard.ZstdCompressor(write_checksum=True)
+    (tmp_path / "ok.jsonl.zst").write_bytes(two.compress(data[: len(data) // 2]) + two.compress(data[len(data) // 2 :]))
+    (tmp_path / "ok.jsonl.gz").write_bytes(gz)
+    m = prep.prepare([str(tmp_path / "ok.jsonl.zst"), str(tmp_path / "ok.jsonl.gz")], tmp_path / "ok", workers=1)
+    assert m["train_docs"] + m["val_docs"] == 2 * len(texts)
+
+
+def test_files_prepare_did_not_write_are_never_deleted(tmp_path, capsys, monkeypatch):
+    corpus = jsonl(tmp_path / "c.jsonl", DOCS[:80])
+    args = ["--workers", "1", "--val-fraction", "0.2", "--shard-tokens", "500"]
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("train_00000.bin", "val_00007.bin", "train_00003.bin.tmp"):
+        (out / name).write_bytes(b"user data " + name.encode())
+        before = hashes(out)
+        fails(capsys, ["prepare", corpus, "--out", out, *args], f"{name}: a file with a shard's name", "left alone")
+        assert hashes(out) == before
+        (out / name).rename(tmp_path / name)
+    # other files in --out are left as they are, on failure and on success
+    (out / "README.md").write_text("my notes")
+    jsonl(tmp_path / "bad.jsonl", ["fine"] * 30).open("a").write("{broken\n")
+    fails(capsys, ["prepare", corpus, tmp_path / "bad.jsonl", "--out", out, *args], "bad.jsonl:31: invalid JSON")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"]
+    # an interrupted run, then a foreign shard-named file appears: still refused
+    real_save = prep.Ledger.save
+
+    def interrupted(self):
+        real_save(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep.Ledger, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare([str(corpus)], out, workers=1, val_fraction=0.2, shard_tokens=500, quiet=True)
+    monkeypatch.setattr(prep.Ledger, "save", real_save)
+    (out / "val_00009.bin").write_bytes(b"mine")
+    fails(capsys, ["prepare", corpus, "--out", out, *args], "val_00009.bin", f"not listed in {out / prep.STATE}")
+    (out / "val_00009.bin").unlink()
+    succeeds(capsys, ["prepare", corpus, "--out", out, *args])
+    assert (out / "README.md").read_text() == "my notes"
+
+
+def test_damaged_prepared_data_is_reported_with_the_fix(run, tmp_path, capsys, monkeypatch):
+    corpus = jsonl(tmp_path / "c.jsonl", DOCS[:80])
+    out = tmp_path / "data"
+    args = ["--workers", "1", "--val-fraction", "0.3", "--shard-tokens", "500"]
+    succeeds(capsys, ["prepare", corpus, "--out", out, *args])
+    best = run / "checkpoints" / "best"
+    fix = f"delete {out} and run"
+    for shard in (out / "train_00001.bin", out / "val_00000.bin"):
+        good = shard.read_bytes()
+        shard.write_bytes(good[:-8])  # e.g. a full disk or a partial copy
+        fails(capsys, ["prepare", corpus, "--out", out, *args], shard.name, "damaged", fix)  # not "nothing to do"
+        shard.write_bytes(good)
+    shard.write_bytes(good[:-8])
+    fails(capsys, ["eval", "--ckpt", best, "--data", out, "--device", "cpu"], "val_00000.bin", fix)
+    shard.write_bytes(good)
+    # ids the model cannot embed: the message says which vocabulary is wrong
+    fails(capsys, ["eval", "--ckpt", best, "--data", out], "val_00000.bin: token id", "the model's vocab_size is 512")
+    # same-size garbage: caught where it is read, naming the shard (not an IndexError deep in the model)
+    shard = out / "train_00001.bin"
+    garbage = np.fromfile(shard, dtype="<u4")
+    garbage[250] = 0xDEADBEEF
+    garbage.tofile(shard)
+    with pytest.raises(AxiomError, match="train_00001.bin: token id 3,735,928,559 at token 250; not a cl100k_base id"):
+        TrainLoader(out, seq_len=16, micro_batch_size=4, seed=0)  # the first tokens of each shard, when opened
+    monkeypatch.setattr(TokenStream, "HEAD_CHECK", 0)
+    stream = TokenStream(out, "train")
+    with pytest.raises(AxiomError, match="train_00001.bin: token id 3,735,928,559 at token 250"):
+        stream.read(0, stream.num_tokens)  # and every range read
+
+
+def write_manifest(src, dest, **changes):
+    import shutil
+
+    shutil.copytree(src, dest)
+    m = json.loads((dest / MANIFEST).read_text())
+    for key, value in changes.items():
+        if key == "shard0":
+            m["shards"][0] = value
+        else:
+            m[key] = value
+    (dest / MANIFEST).write_text(json.dumps(m))
+    return dest
+
+
+def test_bad_manifests_and_paths_outside_their_folder_are_refused(run, tiny_data, tmp_path, capsys):
+    best = run / "checkpoints" / "best"
+    shard = json.loads((tiny_data / MANIFEST).read_text())["shards"][0]
+    cases = {
+        "wrong-type": ({"train_tokens": "16152"}, "train_tokens is '16152', expected a count"),
+        "no-file": ({"shard0": {k: v for k, v in shard.items() if k != "file"}}, "shards[0] has no 'file'"),
+        "escape": ({"shard0": {**shard, "file": "../../../../etc/passwd"}}, "points outside"),
+        "absolute": ({"shard0": {**shard, "file": "/etc/passwd"}}, "points outside"),
+        "not-a-name": ({"shard0": {**shard, "file": 7}}, "7 is not a file name"),
+        "split": ({"shard0": {**shard, "split": "test"}}, "shards[0].split is 'test'"),
+        "tokens": ({"shard0": {**shard, "tokens": -1}}, "tokens is -1"),
+        "totals": ({"train_tokens": 5}, "the train shards hold 16,152 tokens but train_tokens is 5"),
+        "eos": ({"eos_id": 0}, "eos_id 0, but cl100k_base's end-of-text id is 100257"),
+        "tokenizer": ({"tokenizer": {"name": "gpt2"}}, "is not this code's cl100k_base"),
+        "shards": ({"shards": {"a": 1}}, "shards is dict, expected a list"),
+    }
+    for name, (changes, message) in cases.items():
+        data = write_manifest(tiny_data, tmp_path / name, **changes)
+        fails(capsys, ["eval", "--ckpt", best, "--data", data, "--device", "cpu"], str(data), message)
+    # a Hugging Face index naming a file outside its folder
+    hf = tmp_path / "hf"
+    succeeds(capsys, ["export", "--ckpt", best, "--out", hf])
+    (hf / "model.safetensors").rename(tmp_path / "weights.safetensors")
+    for target in ("../weights.safetensors", str(tmp_path / "weights.safetensors")):
+        index = {"metadata": {}, "weight_map": {"embed.weight": target}}
+        (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+        fails(capsys, ["import", "--hf", hf, "--out", tmp_path / "imp"], "weight_map", "points outside")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("beta1=1.5", "beta1=1.5 must be in [0, 1)"),
+        ("beta2=-0.1", "beta2=-0.1 must be in [0, 1)"),
+        ("warmup_steps=-1", "warmup_steps=-1 must be 0 or more"),
+        ("weight_decay=-1", "weight_decay=-1.0 must be 0 or more"),
+        ("grad_clip=-1", "grad_clip=-1.0 must be 0 (off)"),
+        ("seq_len=1", "seq_len=1 must be at least 2"),
+        ("lr_max=nan", "lr_max=nan must be a positive finite number"),
+        ("lr_min=1", "lr_min=1.0 must be in [0, lr_max=0.003]"),
+        ("seed=-1", "seed=-1 must be in [0, 2**32)"),
+        ("eval_tokens=64", "eval_tokens=64 is less than one sequence (seq_len=128)"),
+        ("dropout=1", "dropout=1.0 must be in [0, 1)"),
+        ("norm_eps=inf", "norm_eps=inf must be a positive finite number"),
+        ("decay_fraction=2", "decay_fraction=2.0 must be in [0, 1]"),
+        ("micro_batch_size=0", "micro_batch_size=0 must be positive"),
+    ],
+)
+def test_config_values_out_of_range_are_refused(override, message, capsys):
+    fails(capsys, ["info", "--preset", "tiny", "--set", override], message)
+
+
+def test_a_warmup_longer_than_the_run_is_reported(capsys):
+    assert main(["info", "--preset", "tiny", "--set", "max_steps=5"]) == 0  # a smoke run of a preset: allowed
+    note = "notice: warmup_steps=20 is more than the run's 5 steps: the LR only reaches 25% of lr_max"
+    assert note in capsys.readouterr().err
+
+
+def test_command_values_out_of_range_are_refused(run, tiny_data, tmp_path, capsys):
+    best = run / "checkpoints" / "best"
+    ev = ["eval", "--ckpt", best, "--data", tiny_data]
+    fails(capsys, [*ev, "--eval-tokens", "0"], "--eval-tokens 0: must be positive")
+    fails(capsys, [*ev, "--eval-tokens", "8"], "--eval-tokens 8: less than one sequence of 32 tokens")
+    fails(capsys, [*ev, "--batch-size", "0"], "--batch-size 0: must be positive")
+    fails(capsys, [*ev, "--device", "tpu"], "--device tpu: unknown device")
+    if not torch.cuda.is_available():
+        fails(capsys, [*ev, "--device", "cuda"], "--device cuda: no CUDA device is visible")
+    fails(capsys, [*ev, "--device", "cuda:99"], "--device cuda:99")
+    corpus = jsonl(tmp_path / "c.jsonl", DOCS[:20])
+    for fraction, empty in (("0", "val"), ("1", "train")):
+        out, args = tmp_path / f"f{fraction}", ["--val-fraction", fraction, "--workers", "1"]
+        fails(capsys, ["prepare", corpus, "--out", out, *args], f"leaves the {empty} split empty")
+        assert not out.exists()
+        succeeds(capsys, ["prepare", corpus, "--out", out, *args, "--allow-empty-split"])
+
+
+def test_misleading_inputs_are_named_for_what_they_are(run, tiny_data, tmp_path, capsys):
+    fifo = tmp_path / "docs.jsonl"
+    os.mkfifo(fifo)
+    fails(capsys, ["prepare", fifo, "--out", tmp_path / "o"], "docs.jsonl: is a FIFO; prepare reads regular files")
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    fails(capsys, ["prepare", tmp_path / "gone.jsonl", "--out", tmp_path / "o"], "a broken symbolic link to")
+    fails(capsys, ["eval", "--ckpt", fifo, "--data", tiny_data], "is a FIFO, not a checkpoint folder")
+    fails(capsys, ["eval", "--ckpt", run / "checkpoints" / "best", "--data", fifo], "is a FIFO, not a prepared data")
+    hf = tmp_path / "hf"
+    succeeds(capsys, ["export", "--ckpt", run / "checkpoints" / "best", "--out", hf])
+    fails(capsys, ["eval", "--ckpt", hf, "--data", tiny_data], "is a Hugging Face model folder", "axiom import --hf")
+
+
+def test_plot_refuses_empty_or_garbage_csv(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    cases = {
+        "empty": (b"", "no column tokens, val_loss"),
+        "header": (b"step,tokens,train_loss,val_loss\n", "no evaluation with a finite val_loss yet"),
+        "words": (b"step,tokens,val_loss\n1,abc,2.0\n", "not a csv of numbers"),
+        "binary": (os.urandom(64) + b"\xff\xfe", "not a text file"),
+        "nan": (b"step,tokens,val_loss\n1,10,nan\n", "no evaluation with a finite val_loss"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.csv").write_bytes(content)
+        fails(capsys, ["plot", tmp_path / name], message)
+        assert not (tmp_path / name / "loss.png").exists()
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "eval.csv").write_text(
+        "step,tokens,train_loss,val_loss\n0,0,,6.0\n2,256,nan,5.0\n4,512,4.8,nan\n"
+    )
+    fails(capsys, ["plot", tmp_path / "ok", "--out", tmp_path / "ok" / "loss.weird"], "cannot write .weird files")
+    succeeds(capsys, ["plot", tmp_path / "ok"])
+    assert (tmp_path / "ok" / "loss.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["eval.csv", "loss.png"]
