@@ -459,7 +459,10 @@ def _prepare(inputs, out, workers, units, settings, made_out, quiet) -> dict:
                 chat_data.count_chat(state["chat"], result)
             for s in SPLITS:
                 st = state["splits"][s]
-                writers[s].write(result.tokens[s], result.masks[s] if chat else None)
+                if chat:
+                    writers[s].write(result.tokens[s], result.masks[s])
+                else:
+                    writers[s].write(result.tokens[s])
                 writers[s].flush()
                 st["tokens"] += len(result.tokens[s])
                 st["docs"] += result.docs[s]

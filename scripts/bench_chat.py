@@ -1,15 +1,13 @@
-"""Attention across packed conversations: document masking against none, on the chat demo (docs/finetuning.md).
+"""Fine-tuning speed and the attention choice on the chat demo's data (docs/finetuning.md, docs/benchmarks.md).
 
-Fine-tuning on chat data masks attention at conversation boundaries by default (`doc_masking`, `Axiom.doc_sep`):
-a token attends only within its own conversation, which with RoPE computes exactly what each conversation alone
-would. The alternative lets attention cross the conversations of a window (`--set doc_masking=false`). This script
-measures both on the demo's chat data (run `make demo-chat` first):
+rows     train steps that skip the rows of ignored targets in the loss (`Axiom.forward`) against steps that
+         compute every row's logits, interleaved A B B A in one process
+masking  train steps with document masking (`doc_masking`, `Axiom.doc_sep`: attention only within each
+         conversation, the default for chat data) against none, interleaved A B B A
+quality  (--quality) the demo's fine-tuning run with each attention choice, then the exact-match rate on the
+         held-out questions and the masked val loss with and without the mask
 
-    speed    train steps of the demo's recipe, the two interleaved A B B A in one process
-    quality  (--quality) the demo's fine-tuning run with each, then the exact-match rate on the held-out questions
-             and the masked val loss of the packed windows with and without the mask
-
-    PYTHONPATH=. python scripts/chat_doc_masking.py [--demo runs/demo] [--rounds 8] [--quality]
+PYTHONPATH=. python scripts/bench_chat.py [--demo runs/demo] [--rounds 8] [--quality]    # after make demo-chat
 """
 
 from __future__ import annotations
@@ -23,10 +21,19 @@ from axiom.checkpoint import load_model
 from axiom.cli import main as axiom
 from axiom.config import get_config
 from axiom.evaluate import evaluate
+from axiom.model import Axiom, chunked_cross_entropy, output_logits
 from axiom.optim import build_optimizer
 from axiom.packing import ChatLoader
 from axiom.tokenizer import EOS_ID
 from axiom.trainer import train_step
+
+
+def every_row_forward(self: Axiom, tokens, targets=None, cache=None, loss_chunk=1024, last_only=False):
+    """`Axiom.forward` as before it skipped ignored targets: the logits of every row go into the loss."""
+    x = self.hidden_states(tokens, cache, last_only)
+    if targets is None:
+        return output_logits(x, self.lm_head.weight)
+    return chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk)
 
 
 def speed(demo: Path, rounds: int, steps: int = 10) -> None:
@@ -35,17 +42,31 @@ def speed(demo: Path, rounds: int, steps: int = 10) -> None:
     optimizer = build_optimizer(model, cfg.train, "cpu")[0]
     loader = ChatLoader(demo / "chat" / "data", cfg.train.seq_len, cfg.train.micro_batch_size, seed=0)
     batches = [loader.next_batch() for _ in range(steps)]
-    seconds = {False: 0.0, True: 0.0}
-    for r in range(rounds):
-        for masking in (False, True) if r % 2 == 0 else (True, False):
-            model.doc_sep = EOS_ID if masking else None
-            start = time.perf_counter()
-            for batch in batches:
-                train_step(model, optimizer, [batch], 1e-4, cfg.train)
-            seconds[masking] += time.perf_counter() - start
-    tokens = rounds * steps * cfg.train.tokens_per_step
-    plain, masked = tokens / seconds[False], tokens / seconds[True]
-    print(f"train steps: no mask {plain:,.0f} tok/s, document mask {masked:,.0f} tok/s ({masked / plain:.3f}x)")
+    skipping = Axiom.forward
+
+    def measure(name: str, variants: dict) -> None:
+        seconds = dict.fromkeys(variants, 0.0)
+        for r in range(rounds):
+            for label in list(variants) if r % 2 == 0 else list(variants)[::-1]:
+                variants[label]()
+                start = time.perf_counter()
+                for batch in batches:
+                    train_step(model, optimizer, [batch], 1e-5, cfg.train)
+                seconds[label] += time.perf_counter() - start
+        (a, ta), (b, tb) = seconds.items()
+        tokens = rounds * steps * cfg.train.tokens_per_step
+        print(f"{name}: {a} {tokens / ta:,.0f} tok/s, {b} {tokens / tb:,.0f} tok/s ({ta / tb:.3f}x)")
+
+    def mask(on: bool):
+        return lambda: setattr(model, "doc_sep", EOS_ID if on else None)
+
+    def forward(f):
+        return lambda: setattr(Axiom, "forward", f)
+
+    measure("loss rows", {"every row": forward(every_row_forward), "trained rows only": forward(skipping)})
+    Axiom.forward = skipping
+    measure("attention", {"no mask": mask(False), "document mask": mask(True)})
+    model.doc_sep = None
 
 
 def quality(demo: Path) -> None:
