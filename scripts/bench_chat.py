@@ -84,9 +84,9 @@ def quality(demo: Path) -> None:
         for mask_eval in (False, True):
             model.doc_sep = EOS_ID if mask_eval else None
             losses[mask_eval] = evaluate(model, data, 128, 4, 1 << 20).loss
-        right = sum(scores[k][0] for k in chat_demo.KINDS)
-        asked = sum(scores[k][1] for k in chat_demo.KINDS)
-        per_kind = ", ".join(f"{k} {scores[k][0]}/{scores[k][1]}" for k in chat_demo.KINDS)
+        right = sum(scores[k]["right"] for k in chat_demo.KINDS)
+        asked = sum(scores[k]["asked"] for k in chat_demo.KINDS)
+        per_kind = ", ".join(f"{k} {scores[k]['right']}/{scores[k]['asked']}" for k in chat_demo.KINDS)
         print(
             f"doc_masking={masking}: exact match {right}/{asked} ({per_kind}); val loss of packed windows "
             f"{losses[False]:.4f}, with each conversation alone {losses[True]:.4f}"
