@@ -50,6 +50,15 @@ def prepare(model: Axiom, dtype: str) -> Axiom:
     return model.to(getattr(torch, dtype)).eval()
 
 
+def token_bytes(enc, token: int) -> bytes:
+    """The bytes a token stands for; an id the vocabulary leaves unassigned (cl100k_base has 100261-100275, which an
+    untrained model may still pick) shows as U+FFFD."""
+    try:
+        return enc.decode_single_token_bytes(token)
+    except KeyError:
+        return "\ufffd".encode()
+
+
 def check_sampling_flags(params: SamplingParams) -> None:
     """One AxiomError naming the flag whose value is out of range."""
     problem = params.problem()
@@ -95,7 +104,7 @@ def run(args: argparse.Namespace) -> None:
         for i, token in enumerate(step.tolist()):
             if token == enc.eot_token:
                 continue
-            piece = decoders[i].decode(enc.decode_single_token_bytes(token))
+            piece = decoders[i].decode(token_bytes(enc, token))
             outputs[i] += piece
             if live:
                 sys.stdout.write(piece)
