@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from axiom.config import get_config
-from axiom.engine import Engine, SamplingParams
+from axiom.engine import Engine, SamplingParams, decode_one
 from axiom.generate import generate, stream
-from axiom.model import Axiom
+from axiom.model import Axiom, KVCache
 
 # Untied output layer: a random tied model mostly repeats its last token, which would hide a row that reads
 # another row's keys. Here the prompts end alike and continue differently, so any mix-up of slots shows.
@@ -141,3 +141,41 @@ def test_stream_through_a_shared_engine_smaller_than_the_batch(model):
     next(steps)
     steps.close()  # a caller that stops early leaves nothing behind in the engine
     assert not engine.has_work()
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_batched_step_moves_logits_by_rounding_only(model, static):
+    # Rows of different fill levels decoding together sum in other orders than one row alone: the logits may differ
+    # in the last bits, never more (tests/test_serve.py relies on this bound for its greedy comparisons).
+    def prefilled(prompts):
+        cache = KVCache.empty(SMALL, len(prompts), SMALL.max_seq_len, "cpu", torch.float32, static=static)
+        for i, p in enumerate(prompts):
+            row = cache.rows(i, 1)
+            model(torch.tensor([p]), cache=row)
+            cache.lengths[i] = len(p)
+        return cache
+
+    ids = torch.tensor([p[0] for p in PROMPTS])
+    with torch.no_grad():
+        batched = decode_one(model, ids, prefilled(PROMPTS))
+        for i, p in enumerate(PROMPTS):
+            lone = decode_one(model, ids[i : i + 1], prefilled([p]))
+            torch.testing.assert_close(batched[i : i + 1], lone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_engine_with_requests_joining_and_leaving(model):
+    pytest.importorskip("torch._inductor")
+    expected = [alone(model, p) for p in PROMPTS]
+    engine = Engine(model, max_batch=3, compile=True)
+    try:
+        requests = [engine.submit(p, GREEDY) for p in PROMPTS[:2]]
+        engine.step()
+    except Exception as e:  # no C++ toolchain for inductor's CPU kernels on this machine
+        if "compil" in str(e).lower() and "C++" in str(e):
+            pytest.skip(f"torch.compile cannot build CPU kernels here: {str(e).splitlines()[0][:100]}")
+        raise
+    requests += [engine.submit(p, GREEDY) for p in PROMPTS[2:]]  # two of them wait for a free slot
+    while engine.has_work():
+        engine.step()
+    assert [r.tokens for r in requests] == expected

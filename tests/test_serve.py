@@ -310,7 +310,7 @@ def test_full_queue_answers_503_and_a_disconnect_frees_the_slot(ckpt, tmp_path):
 
 def test_sigterm_finishes_the_request_in_flight_then_exits(ckpt, tmp_path):
     s = Server(ckpt, tmp_path / "stderr.txt")
-    sock, reader = raw_stream(s.port, {"model": s.name, "prompt": "Hello", "max_tokens": 2000, "temperature": 0})
+    sock, reader = raw_stream(s.port, {"model": s.name, "prompt": "Hello", "max_tokens": 1000, "temperature": 0})
     s.proc.send_signal(signal.SIGTERM)
 
     def refused() -> bool:
@@ -325,7 +325,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(ckpt, tmp_path):
     sock.close()
     last, usage = (json.loads(e.removeprefix(b"data: ")) for e in events[-3:-1])
     assert events[-1] == b"data: [DONE]" and last["choices"][0]["finish_reason"] == "length"
-    assert usage["usage"]["completion_tokens"] == 2000  # every token of the request, none cut off
+    assert usage["usage"]["completion_tokens"] == 1000  # every token of the request, none cut off
     assert s.proc.wait(timeout=30) == 0
     assert "stopped after 1 requests" in s.proc.stdout.read()
     s.proc.stdout.close()
