@@ -125,6 +125,11 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+def _deliver(events: list[tuple[Job, object]]) -> None:
+    for job, event in events:
+        job.events.put_nowait(event)
+
+
 class Service:
     """The engine, the thread that drives it, and the bookkeeping the handlers need (capacity, chat)."""
 
@@ -192,11 +197,16 @@ class Service:
                 log.exception("decoding step failed")
                 self._restart(ApiError(500, f"decoding failed ({type(e).__name__}: {e})"))
                 continue
+            # One wake-up of each event loop per step, not one per token: each wake-up is a write to a pipe.
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, tuple[int, str | None]]]] = {}
             for request, token in produced:
                 job = self._jobs[request.id]
-                job.post((token, request.finish_reason))
+                by_loop.setdefault(job.loop, []).append((job, (token, request.finish_reason)))
                 if request.done:
                     self._finish(job)
+            for loop, events in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                    loop.call_soon_threadsafe(_deliver, events)
 
     def _drain_inbox(self) -> None:
         while True:
