@@ -477,35 +477,15 @@ def build_app(service: Service):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "created": int(time.time()), "model": service.name}
         tokens = decode(job, spec, service)
-        if spec.stream:
-            try:
-                first = await anext(tokens)  # a 503 or an error before the first token is still a JSON answer
-            except ApiError as e:
-                return error_response(e)
-            return EventStream(sse(first, tokens, head, spec, chat), media_type="text/event-stream")
-        return await complete(request, tokens, head, spec, chat)
-
-    async def complete(request: HttpRequest, tokens, head: dict, spec: Spec, chat: bool) -> JSONResponse:
-        async def collect() -> tuple[str, str | None, int]:
-            pieces, reason, count = [], None, 0
-            async for item in tokens:
-                piece, reason, count = item
-                pieces.append(piece)
-            return "".join(pieces), reason, count
-
-        collecting = asyncio.ensure_future(collect())
-        gone = asyncio.ensure_future(wait_for_disconnect(request))
-        await asyncio.wait([collecting, gone], return_when=asyncio.FIRST_COMPLETED)
-        if not collecting.done():  # the client left: cancel its request and free the slot
-            collecting.cancel()
-            await asyncio.gather(collecting, return_exceptions=True)
-            await tokens.aclose()
-            return JSONResponse({}, status_code=499)
-        gone.cancel()
         try:
-            text, reason, count = collecting.result()
+            if spec.stream:  # the status is sent with the first token: a 503 or an error before it is still JSON
+                first = await until_disconnect(request, tokens, anext(tokens))
+                return EventStream(sse(first, tokens, head, spec, chat), media_type="text/event-stream")
+            text, reason, count = await until_disconnect(request, tokens, collect(tokens))
         except ApiError as e:
             return error_response(e)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)  # nobody reads it
         usage = _usage(spec, count)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
@@ -564,9 +544,37 @@ async def _chain(first, rest):
         yield item
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def until_disconnect(request, tokens: AsyncIterator, awaitable):
+    """The result of `awaitable` (which reads `tokens`), or ClientGone if the client disconnects first: then the
+    awaitable is cancelled and `tokens` closed, which cancels the request and frees its slot."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+    if work.done():
+        gone.cancel()
+        return work.result()
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    await tokens.aclose()
+    raise ClientGone
+
+
 async def wait_for_disconnect(request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def collect(tokens: AsyncIterator) -> tuple[str, str | None, int]:
+    """A whole answer: (text, finish_reason, completion tokens)."""
+    pieces, reason, count = [], None, 0
+    async for item in tokens:
+        piece, reason, count = item  # the last item's finish_reason and count are the answer's
+        pieces.append(piece)
+    return "".join(pieces), reason, count
 
 
 def _usage(spec: Spec, completion_tokens: int) -> dict:

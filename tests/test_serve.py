@@ -262,18 +262,25 @@ def test_unknown_routes_and_methods_get_openai_errors(server):
         assert got_status == status and got["error"]["message"]
 
 
-def raw_stream(port: int, body: dict) -> tuple[socket.socket, object]:
+def raw_stream(port: int, body: dict, wait: bool = True) -> tuple[socket.socket, object]:
     """Send a streaming completion over a bare socket (so that the test can drop it) and return the socket and a
-    reader positioned after the first token's event. HTTP/1.0: the events come unchunked, as they are."""
+    reader, positioned after the first token's event if `wait`. HTTP/1.0: the events come unchunked, as they are."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     data = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
     head = f"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
     sock.sendall(head.encode() + data)
     reader = sock.makefile("rb")
-    assert b" 200 " in reader.readline()
-    while not reader.readline().startswith(b"data: {"):  # the headers, then the first token's event
-        pass
+    if wait:
+        assert b" 200 " in reader.readline()
+        while not reader.readline().startswith(b"data: {"):  # the headers, then the first token's event
+            pass
     return sock, reader
+
+
+def drop(sock: socket.socket) -> None:
+    """Disconnect at once (a plain close would wait for the reader made from the socket to be closed too)."""
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 def wait_for(predicate, timeout: float = 30.0) -> None:
@@ -283,25 +290,30 @@ def wait_for(predicate, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def test_full_queue_answers_503_and_a_disconnect_frees_the_slot(ckpt, tmp_path):
-    s = Server(ckpt, tmp_path / "stderr.txt", "--max-batch", "1", "--max-queue", "1")
+def test_full_queue_answers_503_and_disconnects_free_their_slots(ckpt, tmp_path):
+    s = Server(ckpt, tmp_path / "stderr.txt", "--max-batch", "1", "--max-queue", "2")
+
+    def health() -> dict:
+        return s.http("GET", "/health")[1]
+
     try:
         long = {"model": s.name, "prompt": "Hello", "max_tokens": 4000, "temperature": 0}
         running, _ = raw_stream(s.port, long)
+        queued_stream, _ = raw_stream(s.port, long, wait=False)
         queued = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
         queued.request("POST", "/v1/completions", json.dumps(long))  # non-streaming, waits for the slot
-        wait_for(lambda: s.http("GET", "/health")[1]["accepted"] == 2)
+        wait_for(lambda: health()["accepted"] == 3)
         with pytest.raises(openai.InternalServerError) as e:
             s.client.completions.create(model=s.name, prompt="Hello", max_tokens=5)
         assert e.value.status_code == 503 and e.value.body["code"] == "busy"
-        running.shutdown(socket.SHUT_RDWR)  # the streaming client goes away: its slot passes to the queued request
-        running.close()
-        wait_for(lambda: s.http("GET", "/health")[1] == {"status": "ok", "running": 1, "waiting": 0, "accepted": 1})
-        queued.sock.shutdown(socket.SHUT_RDWR)  # the waiting non-streaming client goes away too
-        queued.close()
-        wait_for(lambda: s.http("GET", "/health")[1]["accepted"] == 0)
+        drop(queued_stream)  # a streaming client that leaves before its first token: it leaves the queue
+        wait_for(lambda: health() == {"status": "ok", "running": 1, "waiting": 1, "accepted": 2})
+        drop(running)  # a client that leaves mid-stream: its slot passes to the waiting request
+        wait_for(lambda: health() == {"status": "ok", "running": 1, "waiting": 0, "accepted": 1})
+        drop(queued.sock)  # a non-streaming client that leaves while decoding
+        wait_for(lambda: health()["accepted"] == 0)
         cancelled = [line for line in (tmp_path / "stderr.txt").read_text().splitlines() if "cancelled after" in line]
-        assert len(cancelled) == 2 and all(int(line.split()[-2]) < 4000 for line in cancelled)
+        assert len(cancelled) == 3 and all(int(line.split()[-2]) < 4000 for line in cancelled)
         ok = s.client.completions.create(model=s.name, prompt="Hello", max_tokens=5, temperature=0)
         assert ok.choices[0].finish_reason == "length"
     finally:
