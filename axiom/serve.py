@@ -184,29 +184,31 @@ class Service:
 
     def _loop(self) -> None:
         while True:
-            self._drain_inbox()
-            if not self.engine.has_work():
-                if self._stopping:
-                    return
-                self._wake.wait()
-                self._wake.clear()
-                continue
             try:
-                produced = self.engine.step()
+                self._drain_inbox()
+                if not self.engine.has_work():
+                    if self._stopping:
+                        return
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self._step()
             except Exception as e:  # a bug or the device failing: fail what is in flight, keep serving
-                log.exception("decoding step failed")
+                log.exception("decoding failed")
                 self._restart(ApiError(500, f"decoding failed ({type(e).__name__}: {e})"))
-                continue
-            # One wake-up of each event loop per step, not one per token: each wake-up is a write to a pipe.
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, tuple[int, str | None]]]] = {}
-            for request, token in produced:
-                job = self._jobs[request.id]
-                by_loop.setdefault(job.loop, []).append((job, (token, request.finish_reason)))
-                if request.done:
-                    self._finish(job)
-            for loop, events in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-                    loop.call_soon_threadsafe(_deliver, events)
+
+    def _step(self) -> None:
+        produced = self.engine.step()
+        # One wake-up of each event loop per step, not one per token: each wake-up is a write to a pipe.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, tuple[int, str | None]]]] = {}
+        for request, token in produced:
+            job = self._jobs[request.id]
+            by_loop.setdefault(job.loop, []).append((job, (token, request.finish_reason)))
+            if request.done:
+                self._finish(job)
+        for loop, events in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                loop.call_soon_threadsafe(_deliver, events)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -217,8 +219,8 @@ class Service:
             if kind == "submit":
                 try:
                     job.request = self.engine.submit(job.prompt, job.params)
-                except ValueError as e:  # checked by the handler already; kept so that no job is ever lost
-                    job.post(ApiError(400, str(e)))
+                except Exception as e:  # the handler checked the request; kept so that no job is ever lost
+                    job.post(ApiError(400 if isinstance(e, ValueError) else 500, str(e)))
                     self._finish(job)
                     continue
                 self._jobs[job.request.id] = job
@@ -235,6 +237,7 @@ class Service:
             self.finished += 1
 
     def _restart(self, error: ApiError) -> None:
+        """Fail every request the engine holds and start a fresh engine (a failed step may leave it half-done)."""
         for job in list(self._jobs.values()):
             job.request.finish_reason = "error"  # a later cancel of it is a no-op
             job.post(error)
@@ -310,6 +313,8 @@ def check_request(body: dict, service: Service, chat: bool) -> Spec:
         seed=_get(body, "seed", (int,)),
         stop_ids=tuple(stop_ids),
     )
+    if params.seed is not None and not -(2**63) <= params.seed < 2**64:
+        raise ApiError(400, "seed: must fit in 64 bits", param="seed")
     problem = params.problem()
     if problem:
         name = {"max_new_tokens": "max_tokens"}.get(problem[0], problem[0])

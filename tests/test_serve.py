@@ -10,6 +10,7 @@ wins by more than 1e-4, so no rounding can flip one, and then demands identical 
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import queue
@@ -242,6 +243,8 @@ def test_chat_with_the_chatml_template(ckpt, tmp_path):
         ({"prompt": "hi", "stop": [1]}, 400, "stop", None),
         ({"prompt": "hi", "stream": "yes"}, 400, "stream", None),
         ({"prompt": "hi", "n": 2}, 400, "n", None),
+        ({"prompt": "hi", "seed": 2**64}, 400, "seed", None),
+        ({"prompt": "hi", "stream_options": {"include_usage": 1}}, 400, "include_usage", None),
         ({"prompt": "hi " * 5000}, 400, "prompt", "context_length_exceeded"),
     ],
 )
@@ -341,3 +344,33 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(ckpt, tmp_path):
     assert s.proc.wait(timeout=30) == 0
     assert "stopped after 1 requests" in s.proc.stdout.read()
     s.proc.stdout.close()
+
+
+def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_starts_afresh(ckpt):
+    from axiom.engine import SamplingParams
+    from axiom.serve import ApiError, Job, Service
+
+    model = load_model(ckpt)[0].eval()
+    service = Service(model, "m", None, max_batch=2, max_queue=0, compile=False)
+    broken = service.engine
+    broken.step = lambda: 1 / 0
+    service.start()
+
+    async def run(job: Job) -> list:
+        service.submit(job)
+        events = [await job.events.get()]
+        while not isinstance(events[-1], ApiError) and events[-1][1] is None:
+            events.append(await job.events.get())
+        return events
+
+    async def main() -> tuple[list, list]:
+        loop = asyncio.get_running_loop()
+        failed = await run(Job([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0), loop))
+        served = await run(Job([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0), loop))
+        return failed, served
+
+    failed, served = asyncio.run(main())
+    service.stop()
+    assert len(failed) == 1 and failed[0].status == 500 and "ZeroDivisionError" in failed[0].message
+    assert service.engine is not broken and [t for t, _ in served] == generate(model, [[1, 2, 3]], 4, temperature=0)[0]
+    assert served[-1][1] == "length" and service.stats()["accepted"] == 0
