@@ -363,7 +363,10 @@ def _chat_prompt(body: dict, service: Service, stop_ids: list[int]) -> list[int]
     from axiom.chat import encode_chat  # helper `chat`'s module: imported only for a chat-tuned checkpoint
 
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return list(encode_chat(messages, add_generation_prompt=True).ids)
+    try:
+        return list(encode_chat(messages, add_generation_prompt=True).ids)
+    except ValueError as e:  # e.g. a role the template does not know
+        raise ApiError(400, f"messages: {e}", "messages") from None
 
 
 def _chat_stop_ids() -> list[int]:
