@@ -2,6 +2,7 @@
 a server that batches (--max-batch B) and one that decodes one request at a time (--max-batch 1).
 
     python scripts/load_test.py                                   # tiny preset, untied, random weights
+    python scripts/load_test.py --preset small
     python scripts/load_test.py --ckpt runs/demo/checkpoints/best --concurrency 1 4 16 --requests 4
 
 Every response is checked against the text the engine gives the prompt alone (what `axiom generate --temperature 0`
@@ -60,7 +61,8 @@ PROMPTS = [
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", help="checkpoint to serve (default: tiny, untied, random weights, seed 0)")
+    p.add_argument("--ckpt", help="checkpoint to serve (default: --preset with random weights)")
+    p.add_argument("--preset", default="tiny", help="without --ckpt: this preset, untied, random weights (seed 0)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="clients at once (default: 1 4 16)")
     p.add_argument("--requests", type=int, default=4, help="requests per client per level (default: 4)")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: 64)")
@@ -69,7 +71,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(args.ckpt) if args.ckpt else random_tiny(Path(tmp))
+        ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(args.preset, Path(tmp))
         expected, margin = expected_texts(ckpt, args.max_tokens)
         servers = {"batched": args.max_batch, "one_at_a_time": 1}
         procs = {name: start_server(ckpt, batch) for name, batch in servers.items()}
@@ -80,7 +82,7 @@ def main() -> int:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
     report = {
-        "ckpt": args.ckpt or "tiny preset with an untied output layer, random weights (seed 0)",
+        "ckpt": args.ckpt or f"{args.preset} preset with an untied output layer, random weights (seed 0)",
         "requests_per_client": args.requests,
         "max_tokens": args.max_tokens,
         "max_batch": args.max_batch,
@@ -98,9 +100,9 @@ def main() -> int:
     return 0 if all(r["errors"] == 0 for level in results for r in level["servers"].values()) else 1
 
 
-def random_tiny(tmp: Path) -> Path:
+def random_checkpoint(preset: str, tmp: Path) -> Path:
     # Untied output layer: a random tied model mostly repeats its last token, which would make the check weak.
-    cfg = get_config("tiny", ["tie_embeddings=false"])
+    cfg = get_config(preset, ["tie_embeddings=false"])
     torch.manual_seed(0)
     save_model(Axiom(cfg.model), cfg, tmp, step=0)
     return tmp
