@@ -7,9 +7,9 @@
 One thread owns the `Engine` (axiom/engine.py) and does all decoding; handlers only talk to it through its inbox
 (submit, cancel) and receive tokens on their own asyncio queue. At most `max_batch` requests decode at once and
 `max_queue` more wait; beyond that a request is answered 503 at once. A client that disconnects cancels its
-request at the next token boundary, freeing its slot. SIGTERM (or Ctrl-C) stops accepting connections, lets the
-requests in flight finish, then exits 0. Errors are JSON in the OpenAI shape, and nothing a client sends can stop
-the server: a failing step fails the requests in flight (500) and the engine starts afresh.
+request at the next token boundary, freeing its slot. SIGTERM stops accepting connections, lets the requests in
+flight finish, then exits 0 (Ctrl-C does the same and exits 130). Errors are JSON in the OpenAI shape, and nothing
+a client sends can stop the server: a failing step fails the requests in flight (500) and the engine starts afresh.
 
 Starlette and uvicorn (the `serve` extra) are imported only when the server starts. Requests are checked by hand
 rather than through FastAPI's pydantic models, so that every error has OpenAI's shape and status.
@@ -60,19 +60,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise AxiomError(f"--max-batch {args.max_batch} / --max-queue {args.max_queue}: need >= 1 / >= 0")
+    if args.max_batch < 1:
+        raise AxiomError(f"--max-batch {args.max_batch}: must be at least 1")
+    if args.max_queue < 0:
+        raise AxiomError(f"--max-queue {args.max_queue}: must be 0 or more")
     try:
         import uvicorn
     except ImportError:
         raise AxiomError("axiom serve needs the serve extra: pip install 'axiom-lm[serve]'") from None
+    # Bound before the model loads, so that a port in use is said at once; connections wait in the backlog.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        sock = socket.create_server((args.host, args.port), family=family)
+    except OSError as e:  # in use, not an address of this machine, a privileged port
+        why = e.strerror or e
+        raise AxiomError(f"--host {args.host} --port {args.port}: cannot listen ({why}); try another --port") from None
     model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
     name = args.model_name or args.ckpt
     service = Service(model, name, meta.get("chat_template"), args.max_batch, args.max_queue, args.compile)
     if args.compile:
         service.warm_up()
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.create_server((args.host, args.port), family=family)
     host, port = sock.getsockname()[:2]
     logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
     config = uvicorn.Config(build_app(service), log_level="warning", timeout_graceful_shutdown=None)
@@ -98,9 +105,7 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error"}.get(
-            status, "server_error"
-        )
+        self.type = "invalid_request_error" if status < 500 else "server_error"
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

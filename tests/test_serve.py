@@ -376,3 +376,17 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_starts_afres
     assert len(failed) == 1 and failed[0].status == 500 and "ZeroDivisionError" in failed[0].message
     assert service.engine is not broken and [t for t, _ in served] == generate(model, [[1, 2, 3]], 4, temperature=0)[0]
     assert served[-1][1] == "length" and service.stats()["accepted"] == 0
+
+
+def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = str(busy.getsockname()[1])
+    for args, message in [
+        (["--ckpt", str(tmp_path), "--port", "0"], "checkpoint: "),
+        (["--ckpt", str(tmp_path), "--port", port], f"--host 127.0.0.1 --port {port}: cannot listen"),
+        (["--ckpt", str(tmp_path), "--max-batch", "0"], "--max-batch 0: must be at least 1"),
+    ]:
+        assert main(["serve", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"axiom serve: error: {message}") and err.count("\n") == 1
+    busy.close()
