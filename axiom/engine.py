@@ -5,14 +5,16 @@ queue until a slot is free, is prefilled alone into its slot (its first token co
 decodes one token per `step()` together with every other running request; it leaves when it produces one of its
 stop ids, reaches its `max_new_tokens`, or is cancelled, and the next waiting request takes the slot at once.
 Each slot has its own fill level and positions (`KVCache`), so requests of any lengths, joined at any step, share
-one batched forward per token. Each request samples with its own parameters and its own `torch.Generator`.
+one batched forward per token. Each request samples with its own parameters and its own `torch.Generator`. The
+cache is allocated once: max_batch x max_len slots per layer for keys and values.
 
 Two ways to run a step:
 - dynamic (default): eager, over the running rows only (they are kept in rows 0..n-1: a leaving request's row
   is filled by the last one), attending over the filled slots; rows filled alike need no mask at all.
 - static (`static=True`; `compile=True` implies it): every shape fixed (all `max_batch` rows, all `max_len`
   slots under a mask), so `compile` can run the step through torch.compile, with CUDA graphs on a GPU; the idle
-  rows decode padding that nobody reads. Compiling costs seconds on first use, per engine and batch shape.
+  rows decode padding that nobody reads. Compiling costs seconds on first use per shape (max_batch, max_len);
+  a later engine of the same shape reuses the compiled code (on a GPU it records its CUDA graphs afresh).
 
 The caches and compiled steps belong to the engine: two engines on one model never share state, and one engine
 must be driven from one thread (axiom/serve.py runs it in its own thread; axiom.generate.stream steps it inline).
