@@ -280,8 +280,7 @@ class Engine:
             self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
             return self._pick(logits, rows)
         # Static: every row steps; idle ones decode token 0 at slot 0, which no running request reads.
-        ids = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
-        ids[:n] = torch.tensor(last, device=self.device)
+        ids = torch.tensor(last + [0] * (self.max_batch - n), device=self.device)
         if n < self.max_batch:
             self.cache.positions[n:].zero_()
         greedy_only = all(r.params.temperature <= 0 for r in rows)
