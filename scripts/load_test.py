@@ -12,6 +12,10 @@ only (~1e-7, tests/test_engine.py), so a lead far above that cannot flip. Prints
 throughput (completion tokens/s over the wall time of the level) and p50/p95 request latency, then the speed-up of
 batching. Rounds alternate the two servers (ABBA) so that load from other processes falls on both; the figures are
 the medians over rounds. Bounded: every request has a timeout and both servers are stopped at the end.
+
+`--device cuda --dtype bfloat16 --compile` runs the servers (and the reference decoding) that way. In bfloat16 a
+batched step rounds differently enough that a greedy choice with a small lead may flip: the printed margin says
+how far the reference's choices are from that.
 """
 
 from __future__ import annotations
@@ -31,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-from axiom.checkpoint import load_model, save_model
+from axiom.checkpoint import save_model
 from axiom.config import get_config
 from axiom.generate import generate
 from axiom.model import Axiom
-from axiom.sample import token_bytes
+from axiom.sample import load_for_inference, token_bytes
 from axiom.tokenizer import EOS_ID, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,13 +72,16 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: 64)")
     p.add_argument("--max-batch", type=int, default=16, help="the batching server's --max-batch (default: 16)")
     p.add_argument("--rounds", type=int, default=2, help="rounds per server, alternated (default: 2)")
+    p.add_argument("--device", help="the servers' --device (and the reference decoding's)")
+    p.add_argument("--dtype", default="float32", help="the servers' --dtype (and the reference decoding's)")
+    p.add_argument("--compile", action="store_true", help="start the servers with --compile")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(args.preset, Path(tmp))
-        expected, margin = expected_texts(ckpt, args.max_tokens)
+        expected, margin = expected_texts(ckpt, args)
         servers = {"batched": args.max_batch, "one_at_a_time": 1}
-        procs = {name: start_server(ckpt, batch) for name, batch in servers.items()}
+        procs = {name: start_server(ckpt, batch, args) for name, batch in servers.items()}
         try:
             results = run_levels(procs, expected, args)
         finally:
@@ -108,10 +115,11 @@ def random_checkpoint(preset: str, tmp: Path) -> Path:
     return tmp
 
 
-def expected_texts(ckpt: Path, n: int) -> tuple[dict[str, str], float]:
+def expected_texts(ckpt: Path, args: argparse.Namespace) -> tuple[dict[str, str], float]:
     """Each prompt's greedy text decoded alone (as `axiom generate --temperature 0` gives it), and the smallest
     lead of a chosen token's logit over the runner-up along the way."""
-    model = load_model(ckpt)[0].eval()
+    model, _ = load_for_inference(str(ckpt), args.device, args.dtype)
+    n = args.max_tokens
     enc = load_tokenizer()
     texts, margin = {}, float("inf")
     for prompt in PROMPTS:
@@ -119,14 +127,16 @@ def expected_texts(ckpt: Path, n: int) -> tuple[dict[str, str], float]:
         new = generate(model, [ids], n, temperature=0.0, eos_id=EOS_ID)[0]
         texts[prompt] = b"".join(token_bytes(enc, t) for t in new if t != EOS_ID).decode(errors="replace")
         with torch.no_grad():
-            top = model(torch.tensor([ids + new]))[0, len(ids) - 1 : -1].topk(2, dim=-1).values
+            top = model(torch.tensor([ids + new], device=model.embed.weight.device))[0, len(ids) - 1 : -1]
+            top = top.float().topk(2, dim=-1).values
         margin = min(margin, float((top[:, 0] - top[:, 1]).min()))
     return texts, margin
 
 
-def start_server(ckpt: Path, max_batch: int) -> tuple[subprocess.Popen, int]:
+def start_server(ckpt: Path, max_batch: int, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "axiom.cli", "serve", "--ckpt", str(ckpt), "--port", "0"]
-    cmd += ["--max-batch", str(max_batch), "--model-name", "m"]
+    cmd += ["--max-batch", str(max_batch), "--model-name", "m", "--dtype", args.dtype]
+    cmd += (["--device", args.device] if args.device else []) + (["--compile"] if args.compile else [])
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     if " on http://" not in line:
