@@ -78,15 +78,13 @@ def run(args: argparse.Namespace) -> None:
     model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
     name = args.model_name or args.ckpt
     service = Service(model, name, meta.get("chat_template"), args.max_batch, args.max_queue, args.compile)
-    if args.compile:
-        service.warm_up()
     host, port = sock.getsockname()[:2]
     logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
     config = uvicorn.Config(build_app(service), log_level="warning", timeout_graceful_shutdown=None)
     server = uvicorn.Server(config)
+    service.start()  # with --compile, after compiling
     # uvicorn re-raises the signal it shut down for once it is done; with this handler that ends in a return.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    service.start()
     print(f"axiom serve: {name} on http://{host}:{port}/v1 (max batch {args.max_batch})", flush=True)
     try:
         server.run(sockets=[sock])
@@ -153,17 +151,23 @@ class Service:
         self._accepted = 0  # submitted and not yet finished
         self._jobs: dict[int, Job] = {}
         self._stopping = False
+        self._ready = threading.Event()
+        self._warm_up_error: Exception | None = None
         self._thread = threading.Thread(target=self._loop, name="axiom-engine", daemon=True)
 
-    def warm_up(self) -> None:
-        """Compile the decoding steps before the first client waits for them."""
-        for temperature in (0.0, 1.0):
+    def start(self) -> None:
+        """Start the engine thread; with `compile`, return once it has compiled its steps (in that thread: CUDA
+        graphs are recorded per thread)."""
+        self._thread.start()
+        self._ready.wait()
+        if self._warm_up_error is not None:
+            raise self._warm_up_error
+
+    def _warm_up(self) -> None:
+        for temperature in (0.0, 1.0):  # the greedy step and the one that returns logits
             request = self.engine.submit([0], SamplingParams(max_new_tokens=3, temperature=temperature))
             while not request.done:
                 self.engine.step()
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self) -> None:
         """Let the engine finish what it holds, then end its thread."""
@@ -188,6 +192,14 @@ class Service:
         self._wake.set()
 
     def _loop(self) -> None:
+        try:
+            if self.compile:
+                self._warm_up()
+        except Exception as e:
+            self._warm_up_error = e
+            return
+        finally:
+            self._ready.set()
         while True:
             try:
                 self._drain_inbox()
