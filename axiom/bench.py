@@ -1,6 +1,6 @@
 """`axiom bench train|generate`: our training step or decoding, timed, optionally beside transformers' Llama.
 
-`train` times `axiom.train.train_step` (the training loop's own step: forward, backward, clipping, optimizer)
+`train` times `axiom.trainer.train_step` (the training loop's own step: forward, backward, clipping, optimizer)
 on synthetic token ids. `generate` times `axiom.generate.generate` at temperature 0 with EOS disabled, by
 default with the static cache and the compiled decoding step (`--eager`: the dynamic cache, no compilation).
 With `--vs-hf`, `transformers.LlamaForCausalLM` gets the same shapes, dtype, weights, batch, optimizer and loss
@@ -34,8 +34,9 @@ from axiom.config import Config, ModelConfig, add_config_arguments, config_from_
 from axiom.errors import AxiomError
 from axiom.generate import generate
 from axiom.model import Axiom, flops_per_token, num_params, release_loss_workspace
+from axiom.optim import build_optimizer, lr_at
 from axiom.parallel import Dist, gpu_peak_flops, parallelize, pick_device
-from axiom.train import build_optimizer, lr_at, train_step
+from axiom.trainer import train_step
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ COMMANDS = {
     "eval": ("axiom.evaluate", "validation loss, perplexity and bits per byte of a checkpoint"),
     "plot": ("axiom.plot", "draw train and val loss of a run against tokens to a PNG"),
     "prepare": ("axiom.prepare", "tokenize text corpora into train/val token shards with a manifest"),
-    "export": ("axiom.hf.export", "write a checkpoint as a Hugging Face folder (remote code or Llama)"),
+    "export": ("axiom.hf.export", "write a checkpoint as a Hugging Face folder (remote code or Llama) or a GGUF file"),
     "import": ("axiom.hf.importer", "read a Hugging Face folder (axiom or Llama format) into a checkpoint"),
     "bench": ("axiom.bench", "time training steps or decoding, optionally against transformers' Llama"),
     "serve": ("axiom.serve", "serve a checkpoint over the OpenAI API (completions, chat), batching requests"),

@@ -85,7 +85,11 @@ class TrainConfig:
     val_fraction: float = 0.001  # share of documents hashed into the validation split
     split_seed: int = 1337  # salt of the split hash
     keep_checkpoints: int = 3  # newest step checkpoints kept (the best is kept apart, in checkpoints/best)
-    max_bad_steps: int = 10  # consecutive non-finite loss/grad-norm steps (each skipped) before training stops
+    max_bad_steps: int = 10  # consecutive skipped steps (non-finite, or a loss spike) before a rollback or a stop
+    spike_factor: float = 2.0  # a step whose loss exceeds this multiple of the running average is skipped; 0: off
+    max_rollbacks: int = 3  # rollbacks to the last good checkpoint before training stops; 0: stop at once
+    rollback_lr_factor: float = 0.5  # the LR is multiplied by this after each rollback ...
+    rollback_lr_steps: int = 1000  # ... for this many steps from the checkpoint rolled back to
     log_interval: int = 10  # optimizer steps between lines in train.log / train.csv
     fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state with FSDP2 instead of DDP
 
@@ -105,6 +109,13 @@ class TrainConfig:
             raise AxiomError(f"train config: dtype={self.dtype!r} must be bfloat16, float16 or float32")
         if self.optimizer not in ("adamw8bit", "adamw"):
             raise AxiomError(f"train config: optimizer={self.optimizer!r} must be adamw8bit or adamw")
+        if self.spike_factor != 0 and not self.spike_factor > 1:
+            raise AxiomError(f"train config: spike_factor={self.spike_factor} must be 0 (off) or greater than 1")
+        if not 0 < self.rollback_lr_factor <= 1 or self.max_rollbacks < 0 or self.rollback_lr_steps < 0:
+            raise AxiomError(
+                f"train config: need 0 < rollback_lr_factor <= 1 (got {self.rollback_lr_factor}), max_rollbacks >= 0 "
+                f"(got {self.max_rollbacks}) and rollback_lr_steps >= 0 (got {self.rollback_lr_steps})"
+            )
         for name in ("keep_checkpoints", "max_bad_steps", "log_interval", "eval_interval", "checkpoint_interval"):
             if getattr(self, name) <= 0:
                 raise AxiomError(f"train config: {name}={getattr(self, name)} must be positive")

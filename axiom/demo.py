@@ -18,7 +18,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from axiom.checkpoint import list_checkpoints
 from axiom.cli import main as axiom
 from axiom.config import get_config
 from axiom.errors import AxiomError
@@ -83,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _step(f"3/5 train: the tiny preset on the CPU -> {run}")
     sets = [x for item in args.overrides for x in ("--set", item)]
-    resume = ["--resume"] if list_checkpoints(run / "checkpoints") else []
-    _call(["train", "--preset", "tiny", *sets, "--data", str(data), "--out", str(run), "--device", "cpu", *resume])
+    # --resume continues a run that is there, or starts one
+    _call(["train", "--preset", "tiny", *sets, "--data", str(data), "--out", str(run), "--device", "cpu", "--resume"])
 
     _step(f"4/5 plot: {run / 'loss.png'}")
     _call(["plot", str(run)])

@@ -100,6 +100,18 @@ def full_state(model: Axiom, optimizer: torch.optim.Optimizer | None, fsdp: bool
     return weights, get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
 
 
+def set_model_state(model: Axiom, weights: dict, fsdp: bool) -> None:
+    """Load full weights (a checkpoint's, the tied table stored once) into a live model; under FSDP every rank
+    calls this and rank 0's tensors are scattered."""
+    if not fsdp:
+        model.load_state_dict(weights, strict=False)  # strict=False: a tied lm_head.weight is embed.weight
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, weights, options=opts)
+
+
 def load_optimizer_state(model: Axiom, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
     if not fsdp:
         optimizer.load_state_dict(state)

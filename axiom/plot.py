@@ -1,4 +1,5 @@
-"""`axiom plot RUN`: train and validation loss against tokens seen, from RUN/train.csv and RUN/eval.csv."""
+"""`axiom plot RUN`: train and validation loss against tokens seen, from RUN/train.csv and RUN/eval.csv; rollbacks
+(RUN/events.csv) are dashed vertical lines where the run continued."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from pathlib import Path
 from axiom.errors import AxiomError
 
 
-def read_csv(path: Path) -> list[dict[str, float]]:
-    """Rows of a run's csv as floats (empty cells and 'nan' become nan)."""
+def read_csv(path: Path, text: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of a run's csv as floats (empty cells and 'nan' become nan), except the `text` columns."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
+    number = lambda k, v: v if k in text else float(v) if v not in ("", None) else math.nan  # noqa: E731
     try:
-        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in rows]
+        return [{k: number(k, v) for k, v in row.items()} for row in rows]
     except ValueError as e:
         raise AxiomError(f"{path}: not a csv of numbers ({e}); was it written by axiom train?") from None
 
@@ -42,6 +44,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     elif any(math.isfinite(r["train_loss"]) for r in evals):
         ax.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "-", label="train loss")
     ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
+    events = run_dir / "events.csv"
+    for i, event in enumerate(read_csv(events, text=("event", "reason")) if events.is_file() else []):
+        # a rollback: the run continued from this many tokens, skipping the bad steps' data
+        label = "rollback (events.csv)" if i == 0 else None
+        ax.axvline(event["tokens"], color="tab:red", ls="--", lw=1, alpha=0.7, label=label)
     best = min(evals, key=lambda r: r["val_loss"])
     ax.annotate(
         f"best {best['val_loss']:.3f}",

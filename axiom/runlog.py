@@ -58,6 +58,18 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(metrics, step=values["step"])
 
+    def write_rows(self, name: str, columns: tuple[str, ...], rows: list[dict]) -> None:
+        """Replace the csv `name` with these rows (a small file rendered whole from the run's state)."""
+        if not self.main:
+            return
+        path = self.run_dir / name
+        tmp = path.with_name(name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(columns)
+            w.writerows([format_value(row[c]) for c in columns] for row in rows)
+        os.replace(tmp, path)
+
     def truncate(self, step: int) -> None:
         """Drop csv rows after `step`: a resumed run rewrites what the killed one logged past its checkpoint."""
         if not self.main:

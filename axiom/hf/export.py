@@ -1,11 +1,15 @@
-"""`axiom export`: a checkpoint as a Hugging Face folder that transformers loads offline.
+"""`axiom export`: a checkpoint as a Hugging Face folder that transformers loads offline, or as one GGUF file.
 
     --format axiom   config.json with auto_map + configuration_axiom.py + modeling_axiom.py (remote code);
                      the weights keep Axiom's names
     --format llama   a native LlamaForCausalLM (names mapped by axiom.hf.names), no remote code
+    --format gguf    one .gguf file for llama.cpp, Ollama and LM Studio (axiom.hf.gguf)
 
-Both carry model.safetensors (the tied table stored once), generation_config.json, the cl100k_base tokenizer
-(tokenizer.json, tokenizer_config.json) and a README.md model card.
+Both folders carry model.safetensors (the tied table stored once), generation_config.json, the cl100k_base
+tokenizer (tokenizer.json, tokenizer_config.json) and a README.md model card.
+
+--dtype takes llama.cpp's short names or torch's long ones, which mean the same: f32 = float32,
+bf16 = bfloat16, f16 = float16; q8_0 is llama.cpp's 8-bit blocks. The folders hold f32 or bf16, gguf all four.
 """
 
 from __future__ import annotations
@@ -23,13 +27,30 @@ from axiom.checkpoint import load_model
 from axiom.errors import AxiomError
 from axiom.hf.card import eval_summary, find_eval_csv, model_card
 from axiom.hf.folder import CONFIG, WEIGHTS, check_out, hf_config, staged_dir
+from axiom.hf.gguf import chat_template, check_out_file, write_gguf
 from axiom.hf.names import to_llama
 from axiom.hf.tokenizer import write_tokenizer
 from axiom.tokenizer import EOS_ID
 
 REMOTE_CODE = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_axiom.py", "modeling_axiom.py")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the folders' weight dtypes
+FORMAT_DTYPES = {"axiom": ("f32", "bf16"), "llama": ("f32", "bf16"), "gguf": ("f32", "bf16", "f16", "q8_0")}
+LONG_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+SHORT_NAMES = {long: short for short, long in LONG_NAMES.items()}
+
+
+def resolve_dtype(fmt: str, dtype: str) -> str:
+    """--dtype in either spelling -> its short name (f32, bf16, f16, q8_0), if --format `fmt` writes it."""
+    if fmt not in FORMAT_DTYPES:
+        raise AxiomError(f"--format {fmt!r}: choose {', '.join(FORMAT_DTYPES)}")
+    short = SHORT_NAMES.get(dtype, dtype)
+    if short not in FORMAT_DTYPES[fmt]:
+        names = [f"{d} ({LONG_NAMES[d]})" if d in LONG_NAMES else d for d in FORMAT_DTYPES[fmt]]
+        choices = f"{', '.join(names[:-1])} or {names[-1]}"
+        hint = "; f16 and q8_0 are for --format gguf" if fmt != "gguf" and short in FORMAT_DTYPES["gguf"] else ""
+        raise AxiomError(f"--dtype {dtype}: --format {fmt} writes {choices}{hint}")
+    return short
 
 
 def export(
@@ -40,12 +61,15 @@ def export(
     force: bool = False,
     eval_csv: str | Path | None = None,
 ) -> Path:
-    """Write the Hugging Face folder `out` for checkpoint `ckpt`; returns `out`."""
-    if fmt not in ("axiom", "llama"):
-        raise AxiomError(f"--format {fmt!r}: choose axiom or llama")
-    if dtype not in DTYPES:
-        raise AxiomError(f"--dtype {dtype!r}: choose {' or '.join(DTYPES)}")
-    ckpt, out = Path(ckpt), check_out(out, force)
+    """Write the Hugging Face folder (or, for `gguf`, the file) `out` for checkpoint `ckpt`; returns `out`."""
+    dtype = resolve_dtype(fmt, dtype)
+    ckpt = Path(ckpt)
+    if fmt == "gguf":
+        out = check_out_file(out, ckpt, force)
+        model, cfg, meta = load_model(ckpt)
+        return write_gguf(model.state_dict(), cfg.model, out, dtype, out.stem, chat_template(meta))
+    dtype = LONG_NAMES[dtype]
+    out = check_out(out, force)
     if eval_csv is not None and not Path(eval_csv).is_file():
         raise AxiomError(f"--eval-csv {eval_csv}: file not found")
     model, cfg, meta = load_model(ckpt)
@@ -74,20 +98,34 @@ def export(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (model.safetensors + config.json)")
-    parser.add_argument("--out", required=True, help="folder to write; must be empty or absent unless --force")
+    parser.add_argument(
+        "--out", required=True, help="folder to write, empty or absent unless --force (gguf: a file, e.g. model.gguf)"
+    )
     parser.add_argument(
         "--format",
         default="axiom",
-        choices=["axiom", "llama"],
-        help="axiom: Axiom's code as transformers remote code (default); llama: native LlamaForCausalLM",
+        choices=list(FORMAT_DTYPES),
+        help="axiom: Axiom's code as transformers remote code (default); llama: native LlamaForCausalLM; "
+        "gguf: one file for llama.cpp, Ollama and LM Studio",
     )
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default float32)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--dtype",
+        default="f32",
+        choices=[*FORMAT_DTYPES["gguf"], *SHORT_NAMES],
+        metavar="DTYPE",
+        help="weights: f32 (= float32, default) or bf16 (= bfloat16) for every format; "
+        "f16 (= float16) or q8_0 (8-bit blocks) for gguf",
+    )
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out (gguf: an existing file)")
     parser.add_argument("--eval-csv", help="the run's eval.csv for the model card (default: found next to --ckpt)")
 
 
 def run(args: argparse.Namespace) -> None:
     out = export(args.ckpt, args.out, args.format, args.dtype, args.force, args.eval_csv)
+    dtype = resolve_dtype(args.format, args.dtype)
+    print(f"exported {args.ckpt} -> {out} ({args.format}, {LONG_NAMES.get(dtype, dtype)})")
+    if args.format == "gguf":
+        print(f"run with: llama-completion -m {out} -p 'The meaning of life is' -n 40 -no-cnv")
+        return
     remote = ", trust_remote_code=True" if args.format == "axiom" else ""
-    print(f"exported {args.ckpt} -> {out} ({args.format}, {args.dtype})")
     print(f"load with: AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})")

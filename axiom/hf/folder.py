@@ -172,13 +172,20 @@ def load_weights(directory: Path) -> dict[str, Tensor]:
     return state
 
 
-def read_folder(directory: str | Path) -> tuple[str, Config, dict[str, Tensor], dict]:
-    """A Hugging Face folder in either format -> (format, Config, Axiom float32 state dict, progress metadata)."""
+def folder_config(directory: str | Path) -> tuple[str, Config, dict]:
+    """A Hugging Face folder's config.json alone -> (format, Config, progress metadata)."""
     directory = Path(directory)
     hf = read_config(directory)
     path = directory / CONFIG
     fmt = detect_format(hf, path)
     cfg, progress = _config_with_provenance(hf, model_config_from_hf(hf, fmt, path), path)
+    return fmt, cfg, progress
+
+
+def read_folder(directory: str | Path) -> tuple[str, Config, dict[str, Tensor], dict]:
+    """A Hugging Face folder in either format -> (format, Config, Axiom float32 state dict, progress metadata)."""
+    directory = Path(directory)
+    fmt, cfg, progress = folder_config(directory)
     m = cfg.model
     with torch.device("meta"):
         expected = stored_tensors(Axiom(m))

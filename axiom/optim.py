@@ -1,0 +1,72 @@
+"""The card's optimizer and learning-rate schedule: `lr_at` and `build_optimizer` (AdamW8bit, else torch AdamW)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import torch
+
+from axiom.config import TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup to lr_max over warmup_steps, constant,
+    then a cosine from lr_max to lr_min over the last decay_fraction of the steps (the last step uses lr_min)."""
+    steps = cfg.steps
+    decay_steps = round(cfg.decay_fraction * steps)
+    decay_start = steps - decay_steps
+    if step >= decay_start and decay_steps > 0:
+        progress = (step - decay_start) / max(decay_steps - 1, 1)
+        lr = cfg.lr_min + 0.5 * (cfg.lr_max - cfg.lr_min) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    else:
+        lr = cfg.lr_max
+    if step < cfg.warmup_steps:
+        lr = min(lr, cfg.lr_max * (step + 1) / cfg.warmup_steps)
+    return lr
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on every matrix (attention, MLP, and the tied embedding/output table); none on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied table appears once
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def _adamw8bit(groups: list[dict], cfg: TrainConfig, device: torch.device):
+    """bitsandbytes AdamW8bit, or (None, why not) when it is missing or fails a probe step on this device."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its warnings concern 4-bit kernels we never use
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # ImportError, or a broken native library
+        return None, f"bitsandbytes is not usable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    try:
+        probe = torch.nn.Parameter(torch.zeros(4096, device=device))  # 8-bit state starts at 4096 elements
+        probe.grad = torch.ones_like(probe)
+        bnb.optim.AdamW8bit([probe]).step()
+    except Exception as e:
+        return None, f"bitsandbytes AdamW8bit fails on {device.type} ({type(e).__name__})"
+    opt = bnb.optim.AdamW8bit(groups, lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    return opt, None
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device: torch.device | str, fsdp: bool = False
+) -> tuple[torch.optim.Optimizer, str]:
+    """The card's optimizer: AdamW8bit when asked for and usable, else torch AdamW (fused on CPU and CUDA).
+
+    Returns (optimizer, description); a fallback is printed as one notice line."""
+    device = torch.device(device)
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        opt, why = _adamw8bit(groups, cfg, device) if not fsdp else (None, "FSDP shards need torch AdamW")
+        if opt is not None:
+            return opt, "AdamW8bit (bitsandbytes)"
+        print(f"notice: {why}; using torch AdamW instead of AdamW8bit", file=sys.stderr)
+    # One fused kernel per parameter group instead of a dozen ops per tensor (9x faster a step on CPU here).
+    fused = device.type in ("cuda", "cpu")
+    opt = torch.optim.AdamW(groups, lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    return opt, "AdamW (torch, fused)" if fused else "AdamW (torch)"

@@ -1,0 +1,74 @@
+"""scripts/gpu_check.sh: its CPU smoke mode runs every part at tiny sizes, so the GPU check cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _corpus(path: Path) -> Path:
+    """Enough real-looking text for a few tiny training steps and a val split."""
+    lines = [
+        "In the beginning God created the heaven and the earth.",
+        "And the earth was without form, and void; and darkness was upon the face of the deep.",
+        "And God said, Let there be light: and there was light.",
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune must be in want.",
+    ]
+    docs = (f"Chapter {i}. " + " ".join(lines[i % 4 :] * 6) for i in range(300))  # distinct: the split hashes text
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    return path
+
+
+@pytest.mark.slow
+def test_smoke_mode_runs_every_part_and_writes_its_table(tmp_path):
+    out = tmp_path / "check"
+    cmd = [
+        "bash",
+        str(ROOT / "scripts" / "gpu_check.sh"),
+        str(out),
+        "--smoke",
+        "--corpus",
+        str(_corpus(tmp_path / "c.jsonl")),
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "gpu_check.json").read_text())
+    parts = results["parts"]
+    assert set(parts) == {"memory", "train_mb2", "decode", "prepare", "training"}
+    assert all(part.get("ok", True) for part in parts.values()), parts
+    assert parts["memory"]["peak_mem_bytes"] > 0 and parts["train_mb2"]["ratio_vs_hf"] > 0
+    assert parts["decode"]["tokens_per_s"] > 0 and parts["decode"]["same_tokens_as_hf"] == 1.0
+    val = parts["training"]["val_loss"]
+    assert len(val) == 3 and val[-1] < val[0]
+    table = (out / "gpu_check.md").read_text()
+    assert table.startswith("GPU check (CPU smoke mode)") and "| train tiny, 4 steps on c.jsonl, AdamW" in table
+    assert "| loss falls | met |" in table and "FAILED" not in table
+    assert table in done.stdout  # the table is the last thing printed (the device tool returns the output's end)
+
+
+def test_full_mode_needs_a_gpu(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    if gpu_check_has_cuda():
+        pytest.skip("a CUDA device is visible: the full check would run")
+    assert gpu_check.main([str(tmp_path / "out"), "--corpus", str(_corpus(tmp_path / "c.jsonl"))]) == 2
+    assert "no CUDA device is visible; use --smoke" in capsys.readouterr().out
+    assert gpu_check.main([str(tmp_path / "out"), "--corpus", str(tmp_path / "missing")]) == 2
+    assert f"--corpus {tmp_path / 'missing'} not found" in capsys.readouterr().out
+
+
+def gpu_check_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

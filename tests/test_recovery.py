@@ -1,0 +1,251 @@
+"""Training faults (issue 9): a loss blow-up, a poisoned batch that breaks the weights, kill -9 during recovery,
+runs into used directories, --resume / --resume-from / --init-from. Checkpoints only ever hold healthy weights."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MICRO_VOCAB, micro_args, micro_config
+from safetensors.torch import load_file
+
+import axiom.trainer as trainer_mod
+from axiom.checkpoint import list_checkpoints, load_model, load_training_state
+from axiom.cli import main
+from axiom.errors import AxiomError
+from axiom.optim import build_optimizer, lr_at
+from axiom.plot import plot_run
+from axiom.train import train
+from axiom.trainer import EVENT_COLUMNS, train_step
+
+POISON_AT = 48  # loader position (windows) of the poisoned batch: read by step 13 (4 windows a step)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def weight_dirs(run: Path) -> list[Path]:
+    """Every folder under RUN/checkpoints holding weights: step, best and set-aside checkpoints."""
+    return sorted(p.parent for p in (run / "checkpoints").glob("*/model.safetensors"))
+
+
+def assert_all_finite(run: Path) -> None:
+    for d in weight_dirs(run):
+        for name, tensor in load_file(d / "model.safetensors").items():
+            assert torch.isfinite(tensor).all(), (d, name)
+
+
+def poisoned_step(real_step):
+    """Trainer.step, but the step that reads the batch at POISON_AT (first epoch) leaves non-finite weights, as a
+    corrupt batch or a bad update would. Keyed to the loader position, so a rollback skips it for good."""
+
+    def step(self):
+        poison = self.loader.epoch == 0 and self.loader.position == POISON_AT
+        result = real_step(self)
+        if poison:
+            with torch.no_grad():
+                self.raw.norm.weight.fill_(float("nan"))
+        return result
+
+    return step
+
+
+POISON_SCRIPT = f"""
+import sys
+import axiom.trainer as trainer
+from axiom.cli import main
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_recovery import poisoned_step
+trainer.Trainer.step = poisoned_step(trainer.Trainer.step)
+sys.exit(main(sys.argv[1:]))
+"""
+RECOVERY = ("max_steps=60", "eval_interval=4", "checkpoint_interval=4", "max_bad_steps=3", "rollback_lr_steps=8")
+
+
+def test_a_loss_spike_makes_no_update():
+    cfg = micro_config()
+    torch.manual_seed(0)
+    model = trainer_mod.Axiom(cfg.model)
+    opt = build_optimizer(model, cfg.train, "cpu")[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, MICRO_VOCAB, (2, 32))
+    spike = train_step(model, opt, [(x, x)], 1e-3, cfg.train, max_loss=1.0)  # an untrained loss is ~6.2
+    assert spike.skipped and math.isfinite(spike.loss) and spike.loss > 1.0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    taken = train_step(model, opt, [(x, x)], 1e-3, cfg.train, max_loss=100.0)
+    assert not taken.skipped and not torch.equal(model.embed.weight, before["embed.weight"])
+
+
+def test_loss_blowup_stops_without_naming_a_broken_checkpoint(tiny_data, tmp_path):
+    # lr 1e3: step 1's update wrecks the weights (its own loss is still normal) and every later loss is ~1e6
+    cfg = micro_config("max_steps=40", "checkpoint_interval=1", "eval_interval=5", "lr_max=1e3")
+    run = tmp_path / "run"
+    with pytest.raises(AxiomError) as e:
+        train(cfg, tiny_data, run)
+    msg = str(e.value)
+    assert msg.startswith("training stopped at step 11: 10 steps in a row were skipped (the last: loss ")
+    assert "> spike_factor 2 x average" in msg and "no checkpoint precedes the bad steps" in msg
+    # step 1 was written (it looked healthy), then proved broken by step 2: set aside, so --resume starts fresh
+    assert list_checkpoints(run / "checkpoints") == []
+    assert (run / "checkpoints" / "abandoned-step_000001" / "model.safetensors").is_file()
+    assert load_model(run / "checkpoints" / "best")[2]["step"] == 0  # best/ still holds the untrained baseline
+    log = (run / "train.log").read_text()
+    assert "step 2: loss " in log and "checkpoint postponed until the bad steps end" in log
+    assert_all_finite(run)
+    resumed = train(micro_config("max_steps=4", "eval_interval=4"), tiny_data, run, resume=True)
+    assert resumed.step == 4 and resumed.history[-1].loss < resumed.history[0].loss
+    assert "has no complete checkpoint yet; starting fresh" in (run / "train.log").read_text()
+    assert [int(r["step"]) for r in read_rows(run / "eval.csv")] == [0, 4]  # no rows of the failed attempt
+
+
+def test_poisoned_batch_rolls_back_skips_it_and_finishes(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod.Trainer, "step", poisoned_step(trainer_mod.Trainer.step))
+    cfg = micro_config(*RECOVERY, "max_steps=30")
+    run = tmp_path / "run"
+    result = train(cfg, tiny_data, run)
+    assert result.step == 30 and result.stopped is None
+    # step 13 broke the weights (its own loss was fine), steps 14-16 were skipped, then back to step 12
+    log = (run / "train.log").read_text()
+    assert "step 14: non-finite loss nan" in log and "(3 in a row, limit max_bad_steps=3)" in log
+    assert f"rolled back to {run / 'checkpoints' / 'step_000012'} (rollback 1 of at most 3)" in log
+    events = read_rows(run / "events.csv")
+    assert tuple(events[0]) == EVENT_COLUMNS and len(events) == 1
+    assert {k: events[0][k] for k in ("step", "event", "from_step", "skipped_windows", "lr_scale")} == {
+        "step": "12",
+        "event": "rollback",
+        "from_step": "16",
+        "skipped_windows": "16",
+        "lr_scale": "0.5",
+    }
+    # the csvs tell the trajectory of the final weights: steps 13-16 of the abandoned branch are gone
+    assert [int(r["step"]) for r in read_rows(run / "eval.csv")] == [0, 4, 8, 12, 16, 20, 24, 28, 30]
+    rows = {int(r["step"]): r for r in read_rows(run / "train.csv")}
+    assert list(rows) == list(range(1, 31)) and all(r["skipped"] == "0" for r in rows.values())
+    assert float(rows[13]["lr"]) == lr_at(12, cfg.train) * 0.5 and float(rows[21]["lr"]) == lr_at(20, cfg.train)
+    state = load_training_state(list_checkpoints(run / "checkpoints")[-1][1])
+    assert state["rollbacks"][0]["from_step"] == 16 and state["bad_steps"] == 0
+    assert_all_finite(run)
+    assert plot_run(run).stat().st_size > 0  # the rollback is drawn from events.csv
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", ["skipped (1 in a row", "rolled back to"], ids=["in-streak", "after-rollback"])
+def test_kill_9_during_recovery_resumes_exactly(tiny_data, tmp_path, kill_after):
+    script = tmp_path / "poisoned_train.py"
+    script.write_text(POISON_SCRIPT)
+    sets = micro_args(*RECOVERY)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+
+    def cmd(run):
+        return [sys.executable, str(script), "train", "--data", str(tiny_data), "--out", str(run), *sets]
+
+    reference = tmp_path / "reference"
+    done = subprocess.run(cmd(reference), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cmd(run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    log = run / "train.log"
+    try:
+        while not (log.is_file() and kill_after in log.read_text()):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (run / "checkpoints" / "step_000060").exists()
+    done = subprocess.run([*cmd(run), "--resume"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = lambda r: load_file(list_checkpoints(r / "checkpoints")[-1][1] / "model.safetensors")  # noqa: E731
+    ours, theirs = final(run), final(reference)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert [r["loss"] for r in read_rows(run / "train.csv")] == [r["loss"] for r in read_rows(reference / "train.csv")]
+    assert read_rows(run / "events.csv") == read_rows(reference / "events.csv")
+    assert_all_finite(run)
+
+
+def test_fresh_run_into_a_used_directory_is_refused(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_data), "--out", str(run), *micro_args("max_steps=2", "eval_interval=2")]
+    assert main(args) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"axiom train: error: {run} already holds a run; pass --resume to continue it, or choose a new --out"
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_is_idempotent_for_schedulers(tiny_data, tmp_path, capsys):
+    """One command line for any preemption: no run yet, killed before the first checkpoint, or mid-run."""
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_data), "--out", str(run), "--resume"]
+    args += micro_args("max_steps=6", "eval_interval=3", "checkpoint_interval=3")
+    assert main(args) == 0  # no run directory at all: starts fresh
+    assert "has no complete checkpoint yet; starting fresh" not in capsys.readouterr().out
+    reference = load_file(run / "checkpoints" / "step_000006" / "model.safetensors")
+    # as if killed before the first checkpoint: a config, a log and the step-0 eval row, no checkpoint
+    for d in (run / "checkpoints").iterdir():
+        if d.name != "best":
+            for f in d.iterdir():
+                f.unlink()
+            d.rmdir()
+    assert main(args) == 0
+    assert "has no complete checkpoint yet; starting fresh" in capsys.readouterr().out
+    assert [int(r["step"]) for r in read_rows(run / "eval.csv")] == [0, 3, 6]
+    again = load_file(run / "checkpoints" / "step_000006" / "model.safetensors")
+    assert all(torch.equal(again[k], reference[k]) for k in reference)
+    assert main(args) == 0  # finished: resumes at the last step and does nothing more
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train", "--data", str(tiny_data), "--out", str(run)]
+    sets = micro_args("max_steps=8", "eval_interval=4", "checkpoint_interval=2", "keep_checkpoints=10")
+    assert main([*base, *sets]) == 0
+    original = load_file(run / "checkpoints" / "step_000008" / "model.safetensors")
+    older = run / "checkpoints" / "step_000004"
+    assert main([*base, *sets, "--resume-from", str(older)]) == 0
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == [
+        "abandoned-step_000006",
+        "abandoned-step_000008",
+        "best",
+        "step_000002",
+        "step_000004",
+        "step_000006",
+        "step_000008",
+    ]
+    redone = load_file(run / "checkpoints" / "step_000008" / "model.safetensors")
+    assert all(torch.equal(redone[k], original[k]) for k in original)  # resume is exact, so the branch repeats
+    assert [int(r["step"]) for r in read_rows(run / "eval.csv")] == [0, 4, 8]
+    other = tmp_path / "other"
+    assert main(["train", "--data", str(tiny_data), "--out", str(other), *sets]) == 0
+    capsys.readouterr()
+    assert main([*base, *sets, "--resume-from", str(other / "checkpoints" / "step_000002")]) == 2
+    assert "not a checkpoint of" in capsys.readouterr().err
+    assert main([*base, *sets, "--resume", "--init-from", str(older)]) == 2
+
+
+def test_init_from_a_hugging_face_folder(tiny_data, tmp_path):
+    pytest.importorskip("transformers")
+    from axiom.hf.export import export
+
+    source = tmp_path / "source"
+    train(micro_config("max_steps=6", "eval_interval=6"), tiny_data, source)
+    trained_val = float(read_rows(source / "eval.csv")[-1]["val_loss"])
+    hf = export(source / "checkpoints" / "best", tmp_path / "hf", fmt="llama")
+    run = tmp_path / "continued"
+    args = ["train", "--data", str(tiny_data), "--out", str(run), "--init-from", str(hf)]
+    assert main([*args, *micro_args("max_steps=2", "eval_interval=2")]) == 0
+    rows = read_rows(run / "eval.csv")
+    assert float(rows[0]["val_loss"]) == pytest.approx(trained_val, rel=1e-6)
