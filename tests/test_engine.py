@@ -3,6 +3,7 @@ its own sampling parameters, generator, stop ids and budget; engines and generat
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from axiom.config import get_config
 from axiom.engine import Engine, SamplingParams, decode_one
@@ -27,10 +28,10 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 11], [12, 13, 14, 11], [11], [7, 7, 7, 7
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=DEVICES)
+def model(request):
     torch.manual_seed(0)
-    return Axiom(SMALL).eval()
+    return Axiom(SMALL).to(request.param).eval()
 
 
 def test_the_prompts_continue_differently(model):
@@ -148,14 +149,15 @@ def test_a_batched_step_moves_logits_by_rounding_only(model, static):
     # Rows of different fill levels decoding together sum in other orders than one row alone: the logits may differ
     # in the last bits, never more (tests/test_serve.py relies on this bound for its greedy comparisons).
     def prefilled(prompts):
-        cache = KVCache.empty(SMALL, len(prompts), SMALL.max_seq_len, "cpu", torch.float32, static=static)
+        device = model.embed.weight.device
+        cache = KVCache.empty(SMALL, len(prompts), SMALL.max_seq_len, device, torch.float32, static=static)
         for i, p in enumerate(prompts):
             row = cache.rows(i, 1)
-            model(torch.tensor([p]), cache=row)
+            model(torch.tensor([p], device=device), cache=row)
             cache.lengths[i] = len(p)
         return cache
 
-    ids = torch.tensor([p[0] for p in PROMPTS])
+    ids = torch.tensor([p[0] for p in PROMPTS], device=model.embed.weight.device)
     with torch.no_grad():
         batched = decode_one(model, ids, prefilled(PROMPTS))
         for i, p in enumerate(PROMPTS):
