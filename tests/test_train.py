@@ -104,7 +104,7 @@ def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, capsys
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
-    opt, name = build_optimizer(model, cfg.train, "cpu")
+    opt, name = build_optimizer(model, cfg.train, device)
     assert isinstance(opt, torch.optim.AdamW) and name == "AdamW (torch, fused)"
     err = capsys.readouterr().err
     assert "notice: bitsandbytes is not usable (ModuleNotFoundError" in err and "using torch AdamW" in err
