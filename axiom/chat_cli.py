@@ -14,13 +14,11 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-import torch
-
 from axiom.chat import IM_END, IM_START, TEMPLATE_NAME, encode_chat
-from axiom.checkpoint import load_model
 from axiom.errors import AxiomError
-from axiom.generate import stream
+from axiom.generate import SamplingParams, stream
 from axiom.model import Axiom
+from axiom.sample import add_inference_arguments, check_sampling_flags, load_for_inference
 from axiom.tokenizer import EOS_ID, load_tokenizer
 
 STOP = (IM_END, IM_START, EOS_ID)  # the end of the turn; a new turn or EOS also ends it
@@ -30,12 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (fine-tuned on chat data)")
     parser.add_argument("--message", help="send this one user message, print the reply and exit")
     parser.add_argument("--system", help="system message at the start of the conversation")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=200)
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.95")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the first reply (the n-th uses seed + n)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=256, help="longest reply, capped by the context (default: 256)"
+    )
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default: 200)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1], e.g. 0.95")
+    parser.add_argument("--seed", type=int, default=1337, help="the n-th reply samples with seed + n (default: 1337)")
+    add_inference_arguments(parser)
 
 
 class Chat:
@@ -95,8 +95,8 @@ class Chat:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, _, meta = load_model(args.ckpt, args.device)
-    model.eval()
+    check_sampling_flags(SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed))
+    model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
     if meta.get("chat_template") != TEMPLATE_NAME:
         print(
             f'notice: {args.ckpt} was not fine-tuned on chat data (no "chat_template": "{TEMPLATE_NAME}" in its '

@@ -20,6 +20,7 @@ COMMANDS = {
     "export": ("axiom.hf.export", "write a checkpoint as a Hugging Face folder (remote code or Llama) or a GGUF file"),
     "import": ("axiom.hf.importer", "read a Hugging Face folder (axiom or Llama format) into a checkpoint"),
     "bench": ("axiom.bench", "time training steps or decoding, optionally against transformers' Llama"),
+    "serve": ("axiom.serve", "serve a checkpoint over the OpenAI API (completions, chat), batching requests"),
 }
 
 

@@ -1,111 +1,35 @@
-"""Sampling: prefill the prompts into a KV cache, then decode one token at a time."""
+"""Sampling a batch of prompts in step: `stream` and `generate`, thin users of the decoding engine.
+
+How decoding works (axiom/engine.py): each prompt becomes a request in an `Engine`, which prefills it alone into
+its own KV-cache slot and then decodes all running requests one token per step in one batched forward, each with
+its own sampling parameters and generator. `stream` submits every prompt, steps the engine and yields the new
+tokens row by row in step; `generate` collects them. Without an `engine` argument each call builds its own
+(nothing is kept between calls); a caller that decodes repeatedly (a chat loop, a benchmark, a server) builds
+one `Engine` and passes it, so its cache and compiled steps are reused.
+
+The sampling functions and decoding steps live in axiom/engine.py and are importable from here too.
+"""
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-from axiom.model import Axiom, KVCache, output_logits, row_blocks
+from axiom.engine import (  # noqa: F401 (public here too: the sampling functions and the decoding steps)
+    Engine,
+    SamplingParams,
+    decode_greedy,
+    decode_one,
+    decode_one_and_hidden,
+    greedy,
+    logits_to_probs,
+    sample,
+)
+from axiom.model import Axiom
 
 
-def logits_to_probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
-    """(B, V) logits -> (B, V) probabilities after temperature, top-k and nucleus (top-p) filtering."""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the most likely token always stays)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-def sample(
-    logits: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """(B, V) logits -> (B,) token ids; temperature 0 is greedy."""
-    if temperature <= 0:
-        return greedy(logits)
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def greedy(logits: Tensor) -> Tensor:
-    """(B, V) -> (B,) index of the first maximum, as `argmax`. On CPU `argmax` over 100k entries is a scalar loop
-    (~50 us); the vectorised block maxima, then one block's argmax, give the same index in ~15 us."""
-    B, V = logits.shape
-    blocks = row_blocks(V)
-    if logits.device.type != "cpu" or V % blocks:
-        return logits.argmax(dim=-1)
-    grid = logits.reshape(B, blocks, V // blocks)
-    block = grid.amax(dim=-1).argmax(dim=-1)  # (B,) first block holding the maximum
-    within = grid[torch.arange(B, device=logits.device), block].argmax(dim=-1)  # first position inside it
-    return block * (V // blocks) + within
-
-
-def decode_one(model: Axiom, ids: Tensor, cache: KVCache) -> Tensor:
-    """(B,) newest tokens -> (B, V) logits of the next position; the cache advances by one slot."""
-    return model(ids[:, None], cache=cache, last_only=True)[:, -1]
-
-
-def decode_one_and_hidden(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
-    """`decode_one`, plus the final hidden states (B, 1, d) as a second output: what gets compiled. A graph
-    output is stored once; otherwise inductor inlines the final norm into its loop over the output layer's
-    rows and recomputes it for each of the V rows (0.28 -> 0.23 ms per token on tiny, docs/benchmarks.md)."""
-    x = model.hidden_states(ids[:, None], cache=cache, last_only=True)
-    return output_logits(x, model.lm_head.weight)[:, -1], x
-
-
-def decode_greedy(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
-    """`decode_one_and_hidden` with the greedy pick: (B,) next ids and the hidden states. Compiled, the pick
-    runs inside the graph (~25 us less per token on tiny than `greedy` after it)."""
-    logits, x = decode_one_and_hidden(model, ids, cache)
-    return greedy(logits), x
-
-
-_static_caches: weakref.WeakKeyDictionary[Axiom, KVCache] = weakref.WeakKeyDictionary()
-_compiled: dict[Callable, Callable] = {}
-
-
-def static_cache(model: Axiom, pad: Tensor) -> KVCache:
-    """An emptied static cache of max_seq_len slots for len(pad) rows, `pad` copied in.
-
-    One per model, reused while the batch size, dtype and device stay the same: a compiled decoding step
-    is specialised to the cache's tensors (their addresses are what CUDA graphs replay), so a fresh cache
-    per call would mean a fresh compilation per call."""
-    device, dtype = pad.device, next(model.parameters()).dtype
-    cache = _static_caches.get(model)
-    if cache is None or cache.pad.shape != pad.shape or cache.keys[0].dtype != dtype or cache.pad.device != device:
-        cache = KVCache.empty(model.cfg, len(pad), model.cfg.max_seq_len, device, dtype, pad.clone(), static=True)
-        for t in (*cache.keys, *cache.values, cache.pad, cache.position):
-            torch._dynamo.mark_static_address(t)
-        _static_caches[model] = cache
-    cache.pad.copy_(pad)
-    cache.position.zero_()  # stale keys and values beyond the position stay masked
-    return cache
-
-
-def compiled(step: Callable) -> Callable:
-    """A decoding step through torch.compile: fused kernels, and CUDA graphs on a GPU ("reduce-overhead"),
-    which replay a whole step with one launch. Built on first use; compiles per model and batch shape."""
-    if step not in _compiled:
-        _compiled[step] = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-    return _compiled[step]
-
-
-@torch.inference_mode()
 def stream(
     model: Axiom,
     prompts: list[list[int]],
@@ -117,52 +41,47 @@ def stream(
     eos_id: int | None = None,
     static: bool = False,
     compile: bool = False,
+    engine: Engine | None = None,
 ) -> Iterator[Tensor]:
     """Yield (B,) new token ids step by step; rows that produced `eos_id` keep yielding it.
 
-    Prompts of different lengths are left-padded; the cache masks the padding. `static` decodes with a
-    fixed-shape cache (see `static_cache`); `compile` runs each step compiled and implies `static`.
-    The default, a dynamic cache in eager mode, starts at once; `compile` costs seconds of compilation first and
-    then decodes faster (about 1.7x on CPU for `tiny`, docs/benchmarks.md), which pays over long or repeated runs.
+    Every prompt gets the same number of new tokens: `max_new_tokens`, capped so that the longest prompt and its
+    tokens fit in max_seq_len. Prompt i samples with seed `seed + i`, so a row's tokens do not depend on the
+    other rows. `static` decodes with a fixed-shape cache; `compile` runs each step compiled and implies `static`
+    (see axiom/engine.py). The default, a dynamic cache in eager mode, starts at once; `compile` costs seconds of
+    compilation first and then decodes faster (about 1.7x on CPU for `tiny`, docs/benchmarks.md), which pays over
+    long or repeated runs with one `engine`.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    device = next(model.parameters()).device
     longest = max(len(p) for p in prompts)
     total = min(longest + max_new_tokens, model.cfg.max_seq_len)
     if longest >= total:
         raise ValueError(f"prompt of {longest} tokens leaves no room under max_seq_len={model.cfg.max_seq_len}")
-    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
-    if static or compile:
-        cache = static_cache(model, pad)
-    else:
-        dtype = next(model.parameters()).dtype
-        cache = KVCache.empty(model.cfg, len(prompts), total, device, dtype, pad if pad.any() else None)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    if engine is None:
+        # A dynamic cache needs only the slots this call fills; a static one keeps max_seq_len, the shape a
+        # compiled step is specialised to.
+        max_len = None if static or compile else total
+        engine = Engine(model, max_batch=len(prompts), max_len=max_len, static=static, compile=compile)
+    stop = (eos_id,) if eos_id is not None else ()
+    requests = [
+        engine.submit(p, SamplingParams(total - longest, temperature, top_k, top_p, _seed(seed, i), stop))
+        for i, p in enumerate(prompts)
+    ]
+    try:
+        for n in range(total - longest):
+            while any(len(r.tokens) <= n and not r.done for r in requests):
+                engine.step()
+            if all(len(r.tokens) <= n for r in requests):  # every row stopped at eos_id
+                return
+            yield torch.tensor([r.tokens[n] if len(r.tokens) > n else eos_id for r in requests])
+    finally:  # a caller that stops early frees the slots of a shared engine
+        for r in requests:
+            engine.cancel(r)
 
-    def advance(ids: Tensor) -> Tensor:
-        """One decoding step: the newest (B,) ids in, the next ones out."""
-        if not compile:
-            return sample(decode_one(model, ids, cache), temperature, top_k, top_p, generator)
-        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        if temperature <= 0:  # cloned: a CUDA graph's outputs are overwritten by its next replay
-            return compiled(decode_greedy)(model, ids, cache)[0].clone()
-        return sample(compiled(decode_one_and_hidden)(model, ids, cache)[0], temperature, top_k, top_p, generator)
 
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    logits = model(tokens, cache=cache, last_only=True)[:, -1]  # prefill
-    next_ids = sample(logits, temperature, top_k, top_p, generator)
-    for n in range(1, total - longest + 1):
-        if eos_id is not None:
-            next_ids = next_ids.masked_fill(done, eos_id)
-            done |= next_ids == eos_id
-        yield next_ids
-        if n == total - longest or (eos_id is not None and bool(done.all())):
-            return
-        next_ids = advance(next_ids)
+def _seed(seed: int | None, row: int) -> int | None:
+    return None if seed is None else seed + row
 
 
 def generate(model: Axiom, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:

@@ -53,55 +53,70 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer for a batch of sequences, filled left to right.
+    """Keys and values of every layer for a batch of sequences (rows), each filled left to right from slot 0.
 
-    `pad` (B,) counts left-padding slots per row (prompts of different lengths are left-padded):
-    those keys are masked and positions start after them.
+    Every row has its own fill level, so rows holding texts of different lengths decode together (the engine's
+    slots, axiom/engine.py): a row's new keys go after its own filled slots, its positions count from its own
+    start, and it attends to its own filled slots only. Slots beyond a row's fill level may hold stale keys from
+    an earlier text; they are always masked.
 
-    A dynamic cache (the default) tracks its fill level in the Python int `length` and attends over the
-    filled slots only. A static cache (`static=True`) keeps every shape fixed: attention spans all
-    max_len slots under a mask and the fill level is the device tensor `position`, so one compiled
-    graph (or CUDA graph) serves every decoding step; its `length` stays 0.
+    A dynamic cache (the default) keeps the fill levels as Python ints in `lengths`, so shapes are decided without
+    reading the device: when every row is filled alike (one sequence, or a batch in step) it attends over the
+    filled slots with no mask at all, the fast path. A static cache (`static=True`) keeps every shape fixed:
+    attention spans all max_len slots under a mask and the fill levels are the device tensor `positions`,
+    advanced in place, so one compiled graph (or CUDA graph) serves every decoding step.
     """
 
     keys: list[Tensor]  # per layer (B, n_kv_heads, max_len, head_dim)
     values: list[Tensor]
-    pad: Tensor | None = None
-    length: int = 0  # slots filled so far (dynamic cache)
-    position: Tensor | None = None  # (1,) int64 slots filled so far (static cache), advanced in place
+    lengths: list[int]  # dynamic cache: slots filled per row
+    positions: Tensor | None = None  # static cache: (B,) int64 slots filled per row, advanced in place
+    slots: Tensor | None = None  # (B, T) slots the current forward writes, when rows differ (set by _positions)
 
     @property
     def static(self) -> bool:
-        return self.position is not None
+        return self.positions is not None
 
     @classmethod
-    def empty(
-        cls,
-        cfg: ModelConfig,
-        batch: int,
-        max_len: int,
-        device,
-        dtype,
-        pad: Tensor | None = None,
-        static: bool = False,
-    ) -> KVCache:
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype, static: bool = False) -> KVCache:
+        """A cache of `batch` empty rows of `max_len` slots. Zeros, not garbage: a masked slot still meets a
+        zero attention weight, and 0 * NaN would be NaN."""
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         new = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]  # noqa: E731
-        position = torch.zeros(1, dtype=torch.long, device=device) if static else None
-        return cls(new(), new(), pad, 0, position)
+        positions = torch.zeros(batch, dtype=torch.long, device=device) if static else None
+        return cls(new(), new(), [0] * batch, positions)
+
+    def rows(self, start: int, n: int) -> KVCache:
+        """A cache over rows start..start+n-1 that shares this one's storage (its keys, values and positions
+        are views). A dynamic view's `lengths` is a copy: the owner updates its own after the forward."""
+        view = lambda ts: [t.narrow(0, start, n) for t in ts]  # noqa: E731
+        positions = self.positions.narrow(0, start, n) if self.static else None
+        return KVCache(view(self.keys), view(self.values), self.lengths[start : start + n], positions)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, n_kv, T, hd) after the filled slots; return the keys and values to attend over
+        """Store k, v (B, n_kv, T, hd) after each row's filled slots; return the keys and values to attend over
         (the filled ones, or every slot of a static cache)."""
+        T = k.shape[2]
+        if self.slots is None:  # rows filled alike: one contiguous block, narrow + copy_ (fewest ops)
+            start = self.lengths[0]
+            self.keys[layer].narrow(2, start, T).copy_(k)
+            self.values[layer].narrow(2, start, T).copy_(v)
+            return self.keys[layer].narrow(2, 0, start + T), self.values[layer].narrow(2, 0, start + T)
+        index = self.slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, n_kv, T, hd)
+        self.keys[layer].scatter_(2, index, k)
+        self.values[layer].scatter_(2, index, v)
         if self.static:
-            slots = self.position + torch.arange(k.shape[2], device=k.device)
-            self.keys[layer].index_copy_(2, slots, k)
-            self.values[layer].index_copy_(2, slots, v)
             return self.keys[layer], self.values[layer]
-        T, end = k.shape[2], self.length + k.shape[2]
-        self.keys[layer].narrow(2, self.length, T).copy_(k)  # narrow + copy_: fewer ops than slice assignment
-        self.values[layer].narrow(2, self.length, T).copy_(v)
+        end = max(self.lengths) + T
         return self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end)
+
+    def advance(self, T: int) -> None:
+        """Count the T tokens just written into every row."""
+        if self.static:
+            self.positions.add_(T)
+        else:
+            self.lengths = [n + T for n in self.lengths]
+        self.slots = None
 
 
 class Attention(nn.Module):
@@ -241,10 +256,7 @@ class Axiom(nn.Module):
             else:
                 x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
-            if cache.static:
-                cache.position.add_(T)
-            else:
-                cache.length += T
+            cache.advance(T)
         if last_only:
             x = x[:, -1:]
         return self.norm(x)
@@ -252,8 +264,8 @@ class Axiom(nn.Module):
     def _positions(self, T: int, cache: KVCache | None, device) -> tuple[Tensor, Tensor, Tensor | None]:
         """RoPE cos/sin for the T new tokens and the attention mask (None where SDPA's causal flag or
         no mask at all is exact: a fresh sequence, or one new token attending to every filled slot)."""
-        if cache is None or (not cache.static and cache.pad is None):
-            start = cache.length if cache is not None else 0
+        if cache is None or (not cache.static and min(cache.lengths) == max(cache.lengths)):
+            start = cache.lengths[0] if cache is not None else 0
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence length {start + T} exceeds max_seq_len={self.cfg.max_seq_len}")
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hd)
@@ -261,22 +273,20 @@ class Axiom(nn.Module):
                 return cos, sin, None
             slots = torch.arange(start + T, device=device)
             return cos, sin, slots[None, :] <= slots[start:, None]  # (T, S)
-        # Slots are tensors here, never Python ints, so a static cache's shapes stay fixed step to step.
+        # Rows filled to different levels. A static cache's levels stay on the device (never Python ints), so
+        # its shapes are the same at every step; a dynamic one's span the longest row.
         if cache.static:
-            pos = cache.position + torch.arange(T, device=device)  # (T,) slots being written
+            filled = cache.positions
             slots = torch.arange(cache.keys[0].shape[2], device=device)  # (S,) every slot
         else:
-            if cache.length + T > self.cfg.max_seq_len:
-                raise ValueError(f"sequence length {cache.length + T} exceeds max_seq_len={self.cfg.max_seq_len}")
-            slots = torch.arange(cache.length + T, device=device)
-            pos = slots[cache.length :]
-        mask = slots[None, :] <= pos[:, None]  # (T, S) causal
-        if cache.pad is None:
-            return self.rope_cos[pos], self.rope_sin[pos], mask
-        positions = (pos[None, :] - cache.pad[:, None]).clamp(min=0)  # (B, T): each row counts from its text
-        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hd)
-        # Padding keys are hidden; a padding query still sees itself so that no softmax row is empty.
-        mask = mask[None] & ((slots[None, None, :] >= cache.pad[:, None, None]) | (slots == pos[:, None]))
+            if max(cache.lengths) + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {max(cache.lengths) + T} exceeds max_seq_len={self.cfg.max_seq_len}")
+            filled = torch.tensor(cache.lengths, device=device)
+            slots = torch.arange(max(cache.lengths) + T, device=device)
+        pos = filled[:, None] + torch.arange(T, device=device)  # (B, T): each row's positions = the slots it writes
+        cache.slots = pos
+        cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, hd)
+        mask = slots[None, None, :] <= pos[:, :, None]  # (B, T, S) causal within each row
         return cos, sin, mask[:, None]  # (B, 1, T, S)
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -10,33 +10,88 @@ import torch
 
 from axiom.checkpoint import load_model
 from axiom.config import add_config_arguments, config_from_args
-from axiom.generate import stream
+from axiom.errors import AxiomError
+from axiom.generate import SamplingParams, stream
 from axiom.model import Axiom
+from axiom.parallel import Dist, pick_device
 from axiom.tokenizer import load_tokenizer
+
+DTYPES = ("float32", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", help="checkpoint directory (default: a randomly initialised --preset)")
     add_config_arguments(parser)
     parser.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: EOS only)")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=200)
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.95")
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=100, help="new tokens per prompt, capped by the context (default: 100)"
+    )
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default: 200)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1], e.g. 0.95")
+    parser.add_argument("--seed", type=int, default=1337, help="prompt i samples with seed + i (default: 1337)")
+    add_inference_arguments(parser)
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype, shared with `axiom serve`."""
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights for decoding (default: float32)")
+
+
+def load_for_inference(ckpt: str, device: str | None, dtype: str) -> tuple[Axiom, dict]:
+    """A checkpoint's model on `device` in `dtype`, in eval mode, and its config.json."""
+    model, _, meta = load_model(ckpt, pick_device(device, Dist()))
+    return prepare(model, dtype), meta
+
+
+def prepare(model: Axiom, dtype: str) -> Axiom:
+    # Contract 3: axiom.inference.prepare_model(model, dtype) replaces this cast once it lands.
+    return model.to(getattr(torch, dtype)).eval()
+
+
+def token_bytes(enc, token: int) -> bytes:
+    """The bytes a token stands for; an id the vocabulary leaves unassigned (cl100k_base has 100261-100275, which an
+    untrained model may still pick) shows as U+FFFD."""
+    try:
+        return enc.decode_single_token_bytes(token)
+    except KeyError:
+        return "\ufffd".encode()
+
+
+def check_sampling_flags(params: SamplingParams) -> None:
+    """One AxiomError naming the flag whose value is out of range."""
+    problem = params.problem()
+    if problem:
+        name, what = problem
+        raise AxiomError(f"--{name.replace('_', '-')} {getattr(params, name)}: {what}")
 
 
 def run(args: argparse.Namespace) -> None:
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    check_sampling_flags(params)
     enc = load_tokenizer()
     if args.ckpt:
-        model, _, _ = load_model(args.ckpt, args.device)
+        model, _ = load_for_inference(args.ckpt, args.device, args.dtype)
     else:
+        device = pick_device(args.device, Dist())
         torch.manual_seed(args.seed)
-        model = Axiom(config_from_args(args).model).to(args.device)
-    model.eval()
+        model = prepare(Axiom(config_from_args(args).model).to(device), args.dtype)
     texts = args.prompt or [""]
     prompts = [enc.encode_ordinary(t) if t else [enc.eot_token] for t in texts]
+    context, longest = model.cfg.max_seq_len, max(len(p) for p in prompts)
+    if longest >= context:
+        raise AxiomError(
+            f"--prompt: {longest} tokens, but the model's context is {context} tokens and a prompt must leave room "
+            "for at least one new token; shorten the prompt"
+        )
+    if longest + args.max_new_tokens > context:
+        print(
+            f"axiom generate: note: --max-new-tokens {args.max_new_tokens} capped to {context - longest}: the "
+            f"{'longest ' if len(prompts) > 1 else ''}prompt ({longest} tokens) and its new tokens fill the "
+            f"context of {context}",
+            file=sys.stderr,
+        )
     kwargs = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=enc.eot_token
     )
@@ -49,11 +104,16 @@ def run(args: argparse.Namespace) -> None:
         for i, token in enumerate(step.tolist()):
             if token == enc.eot_token:
                 continue
-            piece = decoders[i].decode(enc.decode_single_token_bytes(token))
+            piece = decoders[i].decode(token_bytes(enc, token))
             outputs[i] += piece
             if live:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+    for i, decoder in enumerate(decoders):  # bytes of a character cut off by the end: U+FFFD, as mid-text
+        piece = decoder.decode(b"", final=True)
+        outputs[i] += piece
+        if live:
+            sys.stdout.write(piece)
     if live:
         print()
         return

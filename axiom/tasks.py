@@ -167,7 +167,7 @@ def _groups(requests: Sequence[tuple[list[int], list[int]]], max_len: int) -> li
 
 def _batches(groups: list[_Group], batch_size: int, max_len: int) -> list[list[_Group]]:
     """Groups in batches of at most `batch_size`, longest context first (less padding), such that the longest
-    context plus the longest continuation of a batch fit the model (contexts are left-padded to one length)."""
+    context plus the longest continuation of a batch fit the model (contexts are right-padded to one length)."""
     batches: list[list[_Group]] = []
     for g in sorted(groups, key=lambda g: -len(g.prefix)):
         last = batches[-1] if batches else None
@@ -217,27 +217,26 @@ def _batch_hidden(model: Axiom, batch: list[_Group], device) -> tuple[Tensor, Te
     """The final hidden states that predict continuation tokens (N, d); for every continuation token its row in
     them (M,) and the token itself (M,); and each request's (start, end) range of those M tokens.
 
-    Pass 1 runs the contexts, left-padded to one length, into a KV cache; its last position predicts the first token
-    of every continuation of that context (one row, shared). Pass 2 copies each context's cache rows once per
+    Pass 1 runs the contexts, right-padded to one length, into a KV cache, whose rows are then cut back to each
+    context's own length (slots past a row's fill level are always masked); the context's last position predicts
+    the first token of every continuation of it (one row, shared). Pass 2 copies each context's cache row once per
     continuation and runs the continuations without their last token, right-padded (causal attention never looks
-    at the padding)."""
-    P = len(batch[0].prefix)
+    at the padding), each row from its own context's end."""
+    P = max(len(g.prefix) for g in batch)
     S = max(g.suffix_len for g in batch)
-    pad = torch.tensor([P - len(g.prefix) for g in batch], device=device)
-    prefixes = torch.tensor([[0] * (P - len(g.prefix)) + g.prefix for g in batch], device=device)  # (B, P)
+    prefixes = torch.tensor([g.prefix + [0] * (P - len(g.prefix)) for g in batch], device=device)  # (B, P)
     dtype = next(model.parameters()).dtype
-    cache = KVCache.empty(model.cfg, len(batch), P + S, device, dtype, pad if pad.any() else None)
-    hidden = [model.hidden_states(prefixes, cache, last_only=True)[:, 0]]  # (B, d)
+    cache = KVCache.empty(model.cfg, len(batch), P + S, device, dtype)
+    states = model.hidden_states(prefixes, cache)  # (B, P, d)
+    ends = torch.tensor([len(g.prefix) - 1 for g in batch], device=device)
+    hidden = [states[torch.arange(len(batch), device=device), ends]]  # (B, d)
+    cache.lengths = [len(g.prefix) for g in batch]
 
     requests = [(b, i, c) for b, g in enumerate(batch) for i, c in zip(g.requests, g.continuations, strict=True)]
     if S > 0:
         owner = torch.tensor([b for b, _, _ in requests], device=device)
-        cache = KVCache(
-            [k[owner] for k in cache.keys],
-            [v[owner] for v in cache.values],
-            cache.pad[owner] if cache.pad is not None else None,
-            cache.length,
-        )
+        lengths = [cache.lengths[b] for b, _, _ in requests]
+        cache = KVCache([k[owner] for k in cache.keys], [v[owner] for v in cache.values], lengths)
         suffixes = torch.tensor([c[:-1] + [0] * (S + 1 - len(c)) for _, _, c in requests], device=device)  # (R, S)
         after = model.hidden_states(suffixes, cache)  # (R, S, d)
 

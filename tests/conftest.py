@@ -6,10 +6,21 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from axiom.config import Config, get_config
 from axiom.loader import TOKEN_DTYPE, write_dataset
 from axiom.tokenizer import EOS_ID
+
+# Tests that take the `device` fixture (or a fixture built on DEVICES) run once per available device, with ids
+# "cpu" and "cuda": `pytest -k cuda` runs the GPU ones (scripts/gpu_check.sh does, on a lent GPU).
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
 
 MICRO_VOCAB = 512  # a 100k-way softmax would be most of every test's time; tiny_data's ids stay below this
 MICRO = [

@@ -103,11 +103,11 @@ def test_chunked_loss_under_autocast_follows_the_low_precision_branch():
 
 def test_static_cache_forward_equals_full_recompute(model):
     tokens = torch.randint(0, SMALL.vocab_size, (2, 12))
-    cache = KVCache.empty(SMALL, 2, SMALL.max_seq_len, "cpu", torch.float32, torch.zeros(2, dtype=torch.long), True)
+    cache = KVCache.empty(SMALL, 2, SMALL.max_seq_len, "cpu", torch.float32, static=True)
     with torch.no_grad():
         full = model(tokens)
         steps = [model(tokens[:, :5], cache=cache)] + [model(tokens[:, i : i + 1], cache=cache) for i in range(5, 12)]
-    assert cache.static and int(cache.position) == 12 and cache.length == 0
+    assert cache.static and cache.positions.tolist() == [12, 12]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
@@ -157,7 +157,7 @@ def test_hidden_states_are_forward_before_the_output_layer(model):
             model(tokens, cache=cache, last_only=True)
         logits, step_hidden = decode_one_and_hidden(model, tokens[:, 0], caches[1])
         torch.testing.assert_close(logits, decode_one(model, tokens[:, 0], caches[0]), rtol=1e-5, atol=1e-5)
-    assert step_hidden.shape == (2, 1, SMALL.d_model) and int(caches[1].position) == caches[0].length == 10
+    assert step_hidden.shape == (2, 1, SMALL.d_model) and caches[1].positions.tolist() == caches[0].lengths == [10, 10]
 
 
 def test_compiled_model_gives_the_eager_loss_and_gradients():

@@ -13,7 +13,13 @@ SMALL = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads
 
 
 @pytest.fixture
-def model():
+def model(device):
+    torch.manual_seed(0)
+    return Axiom(SMALL).to(device).eval()
+
+
+@pytest.fixture
+def cpu_model():
     torch.manual_seed(0)
     return Axiom(SMALL).eval()
 
@@ -28,8 +34,8 @@ def test_card_parameter_count_on_meta_device():
     assert flops_per_token(cfg, 1024) == 6 * (385_849_344 - 49 * 1024) + 12 * 24 * 1024 * 1024
 
 
-def test_causality(model):
-    x = torch.randint(0, 97, (2, 20))
+def test_causality(model, device):
+    x = torch.randint(0, 97, (2, 20), device=device)
     y = x.clone()
     y[:, 12:] = (y[:, 12:] + 1) % 97
     with torch.no_grad():
@@ -49,26 +55,26 @@ def naive_attention(attn, x, cos, sin):
     k = apply_rope(k.view(B, T, nkv, hd).transpose(1, 2), cos, sin).repeat_interleave(nh // nkv, dim=1)
     v = v.view(B, T, nkv, hd).transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
-    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), 1), float("-inf"))
     y = torch.softmax(scores, dim=-1) @ v
     return attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def test_gqa_attention_equals_naive_reference(model):
+def test_gqa_attention_equals_naive_reference(model, device):
     attn = model.layers[0].attn
-    x = torch.randn(2, 10, SMALL.d_model)
+    x = torch.randn(2, 10, SMALL.d_model, device=device)
     cos, sin = model.rope_cos[:10], model.rope_sin[:10]
     with torch.no_grad():
         assert torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-5)
 
 
-def test_kv_cache_greedy_equals_full_recompute(model):
+def test_kv_cache_greedy_equals_full_recompute(model, device):
     prompt = [5, 17, 3, 88, 42]
     cached = generate(model, [prompt], 12, temperature=0)[0]
     seq = list(prompt)
     with torch.no_grad():
         for _ in range(12):
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+            seq.append(int(model(torch.tensor([seq], device=device))[0, -1].argmax()))
     assert cached == seq[len(prompt) :]
 
 
@@ -87,11 +93,11 @@ def test_sampling_is_seeded_and_stops_at_eos(model):
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
-def test_chunked_loss_equals_cross_entropy(chunk):
+def test_chunked_loss_equals_cross_entropy(chunk, device):
     torch.manual_seed(0)
-    h = torch.randn(50, 16, requires_grad=True)
-    w = torch.randn(97, 16, requires_grad=True)
-    t = torch.randint(0, 97, (50,))
+    h = torch.randn(50, 16, device=device, requires_grad=True)
+    w = torch.randn(97, 16, device=device, requires_grad=True)
+    t = torch.randint(0, 97, (50,), device=device)
     t[3] = -100  # ignored position
     loss = chunked_cross_entropy(h, w, t, chunk)
     (loss * 2.5).backward()
@@ -109,9 +115,9 @@ def grads(model, x, y):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_activation_checkpointing_gives_same_gradients(model):
+def test_activation_checkpointing_gives_same_gradients(model, device):
     model.train()
-    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    x, y = torch.randint(0, 97, (2, 16), device=device), torch.randint(0, 97, (2, 16), device=device)
     plain = grads(model, x, y)
     model.gradient_checkpointing = True
     checkpointed = grads(model, x, y)
@@ -119,7 +125,8 @@ def test_activation_checkpointing_gives_same_gradients(model):
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
 
 
-def test_tied_weights_stay_tied_through_training_and_reload(model, tmp_path):
+def test_tied_weights_stay_tied_through_training_and_reload(cpu_model, tmp_path):
+    model = cpu_model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))).backward()
@@ -135,7 +142,8 @@ def test_tied_weights_stay_tied_through_training_and_reload(model, tmp_path):
         assert torch.equal(loaded.eval()(x), model.eval()(x))
 
 
-def test_checkpoint_that_does_not_fit_its_config_is_a_clear_error(model, tmp_path):
+def test_checkpoint_that_does_not_fit_its_config_is_a_clear_error(cpu_model, tmp_path):
+    model = cpu_model
     import json
 
     from axiom.errors import AxiomError

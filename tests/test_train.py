@@ -67,18 +67,18 @@ def test_lr_schedule_boundaries():
     assert lr_at(99, flat) == flat.lr_max
 
 
-def _model_and_opt(cfg, seed=0):
+def _model_and_opt(cfg, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    model = Axiom(cfg.model)
-    return model, build_optimizer(model, cfg.train, "cpu")[0]
+    model = Axiom(cfg.model).to(device)
+    return model, build_optimizer(model, cfg.train, device)[0]
 
 
-def test_gradient_accumulation_equals_one_large_batch():
+def test_gradient_accumulation_equals_one_large_batch(device):
     cfg = micro_config()
     x = torch.randint(0, MICRO_VOCAB, (4, 32))
     y = torch.randint(0, MICRO_VOCAB, (4, 32))
-    m1, _ = _model_and_opt(cfg)
-    m2, _ = _model_and_opt(cfg)
+    m1, _ = _model_and_opt(cfg, device=device)
+    m2, _ = _model_and_opt(cfg, device=device)
     before = {k: v.clone() for k, v in m1.state_dict().items()}
     # plain SGD with lr 1: the weight change is the (clipped) gradient itself, which Adam would blur
     r1 = train_step(m1, torch.optim.SGD(m1.parameters()), [(x[:2], y[:2]), (x[2:], y[2:])], 1.0, cfg.train)
@@ -91,10 +91,10 @@ def test_gradient_accumulation_equals_one_large_batch():
     assert not torch.equal(m1.embed.weight, before["embed.weight"])
 
 
-def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, capsys):
+def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, capsys, device):
     cfg = micro_config("optimizer=adamw8bit")
-    model = Axiom(cfg.model)
-    opt, name = build_optimizer(model, cfg.train, "cpu")
+    model = Axiom(cfg.model).to(device)
+    opt, name = build_optimizer(model, cfg.train, device)
     assert name == "AdamW8bit (bitsandbytes)" and type(opt).__name__ == "AdamW8bit"
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
@@ -104,7 +104,7 @@ def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, capsys
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
-    opt, name = build_optimizer(model, cfg.train, "cpu")
+    opt, name = build_optimizer(model, cfg.train, device)
     assert isinstance(opt, torch.optim.AdamW) and name == "AdamW (torch, fused)"
     err = capsys.readouterr().err
     assert "notice: bitsandbytes is not usable (ModuleNotFoundError" in err and "using torch AdamW" in err

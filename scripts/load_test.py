@@ -1,0 +1,245 @@
+"""Load test of `axiom serve` on 127.0.0.1: N concurrent clients x M greedy requests each, at several N, against
+a server that batches (--max-batch B) and one that decodes one request at a time (--max-batch 1).
+
+    python scripts/load_test.py                                   # tiny preset, untied, random weights
+    python scripts/load_test.py --preset small
+    python scripts/load_test.py --ckpt runs/demo/checkpoints/best --concurrency 1 4 16 --requests 4
+
+Every response is checked against the text the engine gives the prompt alone (what `axiom generate --temperature 0`
+prints): all requests must complete and be correct, or the script exits 1. Before timing, it also measures the
+smallest lead of a greedy choice over the runner-up among the expected tokens: batching moves logits by rounding
+only (~1e-7, tests/test_engine.py), so a lead far above that cannot flip. Prints, per server and concurrency,
+throughput (completion tokens/s over the wall time of the level) and p50/p95 request latency, then the speed-up of
+batching. Rounds alternate the two servers (ABBA) so that load from other processes falls on both; the figures are
+the medians over rounds. Bounded: every request has a timeout and both servers are stopped at the end.
+
+`--device cuda --dtype bfloat16 --compile` runs the servers (and the reference decoding) that way. In bfloat16 a
+batched step rounds differently enough that a greedy choice with a small lead may flip: the printed margin says
+how far the reference's choices are from that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from axiom.checkpoint import save_model
+from axiom.config import get_config
+from axiom.generate import generate
+from axiom.model import Axiom
+from axiom.sample import load_for_inference, token_bytes
+from axiom.tokenizer import EOS_ID, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "The history of the city begins",
+    "def fibonacci(n):",
+    "In the beginning God created",
+    "The capital of France is",
+    "Once upon a time there was",
+    "import numpy as np\n",
+    "The mitochondria is",
+    "Dear committee members,",
+    "1. Preheat the oven",
+    "SELECT name FROM users WHERE",
+    "The theory of relativity states",
+    "Breaking news:",
+    "Roses are red,",
+    "To be or not to be",
+    "The quick brown fox",
+    "Ladies and gentlemen,",
+]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", help="checkpoint to serve (default: --preset with random weights)")
+    p.add_argument("--preset", default="tiny", help="without --ckpt: this preset, untied, random weights (seed 0)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="clients at once (default: 1 4 16)")
+    p.add_argument("--requests", type=int, default=4, help="requests per client per level (default: 4)")
+    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: 64)")
+    p.add_argument("--max-batch", type=int, default=16, help="the batching server's --max-batch (default: 16)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per server, alternated (default: 2)")
+    p.add_argument("--device", help="the servers' --device (and the reference decoding's)")
+    p.add_argument("--dtype", default="float32", help="the servers' --dtype (and the reference decoding's)")
+    p.add_argument("--compile", action="store_true", help="start the servers with --compile")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(args.preset, Path(tmp))
+        expected, margin = expected_texts(ckpt, args)
+        servers = {"batched": args.max_batch, "one_at_a_time": 1}
+        procs = {name: start_server(ckpt, batch, args) for name, batch in servers.items()}
+        try:
+            results = run_levels(procs, expected, args)
+        finally:
+            for proc, _ in procs.values():
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+    report = {
+        "ckpt": args.ckpt or f"{args.preset} preset with an untied output layer, random weights (seed 0)",
+        "requests_per_client": args.requests,
+        "max_tokens": args.max_tokens,
+        "max_batch": args.max_batch,
+        "rounds": args.rounds,
+        "min_greedy_margin": margin,
+        "load_average": os.getloadavg(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "levels": results,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0 if all(r["errors"] == 0 for level in results for r in level["servers"].values()) else 1
+
+
+def random_checkpoint(preset: str, tmp: Path) -> Path:
+    # Untied output layer: a random tied model mostly repeats its last token, which would make the check weak.
+    cfg = get_config(preset, ["tie_embeddings=false"])
+    torch.manual_seed(0)
+    save_model(Axiom(cfg.model), cfg, tmp, step=0)
+    return tmp
+
+
+def expected_texts(ckpt: Path, args: argparse.Namespace) -> tuple[dict[str, str], float]:
+    """Each prompt's greedy text decoded alone (as `axiom generate --temperature 0` gives it), and the smallest
+    lead of a chosen token's logit over the runner-up along the way."""
+    model, _ = load_for_inference(str(ckpt), args.device, args.dtype)
+    n = args.max_tokens
+    enc = load_tokenizer()
+    texts, margin = {}, float("inf")
+    for prompt in PROMPTS:
+        ids = enc.encode_ordinary(prompt)
+        new = generate(model, [ids], n, temperature=0.0, eos_id=EOS_ID)[0]
+        texts[prompt] = b"".join(token_bytes(enc, t) for t in new if t != EOS_ID).decode(errors="replace")
+        with torch.no_grad():
+            top = model(torch.tensor([ids + new], device=model.embed.weight.device))[0, len(ids) - 1 : -1]
+            top = top.float().topk(2, dim=-1).values
+        margin = min(margin, float((top[:, 0] - top[:, 1]).min()))
+    return texts, margin
+
+
+def start_server(ckpt: Path, max_batch: int, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+    cmd = [sys.executable, "-m", "axiom.cli", "serve", "--ckpt", str(ckpt), "--port", "0"]
+    cmd += ["--max-batch", str(max_batch), "--model-name", "m", "--dtype", args.dtype]
+    cmd += (["--device", args.device] if args.device else []) + (["--compile"] if args.compile else [])
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if " on http://" not in line:
+        proc.kill()
+        raise SystemExit(f"axiom serve did not start: {line!r}")
+    return proc, int(line.split(" on http://")[1].split(":")[1].split("/")[0])
+
+
+def request(port: int, prompt: str, max_tokens: int) -> tuple[str, float, int]:
+    """One greedy completion: (text, latency in seconds, completion tokens)."""
+    body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = json.loads(response.read())
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {data}")
+    return data["choices"][0]["text"], time.perf_counter() - start, data["usage"]["completion_tokens"]
+
+
+def load(port: int, clients: int, per_client: int, expected: dict[str, str], max_tokens: int) -> dict:
+    """`clients` threads, each sending `per_client` requests one after another; prompts cycle through PROMPTS."""
+    latencies, tokens, errors = [], [0], []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for i in range(per_client):
+            prompt = PROMPTS[(c * per_client + i) % len(PROMPTS)]
+            try:
+                text, latency, n = request(port, prompt, max_tokens)
+            except Exception as e:  # counted, reported, and the script fails
+                with lock:
+                    errors.append(f"{prompt!r}: {e}")
+                continue
+            with lock:
+                latencies.append(latency)
+                tokens[0] += n
+                if text != expected[prompt]:
+                    errors.append(f"{prompt!r}: text differs from the prompt decoded alone")
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "tokens_per_s": tokens[0] / wall,
+        "p50_s": latencies[len(latencies) // 2] if latencies else None,
+        "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None,
+        "completed": len(latencies),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+    }
+
+
+def run_levels(procs: dict, expected: dict[str, str], args: argparse.Namespace) -> list[dict]:
+    for _, port in procs.values():  # warm-up: first-call costs are not timed
+        request(port, PROMPTS[0], 4)
+    levels = []
+    for clients in args.concurrency:
+        rounds: dict[str, list[dict]] = {name: [] for name in procs}
+        for r in range(args.rounds):
+            order = list(procs) if r % 2 == 0 else list(reversed(procs))
+            for name in order:
+                rounds[name].append(load(procs[name][1], clients, args.requests, expected, args.max_tokens))
+        summary = {}
+        for name, runs in rounds.items():
+            summary[name] = {
+                "tokens_per_s": statistics.median(x["tokens_per_s"] for x in runs),
+                "p50_s": statistics.median(x["p50_s"] for x in runs if x["p50_s"] is not None),
+                "p95_s": statistics.median(x["p95_s"] for x in runs if x["p95_s"] is not None),
+                "completed": sum(x["completed"] for x in runs),
+                "errors": sum(x["errors"] for x in runs),
+                "error_samples": [e for x in runs for e in x["error_samples"]][:3],
+                "rounds_tokens_per_s": [round(x["tokens_per_s"], 1) for x in runs],
+            }
+        speedup = summary["batched"]["tokens_per_s"] / summary["one_at_a_time"]["tokens_per_s"]
+        levels.append({"concurrency": clients, "servers": summary, "batching_speedup": speedup})
+    return levels
+
+
+def print_table(report: dict) -> None:
+    print(f"axiom serve load test: {report['ckpt']}, {report['requests_per_client']} requests per client, ", end="")
+    print(f"{report['max_tokens']} new tokens each, greedy; median of {report['rounds']} rounds per server")
+    print(f"smallest greedy margin among the expected tokens: {report['min_greedy_margin']:.2e}")
+    print(f"{'clients':>7}  {'server':<22} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7} {'done':>5} {'errors':>6}")
+    for level in report["levels"]:
+        for name, r in level["servers"].items():
+            label = f"max-batch {report['max_batch']}" if name == "batched" else "max-batch 1"
+            print(f"{level['concurrency']:>7}  {label:<22} {r['tokens_per_s']:>9.1f} {r['p50_s']:>7.3f} ", end="")
+            print(f"{r['p95_s']:>7.3f} {r['completed']:>5} {r['errors']:>6}")
+            for e in r["error_samples"]:
+                print(f"           error: {e}")
+        print(f"{'':>7}  batching speed-up {level['batching_speedup']:.2f}x")
+    print(f"load average {report['load_average'][0]:.2f}, torch {report['torch']}, {report['cpu_threads']} threads")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
