@@ -1,0 +1,138 @@
+"""Readying a loaded model for decoding: `prepare_model(model, dtype)` casts or quantizes its weights and swaps
+its linear layers for ones whose few-row products (decoding) stream the weights on every core.
+
+Batch-1 decoding is memory-bound: each token reads every weight once (1.54 GB in float32 for axiom-380m), so a
+token costs bytes read / bandwidth. torch's own paths for a (1, K) x (N, K)^T product run far below the
+machine's bandwidth on CPU (MKL's matrix-vector path and oneDNN's bf16 path use one core), so on CPU the few-row
+products go through kernels that split the rows of the weight over the cores (docs/benchmarks.md, "Decoding at
+the bandwidth limit"). Prefill (many rows) keeps the ordinary matrix-matrix kernels.
+
+    float32   weights as trained
+    bfloat16  weights and activations in bfloat16 (half the bytes per token)
+    int8      weight-only int8: every linear weight and the (tied) token table as int8 with one float scale
+              per output channel (row), activations in bfloat16; a quarter of float32's bytes
+
+Inference only: the prepared model has no gradients and is not for training (the quantized modules hold
+buffers, not parameters). Training never calls this module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from axiom import kernels
+from axiom.errors import AxiomError
+from axiom.model import Axiom, output_logits
+
+INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
+
+# A product with at most this many rows (decoding: one per sequence of the batch) takes the few-row kernels;
+# more rows (prefill) take the matrix-matrix kernels, which are efficient on their own.
+FEW_ROWS = 16
+
+
+def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
+    """Ready `model` for decoding in `dtype` (one of INFERENCE_DTYPES), in place; returns it.
+
+    Sets eval mode and turns gradients off, casts the weights (float32, bfloat16) or quantizes them (int8), and
+    replaces every nn.Linear and the token table with modules whose forward picks a fast kernel by row count.
+    RoPE tables stay float32. The KV cache of a decoding loop follows the remaining parameters' dtype (the
+    norms): float32 for float32, bfloat16 for bfloat16 and int8."""
+    if dtype not in INFERENCE_DTYPES:
+        raise AxiomError(f"--dtype {dtype!r}: choose one of {', '.join(INFERENCE_DTYPES)}")
+    model.eval().requires_grad_(False)
+    float_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+    for p in model.parameters():
+        p.data = p.data.to(float_dtype)  # a tied table once: lm_head.weight is embed.weight
+    tied = model.lm_head.weight is model.embed.weight
+    if dtype == "int8":
+        table = quantize_rows(model.embed.weight.data)
+        model.embed = Int8Embedding(*table, float_dtype)
+        model.lm_head = Int8Linear(*(table if tied else quantize_rows(model.lm_head.weight.data)), float_dtype)
+    else:
+        model.lm_head = FastLinear(model.lm_head.weight)  # the same Parameter: the table stays tied, stored once
+    for block in model.layers:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    new = Int8Linear(*quantize_rows(child.weight.data), float_dtype) if dtype == "int8" else None
+                    setattr(parent, name, new or FastLinear(child.weight))
+    return model
+
+
+def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row (output channel) int8: weight (N, K) ~= q (N, K) int8 * scale (N,) float32."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (N,)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def few_rows(x: Tensor) -> bool:
+    """Whether a product with input x (..., K) is a decoding step on CPU (the row-split kernels' case)."""
+    return x.device.type == "cpu" and x.numel() // x.shape[-1] <= FEW_ROWS
+
+
+def use_kernels(x: Tensor) -> bool:
+    """Few rows on CPU, and axiom.kernels built here (a K that is a multiple of 16, as every preset's is)."""
+    return few_rows(x) and x.shape[-1] % 16 == 0 and kernels.available()
+
+
+class FastLinear(nn.Module):
+    """nn.Linear without bias over a float weight (N, K). Few rows on CPU: `axiom_decode.linear` (each core
+    streams a band of rows), or without the kernels `output_logits`'s row blocks (a batched matmul over blocks
+    of rows; float32 only: torch's bf16 batched matmul is slower than its plain one)."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if use_kernels(x):
+            out = torch.ops.axiom_decode.linear(x.reshape(-1, x.shape[-1]), self.weight)
+            return out.view(*x.shape[:-1], -1)
+        if few_rows(x) and self.weight.dtype == torch.float32:
+            return output_logits(x, self.weight)
+        return F.linear(x, self.weight)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear: y = (x @ q.T) * scale, q (N, K) int8, scale (N,); x in `act_dtype`."""
+
+    def __init__(self, q: Tensor, scale: Tensor, act_dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale.to(act_dtype))
+        self.register_buffer("scale_f32", scale.float())  # what the kernel multiplies by
+        self.act_dtype = act_dtype
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight (N, K) in the activation dtype: what the loss path (`Axiom.forward` with
+        targets) multiplies by; built per call, so evaluation works but pays for it."""
+        return self.q.to(self.act_dtype) * self.scale[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(self.act_dtype)
+        if use_kernels(x):
+            out = torch.ops.axiom_decode.linear_int8(rows, self.q, self.scale_f32)  # (rows, N)
+        elif few_rows(x) and self.act_dtype == torch.bfloat16:
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scale)  # torch's weight-only int8 kernel
+        else:
+            out = F.linear(rows, self.weight)  # prefill: dequantize once per call, then a matrix-matrix product
+        return out.view(*x.shape[:-1], -1)
+
+
+class Int8Embedding(nn.Module):
+    """Token table as int8 rows with per-row scales (shared with a tied Int8Linear): looks up and dequantizes."""
+
+    def __init__(self, q: Tensor, scale: Tensor, act_dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale.to(act_dtype))
+        self.act_dtype = act_dtype
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.q[tokens].to(self.act_dtype) * self.scale[tokens, None]

@@ -1,0 +1,105 @@
+// Few-row linear products for decoding on x86-64 CPUs with AVX-512: y (M, N) = x (M, K) @ W (N, K)^T, M small.
+//
+// Decoding reads every weight once per token, so a token costs bytes / bandwidth. Each thread takes a contiguous
+// band of W's rows and streams it once (4 rows at a time, 4 independent accumulators per input row), so both
+// cores read at once; x (M rows of K) stays in L1. Built and loaded by axiom/kernels/__init__.py (optional: the
+// callers fall back to torch's own kernels where it cannot be built). Accumulation is float32 throughout.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+namespace {
+
+constexpr int64_t ROWS = 4;  // weight rows per inner step
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// 16 weights from row r at column k, as float32
+inline __m512 load_w(const float* r, int64_t k) { return _mm512_loadu_ps(r + k); }
+inline __m512 load_w(const at::BFloat16* r, int64_t k) {  // bf16 -> fp32: the bf16 bits are the top half
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load_w(const int8_t* r, int64_t k) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + k))));
+}
+
+// One band [n0, n1) of output columns for M input rows (x already float32, contiguous (M, K); K % 16 == 0).
+template <typename W, typename Y>
+void band(const float* x, const W* w, const float* scale, Y* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+          int64_t n1) {
+  int64_t n = n0;
+  for (; n + ROWS <= n1; n += ROWS) {
+    const W* r = w + n * K;
+    for (int64_t m = 0; m < M; m++) {
+      const float* xm = x + m * K;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = 0; k < K; k += 16) {
+        __m512 xv = _mm512_loadu_ps(xm + k);
+        a0 = _mm512_fmadd_ps(load_w(r, k), xv, a0);
+        a1 = _mm512_fmadd_ps(load_w(r + K, k), xv, a1);
+        a2 = _mm512_fmadd_ps(load_w(r + 2 * K, k), xv, a2);
+        a3 = _mm512_fmadd_ps(load_w(r + 3 * K, k), xv, a3);
+      }
+      float s[ROWS] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+      for (int64_t j = 0; j < ROWS; j++) y[m * N + n + j] = static_cast<Y>(scale ? s[j] * scale[n + j] : s[j]);
+    }
+  }
+  for (; n < n1; n++) {  // a remainder of fewer than 4 rows
+    for (int64_t m = 0; m < M; m++) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) a = _mm512_fmadd_ps(load_w(w + n * K, k), _mm512_loadu_ps(x + m * K + k), a);
+      y[m * N + n] = static_cast<Y>(scale ? hsum(a) * scale[n] : hsum(a));
+    }
+  }
+}
+
+template <typename W>
+at::Tensor run(const at::Tensor& x, const W* w, const float* scale, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor yf = x.scalar_type() == at::kFloat ? y : at::empty({M, N}, x.options().dtype(at::kFloat));
+  const float* xp = xf.data_ptr<float>();
+  float* yp = yf.data_ptr<float>();
+  // grain: bands of >= 64 rows, so a small product stays on one thread
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { band(xp, w, scale, yp, M, K, N, n0, n1); });
+  if (!yf.is_same(y)) y.copy_(yf);
+  return y;
+}
+
+void check(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "expected x (M, K) and w (N, K)");
+  TORCH_CHECK(w.is_contiguous() && x.size(1) % 16 == 0, "w must be contiguous and K a multiple of 16");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
+}
+
+// x float32 or bfloat16 (M, K); w of the same dtype (N, K) -> (M, N) in x's dtype
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
+  check(x, w);
+  if (w.scalar_type() == at::kFloat) return run(x, w.data_ptr<float>(), nullptr, w.size(0));
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "w must be float32 or bfloat16");
+  return run(x, w.data_ptr<at::BFloat16>(), nullptr, w.size(0));
+}
+
+// x float32 or bfloat16 (M, K); q int8 (N, K); scale float32 (N,) -> (x @ q^T) * scale, (M, N) in x's dtype
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  check(x, q);
+  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.numel() == q.size(0),
+              "expected q int8 (N, K) and scale float32 (N,)");
+  return run(x, q.data_ptr<int8_t>(), scale.data_ptr<float>(), q.size(0));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(axiom_decode, m) {
+  m.def("linear(Tensor x, Tensor w) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(axiom_decode, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("linear_int8", &linear_int8);
+}
