@@ -43,22 +43,22 @@ def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
     if dtype not in INFERENCE_DTYPES:
         raise AxiomError(f"--dtype {dtype!r}: choose one of {', '.join(INFERENCE_DTYPES)}")
     model.eval().requires_grad_(False)
-    float_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
-    for p in model.parameters():
-        p.data = p.data.to(float_dtype)  # a tied table once: lm_head.weight is embed.weight
+    act = torch.float32 if dtype == "float32" else torch.bfloat16
     tied = model.lm_head.weight is model.embed.weight
-    if dtype == "int8":
+    if dtype == "int8":  # quantized from the weights as loaded, before any cast
         table = quantize_rows(model.embed.weight.data)
-        model.embed = Int8Embedding(*table, float_dtype)
-        model.lm_head = Int8Linear(*(table if tied else quantize_rows(model.lm_head.weight.data)), float_dtype)
-    else:
-        model.lm_head = FastLinear(model.lm_head.weight)  # the same Parameter: the table stays tied, stored once
+        model.embed = Int8Embedding(*table, act)
+        model.lm_head = Int8Linear(*(table if tied else quantize_rows(model.lm_head.weight.data)), act)
     for block in model.layers:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    new = Int8Linear(*quantize_rows(child.weight.data), float_dtype) if dtype == "int8" else None
+                    new = Int8Linear(*quantize_rows(child.weight.data), act) if dtype == "int8" else None
                     setattr(parent, name, new or FastLinear(child.weight))
+    for p in model.parameters():  # what is left in floating point; a tied table once (lm_head.weight is embed.weight)
+        p.data = p.data.to(act)
+    if dtype != "int8":
+        model.lm_head = FastLinear(model.lm_head.weight)  # the same Parameter: the table stays tied, stored once
     return model
 
 
@@ -75,9 +75,10 @@ def few_rows(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.numel() // x.shape[-1] <= FEW_ROWS
 
 
-def use_kernels(x: Tensor) -> bool:
-    """Few rows on CPU, and axiom.kernels built here (a K that is a multiple of 16, as every preset's is)."""
-    return few_rows(x) and x.shape[-1] % 16 == 0 and kernels.available()
+def kernels_fit(weight: Tensor) -> bool:
+    """Whether axiom.kernels are built here and take this weight (N, K): K a multiple of 16, as every preset's.
+    Decided once per module, when it is made: torch.compile then sees a plain attribute, not a build."""
+    return weight.device.type == "cpu" and weight.shape[-1] % 16 == 0 and kernels.available()
 
 
 class FastLinear(nn.Module):
@@ -88,9 +89,10 @@ class FastLinear(nn.Module):
     def __init__(self, weight: nn.Parameter):
         super().__init__()
         self.weight = weight
+        self.kernels = kernels_fit(weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        if use_kernels(x):
+        if self.kernels and few_rows(x):
             out = torch.ops.axiom_decode.linear(x.reshape(-1, x.shape[-1]), self.weight)
             return out.view(*x.shape[:-1], -1)
         if few_rows(x) and self.weight.dtype == torch.float32:
@@ -107,6 +109,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(act_dtype))
         self.register_buffer("scale_f32", scale.float())  # what the kernel multiplies by
         self.act_dtype = act_dtype
+        self.kernels = kernels_fit(q)
 
     @property
     def weight(self) -> Tensor:
@@ -116,7 +119,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(self.act_dtype)
-        if use_kernels(x):
+        if self.kernels and few_rows(x):
             out = torch.ops.axiom_decode.linear_int8(rows, self.q, self.scale_f32)  # (rows, N)
         elif few_rows(x) and self.act_dtype == torch.bfloat16:
             out = torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scale)  # torch's weight-only int8 kernel
