@@ -36,7 +36,7 @@ import torch
 from axiom.config import Config, ModelConfig, add_config_arguments, config_from_args
 from axiom.errors import AxiomError
 from axiom.generate import stream
-from axiom.inference import INFERENCE_DTYPES, prepare_model
+from axiom.inference import INFERENCE_DTYPES, prepare_model, weight_bytes_per_token
 from axiom.model import Axiom, KVCache, flops_per_token, num_params, release_loss_workspace
 from axiom.parallel import Dist, gpu_peak_flops, parallelize, pick_device
 from axiom.train import build_optimizer, lr_at, train_step
@@ -399,6 +399,7 @@ def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) 
     result = {
         **_summary(rates, flops_per_token(m, context) / 3, device),  # forward only: a third of training's
         "decode_tokens_per_s": statistics.median(decode_rates) if decode_rates else None,
+        "weight_bytes_per_token": weight_bytes_per_token(model),
         "peak_mem_bytes": peak,
         **extra,
         "batch": args.batch,
@@ -408,6 +409,8 @@ def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) 
         "hf_compile": args.hf_compile,
         "dtype": dtype_name,
     }
+    if decode_rates:
+        result["weight_gb_per_s"] = result["weight_bytes_per_token"] * result["decode_tokens_per_s"] / 1e9
     if llamacpp is not None:
 
         def our_round() -> dict[str, float]:
@@ -422,7 +425,7 @@ def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) 
         try:
             result |= vs_llamacpp(llamacpp, gguf, our_round, prefill_lengths(m), n, args.rounds)
         finally:
-            gguf.unlink()
+            shutil.rmtree(gguf.parent)
     return result
 
 
@@ -553,6 +556,15 @@ def _print_human(r: dict) -> None:
     print(f"   MFU {r['mfu']:.1%}" if r["mfu"] is not None else "   MFU n/a (no known peak)")
     if "hf_tokens_per_s" in r:
         print(f"  transformers  {r['hf_tokens_per_s']:>12,.0f} tokens/s   ratio {r['ratio_vs_hf']:.2f}x")
+    if r.get("decode_tokens_per_s"):
+        gbs = r.get("weight_gb_per_s")
+        print(f"  decode only   {r['decode_tokens_per_s']:>12,.1f} tokens/s   {r['dtype']}", end="")
+        print(f"   {r['weight_bytes_per_token'] / 1e9:.2f} GB of weights per token, {gbs:.1f} GB/s" if gbs else "")
+    if "ratio_vs_llamacpp" in r:
+        ours, theirs = r["ours_vs_llamacpp_tokens_per_s"], r["llamacpp"]["tokens_per_s"]
+        print(f"  vs llama.cpp ({r['llamacpp']['gguf_type']}, {r['llamacpp']['threads']} threads), tokens/s:")
+        for key, ratio in r["ratio_vs_llamacpp"].items():
+            print(f"    {key:12s} ours {ours[key]:>10,.1f}   llama.cpp {theirs[key]:>10,.1f}   ratio {ratio:.2f}x")
     mem = r["peak_mem_bytes"]
     print(f"  peak memory   {mem / 2**20:>12,.0f} MiB" if mem is not None else "  peak memory   n/a")
     if r.get("hf_peak_mem_bytes") is not None:

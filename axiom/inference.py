@@ -62,6 +62,18 @@ def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
     return model
 
 
+def weight_bytes_per_token(model: Axiom) -> int:
+    """Bytes of weights a decoded token reads: every linear weight (and int8 scales) and the output table once;
+    the token table's one looked-up row, the norms and the KV cache are left out (under 1% at short context)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear | FastLinear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, Int8Linear):
+            total += m.q.numel() + m.scale_f32.numel() * 4
+    return total
+
+
 def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-row (output channel) int8: weight (N, K) ~= q (N, K) int8 * scale (N,) float32."""
     w = weight.float()
