@@ -37,6 +37,9 @@ def _usable_here() -> str | None:
         return f"this CPU has {torch.backends.cpu.get_cpu_capability()}, not AVX-512"
     from torch.utils.cpp_extension import is_ninja_available
 
+    venv_bin = str(Path(sys.executable).parent)  # pip's ninja (the decode extra) sits beside python, maybe off PATH
+    if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     if not is_ninja_available() or shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler or ninja"
     return None
