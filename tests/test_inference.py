@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -16,7 +17,14 @@ from axiom import kernels
 from axiom.cli import main
 from axiom.errors import AxiomError
 from axiom.generate import generate
-from axiom.inference import INFERENCE_DTYPES, Int8Embedding, Int8Linear, prepare_model, quantize_rows
+from axiom.inference import (
+    INFERENCE_DTYPES,
+    Int8Embedding,
+    Int8Linear,
+    persistent_compile_cache,
+    prepare_model,
+    quantize_rows,
+)
 from axiom.model import Axiom
 from tests.conftest import micro_config
 
@@ -114,6 +122,13 @@ def test_compiled_decoding_of_a_prepared_model(trained, dtype):
     """torch.compile traces through the kernels (their shape functions) and decodes the same tokens as eager."""
     model = prepare_model(copy.deepcopy(trained), dtype)
     assert generate(model, PROMPTS, 12, temperature=0.0, compile=True) == generate(model, PROMPTS, 12, temperature=0)
+
+
+def test_persistent_compile_cache_sets_inductors_folder_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert persistent_compile_cache(tmp_path / "c") == tmp_path / "c" and (tmp_path / "c").is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c")
+    assert persistent_compile_cache(tmp_path / "other") == tmp_path / "c"  # a folder already chosen is kept
 
 
 # ---- the bench
