@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("decode.cpp")
-# AVX-512 F/BW for the loads and conversions, FMA for the products; nothing newer (no bf16 or VNNI instructions),
-# so one build serves every AVX-512 CPU. The name carries the flags: a different build gets a different folder.
+# AVX-512 F/BW for the loads and conversions, FMA for the products; the one bf16 x bf16 function that uses the
+# AVX512-BF16 dot product is compiled for it alone and chosen at run time where the CPU has it, so one build serves
+# every AVX-512 CPU. The name carries the version: a changed build gets a different folder.
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"]
-NAME = "axiom_decode_avx512_v1"
+NAME = "axiom_decode_avx512_v2"
 
 
 def _usable_here() -> str | None:
