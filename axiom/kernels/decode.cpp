@@ -1,9 +1,9 @@
 // Few-row linear products for decoding on x86-64 CPUs with AVX-512: y (M, N) = x (M, K) @ W (N, K)^T, M small.
 //
 // Decoding reads every weight once per token, so a token costs bytes / bandwidth. Each thread takes a contiguous
-// band of W's rows and streams it once (4 rows at a time, 4 independent accumulators per input row), so both
-// cores read at once; x (M rows of K) stays in L1. Built and loaded by axiom/kernels/__init__.py (optional: the
-// callers fall back to torch's own kernels where it cannot be built). Accumulation is float32 throughout.
+// band of W's rows and streams it once, row by row, so both cores read at once; x (M rows of K) stays in L1.
+// Built and loaded by axiom/kernels/__init__.py (optional: the callers fall back to torch's own kernels where it
+// cannot be built). Accumulation is float32 throughout.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -11,7 +11,6 @@
 
 namespace {
 
-constexpr int64_t ROWS = 4;  // weight rows per inner step
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
@@ -25,32 +24,27 @@ inline __m512 load_w(const int8_t* r, int64_t k) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + k))));
 }
 
-// One band [n0, n1) of output columns for M input rows (x already float32, contiguous (M, K); K % 16 == 0).
+// One band [n0, n1) of output columns for M input rows (x already float32, contiguous (M, K); K % 16 == 0). Row by
+// row, so each thread reads its band as one sequential stream (as ggml's dot products do): with 4 rows interleaved
+// the bf16 product streamed 1.6x slower from DRAM (docs/benchmarks.md); 4 accumulators hide the FMA latency.
 template <typename W, typename Y>
 void band(const float* x, const W* w, const float* scale, Y* y, int64_t M, int64_t K, int64_t N, int64_t n0,
           int64_t n1) {
-  int64_t n = n0;
-  for (; n + ROWS <= n1; n += ROWS) {
+  for (int64_t n = n0; n < n1; n++) {
     const W* r = w + n * K;
     for (int64_t m = 0; m < M; m++) {
       const float* xm = x + m * K;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t k = 0; k < K; k += 16) {
-        __m512 xv = _mm512_loadu_ps(xm + k);
-        a0 = _mm512_fmadd_ps(load_w(r, k), xv, a0);
-        a1 = _mm512_fmadd_ps(load_w(r + K, k), xv, a1);
-        a2 = _mm512_fmadd_ps(load_w(r + 2 * K, k), xv, a2);
-        a3 = _mm512_fmadd_ps(load_w(r + 3 * K, k), xv, a3);
+      int64_t k = 0;
+      for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_fmadd_ps(load_w(r, k), _mm512_loadu_ps(xm + k), a0);
+        a1 = _mm512_fmadd_ps(load_w(r, k + 16), _mm512_loadu_ps(xm + k + 16), a1);
+        a2 = _mm512_fmadd_ps(load_w(r, k + 32), _mm512_loadu_ps(xm + k + 32), a2);
+        a3 = _mm512_fmadd_ps(load_w(r, k + 48), _mm512_loadu_ps(xm + k + 48), a3);
       }
-      float s[ROWS] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-      for (int64_t j = 0; j < ROWS; j++) y[m * N + n + j] = static_cast<Y>(scale ? s[j] * scale[n + j] : s[j]);
-    }
-  }
-  for (; n < n1; n++) {  // a remainder of fewer than 4 rows
-    for (int64_t m = 0; m < M; m++) {
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 16) a = _mm512_fmadd_ps(load_w(w + n * K, k), _mm512_loadu_ps(x + m * K + k), a);
-      y[m * N + n] = static_cast<Y>(scale ? hsum(a) * scale[n] : hsum(a));
+      for (; k < K; k += 16) a0 = _mm512_fmadd_ps(load_w(r, k), _mm512_loadu_ps(xm + k), a0);
+      float sum = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+      y[m * N + n] = static_cast<Y>(scale ? sum * scale[n] : sum);
     }
   }
 }
@@ -60,28 +54,21 @@ void band(const float* x, const W* w, const float* scale, Y* y, int64_t M, int64
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void band_dpbf16(const at::BFloat16* x, const at::BFloat16* w,
                                                                         float* y, int64_t M, int64_t K, int64_t N,
                                                                         int64_t n0, int64_t n1) {
-  auto ld = [](const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); };
-  int64_t n = n0;
-  for (; n + ROWS <= n1; n += ROWS) {
+  for (int64_t n = n0; n < n1; n++) {
     const at::BFloat16* r = w + n * K;
     for (int64_t m = 0; m < M; m++) {
       const at::BFloat16* xm = x + m * K;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t k = 0; k < K; k += 32) {
-        __m512bh xv = ld(xm + k);
-        a0 = _mm512_dpbf16_ps(a0, ld(r + k), xv);
-        a1 = _mm512_dpbf16_ps(a1, ld(r + K + k), xv);
-        a2 = _mm512_dpbf16_ps(a2, ld(r + 2 * K + k), xv);
-        a3 = _mm512_dpbf16_ps(a3, ld(r + 3 * K + k), xv);
+      int64_t k = 0;
+      for (; k + 128 <= K; k += 128) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + k), (__m512bh)_mm512_loadu_si512(xm + k));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r + k + 32), (__m512bh)_mm512_loadu_si512(xm + k + 32));
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(r + k + 64), (__m512bh)_mm512_loadu_si512(xm + k + 64));
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(r + k + 96), (__m512bh)_mm512_loadu_si512(xm + k + 96));
       }
-      y[m * N + n] = hsum(a0), y[m * N + n + 1] = hsum(a1), y[m * N + n + 2] = hsum(a2), y[m * N + n + 3] = hsum(a3);
-    }
-  }
-  for (; n < n1; n++) {
-    for (int64_t m = 0; m < M; m++) {
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 32) a = _mm512_dpbf16_ps(a, ld(w + n * K + k), ld(x + m * K + k));
-      y[m * N + n] = hsum(a);
+      for (; k < K; k += 32)
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + k), (__m512bh)_mm512_loadu_si512(xm + k));
+      y[m * N + n] = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     }
   }
 }
