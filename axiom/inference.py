@@ -18,7 +18,10 @@ buffers, not parameters). Training never calls this module.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -62,7 +65,57 @@ def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
         p.data = p.data.to(act)
     if dtype != "int8":
         model.lm_head = FastLinear(model.lm_head.weight)  # the same Parameter: the table stays tied, stored once
+    if next(model.parameters()).device.type == "cpu":
+        pack_weights(model)
     return model
+
+
+HUGE_PAGE = 2 << 20
+
+
+def pack_weights(model: Axiom) -> None:
+    """Move the streamed weights (every linear's, the table once) into one buffer backed by 2 MB pages on Linux.
+
+    With 4 KB pages the hardware prefetchers restart at every page and the TLB misses every 4 KB; on 2 MB pages the
+    float32 product streamed 1.6x faster per thread (16 -> 25 GB/s, bf16 22 -> 25; docs/benchmarks.md). Linux
+    gives an anonymous mapping huge pages where `madvise(MADV_HUGEPAGE)` asks before its first touch (and the
+    system's transparent_hugepage setting is `madvise` or `always`); elsewhere this is only a copy."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}  # tensor id -> (module, attribute) holding it
+    tensors: dict[int, Tensor] = {}
+    for m in model.modules():
+        name = "weight" if isinstance(m, FastLinear) else "q" if isinstance(m, Int8Linear | Int8Embedding) else None
+        if name is not None:
+            t = getattr(m, name)
+            tensors[id(t)] = t
+            owners.setdefault(id(t), []).append((m, name))
+    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in tensors.values()]  # 64-byte aligned slots
+    arena = huge_page_buffer(sum(sizes))
+    offset = 0
+    for (key, t), size in zip(tensors.items(), sizes, strict=True):
+        view = arena[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        view.copy_(t)  # the original is freed once no module holds it
+        for m, name in owners[key]:
+            if name in m._parameters:
+                m._parameters[name].data = view
+            else:
+                m._buffers[name] = view
+        offset += size
+
+
+def huge_page_buffer(nbytes: int) -> Tensor:
+    """An untouched uint8 buffer of `nbytes`, 2 MB-aligned, advised to use huge pages where Linux allows it."""
+    raw = torch.empty(nbytes + 2 * HUGE_PAGE, dtype=torch.uint8)  # room to align the start and round up the end
+    start = -raw.data_ptr() % HUGE_PAGE
+    buf = raw[start : start + nbytes]
+    if sys.platform == "linux":
+        length = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(length), MADV_HUGEPAGE)
+    return buf
+
+
+MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 
 
 def persistent_compile_cache(folder: str | Path | None = None) -> Path:

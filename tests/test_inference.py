@@ -19,6 +19,7 @@ from axiom.errors import AxiomError
 from axiom.generate import generate
 from axiom.inference import (
     INFERENCE_DTYPES,
+    FastLinear,
     Int8Embedding,
     Int8Linear,
     persistent_compile_cache,
@@ -106,6 +107,19 @@ def test_prepare_keeps_greedy_tokens_of_a_trained_model(trained, dtype):
     if dtype == "float32":
         x = torch.randn(2, 1, trained.cfg.d_model)
         torch.testing.assert_close(model.logits(x), trained.logits(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", INFERENCE_DTYPES)
+def test_streamed_weights_are_packed_into_one_buffer_and_stay_tied(trained, dtype):
+    model = prepare_model(copy.deepcopy(trained), dtype)
+    weights = [m.weight if isinstance(m, FastLinear) else m.q for m in model.modules() if hasattr(m, "kernels")]
+    storages = {w.untyped_storage().data_ptr() for w in weights}
+    assert len(storages) == 1 and all(w.data_ptr() % 64 == 0 for w in weights)
+    if dtype == "int8":
+        assert model.embed.q is model.lm_head.q
+    else:
+        assert model.lm_head.weight is model.embed.weight
+        assert model.embed.weight.untyped_storage().data_ptr() in storages
 
 
 @pytest.mark.parametrize("dtype", INFERENCE_DTYPES)
