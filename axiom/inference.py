@@ -3,9 +3,10 @@ its linear layers for ones whose few-row products (decoding) stream the weights 
 
 Batch-1 decoding is memory-bound: each token reads every weight once (1.54 GB in float32 for axiom-380m), so a
 token costs bytes read / bandwidth. torch's own paths for a (1, K) x (N, K)^T product run far below the
-machine's bandwidth on CPU (MKL's matrix-vector path and oneDNN's bf16 path use one core), so on CPU the few-row
-products go through kernels that split the rows of the weight over the cores (docs/benchmarks.md, "Decoding at
-the bandwidth limit"). Prefill (many rows) keeps the ordinary matrix-matrix kernels.
+machine's bandwidth on CPU (MKL's and oneDNN's reached 17-19 GB/s of the 2-core VM's ~55), so on CPU the few-row
+products go through kernels (axiom.kernels) that split the rows of the weight over the cores, and the streamed
+weights sit on 2 MB pages (docs/benchmarks.md, "Decoding at the bandwidth limit"). Prefill (many rows) keeps
+torch's matrix-matrix kernels.
 
     float32   weights as trained
     bfloat16  weights and activations in bfloat16 (half the bytes per token)
@@ -59,8 +60,10 @@ def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    new = Int8Linear(*quantize_rows(child.weight.data), act) if dtype == "int8" else None
-                    setattr(parent, name, new or FastLinear(child.weight))
+                    if dtype == "int8":
+                        setattr(parent, name, Int8Linear(*quantize_rows(child.weight.data), act))
+                    else:
+                        setattr(parent, name, FastLinear(child.weight))
     for p in model.parameters():  # what is left in floating point; a tied table once (lm_head.weight is embed.weight)
         p.data = p.data.to(act)
     if dtype != "int8":
