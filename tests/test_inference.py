@@ -62,11 +62,11 @@ def test_kernels_equal_torch(rows, n, k):
     xb, wb = x.bfloat16(), w.bfloat16()  # float32 sums of the same bf16 products, rounded once to bf16
     torch.testing.assert_close(torch.ops.axiom_decode.linear(xb, wb), (xb.float() @ wb.float().t()).bfloat16())
     q, scale = quantize_rows(w)
-    ref = x @ (q.float() * scale[:, None]).t()
-    torch.testing.assert_close(torch.ops.axiom_decode.linear_int8(x, q, scale), ref, rtol=1e-5, atol=1e-4)
-    out = torch.ops.axiom_decode.linear_int8(xb, q, scale)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, (xb.float() @ (q.float() * scale[:, None]).t()).bfloat16())
+    deq = q.float() * scale[:, None]
+    for act in (torch.float32, torch.bfloat16):  # with AVX512-VNNI x is rounded to int16 per row: error < 1e-4
+        out, ref = torch.ops.axiom_decode.linear_int8(x.to(act), q, scale), x.to(act).float() @ deq.t()
+        assert out.dtype == act
+        assert ((out.float() - ref).norm() / ref.norm()).item() < (1e-4 if act == torch.float32 else 1e-2)
 
 
 def test_int8_rows_are_within_half_a_step_and_products_within_two_percent():

@@ -73,6 +73,32 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void band_dpbf16(const at
   }
 }
 
+// int8 weights x 16-bit activations with the AVX512-VNNI word dot product (vpdpwssd: 32 products per instruction,
+// int32 sums), where the CPU has it: converting int8 weights to float costs 3 instructions per 16 weights and made the
+// int8 product compute-bound (11.7 GB/s per thread vs bf16's 20). Each x row is rounded to int16 with its own scale
+// (max |x| / 32767): an error below 1/65534 of the row's largest entry, far under the bfloat16 rounding the
+// activations already carry. Each int32 lane sums K / 32 products of at most 127 x 32767: no overflow for K <= 16384.
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void band_int8_vnni(const int16_t* xq, const float* xs,
+                                                                           const int8_t* w, const float* scale,
+                                                                           float* y, int64_t M, int64_t K, int64_t N,
+                                                                           int64_t n0, int64_t n1) {
+  auto ldw = [](const int8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); };
+  for (int64_t n = n0; n < n1; n++) {
+    const int8_t* r = w + n * K;
+    for (int64_t m = 0; m < M; m++) {
+      const int16_t* xm = xq + m * K;
+      __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+      int64_t k = 0;
+      for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_dpwssd_epi32(a0, ldw(r + k), _mm512_loadu_si512(xm + k));
+        a1 = _mm512_dpwssd_epi32(a1, ldw(r + k + 32), _mm512_loadu_si512(xm + k + 32));
+      }
+      if (k < K) a0 = _mm512_dpwssd_epi32(a0, ldw(r + k), _mm512_loadu_si512(xm + k));
+      y[m * N + n] = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1))) * xs[m] * scale[n];
+    }
+  }
+}
+
 template <typename W>
 at::Tensor run(const at::Tensor& x, const W* w, const float* scale, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
@@ -118,7 +144,20 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
                   scale.numel() == q.size(0),
               "expected q int8 (N, K) and scale float32 (N,)");
-  return run(x, q.data_ptr<int8_t>(), scale.data_ptr<float>(), q.size(0));
+  static const bool vnni = __builtin_cpu_supports("avx512vnni");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  if (!vnni || K % 32 != 0 || K > 16384) return run(x, q.data_ptr<int8_t>(), scale.data_ptr<float>(), N);
+  at::Tensor xf = x.to(at::kFloat);
+  at::Tensor xs = xf.abs().amax(1).clamp_min(1e-30).div_(32767.0f);  // (M,) per-row scale
+  at::Tensor xq = xf.div(xs.unsqueeze(1)).round_().to(at::kShort).contiguous();
+  at::Tensor yf = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const int16_t* xp = xq.data_ptr<int16_t>();
+  const float* sp = xs.data_ptr<float>();
+  const int8_t* wp = q.data_ptr<int8_t>();
+  const float* cp = scale.data_ptr<float>();
+  float* yp = yf.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { band_int8_vnni(xp, sp, wp, cp, yp, M, K, N, n0, n1); });
+  return x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type());
 }
 
 }  // namespace
