@@ -21,8 +21,11 @@ import contextlib
 import json
 import platform
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,12 +34,17 @@ from pathlib import Path
 import torch
 
 from axiom.config import Config, ModelConfig, add_config_arguments, config_from_args
+from axiom.engine import Engine
 from axiom.errors import AxiomError
-from axiom.generate import generate
-from axiom.model import Axiom, flops_per_token, num_params, release_loss_workspace
+from axiom.generate import stream
+from axiom.inference import INFERENCE_DTYPES, prepare_model, weight_bytes_per_token
+from axiom.model import Axiom, KVCache, flops_per_token, num_params, release_loss_workspace
 from axiom.optim import build_optimizer, lr_at
 from axiom.parallel import Dist, gpu_peak_flops, parallelize, pick_device
 from axiom.trainer import train_step
+
+# prebuilt llama.cpp beside the repository (../shared/tools/llama.cpp, see its README), absent on a fresh clone
+DEFAULT_LLAMACPP = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "llama.cpp"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,9 +82,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     gen.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
         default=None,
-        help="weights and KV cache of both models (default: bfloat16 on CUDA, float32 on CPU); RoPE tables stay fp32",
+        help="float32, bfloat16, int8 (ours weight-only int8 via axiom.inference.prepare_model; the references "
+        "run bfloat16, llama.cpp q8_0) or float16 (GPU): weights and KV cache (default: bfloat16 on CUDA, float32 on "
+        "CPU); RoPE tables stay fp32",
+    )
+    gen.add_argument(
+        "--vs-llamacpp",
+        action="store_true",
+        help="also export the same weights through llama.cpp's converter and time its llama-bench in the same run: "
+        "decode tok/s and prefill of 32 and 512 tokens, both and the ratio (skipped with one line where llama.cpp "
+        "is absent)",
+    )
+    gen.add_argument(
+        "--llamacpp-dir",
+        default=None,
+        help=f"llama.cpp folder with bin/llama-bench and convert (default: {DEFAULT_LLAMACPP})",
     )
 
 
@@ -302,32 +323,59 @@ def bench_train(cfg: Config, device: torch.device, args: argparse.Namespace) -> 
 # ---- generate
 
 
+GEN_DTYPES = (*INFERENCE_DTYPES, "float16")
+# llama.cpp's weight type for each of ours (int8 ~ q8_0: 8-bit weights with a scale per block of 32)
+GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "float16": "f16"}
+PREFILL_LENGTHS = (32, 512)
+
+
 def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) -> dict:
     m = cfg.model
     if args.prompt_len + args.new_tokens > m.max_seq_len:
         raise AxiomError(
             f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds max_seq_len={m.max_seq_len}"
         )
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype_name not in GEN_DTYPES:
+        raise AxiomError(f"--dtype {dtype_name!r}: choose one of {', '.join(GEN_DTYPES)}")
+    llamacpp = find_llamacpp(args.llamacpp_dir) if args.vs_llamacpp else None
     torch.manual_seed(args.seed)
     prompts = torch.randint(0, m.vocab_size, (args.batch, args.prompt_len))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model = Axiom(m).to(device).eval()
-    weights = {k: v.clone() for k, v in model.state_dict().items()} if args.vs_hf else None
-    cast_weights(model, dtype)
+    weights = {k: v.clone() for k, v in model.state_dict().items()} if args.vs_hf or llamacpp else None
+    if dtype_name in INFERENCE_DTYPES:
+        prepare_model(model, dtype_name)
+    else:
+        cast_weights(model, torch.float16)
+    ref_dtype = torch.bfloat16 if dtype_name == "int8" else getattr(torch, dtype_name)  # the references' dtype
     n = args.new_tokens
     out: dict[str, list[list[int]]] = {}
+    decode_rates: list[float] = []
+
+    # One engine for every call: its caches and compiled step (CUDA graphs on a GPU) are built once, untimed.
+    engine = Engine(model, max_batch=args.batch, compile=not args.eager)
 
     def ours() -> None:
-        out["axiom"] = generate(model, prompts.tolist(), n, temperature=0.0, compile=not args.eager)
+        rows, first = [], 0.0
+        for i, ids in enumerate(stream(model, prompts.tolist(), n, temperature=0.0, engine=engine)):
+            rows.append(ids)
+            if i == 0:  # the first token comes out of the prefill: decoding is what follows
+                _sync(device)
+                first = time.perf_counter()
+        _sync(device)
+        if n > 1:
+            decode_rates.append(args.batch * (n - 1) / (time.perf_counter() - first))
+        out["axiom"] = torch.stack(rows, dim=1).tolist()
 
     _reset_peak(device)
     for _ in range(args.warmup if args.eager else max(args.warmup, 1)):  # compiling is never timed
         ours()
     peak = peak_memory(device)
+    decode_rates.clear()
     contenders = [Contender("axiom", ours, args.batch * n, 1)]
     extra = {}
     if args.vs_hf:
-        hf = cast_weights(llama_like(m, device, weights).eval(), dtype)
+        hf = cast_weights(llama_like(m, device, weights).eval(), ref_dtype)
         ids = prompts.to(device)
         options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
         if args.hf_compile:  # transformers' own recipe for compiled decoding
@@ -353,8 +401,10 @@ def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) 
     if args.profile:
         _profile(ours)
     context = args.prompt_len + n // 2  # mean attention span of a decoded token
-    return {
+    result = {
         **_summary(rates, flops_per_token(m, context) / 3, device),  # forward only: a third of training's
+        "decode_tokens_per_s": statistics.median(decode_rates) if decode_rates else None,
+        "weight_bytes_per_token": weight_bytes_per_token(model),
         "peak_mem_bytes": peak,
         **extra,
         "batch": args.batch,
@@ -362,7 +412,120 @@ def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) 
         "new_tokens": n,
         "compile": not args.eager,
         "hf_compile": args.hf_compile,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name,
+    }
+    if decode_rates:
+        result["weight_gb_per_s"] = result["weight_bytes_per_token"] * result["decode_tokens_per_s"] / 1e9
+    if llamacpp is not None:
+
+        def our_round() -> dict[str, float]:
+            ours()
+            rates = {"decode": decode_rates.pop()} if decode_rates else {}
+            for length in prefill_lengths(m):
+                rates[f"prefill_{length}"] = prefill_rate(model, length, device)
+            return rates
+
+        gguf = export_gguf(llamacpp, cfg, weights, dtype_name)
+        del weights
+        try:
+            result |= vs_llamacpp(llamacpp, gguf, our_round, prefill_lengths(m), n, args.rounds)
+        finally:
+            shutil.rmtree(gguf.parent)
+    return result
+
+
+def prefill_lengths(m: ModelConfig) -> list[int]:
+    return [length for length in PREFILL_LENGTHS if length <= m.max_seq_len]
+
+
+@torch.inference_mode()
+def prefill_rate(model: Axiom, length: int, device: torch.device) -> float:
+    """Prompt tokens per second of one prefill of `length` random tokens into a fresh cache (batch 1)."""
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, length), device=device)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache.empty(model.cfg, 1, length, device, dtype)
+    _sync(device)
+    start = time.perf_counter()
+    model(tokens, cache=cache, last_only=True)
+    _sync(device)
+    return length / (time.perf_counter() - start)
+
+
+# ---- llama.cpp
+
+
+def find_llamacpp(folder: str | None) -> Path | None:
+    """The llama.cpp folder (bin/llama-bench and convert), or None, said in one line, where the default is absent."""
+    root = Path(folder) if folder else DEFAULT_LLAMACPP
+    if (root / "bin" / "llama-bench").is_file() and (root / "convert").is_file():
+        return root
+    if folder:
+        raise AxiomError(f"--llamacpp-dir {folder}: no bin/llama-bench and convert there")
+    print(f"axiom bench: llama.cpp not found at {root}: --vs-llamacpp skipped", file=sys.stderr)
+    return None
+
+
+def export_gguf(llamacpp: Path, cfg: Config, weights: dict[str, torch.Tensor], dtype_name: str) -> Path:
+    """`weights` as a GGUF file of llama.cpp's type nearest `dtype_name`, through our `--format llama` export and
+    llama.cpp's own converter; returned in a temporary folder (the caller removes the file)."""
+    from axiom.checkpoint import save_weights
+    from axiom.hf.export import export
+
+    out = Path(tempfile.mkdtemp(prefix="axiom-bench-")) / f"model-{GGUF_TYPES[dtype_name]}.gguf"
+    with tempfile.TemporaryDirectory(prefix="axiom-bench-") as tmp:
+        ckpt = Path(tmp) / "ckpt"
+        ckpt.mkdir()
+        save_weights(weights, cfg, ckpt)
+        hf = export(ckpt, Path(tmp) / "hf", fmt="llama", dtype="bfloat16" if dtype_name == "bfloat16" else "float32")
+        shutil.rmtree(ckpt)
+        cmd = [str(llamacpp / "convert"), sys.executable, str(hf), str(out), GGUF_TYPES[dtype_name]]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        out.parent.rmdir()
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise AxiomError(f"llama.cpp's converter failed ({last}); it needs transformers and sentencepiece")
+    return out
+
+
+def llamacpp_round(llamacpp: Path, gguf: Path, lengths: list[int], new_tokens: int) -> dict[str, float]:
+    """One llama-bench run (-r 1, same thread count as ours): decode and prefill tokens/s as it reports them."""
+    cmd = [str(llamacpp / "bin" / "llama-bench"), "-m", str(gguf), "-n", str(new_tokens), "-r", "1", "-o", "json"]
+    cmd += ["-p", ",".join(map(str, lengths)), "-t", str(torch.get_num_threads())]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise AxiomError(f"llama-bench failed: {last}")
+    rates = {}
+    for test in json.loads(done.stdout):
+        key = "decode" if test["n_gen"] else f"prefill_{test['n_prompt']}"
+        rates[key] = test["avg_ts"]
+    return rates
+
+
+def vs_llamacpp(
+    llamacpp: Path, gguf: Path, our_round: Callable[[], dict], lengths: list[int], new_tokens: int, rounds: int
+) -> dict:
+    """Ours and llama-bench in alternating rounds (ABBA); medians and ratios ours / llama.cpp."""
+    llamacpp_round(llamacpp, gguf, lengths, new_tokens)  # warm-up: the file into the page cache
+    ours_r: dict[str, list[float]] = {}
+    theirs_r: dict[str, list[float]] = {}
+    for r in range(rounds):
+        order = [("ours", our_round), ("llamacpp", lambda: llamacpp_round(llamacpp, gguf, lengths, new_tokens))]
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            for key, value in fn().items():
+                (ours_r if name == "ours" else theirs_r).setdefault(key, []).append(value)
+    ours = {k: statistics.median(v) for k, v in ours_r.items()}
+    theirs = {k: statistics.median(v) for k, v in theirs_r.items()}
+    return {
+        "llamacpp": {
+            "gguf_type": gguf.stem.removeprefix("model-"),
+            "threads": torch.get_num_threads(),
+            "tokens_per_s": theirs,
+            "rounds_tokens_per_s": theirs_r,
+        },
+        "ours_vs_llamacpp_tokens_per_s": ours,
+        "ours_vs_llamacpp_rounds": ours_r,
+        "ratio_vs_llamacpp": {k: ours[k] / theirs[k] for k in ours if k in theirs},
     }
 
 
@@ -398,6 +561,15 @@ def _print_human(r: dict) -> None:
     print(f"   MFU {r['mfu']:.1%}" if r["mfu"] is not None else "   MFU n/a (no known peak)")
     if "hf_tokens_per_s" in r:
         print(f"  transformers  {r['hf_tokens_per_s']:>12,.0f} tokens/s   ratio {r['ratio_vs_hf']:.2f}x")
+    if r.get("decode_tokens_per_s"):
+        gbs = r.get("weight_gb_per_s")
+        print(f"  decode only   {r['decode_tokens_per_s']:>12,.1f} tokens/s   {r['dtype']}", end="")
+        print(f"   {r['weight_bytes_per_token'] / 1e9:.2f} GB of weights per token, {gbs:.1f} GB/s" if gbs else "")
+    if "ratio_vs_llamacpp" in r:
+        ours, theirs = r["ours_vs_llamacpp_tokens_per_s"], r["llamacpp"]["tokens_per_s"]
+        print(f"  vs llama.cpp ({r['llamacpp']['gguf_type']}, {r['llamacpp']['threads']} threads), tokens/s:")
+        for key, ratio in r["ratio_vs_llamacpp"].items():
+            print(f"    {key:12s} ours {ours[key]:>10,.1f}   llama.cpp {theirs[key]:>10,.1f}   ratio {ratio:.2f}x")
     mem = r["peak_mem_bytes"]
     print(f"  peak memory   {mem / 2**20:>12,.0f} MiB" if mem is not None else "  peak memory   n/a")
     if r.get("hf_peak_mem_bytes") is not None:

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from axiom.model import Axiom, KVCache, output_logits, row_blocks
+from axiom.inference import persistent_compile_cache
+from axiom.model import Axiom, KVCache, row_blocks
 
 
 def logits_to_probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
@@ -90,7 +91,7 @@ def decode_one_and_hidden(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Te
     output is stored once; otherwise inductor inlines the final norm into its loop over the output layer's
     rows and recomputes it for each of the V rows (0.28 -> 0.23 ms per token on tiny, docs/benchmarks.md)."""
     x = model.hidden_states(ids[:, None], cache=cache, last_only=True)
-    return output_logits(x, model.lm_head.weight)[:, -1], x
+    return model.logits(x)[:, -1], x
 
 
 def decode_greedy(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
@@ -300,6 +301,7 @@ class Engine:
         """`step` through torch.compile: fused kernels, and CUDA graphs on a GPU ("reduce-overhead"), which
         replay a whole step with one launch. Built on first use."""
         if step not in self._compiled:
+            persistent_compile_cache()  # compiled once per machine: later runs load it from disk
             self._compiled[step] = torch.compile(step, mode="reduce-overhead", fullgraph=True)
         return self._compiled[step]
 

@@ -232,7 +232,7 @@ class Axiom(nn.Module):
         """
         x = self.hidden_states(tokens, cache, last_only)
         if targets is None:
-            return output_logits(x, self.lm_head.weight)
+            return self.logits(x)
         x, targets = x.flatten(0, 1), targets.flatten()  # (B*T, d), (B*T,)
         if not torch.compiler.is_compiling():  # a data-dependent shape: eager only
             # Ignored targets (the prompts of chat data) need no logits: leaving their rows out skips most of the
@@ -241,6 +241,13 @@ class Axiom(nn.Module):
             if not bool(keep.all()):
                 x, targets = x[keep], targets[keep]
         return chunked_cross_entropy(x, self.lm_head.weight, targets, loss_chunk)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Final hidden states (..., d) -> logits (..., V): `output_logits` over the table, or the output module's
+        own forward once `axiom.inference.prepare_model` has replaced it (packed or quantized weights)."""
+        if type(self.lm_head) is nn.Linear:
+            return output_logits(x, self.lm_head.weight)
+        return self.lm_head(x)
 
     def hidden_states(self, tokens: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
         """`forward` up to the output layer: the final normalised hidden states (B, T, d), or (B, 1, d)

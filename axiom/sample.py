@@ -12,11 +12,10 @@ from axiom.checkpoint import load_model
 from axiom.config import add_config_arguments, config_from_args
 from axiom.errors import AxiomError
 from axiom.generate import SamplingParams, stream
+from axiom.inference import INFERENCE_DTYPES, prepare_model
 from axiom.model import Axiom
 from axiom.parallel import Dist, pick_device
 from axiom.tokenizer import load_tokenizer
-
-DTYPES = ("float32", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,18 +35,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """--device and --dtype, shared with `axiom serve`."""
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights for decoding (default: float32)")
+    parser.add_argument(
+        "--dtype",
+        choices=INFERENCE_DTYPES,
+        default="float32",
+        help="weights for decoding: float32 (default), bfloat16, or int8 (weight-only, one scale per output row)",
+    )
 
 
 def load_for_inference(ckpt: str, device: str | None, dtype: str) -> tuple[Axiom, dict]:
-    """A checkpoint's model on `device` in `dtype`, in eval mode, and its config.json."""
+    """A checkpoint's model on `device`, readied for decoding in `dtype` (axiom.inference.prepare_model), and its
+    config.json."""
     model, _, meta = load_model(ckpt, pick_device(device, Dist()))
-    return prepare(model, dtype), meta
-
-
-def prepare(model: Axiom, dtype: str) -> Axiom:
-    # Contract 3: axiom.inference.prepare_model(model, dtype) replaces this cast once it lands.
-    return model.to(getattr(torch, dtype)).eval()
+    return prepare_model(model, dtype), meta
 
 
 def token_bytes(enc, token: int) -> bytes:
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         device = pick_device(args.device, Dist())
         torch.manual_seed(args.seed)
-        model = prepare(Axiom(config_from_args(args).model).to(device), args.dtype)
+        model = prepare_model(Axiom(config_from_args(args).model).to(device), args.dtype)
     texts = args.prompt or [""]
     prompts = [enc.encode_ordinary(t) if t else [enc.eot_token] for t in texts]
     context, longest = model.cfg.max_seq_len, max(len(p) for p in prompts)

@@ -1,0 +1,226 @@
+"""Readying a loaded model for decoding: `prepare_model(model, dtype)` casts or quantizes its weights and swaps
+its linear layers for ones whose few-row products (decoding) stream the weights on every core.
+
+Batch-1 decoding is memory-bound: each token reads every weight once (1.54 GB in float32 for axiom-380m), so a
+token costs bytes read / bandwidth. torch's own paths for a (1, K) x (N, K)^T product run far below the
+machine's bandwidth on CPU (MKL's and oneDNN's reached 17-19 GB/s of the 2-core VM's ~55), so on CPU the few-row
+products go through kernels (axiom.kernels) that split the rows of the weight over the cores, and the streamed
+weights sit on 2 MB pages (docs/benchmarks.md, "Decoding at the bandwidth limit"). Prefill (many rows) keeps
+torch's matrix-matrix kernels.
+
+    float32   weights as trained
+    bfloat16  weights and activations in bfloat16 (half the bytes per token)
+    int8      weight-only int8: every linear weight and the (tied) token table as int8 with one float scale
+              per output channel (row), activations in bfloat16; a quarter of float32's bytes (the decode
+              kernel rounds each activation row to int16 for the VNNI dot product: under 1e-4 relative)
+
+Inference only: the prepared model has no gradients and is not for training (the quantized modules hold
+buffers, not parameters). Training never calls this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from axiom import kernels
+from axiom.errors import AxiomError
+from axiom.model import Axiom, output_logits
+
+INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
+
+# A product with at most this many rows (decoding: one per sequence of the batch) takes the few-row kernels;
+# more rows (prefill) take the matrix-matrix kernels, which are efficient on their own.
+FEW_ROWS = 16
+
+
+def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
+    """Ready `model` for decoding in `dtype` (one of INFERENCE_DTYPES), in place; returns it.
+
+    Sets eval mode and turns gradients off, casts the weights (float32, bfloat16) or quantizes them (int8), and
+    replaces every nn.Linear and the token table with modules whose forward picks a fast kernel by row count.
+    RoPE tables stay float32. The KV cache of a decoding loop follows the remaining parameters' dtype (the
+    norms): float32 for float32, bfloat16 for bfloat16 and int8."""
+    if dtype not in INFERENCE_DTYPES:
+        raise AxiomError(f"--dtype {dtype!r}: choose one of {', '.join(INFERENCE_DTYPES)}")
+    model.eval().requires_grad_(False)
+    act = torch.float32 if dtype == "float32" else torch.bfloat16
+    tied = model.lm_head.weight is model.embed.weight
+    if dtype == "int8":  # quantized from the weights as loaded, before any cast
+        table = quantize_rows(model.embed.weight.data)
+        model.embed = Int8Embedding(*table, act)
+        model.lm_head = Int8Linear(*(table if tied else quantize_rows(model.lm_head.weight.data)), act)
+    for block in model.layers:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    if dtype == "int8":
+                        setattr(parent, name, Int8Linear(*quantize_rows(child.weight.data), act))
+                    else:
+                        setattr(parent, name, FastLinear(child.weight))
+    for p in model.parameters():  # what is left in floating point; a tied table once (lm_head.weight is embed.weight)
+        p.data = p.data.to(act)
+    if dtype != "int8":
+        model.lm_head = FastLinear(model.lm_head.weight)  # the same Parameter: the table stays tied, stored once
+    if next(model.parameters()).device.type == "cpu":
+        pack_weights(model)
+    return model
+
+
+HUGE_PAGE = 2 << 20
+
+
+def pack_weights(model: Axiom) -> None:
+    """Move the streamed weights (every linear's, the table once) into one buffer backed by 2 MB pages on Linux.
+
+    With 4 KB pages the hardware prefetchers restart at every page and the TLB misses every 4 KB; on 2 MB pages the
+    float32 product streamed 1.6x faster per thread (16 -> 25 GB/s, bf16 22 -> 25; docs/benchmarks.md). Linux
+    gives an anonymous mapping huge pages where `madvise(MADV_HUGEPAGE)` asks before its first touch (and the
+    system's transparent_hugepage setting is `madvise` or `always`); elsewhere this is only a copy."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}  # tensor id -> (module, attribute) holding it
+    tensors: dict[int, Tensor] = {}
+    for m in model.modules():
+        name = "weight" if isinstance(m, FastLinear) else "q" if isinstance(m, Int8Linear | Int8Embedding) else None
+        if name is not None:
+            t = getattr(m, name)
+            tensors[id(t)] = t
+            owners.setdefault(id(t), []).append((m, name))
+    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in tensors.values()]  # 64-byte aligned slots
+    arena = huge_page_buffer(sum(sizes))
+    offset = 0
+    for (key, t), size in zip(tensors.items(), sizes, strict=True):
+        view = arena[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        view.copy_(t)  # the original is freed once no module holds it
+        for m, name in owners[key]:
+            if name in m._parameters:
+                m._parameters[name].data = view
+            else:
+                m._buffers[name] = view
+        offset += size
+
+
+def huge_page_buffer(nbytes: int) -> Tensor:
+    """An untouched uint8 buffer of `nbytes`, 2 MB-aligned, advised to use huge pages where Linux allows it."""
+    raw = torch.empty(nbytes + 2 * HUGE_PAGE, dtype=torch.uint8)  # room to align the start and round up the end
+    start = -raw.data_ptr() % HUGE_PAGE
+    buf = raw[start : start + nbytes]
+    if sys.platform == "linux":
+        length = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(length), MADV_HUGEPAGE)
+    return buf
+
+
+MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+
+
+def persistent_compile_cache(folder: str | Path | None = None) -> Path:
+    """Keep torch.compile's caches (inductor's FX graph cache, AOTAutograd's) in a folder that outlives the process
+    and a reboot, so that a compiled decoding step is compiled once per machine: later runs load it (~10x faster
+    than compiling, docs/benchmarks.md). Sets TORCHINDUCTOR_CACHE_DIR unless the user has (then that folder is
+    kept); `folder` defaults to ~/.cache/axiom/inductor. Call before the first compile; returns the folder."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    path = Path(folder) if folder is not None else Path.home() / ".cache" / "axiom" / "inductor"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # inductor reads it at each cache access
+    return path
+
+
+def weight_bytes_per_token(model: Axiom) -> int:
+    """Bytes of weights a decoded token reads: every linear weight (and int8 scales) and the output table once;
+    the token table's one looked-up row, the norms and the KV cache are left out (under 1% at short context)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear | FastLinear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, Int8Linear):
+            total += m.q.numel() + m.scale_f32.numel() * 4
+    return total
+
+
+def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row (output channel) int8: weight (N, K) ~= q (N, K) int8 * scale (N,) float32."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (N,)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def few_rows(x: Tensor) -> bool:
+    """Whether a product with input x (..., K) is a decoding step on CPU (the row-split kernels' case)."""
+    return x.device.type == "cpu" and x.numel() // x.shape[-1] <= FEW_ROWS
+
+
+def kernels_fit(weight: Tensor) -> bool:
+    """Whether axiom.kernels are built here and take this weight (N, K): K a multiple of 16, as every preset's.
+    Decided once per module, when it is made: torch.compile then sees a plain attribute, not a build."""
+    return weight.device.type == "cpu" and weight.shape[-1] % 16 == 0 and kernels.available()
+
+
+class FastLinear(nn.Module):
+    """nn.Linear without bias over a float weight (N, K). Few rows on CPU: `axiom_decode.linear` (each core
+    streams a band of rows), or without the kernels `output_logits`'s row blocks (a batched matmul over blocks
+    of rows; float32 only: torch's bf16 batched matmul is slower than its plain one)."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+        self.kernels = kernels_fit(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kernels and few_rows(x):
+            out = torch.ops.axiom_decode.linear(x.reshape(-1, x.shape[-1]), self.weight)
+            return out.view(*x.shape[:-1], -1)
+        if few_rows(x) and self.weight.dtype == torch.float32:
+            return output_logits(x, self.weight)
+        return F.linear(x, self.weight)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear: y = (x @ q.T) * scale, q (N, K) int8, scale (N,); x in `act_dtype`."""
+
+    def __init__(self, q: Tensor, scale: Tensor, act_dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale.to(act_dtype))
+        self.register_buffer("scale_f32", scale.float())  # what the kernel multiplies by
+        self.act_dtype = act_dtype
+        self.kernels = kernels_fit(q)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight (N, K) in the activation dtype: what the loss path (`Axiom.forward` with
+        targets) multiplies by; built per call, so evaluation works but pays for it."""
+        return self.q.to(self.act_dtype) * self.scale[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(self.act_dtype)
+        if self.kernels and few_rows(x):
+            out = torch.ops.axiom_decode.linear_int8(rows, self.q, self.scale_f32)  # (rows, N)
+        elif few_rows(x) and self.act_dtype == torch.bfloat16:
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scale)  # torch's weight-only int8 kernel
+        else:
+            out = F.linear(rows, self.weight)  # prefill: dequantize once per call, then a matrix-matrix product
+        return out.view(*x.shape[:-1], -1)
+
+
+class Int8Embedding(nn.Module):
+    """Token table as int8 rows with per-row scales (shared with a tied Int8Linear): looks up and dequantizes."""
+
+    def __init__(self, q: Tensor, scale: Tensor, act_dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale.to(act_dtype))
+        self.act_dtype = act_dtype
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.q[tokens].to(self.act_dtype) * self.scale[tokens, None]

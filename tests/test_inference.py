@@ -1,0 +1,192 @@
+"""prepare_model and the decode kernels: the same products as torch's (float32 to rounding, int8 within its
+quantization error), greedy tokens kept on a small trained model, the fallback without kernels, and the bench's
+int8 and llama.cpp options. No timing here: speed lives in `axiom bench generate`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from conftest import micro_config
+
+import axiom.bench
+import axiom.inference
+from axiom import kernels
+from axiom.cli import main
+from axiom.errors import AxiomError
+from axiom.generate import generate
+from axiom.inference import (
+    INFERENCE_DTYPES,
+    FastLinear,
+    Int8Embedding,
+    Int8Linear,
+    persistent_compile_cache,
+    prepare_model,
+    quantize_rows,
+)
+from axiom.model import Axiom
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="decode kernels not buildable here")
+PROMPTS = [[3, 22, 41], [60, 79, 98, 117], [250]]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The micro model after 150 AdamW steps on a fixed cycle of 24 ids (tests/conftest.py's patterned data):
+    its next-token distributions are peaked, as a trained model's are, so greedy picks are not coin tosses."""
+    torch.manual_seed(0)
+    model = Axiom(micro_config().model)
+    cycle = torch.tensor([3 + 19 * i for i in range(24)])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        starts = torch.randint(0, 24, (8, 1))
+        seq = cycle[(starts + torch.arange(25)) % 24]  # (8, 25)
+        loss = model(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("n", [64, 1003])  # 1003: bands and a remainder of fewer than 4 rows
+@pytest.mark.parametrize("k", [96, 80])  # 80: not a multiple of 32, so bf16 takes the path without AVX512-BF16
+@needs_kernels
+def test_kernels_equal_torch(rows, n, k):
+    torch.manual_seed(rows * n)
+    x, w = torch.randn(rows, k), torch.randn(n, k)
+    torch.testing.assert_close(torch.ops.axiom_decode.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
+    xb, wb = x.bfloat16(), w.bfloat16()  # float32 sums of the same bf16 products, rounded once to bf16
+    torch.testing.assert_close(torch.ops.axiom_decode.linear(xb, wb), (xb.float() @ wb.float().t()).bfloat16())
+    q, scale = quantize_rows(w)
+    deq = q.float() * scale[:, None]
+    for act in (torch.float32, torch.bfloat16):  # with AVX512-VNNI x is rounded to int16 per row: error < 1e-4
+        out, ref = torch.ops.axiom_decode.linear_int8(x.to(act), q, scale), x.to(act).float() @ deq.t()
+        assert out.dtype == act
+        assert ((out.float() - ref).norm() / ref.norm()).item() < (1e-4 if act == torch.float32 else 1e-2)
+
+
+def test_int8_rows_are_within_half_a_step_and_products_within_two_percent():
+    torch.manual_seed(0)
+    w, x = torch.randn(300, 256) * 0.02, torch.randn(5, 256)
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and scale.shape == (300,)
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-9).all()
+    for act in (torch.float32, torch.bfloat16):
+        out = Int8Linear(q, scale, act)(x.to(act)).float()
+        exact = x @ w.t()
+        assert ((out - exact).norm() / exact.norm()).item() < 0.02  # measured 0.008 (f32) and 0.009 (bf16)
+
+
+def test_prepare_rejects_an_unknown_dtype():
+    with pytest.raises(AxiomError, match="--dtype 'int4': choose one of float32, bfloat16, int8"):
+        prepare_model(Axiom(micro_config().model), "int4")
+
+
+def test_int8_model_stores_the_tied_table_once_and_keeps_its_loss_path(trained):
+    model = prepare_model(copy.deepcopy(trained), "int8")
+    assert isinstance(model.embed, Int8Embedding) and isinstance(model.lm_head, Int8Linear)
+    assert model.embed.q is model.lm_head.q
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    tokens = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():  # the loss path multiplies by the dequantized table: close to float32's loss
+        loss, ref = model(tokens[:, :-1], tokens[:, 1:]), trained(tokens[:, :-1], tokens[:, 1:])
+    assert loss.item() == pytest.approx(ref.item(), rel=0.05, abs=0.05)
+
+
+@pytest.mark.parametrize("dtype", INFERENCE_DTYPES)
+def test_prepare_keeps_greedy_tokens_of_a_trained_model(trained, dtype):
+    """Float32 is the same computation up to summation order; bfloat16 and int8 change every logit a little, which
+    on this model's peaked distributions (top logit ahead by several units) changes no greedy pick."""
+    want = generate(trained, PROMPTS, 20, temperature=0.0)
+    model = prepare_model(copy.deepcopy(trained), dtype)
+    assert generate(model, PROMPTS, 20, temperature=0.0) == want
+    if dtype == "float32":
+        x = torch.randn(2, 1, trained.cfg.d_model)
+        torch.testing.assert_close(model.logits(x), trained.logits(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", INFERENCE_DTYPES)
+def test_streamed_weights_are_packed_into_one_buffer_and_stay_tied(trained, dtype):
+    model = prepare_model(copy.deepcopy(trained), dtype)
+    weights = [m.weight if isinstance(m, FastLinear) else m.q for m in model.modules() if hasattr(m, "kernels")]
+    storages = {w.untyped_storage().data_ptr() for w in weights}
+    assert len(storages) == 1 and all(w.data_ptr() % 64 == 0 for w in weights)
+    if dtype == "int8":
+        assert model.embed.q is model.lm_head.q
+    else:
+        assert model.lm_head.weight is model.embed.weight
+        assert model.embed.weight.untyped_storage().data_ptr() in storages
+
+
+@pytest.mark.parametrize("dtype", INFERENCE_DTYPES)
+def test_fallback_without_kernels_gives_the_same_tokens(trained, dtype, monkeypatch):
+    want = generate(prepare_model(copy.deepcopy(trained), dtype), PROMPTS, 12, temperature=0.0)
+    monkeypatch.setattr(axiom.inference.kernels, "available", lambda: False)
+    model = prepare_model(copy.deepcopy(trained), dtype)
+    assert not any(getattr(m, "kernels", False) for m in model.modules())
+    assert generate(model, PROMPTS, 12, temperature=0.0) == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_compiled_decoding_of_a_prepared_model(trained, dtype):
+    """torch.compile traces through the kernels (their shape functions) and decodes the same tokens as eager."""
+    model = prepare_model(copy.deepcopy(trained), dtype)
+    assert generate(model, PROMPTS, 12, temperature=0.0, compile=True) == generate(model, PROMPTS, 12, temperature=0)
+
+
+def test_persistent_compile_cache_sets_inductors_folder_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert persistent_compile_cache(tmp_path / "c") == tmp_path / "c" and (tmp_path / "c").is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c")
+    assert persistent_compile_cache(tmp_path / "other") == tmp_path / "c"  # a folder already chosen is kept
+
+
+# ---- the bench
+
+BENCH = ["--set", "max_seq_len=40", "--warmup", "0", "--rounds", "1", "--eager", "--prompt-len", "4"]
+
+
+def test_bench_generate_int8(capsys):
+    args = ["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "4", "--dtype", "int8", "--json"]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["dtype"] == "int8" and r["tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dtype", "int4"], "--dtype 'int4': choose one of float32, bfloat16, int8, float16"),
+        (["--vs-llamacpp", "--llamacpp-dir", "/nonexistent"], "--llamacpp-dir /nonexistent: no bin/llama-bench"),
+    ],
+)
+def test_bench_generate_bad_values_give_one_line_errors(flags, message, capsys):
+    assert main(["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "2", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_bench_vs_llamacpp_skips_in_one_line_without_llamacpp(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(axiom.bench, "DEFAULT_LLAMACPP", tmp_path / "absent")
+    assert main(["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "2", "--vs-llamacpp", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "llamacpp" not in json.loads(out)
+    assert err == f"axiom bench: llama.cpp not found at {tmp_path / 'absent'}: --vs-llamacpp skipped\n"
+
+
+@pytest.mark.slow
+def test_bench_vs_llamacpp_times_both_on_the_same_weights(capsys):
+    if axiom.bench.find_llamacpp(None) is None:
+        pytest.skip("no ../shared/tools/llama.cpp (see shared/tools/llama.cpp/README.md)")
+    pytest.importorskip("sentencepiece")  # llama.cpp's converter imports it
+    args = ["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "4", "--vs-llamacpp", "--json"]
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["llamacpp"]["gguf_type"] == "f32"
+    assert set(r["ratio_vs_llamacpp"]) == {"decode", "prefill_32"}  # 512 exceeds max_seq_len=40
+    assert all(v > 0 for v in r["ratio_vs_llamacpp"].values())
