@@ -18,7 +18,7 @@ from axiom.chat import IM_END, IM_START, TEMPLATE_NAME, encode_chat
 from axiom.errors import AxiomError
 from axiom.generate import SamplingParams, stream
 from axiom.model import Axiom
-from axiom.sample import add_inference_arguments, check_sampling_flags, load_for_inference
+from axiom.sample import add_inference_arguments, check_sampling_flags, load_for_inference, token_bytes
 from axiom.tokenizer import EOS_ID, load_tokenizer
 
 STOP = (IM_END, IM_START, EOS_ID)  # the end of the turn; a new turn or EOS also ends it
@@ -79,10 +79,9 @@ class Chat:
                 token = int(step[0])
                 if token in STOP:
                     break
-                with contextlib.suppress(KeyError):  # an id with no text (unused row of the table): nothing
-                    piece = decoder.decode(enc.decode_single_token_bytes(token))
-                    text += piece
-                    yield piece
+                piece = decoder.decode(token_bytes(enc, token))
+                text += piece
+                yield piece
             tail = decoder.decode(b"", final=True)
             text += tail
             yield tail
