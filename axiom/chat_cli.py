@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 
 from axiom.chat import IM_END, IM_START, TEMPLATE_NAME, encode_chat
+from axiom.engine import Engine
 from axiom.errors import AxiomError
 from axiom.generate import SamplingParams, stream
 from axiom.model import Axiom
@@ -45,6 +46,7 @@ class Chat:
         self.model, self.system, self.max_new_tokens, self.sampling = model, system, max_new_tokens, sampling
         self.history: list[dict] = []  # user and assistant messages, alternating
         self.turns = 0
+        self.engine = Engine(model, max_batch=1)  # one cache for the whole conversation, not one per reply
 
     def prompt(self, user: str) -> tuple[list[int], int]:
         """Ids of the conversation plus `user` and the generation prompt, the oldest exchanges left out until
@@ -75,7 +77,7 @@ class Chat:
         kwargs = {**self.sampling, "seed": seed}
         text = ""
         try:
-            for step in stream(self.model, [ids], budget, eos_id=IM_END, **kwargs):
+            for step in stream(self.model, [ids], budget, eos_id=IM_END, engine=self.engine, **kwargs):
                 token = int(step[0])
                 if token in STOP:
                     break

@@ -30,6 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from axiom.chat import CHAT_TEMPLATE, IM_END, IM_START
 from axiom.checkpoint import load_model, save_model
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
@@ -53,12 +54,6 @@ MODEL = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_multipl
 STEPS = 300
 DTYPES = ["f32", "bf16", "f16", "q8_0"]
 LLAMA_ARGS = ["-t", "1", "-c", str(MODEL.max_seq_len), "-ctk", "f32", "-ctv", "f32"]
-IM_START, IM_END = 100264, 100265
-# ChatML as contract 1 spells it; axiom/chat.py's CHAT_TEMPLATE is used instead where that module exists.
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 QUESTION, ANSWER = "Who made the two great lights?", "God made two great lights."
 # Greedy continuations of these run along memorised paragraphs of Genesis 2; the last ends with EOS.
 PROMPTS = [
@@ -278,8 +273,7 @@ def test_chat_template_renders_and_generation_stops_at_im_end(trained):
     from axiom.hf.gguf import write_gguf
 
     model, cfg, _ = load_model(trained["ckpt"])
-    template = importlib.import_module("axiom.chat").CHAT_TEMPLATE if _has("axiom.chat") else CHATML
-    path = write_gguf(model.state_dict(), cfg.model, trained["root"] / "chat.gguf", "f32", "chat", template)
+    path = write_gguf(model.state_dict(), cfg.model, trained["root"] / "chat.gguf", "f32", "chat", CHAT_TEMPLATE)
     args = ["-m", str(path), "-p", QUESTION, "-n", "20", "--temp", "0", "-cnv", "--jinja", "-st", "--verbose-prompt"]
     done = llama("llama-completion", *args, *LLAMA_ARGS)
     listed = done.stderr.split("number of tokens in prompt", 1)[1]

@@ -199,7 +199,8 @@ def test_chat_without_a_template_is_refused_in_one_error(server):
 
 
 def test_chat_with_the_chatml_template(ckpt, tmp_path):
-    chat = pytest.importorskip("axiom.chat", reason="axiom/chat.py (helper chat) is not merged yet")
+    import axiom.chat as chat
+
     chat_ckpt = tmp_path / "chat_ckpt"
     chat_ckpt.mkdir()
     (chat_ckpt / "model.safetensors").symlink_to(ckpt / "model.safetensors")

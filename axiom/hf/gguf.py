@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from axiom.chat import CHAT_TEMPLATE, IM_END, IM_START
 from axiom.config import ModelConfig
 from axiom.errors import AxiomError
 from axiom.files import temp_path
@@ -34,7 +35,6 @@ from axiom.tokenizer import EOS_ID, VOCAB_SIZE
 
 ARCH = "llama"
 PRE_TOKENIZER = "dbrx"  # llama.cpp's pre-tokenizer with cl100k_base's regex (its converter picks it for cl100k)
-IM_START, IM_END = 100264, 100265  # contract 1 (axiom/chat.py): ChatML on ids that cl100k_base leaves unused
 CHAT_TOKENS = {IM_START: "<|im_start|>", IM_END: "<|im_end|>"}
 # --dtype -> (ggml type of the matrices, llama.cpp file type)
 DTYPES = {
@@ -141,8 +141,6 @@ def chat_template(meta: dict) -> str | None:
         return None
     if kind != "chatml":
         raise AxiomError(f"checkpoint config.json: chat_template {kind!r} is not known; Axiom writes 'chatml'")
-    from axiom.chat import CHAT_TEMPLATE  # helper `chat`'s module (contract 1)
-
     return CHAT_TEMPLATE
 
 
