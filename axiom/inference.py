@@ -64,11 +64,12 @@ def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
                     if dtype == "int8":
                         setattr(parent, name, Int8Linear(*quantize_rows(child.weight.data), act))
                     else:
-                        setattr(parent, name, FastLinear(child.weight))
+                        setattr(parent, name, FastLinear(child.weight, kernels=dtype == "bfloat16"))
     for p in model.parameters():  # what is left in floating point; a tied table once (lm_head.weight is embed.weight)
         p.data = p.data.to(act)
     if dtype != "int8":
-        model.lm_head = FastLinear(model.lm_head.weight)  # the same Parameter: the table stays tied, stored once
+        # the same Parameter: the table stays tied, stored once
+        model.lm_head = FastLinear(model.lm_head.weight, kernels=dtype == "bfloat16")
     if next(model.parameters()).device.type == "cpu":
         pack_weights(model)
     return model
@@ -167,14 +168,19 @@ def kernels_fit(weight: Tensor) -> bool:
 
 
 class FastLinear(nn.Module):
-    """nn.Linear without bias over a float weight (N, K). Few rows on CPU: `axiom_decode.linear` (each core
-    streams a band of rows), or without the kernels `output_logits`'s row blocks (a batched matmul over blocks
-    of rows; float32 only: torch's bf16 batched matmul is slower than its plain one)."""
+    """nn.Linear without bias over a float weight (N, K). Few rows on CPU: with `kernels`, `axiom_decode.linear`
+    (each core streams a band of rows), else `output_logits`'s row blocks (a batched matmul over blocks of rows;
+    float32 only: torch's bf16 batched matmul is slower than its plain one).
 
-    def __init__(self, weight: nn.Parameter):
+    prepare_model asks for the kernels in bfloat16 only. In float32 the row blocks were as fast or faster on the
+    quiet 2-core VM at 2 threads (axiom-380m, same process, alternating: 21.2-22.7 vs 20.4-21.2 tok/s), and inside
+    a compiled step inductor fuses them where the kernel is an opaque call (tiny 4.04x vs 2.48x transformers); in
+    bfloat16 the kernel wins (31.0 vs 15.6 tok/s; docs/benchmarks.md)."""
+
+    def __init__(self, weight: nn.Parameter, kernels: bool = True):
         super().__init__()
         self.weight = weight
-        self.kernels = kernels_fit(weight)
+        self.kernels = kernels and kernels_fit(weight)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kernels and few_rows(x):

@@ -24,8 +24,8 @@ SOURCE = Path(__file__).with_name("decode.cpp")
 # AVX-512 F/BW for the loads and conversions, FMA for the products; the one bf16 x bf16 function that uses the
 # AVX512-BF16 dot product is compiled for it alone and chosen at run time where the CPU has it, so one build serves
 # every AVX-512 CPU. The name carries the version: a changed build gets a different folder.
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"]
-NAME = "axiom_decode_avx512_v6"
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
+NAME = "axiom_decode_avx512_v7"
 
 
 def _usable_here() -> str | None:
@@ -54,7 +54,7 @@ def available() -> bool:
         try:
             from torch.utils.cpp_extension import load
 
-            load(NAME, [str(SOURCE)], extra_cflags=FLAGS, is_python_module=False)
+            load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
         except Exception as e:  # any build or load failure: fall back, never fail decoding
             reason = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
     if reason is not None:
