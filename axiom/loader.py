@@ -203,13 +203,68 @@ class TokenStream:
         raise AxiomError(f"{where}; {why}")
 
 
-class TrainLoader:
-    """Shuffled `(inputs, targets)` windows of the train split; each call is one global micro-batch.
+class WindowLoader:
+    """What the training loaders share: each call returns one global micro-batch of `micro_batch_size * world_size`
+    windows, rank r taking rows [r*B, (r+1)*B) so ranks read disjoint windows; when fewer windows than one global
+    batch remain in an epoch, the next epoch starts in a new order fixed by (seed, epoch); `state_dict()` is a few ints
+    that resume on exactly the next batch. A subclass sets `size` (and `size_key`, its name in the state, which must
+    match on resume), and says how many windows an epoch has and how rows of it are read."""
 
-    A global micro-batch is `micro_batch_size * world_size` windows; rank r returns rows [r*B, (r+1)*B), so ranks
-    read disjoint windows. When fewer windows than one global batch remain in an epoch, the next epoch starts with
-    a new permutation. `state_dict()` is a few ints that resume on exactly the next batch.
-    """
+    size_key = "size"
+
+    def __init__(
+        self, data_dir: str | Path, seq_len: int, micro_batch_size: int, seed: int, rank: int, world_size: int
+    ):
+        if seq_len <= 0 or micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+            raise AxiomError(
+                f"loader: need seq_len, micro_batch_size, world_size > 0 and 0 <= rank < world_size, got "
+                f"seq_len={seq_len}, micro_batch_size={micro_batch_size}, rank={rank}, world_size={world_size}"
+            )
+        self.data_dir = Path(data_dir)
+        self.seq_len, self.micro_batch_size, self.seed = seq_len, micro_batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = micro_batch_size * world_size
+        self.epoch = 0
+        self.position = 0  # windows of this epoch's order already consumed (all ranks)
+
+    def epoch_windows(self) -> int:
+        """Windows in the current epoch."""
+        raise NotImplementedError
+
+    def read(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows `first`..`first + micro_batch_size - 1` of the current epoch's order as (inputs, targets)."""
+        raise NotImplementedError
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (micro_batch_size, seq_len) int64 on the CPU."""
+        if self.position + self.global_batch > self.epoch_windows():
+            self.epoch += 1
+            self.position = 0
+        first = self.position + self.rank * self.micro_batch_size
+        self.position += self.global_batch
+        return self.read(first)
+
+    def state_dict(self) -> dict:
+        keys = ("epoch", "position", "seed", "seq_len", self.size_key)
+        return {key: getattr(self, "size" if key == self.size_key else key) for key in keys}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "seq_len", self.size_key):
+            ours = getattr(self, "size" if key == self.size_key else key)
+            if state.get(key) != ours:
+                raise AxiomError(
+                    f"loader state has {key}={state.get(key)}, but this loader over {self.data_dir} has "
+                    f"{key}={ours}; resume with the same data, seq_len and seed"
+                )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class TrainLoader(WindowLoader):
+    """Shuffled `(inputs, targets)` windows of the train split (see WindowLoader); targets are inputs shifted by one.
+    Window w covers tokens [w*seq_len, w*seq_len + seq_len + 1): the +1 is the last target, so the inputs cover each
+    token once per epoch; an epoch takes them in the order of a permutation fixed by (seed, epoch)."""
+
+    size_key = "num_windows"
 
     def __init__(
         self,
@@ -223,65 +278,36 @@ class TrainLoader:
     ) -> None:
         """`vocab_size`: the model's; a token id at or above it fails the batch that reads it (default: the
         tokenizer's vocabulary)."""
-        if seq_len <= 0 or micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
-            raise AxiomError(
-                f"loader: need seq_len, micro_batch_size, world_size > 0 and 0 <= rank < world_size, got "
-                f"seq_len={seq_len}, micro_batch_size={micro_batch_size}, rank={rank}, world_size={world_size}"
-            )
-        self.data_dir = Path(data_dir)
+        super().__init__(data_dir, seq_len, micro_batch_size, seed, rank, world_size)
         self.stream = TokenStream(data_dir, "train", vocab_size=vocab_size)
-        self.seq_len, self.micro_batch_size, self.seed = seq_len, micro_batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.global_batch = micro_batch_size * world_size
-        # Window w covers tokens [w*seq_len, w*seq_len + seq_len + 1): the +1 is the last target.
-        self.num_windows = max(self.stream.num_tokens - 1, 0) // seq_len
-        if self.num_windows < self.global_batch:
+        self.size = max(self.stream.num_tokens - 1, 0) // seq_len
+        if self.size < self.global_batch:
             raise AxiomError(
                 f"{data_dir}: the train split has {self.stream.num_tokens:,} tokens, fewer than one global batch "
                 f"needs ({self.global_batch} windows of {seq_len}+1 tokens = "
                 f"{self.global_batch * seq_len + 1:,} tokens); prepare more data or lower seq_len/batch size"
             )
-        self.epoch = 0
-        self.position = 0  # windows of this epoch's permutation already consumed (all ranks)
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
 
+    @property
+    def num_windows(self) -> int:
+        return self.size
+
     def _permutation(self) -> np.ndarray:
         if self._perm_epoch != self.epoch:
-            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
             self._perm_epoch = self.epoch
         return self._perm
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (micro_batch_size, seq_len) int64 on the CPU; targets are inputs shifted by one."""
-        if self.position + self.global_batch > self.num_windows:
-            self.epoch += 1
-            self.position = 0
-        first = self.position + self.rank * self.micro_batch_size
+    def epoch_windows(self) -> int:
+        return self.size
+
+    def read(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         windows = self._permutation()[first : first + self.micro_batch_size]
-        self.position += self.global_batch
         L = self.seq_len
-        batch = np.stack([self.stream.read(int(w) * L, L + 1) for w in windows])  # (B, L+1)
-        batch = torch.from_numpy(batch)
+        batch = torch.from_numpy(np.stack([self.stream.read(int(w) * L, L + 1) for w in windows]))  # (B, L+1)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "num_windows": self.num_windows,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "seq_len", "num_windows"):
-            if state.get(key) != getattr(self, key):
-                raise AxiomError(
-                    f"loader state has {key}={state.get(key)}, but this loader over {self.data_dir} has "
-                    f"{key}={getattr(self, key)}; resume with the same data, seq_len and seed"
-                )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
 def eval_batches(

@@ -7,8 +7,8 @@ and the rest is padding. Inputs are the window's first `seq_len` tokens; the tar
 where its mask is 1, else -100 (ignored by the loss), so padding and prompts are never trained on.
 
 Training packs the conversations of each epoch in the order of a permutation fixed by (seed, epoch); evaluation
-packs the val split in stream order. Attention is not masked between the conversations of a window
-(docs/finetuning.md has the measurement behind that choice).
+packs the val split in stream order. Whether a conversation's tokens may attend to the other conversations of its
+window is `TrainConfig.doc_masking` (masked by default for chat data; docs/finetuning.md has the measurement).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from axiom.errors import AxiomError
-from axiom.loader import TokenStream, read_manifest
+from axiom.loader import TokenStream, WindowLoader, read_manifest
 from axiom.model import IGNORE_INDEX
 from axiom.tokenizer import EOS_ID
 
@@ -113,13 +113,11 @@ def to_batch(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, t
     return inputs, targets
 
 
-class ChatLoader:
-    """TrainLoader's interface over chat data: shuffled windows of whole conversations, masked targets.
+class ChatLoader(WindowLoader):
+    """TrainLoader's interface over chat data (see WindowLoader): windows of whole conversations, masked targets.
+    Epoch e packs the conversations in the order `default_rng([seed, e]).permutation(n)`."""
 
-    Epoch e packs the conversations in the order `default_rng([seed, e]).permutation(n)`; a global micro-batch
-    is `micro_batch_size * world_size` windows of that packing, rank r taking rows [r*B, (r+1)*B). When fewer
-    windows than a global batch remain, the next epoch starts. `state_dict()` resumes on exactly the next batch.
-    """
+    size_key = "num_conversations"
 
     def __init__(
         self,
@@ -131,66 +129,38 @@ class ChatLoader:
         world_size: int = 1,
         vocab_size: int | None = None,
     ) -> None:
-        if seq_len <= 0 or micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
-            raise AxiomError(
-                f"loader: need seq_len, micro_batch_size, world_size > 0 and 0 <= rank < world_size, got "
-                f"seq_len={seq_len}, micro_batch_size={micro_batch_size}, rank={rank}, world_size={world_size}"
-            )
-        self.data_dir = Path(data_dir)
+        super().__init__(data_dir, seq_len, micro_batch_size, seed, rank, world_size)
         self.data = Conversations(data_dir, "train", vocab_size=vocab_size)
         self.data.check_fit(seq_len, str(data_dir))
-        self.seq_len, self.micro_batch_size, self.seed = seq_len, micro_batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.global_batch = micro_batch_size * world_size
-        self.num_conversations = len(self.data)
-        self.epoch = 0
-        self.position = 0  # windows of this epoch's packing already consumed (all ranks)
+        self.size = len(self.data)
         self._packed_epoch = -1
-        if self.windows() < self.global_batch:
+        if self.epoch_windows() < self.global_batch:
             raise AxiomError(
-                f"{data_dir}: the train split packs into {self.windows()} windows of {seq_len}+1 tokens, fewer "
-                f"than one global batch ({self.global_batch}); prepare more conversations or lower the batch size"
+                f"{data_dir}: the train split packs into {self.epoch_windows()} windows of {seq_len}+1 tokens, "
+                f"fewer than one global batch ({self.global_batch}); prepare more conversations or lower the batch "
+                "size"
             )
+
+    @property
+    def num_conversations(self) -> int:
+        return self.size
 
     def _packing(self) -> Packing:
         if self._packed_epoch != self.epoch:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_conversations)
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
             self._packed = pack(self.data.lengths, order, self.seq_len + 1)
             self._packed_epoch = self.epoch
         return self._packed
 
-    def windows(self) -> int:
+    def epoch_windows(self) -> int:
         """Windows in this epoch's packing (other epochs differ by a few)."""
         return len(self._packing())
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (micro_batch_size, seq_len) int64 on the CPU; targets -100 where not trained."""
-        if self.position + self.global_batch > self.windows():
-            self.epoch += 1
-            self.position = 0
+    def read(self, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets -100 where not trained."""
         packing = self._packing()
-        first = self.position + self.rank * self.micro_batch_size
-        self.position += self.global_batch
         windows = range(first, first + self.micro_batch_size)
         return to_batch([self.data.window(packing.window(w), self.seq_len) for w in windows])
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "num_conversations": self.num_conversations,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "seq_len", "num_conversations"):
-            if state.get(key) != getattr(self, key):
-                raise AxiomError(
-                    f"loader state has {key}={state.get(key)}, but this loader over {self.data_dir} has "
-                    f"{key}={getattr(self, key)}; resume with the same data, seq_len and seed"
-                )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
 def chat_eval_batches(

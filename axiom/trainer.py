@@ -572,7 +572,7 @@ class Trainer:
             f"{t.eval_tokens:,} tokens, checkpoint every {t.checkpoint_interval:,}"
         )
         if self.chat:
-            windows = self.loader.windows()
+            windows = self.loader.epoch_windows()
             epochs = t.steps * t.micro_batch_size * t.grad_accum_steps / windows
             log.info(
                 f"chat data    {self.loader.num_conversations:,} conversations, "

@@ -269,7 +269,7 @@ def test_packing_keeps_conversations_whole_and_masks_targets(chat_dir):
     assert len(packing) < len(pack(data.lengths, order, 65, open_windows=1))  # fuller than next fit
     # the loader's batches are those windows: the conversations end to end, EOS padding; targets masked
     loader = ChatLoader(chat_dir, seq_len=64, micro_batch_size=3, seed=5)
-    assert loader.windows() == len(packing)
+    assert loader.epoch_windows() == len(packing)
     for b in range(len(packing) // 3):
         x, y = loader.next_batch()
         assert x.shape == y.shape == (3, 64) and loader.epoch == 0
