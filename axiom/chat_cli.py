@@ -19,7 +19,13 @@ from axiom.engine import Engine
 from axiom.errors import AxiomError
 from axiom.generate import SamplingParams, stream
 from axiom.model import Axiom
-from axiom.sample import add_inference_arguments, check_sampling_flags, load_for_inference, token_bytes
+from axiom.sample import (
+    add_inference_arguments,
+    add_sampling_arguments,
+    check_sampling_flags,
+    load_for_inference,
+    token_bytes,
+)
 from axiom.tokenizer import EOS_ID, load_tokenizer
 
 STOP = (IM_END, IM_START, EOS_ID)  # the end of the turn; a new turn or EOS also ends it
@@ -29,13 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (fine-tuned on chat data)")
     parser.add_argument("--message", help="send this one user message, print the reply and exit")
     parser.add_argument("--system", help="system message at the start of the conversation")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=256, help="longest reply, capped by the context (default: 256)"
-    )
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default: 200)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1], e.g. 0.95")
-    parser.add_argument("--seed", type=int, default=1337, help="the n-th reply samples with seed + n (default: 1337)")
+    add_sampling_arguments(parser, 256, "longest reply", "the n-th reply samples with seed + n")
     add_inference_arguments(parser)
 
 

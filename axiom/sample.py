@@ -22,14 +22,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", help="checkpoint directory (default: a randomly initialised --preset)")
     add_config_arguments(parser)
     parser.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: EOS only)")
+    add_sampling_arguments(parser, 100, "new tokens per prompt", "prompt i samples with seed + i")
+    add_inference_arguments(parser)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, what: str, seeds: str) -> None:
+    """--max-new-tokens, --temperature, --top-k, --top-p and --seed, shared with `axiom chat`."""
     parser.add_argument(
-        "--max-new-tokens", type=int, default=100, help="new tokens per prompt, capped by the context (default: 100)"
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help=f"{what}, capped by the context (default: {max_new_tokens})",
     )
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     parser.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default: 200)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1], e.g. 0.95")
-    parser.add_argument("--seed", type=int, default=1337, help="prompt i samples with seed + i (default: 1337)")
-    add_inference_arguments(parser)
+    parser.add_argument("--seed", type=int, default=1337, help=f"{seeds} (default: 1337)")
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
