@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from axiom import kernels
 from axiom.errors import AxiomError
-from axiom.model import Axiom, output_logits
+from axiom.model import Axiom, Block, KVCache, output_logits
 
 INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
 
@@ -70,6 +70,8 @@ def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
     if dtype != "int8":
         # the same Parameter: the table stays tied, stored once
         model.lm_head = FastLinear(model.lm_head.weight, kernels=dtype == "bfloat16")
+    if next(model.parameters()).device.type == "cpu" and kernels.available():
+        model.layers = nn.ModuleList(DecodeBlock(block) for block in model.layers)
     if next(model.parameters()).device.type == "cpu":
         pack_weights(model)
     return model
@@ -217,6 +219,39 @@ class Int8Linear(nn.Module):
         else:
             out = F.linear(rows, self.weight)  # prefill: dequantize once per call, then a matrix-matrix product
         return out.view(*x.shape[:-1], -1)
+
+
+class DecodeBlock(nn.Module):
+    """A transformer block whose one-token steps over a dynamic KV cache (eager decoding on CPU) take 7 calls of
+    axiom.kernels (RMSNorm, the fused RoPE + cache write + attention, the gate) and the 4 linear products, instead
+    of ~60 torch ops: at 1-3 us of dispatch each, those ops cost ~4 ms of a ~22 ms bfloat16 token of axiom-380m,
+    and SDPA's CPU kernels take 50-900 us for one query in bfloat16 (docs/benchmarks.md). Everything else (prefill,
+    training-style forwards, a static cache) goes through the block itself."""
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, layer=0, mask=None) -> Tensor:
+        B, T, d = x.shape
+        if cache is None or cache.static or T != 1:
+            return self.block(x, cos, sin, cache, layer, mask)
+        ops, attn, mlp = torch.ops.axiom_decode, self.block.attn, self.block.mlp
+        h = ops.rms_norm(x.view(B, d), self.block.attn_norm.weight, self.block.attn_norm.eps)
+        positions = torch.tensor(cache.lengths)  # (B,) the slot each row writes: its own fill level
+        hd = attn.head_dim
+        y = ops.decode_attention(
+            attn.qkv_proj(h),
+            cache.keys[layer],
+            cache.values[layer],
+            positions,
+            cos.reshape(-1, hd),
+            sin.reshape(-1, hd),
+            hd**-0.5,
+        )  # (B, nh * hd)
+        x = x + attn.o_proj(y).view(B, T, d)
+        h = ops.rms_norm(x.view(B, d), self.block.mlp_norm.weight, self.block.mlp_norm.eps)
+        return x + mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(h))).view(B, T, d)
 
 
 class Int8Embedding(nn.Module):

@@ -146,13 +146,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         # Causal within a fresh sequence; a cached step brings its own mask (or none for one new token).
-        is_causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
-            is_causal=is_causal,
+            is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
@@ -257,6 +256,7 @@ class Axiom(nn.Module):
         if cache is None and self.doc_sep is not None:
             mask = document_mask(tokens, self.doc_sep)
         x = self.embed(tokens)  # (B, T, d)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once, not in each layer (a bfloat16 model decoding)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, None, i, mask, use_reentrant=False)

@@ -20,6 +20,7 @@ from axiom.errors import AxiomError
 from axiom.generate import generate
 from axiom.inference import (
     INFERENCE_DTYPES,
+    DecodeBlock,
     FastLinear,
     Int8Embedding,
     Int8Linear,
@@ -27,7 +28,7 @@ from axiom.inference import (
     prepare_model,
     quantize_rows,
 )
-from axiom.model import Axiom
+from axiom.model import Axiom, KVCache, RMSNorm, apply_rope
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="decode kernels not buildable here")
 PROMPTS = [[3, 22, 41], [60, 79, 98, 117], [250]]
@@ -67,6 +68,62 @@ def test_kernels_equal_torch(rows, n, k):
         out, ref = torch.ops.axiom_decode.linear_int8(x.to(act), q, scale), x.to(act).float() @ deq.t()
         assert out.dtype == act
         assert ((out.float() - ref).norm() / ref.norm()).item() < (1e-4 if act == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@needs_kernels
+def test_decode_attention_equals_rope_cache_write_and_sdpa(dtype):
+    """Three rows at their own positions (one at slot 0): the kernel writes each row's rotated key and its value into
+    its slot and returns what the model's RoPE + SDPA give over the row's filled slots."""
+    torch.manual_seed(0)
+    B, H, Hkv, D, L = 3, 4, 2, 32, 40
+    positions = torch.tensor([7, 0, 33])
+    qkv = torch.randn(B, (H + 2 * Hkv) * D).to(dtype)
+    keys, values = torch.randn(B, Hkv, L, D).to(dtype), torch.randn(B, Hkv, L, D).to(dtype)
+    want_keys, want_values = keys.clone(), values.clone()
+    cos, sin = (t[positions].to(dtype) for t in axiom.model.rope_tables(D, L, 10000.0))  # (B, D)
+    out = torch.ops.axiom_decode.decode_attention(qkv, keys, values, positions, cos, sin, D**-0.5)
+    heads = qkv.view(B, H + 2 * Hkv, 1, D)
+    qk = apply_rope(heads[:, : H + Hkv], cos[:, None, None], sin[:, None, None])
+    for b, p in enumerate(positions.tolist()):
+        want_keys[b, :, p], want_values[b, :, p] = qk[b, H:, 0], heads[b, H + Hkv :, 0]
+        k, v = want_keys[b : b + 1, :, : p + 1].float(), want_values[b : b + 1, :, : p + 1].float()
+        want = torch.nn.functional.scaled_dot_product_attention(qk[b : b + 1, :H].float(), k, v, enable_gqa=True)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(out[b].float(), want.reshape(-1), **tol)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)  # one rounding, not 3
+    torch.testing.assert_close(keys, want_keys, **tol)
+    assert torch.equal(values, want_values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@needs_kernels
+def test_rms_norm_and_silu_mul_kernels_equal_the_modules(dtype):
+    torch.manual_seed(0)
+    x, gu = (torch.randn(3, 96) * 4).to(dtype), (torch.randn(2, 2 * 88) * 6).to(dtype)  # 88: a remainder under 16
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data = (torch.rand(96) + 0.5).to(dtype)
+    exact = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(torch.ops.axiom_decode.rms_norm(x, norm.weight, 1e-5), norm(x), **exact)
+    gate, up = gu.split(88, dim=-1)
+    torch.testing.assert_close(torch.ops.axiom_decode.silu_mul(gu), torch.nn.functional.silu(gate) * up, **exact)
+
+
+@pytest.mark.parametrize("dtype", INFERENCE_DTYPES)
+@needs_kernels
+def test_decode_blocks_give_the_blocks_logits_for_rows_at_different_lengths(trained, dtype):
+    model = prepare_model(copy.deepcopy(trained), dtype)
+    assert all(isinstance(layer, DecodeBlock) for layer in model.layers)
+    plain = copy.deepcopy(model)
+    plain.layers = torch.nn.ModuleList(layer.block for layer in plain.layers)
+    logits = []
+    for m in (model, plain):
+        cache = KVCache.empty(m.cfg, 2, 16, "cpu", next(m.parameters()).dtype)
+        with torch.inference_mode():
+            m(torch.tensor([[3, 22, 41], [60, 79, 98]]), cache=cache)
+            cache.lengths = [3, 2]  # the second row continues after two tokens: rows at different positions
+            logits.append(m(torch.tensor([[117], [250]]), cache=cache).float())
+    torch.testing.assert_close(logits[0], logits[1], rtol=0.03, atol=0.03 if dtype != "float32" else 1e-5)
 
 
 def test_int8_rows_are_within_half_a_step_and_products_within_two_percent():

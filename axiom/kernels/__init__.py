@@ -25,7 +25,7 @@ SOURCE = Path(__file__).with_name("decode.cpp")
 # AVX512-BF16 dot product is compiled for it alone and chosen at run time where the CPU has it, so one build serves
 # every AVX-512 CPU. The name carries the version: a changed build gets a different folder.
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
-NAME = "axiom_decode_avx512_v7"
+NAME = "axiom_decode_avx512_v8"
 
 
 def _usable_here() -> str | None:
@@ -75,3 +75,15 @@ def _register_shapes() -> None:
     @torch.library.register_fake("axiom_decode::linear_int8")
     def _(x, q, scale):
         return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake("axiom_decode::decode_attention")
+    def _(qkv, keys, values, positions, cos, sin, scale):
+        return qkv.new_empty(qkv.shape[0], qkv.shape[1] - 2 * keys.shape[1] * keys.shape[3])
+
+    @torch.library.register_fake("axiom_decode::rms_norm")
+    def _(x, w, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("axiom_decode::silu_mul")
+    def _(gu):
+        return gu.new_empty(gu.shape[0], gu.shape[1] // 2)
