@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 from pathlib import Path
@@ -169,6 +170,18 @@ def kernels_fit(weight: Tensor) -> bool:
     return weight.device.type == "cpu" and weight.shape[-1] % 16 == 0 and kernels.available()
 
 
+@functools.cache
+def onednn_linear_works() -> bool:
+    """Whether torch's oneDNN linear (`mkldnn._linear_pointwise`, the op inductor's CPU fusions use) runs here on a
+    plain float32 weight and agrees with F.linear; checked once, so a torch without it falls back to F.linear."""
+    try:
+        x, w = torch.randn(3, 32), torch.randn(8, 32)
+        out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+        return torch.allclose(out, F.linear(x, w), rtol=1e-4, atol=1e-4)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 class FastLinear(nn.Module):
     """nn.Linear without bias over a float weight (N, K). Few rows on CPU: with `kernels`, `axiom_decode.linear`
     (each core streams a band of rows), else `output_logits`'s row blocks (a batched matmul over blocks of rows;
@@ -190,6 +203,9 @@ class FastLinear(nn.Module):
             return out.view(*x.shape[:-1], -1)
         if few_rows(x) and self.weight.dtype == torch.float32:
             return output_logits(x, self.weight)
+        if self.weight.dtype == torch.float32 and onednn_linear_works():
+            # prefill in float32: oneDNN's matrix-matrix kernel, 1.2-2x MKL's (F.linear) at 32-512 rows here
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [None], "")
         return F.linear(x, self.weight)
 
 
@@ -217,7 +233,9 @@ class Int8Linear(nn.Module):
         elif few_rows(x) and self.act_dtype == torch.bfloat16:
             out = torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scale)  # torch's weight-only int8 kernel
         else:
-            out = F.linear(rows, self.weight)  # prefill: dequantize once per call, then a matrix-matrix product
+            # prefill: the int8 values as they are (exact in bfloat16), a matrix-matrix product, then the row scales
+            # on its (rows, N) output: half the passes over the N x K weight of scaling it first
+            out = F.linear(rows, self.q.to(self.act_dtype)) * self.scale
         return out.view(*x.shape[:-1], -1)
 
 
