@@ -5,8 +5,9 @@ Batch-1 decoding is memory-bound: each token reads every weight once (1.54 GB in
 token costs bytes read / bandwidth. torch's own paths for a (1, K) x (N, K)^T product run far below the
 machine's bandwidth on CPU (MKL's and oneDNN's reached 17-19 GB/s of the 2-core VM's ~55), so on CPU the few-row
 products go through kernels (axiom.kernels) that split the rows of the weight over the cores, and the streamed
-weights sit on 2 MB pages (docs/benchmarks.md, "Decoding at the bandwidth limit"). Prefill (many rows) keeps
-torch's matrix-matrix kernels.
+weights sit on 2 MB pages (docs/benchmarks.md, "Decoding at the bandwidth limit"); the rest of a one-token step
+takes a few kernel calls per layer (`DecodeBlock`). Prefill (many rows) keeps torch's matrix-matrix kernels
+(oneDNN's for float32).
 
     float32   weights as trained
     bfloat16  weights and activations in bfloat16 (half the bytes per token)

@@ -1,4 +1,5 @@
-// Few-row linear products for decoding on x86-64 CPUs with AVX-512: y (M, N) = x (M, K) @ W (N, K)^T, M small.
+// Decoding on x86-64 CPUs with AVX-512: few-row linear products, y (M, N) = x (M, K) @ W (N, K)^T with M small, and
+// the rest of a one-token step as single calls (decode_attention, rms_norm, silu_mul; axiom.inference.DecodeBlock).
 //
 // Decoding reads every weight once per token, so a token costs bytes / bandwidth. Each thread takes a contiguous
 // band of W's rows and streams it once, row by row, so both cores read at once; x (M rows of K) stays in L1.
