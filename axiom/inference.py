@@ -72,9 +72,9 @@ def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
     if dtype != "int8":
         # the same Parameter: the table stays tied, stored once
         model.lm_head = FastLinear(model.lm_head.weight, kernels=dtype == "bfloat16")
-    if next(model.parameters()).device.type == "cpu" and kernels.available():
-        model.layers = nn.ModuleList(DecodeBlock(block) for block in model.layers)
     if next(model.parameters()).device.type == "cpu":
+        if kernels.available():
+            model.layers = nn.ModuleList(DecodeBlock(block) for block in model.layers)
         pack_weights(model)
     return model
 
@@ -197,6 +197,9 @@ class FastLinear(nn.Module):
         super().__init__()
         self.weight = weight
         self.kernels = kernels and kernels_fit(weight)
+        # float32 prefill on CPU: oneDNN's matrix-matrix kernel, 1.2-2x MKL's (F.linear) at 32-512 rows here (the
+        # dtype is checked per call: prepare_model casts the weights after making the modules)
+        self.onednn = weight.device.type == "cpu" and onednn_linear_works()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kernels and few_rows(x):
@@ -204,8 +207,7 @@ class FastLinear(nn.Module):
             return out.view(*x.shape[:-1], -1)
         if few_rows(x) and self.weight.dtype == torch.float32:
             return output_logits(x, self.weight)
-        if self.weight.dtype == torch.float32 and onednn_linear_works():
-            # prefill in float32: oneDNN's matrix-matrix kernel, 1.2-2x MKL's (F.linear) at 32-512 rows here
+        if self.onednn and self.weight.dtype == torch.float32:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [None], "")
         return F.linear(x, self.weight)
 
@@ -257,13 +259,12 @@ class DecodeBlock(nn.Module):
             return self.block(x, cos, sin, cache, layer, mask)
         ops, attn, mlp = torch.ops.axiom_decode, self.block.attn, self.block.mlp
         h = ops.rms_norm(x.view(B, d), self.block.attn_norm.weight, self.block.attn_norm.eps)
-        positions = torch.tensor(cache.lengths)  # (B,) the slot each row writes: its own fill level
         hd = attn.head_dim
         y = ops.decode_attention(
             attn.qkv_proj(h),
             cache.keys[layer],
             cache.values[layer],
-            positions,
+            cache.lengths,  # the slot each row writes: its own fill level
             cos.reshape(-1, hd),
             sin.reshape(-1, hd),
             hd**-0.5,

@@ -82,7 +82,7 @@ def test_decode_attention_equals_rope_cache_write_and_sdpa(dtype):
     keys, values = torch.randn(B, Hkv, L, D).to(dtype), torch.randn(B, Hkv, L, D).to(dtype)
     want_keys, want_values = keys.clone(), values.clone()
     cos, sin = (t[positions].to(dtype) for t in axiom.model.rope_tables(D, L, 10000.0))  # (B, D)
-    out = torch.ops.axiom_decode.decode_attention(qkv, keys, values, positions, cos, sin, D**-0.5)
+    out = torch.ops.axiom_decode.decode_attention(qkv, keys, values, positions.tolist(), cos, sin, D**-0.5)
     heads = qkv.view(B, H + 2 * Hkv, 1, D)
     qk = apply_rope(heads[:, : H + Hkv], cos[:, None, None], sin[:, None, None])
     for b, p in enumerate(positions.tolist()):
@@ -164,6 +164,15 @@ def test_prepare_keeps_greedy_tokens_of_a_trained_model(trained, dtype):
     if dtype == "float32":
         x = torch.randn(2, 1, trained.cfg.d_model)
         torch.testing.assert_close(model.logits(x), trained.logits(x), rtol=1e-5, atol=1e-5)
+
+
+def test_float32_prefill_gives_the_unprepared_logits(trained, device):
+    """Many rows (a prompt) take oneDNN's product on CPU and F.linear elsewhere: the same logits either way."""
+    reference = copy.deepcopy(trained).to(device)  # the module-scoped fixture stays on the CPU
+    model = prepare_model(copy.deepcopy(reference), "float32")
+    tokens = torch.tensor([PROMPTS[1] * 5], device=device)  # 20 rows: more than FEW_ROWS
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", INFERENCE_DTYPES)

@@ -26,7 +26,7 @@ SOURCE = Path(__file__).with_name("decode.cpp")
 # AVX512-BF16 dot product is compiled for it alone and chosen at run time where the CPU has it, so one build serves
 # every AVX-512 CPU. The name carries the version: a changed build gets a different folder.
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
-NAME = "axiom_decode_avx512_v8"
+NAME = "axiom_decode_avx512_v9"
 
 
 def _usable_here() -> str | None:

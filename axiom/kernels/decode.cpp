@@ -113,13 +113,11 @@ at::Tensor run(const at::Tensor& x, const W* w, const float* scale, int64_t N) {
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = xf.data_ptr<float>();
   // grain: bands of >= 64 rows, so a small product stays on one thread
-  if (y.scalar_type() == at::kFloat) {
-    float* yp = y.data_ptr<float>();
+  auto bands = [&](auto* yp) {
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { band(xp, w, scale, yp, M, K, N, n0, n1); });
-  } else {
-    at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { band(xp, w, scale, yp, M, K, N, n0, n1); });
-  }
+  };
+  if (y.scalar_type() == at::kFloat) bands(y.data_ptr<float>());
+  else bands(y.data_ptr<at::BFloat16>());
   return y;
 }
 
@@ -270,7 +268,7 @@ void attend(const at::Tensor& qkv, at::Tensor& keys, at::Tensor& values, const i
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& qkv_in, at::Tensor keys, at::Tensor values, const at::Tensor& positions,
+at::Tensor decode_attention(const at::Tensor& qkv_in, at::Tensor keys, at::Tensor values, at::IntArrayRef positions,
                             const at::Tensor& cos, const at::Tensor& sin, double scale) {
   const at::Tensor qkv = qkv_in.contiguous();
   TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && qkv.dim() == 2 && qkv.size(0) == keys.size(0),
@@ -284,13 +282,11 @@ at::Tensor decode_attention(const at::Tensor& qkv_in, at::Tensor keys, at::Tenso
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && keys.stride(3) == 1 &&
                   values.stride(3) == 1 && cos.size(-1) == D && (cos.numel() == D || cos.numel() == B * D) &&
                   sin.sizes() == cos.sizes(), "cos and sin contiguous, (1 or B, D); caches with contiguous rows");
-  at::Tensor p = positions.to(at::kLong).contiguous();
-  TORCH_CHECK(p.numel() == B, "positions must be (B,)");
-  for (int64_t b = 0; b < B; b++)
-    TORCH_CHECK(p.data_ptr<int64_t>()[b] >= 0 && p.data_ptr<int64_t>()[b] < keys.size(2), "positions must lie in 0..L-1");
+  TORCH_CHECK(static_cast<int64_t>(positions.size()) == B, "positions must have one entry per row");
+  for (int64_t p : positions) TORCH_CHECK(p >= 0 && p < keys.size(2), "positions must lie in 0..L-1");
   at::Tensor out = at::empty({B, qkv.size(1) - 2 * Hkv * D}, qkv.options());
-  if (qkv.scalar_type() == at::kFloat) attend<float>(qkv, keys, values, p.data_ptr<int64_t>(), cos, sin, scale, out);
-  else attend<at::BFloat16>(qkv, keys, values, p.data_ptr<int64_t>(), cos, sin, scale, out);
+  if (qkv.scalar_type() == at::kFloat) attend<float>(qkv, keys, values, positions.data(), cos, sin, scale, out);
+  else attend<at::BFloat16>(qkv, keys, values, positions.data(), cos, sin, scale, out);
   return out;
 }
 
@@ -356,7 +352,7 @@ at::Tensor silu_mul(const at::Tensor& gu_in) {
 TORCH_LIBRARY(axiom_decode, m) {
   m.def("linear(Tensor x, Tensor w) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
-  m.def("decode_attention(Tensor qkv, Tensor(a!) keys, Tensor(b!) values, Tensor positions, Tensor cos, Tensor sin, "
+  m.def("decode_attention(Tensor qkv, Tensor(a!) keys, Tensor(b!) values, int[] positions, Tensor cos, Tensor sin, "
         "float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
