@@ -119,6 +119,14 @@ def _check_manifest(m: dict, path: Path, data_dir: Path) -> None:
             )
 
 
+def size_mismatch(path: Path, expected: int) -> str | None:
+    """What a shard file is ("missing" or "N bytes") when it is not the `expected` bytes its manifest records."""
+    actual = path.stat().st_size if path.is_file() else None
+    if actual == expected:
+        return None
+    return "missing" if actual is None else f"{actual:,} bytes"
+
+
 class TokenStream:
     """One split's shards as a single token sequence, memory-mapped; `read` copies out any range.
 
@@ -151,9 +159,7 @@ class TokenStream:
             name = mask_name(shard["file"]) if masks else shard["file"]
             path = member(data_dir, name, f"{data_dir / MANIFEST}: shards[].file")
             expected = shard["tokens"] * dtype.itemsize
-            actual = path.stat().st_size if path.is_file() else None
-            if actual != expected:
-                found = "missing" if actual is None else f"{actual:,} bytes"
+            if found := size_mismatch(path, expected):
                 raise AxiomError(
                     f"{path}: {found}, manifest says {shard['tokens']:,} tokens ({expected:,} bytes); "
                     f"the prepared data is damaged: {DAMAGED.format(dir=data_dir)}"

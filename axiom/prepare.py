@@ -41,7 +41,7 @@ from axiom.files import (
     write_errors,
     write_json_atomic,
 )
-from axiom.loader import FORMAT_VERSION, MANIFEST, MASK_DTYPE, SPLITS, TOKEN_DTYPE, mask_name, shard_name
+from axiom.loader import FORMAT_VERSION, MANIFEST, MASK_DTYPE, SPLITS, TOKEN_DTYPE, mask_name, shard_name, size_mismatch
 from axiom.sources import SPLIT_FORMULA, Unit, UnitResult
 from axiom.tokenizer import EOS_ID, NAME, SHA256
 
@@ -326,9 +326,7 @@ def check_shards(out: Path, manifest: dict) -> None:
         for name_of, itemsize in shard_parts(manifest):
             path = member(out, name_of(shard.get("file")), f"{out / MANIFEST}: shards[].file")
             expected = shard.get("tokens", 0) * itemsize
-            actual = path.stat().st_size if path.is_file() else None
-            if actual != expected:
-                found = "missing" if actual is None else f"{actual:,} bytes"
+            if found := size_mismatch(path, expected):
                 raise AxiomError(
                     f"{path}: {found}, but {out / MANIFEST} records {expected:,} bytes: this prepared directory is "
                     f"damaged; delete {out} and run this command again"
