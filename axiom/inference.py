@@ -6,8 +6,9 @@ token costs bytes read / bandwidth. torch's own paths for a (1, K) x (N, K)^T pr
 machine's bandwidth on CPU (MKL's and oneDNN's reached 17-19 GB/s of the 2-core VM's ~55), so on CPU the few-row
 products go through kernels (axiom.kernels) that split the rows of the weight over the cores, and the streamed
 weights sit on 2 MB pages (docs/benchmarks.md, "Decoding at the bandwidth limit"); the rest of a one-token step
-takes a few kernel calls per layer (`DecodeBlock`). Prefill (many rows) keeps torch's matrix-matrix kernels
-(oneDNN's for float32).
+takes a few kernel calls per layer (`DecodeBlock`). Prefill (many rows) is compute-bound: float32 prompts of up to
+96 rows take the kernels' register tiles, longer ones oneDNN's matrix-matrix kernel; bfloat16 and int8 take
+torch's.
 
     float32   weights as trained
     bfloat16  weights and activations in bfloat16 (half the bytes per token)
@@ -41,6 +42,9 @@ INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
 # A product with at most this many rows (decoding: one per sequence of the batch) takes the few-row kernels;
 # more rows (prefill) take the matrix-matrix kernels, which are efficient on their own.
 FEW_ROWS = 16
+# float32 prompts up to this many rows take the kernels' register tiles: 1.04-1.3x oneDNN's linear at 17-96 rows,
+# even at 128; beyond, the prompt's rows outgrow L2 and oneDNN's blocking wins (scripts/prefill_products.py)
+TILE_ROWS = 96
 
 
 def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
@@ -191,19 +195,23 @@ class FastLinear(nn.Module):
     prepare_model asks for the kernels in bfloat16 only. In float32 the row blocks were as fast or faster on the
     quiet 2-core VM at 2 threads (axiom-380m, same process, alternating: 21.2-22.7 vs 20.4-21.2 tok/s), and inside
     a compiled step inductor fuses them where the kernel is an opaque call (tiny 4.04x vs 2.48x transformers); in
-    bfloat16 the kernel wins (31.0 vs 15.6 tok/s; docs/benchmarks.md)."""
+    bfloat16 the kernel wins (31.0 vs 15.6 tok/s; docs/benchmarks.md). Float32 prompts (FEW_ROWS to TILE_ROWS rows)
+    take the kernel's register tiles either way; longer ones oneDNN's linear."""
 
     def __init__(self, weight: nn.Parameter, kernels: bool = True):
         super().__init__()
         self.weight = weight
-        self.kernels = kernels and kernels_fit(weight)
-        # float32 prefill on CPU: oneDNN's matrix-matrix kernel, 1.2-2x MKL's (F.linear) at 32-512 rows here (the
-        # dtype is checked per call: prepare_model casts the weights after making the modules)
+        self.tiles = kernels_fit(weight)  # float32 prompts of up to TILE_ROWS rows, whatever `kernels` says
+        self.kernels = kernels and self.tiles
+        # longer float32 prompts on CPU: oneDNN's matrix-matrix kernel, 1.2-2x MKL's (F.linear) at 32-512 rows here
+        # (dtypes are checked per call: prepare_model casts the weights after making the modules)
         self.onednn = weight.device.type == "cpu" and onednn_linear_works()
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernels and few_rows(x):
-            out = torch.ops.axiom_decode.linear(x.reshape(-1, x.shape[-1]), self.weight)
+        rows = x.numel() // x.shape[-1]
+        prompt = self.tiles and FEW_ROWS < rows <= TILE_ROWS and self.weight.dtype == torch.float32
+        if prompt or (self.kernels and few_rows(x)):
+            out = torch.ops.axiom_decode.linear(x.reshape(rows, x.shape[-1]), self.weight)
             return out.view(*x.shape[:-1], -1)
         if few_rows(x) and self.weight.dtype == torch.float32:
             return output_logits(x, self.weight)

@@ -52,8 +52,8 @@ def trained():
     return model.eval()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("n", [64, 1003])  # 1003: bands and a remainder of fewer than 4 rows
+@pytest.mark.parametrize("rows", [1, 3, 16, 19, 38])  # 19, 38: float32 takes the 4 x 6 tiles, then 3 or 2 rows
+@pytest.mark.parametrize("n", [64, 1003])  # 1003: bands and a remainder of fewer than 4 (6 for the tiles) rows
 @pytest.mark.parametrize("k", [96, 80])  # 80: not a multiple of 32, so bf16 takes the path without AVX512-BF16
 @needs_kernels
 def test_kernels_equal_torch(rows, n, k):
@@ -166,11 +166,13 @@ def test_prepare_keeps_greedy_tokens_of_a_trained_model(trained, dtype):
         torch.testing.assert_close(model.logits(x), trained.logits(x), rtol=1e-5, atol=1e-5)
 
 
-def test_float32_prefill_gives_the_unprepared_logits(trained, device):
-    """Many rows (a prompt) take oneDNN's product on CPU and F.linear elsewhere: the same logits either way."""
+@pytest.mark.parametrize("batch", [1, 8])  # 20 rows (over FEW_ROWS) and 160 (over TILE_ROWS)
+def test_float32_prefill_gives_the_unprepared_logits(trained, device, batch):
+    """A prompt's rows take the kernels' tiles (up to TILE_ROWS) or oneDNN's product on CPU, F.linear elsewhere:
+    the same logits either way."""
     reference = copy.deepcopy(trained).to(device)  # the module-scoped fixture stays on the CPU
     model = prepare_model(copy.deepcopy(reference), "float32")
-    tokens = torch.tensor([PROMPTS[1] * 5], device=device)  # 20 rows: more than FEW_ROWS
+    tokens = torch.tensor([PROMPTS[1] * 5] * batch, device=device)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), reference(tokens), rtol=1e-5, atol=1e-5)
 

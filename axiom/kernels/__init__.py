@@ -1,5 +1,6 @@
-"""Optional CPU kernels for decoding (decode.cpp): few-row linear products that stream the weights on every core,
-and the rest of a one-token step in a few calls (RMSNorm, RoPE + cache write + attention, SwiGLU's gate).
+"""Optional CPU kernels for decoding (decode.cpp): few-row linear products that stream the weights on every core
+(and float32 prompts' products in register tiles), and the rest of a one-token step in a few calls (RMSNorm, RoPE +
+cache write + attention, SwiGLU's gate).
 
 `available()` builds them once with torch.utils.cpp_extension (a C++ compiler and ninja are needed; ~30 s on 2
 cores; cached under torch's extensions folder, `TORCH_EXTENSIONS_DIR`, and loaded in ~0.1 s afterwards) and
@@ -26,7 +27,7 @@ SOURCE = Path(__file__).with_name("decode.cpp")
 # AVX512-BF16 dot product is compiled for it alone and chosen at run time where the CPU has it, so one build serves
 # every AVX-512 CPU. The name carries the version: a changed build gets a different folder.
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
-NAME = "axiom_decode_avx512_v9"
+NAME = "axiom_decode_avx512_v10"
 
 
 def _usable_here() -> str | None:
