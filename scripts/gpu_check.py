@@ -31,13 +31,22 @@ def axiom(*args: str) -> list[str]:
 class Check:
     """Runs the parts, keeps their results and rewrites the JSON and markdown after each one."""
 
-    def __init__(self, out: Path, smoke: bool) -> None:
-        self.out, self.smoke = out, smoke
+    MIN_PART_SECONDS = 10  # less is not enough to start Python and torch: the part is not run
+
+    def __init__(self, out: Path, smoke: bool, budget: float) -> None:
+        self.out, self.smoke, self.budget = out, smoke, budget
+        self.deadline = time.monotonic() + budget
         self.results: dict = {"smoke": smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "parts": {}}
         self.rows: list[tuple[str, str, str, str]] = []  # part, figure, target, verdict
 
     def run(self, name: str, cmd: list[str], timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess | None:
-        """A command of a part; its output goes to OUT/NAME.log. None (and the part marked failed) on failure."""
+        """A command of a part; its output goes to OUT/NAME.log. None (and the part marked failed) on failure. It
+        runs for at most its own `timeout` and what is left of the check's budget, or not at all with too little left."""
+        left = self.deadline - time.monotonic()
+        if left < self.MIN_PART_SECONDS:
+            self.record(name, {"ok": False, "error": f"not run: the check's {self.budget:g} s budget was spent"})
+            return None
+        timeout = min(timeout, left)
         start = time.perf_counter()
         log = self.out / f"{name}.log"
         try:
@@ -215,12 +224,19 @@ def main(argv: list[str] | None = None) -> int:
         default=ROOT.parent / "shared" / "data" / "english-mix",
         help="text for the training run (default: ../shared/data/english-mix)",
     )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=540,
+        help="seconds for the whole check; each part gets what is left (default: 540, under the device tool's 10 "
+        "minutes per command, so that a slow part cuts the check short instead of losing it)",
+    )
     args = parser.parse_args(argv)
     if not args.corpus.exists():
         print(f"gpu_check: --corpus {args.corpus} not found; pass a folder or file of text (parquet/jsonl/txt)")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    check = Check(args.out, args.smoke)
+    check = Check(args.out, args.smoke, args.budget)
     environment(check)
     if args.smoke:  # the same parts at CPU sizes: what a test can afford, so this script cannot rot
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

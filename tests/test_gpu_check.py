@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,10 +57,32 @@ def test_smoke_mode_runs_every_part_and_writes_its_table(tmp_path):
     assert table in done.stdout  # the table is the last thing printed (the device tool returns the output's end)
 
 
-def test_full_mode_needs_a_gpu(tmp_path, capsys):
+def _gpu_check():
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
+def test_the_budget_cuts_a_part_short_and_skips_the_rest(tmp_path, monkeypatch):
+    """The whole check fits its budget (the device tool's 10 minutes a command): a part runs for what is left of
+    it at most, and once too little is left the remaining parts are reported as not run."""
+    gpu_check = _gpu_check()
+    monkeypatch.setattr(gpu_check.Check, "MIN_PART_SECONDS", 0.5)
+    check = gpu_check.Check(tmp_path, smoke=True, budget=1.5)
+    start = time.monotonic()
+    assert check.run("slow", [sys.executable, "-c", "import time; time.sleep(60)"], timeout=300) is None
+    assert check.run("next", [sys.executable, "-c", "print('never')"], timeout=300) is None
+    assert time.monotonic() - start < 10
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert parts["slow"]["error"].startswith("timed out after") and "TIMEOUT" in (tmp_path / "slow.log").read_text()
+    assert parts["next"]["error"] == "not run: the check's 1.5 s budget was spent"
+    assert not (tmp_path / "next.log").exists()
+    assert "| next | not run: the check's 1.5 s budget was spent |  | FAILED |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_full_mode_needs_a_gpu(tmp_path, capsys):
+    gpu_check = _gpu_check()
     if gpu_check_has_cuda():
         pytest.skip("a CUDA device is visible: the full check would run")
     assert gpu_check.main([str(tmp_path / "out"), "--corpus", str(_corpus(tmp_path / "c.jsonl"))]) == 2
