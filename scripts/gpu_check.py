@@ -41,7 +41,7 @@ class Check:
 
     def run(self, name: str, cmd: list[str], timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess | None:
         """A command of a part; its output goes to OUT/NAME.log. None (and the part marked failed) on failure. It
-        runs for at most its own `timeout` and what is left of the check's budget, or not at all with too little left."""
+        runs for at most its own `timeout` and what is left of the check's budget, not at all with too little left."""
         left = self.deadline - time.monotonic()
         if left < self.MIN_PART_SECONDS:
             self.record(name, {"ok": False, "error": f"not run: the check's {self.budget:g} s budget was spent"})
