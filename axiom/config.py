@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -331,25 +329,3 @@ def _parse(cls: type, name: str, raw: str):
         return hint(raw)
     except ValueError:
         raise AxiomError(f"--set {name}={raw}: expected {hint.__name__}") from None
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = "tiny") -> None:
-    parser.add_argument(
-        "--preset",
-        default=default_preset,
-        choices=sorted(PRESETS),
-        help=f"named configuration (default: {default_preset})",
-    )
-    add_overrides_argument(parser, "override any ModelConfig or TrainConfig field, e.g. --set lr_max=1e-3 (repeatable)")
-
-
-def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE", help=help)
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The --preset with its --set overrides; settings that probably do not do what was meant are named on stderr."""
-    cfg = get_config(args.preset, args.overrides)
-    for note in cfg.train.notices() if args.overrides else []:
-        print(f"notice: {note}", file=sys.stderr)
-    return cfg

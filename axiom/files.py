@@ -17,7 +17,7 @@ A command that writes `out` from `inputs` does, before any slow work:
     with write_errors(out, "nothing was replaced; ..."), output_lock(out, "export"):
         ... write under temp_path(out), write_marker(tmp, "export"), replace_dir(tmp, out)
 
-(`axiom.hf.folder.staged_dir` does all of it for a folder replaced as a whole.) docs/reliability.md has the why.
+(`axiom.interop.hf.folder.staged_dir` does all of it for a folder replaced as a whole.) docs/reliability.md has the why.
 """
 
 from __future__ import annotations

@@ -16,16 +16,16 @@ import argparse
 import time
 from pathlib import Path
 
-from axiom import chat_demo
-from axiom.checkpoint import load_model
+from axiom.cli import demo_chat as chat_demo
 from axiom.cli import main as axiom
 from axiom.config import get_config
-from axiom.evaluate import evaluate
-from axiom.model import Axiom, chunked_cross_entropy, output_logits
-from axiom.optim import build_optimizer
-from axiom.packing import ChatLoader
-from axiom.tokenizer import EOS_ID
-from axiom.trainer import train_step
+from axiom.data.packing import ChatLoader
+from axiom.eval.loss import evaluate
+from axiom.model.checkpoint import load_model
+from axiom.model.transformer import Axiom, chunked_cross_entropy, output_logits
+from axiom.text.tokenizer import EOS_ID
+from axiom.train.optim import build_optimizer
+from axiom.train.trainer import train_step
 
 
 def every_row_forward(self: Axiom, tokens, targets=None, cache=None, loss_chunk=1024, last_only=False):

@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from axiom import sources
-from axiom.tokenizer import load_tokenizer
+from axiom.data import sources
+from axiom.text.tokenizer import load_tokenizer
 
-# axiom.prepare is imported inside functions: spawned workers re-import this script, and prepare's import of the
+# axiom.data.prepare is imported inside functions: spawned workers re-import this script, and prepare's import of the
 # loader brings in torch, which would add a second of start-up to every worker.
 
 
@@ -51,7 +51,7 @@ def tiktoken_rate(inputs: list[str], text_field: str) -> tuple[float, float, flo
 
 def prepare_rate(inputs: list[str], out: Path, workers: int, text_field: str) -> tuple[float, float, float]:
     """(MB/s, tokens/s, MB per CPU-second of all processes) of a full `prepare` run."""
-    from axiom.prepare import prepare
+    from axiom.data.prepare import prepare
 
     start, cpu = time.perf_counter(), cpu_seconds()
     m = prepare(inputs, out, workers=workers, text_field=text_field, quiet=True)
@@ -61,7 +61,7 @@ def prepare_rate(inputs: list[str], out: Path, workers: int, text_field: str) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    from axiom.prepare import default_workers
+    from axiom.data.prepare import default_workers
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="corpus files or directories (as for axiom prepare)")

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from axiom.checkpoint import load_model, save_model
 from axiom.config import get_config
-from axiom.hf.export import export
-from axiom.model import Axiom
-from axiom.tasks import choice_loglikelihoods, encode_pair, read_task_file, score
+from axiom.eval.tasks import choice_loglikelihoods, encode_pair, read_task_file, score
+from axiom.interop.export import export
+from axiom.model.checkpoint import load_model, save_model
+from axiom.model.transformer import Axiom
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from axiom.harness import AxiomLM, json_task
+    from axiom.eval.harness import AxiomLM, json_task
 
     items = read_task_file(args.task_file)[: args.limit]
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,5 @@
 """Batch-1 decoding speed of the inference dtypes against each other, in one process: one set of weights prepared
-once per dtype (`axiom.inference.prepare_model`), each decoded through its own `Engine` (what `axiom generate`
+once per dtype (`axiom.infer.fast.prepare_model`), each decoded through its own `Engine` (what `axiom generate`
 runs), in alternating rounds (ABBA) so that the machine's drifting memory bandwidth hits every dtype alike. Prints
 tokens/s after the prefill per round, the medians, and each dtype's ratio to the first.
 
@@ -20,9 +20,9 @@ import time
 import torch
 
 from axiom.config import get_config
-from axiom.engine import Engine, SamplingParams
-from axiom.inference import INFERENCE_DTYPES, prepare_model
-from axiom.model import Axiom
+from axiom.infer.engine import Engine, SamplingParams
+from axiom.infer.fast import INFERENCE_DTYPES, prepare_model
+from axiom.model.transformer import Axiom
 
 
 def decode_rate(engine: Engine, prompt: list[int], new_tokens: int) -> float:

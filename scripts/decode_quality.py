@@ -1,10 +1,10 @@
-"""Perplexity of a checkpoint after `axiom.inference.prepare_model` in each inference dtype, on the val split of
+"""Perplexity of a checkpoint after `axiom.infer.fast.prepare_model` in each inference dtype, on the val split of
 prepared data: what bfloat16 and weight-only int8 cost in quality (docs/benchmarks.md, "Decoding at the bandwidth
 limit").
 
     python scripts/decode_quality.py --ckpt RUN/checkpoints/best --data PREPARED [--eval-tokens N]
 
-Each dtype evaluates a fresh copy of the checkpoint through `axiom.evaluate.evaluate` (the loss path: the
+Each dtype evaluates a fresh copy of the checkpoint through `axiom.eval.loss.evaluate` (the loss path: the
 prepared linears' many-row forward, and the dequantized table for the output layer), on the same fixed windows.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from axiom.checkpoint import load_model
-from axiom.evaluate import evaluate
-from axiom.inference import INFERENCE_DTYPES, prepare_model
+from axiom.eval.loss import evaluate
+from axiom.infer.fast import INFERENCE_DTYPES, prepare_model
+from axiom.model.checkpoint import load_model
 
 
 def main() -> None:

@@ -35,12 +35,13 @@ from pathlib import Path
 
 import torch
 
-from axiom.checkpoint import save_model
+from axiom.cli.args import add_device_argument
+from axiom.cli.generate import load_for_inference, token_bytes
 from axiom.config import get_config
-from axiom.generate import generate
-from axiom.model import Axiom
-from axiom.sample import load_for_inference, token_bytes
-from axiom.tokenizer import EOS_ID, load_tokenizer
+from axiom.infer.generate import generate
+from axiom.model.checkpoint import save_model
+from axiom.model.transformer import Axiom
+from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -72,7 +73,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: 64)")
     p.add_argument("--max-batch", type=int, default=16, help="the batching server's --max-batch (default: 16)")
     p.add_argument("--rounds", type=int, default=2, help="rounds per server, alternated (default: 2)")
-    p.add_argument("--device", help="the servers' --device (and the reference decoding's)")
+    add_device_argument(p)
     p.add_argument("--dtype", default="float32", help="the servers' --dtype (and the reference decoding's)")
     p.add_argument("--compile", action="store_true", help="start the servers with --compile")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -23,9 +23,9 @@ import re
 import sys
 from pathlib import Path
 
+from axiom.data.loader import read_manifest
+from axiom.data.sources import is_val, plan_units, read_unit
 from axiom.errors import AxiomError
-from axiom.loader import read_manifest
-from axiom.sources import is_val, plan_units, read_unit
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 NEAREST = 10  # distractors come from this many held-out endings closest in length to the right one

@@ -17,9 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from axiom import kernels
 from axiom.config import get_config
-from axiom.inference import huge_page_buffer
+from axiom.infer import kernels
+from axiom.infer.fast import huge_page_buffer
 
 PRODUCTS = {
     "tiles": lambda x, w: torch.ops.axiom_decode.linear(x, w),

@@ -1,5 +1,5 @@
 """Time to first token of a cold start: a fresh process builds a preset (random weights) or loads a checkpoint,
-runs `axiom.inference.prepare_model`, and decodes through `axiom.generate.stream` (what `axiom generate` runs).
+runs `axiom.infer.fast.prepare_model`, and decodes through `axiom.infer.generate.stream` (what `axiom generate` runs).
 
     python scripts/ttft.py --preset axiom-380m --dtype bfloat16 [--compile] [--cache-dir DIR] [--ckpt DIR]
 
@@ -34,11 +34,11 @@ def main() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache_dir  # read when inductor first compiles
     import torch
 
-    from axiom.checkpoint import load_model
     from axiom.config import get_config
-    from axiom.generate import stream
-    from axiom.inference import prepare_model
-    from axiom.model import Axiom
+    from axiom.infer.fast import prepare_model
+    from axiom.infer.generate import stream
+    from axiom.model.checkpoint import load_model
+    from axiom.model.transformer import Axiom
 
     imported = time.perf_counter()
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from axiom.config import Config, get_config
-from axiom.loader import TOKEN_DTYPE, write_dataset
-from axiom.tokenizer import EOS_ID
+from axiom.data.loader import TOKEN_DTYPE, write_dataset
+from axiom.text.tokenizer import EOS_ID
 
 # Tests that take the `device` fixture (or a fixture built on DEVICES) run once per available device, with ids
 # "cpu" and "cuda": `pytest -k cuda` runs the GPU ones (scripts/gpu_check.sh does, on a lent GPU).

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from conftest import micro_config
 
-from axiom.checkpoint import save_model, save_training_state, step_dir_name, write_dir_atomic
 from axiom.cli import main
-from axiom.model import Axiom
+from axiom.model.checkpoint import save_model, save_training_state, step_dir_name, write_dir_atomic
+from axiom.model.transformer import Axiom
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,21 +22,21 @@ import torch.nn.functional as F
 import zstandard
 from safetensors.torch import load_file
 
-from axiom import prepare as prep
-from axiom import sources
-from axiom.chat import IM_END, IM_START, chat_settings, encode_chat, render
-from axiom.chat_cli import Chat
-from axiom.checkpoint import list_checkpoints, load_model, read_meta, save_model
 from axiom.cli import main
+from axiom.cli.chat import Chat
 from axiom.config import Config, get_config
+from axiom.data import prepare as prep
+from axiom.data import sources
+from axiom.data.chat import IM_END, IM_START, chat_settings, encode_chat, render
+from axiom.data.loader import read_manifest
+from axiom.data.packing import ChatLoader, Conversations, chat_eval_batches, pack
 from axiom.errors import AxiomError
-from axiom.evaluate import evaluate
-from axiom.loader import read_manifest
-from axiom.model import IGNORE_INDEX, Axiom
-from axiom.packing import ChatLoader, Conversations, chat_eval_batches, pack
-from axiom.tokenizer import EOS_ID, load_tokenizer
-from axiom.train import train
-from axiom.trainer import train_step
+from axiom.eval.loss import evaluate
+from axiom.model.checkpoint import list_checkpoints, load_model, read_meta, save_model
+from axiom.model.transformer import IGNORE_INDEX, Axiom
+from axiom.text.tokenizer import EOS_ID, load_tokenizer
+from axiom.train.launch import train
+from axiom.train.trainer import train_step
 
 # A micro model with the full cl100k table: chat data uses ids 100264/100265 (a cut-down table has no such rows).
 CHAT_MICRO = [
@@ -437,9 +437,9 @@ PARITY = [
 @pytest.mark.parametrize("fmt", ["axiom", "llama"])
 def test_export_template_matches_encode_chat_in_transformers_and_stops_at_the_turn(tuned, tmp_path, fmt):
     transformers = pytest.importorskip("transformers", reason="the hf extra is needed: pip install 'axiom-lm[hf]'")
-    from axiom.chat import CHAT_TEMPLATE
-    from axiom.hf.export import export
-    from axiom.hf.importer import import_hf
+    from axiom.data.chat import CHAT_TEMPLATE
+    from axiom.interop.export import export
+    from axiom.interop.importer import import_hf
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     out = export(tuned[0] / "checkpoints" / "best", tmp_path / fmt, fmt)

@@ -6,9 +6,9 @@ import torch
 from conftest import DEVICES
 
 from axiom.config import get_config
-from axiom.engine import Engine, SamplingParams, decode_one
-from axiom.generate import generate, stream
-from axiom.model import Axiom, KVCache
+from axiom.infer.engine import Engine, SamplingParams, decode_one
+from axiom.infer.generate import generate, stream
+from axiom.model.transformer import Axiom, KVCache
 
 # Untied output layer: a random tied model mostly repeats its last token, which would hide a row that reads
 # another row's keys. Here the prompts end alike and continue differently, so any mix-up of slots shows.

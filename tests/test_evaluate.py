@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from conftest import micro_config
 
-from axiom.checkpoint import save_model
 from axiom.cli import main
-from axiom.evaluate import evaluate, token_byte_lengths
-from axiom.loader import eval_batches
-from axiom.model import Axiom
-from axiom.plot import plot_run
-from axiom.tokenizer import EOS_ID, load_tokenizer
+from axiom.data.loader import eval_batches
+from axiom.eval.loss import evaluate, token_byte_lengths
+from axiom.model.checkpoint import save_model
+from axiom.model.transformer import Axiom
+from axiom.text.tokenizer import EOS_ID, load_tokenizer
+from axiom.train.plot import plot_run
 
 
 @pytest.fixture(scope="module")

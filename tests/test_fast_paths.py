@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from axiom.cli import main
 from axiom.config import get_config
-from axiom.generate import decode_one, decode_one_and_hidden, generate, greedy
-from axiom.model import Axiom, KVCache, chunked_cross_entropy, output_logits
+from axiom.infer.generate import decode_one, decode_one_and_hidden, generate, greedy
+from axiom.model.transformer import Axiom, KVCache, chunked_cross_entropy, output_logits
 
 SMALL = get_config(
     "tiny", ["vocab_size=1000", "d_model=32", "n_layers=2", "n_heads=4", "n_kv_heads=2", "max_seq_len=48"]
@@ -73,7 +73,7 @@ def test_chunked_loss_value_and_grads_equal_plain_cross_entropy(chunk):
 
 
 def test_chunked_loss_reuses_its_cpu_block_without_carrying_state():
-    from axiom import model as model_module
+    from axiom.model import transformer as model_module
 
     torch.manual_seed(2)
     w = torch.randn(300, 16) * 0.5

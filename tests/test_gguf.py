@@ -13,16 +13,16 @@ import os
 import pytest
 import torch
 
-from axiom.checkpoint import load_model, save_model
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
-from axiom.hf.export import export, resolve_dtype
-from axiom.hf.gguf import GGUF_NAMES, gguf_name, gguf_writer, interleave_rope_rows
-from axiom.hf.names import llama_names, to_llama
-from axiom.hf.tokenizer import tokenizer_json
-from axiom.model import Axiom, apply_rope, rope_tables
-from axiom.tokenizer import EOS_ID, VOCAB_SIZE
+from axiom.interop.export import export, resolve_dtype
+from axiom.interop.gguf import GGUF_NAMES, gguf_name, gguf_writer, interleave_rope_rows
+from axiom.interop.hf.names import llama_names, to_llama
+from axiom.interop.hf.tokenizer import tokenizer_json
+from axiom.model.checkpoint import load_model, save_model
+from axiom.model.transformer import Axiom, apply_rope, rope_tables
+from axiom.text.tokenizer import EOS_ID, VOCAB_SIZE
 
 gguf = pytest.importorskip("gguf", reason="--format gguf needs the gguf package: pip install 'axiom-lm[gguf]'")
 
@@ -194,7 +194,7 @@ def test_chat_template_names_chatml_tokens_and_ends_turns_at_im_end(state):
 
 
 def test_chat_checkpoint_gets_axiom_chat_template(ckpt, tmp_path, monkeypatch):
-    """A checkpoint whose config.json says "chat_template": "chatml" (contract 1) carries axiom.chat's template."""
+    """A checkpoint whose config.json says "chat_template": "chatml" (contract 1) carries axiom.data.chat's template."""
     chat = tmp_path / "chat-ckpt"
     chat.mkdir()
     for f in ckpt.iterdir():
@@ -203,10 +203,10 @@ def test_chat_checkpoint_gets_axiom_chat_template(ckpt, tmp_path, monkeypatch):
     (chat / "config.json").write_text(json.dumps({**meta, "chat_template": "mistral"}))
     with pytest.raises(AxiomError, match="chat_template 'mistral' is not known"):
         export(chat, tmp_path / "x.gguf", "gguf")
-    import axiom.chat as module
+    import axiom.data.chat as module
 
     (chat / "config.json").write_text(json.dumps({**meta, "chat_template": "chatml"}))
-    monkeypatch.setattr("axiom.hf.export.write_gguf", lambda *args: args)  # what export would write
+    monkeypatch.setattr("axiom.interop.export.write_gguf", lambda *args: args)  # what export would write
     state, m, out, dtype, name, template = export(chat, tmp_path / "chat.gguf", "gguf")
     assert template == module.CHAT_TEMPLATE
     assert kv(gguf_writer(state, m, template=template), "tokenizer.ggml.eot_token_id") == 100265  # IM_END

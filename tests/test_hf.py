@@ -18,18 +18,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from axiom.checkpoint import load_model, read_meta, save_model
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
 from axiom.files import MARKER
-from axiom.generate import generate
-from axiom.hf.export import export
-from axiom.hf.folder import hf_config
-from axiom.hf.importer import import_hf
-from axiom.hf.names import from_llama, llama_names, to_llama
-from axiom.model import Axiom, num_params
-from axiom.tokenizer import EOS_ID, load_tokenizer
+from axiom.infer.generate import generate
+from axiom.interop.export import export
+from axiom.interop.hf.folder import hf_config
+from axiom.interop.hf.names import from_llama, llama_names, to_llama
+from axiom.interop.importer import import_hf
+from axiom.model.checkpoint import load_model, read_meta, save_model
+from axiom.model.transformer import Axiom, num_params
+from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers", reason="the hf extra is needed: pip install 'axiom-lm[hf]'")
@@ -386,7 +386,7 @@ def test_import_rejects_bad_folders_with_clear_messages(exported, tmp_path):
             edit_weights(lambda s: s.update({"model.extra.weight": torch.zeros(2)})),
             r"unexpected \[model.extra.weight\]",
         ),
-        "config-vs-axiom": (edit_config(intermediate_size=256), "axiom.model gives ffn_dim=192 but"),
+        "config-vs-axiom": (edit_config(intermediate_size=256), "axiom.model.transformer gives ffn_dim=192 but"),
     }
     for name, (mutate, message) in cases.items():
         with pytest.raises(AxiomError, match=message):
@@ -431,7 +431,7 @@ def test_cli_export_import_and_one_line_errors(ckpts, tmp_path, capsys):
 
 
 def test_imported_checkpoint_feeds_generate_eval_and_training(ckpts, exported, tmp_path, capsys):
-    from axiom.loader import write_dataset
+    from axiom.data.loader import write_dataset
 
     ckpt = import_hf(exported("random", "llama"), tmp_path / "ckpt")
     assert main(["generate", "--ckpt", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "8"]) == 0

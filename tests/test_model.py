@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from axiom.checkpoint import load_model, save_model
 from axiom.config import ModelConfig, get_config
-from axiom.generate import generate
-from axiom.model import Axiom, chunked_cross_entropy, flops_per_token, num_params
+from axiom.infer.generate import generate
+from axiom.model.checkpoint import load_model, save_model
+from axiom.model.transformer import Axiom, chunked_cross_entropy, flops_per_token, num_params
 
 SMALL = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_multiple_of=16, max_seq_len=64)
 
@@ -46,7 +46,7 @@ def test_causality(model, device):
 
 def naive_attention(attn, x, cos, sin):
     """Reference: per-head softmax(QK^T/sqrt(d) + causal mask) V with KV heads repeated explicitly."""
-    from axiom.model import apply_rope
+    from axiom.model.transformer import apply_rope
 
     B, T, _ = x.shape
     nh, nkv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from axiom import prepare as prep
-from axiom import sources
 from axiom.cli import main
+from axiom.data import prepare as prep
+from axiom.data import sources
+from axiom.data.loader import TrainLoader, eval_batches, read_manifest
 from axiom.errors import AxiomError
-from axiom.loader import TrainLoader, eval_batches, read_manifest
-from axiom.tokenizer import EOS_ID, load_tokenizer
+from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 PARQUET_DOCS = ["The first document.", "", "Second one, a bit longer than the first.", None, "dup text", "Row six."]
 JSONL_DOCS = ["héllo wörld 🌍 from jsonl", "dup text", "Line three\nhas a newline.", "", "dup text"]

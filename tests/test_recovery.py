@@ -17,14 +17,14 @@ import torch
 from conftest import MICRO_VOCAB, micro_args, micro_config
 from safetensors.torch import load_file
 
-import axiom.trainer as trainer_mod
-from axiom.checkpoint import list_checkpoints, load_model, load_training_state
+import axiom.train.trainer as trainer_mod
 from axiom.cli import main
 from axiom.errors import AxiomError
-from axiom.optim import build_optimizer, lr_at
-from axiom.plot import plot_run
-from axiom.train import train
-from axiom.trainer import EVENT_COLUMNS, train_step
+from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state
+from axiom.train.launch import train
+from axiom.train.optim import build_optimizer, lr_at
+from axiom.train.plot import plot_run
+from axiom.train.trainer import EVENT_COLUMNS, train_step
 
 POISON_AT = 48  # loader position (windows) of the poisoned batch: read by step 13 (4 windows a step)
 
@@ -62,7 +62,7 @@ def poisoned_step(real_step):
 
 POISON_SCRIPT = f"""
 import sys
-import axiom.trainer as trainer
+import axiom.train.trainer as trainer
 from axiom.cli import main
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_recovery import poisoned_step
@@ -238,7 +238,7 @@ def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(tiny_data, tmp_pa
 
 def test_init_from_a_hugging_face_folder(tiny_data, tmp_path):
     pytest.importorskip("transformers")
-    from axiom.hf.export import export
+    from axiom.interop.export import export
 
     source = tmp_path / "source"
     train(micro_config("max_steps=6", "eval_interval=6"), tiny_data, source)

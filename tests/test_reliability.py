@@ -21,10 +21,13 @@ import time
 import pytest
 from reliability_helpers import REPO, axiom_process, copy_run, fails, hashes, jsonl, make_run, succeeds
 
-from axiom import checkpoint as ckpt_mod
-from axiom import files, sources
-from axiom import prepare as prep
-from axiom.checkpoint import (
+from axiom import files
+from axiom.data import prepare as prep
+from axiom.data import sources
+from axiom.errors import AxiomError
+from axiom.files import MARKER, check_no_overlap, output_lock
+from axiom.model import checkpoint as ckpt_mod
+from axiom.model.checkpoint import (
     clean_stale_checkpoints,
     list_checkpoints,
     prune_checkpoints,
@@ -32,8 +35,6 @@ from axiom.checkpoint import (
     save_training_state,
     write_dir_atomic,
 )
-from axiom.errors import AxiomError
-from axiom.files import MARKER, check_no_overlap, output_lock
 
 pytest.importorskip("transformers", reason="export writes transformers' files: pip install 'axiom-lm[hf]'")
 

@@ -13,7 +13,8 @@ import torch
 from reliability_helpers import copy_run, fails, hashes, make_run, succeeds
 from safetensors.torch import load_file, save_file
 
-from axiom.checkpoint import (
+from axiom.errors import AxiomError
+from axiom.model.checkpoint import (
     CHECKSUMS,
     EMBED,
     HEAD,
@@ -27,8 +28,7 @@ from axiom.checkpoint import (
     untie,
     verify_checkpoint,
 )
-from axiom.errors import AxiomError
-from axiom.model import Axiom
+from axiom.model.transformer import Axiom
 
 pytest.importorskip("transformers", reason="export writes transformers' files: pip install 'axiom-lm[hf]'")
 

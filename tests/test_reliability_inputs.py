@@ -17,10 +17,10 @@ import torch
 import zstandard
 from reliability_helpers import fails, hashes, jsonl, make_run, succeeds
 
-from axiom import prepare as prep
 from axiom.cli import main
+from axiom.data import prepare as prep
+from axiom.data.loader import MANIFEST, TokenStream, TrainLoader
 from axiom.errors import AxiomError
-from axiom.loader import MANIFEST, TokenStream, TrainLoader
 
 DOCS = [f"document {i}: " + " ".join(f"w{(i * 7 + j) % 101}" for j in range(40 + i % 30)) for i in range(400)]
 

@@ -25,13 +25,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from axiom.checkpoint import load_model, save_model
 from axiom.cli import main
+from axiom.cli.generate import token_bytes
 from axiom.config import get_config
-from axiom.generate import generate
-from axiom.model import Axiom
-from axiom.sample import token_bytes
-from axiom.tokenizer import EOS_ID, load_tokenizer
+from axiom.infer.generate import generate
+from axiom.model.checkpoint import load_model, save_model
+from axiom.model.transformer import Axiom
+from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
@@ -199,7 +199,7 @@ def test_chat_without_a_template_is_refused_in_one_error(server):
 
 
 def test_chat_with_the_chatml_template(ckpt, tmp_path):
-    import axiom.chat as chat
+    import axiom.data.chat as chat
 
     chat_ckpt = tmp_path / "chat_ckpt"
     chat_ckpt.mkdir()
@@ -350,8 +350,8 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(ckpt, tmp_path):
 
 
 def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_starts_afresh(ckpt):
-    from axiom.engine import SamplingParams
-    from axiom.serve import ApiError, Job, Service
+    from axiom.infer.engine import SamplingParams
+    from axiom.infer.serve import ApiError, Job, Service
 
     model = load_model(ckpt)[0].eval()
     service = Service(model, "m", None, max_batch=2, max_queue=0, compile=False)

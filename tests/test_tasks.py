@@ -15,13 +15,10 @@ import pytest
 import torch
 from conftest import micro_config
 
-from axiom.checkpoint import save_model
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
-from axiom.generate import generate
-from axiom.model import Axiom
-from axiom.tasks import (
+from axiom.eval.tasks import (
     choice_loglikelihoods,
     encode_pair,
     evaluate_task_file,
@@ -29,7 +26,10 @@ from axiom.tasks import (
     read_task_file,
     score,
 )
-from axiom.tokenizer import EOS_ID, load_tokenizer
+from axiom.infer.generate import generate
+from axiom.model.checkpoint import save_model
+from axiom.model.transformer import Axiom
+from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -204,7 +204,7 @@ def test_native_scorer_gives_lm_eval_acc_and_acc_norm(ckpt, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
     from lm_eval.tasks.hellaswag.utils import process_docs
 
-    from axiom.harness import AxiomLM, json_task
+    from axiom.eval.harness import AxiomLM, json_task
 
     model, path = ckpt
     generic = write_jsonl(tmp_path / "generic.jsonl", THREE * 2 + [{**THREE[0], "context": ""}])
@@ -226,7 +226,7 @@ def test_native_scorer_gives_lm_eval_acc_and_acc_norm(ckpt, tmp_path):
     if _has("transformers") and _has("accelerate"):  # the hf extra (in dev)
         from lm_eval.models.huggingface import HFLM
 
-        from axiom.hf.export import export
+        from axiom.interop.export import export
 
         folder = export(path, tmp_path / "hf", "axiom")
         references.append(HFLM(pretrained=str(folder), trust_remote_code=True, dtype="float32", device="cpu"))
@@ -254,7 +254,7 @@ def test_adapter_rolling_loglikelihood_and_generation(ckpt):
     from lm_eval.api.instance import Instance
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    from axiom.harness import AxiomLM
+    from axiom.eval.harness import AxiomLM
 
     model, _ = ckpt
     enc = load_tokenizer()
@@ -325,7 +325,7 @@ def test_unreachable_task_data_names_the_offline_options(ckpt):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
     from lm_eval.tasks import TaskManager
 
-    from axiom.harness import run_tasks
+    from axiom.eval.harness import run_tasks
 
     hub_task = {**json_for_hub(), "task": "hub_only"}
     with pytest.raises(AxiomError, match=r"could not be fetched .* --task-file PATH.*HF_DATASETS_OFFLINE=1"):
@@ -346,7 +346,7 @@ def json_for_hub() -> dict:
 
 def test_eval_tasks_config_and_loading(tmp_path):
     from axiom.config import get_config
-    from axiom.tasks import evaluate_tasks, load_tasks, task_columns
+    from axiom.eval.tasks import evaluate_tasks, load_tasks, task_columns
 
     a, b = write_jsonl(tmp_path / "kjv-val.jsonl", THREE), write_jsonl(tmp_path / "b.jsonl", THREE[:2])
     cfg = get_config("tiny", [f"eval_tasks={a} , {b}"])
@@ -368,7 +368,7 @@ def test_plot_draws_a_task_panel(tmp_path):
     pytest.importorskip("matplotlib", reason="axiom plot needs the plot extra")
     import matplotlib.pyplot as plt
 
-    from axiom.plot import plot_run
+    from axiom.train.plot import plot_run
 
     header = "step,tokens,train_loss,val_loss,val_ppl,val_bpb,kjv_acc,kjv_acc_norm\n"
     (tmp_path / "eval.csv").write_text(
@@ -381,10 +381,10 @@ def test_plot_draws_a_task_panel(tmp_path):
 def test_training_logs_task_columns_in_eval_csv(tiny_data, tmp_path):
     import csv
 
-    from axiom.checkpoint import list_checkpoints, load_model
-    from axiom.tasks import evaluate_tasks, load_tasks
-    from axiom.train import train
-    from axiom.trainer import EVAL_COLUMNS
+    from axiom.eval.tasks import evaluate_tasks, load_tasks
+    from axiom.model.checkpoint import list_checkpoints, load_model
+    from axiom.train.launch import train
+    from axiom.train.trainer import EVAL_COLUMNS
 
     file = write_jsonl(tmp_path / "three.jsonl", THREE)
     sets = ["vocab_size=100277", "max_steps=4", "eval_interval=2", "checkpoint_interval=4", f"eval_tasks={file}"]
@@ -411,8 +411,8 @@ def test_lambada_style_task_through_the_adapter_and_the_table(ckpt, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
     from lm_eval.tasks import TaskManager
 
-    from axiom.evaluate import harness_rows, task_table
-    from axiom.harness import run_tasks
+    from axiom.eval.harness import run_tasks
+    from axiom.eval.loss import harness_rows, task_table
 
     model, _ = ckpt
     texts = ["In the beginning God created the heaven and the earth", "The sky is blue", "Two plus two equals four"]

@@ -4,7 +4,7 @@ import pytest
 import tiktoken
 
 from axiom.errors import AxiomError
-from axiom.tokenizer import EOS_ID, VOCAB_SIZE, default_bpe_file, load_tokenizer
+from axiom.text.tokenizer import EOS_ID, VOCAB_SIZE, default_bpe_file, load_tokenizer
 
 SAMPLES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -16,15 +16,15 @@ import torch
 from conftest import MICRO_VOCAB, micro_args, micro_config
 from safetensors.torch import load_file
 
-import axiom.trainer as trainer_mod
-from axiom.checkpoint import list_checkpoints, load_model, load_training_state
+import axiom.train.trainer as trainer_mod
 from axiom.config import TrainConfig
+from axiom.data.loader import read_manifest
 from axiom.errors import AxiomError
-from axiom.loader import read_manifest
-from axiom.model import Axiom
-from axiom.optim import build_optimizer, lr_at
-from axiom.train import train
-from axiom.trainer import EVAL_COLUMNS, train_step
+from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state
+from axiom.model.transformer import Axiom
+from axiom.train.launch import train
+from axiom.train.optim import build_optimizer, lr_at
+from axiom.train.trainer import EVAL_COLUMNS, train_step
 
 
 def read_rows(path):

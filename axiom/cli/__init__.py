@@ -1,0 +1,51 @@
+"""The `axiom` command: one entry point, one subcommand per module (each has add_arguments and run)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from axiom.errors import AxiomError
+
+# name -> (module, one-line help). Modules are imported only to build their own parser.
+COMMANDS = {
+    "info": ("axiom.cli.info", "print parameters, tokens, steps, FLOPs and memory of a configuration"),
+    "generate": ("axiom.cli.generate", "sample text from a checkpoint (or a randomly initialised preset)"),
+    "chat": ("axiom.cli.chat", "talk to a checkpoint fine-tuned on chat data, interactively or one --message"),
+    "train": ("axiom.train.launch", "train a preset on prepared data: eval.csv, checkpoints, --resume, torchrun"),
+    "eval": ("axiom.eval.loss", "val loss, ppl and bits per byte; lm-eval tasks and multiple-choice files"),
+    "plot": ("axiom.train.plot", "draw train and val loss of a run against tokens to a PNG"),
+    "prepare": ("axiom.data.prepare", "tokenize text corpora into train/val token shards with a manifest"),
+    "export": (
+        "axiom.interop.export",
+        "write a checkpoint as a Hugging Face folder (remote code or Llama) or a GGUF file",
+    ),
+    "import": ("axiom.interop.importer", "read a Hugging Face folder (axiom or Llama format) into a checkpoint"),
+    "bench": ("axiom.bench.commands", "time training steps or decoding, optionally against transformers' Llama"),
+    "serve": ("axiom.infer.serve", "serve a checkpoint over the OpenAI API (completions, chat), batching requests"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="axiom", description="Pretrain, evaluate, sample from and publish Axiom-Dense models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return importlib.import_module(args.module).run(args) or 0
+    except AxiomError as e:
+        print(f"axiom {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"axiom {args.command}: interrupted", file=sys.stderr)
+        return 130

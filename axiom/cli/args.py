@@ -1,0 +1,73 @@
+"""Flags that several commands share, each defined once: the preset and its overrides, the device, the
+inference dtype and the sampling settings."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from axiom.config import PRESETS, Config, get_config
+from axiom.errors import AxiomError
+from axiom.infer.engine import SamplingParams
+from axiom.infer.fast import INFERENCE_DTYPES
+
+DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda when available)"
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = "tiny") -> None:
+    parser.add_argument(
+        "--preset",
+        default=default_preset,
+        choices=sorted(PRESETS),
+        help=f"named configuration (default: {default_preset})",
+    )
+    add_overrides_argument(parser, "override any ModelConfig or TrainConfig field, e.g. --set lr_max=1e-3 (repeatable)")
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE", help=help)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The --preset with its --set overrides; settings that probably do not do what was meant are named on stderr."""
+    cfg = get_config(args.preset, args.overrides)
+    for note in cfg.train.notices() if args.overrides else []:
+        print(f"notice: {note}", file=sys.stderr)
+    return cfg
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, what: str, seeds: str) -> None:
+    """--max-new-tokens, --temperature, --top-k, --top-p and --seed, shared with `axiom chat`."""
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help=f"{what}, capped by the context (default: {max_new_tokens})",
+    )
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default: 200)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1], e.g. 0.95")
+    parser.add_argument("--seed", type=int, default=1337, help=f"{seeds} (default: 1337)")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype of the commands that decode (generate, chat, serve)."""
+    add_device_argument(parser)
+    parser.add_argument(
+        "--dtype",
+        choices=INFERENCE_DTYPES,
+        default="float32",
+        help="weights for decoding: float32 (default), bfloat16, or int8 (weight-only, one scale per output row)",
+    )
+
+
+def check_sampling_flags(params: SamplingParams) -> None:
+    """One AxiomError naming the flag whose value is out of range."""
+    problem = params.problem()
+    if problem:
+        name, what = problem
+        raise AxiomError(f"--{name.replace('_', '-')} {getattr(params, name)}: {what}")

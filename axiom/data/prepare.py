@@ -1,0 +1,551 @@
+"""`axiom prepare`: text corpora to tokenized shards (train/val) plus manifest.json, in parallel and restartable.
+
+Units of work (see axiom/sources.py) are tokenized by a process pool and their results consumed in unit order, so
+the token stream of each split, and thus every shard boundary, is the same for any number of workers. Shards are
+cut every `shard_tokens` tokens (documents may straddle two shards; the loader reads one stream). After each unit,
+`prepare-state.json` records the completed shards and the length of the shard being written; a re-run after an
+interruption truncates that shard to the recorded length and continues with the next unit. The state also lists
+every shard file prepare created (`Ledger`): only those are ever truncated or deleted. `--out` is locked while
+prepare runs and must not overlap an input (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from axiom.config import TrainConfig
+from axiom.data import chat as chat_data
+from axiom.data import sources
+from axiom.data.loader import (
+    FORMAT_VERSION,
+    MANIFEST,
+    MASK_DTYPE,
+    SPLITS,
+    TOKEN_DTYPE,
+    mask_name,
+    shard_name,
+    size_mismatch,
+)
+from axiom.data.sources import SPLIT_FORMULA, Unit, UnitResult
+from axiom.errors import AxiomError
+from axiom.files import (
+    check_no_overlap,
+    describe_missing,
+    member,
+    output_lock,
+    read_json,
+    remove_stale_temps,
+    write_errors,
+    write_json_atomic,
+)
+from axiom.text.tokenizer import EOS_ID, NAME, SHA256
+
+STATE = "prepare-state.json"
+SHARD_FILE = re.compile(r"^(train|val)_(\d{5,})\.(bin|mask)(\.tmp)?$")
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="file, directory or glob of .parquet/.jsonl/.jsonl.gz/.jsonl.zst/.txt, or hf:OWNER/DATASET[:FOLDER]",
+    )
+    parser.add_argument("--out", required=True, help="output directory for shards and manifest.json")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="tokenizer processes (default: all)")
+    card = TrainConfig()  # the split settings of the card's run
+    parser.add_argument(
+        "--val-fraction", type=float, default=card.val_fraction, help="val share of documents (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--split-seed", type=int, default=card.split_seed, help="salt of the split hash (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--text-field", default="text", help="parquet column / JSON field holding the text (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (4 bytes each; default 100M)"
+    )
+    parser.add_argument(
+        "--allow-empty-split",
+        action="store_true",
+        help="accept --val-fraction 0 (train only) or 1 (an eval-only corpus); train needs both splits",
+    )
+    chat = parser.add_argument_group("chat data (docs/finetuning.md)")
+    chat.add_argument(
+        "--chat",
+        action="store_true",
+        help="rows are conversations ('messages' or ShareGPT 'conversations'): ChatML ids plus a loss mask",
+    )
+    chat.add_argument(
+        "--seq-len",
+        type=int,
+        default=card.seq_len,
+        help="--chat: longest conversation in tokens, EOS included (default: the card's context, %(default)s)",
+    )
+    chat.add_argument(
+        "--overflow",
+        choices=chat_data.OVERFLOW,
+        default="truncate",
+        help="--chat: a longer conversation keeps its longest prefix ending with an assistant turn (truncate, "
+        "the default) or is skipped (skip); both are counted in the manifest",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    prepare(
+        args.inputs,
+        args.out,
+        workers=args.workers,
+        val_fraction=args.val_fraction,
+        split_seed=args.split_seed,
+        text_field=args.text_field,
+        shard_tokens=args.shard_tokens,
+        allow_empty_split=args.allow_empty_split,
+        chat=chat_data.chat_settings(args.seq_len, args.overflow) if args.chat else None,
+    )
+
+
+def settings_for(
+    files: list[Path], val_fraction: float, split_seed: int, text_field: str, shard_tokens: int, chat: dict | None
+) -> dict:
+    """Everything the output depends on; a directory prepared with other settings is never mixed with these."""
+    return {
+        "kind": "chat" if chat else "text",
+        **({"chat": chat} if chat else {}),
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"name": NAME, "sha256": SHA256},
+        "eos_id": EOS_ID,
+        "split": {"val_fraction": val_fraction, "split_seed": split_seed, "formula": SPLIT_FORMULA},
+        "text_field": text_field,
+        "shard_tokens": shard_tokens,
+        "sources": [sources.source_info(f) for f in files],
+    }
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_settings(found: dict, settings: dict, path: Path) -> None:
+    before = flat({k: found.get(k, "text" if k == "kind" else None) for k in settings})  # no kind: text
+    now = flat(settings)
+    changed = sorted(k for k in now.keys() | before.keys() if before.get(k) != now.get(k))
+    if changed:
+        detail = ", ".join(
+            "source files (path, size or mtime)" if k == "sources" else f"{k} {before.get(k)} -> {now.get(k)}"
+            for k in changed
+        )
+        raise AxiomError(
+            f"{path} was made with different settings ({detail}); use another --out or delete {path.parent}"
+        )
+
+
+class SplitWriter:
+    """Appends one split's tokens to `SPLIT_NNNNN.bin.tmp`, cutting a shard every `shard_tokens` tokens.
+
+    `state` ({"shards", "partial_tokens", "partial_docs"}) is updated in place; completed shards wait in `pending`
+    until the caller has saved the state, then `rename_pending` gives them their final names. `claim(name)` is
+    called before a shard file is created, so that the saved state lists it first (see `Ledger`). With `masked`
+    (chat data), each shard has a loss mask beside it, `SPLIT_NNNNN.mask`, one byte per token, cut alike.
+    """
+
+    def __init__(
+        self, out: Path, split: str, shard_tokens: int, state: dict, claim: Callable[[str], None], masked: bool
+    ) -> None:
+        self.out, self.split, self.shard_tokens, self.state, self.claim = out, split, shard_tokens, state, claim
+        self.masked = masked
+        self.file = self.mask_file = None
+        self.pending: list[str] = []
+
+    def current(self) -> str:
+        return shard_name(self.split, len(self.state["shards"]))
+
+    def write(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> None:
+        st = self.state
+        while len(tokens):
+            if self.file is None:
+                self.claim(self.current())
+                self.file = open(self.out / (self.current() + ".tmp"), "ab")  # noqa: SIM115 (open across units)
+                if self.masked:
+                    self.claim(mask_name(self.current()))
+                    self.mask_file = open(self.out / (mask_name(self.current()) + ".tmp"), "ab")  # noqa: SIM115
+            piece = tokens[: self.shard_tokens - st["partial_tokens"]]
+            self.file.write(piece.tobytes())
+            if self.mask_file is not None:
+                self.mask_file.write(mask[: len(piece)].tobytes())
+                mask = mask[len(piece) :]
+            st["partial_tokens"] += len(piece)
+            st["partial_docs"] += int(np.count_nonzero(piece == EOS_ID))
+            tokens = tokens[len(piece) :]
+            if st["partial_tokens"] == self.shard_tokens:
+                self.close_shard()
+
+    def close_shard(self) -> None:
+        st = self.state
+        self.close_files()
+        if st["partial_tokens"]:
+            name = self.current()
+            st["shards"].append({"file": name, "tokens": st["partial_tokens"], "docs": st["partial_docs"]})
+            self.pending.append(name)
+            st["partial_tokens"] = st["partial_docs"] = 0
+
+    def close_files(self) -> None:
+        for f in (self.file, self.mask_file):
+            if f is not None:
+                f.close()
+        self.file = self.mask_file = None
+
+    def flush(self) -> None:
+        for f in (self.file, self.mask_file):
+            if f is not None:
+                f.flush()
+
+    def rename_pending(self) -> None:
+        for name in self.pending:
+            for file in (name, mask_name(name)) if self.masked else (name,):
+                os.replace(self.out / (file + ".tmp"), self.out / file)
+        self.pending.clear()
+
+
+class Ledger:
+    """prepare-state.json: the recovery point and the list of every shard file this prepare created in `out`.
+
+    The state is saved after each unit. A shard file is `claim`ed (its name added to `state["created"]` and the
+    last saved state written again with it) before it is created, so after any kill every shard-named file in
+    `out` is either listed (ours: may be truncated or deleted) or foreign (never touched: prepare refuses)."""
+
+    def __init__(self, out: Path, state: dict) -> None:
+        self.out, self.state = out, state
+        self.saved = json.dumps(state)
+
+    def save(self) -> None:
+        write_json_atomic(self.out / STATE, self.state)
+        self.saved = json.dumps(self.state)
+
+    def claim(self, name: str) -> None:
+        if name in self.state["created"]:
+            return
+        self.state["created"].append(name)
+        write_json_atomic(self.out / STATE, {**json.loads(self.saved), "created": self.state["created"]})
+
+
+def created_files(state: dict) -> list[str]:
+    """The shard names a state says this prepare created (states written before `created` existed: its shards and
+    the shard in progress)."""
+    if "created" in state:
+        return list(state["created"])
+    names = [sh["file"] for st in state["splits"].values() for sh in st["shards"]]
+    return names + [shard_name(split, len(st["shards"])) for split, st in state["splits"].items()]
+
+
+def check_no_foreign_shards(out: Path, owned: set[str]) -> None:
+    """Refuse to work in a folder holding shard-named files that this prepare did not create: they are not ours
+    to truncate, replace or delete."""
+    for p in sorted(out.iterdir()):
+        if SHARD_FILE.match(p.name) and p.name.removesuffix(".tmp") not in owned:
+            source = f"not listed in {out / STATE}" if (out / STATE).exists() else "it was there before"
+            raise AxiomError(
+                f"{p}: a file with a shard's name that this prepare did not write ({source}); it is left alone: "
+                "move it away or choose another --out"
+            )
+
+
+def shard_parts(settings: dict) -> list[tuple[Callable[[str], str], int]]:
+    """(file name from a shard's name, bytes per token) of each file a shard has: its tokens, and for chat data
+    its loss mask."""
+    parts = [(lambda name: name, TOKEN_DTYPE.itemsize)]
+    if settings.get("kind") == "chat":
+        parts.append((mask_name, MASK_DTYPE.itemsize))
+    return parts
+
+
+def restore(out: Path, state: dict) -> None:
+    """Make the files agree with a saved state after an interruption: finish renames, cut off unrecorded tokens,
+    and remove the shard files this prepare created after the last save (and only those)."""
+    keep = set()
+    for split in SPLITS:
+        st = state["splits"][split]
+        for shard in st["shards"]:
+            for name_of, itemsize in shard_parts(state["settings"]):
+                final, tmp = out / name_of(shard["file"]), out / (name_of(shard["file"]) + ".tmp")
+                size = shard["tokens"] * itemsize
+                if tmp.is_file() and tmp.stat().st_size == size:
+                    os.replace(tmp, final)
+                if not (final.is_file() and final.stat().st_size == size):
+                    raise AxiomError(
+                        f"{final}: missing or wrong size for the saved state in {out / STATE}; delete {out} and "
+                        "run this command again"
+                    )
+                keep.add(final.name)
+        for name_of, itemsize in shard_parts(state["settings"]):
+            partial = name_of(shard_name(split, len(st["shards"]))) + ".tmp"
+            size = st["partial_tokens"] * itemsize
+            if size:
+                tmp = out / partial
+                if not tmp.is_file() or tmp.stat().st_size < size:
+                    raise AxiomError(
+                        f"{tmp}: shorter than the saved state in {out / STATE} records; delete {out} and run this "
+                        "command again"
+                    )
+                os.truncate(tmp, size)
+                keep.add(partial)
+    for name in created_files(state):
+        for p in (out / name, out / (name + ".tmp")):
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+
+
+def remove_outputs(out: Path, state: dict, made_out: bool) -> None:
+    """After bad input: remove every file this prepare created (shards, state), and `out` itself if it made it,
+    so nothing is left that looks like (part of) a prepared directory."""
+    for name in created_files(state):
+        (out / name).unlink(missing_ok=True)
+        (out / (name + ".tmp")).unlink(missing_ok=True)
+    (out / STATE).unlink(missing_ok=True)
+    if made_out:
+        with contextlib.suppress(OSError):  # only when empty: anything else in it is not ours
+            out.rmdir()
+
+
+def check_shards(out: Path, manifest: dict) -> None:
+    """A finished directory must still hold every shard at the size its manifest records."""
+    for shard in manifest.get("shards", []):
+        for name_of, itemsize in shard_parts(manifest):
+            path = member(out, name_of(shard.get("file")), f"{out / MANIFEST}: shards[].file")
+            expected = shard.get("tokens", 0) * itemsize
+            if found := size_mismatch(path, expected):
+                raise AxiomError(
+                    f"{path}: {found}, but {out / MANIFEST} records {expected:,} bytes: this prepared directory is "
+                    f"damaged; delete {out} and run this command again"
+                )
+
+
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: only the main process handles it (and stops the pool).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def results_in_order(units: list[Unit], workers: int, work: Callable, job: tuple) -> Iterator[UnitResult]:
+    """`work(unit, *job)` for each unit, in unit order, with at most 2 * workers units in flight (bounded memory)."""
+    workers = min(workers, len(units))  # no idle processes (each holds a tokenizer)
+    if workers <= 1:
+        for unit in units:
+            yield work(unit, *job)
+        return
+    # spawn: workers import only axiom.data.sources (no torch), and no forked copy of the parent's threads
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+        todo: Iterable[Unit] = iter(units)
+        flight: deque = deque()
+        for unit in todo:
+            flight.append(pool.apply_async(work, (unit, *job)))
+            if len(flight) >= 2 * workers:
+                yield flight.popleft().get()
+        while flight:
+            yield flight.popleft().get()
+
+
+def prepare(
+    inputs: list[str],
+    out: str | Path,
+    workers: int | None = None,
+    val_fraction: float = 0.001,
+    split_seed: int = 1337,
+    text_field: str = "text",
+    shard_tokens: int = 100_000_000,
+    quiet: bool = False,
+    allow_empty_split: bool = False,
+    chat: dict | None = None,
+) -> dict:
+    """Tokenize `inputs` into `out`; returns the manifest. Resumes an interrupted run with the same settings.
+
+    `out` is locked for the duration; it must not overlap an input; shard-named files in it that this prepare did
+    not create make it refuse. `val_fraction` 0 or 1 (an empty split) needs `allow_empty_split`. `chat` (from
+    `chat.chat_settings`): the inputs are conversations, written with a loss mask (docs/finetuning.md)."""
+    workers = default_workers() if workers is None else workers
+    if workers < 1 or shard_tokens < 1 or not 0.0 <= val_fraction <= 1.0:
+        raise AxiomError(
+            f"prepare: need --workers >= 1, --shard-tokens >= 1 and 0 <= --val-fraction <= 1, got {workers}, "
+            f"{shard_tokens}, {val_fraction}"
+        )
+    if val_fraction in (0.0, 1.0) and not allow_empty_split:
+        empty = "val" if val_fraction == 0.0 else "train"
+        raise AxiomError(
+            f"--val-fraction {val_fraction:g} leaves the {empty} split empty, and axiom train needs both; pass "
+            "--allow-empty-split for a train-only or eval-only corpus"
+        )
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise AxiomError(f"--out {out}: {describe_missing(out)}, not a folder; choose another --out")
+    files = sources.resolve_inputs(inputs)
+    dirs = [Path(i) for i in inputs if not i.startswith("hf:") and Path(i).is_dir()]
+    check_no_overlap(out, [("the input", p) for p in dirs + files])
+    units = chat_data.plan_chat_units(files) if chat else sources.plan_units(files, text_field)
+    settings = settings_for(files, val_fraction, split_seed, text_field, shard_tokens, chat)
+    kept = f"the work recorded in {out / STATE} is kept; fix that, then run the same command again to continue"
+    with write_errors(out, "nothing was written"), output_lock(out, "prepare"):
+        if (out / MANIFEST).is_file():
+            manifest = read_json(out / MANIFEST, f"use another --out or delete {out}")
+            check_same_settings(manifest, settings, out / MANIFEST)
+            check_shards(out, manifest)
+            if not quiet:
+                print(f"{out} is already prepared with these settings: nothing to do")
+            return manifest
+        made_out = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (STATE, MANIFEST):
+            remove_stale_temps(out / name)
+        with write_errors(out, kept):
+            return _prepare(inputs, out, workers, units, settings, made_out, quiet)
+
+
+def _prepare(inputs, out, workers, units, settings, made_out, quiet) -> dict:
+    if (out / STATE).is_file():
+        state = read_json(out / STATE, f"use another --out or delete {out}")
+        check_same_settings(state.get("settings", {}), settings, out / STATE)
+        state["created"] = created_files(state)
+    else:
+        state = {
+            "settings": settings,
+            "units_done": 0,
+            "skipped_empty_docs": 0,
+            **({"chat": chat_data.new_chat_counts()} if settings.get("chat") else {}),
+            "created": [],
+            "splits": {
+                s: {"shards": [], "partial_tokens": 0, "partial_docs": 0, "tokens": 0, "docs": 0, "bytes": 0}
+                for s in SPLITS
+            },
+        }
+    check_no_foreign_shards(out, set(state["created"]))
+    restore(out, state)
+    ledger = Ledger(out, state)
+    shard_tokens, split, chat = settings["shard_tokens"], settings["split"], settings.get("chat")
+    writers = {s: SplitWriter(out, s, shard_tokens, state["splits"][s], ledger.claim, bool(chat)) for s in SPLITS}
+
+    done = state["units_done"]
+    bar = tqdm(
+        total=sum(u.est_bytes for u in units),
+        initial=sum(u.est_bytes for u in units[:done]),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc="prepare",
+        disable=quiet,
+        dynamic_ncols=True,
+    )
+    start_time, text_bytes, run_tokens = time.perf_counter(), 0, 0
+    if chat:
+        work, job = chat_data.tokenize_chat_unit, (split["val_fraction"], split["split_seed"], chat["seq_len"])
+        job = (*job, chat["overflow"])
+    else:
+        work, job = sources.tokenize_unit, (settings["text_field"], split["val_fraction"], split["split_seed"])
+    try:
+        for result in results_in_order(units[done:], workers, work, job):
+            if chat:
+                chat_data.count_chat(state["chat"], result)
+            for s in SPLITS:
+                st = state["splits"][s]
+                if chat:
+                    writers[s].write(result.tokens[s], result.masks[s])
+                else:
+                    writers[s].write(result.tokens[s])
+                writers[s].flush()
+                st["tokens"] += len(result.tokens[s])
+                st["docs"] += result.docs[s]
+                st["bytes"] += result.text_bytes[s]
+                text_bytes += result.text_bytes[s]
+                run_tokens += len(result.tokens[s])
+            state["skipped_empty_docs"] += result.skipped_empty
+            state["units_done"] += 1
+            if state["units_done"] == len(units):
+                for w in writers.values():
+                    w.close_shard()  # the last, shorter shard of each split
+            ledger.save()  # the recovery point: only then do shards get final names
+            for w in writers.values():
+                w.rename_pending()
+            bar.update(result.est_bytes)
+            bar.set_postfix(docs=sum(state["splits"][s]["docs"] for s in SPLITS), refresh=False)
+    except AxiomError:
+        for w in writers.values():
+            w.close_shard()
+        remove_outputs(out, state, made_out)
+        raise
+    except KeyboardInterrupt:
+        bar.close()  # its line ends before ours
+        print(
+            f"prepare: stopped after {state['units_done']} of {len(units)} units; run the same command again to "
+            "continue",
+            file=sys.stderr,
+        )
+        raise
+    finally:
+        bar.close()
+        for w in writers.values():
+            w.close_files()
+    elapsed = time.perf_counter() - start_time
+
+    totals = {s: state["splits"][s] for s in SPLITS}
+    if not totals["train"]["docs"] and not totals["val"]["docs"]:
+        remove_outputs(out, state, made_out)
+        too_long = f", {state['chat']['skipped_long']} longer than --seq-len" if chat else ""
+        raise AxiomError(
+            f"no documents in {' '.join(inputs)} ({state['skipped_empty_docs']} empty{too_long} skipped); "
+            "check the inputs"
+        )
+    manifest = {
+        **settings,
+        "shards": [{**sh, "split": s} for s in SPLITS for sh in totals[s]["shards"]],
+        "skipped_empty_docs": state["skipped_empty_docs"],
+        "units": len(units),
+        **(chat_data.chat_totals(state["chat"]) if chat else {}),
+    }
+    for s in SPLITS:
+        manifest[f"{s}_tokens"] = totals[s]["tokens"]
+        manifest[f"{s}_docs"] = totals[s]["docs"]
+        manifest[f"{s}_bytes"] = totals[s]["bytes"]
+    write_json_atomic(out / MANIFEST, manifest)
+    (out / STATE).unlink()
+    if not quiet:
+        report(out, manifest, elapsed, text_bytes, run_tokens, workers)
+        if chat:
+            chat_data.report_chat(manifest)
+    for s in SPLITS:
+        if not manifest[f"{s}_docs"] and 0 < split["val_fraction"] < 1:
+            print(
+                f"warning: the {s} split of {out} is empty ({manifest['train_docs'] + manifest['val_docs']} documents "
+                f"in all); axiom train needs both: use more data or another --val-fraction",
+                file=sys.stderr,
+            )
+    return manifest
+
+
+def report(out: Path, m: dict, elapsed: float, text_bytes: int, tokens: int, workers: int) -> None:
+    print(f"prepared {out}: {len(m['sources'])} source files, {m['skipped_empty_docs']:,} empty documents skipped")
+    for s in SPLITS:
+        n = sum(1 for sh in m["shards"] if sh["split"] == s)
+        print(f"  {s:<5} {m[f'{s}_docs']:>12,} docs {m[f'{s}_tokens']:>15,} tokens {n:>5} shards")
+    print(
+        f"  this run: {text_bytes / 1e6:,.1f} MB of text in {elapsed:.1f} s = {text_bytes / 1e6 / elapsed:.2f} MB/s "
+        f"and {tokens / elapsed:,.0f} tokens/s with {workers} workers"
+    )

@@ -1,0 +1,323 @@
+"""The decoding engine: continuous batching over a KV cache of slots, one owner, no global state.
+
+An `Engine` holds a KV cache of `max_batch` rows (slots). A request (prompt ids + `SamplingParams`) waits in a
+queue until a slot is free, is prefilled alone into its slot (its first token comes from the prefill), and then
+decodes one token per `step()` together with every other running request; it leaves when it produces one of its
+stop ids, reaches its `max_new_tokens`, or is cancelled, and the next waiting request takes the slot at once.
+Each slot has its own fill level and positions (`KVCache`), so requests of any lengths, joined at any step, share
+one batched forward per token. Each request samples with its own parameters and its own `torch.Generator`. The
+cache is allocated once: max_batch x max_len slots per layer for keys and values.
+
+Two ways to run a step:
+- dynamic (default): eager, over the running rows only (they are kept in rows 0..n-1: a leaving request's row
+  is filled by the last one), attending over the filled slots; rows filled alike need no mask at all.
+- static (`static=True`; `compile=True` implies it): every shape fixed (all `max_batch` rows, all `max_len`
+  slots under a mask), so `compile` can run the step through torch.compile, with CUDA graphs on a GPU; the idle
+  rows decode padding that nobody reads. Compiling costs seconds on first use per shape (max_batch, max_len);
+  a later engine of the same shape reuses the compiled code (on a GPU it records its CUDA graphs afresh).
+
+The caches and compiled steps belong to the engine: two engines on one model never share state, and one engine
+must be driven from one thread (axiom/serve.py runs it in its own thread; axiom.infer.generate.stream steps it inline).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from axiom.model.transformer import Axiom, KVCache, row_blocks
+from axiom.runtime import persistent_compile_cache
+
+
+def logits_to_probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
+    """(B, V) logits -> (B, V) probabilities after temperature, top-k and nucleus (top-p) filtering."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the most likely token always stays)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """(B, V) logits -> (B,) token ids; temperature 0 is greedy."""
+    if temperature <= 0:
+        return greedy(logits)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def greedy(logits: Tensor) -> Tensor:
+    """(B, V) -> (B,) index of the first maximum, as `argmax`. On CPU `argmax` over 100k entries is a scalar loop
+    (~50 us); the vectorised block maxima, then one block's argmax, give the same index in ~15 us."""
+    B, V = logits.shape
+    blocks = row_blocks(V)
+    if logits.device.type != "cpu" or V % blocks:
+        return logits.argmax(dim=-1)
+    # Several rows of `output_logits` come as a transposed view (stride (1, B)): reducing along its rows strides
+    # through memory (19 ms for 16 rows of 100k on the 2-core VM); one copy first costs ~1 ms.
+    grid = logits.contiguous().view(B, blocks, V // blocks)
+    block = grid.amax(dim=-1).argmax(dim=-1)  # (B,) first block holding the maximum
+    within = grid[torch.arange(B, device=logits.device), block].argmax(dim=-1)  # first position inside it
+    return block * (V // blocks) + within
+
+
+def decode_one(model: Axiom, ids: Tensor, cache: KVCache) -> Tensor:
+    """(B,) newest tokens -> (B, V) logits of the next position; the cache advances by one slot."""
+    return model(ids[:, None], cache=cache, last_only=True)[:, -1]
+
+
+def decode_one_and_hidden(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
+    """`decode_one`, plus the final hidden states (B, 1, d) as a second output: what gets compiled. A graph
+    output is stored once; otherwise inductor inlines the final norm into its loop over the output layer's
+    rows and recomputes it for each of the V rows (0.28 -> 0.23 ms per token on tiny, docs/benchmarks.md)."""
+    x = model.hidden_states(ids[:, None], cache=cache, last_only=True)
+    return model.logits(x)[:, -1], x
+
+
+def decode_greedy(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
+    """`decode_one_and_hidden` with the greedy pick: (B,) next ids and the hidden states. Compiled, the pick
+    runs inside the graph (~25 us less per token on tiny than `greedy` after it)."""
+    logits, x = decode_one_and_hidden(model, ids, cache)
+    return greedy(logits), x
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request decodes. temperature 0 is greedy; `seed` seeds the request's own generator (None: a
+    random seed); the request stops after any of `stop_ids` (kept in its tokens) or `max_new_tokens` tokens."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+
+    def problem(self) -> tuple[str, str] | None:
+        """The first parameter out of range as (field name, what is wrong), or None."""
+        if self.max_new_tokens <= 0:
+            return "max_new_tokens", "must be at least 1"
+        if math.isnan(self.temperature) or self.temperature < 0:
+            return "temperature", "must be 0 (greedy) or positive"
+        if self.top_k is not None and self.top_k <= 0:
+            return "top_k", "must be at least 1"
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            return "top_p", "must lie in (0, 1]"
+        return None
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt's decoding: its new `tokens` so far, and once finished a `finish_reason`: "stop" (a stop id,
+    kept as the last token), "length" (max_new_tokens, or the cache's max_len), or "cancelled"."""
+
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    max_new_tokens: int  # params.max_new_tokens, capped so that the prompt and its tokens fit the cache
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """Continuous batching for one model; see the module docstring.
+
+    engine = Engine(model, max_batch=8)
+    a = engine.submit(prompt_ids, SamplingParams(max_new_tokens=50, temperature=0))
+    while engine.has_work():
+        for request, token in engine.step():
+            ...  # request.tokens grows; request.done once it finished
+    """
+
+    def __init__(
+        self,
+        model: Axiom,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        static: bool = False,
+        compile: bool = False,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        self.static = static or compile
+        self.compile = compile
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = KVCache.empty(model.cfg, max_batch, self.max_len, self.device, param.dtype, static=self.static)
+        if compile:  # a compiled step is specialised to these tensors: CUDA graphs replay their addresses
+            for t in (*self.cache.keys, *self.cache.values, self.cache.positions):
+                torch._dynamo.mark_static_address(t)
+        self.running: list[Request] = []  # request i holds cache row i
+        self.waiting: deque[Request] = deque()
+        self._ids = itertools.count()
+        self._compiled: dict[Callable, Callable] = {}
+        self._views: dict[int, KVCache] = {}
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+        """Queue a request; it joins the batch at the next `step()` with a free slot. ValueError for an empty
+        prompt, one that leaves no slot to decode into, or parameters out of range."""
+        problem = params.problem()
+        if problem:
+            raise ValueError(f"{problem[0]} {getattr(params, problem[0])}: {problem[1]}")
+        if not prompt:
+            raise ValueError("the prompt needs at least one token")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under max_len={self.max_len}")
+        budget = min(params.max_new_tokens, self.max_len - len(prompt))  # the text stays within max_len
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+        request = Request(next(self._ids), list(prompt), params, budget, generator=generator)
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request now (waiting or running) and free its slot; a finished one is left as it is."""
+        if request.done:
+            return
+        if request in self.waiting:
+            self.waiting.remove(request)
+        else:
+            self._leave(self.running.index(request))
+        request.finish_reason = "cancelled"
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, int]]:
+        """One token for every running request, then prefill waiting requests into the free slots (each gets its
+        first token); finished requests leave. Returns the (request, token) pairs produced, in order."""
+        produced: list[tuple[Request, int]] = []
+        if self.running:
+            last = [r.tokens[-1] for r in self.running]
+            for request, token in zip(list(self.running), self._decode(last), strict=True):
+                produced.append((request, token))
+                self._append(request, token)
+        while self.waiting and len(self.running) < self.max_batch:
+            request = self.waiting.popleft()
+            self.running.append(request)
+            row = len(self.running) - 1
+            view = self.cache.rows(row, 1)
+            view.lengths = [0]
+            if self.static:
+                view.positions.zero_()
+            ids = torch.tensor([request.prompt], device=self.device)
+            logits = self.model(ids, cache=view, last_only=True)[:, -1]
+            self.cache.lengths[row] = len(request.prompt)
+            token = self._pick(logits, [request])[0]
+            produced.append((request, token))
+            self._append(request, token)
+        return produced
+
+    def _append(self, request: Request, token: int) -> None:
+        """Record a new token; a finished request leaves its slot."""
+        request.tokens.append(token)
+        if token in request.params.stop_ids:
+            request.finish_reason = "stop"
+        elif len(request.tokens) >= request.max_new_tokens:
+            request.finish_reason = "length"
+        else:
+            return
+        self._leave(self.running.index(request))
+
+    def _leave(self, row: int) -> None:
+        """Free `row`: the last running request moves into it (its filled slots copied), so that the running
+        requests stay in rows 0..n-1 and a dynamic step works on views, never on gathered copies."""
+        last = len(self.running) - 1
+        if row != last:
+            n = self.cache.lengths[last]
+            for t in (*self.cache.keys, *self.cache.values):
+                t[row, :, :n].copy_(t[last, :, :n])
+            self.cache.lengths[row] = n
+            if self.static:
+                self.cache.positions[row] = n
+        self.running[row] = self.running[last]
+        self.running.pop()
+        self.cache.lengths[last] = 0
+
+    def _decode(self, last: list[int]) -> list[int]:
+        """One batched decoding step of the running requests (rows 0..n-1) from their newest tokens."""
+        n = len(self.running)
+        rows = self.running
+        if not self.static:
+            if n not in self._views:
+                self._views[n] = self.cache.rows(0, n)
+            view = self._views[n]
+            view.lengths = self.cache.lengths[:n]
+            logits = decode_one(self.model, torch.tensor(last, device=self.device), view)
+            self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
+            return self._pick(logits, rows)
+        # Static: every row steps; idle ones decode token 0 at slot 0, which no running request reads.
+        ids = torch.tensor(last + [0] * (self.max_batch - n), device=self.device)
+        if n < self.max_batch:
+            self.cache.positions[n:].zero_()
+        greedy_only = all(r.params.temperature <= 0 for r in rows)
+        if not self.compile:
+            logits = decode_one(self.model, ids, self.cache)
+        else:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+            if greedy_only:  # the pick inside the graph: no logits leave it
+                picked = self._compiled_step(decode_greedy)(self.model, ids, self.cache)[0]
+                self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
+                return picked[:n].tolist()
+            logits = self._compiled_step(decode_one_and_hidden)(self.model, ids, self.cache)[0]
+        self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
+        return self._pick(logits[:n], rows)
+
+    def _compiled_step(self, step: Callable) -> Callable:
+        """`step` through torch.compile: fused kernels, and CUDA graphs on a GPU ("reduce-overhead"), which
+        replay a whole step with one launch. Built on first use."""
+        if step not in self._compiled:
+            persistent_compile_cache()  # compiled once per machine: later runs load it from disk
+            self._compiled[step] = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        return self._compiled[step]
+
+    def _pick(self, logits: Tensor, rows: list[Request]) -> list[int]:
+        """(n, V) logits -> the next token of each of the n requests, each with its own sampling parameters:
+        the greedy rows in one batched pick, the others one by one with their own generators."""
+        greedy_rows = [i for i, r in enumerate(rows) if r.params.temperature <= 0]
+        if len(greedy_rows) == len(rows):
+            return greedy(logits).tolist()
+        out = [0] * len(rows)
+        if greedy_rows:
+            picked = greedy(logits[greedy_rows]).tolist()
+            for i, token in zip(greedy_rows, picked, strict=True):
+                out[i] = token
+        for i, r in enumerate(rows):
+            if r.params.temperature > 0:
+                p = r.params
+                out[i] = int(sample(logits[i : i + 1], p.temperature, p.top_k, p.top_p, r.generator))
+        return out

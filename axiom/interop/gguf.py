@@ -1,0 +1,257 @@
+"""`axiom export --format gguf`: a checkpoint as one GGUF file for llama.cpp, Ollama and LM Studio.
+
+Written with the `gguf` package (the ggml project's own writer) the way llama.cpp's convert_hf_to_gguf.py
+writes a Llama:
+
+    architecture  `llama`; context length, widths, heads, RoPE theta and dimension, RMS eps, vocabulary size
+    tensors       llama.cpp's names (GGUF_NAMES below), norms always float32, matrices in --dtype;
+                  q_proj and k_proj rows reordered from rotate-half to llama.cpp's adjacent-pair RoPE;
+                  a tied output layer is not stored: llama.cpp reuses token_embd.weight
+    tokenizer     cl100k_base as GPT-2-style byte-level BPE (`gpt2`): tokens, token types and merges from the
+                  same tokenizer.json the Hugging Face export writes; pre-tokenizer `dbrx` (llama.cpp's name
+                  for the cl100k regex); EOS <|endoftext|> 100257, also BOS and padding, never added
+    chat          a checkpoint with "chat_template": "chatml" also gets tokenizer.chat_template, names
+                  ids 100264/100265 <|im_start|>/<|im_end|> and ends a turn (EOT) at <|im_end|>
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from axiom.config import ModelConfig
+from axiom.data.chat import CHAT_TEMPLATE, IM_END, IM_START
+from axiom.errors import AxiomError
+from axiom.files import temp_path
+from axiom.interop.hf.names import to_llama
+from axiom.interop.hf.tokenizer import tokenizer_json
+from axiom.text.tokenizer import EOS_ID, VOCAB_SIZE
+
+ARCH = "llama"
+PRE_TOKENIZER = "dbrx"  # llama.cpp's pre-tokenizer with cl100k_base's regex (its converter picks it for cl100k)
+CHAT_TOKENS = {IM_START: "<|im_start|>", IM_END: "<|im_end|>"}
+# --dtype -> (ggml type of the matrices, llama.cpp file type)
+DTYPES = {
+    "f32": ("F32", "ALL_F32"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+}
+
+# Llama name (axiom.interop.hf.names) -> llama.cpp's GGUF name; "{i}" is the block index.
+GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",  # only when the embeddings are not tied
+}
+
+
+def gguf_name(llama_name: str) -> str:
+    """`model.layers.3.mlp.up_proj.weight` -> `blk.3.ffn_up.weight`."""
+    parts = llama_name.split(".")
+    if parts[:2] == ["model", "layers"]:
+        return GGUF_NAMES[".".join(["model", "layers", "{i}", *parts[3:]])].format(i=parts[2])
+    return GGUF_NAMES[llama_name]
+
+
+def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(n_heads*hd, d) q or k projection -> the same rows ordered for llama.cpp's RoPE.
+
+    Axiom (like Hugging Face Llama) rotates row j of a head together with row j + hd/2 ("rotate half");
+    llama.cpp's `llama` architecture rotates rows 2j and 2j+1. Moving row j + c*hd/2 to 2j + c gives the
+    same attention scores."""
+    rows, d = w.shape
+    hd = rows // n_heads
+    return w.reshape(n_heads, 2, hd // 2, d).transpose(1, 2).reshape(rows, d)
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise AxiomError("--format gguf needs the gguf package: pip install 'axiom-lm[gguf]'") from None
+    return gguf
+
+
+def gguf_tensors(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    """Axiom state dict (a tied table stored once) -> {GGUF name: float32 tensor} in llama.cpp's layout."""
+    out = {}
+    for name, w in to_llama(state, m).items():
+        if name.endswith("q_proj.weight"):
+            w = interleave_rope_rows(w, m.n_heads)
+        elif name.endswith("k_proj.weight"):
+            w = interleave_rope_rows(w, m.n_kv_heads)
+        out[gguf_name(name)] = w.float()
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _cl100k_bpe() -> tuple[dict[int, str], dict[int, str], list[str]]:
+    """({id: byte-level token}, {id: special token}, merges as "left right") from the HF export's tokenizer.json."""
+    spec = json.loads(tokenizer_json())
+    by_id = {i: t for t, i in spec["model"]["vocab"].items()}
+    special = {t["id"]: t["content"] for t in spec["added_tokens"]}
+    # byte-level strings never hold a real space, so "left right" is unambiguous
+    merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in spec["model"]["merges"]]
+    return by_id, special, merges
+
+
+def vocabulary(vocab_size: int, chat: bool) -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges) of cl100k_base as llama.cpp's `gpt2` BPE, padded to `vocab_size` ids.
+
+    Byte-level token strings and merges come from the same tokenizer.json as the Hugging Face export; ids
+    that cl100k_base leaves unused are `[PAD<id>]` of type UNUSED, as llama.cpp's converter writes them."""
+    gguf = _gguf()
+    by_id, special, merges = _cl100k_bpe()
+    if chat:
+        special = special | CHAT_TOKENS
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in special:
+            tokens.append(special[i])
+            types.append(gguf.TokenType.CONTROL)
+        elif i in by_id:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    return tokens, types, merges
+
+
+def chat_template(meta: dict) -> str | None:
+    """The Jinja chat template for a checkpoint whose config.json says "chat_template": "chatml", else None."""
+    kind = meta.get("chat_template")
+    if kind is None:
+        return None
+    if kind != "chatml":
+        raise AxiomError(f"checkpoint config.json: chat_template {kind!r} is not known; Axiom writes 'chatml'")
+    return CHAT_TEMPLATE
+
+
+def check_out_file(out: str | Path, force: bool) -> Path:
+    """Refuse a directory, an existing file without `force`, and with `force` a file that is not GGUF (so --force
+    only ever replaces an earlier export); call before slow work."""
+    out = Path(out)
+    if out.is_dir():
+        raise AxiomError(f"--out {out} is a directory; --format gguf writes one file, e.g. --out model.gguf")
+    if out.exists() and not force:
+        raise AxiomError(f"--out {out} exists; pass --force to replace it")
+    if out.exists():
+        with open(out, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise AxiomError(f"--out {out} is not a GGUF file; --force replaces only an earlier GGUF export")
+    return out
+
+
+def gguf_writer(
+    state: dict[str, torch.Tensor],
+    m: ModelConfig,
+    dtype: str = "f32",
+    name: str = "axiom",
+    template: str | None = None,
+):
+    """A gguf.GGUFWriter holding everything the file will: metadata, tokenizer and tensors (nothing written yet).
+
+    `state`: Axiom names, float32, a tied table once; `dtype`: f32, bf16, f16 or q8_0; `template` (Jinja)
+    marks a chat model."""
+    gguf = _gguf()
+    if dtype not in DTYPES:
+        raise AxiomError(f"--dtype {dtype!r}: --format gguf writes {', '.join(DTYPES)}")
+    if m.vocab_size < VOCAB_SIZE:
+        raise AxiomError(
+            f"--format gguf: the model's vocab_size is {m.vocab_size}, smaller than cl100k_base's {VOCAB_SIZE:,}; "
+            "a GGUF file carries the tokenizer, so the model must cover its ids"
+        )
+    qtype, file_type = gguf.GGMLQuantizationType[DTYPES[dtype][0]], gguf.LlamaFileType[DTYPES[dtype][1]]
+
+    w = gguf.GGUFWriter(None, ARCH)
+    w.add_name(name)
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(m.vocab_size)
+    w.add_context_length(m.max_seq_len)
+    w.add_embedding_length(m.d_model)
+    w.add_block_count(m.n_layers)
+    w.add_feed_forward_length(m.ffn_dim)
+    w.add_head_count(m.n_heads)
+    w.add_head_count_kv(m.n_kv_heads)
+    w.add_key_length(m.head_dim)
+    w.add_value_length(m.head_dim)
+    w.add_rope_dimension_count(m.head_dim)
+    w.add_rope_freq_base(m.rope_theta)
+    w.add_layer_norm_rms_eps(m.norm_eps)
+
+    tokens, types, merges = vocabulary(m.vocab_size, chat=template is not None)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(PRE_TOKENIZER)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(EOS_ID)  # only for runtimes that insist on one; every training document followed EOS
+    w.add_eos_token_id(EOS_ID)
+    w.add_pad_token_id(EOS_ID)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    if template is not None:
+        w.add_chat_template(template)
+        w.add_eot_token_id(IM_END)  # llama.cpp ends generation at EOS and at EOT
+
+    for gname, tensor in gguf_tensors(state, m).items():
+        data = tensor.detach().cpu().numpy()
+        if data.ndim == 1:  # norms stay float32, as llama.cpp expects
+            w.add_tensor(gname, data)
+            continue
+        try:
+            packed, t = gguf.quants.quantize(data, qtype), qtype
+        except gguf.QuantError:  # q8_0 needs rows a multiple of 32 wide: float16 then, as llama.cpp's converter
+            packed, t = data.astype(np.float16), gguf.GGMLQuantizationType.F16
+        w.add_tensor(gname, packed, raw_dtype=t)  # the writer reads a quantized shape from its bytes
+    return w
+
+
+def write_gguf(
+    state: dict[str, torch.Tensor],
+    m: ModelConfig,
+    out: str | Path,
+    dtype: str = "f32",
+    name: str = "axiom",
+    template: str | None = None,
+) -> Path:
+    """Write the GGUF file `out` (see gguf_writer for the arguments) under a temporary name beside it, renamed
+    when complete; a failure leaves no temporary file and raises one AxiomError line."""
+    out = Path(out)
+    w = gguf_writer(state, m, dtype, name, template)
+    tmp = temp_path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        w.write_header_to_file(path=tmp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException as e:
+        w.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise AxiomError(f"--out {out}: cannot write ({e.strerror or e})") from None
+        raise
+    return out

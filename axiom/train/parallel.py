@@ -1,0 +1,96 @@
+"""Processes, devices and model wrapping: everything that differs between one CPU and many GPUs.
+
+`parallelize` applies activation checkpointing, torch.compile and DDP or FSDP2 to a built model, in one place, so
+model.py stays plain modules. Under FSDP the full (unsharded) weights and optimizer state are gathered for
+checkpoints and scattered back on resume.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from axiom.config import TrainConfig
+from axiom.model.transformer import Axiom
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def parallelize(model: Axiom, cfg: TrainConfig, device: torch.device, d: Dist) -> torch.nn.Module:
+    """Activation checkpointing, torch.compile and DDP/FSDP2 applied from outside the model, in one place.
+    Compiling in place (`Module.compile`) keeps parameter names, so checkpoints look the same."""
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile:
+        model.compile()
+    if d.world_size == 1:
+        return model
+    if cfg.fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def full_state(model: Axiom, optimizer: torch.optim.Optimizer | None, fsdp: bool) -> tuple[dict, dict | None]:
+    """Full (unsharded, CPU) weights and optimizer state; under FSDP every rank must call this."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=opts)
+    return weights, get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+
+
+def set_model_state(model: Axiom, weights: dict, fsdp: bool) -> None:
+    """Load full weights (a checkpoint's, the tied table stored once) into a live model; under FSDP every rank
+    calls this and rank 0's tensors are scattered."""
+    if not fsdp:
+        model.load_state_dict(weights, strict=False)  # strict=False: a tied lm_head.weight is embed.weight
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, weights, options=opts)
+
+
+def load_optimizer_state(model: Axiom, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=opts)
