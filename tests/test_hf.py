@@ -386,7 +386,7 @@ def test_import_rejects_bad_folders_with_clear_messages(exported, tmp_path):
             edit_weights(lambda s: s.update({"model.extra.weight": torch.zeros(2)})),
             r"unexpected \[model.extra.weight\]",
         ),
-        "config-vs-axiom": (edit_config(intermediate_size=256), "axiom.model.transformer gives ffn_dim=192 but"),
+        "config-vs-axiom": (edit_config(intermediate_size=256), "axiom.model gives ffn_dim=192 but"),
     }
     for name, (mutate, message) in cases.items():
         with pytest.raises(AxiomError, match=message):
