@@ -3,15 +3,18 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU build keeps a laptop/CI install small; set TORCH=torch for the default (CUDA) wheel.
+# Without an NVIDIA driver, PyTorch's CPU wheel (about 200 MB) from its own index: PyPI's Linux wheel is the CUDA build,
+# several GB. With a driver (nvidia-smi on PATH), or with TORCH_INDEX= set empty, the default wheel from PyPI.
+# Where that index cannot be reached, pip falls back to the wheels it finds locally.
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--index-url https://download.pytorch.org/whl/cpu)
 
 .PHONY: setup test lint demo demo-chat clean
 
 $(BIN)/axiom: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)" || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q $(TORCH_INDEX) "$(TORCH)" || $(BIN)/pip install -q "$(TORCH)" || $(BIN)/pip install -q torch
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
