@@ -16,7 +16,7 @@ COMMANDS = {
     "train": ("axiom.train.launch", "train a preset on prepared data: eval.csv, checkpoints, --resume, torchrun"),
     "eval": ("axiom.eval.loss", "val loss, ppl and bits per byte; lm-eval tasks and multiple-choice files"),
     "plot": ("axiom.train.plot", "draw train and val loss of a run against tokens to a PNG"),
-    "prepare": ("axiom.data.prepare", "tokenize text corpora into train/val token shards with a manifest"),
+    "prepare": ("axiom.cli.prepare", "tokenize text corpora into train/val token shards with a manifest"),
     "export": (
         "axiom.interop.export",
         "write a checkpoint as a Hugging Face folder (remote code or Llama) or a GGUF file",
