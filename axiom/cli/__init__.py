@@ -22,7 +22,7 @@ COMMANDS = {
         "write a checkpoint as a Hugging Face folder (remote code or Llama) or a GGUF file",
     ),
     "import": ("axiom.interop.importer", "read a Hugging Face folder (axiom or Llama format) into a checkpoint"),
-    "bench": ("axiom.bench.commands", "time training steps or decoding, optionally against transformers' Llama"),
+    "bench": ("axiom.cli.bench", "time training steps or decoding, optionally against transformers' Llama"),
     "serve": ("axiom.infer.serve", "serve a checkpoint over the OpenAI API (completions, chat), batching requests"),
 }
 
