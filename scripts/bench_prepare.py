@@ -54,7 +54,7 @@ def prepare_rate(inputs: list[str], out: Path, workers: int, text_field: str) ->
     from axiom.data.prepare import prepare
 
     start, cpu = time.perf_counter(), cpu_seconds()
-    m = prepare(inputs, out, workers=workers, text_field=text_field, quiet=True)
+    m = prepare(inputs, out, workers=workers, text_field=text_field)
     elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     nbytes, tokens = m["train_bytes"] + m["val_bytes"], m["train_tokens"] + m["val_tokens"]
     return nbytes / 1e6 / elapsed, tokens / elapsed, nbytes / 1e6 / cpu

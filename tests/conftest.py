@@ -7,9 +7,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from data_helpers import write_dataset
 
 from axiom.config import Config, get_config
-from axiom.data.loader import TOKEN_DTYPE, write_dataset
+from axiom.data.loader import TOKEN_DTYPE
 from axiom.text.tokenizer import EOS_ID
 
 # Tests that take the `device` fixture (or a fixture built on DEVICES) run once per available device, with ids

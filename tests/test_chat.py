@@ -94,7 +94,7 @@ def settings(seq_len=64, overflow="truncate"):
 def chat_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     src = write_jsonl(root / "chats.jsonl", [{"messages": conversation(i)} for i in range(300)])
-    prep.prepare([str(src)], root / "data", workers=1, val_fraction=0.1, chat=settings(), quiet=True)
+    prep.prepare([str(src)], root / "data", workers=1, val_fraction=0.1, chat=settings())
     return root / "data"
 
 
@@ -157,7 +157,7 @@ def test_prepare_chat_reads_every_format_the_same_for_any_workers_and_restarts(t
     (src / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(zst.encode()))
     pq.write_table(pa.table({"messages": convs[30:], "id": list(range(10))}), src / "d.parquet", row_group_size=4)
 
-    kwargs = dict(val_fraction=0.25, shard_tokens=300, chat=settings(48), quiet=True)
+    kwargs = dict(val_fraction=0.25, shard_tokens=300, chat=settings(48))
     one = prep.prepare([str(src)], tmp_path / "one", workers=1, **kwargs)
     two = prep.prepare([str(src)], tmp_path / "two", workers=2, **kwargs)
     assert one == two and one["kind"] == "chat" and len(one["shards"]) > 2

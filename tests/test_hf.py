@@ -431,7 +431,7 @@ def test_cli_export_import_and_one_line_errors(ckpts, tmp_path, capsys):
 
 
 def test_imported_checkpoint_feeds_generate_eval_and_training(ckpts, exported, tmp_path, capsys):
-    from axiom.data.loader import write_dataset
+    from data_helpers import write_dataset
 
     ckpt = import_hf(exported("random", "llama"), tmp_path / "ckpt")
     assert main(["generate", "--ckpt", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "8"]) == 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import micro_config
 
-import axiom.bench.commands
+import axiom.bench.llamacpp
 import axiom.infer.fast
 from axiom.cli import main
 from axiom.errors import AxiomError
@@ -240,7 +240,7 @@ def test_bench_generate_bad_values_give_one_line_errors(flags, message, capsys):
 
 
 def test_bench_vs_llamacpp_skips_in_one_line_without_llamacpp(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(axiom.bench.commands, "DEFAULT_LLAMACPP", tmp_path / "absent")
+    monkeypatch.setattr(axiom.bench.llamacpp, "DEFAULT_LLAMACPP", tmp_path / "absent")
     assert main(["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "2", "--vs-llamacpp", "--json"]) == 0
     out, err = capsys.readouterr()
     assert "llamacpp" not in json.loads(out)
@@ -249,7 +249,7 @@ def test_bench_vs_llamacpp_skips_in_one_line_without_llamacpp(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_bench_vs_llamacpp_times_both_on_the_same_weights(capsys):
-    if axiom.bench.commands.find_llamacpp(None) is None:
+    if axiom.bench.llamacpp.find_llamacpp(None) is None:
         pytest.skip("no ../shared/tools/llama.cpp (see shared/tools/llama.cpp/README.md)")
     pytest.importorskip("sentencepiece")  # llama.cpp's converter imports it
     args = ["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "4", "--vs-llamacpp", "--json"]

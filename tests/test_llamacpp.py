@@ -29,11 +29,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from data_helpers import write_dataset
 
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.data.chat import CHAT_TEMPLATE, IM_END, IM_START
-from axiom.data.loader import eval_batches, write_dataset
+from axiom.data.loader import eval_batches
 from axiom.eval.loss import evaluate
 from axiom.infer.generate import generate
 from axiom.model.checkpoint import load_model, save_model

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from data_helpers import write_dataset
 
-from axiom.data.loader import TokenStream, TrainLoader, eval_batches, read_manifest, write_dataset
+from axiom.data.loader import TokenStream, TrainLoader, eval_batches, read_manifest
 from axiom.errors import AxiomError
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 

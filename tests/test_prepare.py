@@ -82,7 +82,7 @@ def test_tokens_split_and_manifest_match_tiktoken(corpus, tmp_path, monkeypatch)
     monkeypatch.setattr(sources, "JSONL_CHUNK_BYTES", 40)  # several byte-range units in one jsonl file
     monkeypatch.setattr(sources, "TXT_GROUP_BYTES", 10)  # one unit per .txt file
     out = tmp_path / "out"
-    m = prep.prepare([str(corpus)], out, workers=1, val_fraction=0.4, shard_tokens=16, quiet=True)
+    m = prep.prepare([str(corpus)], out, workers=1, val_fraction=0.4, shard_tokens=16)
     streams, counts = expected_streams(ALL_DOCS, 0.4)
     assert counts["val"][0] >= 2 and counts["train"][0] >= 2  # the fixture exercises both splits
     for split in ("train", "val"):
@@ -109,8 +109,8 @@ def test_tokens_split_and_manifest_match_tiktoken(corpus, tmp_path, monkeypatch)
 
 def test_output_is_byte_identical_for_any_worker_count(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "JSONL_CHUNK_BYTES", 40)
-    m1 = prep.prepare([str(corpus)], tmp_path / "w1", workers=1, val_fraction=0.3, shard_tokens=10, quiet=True)
-    m2 = prep.prepare([str(corpus)], tmp_path / "w2", workers=2, val_fraction=0.3, shard_tokens=10, quiet=True)
+    m1 = prep.prepare([str(corpus)], tmp_path / "w1", workers=1, val_fraction=0.3, shard_tokens=10)
+    m2 = prep.prepare([str(corpus)], tmp_path / "w2", workers=2, val_fraction=0.3, shard_tokens=10)
     assert m1 == m2
     files = sorted(p.name for p in (tmp_path / "w1").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "w2").iterdir()) and len(files) > 4
@@ -124,7 +124,7 @@ def test_split_fraction_and_duplicates(tmp_path):
     rng = np.random.default_rng(0)
     docs = [f"doc {i} {rng.integers(1 << 30)}" for i in range(2000)] + ["same text"] * 50
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    m = prep.prepare([str(tmp_path / "c.jsonl")], tmp_path / "o", workers=1, val_fraction=0.1, quiet=True)
+    m = prep.prepare([str(tmp_path / "c.jsonl")], tmp_path / "o", workers=1, val_fraction=0.1)
     assert m["train_docs"] + m["val_docs"] == 2050
     assert 150 <= m["val_docs"] <= 300  # ~10% of 2000, plus 0 or 50 duplicates
     same = load_tokenizer().encode_ordinary("same text")
@@ -135,7 +135,7 @@ def test_split_fraction_and_duplicates(tmp_path):
 
 def test_restart_after_interruption_redoes_only_missing_work(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "JSONL_CHUNK_BYTES", 40)
-    kwargs = dict(workers=1, val_fraction=0.3, shard_tokens=10, quiet=True)
+    kwargs = dict(workers=1, val_fraction=0.3, shard_tokens=10)
     ref = prep.prepare([str(corpus)], tmp_path / "ref", **kwargs)
     units = len(sources.plan_units(sources.resolve_inputs([str(corpus)]), "text"))
 

@@ -105,7 +105,7 @@ def test_files_prepare_did_not_write_are_never_deleted(tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(prep.Ledger, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prep.prepare([str(corpus)], out, workers=1, val_fraction=0.2, shard_tokens=500, quiet=True)
+        prep.prepare([str(corpus)], out, workers=1, val_fraction=0.2, shard_tokens=500)
     monkeypatch.setattr(prep.Ledger, "save", real_save)
     (out / "val_00009.bin").write_bytes(b"mine")
     fails(capsys, ["prepare", corpus, "--out", out, *args], "val_00009.bin", f"not listed in {out / prep.STATE}")

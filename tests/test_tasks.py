@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 from conftest import micro_config
+from eval_helpers import evaluate_task_file, json_task
 
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
@@ -21,7 +22,6 @@ from axiom.errors import AxiomError
 from axiom.eval.tasks import (
     choice_loglikelihoods,
     encode_pair,
-    evaluate_task_file,
     loglikelihoods,
     read_task_file,
     score,
@@ -204,7 +204,7 @@ def test_native_scorer_gives_lm_eval_acc_and_acc_norm(ckpt, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
     from lm_eval.tasks.hellaswag.utils import process_docs
 
-    from axiom.eval.harness import AxiomLM, json_task
+    from axiom.eval.harness import AxiomLM
 
     model, path = ckpt
     generic = write_jsonl(tmp_path / "generic.jsonl", THREE * 2 + [{**THREE[0], "context": ""}])
@@ -411,8 +411,8 @@ def test_lambada_style_task_through_the_adapter_and_the_table(ckpt, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
     from lm_eval.tasks import TaskManager
 
+    from axiom.cli.eval import harness_rows, task_table
     from axiom.eval.harness import run_tasks
-    from axiom.eval.loss import harness_rows, task_table
 
     model, _ = ckpt
     texts = ["In the beginning God created the heaven and the earth", "The sky is blue", "Two plus two equals four"]

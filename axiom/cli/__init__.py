@@ -14,15 +14,15 @@ COMMANDS = {
     "generate": ("axiom.cli.generate", "sample text from a checkpoint (or a randomly initialised preset)"),
     "chat": ("axiom.cli.chat", "talk to a checkpoint fine-tuned on chat data, interactively or one --message"),
     "train": ("axiom.train.launch", "train a preset on prepared data: eval.csv, checkpoints, --resume, torchrun"),
-    "eval": ("axiom.eval.loss", "val loss, ppl and bits per byte; lm-eval tasks and multiple-choice files"),
+    "eval": ("axiom.cli.eval", "val loss, ppl and bits per byte; lm-eval tasks and multiple-choice files"),
     "plot": ("axiom.train.plot", "draw train and val loss of a run against tokens to a PNG"),
-    "prepare": ("axiom.data.prepare", "tokenize text corpora into train/val token shards with a manifest"),
+    "prepare": ("axiom.cli.prepare", "tokenize text corpora into train/val token shards with a manifest"),
     "export": (
         "axiom.interop.export",
         "write a checkpoint as a Hugging Face folder (remote code or Llama) or a GGUF file",
     ),
     "import": ("axiom.interop.importer", "read a Hugging Face folder (axiom or Llama format) into a checkpoint"),
-    "bench": ("axiom.bench.commands", "time training steps or decoding, optionally against transformers' Llama"),
+    "bench": ("axiom.cli.bench", "time training steps or decoding, optionally against transformers' Llama"),
     "serve": ("axiom.infer.serve", "serve a checkpoint over the OpenAI API (completions, chat), batching requests"),
 }
 

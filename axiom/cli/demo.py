@@ -8,7 +8,7 @@
 
 Run it again and it continues (or reuses) what is already there. With --chat (`make demo-chat`), the base
 model is then instruction-tuned on questions about the same text and measured before and after
-(axiom/chat_demo.py; the base steps are skipped when OUT/run/checkpoints/best exists).
+(axiom/cli/demo_chat.py; the base steps are skipped when OUT/run/checkpoints/best exists).
 """
 
 from __future__ import annotations

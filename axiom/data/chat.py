@@ -285,13 +285,3 @@ def chat_totals(counts: dict) -> dict:
         "truncated_conversations": counts["truncated"],
         "skipped_long_conversations": counts["skipped_long"],
     }
-
-
-def report_chat(m: dict) -> None:
-    seq_len, overflow = m["chat"]["seq_len"], m["chat"]["overflow"]
-    print(
-        f"  chat: {m['train_trained_tokens']:,} train / {m['val_trained_tokens']:,} val tokens trained on "
-        f"(assistant replies and their <|im_end|>); longer than {seq_len:,} tokens: "
-        f"{m['truncated_conversations']:,} truncated, {m['skipped_long_conversations']:,} skipped "
-        f"(--overflow {overflow})"
-    )

@@ -8,16 +8,15 @@ each token once per epoch; their order is a permutation fixed by (seed, epoch).
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from axiom.errors import AxiomError
-from axiom.files import describe_missing, member, read_json, write_json_atomic
-from axiom.text.tokenizer import EOS_ID, NAME, SHA256, VOCAB_SIZE, load_tokenizer
+from axiom.files import describe_missing, member, read_json
+from axiom.text.tokenizer import EOS_ID, NAME, SHA256, VOCAB_SIZE
 
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.dtype("<u4")  # cl100k_base has 100,277 ids: more than uint16 holds
@@ -342,49 +341,3 @@ def eval_batches(
         inputs = batch[:-1].view(n, seq_len)
         targets = batch[1:].view(n, seq_len)
         yield inputs, targets
-
-
-def write_dataset(
-    data_dir: str | Path,
-    train: Sequence[Sequence[int] | str],
-    val: Sequence[Sequence[int] | str] = (),
-    shard_tokens: int = 1 << 20,
-) -> dict:
-    """Write a small prepared directory from in-memory documents (token id lists or text); returns the manifest.
-
-    For tests and tiny experiments: the same files `axiom prepare` writes, without its sources or split hash.
-    Text is encoded with cl100k_base; EOS follows every document.
-    """
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    enc = load_tokenizer()
-    manifest: dict = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": {"name": NAME, "sha256": SHA256},
-        "eos_id": EOS_ID,
-        "split": {"val_fraction": None, "split_seed": None, "formula": "given by the caller (write_dataset)"},
-        "shard_tokens": shard_tokens,
-        "shards": [],
-        "skipped_empty_docs": 0,
-        "sources": [],
-    }
-    for split, docs in (("train", train), ("val", val)):
-        ids, nbytes = [], 0
-        for doc in docs:
-            tokens = enc.encode_ordinary(doc) if isinstance(doc, str) else list(doc)
-            nbytes += len(doc.encode("utf-8")) if isinstance(doc, str) else len(enc.decode_bytes(tokens))
-            ids.extend([*tokens, EOS_ID])
-        stream = np.asarray(ids, dtype=TOKEN_DTYPE)
-        for index, lo in enumerate(range(0, len(stream), shard_tokens)):
-            chunk = stream[lo : lo + shard_tokens]
-            name = shard_name(split, index)
-            tmp = data_dir / (name + ".tmp")
-            chunk.tofile(tmp)
-            os.replace(tmp, data_dir / name)
-            docs_in = int(np.count_nonzero(chunk == EOS_ID))
-            manifest["shards"].append({"file": name, "split": split, "tokens": len(chunk), "docs": docs_in})
-        manifest[f"{split}_tokens"] = len(stream)
-        manifest[f"{split}_docs"] = len(docs)
-        manifest[f"{split}_bytes"] = nbytes
-    write_json_atomic(data_dir / MANIFEST, manifest)
-    return manifest

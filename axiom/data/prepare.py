@@ -1,6 +1,7 @@
-"""`axiom prepare`: text corpora to tokenized shards (train/val) plus manifest.json, in parallel and restartable.
+"""Text corpora to tokenized shards (train/val) plus manifest.json, in parallel and restartable: what `axiom prepare`
+(axiom/cli/prepare.py) runs.
 
-Units of work (see axiom/sources.py) are tokenized by a process pool and their results consumed in unit order, so
+Units of work (see axiom/data/sources.py) are tokenized by a process pool and their results consumed in unit order, so
 the token stream of each split, and thus every shard boundary, is the same for any number of workers. Shards are
 cut every `shard_tokens` tokens (documents may straddle two shards; the loader reads one stream). After each unit,
 `prepare-state.json` records the completed shards and the length of the shard being written; a re-run after an
@@ -11,23 +12,20 @@ prepare runs and must not overlap an input (docs/reliability.md).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import multiprocessing
 import os
 import re
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from axiom.config import TrainConfig
 from axiom.data import chat as chat_data
 from axiom.data import sources
 from axiom.data.loader import (
@@ -62,66 +60,36 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="INPUT",
-        help="file, directory or glob of .parquet/.jsonl/.jsonl.gz/.jsonl.zst/.txt, or hf:OWNER/DATASET[:FOLDER]",
-    )
-    parser.add_argument("--out", required=True, help="output directory for shards and manifest.json")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="tokenizer processes (default: all)")
-    card = TrainConfig()  # the split settings of the card's run
-    parser.add_argument(
-        "--val-fraction", type=float, default=card.val_fraction, help="val share of documents (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--split-seed", type=int, default=card.split_seed, help="salt of the split hash (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--text-field", default="text", help="parquet column / JSON field holding the text (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (4 bytes each; default 100M)"
-    )
-    parser.add_argument(
-        "--allow-empty-split",
-        action="store_true",
-        help="accept --val-fraction 0 (train only) or 1 (an eval-only corpus); train needs both splits",
-    )
-    chat = parser.add_argument_group("chat data (docs/finetuning.md)")
-    chat.add_argument(
-        "--chat",
-        action="store_true",
-        help="rows are conversations ('messages' or ShareGPT 'conversations'): ChatML ids plus a loss mask",
-    )
-    chat.add_argument(
-        "--seq-len",
-        type=int,
-        default=card.seq_len,
-        help="--chat: longest conversation in tokens, EOS included (default: the card's context, %(default)s)",
-    )
-    chat.add_argument(
-        "--overflow",
-        choices=chat_data.OVERFLOW,
-        default="truncate",
-        help="--chat: a longer conversation keeps its longest prefix ending with an assistant turn (truncate, "
-        "the default) or is skipped (skip); both are counted in the manifest",
-    )
+@dataclass
+class RunStats:
+    """What this run tokenized (not the earlier runs it continues), for the command's throughput line."""
+
+    workers: int
+    elapsed: float = 0.0  # seconds spent tokenizing and writing
+    text_bytes: int = 0
+    tokens: int = 0
 
 
-def run(args: argparse.Namespace) -> None:
-    prepare(
-        args.inputs,
-        args.out,
-        workers=args.workers,
-        val_fraction=args.val_fraction,
-        split_seed=args.split_seed,
-        text_field=args.text_field,
-        shard_tokens=args.shard_tokens,
-        allow_empty_split=args.allow_empty_split,
-        chat=chat_data.chat_settings(args.seq_len, args.overflow) if args.chat else None,
-    )
+class Progress:
+    """What a prepare run has to say as it goes, for the command to show; this base class shows nothing."""
+
+    def already_prepared(self, out: Path) -> None:
+        """`out` is already prepared with these settings: nothing to do."""
+
+    def started(self, total_bytes: int, done_bytes: int) -> None:
+        """Tokenizing begins; `done_bytes` of the inputs' estimated `total_bytes` were done by an earlier run."""
+
+    def advanced(self, unit_bytes: int, docs: int) -> None:
+        """One more unit of `unit_bytes` is saved; `docs` documents are written in all."""
+
+    def stopped(self, units_done: int, units: int) -> None:
+        """Interrupted (Ctrl-C) after `units_done` of `units` units: the same command continues from there."""
+
+    def ended(self) -> None:
+        """Tokenizing is over, done or not."""
+
+    def finished(self, out: Path, manifest: dict, run: RunStats) -> None:
+        """`out` is prepared: its manifest is written."""
 
 
 def settings_for(
@@ -374,16 +342,18 @@ def prepare(
     split_seed: int = 1337,
     text_field: str = "text",
     shard_tokens: int = 100_000_000,
-    quiet: bool = False,
     allow_empty_split: bool = False,
     chat: dict | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """Tokenize `inputs` into `out`; returns the manifest. Resumes an interrupted run with the same settings.
 
     `out` is locked for the duration; it must not overlap an input; shard-named files in it that this prepare did
     not create make it refuse. `val_fraction` 0 or 1 (an empty split) needs `allow_empty_split`. `chat` (from
-    `chat.chat_settings`): the inputs are conversations, written with a loss mask (docs/finetuning.md)."""
+    `chat.chat_settings`): the inputs are conversations, written with a loss mask (docs/finetuning.md). `progress`
+    hears how the run goes (the command shows it)."""
     workers = default_workers() if workers is None else workers
+    progress = progress or Progress()
     if workers < 1 or shard_tokens < 1 or not 0.0 <= val_fraction <= 1.0:
         raise AxiomError(
             f"prepare: need --workers >= 1, --shard-tokens >= 1 and 0 <= --val-fraction <= 1, got {workers}, "
@@ -409,18 +379,22 @@ def prepare(
             manifest = read_json(out / MANIFEST, f"use another --out or delete {out}")
             check_same_settings(manifest, settings, out / MANIFEST)
             check_shards(out, manifest)
-            if not quiet:
-                print(f"{out} is already prepared with these settings: nothing to do")
+            progress.already_prepared(out)
             return manifest
         made_out = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         for name in (STATE, MANIFEST):
             remove_stale_temps(out / name)
         with write_errors(out, kept):
-            return _prepare(inputs, out, workers, units, settings, made_out, quiet)
+            state = load_state(out, settings)
+            stats = write_units(out, state, units, workers, made_out, progress)
+            manifest = finish(inputs, out, state, len(units), made_out)
+            progress.finished(out, manifest, stats)
+            return manifest
 
 
-def _prepare(inputs, out, workers, units, settings, made_out, quiet) -> dict:
+def load_state(out: Path, settings: dict) -> dict:
+    """The saved state of an interrupted run with the same settings, its files made to agree with it; or a new one."""
     if (out / STATE).is_file():
         state = read_json(out / STATE, f"use another --out or delete {out}")
         check_same_settings(state.get("settings", {}), settings, out / STATE)
@@ -439,73 +413,80 @@ def _prepare(inputs, out, workers, units, settings, made_out, quiet) -> dict:
         }
     check_no_foreign_shards(out, set(state["created"]))
     restore(out, state)
-    ledger = Ledger(out, state)
-    shard_tokens, split, chat = settings["shard_tokens"], settings["split"], settings.get("chat")
-    writers = {s: SplitWriter(out, s, shard_tokens, state["splits"][s], ledger.claim, bool(chat)) for s in SPLITS}
+    return state
 
-    done = state["units_done"]
-    bar = tqdm(
-        total=sum(u.est_bytes for u in units),
-        initial=sum(u.est_bytes for u in units[:done]),
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        desc="prepare",
-        disable=quiet,
-        dynamic_ncols=True,
-    )
-    start_time, text_bytes, run_tokens = time.perf_counter(), 0, 0
+
+def unit_work(settings: dict) -> tuple[Callable, tuple]:
+    """The function that tokenizes one unit in a worker, and its arguments after the unit."""
+    split, chat = settings["split"], settings.get("chat")
     if chat:
-        work, job = chat_data.tokenize_chat_unit, (split["val_fraction"], split["split_seed"], chat["seq_len"])
-        job = (*job, chat["overflow"])
-    else:
-        work, job = sources.tokenize_unit, (settings["text_field"], split["val_fraction"], split["split_seed"])
+        job = (split["val_fraction"], split["split_seed"], chat["seq_len"], chat["overflow"])
+        return chat_data.tokenize_chat_unit, job
+    return sources.tokenize_unit, (settings["text_field"], split["val_fraction"], split["split_seed"])
+
+
+def write_units(
+    out: Path, state: dict, units: list[Unit], workers: int, made_out: bool, progress: Progress
+) -> RunStats:
+    """Tokenize the units not done yet and append them to the shards, saving the state after each unit."""
+    settings = state["settings"]
+    chat = bool(settings.get("chat"))
+    ledger = Ledger(out, state)
+    writers = {s: SplitWriter(out, s, settings["shard_tokens"], state["splits"][s], ledger.claim, chat) for s in SPLITS}
+    done = state["units_done"]
+    progress.started(sum(u.est_bytes for u in units), sum(u.est_bytes for u in units[:done]))
+    stats, start_time = RunStats(workers), time.perf_counter()
     try:
-        for result in results_in_order(units[done:], workers, work, job):
-            if chat:
-                chat_data.count_chat(state["chat"], result)
-            for s in SPLITS:
-                st = state["splits"][s]
-                if chat:
-                    writers[s].write(result.tokens[s], result.masks[s])
-                else:
-                    writers[s].write(result.tokens[s])
-                writers[s].flush()
-                st["tokens"] += len(result.tokens[s])
-                st["docs"] += result.docs[s]
-                st["bytes"] += result.text_bytes[s]
-                text_bytes += result.text_bytes[s]
-                run_tokens += len(result.tokens[s])
-            state["skipped_empty_docs"] += result.skipped_empty
-            state["units_done"] += 1
+        for result in results_in_order(units[done:], workers, *unit_work(settings)):
+            add_unit(state, writers, result, stats)
             if state["units_done"] == len(units):
                 for w in writers.values():
                     w.close_shard()  # the last, shorter shard of each split
             ledger.save()  # the recovery point: only then do shards get final names
             for w in writers.values():
                 w.rename_pending()
-            bar.update(result.est_bytes)
-            bar.set_postfix(docs=sum(state["splits"][s]["docs"] for s in SPLITS), refresh=False)
+            progress.advanced(result.est_bytes, sum(state["splits"][s]["docs"] for s in SPLITS))
     except AxiomError:
         for w in writers.values():
             w.close_shard()
         remove_outputs(out, state, made_out)
         raise
     except KeyboardInterrupt:
-        bar.close()  # its line ends before ours
-        print(
-            f"prepare: stopped after {state['units_done']} of {len(units)} units; run the same command again to "
-            "continue",
-            file=sys.stderr,
-        )
+        progress.stopped(state["units_done"], len(units))
         raise
     finally:
-        bar.close()
+        progress.ended()
         for w in writers.values():
             w.close_files()
-    elapsed = time.perf_counter() - start_time
+    stats.elapsed = time.perf_counter() - start_time
+    return stats
 
-    totals = {s: state["splits"][s] for s in SPLITS}
+
+def add_unit(state: dict, writers: dict[str, SplitWriter], result: UnitResult, stats: RunStats) -> None:
+    """One unit's tokens (and loss masks) appended to each split, counted in the state and the run's stats."""
+    chat = bool(state["settings"].get("chat"))
+    if chat:
+        chat_data.count_chat(state["chat"], result)
+    for s in SPLITS:
+        st = state["splits"][s]
+        if chat:
+            writers[s].write(result.tokens[s], result.masks[s])
+        else:
+            writers[s].write(result.tokens[s])
+        writers[s].flush()
+        st["tokens"] += len(result.tokens[s])
+        st["docs"] += result.docs[s]
+        st["bytes"] += result.text_bytes[s]
+        stats.text_bytes += result.text_bytes[s]
+        stats.tokens += len(result.tokens[s])
+    state["skipped_empty_docs"] += result.skipped_empty
+    state["units_done"] += 1
+
+
+def finish(inputs: list[str], out: Path, state: dict, units: int, made_out: bool) -> dict:
+    """Write the manifest of a completed state and remove the state file; no documents at all is an error."""
+    settings, totals = state["settings"], {s: state["splits"][s] for s in SPLITS}
+    chat = settings.get("chat")
     if not totals["train"]["docs"] and not totals["val"]["docs"]:
         remove_outputs(out, state, made_out)
         too_long = f", {state['chat']['skipped_long']} longer than --seq-len" if chat else ""
@@ -517,7 +498,7 @@ def _prepare(inputs, out, workers, units, settings, made_out, quiet) -> dict:
         **settings,
         "shards": [{**sh, "split": s} for s in SPLITS for sh in totals[s]["shards"]],
         "skipped_empty_docs": state["skipped_empty_docs"],
-        "units": len(units),
+        "units": units,
         **(chat_data.chat_totals(state["chat"]) if chat else {}),
     }
     for s in SPLITS:
@@ -526,26 +507,4 @@ def _prepare(inputs, out, workers, units, settings, made_out, quiet) -> dict:
         manifest[f"{s}_bytes"] = totals[s]["bytes"]
     write_json_atomic(out / MANIFEST, manifest)
     (out / STATE).unlink()
-    if not quiet:
-        report(out, manifest, elapsed, text_bytes, run_tokens, workers)
-        if chat:
-            chat_data.report_chat(manifest)
-    for s in SPLITS:
-        if not manifest[f"{s}_docs"] and 0 < split["val_fraction"] < 1:
-            print(
-                f"warning: the {s} split of {out} is empty ({manifest['train_docs'] + manifest['val_docs']} documents "
-                f"in all); axiom train needs both: use more data or another --val-fraction",
-                file=sys.stderr,
-            )
     return manifest
-
-
-def report(out: Path, m: dict, elapsed: float, text_bytes: int, tokens: int, workers: int) -> None:
-    print(f"prepared {out}: {len(m['sources'])} source files, {m['skipped_empty_docs']:,} empty documents skipped")
-    for s in SPLITS:
-        n = sum(1 for sh in m["shards"] if sh["split"] == s)
-        print(f"  {s:<5} {m[f'{s}_docs']:>12,} docs {m[f'{s}_tokens']:>15,} tokens {n:>5} shards")
-    print(
-        f"  this run: {text_bytes / 1e6:,.1f} MB of text in {elapsed:.1f} s = {text_bytes / 1e6 / elapsed:.2f} MB/s "
-        f"and {tokens / elapsed:,.0f} tokens/s with {workers} workers"
-    )

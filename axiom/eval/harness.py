@@ -1,4 +1,4 @@
-"""lm-evaluation-harness on an Axiom model in-process: `AxiomLM`, registered with lm-eval as model "axiom".
+"""lm-evaluation-harness on an Axiom model in-process: `AxiomLM`, lm-eval's model "axiom" once `register()` ran.
 
 lm-eval builds the prompts and computes the metrics; the model answers its three request types:
 - `loglikelihood`: lm-eval's own tokenization split (TemplateLM), then `axiom.eval.tasks.loglikelihoods`, which runs
@@ -6,14 +6,14 @@ lm-eval builds the prompts and computes the metrics; the model answers its three
 - `loglikelihood_rolling` (perplexity tasks): lm-eval's rolling windows over the text, scored the same way;
 - `generate_until`: KV-cache decoding through `axiom.infer.generate.stream`, stopped at the task's stop strings.
 
-Importing this module imports lm_eval (the `eval` extra); `axiom.eval.loss` imports it only when --tasks is given.
+Importing this module imports lm_eval (the `eval` extra); `axiom eval` (axiom/cli/eval.py) imports it only when
+--tasks is given.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
 
 from lm_eval import simple_evaluate
 from lm_eval.api.model import TemplateLM
@@ -36,10 +36,9 @@ OFFLINE_HINT = (
 )
 
 
-@register_model("axiom")
 class AxiomLM(TemplateLM):
-    """An Axiom model as an lm-eval LM. `lm_eval --model axiom --model_args ckpt=CKPT` works once this module is
-    imported; in-process, pass `AxiomLM(model=...)` to `lm_eval.simple_evaluate`."""
+    """An Axiom model as an lm-eval LM. `lm_eval --model axiom --model_args ckpt=CKPT` works once `register()` ran;
+    in-process, pass `AxiomLM(model=...)` to `lm_eval.simple_evaluate`."""
 
     def __init__(
         self,
@@ -142,6 +141,11 @@ class AxiomLM(TemplateLM):
         return [self.enc.decode([t for t in row if t != EOS_ID]) for row in rows]
 
 
+def register() -> None:
+    """Name `AxiomLM` "axiom" in lm-eval's model registry (registering the same class again is a no-op)."""
+    register_model("axiom")(AxiomLM)
+
+
 def run_tasks(
     model: Axiom,
     tasks: list[str | dict],
@@ -157,6 +161,7 @@ def run_tasks(
     Task data comes from the Hugging Face Hub through `datasets` (or its cache); when it cannot be fetched the
     error says so and names the offline options."""
     names = ",".join(t if isinstance(t, str) else str(t.get("task")) for t in tasks)
+    register()
     try:
         return simple_evaluate(
             model=AxiomLM(model, batch_size=batch_size, dtype=dtype),
@@ -172,20 +177,3 @@ def run_tasks(
         ) from None
     except KeyError as e:  # lm-eval: "Spec 'x' is not a registered task/group/tag name or valid YAML path"
         raise AxiomError(f"--tasks {names}: {e.args[0] if e.args else e}") from None
-
-
-def json_task(name: str, path: str | Path, fields: tuple[str, str, str] = ("context", "choices", "answer")) -> dict:
-    """An inline lm-eval task config (pass it in `tasks`) for a local multiple-choice JSONL in the generic format,
-    or another whose fields are named: lm-eval's own requests and metrics on a task file (tests, the benchmark)."""
-    context, choices, answer = fields
-    return {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(path)}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": f"{{{{{context}}}}}",
-        "doc_to_choice": f"{{{{{choices}}}}}",
-        "doc_to_target": f"{{{{{answer}}}}}",
-        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
-    }

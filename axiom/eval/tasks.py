@@ -10,9 +10,9 @@ whitespace at the end of the context moves to the continuation, the continuation
 context + continuation after the context's own tokens, an empty context becomes EOS (Axiom has no BOS), and a
 sequence longer than the model's context loses tokens on the left.
 
-`loglikelihoods` is the scorer that both `axiom eval --task-file` and the lm-eval adapter (axiom/harness.py) use.
-Requests with the same context tokens share one pass over the context: it is run once into a KV cache, which each
-continuation then extends, and only the positions that predict continuation tokens reach the output layer.
+`loglikelihoods` is the scorer that both `axiom eval --task-file` and the lm-eval adapter (axiom/eval/harness.py)
+use. Requests with the same context tokens share one pass over the context: it is run once into a KV cache, which
+each continuation then extends, and only the positions that predict continuation tokens reach the output layer.
 """
 
 from __future__ import annotations
@@ -304,14 +304,6 @@ def score(name: str, items: Sequence[Item], lls: Sequence[Sequence[float]]) -> T
 def task_name(path: str | Path) -> str:
     """A task file's name in tables and eval.csv columns: its stem, with anything but letters, digits and _ as _."""
     return re.sub(r"\W+", "_", Path(path).stem)
-
-
-def evaluate_task_file(
-    model: Axiom, path: str | Path, limit: int | None = None, batch_size: int = 16, dtype: str = "float32"
-) -> TaskResult:
-    """acc and acc_norm of `model` on the first `limit` items (all by default) of a task file."""
-    items = read_task_file(path)[:limit]
-    return score(task_name(path), items, choice_loglikelihoods(model, items, batch_size, dtype))
 
 
 # ---- evaluation during training (TrainConfig.eval_tasks)

@@ -1,0 +1,200 @@
+"""`axiom bench generate`: `axiom.infer.generate` decoding at temperature 0 with EOS disabled, timed, by default with
+the static cache and the compiled decoding step (`eager`: the dynamic cache, no compilation). With `vs_hf`,
+`transformers.LlamaForCausalLM` gets the same weights, prompts and new tokens through its default `generate`
+(dynamic KV cache, SDPA attention; `hf_compile` gives it its static-cache compiled recipe); with a llama.cpp folder,
+llama-bench times the same weights too (axiom/bench/llamacpp.py)."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from axiom.bench.llamacpp import export_gguf, vs_llamacpp
+from axiom.bench.reference import llama_like
+from axiom.bench.timing import Bench, Contender, interleaved, peak_memory, profile_table, reset_peak, summary, sync
+from axiom.config import Config, ModelConfig
+from axiom.errors import AxiomError
+from axiom.infer.engine import Engine
+from axiom.infer.fast import INFERENCE_DTYPES, prepare_model, weight_bytes_per_token
+from axiom.infer.generate import stream
+from axiom.model.transformer import Axiom, KVCache, flops_per_token
+
+GEN_DTYPES = (*INFERENCE_DTYPES, "float16")
+PREFILL_LENGTHS = (32, 512)
+
+
+@dataclass
+class GenerateBench:
+    """What to time: `rounds` generate calls of `batch` prompts of `prompt_len` random tokens and `new_tokens` new
+    ones each, after `warmup` untimed calls."""
+
+    rounds: int
+    warmup: int
+    seed: int  # of the weights and the prompts
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    dtype: str  # one of GEN_DTYPES: ours (int8 weight-only), the references' bfloat16 for int8
+    eager: bool
+    vs_hf: bool
+    hf_compile: bool
+    profile: bool
+
+
+def default_dtype(device: torch.device) -> str:
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def check_generate(m: ModelConfig, s: GenerateBench) -> None:
+    """One AxiomError for settings that cannot run, before anything is built."""
+    if s.prompt_len + s.new_tokens > m.max_seq_len:
+        raise AxiomError(
+            f"--prompt-len {s.prompt_len} + --new-tokens {s.new_tokens} exceeds max_seq_len={m.max_seq_len}"
+        )
+    if s.dtype not in GEN_DTYPES:
+        raise AxiomError(f"--dtype {s.dtype!r}: choose one of {', '.join(GEN_DTYPES)}")
+
+
+class OurDecoding:
+    """One timed unit of ours: `stream` over the prompts through one engine, whose caches and compiled step (CUDA
+    graphs on a GPU) are built once, untimed. Keeps the last call's tokens and each call's decode-only rate."""
+
+    def __init__(self, model: Axiom, prompts: torch.Tensor, new_tokens: int, eager: bool, device: torch.device):
+        self.model, self.prompts, self.new_tokens, self.device = model, prompts, new_tokens, device
+        self.engine = Engine(model, max_batch=len(prompts), compile=not eager)
+        self.tokens: list[list[int]] = []
+        self.decode_rates: list[float] = []
+
+    def __call__(self) -> None:
+        rows, first, n = [], 0.0, self.new_tokens
+        for i, ids in enumerate(stream(self.model, self.prompts.tolist(), n, temperature=0.0, engine=self.engine)):
+            rows.append(ids)
+            if i == 0:  # the first token comes out of the prefill: decoding is what follows
+                sync(self.device)
+                first = time.perf_counter()
+        sync(self.device)
+        if n > 1:
+            self.decode_rates.append(len(self.prompts) * (n - 1) / (time.perf_counter() - first))
+        self.tokens = torch.stack(rows, dim=1).tolist()
+
+
+def bench_generate(cfg: Config, device: torch.device, s: GenerateBench, llamacpp: Path | None = None) -> Bench:
+    """Decoding tokens/s of ours (and of the references asked for); `s` as `check_generate` accepts it."""
+    m, n = cfg.model, s.new_tokens
+    torch.manual_seed(s.seed)
+    prompts = torch.randint(0, m.vocab_size, (s.batch, s.prompt_len))
+    model = Axiom(m).to(device).eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()} if s.vs_hf or llamacpp else None
+    if s.dtype in INFERENCE_DTYPES:
+        prepare_model(model, s.dtype)
+    else:
+        cast_weights(model, torch.float16)
+    ours = OurDecoding(model, prompts, n, s.eager, device)
+    reset_peak(device)
+    for _ in range(s.warmup if s.eager else max(s.warmup, 1)):  # compiling is never timed
+        ours()
+    peak = peak_memory(device)
+    ours.decode_rates.clear()
+    contenders = [Contender("axiom", ours, s.batch * n, 1)]
+    extra = {}
+    if s.vs_hf:
+        theirs, extra = hf_contender(m, device, weights, prompts, s, ours.tokens)
+        contenders.append(theirs)
+    rates = interleaved(contenders, s.rounds, device)
+    table = profile_table(ours) if s.profile else None
+    context = s.prompt_len + n // 2  # mean attention span of a decoded token
+    decode = statistics.median(ours.decode_rates) if ours.decode_rates else None
+    figures = {
+        **summary(rates, flops_per_token(m, context) / 3, device),  # forward only: a third of training's
+        "decode_tokens_per_s": decode,
+        "weight_bytes_per_token": weight_bytes_per_token(model),
+        "peak_mem_bytes": peak,
+        **extra,
+        "batch": s.batch,
+        "prompt_len": s.prompt_len,
+        "new_tokens": n,
+        "compile": not s.eager,
+        "hf_compile": s.hf_compile,
+        "dtype": s.dtype,
+    }
+    if ours.decode_rates:
+        figures["weight_gb_per_s"] = figures["weight_bytes_per_token"] * decode / 1e9
+    if llamacpp is not None:
+        gguf = export_gguf(llamacpp, cfg, weights, s.dtype)
+        del weights
+        try:
+            figures |= vs_llamacpp(llamacpp, gguf, our_rounds(ours, m, device), prefill_lengths(m), n, s.rounds)
+        finally:
+            shutil.rmtree(gguf.parent)
+    return Bench(figures, table)
+
+
+def hf_contender(
+    m: ModelConfig, device: torch.device, weights: dict, prompts: torch.Tensor, s: GenerateBench, ours: list
+) -> tuple[Contender, dict]:
+    """transformers' Llama with our weights decoding the same prompts, warmed up; its peak memory, and the share of
+    its tokens that are `ours`."""
+    ref_dtype = torch.bfloat16 if s.dtype == "int8" else getattr(torch, s.dtype)  # the references' dtype
+    hf = cast_weights(llama_like(m, device, weights).eval(), ref_dtype)
+    ids, n = prompts.to(device), s.new_tokens
+    options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
+    if s.hf_compile:  # transformers' own recipe for compiled decoding
+        options["cache_implementation"] = "static"
+        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+    out: list[list[int]] = []
+
+    @torch.inference_mode()
+    def theirs() -> None:
+        result = hf.generate(ids, attention_mask=torch.ones_like(ids), **options)
+        out[:] = result[:, s.prompt_len :].tolist()
+
+    reset_peak(device)
+    for _ in range(max(s.warmup, 1)):
+        theirs()
+    # Greedy decoding of the same weights: the tokens agree unless two logits tie within rounding.
+    same = sum(a == b for x, y in zip(ours, out, strict=True) for a, b in zip(x, y, strict=True))
+    extra = {"hf_peak_mem_bytes": peak_memory(device, since_reset=True), "same_tokens_as_hf": same / (len(out) * n)}
+    return Contender("hf", theirs, s.batch * n, 1), extra
+
+
+def our_rounds(ours: OurDecoding, m: ModelConfig, device: torch.device) -> Callable[[], dict[str, float]]:
+    """One round of ours against llama-bench: a generate call's decode rate, then one prefill of each length."""
+
+    def our_round() -> dict[str, float]:
+        ours()
+        rates = {"decode": ours.decode_rates.pop()} if ours.decode_rates else {}
+        for length in prefill_lengths(m):
+            rates[f"prefill_{length}"] = prefill_rate(ours.model, length, device)
+        return rates
+
+    return our_round
+
+
+def prefill_lengths(m: ModelConfig) -> list[int]:
+    return [length for length in PREFILL_LENGTHS if length <= m.max_seq_len]
+
+
+@torch.inference_mode()
+def prefill_rate(model: Axiom, length: int, device: torch.device) -> float:
+    """Prompt tokens per second of one prefill of `length` random tokens into a fresh cache (batch 1)."""
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, length), device=device)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache.empty(model.cfg, 1, length, device, dtype)
+    sync(device)
+    start = time.perf_counter()
+    model(tokens, cache=cache, last_only=True)
+    sync(device)
+    return length / (time.perf_counter() - start)
+
+
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Parameters to `dtype` (a tied table once); buffers such as RoPE tables keep their fp32 precision."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model

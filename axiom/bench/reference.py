@@ -1,0 +1,33 @@
+"""The reference model of `axiom bench --vs-hf`: transformers' Llama with our shapes and our weights."""
+
+from __future__ import annotations
+
+import torch
+
+from axiom.config import ModelConfig
+from axiom.errors import AxiomError
+from axiom.interop.hf.names import LLAMA_CONFIG, to_llama
+
+
+def llama_like(m: ModelConfig, device: torch.device, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """transformers' Llama with our shapes (tied embeddings, no biases, SDPA attention) and our weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # the optional hf extra
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # no notes about generation flags on every call
+    config = LlamaConfig(
+        **{theirs: getattr(m, ours) for ours, theirs in LLAMA_CONFIG.items()},
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=m.dropout,
+        bos_token_id=None,
+        eos_token_id=None,  # EOS disabled: every run generates exactly the tokens asked for
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
+    with torch.device(device):
+        hf = LlamaForCausalLM(config)
+    missing, unexpected = hf.load_state_dict(to_llama(weights, m), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise AxiomError(f"reference Llama does not fit: missing {missing}, unexpected {unexpected}")
+    return hf

@@ -1,0 +1,124 @@
+"""`axiom bench train`: `axiom.train.trainer.train_step` (the training loop's own step: forward, backward, clipping,
+optimizer) timed on synthetic token ids, optionally beside transformers' Llama given the same shapes, dtype, weights,
+batch, optimizer and loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from axiom.bench.reference import llama_like
+from axiom.bench.timing import Bench, Contender, interleaved, peak_memory, profile_table, reset_peak, summary
+from axiom.config import Config, ModelConfig, TrainConfig
+from axiom.errors import AxiomError
+from axiom.model.transformer import Axiom, flops_per_token, num_params, release_loss_workspace
+from axiom.train.optim import build_optimizer, lr_at
+from axiom.train.parallel import Dist, parallelize
+from axiom.train.trainer import train_step
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TrainBench:
+    """What to time: `steps` optimizer steps per round for `rounds` rounds, after `warmup` untimed steps."""
+
+    rounds: int
+    warmup: int
+    steps: int
+    seed: int  # of the weights and the synthetic token ids
+    vs_hf: bool
+    profile: bool
+
+
+class LlamaLoss(torch.nn.Module):
+    """A Llama behind our call signature, model(x, y) -> mean cross-entropy of predicting y, so that the one
+    `train_step` drives both models. `shift_labels` makes transformers use y as given (x and y are already
+    shifted by one), so both losses cover the same tokens."""
+
+    def __init__(self, hf: torch.nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+
+
+def bench_train(cfg: Config, device: torch.device, s: TrainBench) -> Bench:
+    m, t = cfg.model, cfg.train
+    if t.seq_len > m.max_seq_len:
+        raise AxiomError(f"seq_len={t.seq_len} exceeds max_seq_len={m.max_seq_len}; lower it with --set seq_len=N")
+    torch.manual_seed(s.seed)
+    tokens = torch.randint(0, m.vocab_size, (t.grad_accum_steps, t.micro_batch_size, t.seq_len + 1))
+    batches = [(row[:, :-1].contiguous().to(device), row[:, 1:].contiguous().to(device)) for row in tokens]
+
+    model = Axiom(m).to(device)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if s.vs_hf else None
+    model = parallelize(model, t, device, Dist())
+    optimizer, opt_name = build_optimizer(model, t, device)
+    step = [0]
+
+    def ours() -> None:
+        train_step(model, optimizer, batches, lr_at(step[0], t), t)
+        step[0] += 1
+
+    reset_peak(device)
+    first = train_step(model, optimizer, batches, lr_at(0, t), t).loss
+    for _ in range(s.warmup - 1):
+        ours()
+    peak = peak_memory(device)  # before the reference exists: ours alone
+    contenders = [Contender("axiom", ours, t.tokens_per_step, s.steps)]
+    extra = {}
+    if s.vs_hf:
+        theirs, extra = hf_contender(m, t, device, weights, batches, s)
+        contenders.append(theirs)
+    rates = interleaved(contenders, s.rounds, device)
+    figures = {
+        **summary(rates, flops_per_token(m, t.seq_len), device),
+        "peak_mem_bytes": peak,
+        "first_loss": first,
+        "params": num_params(m),
+        **extra,
+        "tokens_per_step": t.tokens_per_step,
+        "micro_batch_size": t.micro_batch_size,
+        "seq_len": t.seq_len,
+        "grad_accum_steps": t.grad_accum_steps,
+        "optimizer": opt_name,
+        "dtype": t.dtype if device.type == "cuda" else "float32",
+        "compile": t.compile,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "steps_per_round": s.steps,
+    }
+    return Bench(figures, profile_table(ours) if s.profile else None)
+
+
+def hf_contender(
+    m: ModelConfig, t: TrainConfig, device: torch.device, weights: dict, batches: Batches, s: TrainBench
+) -> tuple[Contender, dict]:
+    """transformers' Llama with our weights, trained by the same `train_step`, warmed up; and its first loss,
+    parameters and peak memory."""
+    hf = LlamaLoss(llama_like(m, device, weights))
+    if t.gradient_checkpointing:  # newer transformers renamed gradient_checkpointing_enable
+        getattr(hf.hf, "activation_checkpointing_enable", hf.hf.gradient_checkpointing_enable)()
+    if t.compile:
+        hf.compile()
+    hf.train()
+    hf_opt, _ = build_optimizer(hf, t, device)
+    hf_step = [0]
+
+    def theirs() -> None:
+        train_step(hf, hf_opt, batches, lr_at(hf_step[0], t), t)
+        hf_step[0] += 1
+
+    release_loss_workspace()  # our kept loss block is not the reference's memory
+    reset_peak(device)
+    hf_first = train_step(hf, hf_opt, batches, lr_at(0, t), t).loss
+    for _ in range(s.warmup - 1):
+        theirs()
+    extra = {
+        "hf_peak_mem_bytes": peak_memory(device, since_reset=True),
+        "hf_first_loss": hf_first,
+        "hf_params": sum(p.numel() for p in hf.parameters()),
+    }
+    return Contender("hf", theirs, t.tokens_per_step, s.steps), extra

@@ -1,0 +1,144 @@
+"""`axiom bench train|generate`: our training step or decoding, timed, optionally beside transformers' Llama
+(`--vs-hf`) or llama.cpp (`--vs-llamacpp`); axiom/bench/ does the timing.
+
+`--json` prints one object: tokens_per_s, mfu (null without a known peak: CPU), peak_mem_bytes (CUDA max
+allocated, or process peak RSS on CPU, taken before the reference model exists), achieved_tflops, per-round
+figures and versions; plus hf_tokens_per_s, ratio_vs_hf, hf_peak_mem_bytes and a parity check with --vs-hf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import TypeVar
+
+import torch
+
+from axiom.bench import llamacpp
+from axiom.bench.generate import GenerateBench, bench_generate, check_generate, default_dtype
+from axiom.bench.timing import Bench, versions
+from axiom.bench.train import TrainBench, bench_train
+from axiom.cli.args import add_config_arguments, add_device_argument, config_from_args
+from axiom.config import Config
+from axiom.errors import AxiomError
+from axiom.runtime import pick_device
+
+T = TypeVar("T")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    train = sub.add_parser("train", help="optimizer steps per second of a preset (tokens/s, TFLOP/s, MFU, memory)")
+    gen = sub.add_parser("generate", help="decoding tokens per second with the KV cache")
+    for p in (train, gen):
+        add_config_arguments(p)
+        add_device_argument(p)
+        p.add_argument("--vs-hf", action="store_true", help="also time transformers.LlamaForCausalLM and compare")
+        p.add_argument("--rounds", type=int, default=3, help="timed rounds per model, interleaved (default: 3)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the weights and synthetic token ids")
+        p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one of our runs")
+        p.add_argument(
+            "--threads", type=int, default=None, help="CPU threads of both models (default: torch's, one per core)"
+        )
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+    train.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: 2)")
+    train.add_argument("--steps", type=int, default=3, help="timed optimizer steps per round (default: 3)")
+    gen.add_argument("--warmup", type=int, default=1, help="untimed generate calls per model first (default: 1)")
+    gen.add_argument("--batch", type=int, default=1, help="prompts decoded together (default: 1)")
+    gen.add_argument("--prompt-len", type=int, default=32, help="prompt tokens, prefilled (default: 32)")
+    gen.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
+    gen.add_argument(
+        "--eager",
+        action="store_true",
+        help="decode with the dynamic cache in eager mode (`axiom generate`'s default) instead of the static cache "
+        "and the torch.compile'd step (CUDA graphs on GPU)",
+    )
+    gen.add_argument(
+        "--hf-compile",
+        action="store_true",
+        help="give transformers its own compiled recipe too (static cache, forward compiled with "
+        "mode='reduce-overhead') instead of its default generate",
+    )
+    gen.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, int8 (ours weight-only int8 via axiom.infer.fast.prepare_model; the references "
+        "run bfloat16, llama.cpp q8_0) or float16 (GPU): weights and KV cache (default: bfloat16 on CUDA, float32 on "
+        "CPU); RoPE tables stay fp32",
+    )
+    gen.add_argument(
+        "--vs-llamacpp",
+        action="store_true",
+        help="also export the same weights through llama.cpp's converter and time its llama-bench in the same run: "
+        "decode tok/s and prefill of 32 and 512 tokens, both and the ratio (skipped with one line where llama.cpp "
+        "is absent)",
+    )
+    gen.add_argument(
+        "--llamacpp-dir",
+        default=None,
+        help=f"llama.cpp folder with bin/llama-bench and convert (default: {llamacpp.DEFAULT_LLAMACPP})",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    for name in ("rounds", "warmup", "steps", "batch", "prompt_len", "new_tokens", "threads"):
+        value = getattr(args, name, None)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            raise AxiomError(f"--{name.replace('_', '-')}={value} must be positive")
+    cfg = config_from_args(args)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.what == "train":
+        bench = bench_train(cfg, device, settings(TrainBench, args))
+    else:
+        bench = run_generate(cfg, device, args)
+    if bench.profile:
+        print(bench.profile, file=sys.stderr)
+    result = {"what": args.what, "preset": args.preset, "overrides": args.overrides, **bench.figures}
+    result |= versions(device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_human(result)
+
+
+def settings(cls: type[T], args: argparse.Namespace, **given) -> T:
+    """A settings dataclass from the flags of the same names (and `given` values)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in given}, **given)
+
+
+def run_generate(cfg: Config, device: torch.device, args: argparse.Namespace) -> Bench:
+    """bench generate, with llama.cpp where --vs-llamacpp finds it (one line on stderr where the default is absent)."""
+    s = settings(GenerateBench, args, dtype=args.dtype or default_dtype(device))
+    check_generate(cfg.model, s)
+    folder = llamacpp.find_llamacpp(args.llamacpp_dir) if args.vs_llamacpp else None
+    if args.vs_llamacpp and folder is None:
+        print(
+            f"axiom bench: llama.cpp not found at {llamacpp.DEFAULT_LLAMACPP}: --vs-llamacpp skipped", file=sys.stderr
+        )
+    return bench_generate(cfg, device, s, folder)
+
+
+def _print_human(r: dict) -> None:
+    unit = "optimizer steps" if r["what"] == "train" else "generate calls"
+    print(f"axiom bench {r['what']} --preset {r['preset']} on {r['device']} (torch {r['torch']}), rounds of {unit}")
+    print(f"  axiom         {r['tokens_per_s']:>12,.0f} tokens/s   {r['achieved_tflops']:.4f} TFLOP/s", end="")
+    print(f"   MFU {r['mfu']:.1%}" if r["mfu"] is not None else "   MFU n/a (no known peak)")
+    if "hf_tokens_per_s" in r:
+        print(f"  transformers  {r['hf_tokens_per_s']:>12,.0f} tokens/s   ratio {r['ratio_vs_hf']:.2f}x")
+    if r.get("decode_tokens_per_s"):
+        gbs = r.get("weight_gb_per_s")
+        print(f"  decode only   {r['decode_tokens_per_s']:>12,.1f} tokens/s   {r['dtype']}", end="")
+        print(f"   {r['weight_bytes_per_token'] / 1e9:.2f} GB of weights per token, {gbs:.1f} GB/s" if gbs else "")
+    if "ratio_vs_llamacpp" in r:
+        ours, theirs = r["ours_vs_llamacpp_tokens_per_s"], r["llamacpp"]["tokens_per_s"]
+        print(f"  vs llama.cpp ({r['llamacpp']['gguf_type']}, {r['llamacpp']['threads']} threads), tokens/s:")
+        for key, ratio in r["ratio_vs_llamacpp"].items():
+            print(f"    {key:12s} ours {ours[key]:>10,.1f}   llama.cpp {theirs[key]:>10,.1f}   ratio {ratio:.2f}x")
+    mem = r["peak_mem_bytes"]
+    print(f"  peak memory   {mem / 2**20:>12,.0f} MiB" if mem is not None else "  peak memory   n/a")
+    if r.get("hf_peak_mem_bytes") is not None:
+        print(f"  hf peak mem   {r['hf_peak_mem_bytes'] / 2**20:>12,.0f} MiB")
