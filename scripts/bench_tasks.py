@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -53,10 +52,7 @@ def contenders(args: argparse.Namespace, items: list[Item], tmp: Path) -> dict[s
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from axiom.eval.harness import AxiomLM
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # json_task is a test helper
-    from eval_helpers import json_task
+    from axiom.eval.harness import AxiomLM, json_task
 
     if args.ckpt:
         ckpt = args.ckpt

@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 from conftest import micro_config
-from eval_helpers import evaluate_task_file, json_task
+from eval_helpers import evaluate_task_file
 
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
@@ -204,7 +204,7 @@ def test_native_scorer_gives_lm_eval_acc_and_acc_norm(ckpt, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
     from lm_eval.tasks.hellaswag.utils import process_docs
 
-    from axiom.eval.harness import AxiomLM
+    from axiom.eval.harness import AxiomLM, json_task
 
     model, path = ckpt
     generic = write_jsonl(tmp_path / "generic.jsonl", THREE * 2 + [{**THREE[0], "context": ""}])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 
 from lm_eval import simple_evaluate
 from lm_eval.api.model import TemplateLM
@@ -177,3 +178,21 @@ def run_tasks(
         ) from None
     except KeyError as e:  # lm-eval: "Spec 'x' is not a registered task/group/tag name or valid YAML path"
         raise AxiomError(f"--tasks {names}: {e.args[0] if e.args else e}") from None
+
+
+def json_task(name: str, path: str | Path, fields: tuple[str, str, str] = ("context", "choices", "answer")) -> dict:
+    """An inline lm-eval task config (pass it in `tasks`) for a local multiple-choice JSONL in the generic format,
+    or another whose fields are named: lm-eval's own requests and metrics on a task file (scripts/bench_tasks.py
+    compares the native scorer with it)."""
+    context, choices, answer = fields
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": f"{{{{{context}}}}}",
+        "doc_to_choice": f"{{{{{choices}}}}}",
+        "doc_to_target": f"{{{{{answer}}}}}",
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+    }
