@@ -15,7 +15,7 @@ COMMANDS = {
     "chat": ("axiom.cli.chat", "talk to a checkpoint fine-tuned on chat data, interactively or one --message"),
     "train": ("axiom.train.launch", "train a preset on prepared data: eval.csv, checkpoints, --resume, torchrun"),
     "eval": ("axiom.eval.loss", "val loss, ppl and bits per byte; lm-eval tasks and multiple-choice files"),
-    "plot": ("axiom.train.plot", "draw train and val loss of a run against tokens to a PNG"),
+    "plot": ("axiom.cli.plot", "draw train and val loss of a run against tokens to a PNG"),
     "prepare": ("axiom.data.prepare", "tokenize text corpora into train/val token shards with a manifest"),
     "export": (
         "axiom.interop.export",
