@@ -91,7 +91,7 @@ def test_gradient_accumulation_equals_one_large_batch(device):
     assert not torch.equal(m1.embed.weight, before["embed.weight"])
 
 
-def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, capsys, device):
+def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, caplog, device):
     cfg = micro_config("optimizer=adamw8bit")
     model = Axiom(cfg.model).to(device)
     opt, name = build_optimizer(model, cfg.train, device)
@@ -106,7 +106,7 @@ def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, capsys
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
     opt, name = build_optimizer(model, cfg.train, device)
     assert isinstance(opt, torch.optim.AdamW) and name == "AdamW (torch, fused)"
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "notice: bitsandbytes is not usable (ModuleNotFoundError" in err and "using torch AdamW" in err
 
 
