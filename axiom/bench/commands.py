@@ -1,6 +1,6 @@
 """`axiom bench train|generate`: our training step or decoding, timed, optionally beside transformers' Llama.
 
-`train` times `axiom.train.trainer.train_step` (the training loop's own step: forward, backward, clipping, optimizer)
+`train` times `axiom.train.step.train_step` (the training loop's own step: forward, backward, clipping, optimizer)
 on synthetic token ids. `generate` times `axiom.infer.generate.generate` at temperature 0 with EOS disabled, by
 default with the static cache and the compiled decoding step (`--eager`: the dynamic cache, no compilation).
 With `--vs-hf`, `transformers.LlamaForCausalLM` gets the same shapes, dtype, weights, batch, optimizer and loss
@@ -43,7 +43,7 @@ from axiom.model.transformer import Axiom, KVCache, flops_per_token, num_params,
 from axiom.runtime import gpu_peak_flops, pick_device
 from axiom.train.optim import build_optimizer, lr_at
 from axiom.train.parallel import Dist, parallelize
-from axiom.train.trainer import train_step
+from axiom.train.step import train_step
 
 # prebuilt llama.cpp beside the repository (../shared/tools/llama.cpp, see its README), absent on a fresh clone
 DEFAULT_LLAMACPP = Path(__file__).resolve().parents[3] / "shared" / "tools" / "llama.cpp"

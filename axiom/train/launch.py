@@ -1,7 +1,7 @@
 """`axiom train`: the card's recipe end to end, on one CPU or under torchrun on many GPUs.
 
 `train` checks a run against its data and directory, builds or loads the model and runs the loop of
-axiom/trainer.py; the schedule and optimizer are in axiom/optim.py.
+axiom/train/trainer.py; the schedule and optimizer are in axiom/train/optim.py.
 
     RUN/config.json                  resolved config of the run
     RUN/train.log                    the plan, progress lines, evaluations, notices
@@ -40,9 +40,11 @@ from axiom.model.checkpoint import (
 )
 from axiom.model.transformer import Axiom
 from axiom.runtime import pick_device
+from axiom.train.checkpointer import set_aside_newer
 from axiom.train.parallel import Dist, init_distributed, set_model_state
+from axiom.train.recovery import rewind_logs
 from axiom.train.runlog import RunLog
-from axiom.train.trainer import EVENT_COLUMNS, Trainer, TrainResult, set_aside_newer
+from axiom.train.trainer import Trainer, TrainResult
 
 
 def seed_everything(seed: int) -> None:
@@ -144,8 +146,7 @@ def setup(
     if start is not None:
         if d.main:
             set_aside_newer(run_dir / "checkpoints", trainer.state.step, log)
-        log.truncate(trainer.state.step)
-        log.write_rows("events.csv", EVENT_COLUMNS, trainer.state.rollbacks)
+        rewind_logs(log, trainer.state)
         log.info(f"resumed from {start} at step {trainer.state.step:,} ({trainer.state.tokens:,} tokens)")
     elif used:
         log.truncate(-1)
