@@ -25,7 +25,7 @@ from axiom.model.checkpoint import load_model
 from axiom.model.transformer import Axiom, chunked_cross_entropy, output_logits
 from axiom.text.tokenizer import EOS_ID
 from axiom.train.optim import build_optimizer
-from axiom.train.trainer import train_step
+from axiom.train.step import train_step
 
 
 def every_row_forward(self: Axiom, tokens, targets=None, cache=None, loss_chunk=1024, last_only=False):

@@ -36,7 +36,7 @@ from axiom.model.checkpoint import list_checkpoints, load_model, read_meta, save
 from axiom.model.transformer import IGNORE_INDEX, Axiom
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 from axiom.train.launch import train
-from axiom.train.trainer import train_step
+from axiom.train.step import train_step
 
 # A micro model with the full cl100k table: chat data uses ids 100264/100265 (a cut-down table has no such rows).
 CHAT_MICRO = [

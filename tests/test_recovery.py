@@ -24,7 +24,8 @@ from axiom.model.checkpoint import list_checkpoints, load_model, load_training_s
 from axiom.train.launch import train
 from axiom.train.optim import build_optimizer, lr_at
 from axiom.train.plot import plot_run
-from axiom.train.trainer import EVENT_COLUMNS, train_step
+from axiom.train.recovery import EVENT_COLUMNS
+from axiom.train.step import train_step
 
 POISON_AT = 48  # loader position (windows) of the poisoned batch: read by step 13 (4 windows a step)
 

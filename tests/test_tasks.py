@@ -383,8 +383,8 @@ def test_training_logs_task_columns_in_eval_csv(tiny_data, tmp_path):
 
     from axiom.eval.tasks import evaluate_tasks, load_tasks
     from axiom.model.checkpoint import list_checkpoints, load_model
+    from axiom.train.evaluator import EVAL_COLUMNS
     from axiom.train.launch import train
-    from axiom.train.trainer import EVAL_COLUMNS
 
     file = write_jsonl(tmp_path / "three.jsonl", THREE)
     sets = ["vocab_size=100277", "max_steps=4", "eval_interval=2", "checkpoint_interval=4", f"eval_tasks={file}"]

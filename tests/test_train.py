@@ -16,15 +16,17 @@ import torch
 from conftest import MICRO_VOCAB, micro_args, micro_config
 from safetensors.torch import load_file
 
+import axiom.train.checkpointer as checkpointer_mod
 import axiom.train.trainer as trainer_mod
 from axiom.config import TrainConfig
 from axiom.data.loader import read_manifest
 from axiom.errors import AxiomError
 from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state
 from axiom.model.transformer import Axiom
+from axiom.train.evaluator import EVAL_COLUMNS
 from axiom.train.launch import train
 from axiom.train.optim import build_optimizer, lr_at
-from axiom.train.trainer import EVAL_COLUMNS, train_step
+from axiom.train.step import train_step
 
 
 def read_rows(path):
@@ -91,7 +93,7 @@ def test_gradient_accumulation_equals_one_large_batch(device):
     assert not torch.equal(m1.embed.weight, before["embed.weight"])
 
 
-def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, capsys, device):
+def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, caplog, device):
     cfg = micro_config("optimizer=adamw8bit")
     model = Axiom(cfg.model).to(device)
     opt, name = build_optimizer(model, cfg.train, device)
@@ -106,7 +108,7 @@ def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, capsys
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
     opt, name = build_optimizer(model, cfg.train, device)
     assert isinstance(opt, torch.optim.AdamW) and name == "AdamW (torch, fused)"
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "notice: bitsandbytes is not usable (ModuleNotFoundError" in err and "using torch AdamW" in err
 
 
@@ -195,21 +197,21 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypa
 def test_crash_while_writing_checkpoint_leaves_previous_loadable(tiny_data, tmp_path, monkeypatch):
     cfg = micro_config("max_steps=6", "eval_interval=6", "checkpoint_interval=2")
     run = tmp_path / "run"
-    real_save = trainer_mod.save_training_state
+    real_save = checkpointer_mod.save_training_state
 
     def crash_on_second(state, directory):
         if state["step"] == 4:  # the weights are already in the temporary directory: die mid-checkpoint
             raise KeyboardInterrupt
         real_save(state, directory)
 
-    monkeypatch.setattr(trainer_mod, "save_training_state", crash_on_second)
+    monkeypatch.setattr(checkpointer_mod, "save_training_state", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tiny_data, run)
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2]
     assert not (run / "checkpoints" / ".step_000004.tmp").exists()  # an interrupted write removes its temporary
     model, _, meta = load_model(run / "checkpoints" / "step_000002")
     assert meta["step"] == 2
-    monkeypatch.setattr(trainer_mod, "save_training_state", real_save)
+    monkeypatch.setattr(checkpointer_mod, "save_training_state", real_save)
     resumed = train(cfg, tiny_data, run, resume=True)
     assert resumed.step == 6 and [s for s, _ in list_checkpoints(run / "checkpoints")] == [2, 4, 6]
     reference = tmp_path / "reference"

@@ -1,4 +1,4 @@
-"""`axiom bench train`: `axiom.train.trainer.train_step` (the training loop's own step: forward, backward, clipping,
+"""`axiom bench train`: `axiom.train.step.train_step` (the training loop's own step: forward, backward, clipping,
 optimizer) timed on synthetic token ids, optionally beside transformers' Llama given the same shapes, dtype, weights,
 batch, optimizer and loss."""
 
@@ -15,7 +15,7 @@ from axiom.errors import AxiomError
 from axiom.model.transformer import Axiom, flops_per_token, num_params, release_loss_workspace
 from axiom.train.optim import build_optimizer, lr_at
 from axiom.train.parallel import Dist, parallelize
-from axiom.train.trainer import train_step
+from axiom.train.step import train_step
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 

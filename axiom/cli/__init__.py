@@ -13,9 +13,9 @@ COMMANDS = {
     "info": ("axiom.cli.info", "print parameters, tokens, steps, FLOPs and memory of a configuration"),
     "generate": ("axiom.cli.generate", "sample text from a checkpoint (or a randomly initialised preset)"),
     "chat": ("axiom.cli.chat", "talk to a checkpoint fine-tuned on chat data, interactively or one --message"),
-    "train": ("axiom.train.launch", "train a preset on prepared data: eval.csv, checkpoints, --resume, torchrun"),
+    "train": ("axiom.cli.train", "train a preset on prepared data: eval.csv, checkpoints, --resume, torchrun"),
     "eval": ("axiom.cli.eval", "val loss, ppl and bits per byte; lm-eval tasks and multiple-choice files"),
-    "plot": ("axiom.train.plot", "draw train and val loss of a run against tokens to a PNG"),
+    "plot": ("axiom.cli.plot", "draw train and val loss of a run against tokens to a PNG"),
     "prepare": ("axiom.cli.prepare", "tokenize text corpora into train/val token shards with a manifest"),
     "export": (
         "axiom.interop.export",

@@ -1,4 +1,4 @@
-"""`axiom info`: the size and cost of a configuration, without building it."""
+"""`axiom info`: the size and cost of a configuration, without building it (axiom/train/plan.py)."""
 
 from __future__ import annotations
 
@@ -6,51 +6,7 @@ import argparse
 import json
 
 from axiom.cli.args import add_config_arguments, config_from_args
-from axiom.config import Config
-from axiom.model.transformer import flops_per_token, num_params
-
-OPTIMIZER_STATE_BYTES = {"adamw8bit": 2, "adamw": 8}  # per parameter: two moments, 8-bit or fp32
-
-
-def training_memory_bytes(cfg: Config) -> dict[str, int]:
-    """Rough peak training memory per device: fp32 weights and grads, optimizer state, activations
-    (only each block's input kept under activation checkpointing, plus one block being recomputed,
-    ~34 bytes per token per hidden unit in bf16 without attention scores since SDPA uses flash/efficient
-    kernels) and the chunked loss (one 1024-row fp32 logit chunk, its gradient, and an fp32 weight grad)."""
-    m, t = cfg.model, cfg.train
-    n = num_params(m)
-    act_bytes = 2 if t.dtype != "float32" else 4
-    tokens = t.micro_batch_size * t.seq_len
-    per_block = 17 * act_bytes * tokens * m.d_model
-    kept = (
-        m.n_layers * act_bytes * tokens * m.d_model + per_block if t.gradient_checkpointing else m.n_layers * per_block
-    )
-    loss = 2 * 4 * min(tokens, 1024) * m.vocab_size + 4 * m.vocab_size * m.d_model
-    parts = {
-        "weights": 4 * n,
-        "grads": 4 * n,
-        "optimizer": OPTIMIZER_STATE_BYTES[t.optimizer] * n,
-        "activations": kept,
-        "loss": loss,
-    }
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-def describe(cfg: Config) -> dict:
-    m, t = cfg.model, cfg.train
-    return {
-        "params": num_params(m),
-        "non_embedding_params": num_params(m, non_embedding=True),
-        "head_dim": m.head_dim,
-        "ffn_dim": m.ffn_dim,
-        "tokens_per_step": t.tokens_per_step,
-        "steps": t.steps,
-        "planned_tokens": t.planned_tokens,
-        "flops_per_token": flops_per_token(m, t.seq_len),
-        "train_flops": flops_per_token(m, t.seq_len) * t.planned_tokens,
-        "train_memory_bytes": training_memory_bytes(cfg)["total"],
-    }
+from axiom.train.plan import describe, training_memory_bytes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

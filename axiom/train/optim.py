@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 
 import torch
 
 from axiom.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -58,15 +59,15 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, str]:
     """The card's optimizer: AdamW8bit when asked for and usable, else torch AdamW (fused on CPU and CUDA).
 
-    Returns (optimizer, description); a fallback is printed as one notice line."""
+    Returns (optimizer, description); a fallback is logged as one warning, a "notice: " line."""
     device = torch.device(device)
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "adamw8bit":
         opt, why = _adamw8bit(groups, cfg, device) if not fsdp else (None, "FSDP shards need torch AdamW")
         if opt is not None:
             return opt, "AdamW8bit (bitsandbytes)"
-        print(f"notice: {why}; using torch AdamW instead of AdamW8bit", file=sys.stderr)
-    # One fused kernel per parameter group instead of a dozen ops per tensor (9x faster a step on CPU here).
+        logger.warning("notice: %s; using torch AdamW instead of AdamW8bit", why)
+    # One fused kernel per parameter group instead of a dozen ops per tensor (docs/benchmarks.md: 9x on CPU).
     fused = device.type in ("cuda", "cpu")
     opt = torch.optim.AdamW(groups, lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
     return opt, "AdamW (torch, fused)" if fused else "AdamW (torch)"

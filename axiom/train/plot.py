@@ -1,9 +1,8 @@
-"""`axiom plot RUN`: train and validation loss against tokens seen, from RUN/train.csv and RUN/eval.csv; rollbacks
-(RUN/events.csv) are dashed vertical lines where the run continued."""
+"""The loss curves of a run (`axiom plot RUN`): train and validation loss against tokens seen, from RUN/train.csv
+and RUN/eval.csv; rollbacks (RUN/events.csv) are dashed vertical lines where the run continued."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
@@ -39,10 +38,10 @@ def read_csv(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = (
         raise AxiomError(f"{path}: not a csv of numbers ({e}); {hint}") from None
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the loss curves of `run_dir` to `out` (default RUN/loss.png); returns the path."""
-    run_dir = Path(run_dir)
-    eval_csv, train_csv = run_dir / "eval.csv", run_dir / "train.csv"
+def check_paths(run_dir: Path, out: str | Path | None) -> Path:
+    """The PNG to write (default RUN/loss.png), once the run has an eval.csv and `out` is no folder and overlaps
+    none of the run's csvs."""
+    eval_csv = run_dir / "eval.csv"
     if not eval_csv.is_file():
         what = "not found" if not eval_csv.exists() else describe_missing(eval_csv)
         raise AxiomError(f"{eval_csv} {what}; pass a run directory written by axiom train")
@@ -51,6 +50,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     check_no_overlap(out, inputs)
     if out.is_dir():
         raise AxiomError(f"--out {out} is a folder; pass the PNG file to write")
+    return out
+
+
+def read_curves(run_dir: Path) -> tuple[list[dict[str, float]], list[dict[str, float]], list[dict[str, float]]]:
+    """The rows of eval.csv (with the in-loop task scores), train.csv and events.csv; the last two may be empty."""
+    eval_csv, train_csv, events_csv = run_dir / "eval.csv", run_dir / "train.csv", run_dir / "events.csv"
     try:
         with open(eval_csv, newline="") as f:
             header = next(csv.reader(f), [])
@@ -61,30 +66,30 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not any(math.isfinite(r["val_loss"]) for r in evals):
         raise AxiomError(f"{eval_csv}: no evaluation with a finite val_loss yet; plot again after the first one")
     train = read_csv(train_csv, ("tokens", "loss")) if train_csv.is_file() else []
+    events = read_csv(events_csv, ("tokens",)) if events_csv.is_file() else []
+    return evals, train, events
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display needed)."""
     try:
         import matplotlib
 
-        matplotlib.use("Agg")  # files only, no display needed
+        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise AxiomError("axiom plot needs matplotlib: pip install 'axiom-lm[plot]'") from None
-    tasks = [c.removesuffix("_acc") for c in evals[0] if c.endswith("_acc")]  # TrainConfig.eval_tasks columns
-    if tasks:
-        fig, (ax, task_ax) = plt.subplots(2, 1, figsize=(8, 8), sharex=True, height_ratios=(3, 2))
-        plot_tasks(task_ax, evals, tasks)
-    else:
-        fig, ax = plt.subplots(figsize=(8, 5))
-    kind = out.suffix[1:].lower() or "png"
-    if kind not in fig.canvas.get_supported_filetypes():
-        plt.close(fig)
-        raise AxiomError(f"--out {out}: matplotlib cannot write .{kind} files; use .png, .pdf or .svg")
+    return plt
+
+
+def plot_losses(ax, evals: list[dict[str, float]], train: list[dict[str, float]], events: list[dict[str, float]]):
+    """Train loss (train.csv's, else eval.csv's), val loss with its best marked, and rollbacks as dashed lines."""
     if train:
         ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.7, label="train loss")
     elif any(math.isfinite(r.get("train_loss", math.nan)) for r in evals):
         ax.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "-", label="train loss")
     ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
-    events = run_dir / "events.csv"
-    for i, event in enumerate(read_csv(events, ("tokens",)) if events.is_file() else []):
+    for i, event in enumerate(events):
         # a rollback: the run continued from this many tokens, skipping the bad steps' data
         label = "rollback (events.csv)" if i == 0 else None
         ax.axvline(event["tokens"], color="tab:red", ls="--", lw=1, alpha=0.7, label=label)
@@ -96,6 +101,25 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         xytext=(0, 8),
         ha="center",
     )
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the loss curves of `run_dir` to `out` (default RUN/loss.png); returns the path."""
+    run_dir = Path(run_dir)
+    out = check_paths(run_dir, out)
+    evals, train, events = read_curves(run_dir)
+    plt = pyplot()
+    tasks = [c.removesuffix("_acc") for c in evals[0] if c.endswith("_acc")]  # TrainConfig.eval_tasks columns
+    if tasks:
+        fig, (ax, task_ax) = plt.subplots(2, 1, figsize=(8, 8), sharex=True, height_ratios=(3, 2))
+        plot_tasks(task_ax, evals, tasks)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 5))
+    kind = out.suffix[1:].lower() or "png"
+    if kind not in fig.canvas.get_supported_filetypes():
+        plt.close(fig)
+        raise AxiomError(f"--out {out}: matplotlib cannot write .{kind} files; use .png, .pdf or .svg")
+    plot_losses(ax, evals, train, events)
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(f"{run_dir.name}: loss")
@@ -124,12 +148,3 @@ def plot_tasks(ax, evals: list[dict[str, float]], tasks: list[str]) -> None:
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory (holds eval.csv, and train.csv when logged)")
-    parser.add_argument("--out", help="PNG to write (default: RUN/loss.png)")
-
-
-def run(args: argparse.Namespace) -> None:
-    print(f"wrote {plot_run(args.run, args.out)}")

@@ -1,16 +1,18 @@
 """The files a run writes as it goes: train.log, train.csv and eval.csv (rank 0 only), plus TensorBoard and
-Weights & Biases when installed and asked for."""
+Weights & Biases when installed and asked for. Each train.log line is also logged (logging, INFO), which `axiom
+train` shows on the terminal."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from pathlib import Path
 
-from tqdm import tqdm
-
 from axiom.errors import AxiomError
+
+logger = logging.getLogger(__name__)
 
 
 class RunLog:
@@ -37,7 +39,7 @@ class RunLog:
     def info(self, message: str) -> None:
         if not self.main:
             return
-        tqdm.write(message)
+        logger.info(message)
         with open(self.run_dir / "train.log", "a") as f:
             f.write(message + "\n")
 

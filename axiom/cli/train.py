@@ -1,0 +1,139 @@
+"""`axiom train`: the card's recipe end to end, on one CPU or under torchrun on many GPUs (axiom/train/launch.py).
+
+The command settles the run's config (a preset with --set, or the checkpoint's model shape for --resume and
+--init-from), reads a Hugging Face folder given to --init-from through axiom.interop, and shows train.log's lines
+on the terminal as they are written."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from axiom.cli.args import add_config_arguments, add_device_argument, config_from_args
+from axiom.config import Config, apply_overrides, get_config
+from axiom.errors import AxiomError
+from axiom.interop.hf.folder import folder_config, read_folder
+from axiom.model.checkpoint import newest_valid_checkpoint, read_meta
+from axiom.train.launch import train
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--data", required=True, help="prepared data directory (from axiom prepare)")
+    parser.add_argument("--out", required=True, help="run directory for logs, eval.csv and checkpoints")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in OUT (its config; --set may change train fields), or "
+        "start fresh if OUT has none yet: one command line to re-run after any preemption",
+    )
+    parser.add_argument(
+        "--resume-from",
+        metavar="CKPT",
+        help="continue from this checkpoint of OUT (e.g. when the newest is corrupt); newer checkpoints are moved "
+        "aside to abandoned-step_N",
+    )
+    parser.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start a new run from the weights and model shape of a checkpoint or a Hugging Face folder (axiom or "
+        "Llama format, as axiom import reads it); training fields come from --preset and --set",
+    )
+    add_device_argument(parser)
+    parser.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
+    parser.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
+
+
+def is_hf_folder(path: Path) -> bool:
+    meta = read_meta(path)
+    return "model" not in meta and ("architectures" in meta or "model_type" in meta)
+
+
+def hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A Hugging Face folder's weights as Axiom's state dict, read as `axiom import` reads it."""
+    return read_folder(path)[2]
+
+
+def checkpoint_config(path: Path) -> Config:
+    """The Config stored in a checkpoint's or a Hugging Face folder's config.json."""
+    if is_hf_folder(path):
+        return folder_config(path)[1]
+    try:
+        return Config.from_dict(read_meta(path))
+    except (KeyError, TypeError) as e:
+        raise AxiomError(f"{path / 'config.json'}: no valid model/train config ({e})") from None
+
+
+def _model_fixed(base: Config, overrides: list[str], flag: str) -> Config:
+    """`base` with --set applied, refusing changes to the model's shape (the weights fix it)."""
+    cfg = apply_overrides(base, overrides)
+    if cfg.model != base.model:
+        raise AxiomError(f"{flag}: --set may change training fields only, not the model's shape")
+    return cfg
+
+
+def run_config(args: argparse.Namespace) -> Config:
+    """The run's config: the checkpoint's for --resume and --resume-from, the model shape of --init-from with the
+    preset's training fields, else the preset; --set applies to each."""
+    if sum(bool(x) for x in (args.resume, args.resume_from, args.init_from)) > 1:
+        raise AxiomError("--resume, --resume-from and --init-from exclude each other")
+    start = args.resume_from
+    if start is None and args.resume:  # the one train() will pick (it names the ones it skips in train.log)
+        start = newest_valid_checkpoint(Path(args.out) / "checkpoints")[0]
+    if start is not None:
+        return _model_fixed(checkpoint_config(Path(start)), args.overrides, "--resume")
+    if args.init_from:
+        saved = checkpoint_config(Path(args.init_from))
+        return _model_fixed(Config(saved.model, get_config(args.preset).train), args.overrides, "--init-from")
+    return config_from_args(args)
+
+
+class _AboveTheBar(logging.Handler):
+    """A log record as one terminal line above tqdm's bar: information to stdout, warnings to stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr if record.levelno >= logging.WARNING else sys.stdout)
+
+
+@contextlib.contextmanager
+def _terminal_log() -> Iterator[None]:
+    """Show what the training library logs (train.log's lines, notices) on the terminal while the command runs."""
+    logger, handler = logging.getLogger("axiom.train"), _AboveTheBar()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = run_config(args)
+    init_from = Path(args.init_from) if args.init_from else None
+    read_weights = hf_weights if init_from is not None and is_hf_folder(init_from) else None
+    with _terminal_log():
+        train(
+            cfg,
+            args.data,
+            args.out,
+            args.resume,
+            args.device,
+            args.tensorboard,
+            args.wandb,
+            args.init_from,
+            args.resume_from,
+            read_weights,
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"outputs in {args.out}: eval.csv, train.log, checkpoints/ (best: {args.out}/checkpoints/best)")
+    return 0

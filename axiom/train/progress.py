@@ -1,0 +1,105 @@
+"""The run's progress for people: a tqdm bar on the terminal, and every log_interval steps a line in train.log and
+a row of train.csv (loss, LR, gradient norm, throughput, MFU on known GPUs, time left)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm import tqdm
+
+from axiom.config import Config
+from axiom.model.transformer import flops_per_token
+from axiom.runtime import gpu_peak_flops
+from axiom.train.runlog import RunLog
+from axiom.train.state import TrainState
+from axiom.train.step import StepResult
+
+TRAIN_COLUMNS = ("step", "tokens", "loss", "grad_norm", "lr", "tokens_per_s", "skipped")
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Meter:
+    """Tokens and seconds since the last reset: the throughput of a log line or an evaluation window."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens, self.seconds, self.steps, self.losses = 0, 0.0, 0, []
+
+    def add(self, tokens: int, seconds: float, loss: float | None) -> None:
+        self.tokens, self.seconds, self.steps = self.tokens + tokens, self.seconds + seconds, self.steps + 1
+        if loss is not None:
+            self.losses.append(loss)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class Progress:
+    """The bar and the progress lines; `meter` counts the steps since the last line."""
+
+    def __init__(self, cfg: Config, log: RunLog, device: torch.device, world_size: int, main: bool) -> None:
+        self.cfg, self.log, self.world_size, self.main = cfg.train, log, world_size, main
+        self.peak_flops = gpu_peak_flops(device)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
+        self.meter = Meter()
+        self.bar: tqdm | None = None
+
+    def mfu(self, tokens_per_s: float) -> str:
+        if not self.peak_flops:
+            return ""
+        return f" mfu {self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size):.1%}"
+
+    def start(self, step: int) -> None:
+        t = self.cfg
+        self.bar = tqdm(
+            total=t.steps, initial=step, disable=None if self.main else True, unit="step", dynamic_ncols=True
+        )
+
+    def restart(self, step: int) -> None:
+        """The bar back at `step` (after a rollback)."""
+        self.bar.reset(total=self.cfg.steps)
+        self.bar.update(step)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def after_step(self, result: StepResult, lr: float, state: TrainState) -> None:
+        """The bar moves on; every log_interval steps and at the end, a progress line."""
+        tok_s = self.meter.tokens_per_s
+        self.bar.set_postfix_str(
+            f"loss {result.loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s{self.mfu(tok_s)}", refresh=False
+        )
+        self.bar.update(1)
+        if state.step % self.cfg.log_interval == 0 or state.step == self.cfg.steps:
+            self.log_line(result, lr, state)
+
+    def log_line(self, result: StepResult, lr: float, state: TrainState) -> None:
+        """A progress line in train.log and a row of train.csv."""
+        t, s, m = self.cfg, state, self.meter
+        eta = (t.steps - s.step) * m.seconds / m.steps
+        mean = sum(m.losses) / len(m.losses) if m.losses else math.nan
+        mfu = self.mfu(m.tokens_per_s)
+        self.log.info(
+            f"step {s.step:,}/{t.steps:,} | loss {mean:.4f} | lr {lr:.3e} | grad norm {result.grad_norm:.3f} "
+            f"| {m.tokens_per_s:,.0f} tok/s{' |' + mfu if mfu else ''} | eta {duration(eta)}"
+        )
+        row = {
+            "step": s.step,
+            "tokens": s.tokens,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
+            "lr": lr,
+            "tokens_per_s": round(m.tokens_per_s, 1),
+            "skipped": int(result.skipped),
+        }
+        self.log.row("train.csv", TRAIN_COLUMNS, row)
+        m.reset()

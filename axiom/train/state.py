@@ -1,0 +1,63 @@
+"""`TrainState`: a run's progress, what a checkpoint's state.pt stores beside the optimizer, loader and RNG states
+and what resume restores. Everything the loop decides from (schedule, evaluation, best checkpoint) derives from it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from axiom.config import TrainConfig
+from axiom.train.optim import lr_at
+from axiom.train.step import StepResult
+
+LOSS_AVG_DECAY = 0.95  # the running loss average spans about the last 20 steps taken
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken, skipped ones included
+    tokens: int = 0  # tokens of those steps
+    bad_steps: int = 0  # consecutive skipped steps (non-finite, or a loss spike)
+    best_val_loss: float = math.inf
+    elapsed_s: float = 0.0  # training wall time over all sessions of this run
+    loss_sum: float = 0.0  # losses of the steps taken since the last evaluation: eval.csv's train_loss
+    loss_count: int = 0
+    loss_avg: float | None = None  # running average of the steps taken (LOSS_AVG_DECAY), for spike detection
+    lr_scale: float = 1.0  # the LR multiplier after rollbacks ...
+    lr_scale_until: int = 0  # ... up to this step
+    rollbacks: list[dict] = field(default_factory=list)  # every rollback of the run (events.csv)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict) -> TrainState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in state.items() if k in known})
+
+    @property
+    def lr_multiplier(self) -> float:
+        """The rollback LR scale while it lasts, else 1."""
+        return self.lr_scale if self.step < self.lr_scale_until else 1.0
+
+    def lr(self, cfg: TrainConfig) -> float:
+        """The learning rate of the next step (lowered for a while after a rollback)."""
+        return lr_at(self.step, cfg) * self.lr_multiplier
+
+    def record(self, result: StepResult, tokens: int, seconds: float) -> None:
+        """Count a step just run: a skipped one extends the streak of bad steps, a taken one ends it and enters the
+        loss averages."""
+        self.step += 1
+        self.tokens += tokens
+        self.elapsed_s += seconds
+        if result.skipped:
+            self.bad_steps += 1
+            return
+        self.bad_steps = 0
+        self.loss_sum += result.loss
+        self.loss_count += 1
+        self.loss_avg = (
+            result.loss
+            if self.loss_avg is None
+            else LOSS_AVG_DECAY * self.loss_avg + (1 - LOSS_AVG_DECAY) * result.loss
+        )
