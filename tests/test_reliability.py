@@ -178,7 +178,7 @@ def test_crash_leftovers_are_hidden_and_cleaned_on_the_next_run(run, tmp_path, c
     assert [s for s, _ in list_checkpoints(root)] == [4]  # the half-deleted one is hidden
     assert (root / ".step_000002.pruned").is_dir()
     # a kill inside write_dir_atomic: a temporary folder, and `best` moved aside before its replacement arrived
-    (root / ".step_000006.tmp").mkdir()
+    (root / f".step_000006.tmp-{dead_pid()}").mkdir()
     os.replace(root / "best", root / ".best.old")
     done = clean_stale_checkpoints(root)
     assert sorted(p.name for p in root.iterdir()) == ["best", "step_000004"]

@@ -8,7 +8,6 @@ each token once per epoch; their order is a permutation fixed by (seed, epoch).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from axiom.errors import AxiomError
-from axiom.files import describe_missing, member, read_json, write_json_atomic
+from axiom.files import atomic_file, describe_missing, member, read_json, write_json_atomic
 from axiom.text.tokenizer import EOS_ID, NAME, SHA256, VOCAB_SIZE, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -378,9 +377,8 @@ def write_dataset(
         for index, lo in enumerate(range(0, len(stream), shard_tokens)):
             chunk = stream[lo : lo + shard_tokens]
             name = shard_name(split, index)
-            tmp = data_dir / (name + ".tmp")
-            chunk.tofile(tmp)
-            os.replace(tmp, data_dir / name)
+            with atomic_file(data_dir / name) as tmp:
+                chunk.tofile(tmp)
             docs_in = int(np.count_nonzero(chunk == EOS_ID))
             manifest["shards"].append({"file": name, "split": split, "tokens": len(chunk), "docs": docs_in})
         manifest[f"{split}_tokens"] = len(stream)

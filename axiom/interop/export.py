@@ -26,10 +26,18 @@ import torch
 
 from axiom.data.chat import IM_END
 from axiom.errors import AxiomError
-from axiom.files import check_no_overlap, describe_missing, output_lock, remove_stale_temps, write_errors
+from axiom.files import (
+    check_no_overlap,
+    check_replaceable,
+    describe_missing,
+    output_lock,
+    remove_stale_temps,
+    staged_output,
+    write_errors,
+)
 from axiom.interop.gguf import chat_template, check_out_file, write_gguf
 from axiom.interop.hf.card import eval_summary, find_eval_csv, model_card
-from axiom.interop.hf.folder import CONFIG, WEIGHTS, check_out, hf_config, staged_dir
+from axiom.interop.hf.folder import CONFIG, WEIGHTS, hf_config
 from axiom.interop.hf.names import to_llama
 from axiom.interop.hf.tokenizer import write_tokenizer
 from axiom.model.checkpoint import load_model, run_dir_of, save_safetensors, stored_tensors
@@ -75,12 +83,12 @@ def export(
             model, cfg, meta = load_model(ckpt)
             return write_gguf(model.state_dict(), cfg.model, out, dtype, out.stem, chat_template(meta))
     dtype = LONG_NAMES[dtype]
-    out = check_out(out, force, "export")
+    out = check_replaceable(out, "export", force)
     if eval_csv is not None and not Path(eval_csv).is_file():
         raise AxiomError(f"--eval-csv {eval_csv}: {describe_missing(Path(eval_csv)).removeprefix('is ')}")
     csv_path = Path(eval_csv) if eval_csv is not None else find_eval_csv(ckpt)
     check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run_dir_of(ckpt), "the eval.csv": csv_path})
-    with staged_dir(out, force, "export") as tmp:
+    with staged_output(out, "export", force) as tmp:
         model, cfg, meta = load_model(ckpt)
         chat = chat_template(meta) is not None  # fine-tuned on chat data (an unknown template is an error)
         state = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in stored_tensors(model).items()}

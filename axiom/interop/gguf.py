@@ -16,10 +16,8 @@ writes a Llama:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ import torch
 from axiom.config import ModelConfig
 from axiom.data.chat import CHAT_TEMPLATE, IM_END, IM_START
 from axiom.errors import AxiomError
-from axiom.files import temp_path
+from axiom.files import atomic_file
 from axiom.interop.hf.names import to_llama
 from axiom.interop.hf.tokenizer import tokenizer_json
 from axiom.text.tokenizer import EOS_ID, VOCAB_SIZE
@@ -233,25 +231,19 @@ def write_gguf(
     name: str = "axiom",
     template: str | None = None,
 ) -> Path:
-    """Write the GGUF file `out` (see gguf_writer for the arguments) under a temporary name beside it, renamed
-    when complete; a failure leaves no temporary file and raises one AxiomError line."""
+    """Write the GGUF file `out` (see gguf_writer for the arguments) through `atomic_file`; a failure leaves no
+    temporary file and raises one AxiomError line."""
     out = Path(out)
     w = gguf_writer(state, m, dtype, name, template)
-    tmp = temp_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        w.write_header_to_file(path=tmp)
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException as e:
-        w.close()
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            raise AxiomError(f"--out {out}: cannot write ({e.strerror or e})") from None
-        raise
+        with atomic_file(out) as tmp:
+            try:
+                w.write_header_to_file(path=tmp)
+                w.write_kv_data_to_file()
+                w.write_tensors_to_file()
+            finally:
+                w.close()
+    except OSError as e:
+        raise AxiomError(f"--out {out}: cannot write ({e.strerror or e})") from None
     return out

@@ -13,16 +13,16 @@ from pathlib import Path
 from axiom.cli.args import add_overrides_argument
 from axiom.config import apply_overrides
 from axiom.errors import AxiomError
-from axiom.files import check_no_overlap
-from axiom.interop.hf.folder import check_out, read_folder, staged_dir
+from axiom.files import check_no_overlap, check_replaceable, staged_output
+from axiom.interop.hf.folder import read_folder
 from axiom.model.checkpoint import save_weights, write_checksums
 
 
 def import_hf(src: str | Path, out: str | Path, force: bool = False, overrides: list[str] | None = None) -> Path:
     """Convert the Hugging Face folder `src` into the checkpoint folder `out`; returns `out`."""
-    out = check_out(out, force, "import")
+    out = check_replaceable(out, "import", force)
     check_no_overlap(out, {"--hf": src})
-    with staged_dir(out, force, "import") as tmp:
+    with staged_output(out, "import", force) as tmp:
         fmt, cfg, state, progress = read_folder(src)
         new = apply_overrides(cfg, overrides)
         if new.model != cfg.model:

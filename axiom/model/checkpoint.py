@@ -36,12 +36,13 @@ from axiom import __version__
 from axiom.config import Config, ModelConfig
 from axiom.errors import AxiomError
 from axiom.files import (
+    atomic_dir,
     describe_missing,
     os_error_in,
     read_json,
     remove_path,
-    replace_dir,
     restore_dir,
+    temp_owner,
     write_errors,
 )
 from axiom.model.transformer import Axiom, rope_tables
@@ -186,22 +187,14 @@ def _sha256(path: Path) -> str:
 
 
 def write_dir_atomic(final: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_dir)`, hash its files into checksums.json, then rename tmp_dir to `final`: a kill at any
-    moment leaves either the old directory or the new one complete (an old `final` is moved aside first and
-    removed last). A full disk or read-only target is one AxiomError, with the temporary folder removed."""
+    """Write the checkpoint folder `final` through `atomic_dir`: `write(tmp_dir)` fills it, checksums.json hashes its
+    files, and one rename makes it visible, so a kill at any moment leaves either the old folder or the new one
+    complete. A full disk or read-only target is one AxiomError, with the temporary folder removed."""
     final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp")
-    restore_dir(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    with write_errors(final, "the folder was not replaced and earlier checkpoints are intact; free space and resume"):
-        try:
-            tmp.mkdir(parents=True)
-            write(tmp)
-            write_checksums(tmp)
-            replace_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    then = "the folder was not replaced and earlier checkpoints are intact; free space and resume"
+    with write_errors(final, then), atomic_dir(final) as tmp:
+        write(tmp)
+        write_checksums(tmp)
     return final
 
 
@@ -443,14 +436,15 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
 
 def clean_stale_checkpoints(root: str | Path) -> list[str]:
     """Tidy what a kill left under `root` (RUN/checkpoints): half-pruned `.step_N.pruned` and unfinished
-    `.NAME.tmp` folders are removed, and a `.NAME.old` left by an interrupted replacement is put back or removed.
-    Call it under the run's lock; returns one line per action, for the log."""
+    `.NAME.tmp-PID` folders are removed (whatever the PID: the run's lock says no writer is left), and a `.NAME.old`
+    left by an interrupted replacement is put back or removed. Call it under the run's lock; returns one line per
+    action, for the log."""
     root = Path(root)
     done = []
     if not root.is_dir():
         return done
     for p in sorted(root.iterdir()):
-        if p.name.startswith(".") and p.name.endswith((".pruned", ".tmp")):
+        if (p.name.startswith(".") and p.name.endswith(".pruned")) or temp_owner(p) is not None:
             remove_path(p)
             done.append(f"removed the unfinished {p}")
         elif p.name.startswith(".") and p.name.endswith(".old"):
