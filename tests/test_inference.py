@@ -15,10 +15,10 @@ from conftest import micro_config
 import axiom.bench.commands
 import axiom.infer.fast
 from axiom.cli import main
+from axiom.dtypes import INFERENCE_DTYPES
 from axiom.errors import AxiomError
 from axiom.infer import kernels
 from axiom.infer.fast import (
-    INFERENCE_DTYPES,
     DecodeBlock,
     FastLinear,
     Int8Embedding,

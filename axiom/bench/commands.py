@@ -35,9 +35,10 @@ import torch
 
 from axiom.cli.args import add_config_arguments, add_device_argument, config_from_args
 from axiom.config import Config, ModelConfig
+from axiom.dtypes import BENCH_DTYPES, INFERENCE_DTYPES, short_name
 from axiom.errors import AxiomError
 from axiom.infer.engine import Engine
-from axiom.infer.fast import INFERENCE_DTYPES, prepare_model, weight_bytes_per_token
+from axiom.infer.fast import prepare_model, weight_bytes_per_token
 from axiom.infer.generate import stream
 from axiom.model.transformer import Axiom, KVCache, flops_per_token, num_params, release_loss_workspace
 from axiom.runtime import gpu_peak_flops, pick_device
@@ -325,9 +326,6 @@ def bench_train(cfg: Config, device: torch.device, args: argparse.Namespace) -> 
 # ---- generate
 
 
-GEN_DTYPES = (*INFERENCE_DTYPES, "float16")
-# llama.cpp's weight type for each of ours (int8 ~ q8_0: 8-bit weights with a scale per block of 32)
-GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "float16": "f16"}
 PREFILL_LENGTHS = (32, 512)
 
 
@@ -338,8 +336,8 @@ def bench_generate(cfg: Config, device: torch.device, args: argparse.Namespace) 
             f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds max_seq_len={m.max_seq_len}"
         )
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype_name not in GEN_DTYPES:
-        raise AxiomError(f"--dtype {dtype_name!r}: choose one of {', '.join(GEN_DTYPES)}")
+    if dtype_name not in BENCH_DTYPES:
+        raise AxiomError(f"--dtype {dtype_name!r}: choose one of {', '.join(BENCH_DTYPES)}")
     llamacpp = find_llamacpp(args.llamacpp_dir) if args.vs_llamacpp else None
     torch.manual_seed(args.seed)
     prompts = torch.randint(0, m.vocab_size, (args.batch, args.prompt_len))
@@ -473,14 +471,14 @@ def export_gguf(llamacpp: Path, cfg: Config, weights: dict[str, torch.Tensor], d
     from axiom.interop.export import export
     from axiom.model.checkpoint import save_weights
 
-    out = Path(tempfile.mkdtemp(prefix="axiom-bench-")) / f"model-{GGUF_TYPES[dtype_name]}.gguf"
+    out = Path(tempfile.mkdtemp(prefix="axiom-bench-")) / f"model-{short_name(dtype_name)}.gguf"
     with tempfile.TemporaryDirectory(prefix="axiom-bench-") as tmp:
         ckpt = Path(tmp) / "ckpt"
         ckpt.mkdir()
         save_weights(weights, cfg, ckpt)
         hf = export(ckpt, Path(tmp) / "hf", fmt="llama", dtype="bfloat16" if dtype_name == "bfloat16" else "float32")
         shutil.rmtree(ckpt)
-        cmd = [str(llamacpp / "convert"), sys.executable, str(hf), str(out), GGUF_TYPES[dtype_name]]
+        cmd = [str(llamacpp / "convert"), sys.executable, str(hf), str(out), short_name(dtype_name)]
         done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         out.parent.rmdir()

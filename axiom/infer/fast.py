@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from axiom.dtypes import INFERENCE_DTYPES
 from axiom.errors import AxiomError
 from axiom.infer import kernels
 from axiom.model.transformer import Axiom, Block, KVCache, output_logits
-
-INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
 
 # A product with at most this many rows (decoding: one per sequence of the batch) takes the few-row kernels;
 # more rows (prefill) take the matrix-matrix kernels, which are efficient on their own.

@@ -22,9 +22,8 @@ import shutil
 from importlib.metadata import version
 from pathlib import Path
 
-import torch
-
 from axiom.data.chat import IM_END
+from axiom.dtypes import DTYPES, FOLDER_DTYPES, GGUF_DTYPES, torch_dtype
 from axiom.errors import AxiomError
 from axiom.files import (
     check_no_overlap,
@@ -45,23 +44,31 @@ from axiom.text.tokenizer import EOS_ID
 
 REMOTE_CODE = Path(__file__).parent / "hf" / "remote"
 REMOTE_FILES = ("configuration_axiom.py", "modeling_axiom.py")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the folders' weight dtypes
-FORMAT_DTYPES = {"axiom": ("f32", "bf16"), "llama": ("f32", "bf16"), "gguf": ("f32", "bf16", "f16", "q8_0")}
-LONG_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
-SHORT_NAMES = {long: short for short, long in LONG_NAMES.items()}
+FORMAT_DTYPES = {"axiom": FOLDER_DTYPES, "llama": FOLDER_DTYPES, "gguf": GGUF_DTYPES}
+# --dtype: llama.cpp's name of each, or torch's of a floating-point one (q8_0's blocks are not Axiom's int8 rows)
+SPELLINGS = {
+    **{DTYPES[n].short: DTYPES[n] for n in GGUF_DTYPES},
+    **{n: DTYPES[n] for n in GGUF_DTYPES if not DTYPES[n].quantized},
+}
 
 
 def resolve_dtype(fmt: str, dtype: str) -> str:
     """--dtype in either spelling -> its short name (f32, bf16, f16, q8_0), if --format `fmt` writes it."""
     if fmt not in FORMAT_DTYPES:
         raise AxiomError(f"--format {fmt!r}: choose {', '.join(FORMAT_DTYPES)}")
-    short = SHORT_NAMES.get(dtype, dtype)
-    if short not in FORMAT_DTYPES[fmt]:
-        names = [f"{d} ({LONG_NAMES[d]})" if d in LONG_NAMES else d for d in FORMAT_DTYPES[fmt]]
+    found = SPELLINGS.get(dtype)
+    if found is None or found.name not in FORMAT_DTYPES[fmt]:
+        names = [d.short if d.quantized else f"{d.short} ({d.name})" for d in map(DTYPES.get, FORMAT_DTYPES[fmt])]
         choices = f"{', '.join(names[:-1])} or {names[-1]}"
-        hint = "; f16 and q8_0 are for --format gguf" if fmt != "gguf" and short in FORMAT_DTYPES["gguf"] else ""
+        hint = "; f16 and q8_0 are for --format gguf" if fmt != "gguf" and found is not None else ""
         raise AxiomError(f"--dtype {dtype}: --format {fmt} writes {choices}{hint}")
-    return short
+    return found.short
+
+
+def long_name(short: str) -> str:
+    """The name of an export's dtype in the messages and the model card: torch's, or q8_0."""
+    found = SPELLINGS[short]
+    return found.short if found.quantized else found.name
 
 
 def export(
@@ -82,7 +89,7 @@ def export(
             remove_stale_temps(out)
             model, cfg, meta = load_model(ckpt)
             return write_gguf(model.state_dict(), cfg.model, out, dtype, out.stem, chat_template(meta))
-    dtype = LONG_NAMES[dtype]
+    dtype = long_name(dtype)
     out = check_replaceable(out, "export", force)
     if eval_csv is not None and not Path(eval_csv).is_file():
         raise AxiomError(f"--eval-csv {eval_csv}: {describe_missing(Path(eval_csv)).removeprefix('is ')}")
@@ -91,7 +98,7 @@ def export(
     with staged_output(out, "export", force) as tmp:
         model, cfg, meta = load_model(ckpt)
         chat = chat_template(meta) is not None  # fine-tuned on chat data (an unknown template is an error)
-        state = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in stored_tensors(model).items()}
+        state = {k: v.detach().to(torch_dtype(dtype)).contiguous() for k, v in stored_tensors(model).items()}
         if fmt == "llama":
             state = to_llama(state, cfg.model)
         evals = eval_summary(csv_path) if csv_path is not None else None
@@ -129,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default="f32",
-        choices=[*FORMAT_DTYPES["gguf"], *SHORT_NAMES],
+        choices=list(SPELLINGS),
         metavar="DTYPE",
         help="weights: f32 (= float32, default) or bf16 (= bfloat16) for every format; "
         "f16 (= float16) or q8_0 (8-bit blocks) for gguf",
@@ -145,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     out = export(args.ckpt, args.out, args.format, args.dtype, args.force, args.eval_csv)
     dtype = resolve_dtype(args.format, args.dtype)
-    print(f"exported {args.ckpt} -> {out} ({args.format}, {LONG_NAMES.get(dtype, dtype)})")
+    print(f"exported {args.ckpt} -> {out} ({args.format}, {long_name(dtype)})")
     if args.format == "gguf":
         print(f"run with: llama-completion -m {out} -p 'The meaning of life is' -n 40 -no-cnv")
         return

@@ -25,6 +25,7 @@ import torch
 
 from axiom.config import ModelConfig
 from axiom.data.chat import CHAT_TEMPLATE, IM_END, IM_START
+from axiom.dtypes import GGUF_DTYPES, short_name
 from axiom.errors import AxiomError
 from axiom.files import atomic_file
 from axiom.interop.hf.names import to_llama
@@ -34,13 +35,7 @@ from axiom.text.tokenizer import EOS_ID, VOCAB_SIZE
 ARCH = "llama"
 PRE_TOKENIZER = "dbrx"  # llama.cpp's pre-tokenizer with cl100k_base's regex (its converter picks it for cl100k)
 CHAT_TOKENS = {IM_START: "<|im_start|>", IM_END: "<|im_end|>"}
-# --dtype -> (ggml type of the matrices, llama.cpp file type)
-DTYPES = {
-    "f32": ("F32", "ALL_F32"),
-    "bf16": ("BF16", "MOSTLY_BF16"),
-    "f16": ("F16", "MOSTLY_F16"),
-    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
-}
+DTYPES = tuple(map(short_name, GGUF_DTYPES))  # --dtype: f32, bf16, f16, q8_0
 
 # Llama name (axiom.interop.hf.names) -> llama.cpp's GGUF name; "{i}" is the block index.
 GGUF_NAMES = {
@@ -176,7 +171,9 @@ def gguf_writer(
             f"--format gguf: the model's vocab_size is {m.vocab_size}, smaller than cl100k_base's {VOCAB_SIZE:,}; "
             "a GGUF file carries the tokenizer, so the model must cover its ids"
         )
-    qtype, file_type = gguf.GGMLQuantizationType[DTYPES[dtype][0]], gguf.LlamaFileType[DTYPES[dtype][1]]
+    # ggml's type of the matrices (F32, BF16, F16, Q8_0) and llama.cpp's type of the whole file
+    qtype = gguf.GGMLQuantizationType[dtype.upper()]
+    file_type = gguf.LlamaFileType["ALL_F32" if dtype == "f32" else f"MOSTLY_{dtype.upper()}"]
 
     w = gguf.GGUFWriter(None, ARCH)
     w.add_name(name)
