@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from conftest import save_model
 
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
@@ -20,7 +21,7 @@ from axiom.interop.export import export, resolve_dtype
 from axiom.interop.gguf import GGUF_NAMES, gguf_name, gguf_writer, interleave_rope_rows
 from axiom.interop.hf.names import llama_names, to_llama
 from axiom.interop.hf.tokenizer import tokenizer_json
-from axiom.model.checkpoint import load_model, save_model
+from axiom.model.checkpoint import load_model
 from axiom.model.transformer import Axiom, apply_rope, rope_tables
 from axiom.text.tokenizer import EOS_ID, VOCAB_SIZE
 

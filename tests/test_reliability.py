@@ -19,6 +19,7 @@ import sys
 import time
 
 import pytest
+from conftest import save_model
 from reliability_helpers import REPO, axiom_process, copy_run, fails, hashes, jsonl, make_run, succeeds
 
 from axiom import files
@@ -31,7 +32,6 @@ from axiom.model.checkpoint import (
     clean_stale_checkpoints,
     list_checkpoints,
     prune_checkpoints,
-    save_model,
     save_training_state,
     write_dir_atomic,
 )

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import MICRO_VOCAB, micro_args, micro_config
+from conftest import MICRO_VOCAB, count_params, micro_args, micro_config
 from safetensors.torch import load_file
 
 import axiom.train.trainer as trainer_mod
@@ -100,7 +100,7 @@ def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, capsys
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert {p.dim() for p in decayed["params"]} == {2} and {p.dim() for p in plain["params"]} == {1}
     assert any(p is model.embed.weight for p in decayed["params"])  # the tied table, once
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == count_params(model)
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError

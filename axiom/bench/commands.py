@@ -40,7 +40,8 @@ from axiom.errors import AxiomError
 from axiom.infer.engine import Engine
 from axiom.infer.fast import prepare_model, weight_bytes_per_token
 from axiom.infer.generate import stream
-from axiom.model.transformer import Axiom, KVCache, flops_per_token, num_params, release_loss_workspace
+from axiom.model.cache import KVCache
+from axiom.model.transformer import EMBED, Axiom, flops_per_token, num_params, retie
 from axiom.runtime import gpu_peak_flops, pick_device
 from axiom.train.optim import build_optimizer, lr_at
 from axiom.train.parallel import Dist, parallelize
@@ -205,7 +206,7 @@ def llama_like(m: ModelConfig, device: torch.device, weights: dict[str, torch.Te
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging
 
-    from axiom.interop.hf.names import to_llama
+    from axiom.interop.hf.names import LLAMA_NAMES, to_llama
 
     logging.set_verbosity_error()  # no notes about generation flags on every call
     config = LlamaConfig(
@@ -230,8 +231,9 @@ def llama_like(m: ModelConfig, device: torch.device, weights: dict[str, torch.Te
     )
     with torch.device(device):
         hf = LlamaForCausalLM(config)
-    missing, unexpected = hf.load_state_dict(to_llama(weights, m), strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+    llama = retie(to_llama(weights, m), m.tie_embeddings, LLAMA_NAMES[EMBED][0])
+    missing, unexpected = hf.load_state_dict(llama, strict=False)
+    if missing or unexpected:
         raise AxiomError(f"reference Llama does not fit: missing {missing}, unexpected {unexpected}")
     return hf
 
@@ -291,7 +293,7 @@ def bench_train(cfg: Config, device: torch.device, args: argparse.Namespace) -> 
             train_step(hf, hf_opt, batches, lr_at(hf_step[0], t), t)
             hf_step[0] += 1
 
-        release_loss_workspace()  # our kept loss block is not the reference's memory
+        model.loss_workspace.release()  # our kept loss block is not the reference's memory
         _reset_peak(device)
         hf_first = train_step(hf, hf_opt, batches, lr_at(0, t), t).loss
         for _ in range(args.warmup - 1):

@@ -24,7 +24,7 @@ from axiom.data.loader import data_kind, eval_batches, read_manifest
 from axiom.data.packing import chat_eval_batches
 from axiom.errors import AxiomError
 from axiom.model.checkpoint import load_model
-from axiom.model.transformer import IGNORE_INDEX
+from axiom.model.loss import IGNORE_INDEX
 from axiom.runtime import autocast, pick_device
 from axiom.text.tokenizer import load_tokenizer
 

@@ -1,6 +1,6 @@
 """Checkpoint directories: weights in safetensors, the resolved config and progress in config.json.
 
-    CKPT/model.safetensors   weights; a tied table is stored once, as embed.weight (`untie` / `tie`)
+    CKPT/model.safetensors   weights; a tied table is stored once, as embed.weight (axiom.model.transformer)
     CKPT/config.json         {"model": ModelConfig, "train": TrainConfig, "step", "tokens", "axiom_version"}
     CKPT/state.pt            training checkpoints only: optimizer, loader position, RNG states, counters
     CKPT/checksums.json      size and SHA-256 of every file above, written inside the atomic write
@@ -45,42 +45,17 @@ from axiom.files import (
     temp_owner,
     write_errors,
 )
-from axiom.model.transformer import Axiom, rope_tables
+from axiom.model.transformer import Axiom, retie, rope_tables, tie, untie
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 STATE = "state.pt"
 CHECKSUMS = "checksums.json"
 STEP_DIR = re.compile(r"step_(\d+)")
-HEAD, EMBED = "lm_head.weight", "embed.weight"
-
-
-# ---- the tied table: stored once, as the input embedding
-
-
-def untie(state: dict[str, torch.Tensor], tied: bool, embed: str = EMBED, where: str = "") -> dict[str, torch.Tensor]:
-    """The tensors as stored: with tied embeddings the output table is left out (it is `embed`, e.g.
-    "model.embed_tokens.weight" in Llama's names). A separate lm_head.weight that differs from the embedding
-    is refused (`where` names the source). Every writer and reader of weights goes through `untie` and `tie`."""
-    if not tied or HEAD not in state:
-        return state
-    state = dict(state)
-    head = state.pop(HEAD)
-    other = state.get(embed)
-    if other is not None and head.data_ptr() != other.data_ptr() and not torch.equal(head, other):
-        raise AxiomError(f"{where}: {HEAD} differs from {embed} but the config ties them")
-    return state
-
-
-def tie(model: Axiom) -> Axiom:
-    """Re-tie the output table to the embedding after loading stored tensors into `model`."""
-    if model.cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    return model
 
 
 def stored_tensors(model: Axiom) -> dict[str, torch.Tensor]:
-    """The state dict as saved: a tied output table is left out (it is embed.weight)."""
+    """The state dict as saved: a tied output table is left out (it is embed.weight; `untie`)."""
     return untie(model.state_dict(), model.cfg.tie_embeddings)
 
 
@@ -108,14 +83,10 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 # ---- writing
 
 
-def save_model(model: Axiom, cfg: Config, directory: str | Path, **progress) -> None:
-    """Write weights and config.json into `directory` (which must exist); `progress`: step, tokens, ...."""
-    save_weights(model.state_dict(), cfg, directory, **progress)
-
-
 def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: str | Path, **progress) -> None:
-    """`save_model` from a full state dict (e.g. one gathered from FSDP shards). Non-finite weights are refused.
-    A full disk raises OSError (ENOSPC), which `write_errors` turns into one line."""
+    """Write the weights of `state_dict` (a model's, or one gathered from FSDP shards) and config.json into
+    `directory` (which must exist); `progress`: step, tokens, .... Non-finite weights are refused. A full disk
+    raises OSError (ENOSPC), which `write_errors` turns into one line."""
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in untie(state_dict, cfg.model.tie_embeddings).items()}
     check_finite(state, f"{directory / WEIGHTS}: refusing to write")
@@ -306,8 +277,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         raise AxiomError(f"{weights}: cannot be loaded ({e})") from None
     check_tensors(state, stored_tensors(model), f"checkpoint: {weights}", CONFIG)
     check_finite(state, f"checkpoint: {weights}")
-    model.load_state_dict(state, strict=False, assign=True)
-    tie(model)
+    model.load_state_dict(retie(state, cfg.model.tie_embeddings), assign=True)
+    tie(model)  # assign=True put two Parameters in place
     # RoPE tables are not stored: rebuild them on the target device.
     cos, sin = rope_tables(cfg.model.head_dim, cfg.model.max_seq_len, cfg.model.rope_theta)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)

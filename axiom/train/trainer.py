@@ -38,7 +38,8 @@ from axiom.model.checkpoint import (
     verify_checkpoint,
     write_dir_atomic,
 )
-from axiom.model.transformer import IGNORE_INDEX, Axiom, flops_per_token, num_params
+from axiom.model.loss import IGNORE_INDEX
+from axiom.model.transformer import Axiom, flops_per_token, num_params
 from axiom.runtime import autocast, gpu_peak_flops
 from axiom.text.tokenizer import EOS_ID
 from axiom.train.optim import build_optimizer, lr_at

@@ -16,7 +16,8 @@ from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
 from axiom.files import describe_missing, member, read_json
 from axiom.interop.hf.names import AXIOM_CONFIG, LLAMA_CONFIG, LLAMA_NAMES, from_llama, to_llama
-from axiom.model.checkpoint import EMBED, check_finite, check_tensors, expected_tensors, untie
+from axiom.model.checkpoint import check_finite, check_tensors, expected_tensors
+from axiom.model.transformer import EMBED, untie
 from axiom.text.tokenizer import EOS_ID
 
 CONFIG = "config.json"
