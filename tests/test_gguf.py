@@ -207,7 +207,7 @@ def test_chat_checkpoint_gets_axiom_chat_template(ckpt, tmp_path, monkeypatch):
     import axiom.data.chat as module
 
     (chat / "config.json").write_text(json.dumps({**meta, "chat_template": "chatml"}))
-    monkeypatch.setattr("axiom.interop.export.write_gguf", lambda *args: args)  # what export would write
+    monkeypatch.setattr("axiom.interop.gguf.write_gguf", lambda *args: args)  # what export would write
     state, m, out, dtype, name, template = export(chat, tmp_path / "chat.gguf", "gguf")
     assert template == module.CHAT_TEMPLATE
     assert kv(gguf_writer(state, m, template=template), "tokenizer.ggml.eot_token_id") == 100265  # IM_END

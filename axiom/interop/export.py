@@ -1,4 +1,4 @@
-"""`axiom export`: a checkpoint as a Hugging Face folder that transformers loads offline, or as one GGUF file.
+"""A checkpoint as a Hugging Face folder that transformers loads offline, or as one GGUF file.
 
     --format axiom   config.json with auto_map + configuration_axiom.py + modeling_axiom.py (remote code);
                      the weights keep Axiom's names
@@ -16,13 +16,12 @@ bf16 = bfloat16, f16 = float16; q8_0 is llama.cpp's 8-bit blocks. The folders ho
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from importlib.metadata import version
 from pathlib import Path
 
-from axiom.data.chat import IM_END
+from axiom.data.chat import CHAT_TEMPLATE, IM_END
 from axiom.dtypes import DTYPES, FOLDER_DTYPES, GGUF_DTYPES, torch_dtype
 from axiom.errors import AxiomError
 from axiom.files import (
@@ -34,7 +33,6 @@ from axiom.files import (
     staged_output,
     write_errors,
 )
-from axiom.interop.gguf import chat_template, check_out_file, write_gguf
 from axiom.interop.hf.card import eval_summary, find_eval_csv, model_card
 from axiom.interop.hf.folder import CONFIG, WEIGHTS, hf_config
 from axiom.interop.hf.names import to_llama
@@ -71,6 +69,16 @@ def long_name(short: str) -> str:
     return found.short if found.quantized else found.name
 
 
+def chat_template(meta: dict) -> str | None:
+    """The Jinja chat template for a checkpoint whose config.json says "chat_template": "chatml", else None."""
+    kind = meta.get("chat_template")
+    if kind is None:
+        return None
+    if kind != "chatml":
+        raise AxiomError(f"checkpoint config.json: chat_template {kind!r} is not known; Axiom writes 'chatml'")
+    return CHAT_TEMPLATE
+
+
 def export(
     ckpt: str | Path,
     out: str | Path,
@@ -81,15 +89,27 @@ def export(
 ) -> Path:
     """Write the Hugging Face folder (or, for `gguf`, the file) `out` for checkpoint `ckpt`; returns `out`."""
     dtype = resolve_dtype(fmt, dtype)
-    ckpt = Path(ckpt)
     if fmt == "gguf":
-        out = check_out_file(out, force)
-        check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run_dir_of(ckpt)})
-        with write_errors(out, "nothing was replaced; fix that and run the command again"), output_lock(out, "export"):
-            remove_stale_temps(out)
-            model, cfg, meta = load_model(ckpt)
-            return write_gguf(model.state_dict(), cfg.model, out, dtype, out.stem, chat_template(meta))
-    dtype = long_name(dtype)
+        return _export_gguf(Path(ckpt), out, dtype, force)
+    return _export_folder(Path(ckpt), out, fmt, long_name(dtype), force, eval_csv)
+
+
+def _export_gguf(ckpt: Path, out: str | Path, dtype: str, force: bool) -> Path:
+    """`export` to one GGUF file; `dtype`: f32, bf16, f16 or q8_0."""
+    from axiom.interop import gguf  # only here: a folder export needs none of it
+
+    out = gguf.check_out_file(out, force)
+    check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run_dir_of(ckpt)})
+    with write_errors(out, "nothing was replaced; fix that and run the command again"), output_lock(out, "export"):
+        remove_stale_temps(out)
+        model, cfg, meta = load_model(ckpt)
+        return gguf.write_gguf(model.state_dict(), cfg.model, out, dtype, out.stem, chat_template(meta))
+
+
+def _export_folder(
+    ckpt: Path, out: str | Path, fmt: str, dtype: str, force: bool, eval_csv: str | Path | None = None
+) -> Path:
+    """`export` to a Hugging Face folder of format `fmt` (axiom or llama); `dtype`: float32 or bfloat16."""
     out = check_replaceable(out, "export", force)
     if eval_csv is not None and not Path(eval_csv).is_file():
         raise AxiomError(f"--eval-csv {eval_csv}: {describe_missing(Path(eval_csv)).removeprefix('is ')}")
@@ -116,45 +136,3 @@ def export(
         card = model_card(cfg, meta, fmt, dtype, evals, name=out.name)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory (model.safetensors + config.json)")
-    parser.add_argument(
-        "--out",
-        required=True,
-        help="folder to write: absent or empty (or see --force), outside the checkpoint's run; gguf: a file, e.g. "
-        "model.gguf",
-    )
-    parser.add_argument(
-        "--format",
-        default="axiom",
-        choices=list(FORMAT_DTYPES),
-        help="axiom: Axiom's code as transformers remote code (default); llama: native LlamaForCausalLM; "
-        "gguf: one file for llama.cpp, Ollama and LM Studio",
-    )
-    parser.add_argument(
-        "--dtype",
-        default="f32",
-        choices=list(SPELLINGS),
-        metavar="DTYPE",
-        help="weights: f32 (= float32, default) or bf16 (= bfloat16) for every format; "
-        "f16 (= float16) or q8_0 (8-bit blocks) for gguf",
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace --out if it is an earlier axiom export (a folder, or for gguf a GGUF file; never anything else)",
-    )
-    parser.add_argument("--eval-csv", help="the run's eval.csv for the model card (default: found next to --ckpt)")
-
-
-def run(args: argparse.Namespace) -> None:
-    out = export(args.ckpt, args.out, args.format, args.dtype, args.force, args.eval_csv)
-    dtype = resolve_dtype(args.format, args.dtype)
-    print(f"exported {args.ckpt} -> {out} ({args.format}, {long_name(dtype)})")
-    if args.format == "gguf":
-        print(f"run with: llama-completion -m {out} -p 'The meaning of life is' -n 40 -no-cnv")
-        return
-    remote = ", trust_remote_code=True" if args.format == "axiom" else ""
-    print(f"load with: AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})")

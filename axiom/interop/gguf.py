@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from axiom.config import ModelConfig
-from axiom.data.chat import CHAT_TEMPLATE, IM_END, IM_START
+from axiom.data.chat import IM_END, IM_START
 from axiom.dtypes import GGUF_DTYPES, short_name
 from axiom.errors import AxiomError
 from axiom.files import atomic_file
@@ -127,16 +127,6 @@ def vocabulary(vocab_size: int, chat: bool) -> tuple[list[str], list[int], list[
     return tokens, types, merges
 
 
-def chat_template(meta: dict) -> str | None:
-    """The Jinja chat template for a checkpoint whose config.json says "chat_template": "chatml", else None."""
-    kind = meta.get("chat_template")
-    if kind is None:
-        return None
-    if kind != "chatml":
-        raise AxiomError(f"checkpoint config.json: chat_template {kind!r} is not known; Axiom writes 'chatml'")
-    return CHAT_TEMPLATE
-
-
 def check_out_file(out: str | Path, force: bool) -> Path:
     """Refuse a directory, an existing file without `force`, and with `force` a file that is not GGUF (so --force
     only ever replaces an earlier export); call before slow work."""
@@ -172,13 +162,19 @@ def gguf_writer(
             "a GGUF file carries the tokenizer, so the model must cover its ids"
         )
     # ggml's type of the matrices (F32, BF16, F16, Q8_0) and llama.cpp's type of the whole file
-    qtype = gguf.GGMLQuantizationType[dtype.upper()]
     file_type = gguf.LlamaFileType["ALL_F32" if dtype == "f32" else f"MOSTLY_{dtype.upper()}"]
-
     w = gguf.GGUFWriter(None, ARCH)
     w.add_name(name)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_architecture(w, m)
+    _add_tokenizer(w, m.vocab_size, template)
+    _add_tensors(w, gguf_tensors(state, m), gguf.GGMLQuantizationType[dtype.upper()])
+    return w
+
+
+def _add_architecture(w, m: ModelConfig) -> None:
+    """The `llama` architecture's hyperparameters."""
     w.add_vocab_size(m.vocab_size)
     w.add_context_length(m.max_seq_len)
     w.add_embedding_length(m.d_model)
@@ -192,7 +188,10 @@ def gguf_writer(
     w.add_rope_freq_base(m.rope_theta)
     w.add_layer_norm_rms_eps(m.norm_eps)
 
-    tokens, types, merges = vocabulary(m.vocab_size, chat=template is not None)
+
+def _add_tokenizer(w, vocab_size: int, template: str | None) -> None:
+    """cl100k_base as `gpt2` BPE, EOS as BOS and padding too; with a chat `template`, its end of turn."""
+    tokens, types, merges = vocabulary(vocab_size, chat=template is not None)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(PRE_TOKENIZER)
     w.add_token_list(tokens)
@@ -207,7 +206,11 @@ def gguf_writer(
         w.add_chat_template(template)
         w.add_eot_token_id(IM_END)  # llama.cpp ends generation at EOS and at EOT
 
-    for gname, tensor in gguf_tensors(state, m).items():
+
+def _add_tensors(w, tensors: dict[str, torch.Tensor], qtype) -> None:
+    """Matrices packed as ggml type `qtype`, norms float32."""
+    gguf = _gguf()
+    for gname, tensor in tensors.items():
         data = tensor.detach().cpu().numpy()
         if data.ndim == 1:  # norms stay float32, as llama.cpp expects
             w.add_tensor(gname, data)
@@ -217,7 +220,6 @@ def gguf_writer(
         except gguf.QuantError:  # q8_0 needs rows a multiple of 32 wide: float16 then, as llama.cpp's converter
             packed, t = data.astype(np.float16), gguf.GGMLQuantizationType.F16
         w.add_tensor(gname, packed, raw_dtype=t)  # the writer reads a quantized shape from its bytes
-    return w
 
 
 def write_gguf(
