@@ -267,8 +267,8 @@ def untie(state: dict[str, Tensor], tied: bool, embed: str = EMBED, where: str =
 
 def retie(state: dict[str, Tensor], tied: bool, embed: str = EMBED) -> dict[str, Tensor]:
     """The tensors as a model holds them, for a strict `load_state_dict`: with tied embeddings the output table
-    is the embedding `embed` again."""
-    if not tied or HEAD in state:
+    is the embedding `embed` again. (A rank that only receives FSDP's broadcast may pass no tensors at all.)"""
+    if not tied or HEAD in state or embed not in state:
         return state
     return {**state, HEAD: state[embed]}
 
