@@ -9,6 +9,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from axiom.dtypes import TRAIN_DTYPES
 from axiom.errors import AxiomError
 
 
@@ -112,8 +113,9 @@ class TrainConfig:
         _need("grad_clip", self.grad_clip, 0.0 <= self.grad_clip < math.inf, "must be 0 (off) or a positive number")
         _need("val_fraction", self.val_fraction, 0.0 < self.val_fraction < 1.0, "must be in (0, 1)")
         _need("seed", self.seed, 0 <= self.seed < 2**32, "must be in [0, 2**32) (NumPy's seed range)")
-        if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise AxiomError(f"train config: dtype={self.dtype!r} must be bfloat16, float16 or float32")
+        if self.dtype not in TRAIN_DTYPES:
+            choices = f"{', '.join(TRAIN_DTYPES[:-1])} or {TRAIN_DTYPES[-1]}"
+            raise AxiomError(f"train config: dtype={self.dtype!r} must be {choices}")
         if self.optimizer not in ("adamw8bit", "adamw"):
             raise AxiomError(f"train config: optimizer={self.optimizer!r} must be adamw8bit or adamw")
         if self.spike_factor != 0 and not self.spike_factor > 1:

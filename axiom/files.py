@@ -6,18 +6,21 @@ that keep a user's data safe from our outputs.
     check_replaceable(out, cmd, force) refuse a file, a non-empty folder without --force, a foreign folder with it
     output_lock(out, cmd)             one writer per output: an exclusive flock, released on any exit
     write_errors(out, then)           a full disk, read-only or forbidden target as one line
-    replace_dir / restore_dir         a complete folder appears in one rename; a kill in between is undone
-    temp_path / remove_stale_temps    `.NAME.tmp-PID` temporaries; those of dead processes are removed
+    atomic_file / atomic_dir          every write goes through one: written under `.NAME.tmp-PID` beside the output,
+                                      flushed, renamed when complete, removed on failure
+    remove_stale_temps / restore_dir  temporaries of dead processes are removed; a folder replacement a kill
+                                      interrupted is settled
+    staged_output(out, cmd, force)    all of the above for an output folder replaced as a whole
     member(folder, name, where)       a file named inside a manifest or index stays inside its folder
 
-A command that writes `out` from `inputs` does, before any slow work:
+A command that writes the folder `out` from `inputs` does, before any slow work:
 
-    out = check_replaceable(out, "export", force)            # (folders replaced as a whole)
+    out = check_replaceable(out, "export", force)
     check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run})
-    with write_errors(out, "nothing was replaced; ..."), output_lock(out, "export"):
-        ... write under temp_path(out), write_marker(tmp, "export"), replace_dir(tmp, out)
+    with staged_output(out, "export", force) as tmp:
+        ... write into tmp
 
-(`axiom.interop.hf.folder.staged_dir` does all of it for a folder replaced as a whole.) docs/reliability.md has the why.
+(a single file: `write_errors` and `output_lock` around `atomic_file`). docs/reliability.md has the why.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -60,15 +64,9 @@ def read_json(path: Path, hint: str) -> dict:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON under a temporary name and rename, so a reader never sees half a file (nor a full disk's stub)."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
+    """Write JSON through `atomic_file`, so a reader never sees half a file (nor a full disk's stub)."""
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def describe_missing(path: Path) -> str:
@@ -348,24 +346,32 @@ def os_error_in(e: Exception) -> OSError | None:
     return OSError(int(code), os.strerror(int(code))) if code.isdigit() else None
 
 
-# ---- atomic folders and temporaries
+# ---- atomic writes: one temporary name beside the output, renamed when complete
+
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")  # `.NAME.tmp-PID`
 
 
-def temp_path(final: Path) -> Path:
-    """`.NAME.tmp-PID` beside `final`: one writer's temporary, recognisable as stale once PID is gone."""
+def _temp_path(final: Path) -> Path:
+    """`.NAME.tmp-PID` beside `final`: this process's temporary, hidden, recognisable as stale once PID is gone."""
     return final.with_name(f".{final.name}.tmp-{os.getpid()}")
 
 
+def temp_owner(path: Path) -> tuple[str, int] | None:
+    """(NAME, PID) of a temporary `.NAME.tmp-PID` that `atomic_file` or `atomic_dir` made, else None."""
+    m = TEMP_NAME.fullmatch(path.name)
+    return (m["name"], int(m["pid"])) if m else None
+
+
 def remove_stale_temps(final: Path) -> list[Path]:
-    """Remove the `.NAME.tmp-PID` files or folders beside `final` whose process is gone; returns them."""
+    """Remove the temporaries of `final` (files or folders) whose process is gone; returns them."""
     removed = []
-    prefix = f".{final.name}.tmp-"
     with contextlib.suppress(FileNotFoundError):
         for p in final.parent.iterdir():
-            pid = p.name[len(prefix) :] if p.name.startswith(prefix) else ""
-            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-                remove_path(p)
-                removed.append(p)
+            owner = temp_owner(p)
+            if owner is None or owner[0] != final.name or owner[1] == os.getpid() or pid_alive(owner[1]):
+                continue
+            remove_path(p)
+            removed.append(p)
     return removed
 
 
@@ -387,15 +393,52 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Make the complete directory `tmp` visible as `final` in one rename, its files flushed to disk first.
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
-    An old `final` is moved aside to `.NAME.old` and removed last, so a kill at any moment leaves one complete
-    directory; `restore_dir` undoes a kill between the two renames."""
+
+@contextlib.contextmanager
+def atomic_file(final: str | Path) -> Iterator[Path]:
+    """Yield the temporary path to write `final` under; when the block ends, the file is flushed to disk and
+    renamed to `final` in one step, so a reader (or a kill) never sees half a file, nor a full disk's stub. On any
+    failure the temporary is removed and `final` is as it was."""
+    final = Path(final)
+    tmp = _temp_path(final)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a fresh, empty temporary folder to fill; when the block ends, it replaces `final` in one rename, its
+    files flushed to disk first. An old `final` is moved aside to `.NAME.old` and removed last, so a kill at any
+    moment leaves one complete folder (`restore_dir` settles a kill between the two renames). On any failure the
+    temporary is removed and `final` is as it was. What earlier kills left beside `final` is settled first."""
+    final = Path(final)
+    restore_dir(final)
+    remove_stale_temps(final)
+    tmp = _temp_path(final)
+    remove_path(tmp)  # a leftover of an earlier process that had our PID
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _replace_dir(tmp, final)
+    except BaseException:
+        remove_path(tmp)
+        raise
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
     for f in tmp.iterdir():
         if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            _fsync_file(f)
     fsync_dir(tmp)
     old = final.with_name(f".{final.name}.old")
     if final.exists() or final.is_symlink():
@@ -407,8 +450,8 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def restore_dir(final: Path) -> None:
-    """Undo a kill inside `replace_dir`: put back a `final` left moved aside, or remove the old copy left behind
-    once the new `final` is in place (only complete folders are ever renamed to `final`)."""
+    """Undo a kill inside `atomic_dir`'s renames: put back a `final` left moved aside, or remove the old copy left
+    behind once the new `final` is in place (only complete folders are ever renamed to `final`)."""
     old = final.with_name(f".{final.name}.old")
     if not (old.exists() or old.is_symlink()):
         return
@@ -416,6 +459,20 @@ def restore_dir(final: Path) -> None:
         remove_path(old)
     else:
         os.replace(old, final)
+
+
+@contextlib.contextmanager
+def staged_output(out: str | Path, command: str, force: bool) -> Iterator[Path]:
+    """The whole recipe for an output folder that `axiom COMMAND` replaces as a whole: yield a fresh temporary
+    folder; on success it is marked as written by `axiom COMMAND` and replaces `out` in one rename (`atomic_dir`).
+    `out` is checked (`check_replaceable`) and locked meanwhile; a full or read-only target is one AxiomError; on
+    any failure `out` is left as it was."""
+    out = check_replaceable(out, command, force)
+    with write_errors(out, "nothing was replaced; fix that and run the command again"), output_lock(out, command):
+        check_replaceable(out, command, force)  # again: another command may have written it meanwhile
+        with atomic_dir(out) as tmp:
+            yield tmp
+            write_marker(tmp, command)
 
 
 # ---- names read from files

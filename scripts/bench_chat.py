@@ -22,7 +22,8 @@ from axiom.config import get_config
 from axiom.data.packing import ChatLoader
 from axiom.eval.loss import evaluate
 from axiom.model.checkpoint import load_model
-from axiom.model.transformer import Axiom, chunked_cross_entropy, output_logits
+from axiom.model.loss import chunked_cross_entropy, output_logits
+from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID
 from axiom.train.optim import build_optimizer
 from axiom.train.step import train_step

@@ -29,7 +29,7 @@ import torch
 from axiom.config import get_config
 from axiom.eval.tasks import Item, choice_loglikelihoods, encode_pair, read_task_file, score
 from axiom.interop.export import export
-from axiom.model.checkpoint import load_model, save_model
+from axiom.model.checkpoint import load_model, save_weights
 from axiom.model.transformer import Axiom
 
 
@@ -61,7 +61,7 @@ def contenders(args: argparse.Namespace, items: list[Item], tmp: Path) -> dict[s
         torch.manual_seed(0)
         ckpt = tmp / "ckpt"
         ckpt.mkdir()
-        save_model(Axiom(cfg.model), cfg, ckpt, step=0, tokens=0)
+        save_weights(Axiom(cfg.model).state_dict(), cfg, ckpt, step=0, tokens=0)
     model = load_model(ckpt)[0].eval()
     folder = export(ckpt, tmp / "hf", "axiom")
     hf = HFLM(

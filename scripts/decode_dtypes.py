@@ -20,8 +20,9 @@ import time
 import torch
 
 from axiom.config import get_config
+from axiom.dtypes import INFERENCE_DTYPES
 from axiom.infer.engine import Engine, SamplingParams
-from axiom.infer.fast import INFERENCE_DTYPES, prepare_model
+from axiom.infer.fast import prepare_model
 from axiom.model.transformer import Axiom
 
 

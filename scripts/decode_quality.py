@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from axiom.dtypes import INFERENCE_DTYPES
 from axiom.eval.loss import evaluate
-from axiom.infer.fast import INFERENCE_DTYPES, prepare_model
+from axiom.infer.fast import prepare_model
 from axiom.model.checkpoint import load_model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from data_helpers import write_dataset
 
 from axiom.config import Config, get_config
 from axiom.data.loader import TOKEN_DTYPE
+from axiom.model.checkpoint import save_weights
+from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID
 
 # Tests that take the `device` fixture (or a fixture built on DEVICES) run once per available device, with ids
@@ -76,3 +79,15 @@ def tiny_data(tmp_path_factory):
         tokens[tokens == EOS_ID] = 0
         tokens.tofile(path / shard["file"])
     return path
+
+
+def save_model(model: Axiom, cfg: Config, directory: str | Path, **progress) -> None:
+    """Write `model`'s weights and config.json into `directory` (which must exist), as a checkpoint;
+    `progress`: step, tokens, ...."""
+    save_weights(model.state_dict(), cfg, directory, **progress)
+
+
+def count_params(model: torch.nn.Module, non_embedding: bool = False) -> int:
+    """Parameters of a built model, a tied table once; `non_embedding` leaves out the token table."""
+    n = sum(p.numel() for p in model.parameters())
+    return n - model.embed.weight.numel() if non_embedding else n

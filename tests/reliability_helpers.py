@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import micro_config
+from conftest import micro_config, save_model
 
 from axiom.cli import main
-from axiom.model.checkpoint import save_model, save_training_state, step_dir_name, write_dir_atomic
+from axiom.model.checkpoint import save_training_state, step_dir_name, write_dir_atomic
 from axiom.model.transformer import Axiom
 
 REPO = Path(__file__).resolve().parent.parent

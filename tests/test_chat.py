@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zstandard
+from conftest import save_model
 from safetensors.torch import load_file
 
 from axiom.cli import main
@@ -32,8 +33,9 @@ from axiom.data.loader import read_manifest
 from axiom.data.packing import ChatLoader, Conversations, chat_eval_batches, pack
 from axiom.errors import AxiomError
 from axiom.eval.loss import evaluate
-from axiom.model.checkpoint import list_checkpoints, load_model, read_meta, save_model
-from axiom.model.transformer import IGNORE_INDEX, Axiom
+from axiom.model.checkpoint import list_checkpoints, load_model, read_meta
+from axiom.model.loss import IGNORE_INDEX
+from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 from axiom.train.launch import train
 from axiom.train.step import train_step

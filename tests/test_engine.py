@@ -8,7 +8,8 @@ from conftest import DEVICES
 from axiom.config import get_config
 from axiom.infer.engine import Engine, SamplingParams, decode_one
 from axiom.infer.generate import generate, stream
-from axiom.model.transformer import Axiom, KVCache
+from axiom.model.cache import KVCache
+from axiom.model.transformer import Axiom
 
 # Untied output layer: a random tied model mostly repeats its last token, which would hide a row that reads
 # another row's keys. Here the prompts end alike and continue differently, so any mix-up of slots shows.

@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import micro_config
+from conftest import micro_config, save_model
 
 from axiom.cli import main
 from axiom.data.loader import eval_batches
 from axiom.eval.loss import evaluate, token_byte_lengths
-from axiom.model.checkpoint import save_model
 from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 from axiom.train.plot import plot_run

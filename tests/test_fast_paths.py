@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from axiom.cli import main
 from axiom.config import get_config
 from axiom.infer.generate import decode_one, decode_one_and_hidden, generate, greedy
-from axiom.model.transformer import Axiom, KVCache, chunked_cross_entropy, output_logits
+from axiom.model.cache import KVCache
+from axiom.model.loss import LossWorkspace, chunked_cross_entropy, output_logits
+from axiom.model.transformer import Axiom
 
 SMALL = get_config(
     "tiny", ["vocab_size=1000", "d_model=32", "n_layers=2", "n_heads=4", "n_kv_heads=2", "max_seq_len=48"]
@@ -73,19 +75,18 @@ def test_chunked_loss_value_and_grads_equal_plain_cross_entropy(chunk):
 
 
 def test_chunked_loss_reuses_its_cpu_block_without_carrying_state():
-    from axiom.model import transformer as model_module
-
+    workspace = LossWorkspace()
     torch.manual_seed(2)
     w = torch.randn(300, 16) * 0.5
     for n in (40, 8, 40):  # a big call, a small one inside the kept block, a big one again
         h, t = torch.randn(n, 16), torch.randint(0, 300, (n,))
-        fast = _loss_and_grads(lambda h, w, t: chunked_cross_entropy(h, w, t, 16), h, w, t)
+        fast = _loss_and_grads(lambda h, w, t: chunked_cross_entropy(h, w, t, 16, workspace=workspace), h, w, t)
         plain = _loss_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t), h, w, t)
         for a, b in zip(fast, plain, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        assert len(model_module._spare_blocks) == 1 and model_module._spare_blocks[0].numel() >= 16 * 300
-    model_module.release_loss_workspace()
-    assert model_module._spare_blocks == []
+        assert workspace.block is not None and workspace.block.numel() >= 16 * 300
+    workspace.release()
+    assert workspace.block is None
 
 
 def test_chunked_loss_under_autocast_follows_the_low_precision_branch():

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from conftest import save_model
 
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
@@ -20,7 +21,7 @@ from axiom.interop.export import export, resolve_dtype
 from axiom.interop.gguf import GGUF_NAMES, gguf_name, gguf_writer, interleave_rope_rows
 from axiom.interop.hf.names import llama_names, to_llama
 from axiom.interop.hf.tokenizer import tokenizer_json
-from axiom.model.checkpoint import load_model, save_model
+from axiom.model.checkpoint import load_model
 from axiom.model.transformer import Axiom, apply_rope, rope_tables
 from axiom.text.tokenizer import EOS_ID, VOCAB_SIZE
 
@@ -206,7 +207,7 @@ def test_chat_checkpoint_gets_axiom_chat_template(ckpt, tmp_path, monkeypatch):
     import axiom.data.chat as module
 
     (chat / "config.json").write_text(json.dumps({**meta, "chat_template": "chatml"}))
-    monkeypatch.setattr("axiom.interop.export.write_gguf", lambda *args: args)  # what export would write
+    monkeypatch.setattr("axiom.interop.gguf.write_gguf", lambda *args: args)  # what export would write
     state, m, out, dtype, name, template = export(chat, tmp_path / "chat.gguf", "gguf")
     assert template == module.CHAT_TEMPLATE
     assert kv(gguf_writer(state, m, template=template), "tokenizer.ggml.eot_token_id") == 100265  # IM_END

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from conftest import save_model
 from safetensors.torch import load_file, save_file
 
 from axiom.cli import main
@@ -27,7 +28,7 @@ from axiom.interop.export import export
 from axiom.interop.hf.folder import hf_config
 from axiom.interop.hf.names import from_llama, llama_names, to_llama
 from axiom.interop.importer import import_hf
-from axiom.model.checkpoint import load_model, read_meta, save_model
+from axiom.model.checkpoint import load_model, read_meta
 from axiom.model.transformer import Axiom, num_params
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 

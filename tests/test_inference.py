@@ -15,10 +15,10 @@ from conftest import micro_config
 import axiom.bench.llamacpp
 import axiom.infer.fast
 from axiom.cli import main
+from axiom.dtypes import INFERENCE_DTYPES
 from axiom.errors import AxiomError
 from axiom.infer import kernels
 from axiom.infer.fast import (
-    INFERENCE_DTYPES,
     DecodeBlock,
     FastLinear,
     Int8Embedding,
@@ -27,7 +27,8 @@ from axiom.infer.fast import (
     quantize_rows,
 )
 from axiom.infer.generate import generate
-from axiom.model.transformer import Axiom, KVCache, RMSNorm, apply_rope
+from axiom.model.cache import KVCache
+from axiom.model.transformer import Axiom, RMSNorm, apply_rope
 from axiom.runtime import persistent_compile_cache
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="decode kernels not buildable here")

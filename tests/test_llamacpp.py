@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import save_model
 from data_helpers import write_dataset
 
 from axiom.cli import main
@@ -37,7 +38,7 @@ from axiom.data.chat import CHAT_TEMPLATE, IM_END, IM_START
 from axiom.data.loader import eval_batches
 from axiom.eval.loss import evaluate
 from axiom.infer.generate import generate
-from axiom.model.checkpoint import load_model, save_model
+from axiom.model.checkpoint import load_model
 from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 

@@ -3,11 +3,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import count_params, save_model
 
 from axiom.config import ModelConfig, get_config
 from axiom.infer.generate import generate
-from axiom.model.checkpoint import load_model, save_model
-from axiom.model.transformer import Axiom, chunked_cross_entropy, flops_per_token, num_params
+from axiom.model.checkpoint import load_model
+from axiom.model.loss import chunked_cross_entropy
+from axiom.model.transformer import Axiom, flops_per_token, num_params
 
 SMALL = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_multiple_of=16, max_seq_len=64)
 
@@ -28,8 +30,8 @@ def test_card_parameter_count_on_meta_device():
     cfg = get_config("axiom-380m").model
     with torch.device("meta"):
         m = Axiom(cfg)
-    assert m.num_params() == num_params(cfg) == 385_849_344
-    assert m.num_params(non_embedding=True) == 385_849_344 - 100_277 * 1024
+    assert count_params(m) == num_params(cfg) == 385_849_344
+    assert count_params(m, non_embedding=True) == 385_849_344 - 100_277 * 1024
     assert m.lm_head.weight is m.embed.weight
     assert flops_per_token(cfg, 1024) == 6 * (385_849_344 - 49 * 1024) + 12 * 24 * 1024 * 1024
 

@@ -19,6 +19,7 @@ import sys
 import time
 
 import pytest
+from conftest import save_model
 from reliability_helpers import REPO, axiom_process, copy_run, fails, hashes, jsonl, make_run, succeeds
 
 from axiom import files
@@ -31,7 +32,6 @@ from axiom.model.checkpoint import (
     clean_stale_checkpoints,
     list_checkpoints,
     prune_checkpoints,
-    save_model,
     save_training_state,
     write_dir_atomic,
 )
@@ -178,7 +178,7 @@ def test_crash_leftovers_are_hidden_and_cleaned_on_the_next_run(run, tmp_path, c
     assert [s for s, _ in list_checkpoints(root)] == [4]  # the half-deleted one is hidden
     assert (root / ".step_000002.pruned").is_dir()
     # a kill inside write_dir_atomic: a temporary folder, and `best` moved aside before its replacement arrived
-    (root / ".step_000006.tmp").mkdir()
+    (root / f".step_000006.tmp-{dead_pid()}").mkdir()
     os.replace(root / "best", root / ".best.old")
     done = clean_stale_checkpoints(root)
     assert sorted(p.name for p in root.iterdir()) == ["best", "step_000004"]

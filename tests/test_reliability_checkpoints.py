@@ -10,25 +10,21 @@ import zipfile
 
 import pytest
 import torch
+from conftest import save_model
 from reliability_helpers import copy_run, fails, hashes, make_run, succeeds
 from safetensors.torch import load_file, save_file
 
 from axiom.errors import AxiomError
 from axiom.model.checkpoint import (
     CHECKSUMS,
-    EMBED,
-    HEAD,
     load_model,
     load_training_state,
     newest_valid_checkpoint,
-    save_model,
     save_weights,
     stored_tensors,
-    tie,
-    untie,
     verify_checkpoint,
 )
-from axiom.model.transformer import Axiom
+from axiom.model.transformer import EMBED, HEAD, Axiom, tie, untie
 
 pytest.importorskip("transformers", reason="export writes transformers' files: pip install 'axiom-lm[hf]'")
 

@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from conftest import micro_config
+from conftest import micro_config, save_model
 from eval_helpers import evaluate_task_file
 
 from axiom.cli import main
@@ -27,7 +27,6 @@ from axiom.eval.tasks import (
     score,
 )
 from axiom.infer.generate import generate
-from axiom.model.checkpoint import save_model
 from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 

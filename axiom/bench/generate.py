@@ -19,13 +19,14 @@ from axiom.bench.llamacpp import export_gguf, vs_llamacpp
 from axiom.bench.reference import llama_like
 from axiom.bench.timing import Bench, Contender, interleaved, peak_memory, profile_table, reset_peak, summary, sync
 from axiom.config import Config, ModelConfig
+from axiom.dtypes import BENCH_DTYPES, INFERENCE_DTYPES
 from axiom.errors import AxiomError
 from axiom.infer.engine import Engine
-from axiom.infer.fast import INFERENCE_DTYPES, prepare_model, weight_bytes_per_token
+from axiom.infer.fast import prepare_model, weight_bytes_per_token
 from axiom.infer.generate import stream
-from axiom.model.transformer import Axiom, KVCache, flops_per_token
+from axiom.model.cache import KVCache
+from axiom.model.transformer import Axiom, flops_per_token
 
-GEN_DTYPES = (*INFERENCE_DTYPES, "float16")
 PREFILL_LENGTHS = (32, 512)
 
 
@@ -40,7 +41,7 @@ class GenerateBench:
     batch: int
     prompt_len: int
     new_tokens: int
-    dtype: str  # one of GEN_DTYPES: ours (int8 weight-only), the references' bfloat16 for int8
+    dtype: str  # one of BENCH_DTYPES: ours (int8 weight-only), the references' bfloat16 for int8
     eager: bool
     vs_hf: bool
     hf_compile: bool
@@ -57,8 +58,8 @@ def check_generate(m: ModelConfig, s: GenerateBench) -> None:
         raise AxiomError(
             f"--prompt-len {s.prompt_len} + --new-tokens {s.new_tokens} exceeds max_seq_len={m.max_seq_len}"
         )
-    if s.dtype not in GEN_DTYPES:
-        raise AxiomError(f"--dtype {s.dtype!r}: choose one of {', '.join(GEN_DTYPES)}")
+    if s.dtype not in BENCH_DTYPES:
+        raise AxiomError(f"--dtype {s.dtype!r}: choose one of {', '.join(BENCH_DTYPES)}")
 
 
 class OurDecoding:

@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 
 from axiom.config import Config
+from axiom.dtypes import short_name
 from axiom.errors import AxiomError
 from axiom.interop.export import export
 from axiom.model.checkpoint import save_weights
 
 # prebuilt llama.cpp beside the repository (../shared/tools/llama.cpp, see its README), absent on a fresh clone
 DEFAULT_LLAMACPP = Path(__file__).resolve().parents[3] / "shared" / "tools" / "llama.cpp"
-# llama.cpp's weight type for each of ours (int8 ~ q8_0: 8-bit weights with a scale per block of 32)
-GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "float16": "f16"}
 
 
 def find_llamacpp(folder: str | None) -> Path | None:
@@ -39,14 +38,14 @@ def find_llamacpp(folder: str | None) -> Path | None:
 def export_gguf(llamacpp: Path, cfg: Config, weights: dict[str, torch.Tensor], dtype_name: str) -> Path:
     """`weights` as a GGUF file of llama.cpp's type nearest `dtype_name`, through our `--format llama` export and
     llama.cpp's own converter; returned in a temporary folder (the caller removes the file)."""
-    out = Path(tempfile.mkdtemp(prefix="axiom-bench-")) / f"model-{GGUF_TYPES[dtype_name]}.gguf"
+    out = Path(tempfile.mkdtemp(prefix="axiom-bench-")) / f"model-{short_name(dtype_name)}.gguf"
     with tempfile.TemporaryDirectory(prefix="axiom-bench-") as tmp:
         ckpt = Path(tmp) / "ckpt"
         ckpt.mkdir()
         save_weights(weights, cfg, ckpt)
         hf = export(ckpt, Path(tmp) / "hf", fmt="llama", dtype="bfloat16" if dtype_name == "bfloat16" else "float32")
         shutil.rmtree(ckpt)
-        cmd = [str(llamacpp / "convert"), sys.executable, str(hf), str(out), GGUF_TYPES[dtype_name]]
+        cmd = [str(llamacpp / "convert"), sys.executable, str(hf), str(out), short_name(dtype_name)]
         done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         out.parent.rmdir()

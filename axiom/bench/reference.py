@@ -6,7 +6,8 @@ import torch
 
 from axiom.config import ModelConfig
 from axiom.errors import AxiomError
-from axiom.interop.hf.names import LLAMA_CONFIG, to_llama
+from axiom.interop.hf.names import LLAMA_CONFIG, LLAMA_NAMES, to_llama
+from axiom.model.transformer import EMBED, retie
 
 
 def llama_like(m: ModelConfig, device: torch.device, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -27,7 +28,8 @@ def llama_like(m: ModelConfig, device: torch.device, weights: dict[str, torch.Te
     )
     with torch.device(device):
         hf = LlamaForCausalLM(config)
-    missing, unexpected = hf.load_state_dict(to_llama(weights, m), strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+    llama = retie(to_llama(weights, m), m.tie_embeddings, LLAMA_NAMES[EMBED][0])
+    missing, unexpected = hf.load_state_dict(llama, strict=False)
+    if missing or unexpected:
         raise AxiomError(f"reference Llama does not fit: missing {missing}, unexpected {unexpected}")
     return hf

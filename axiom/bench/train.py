@@ -12,7 +12,7 @@ from axiom.bench.reference import llama_like
 from axiom.bench.timing import Bench, Contender, interleaved, peak_memory, profile_table, reset_peak, summary
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
-from axiom.model.transformer import Axiom, flops_per_token, num_params, release_loss_workspace
+from axiom.model.transformer import Axiom, flops_per_token, num_params
 from axiom.train.optim import build_optimizer, lr_at
 from axiom.train.parallel import Dist, parallelize
 from axiom.train.step import train_step
@@ -71,6 +71,7 @@ def bench_train(cfg: Config, device: torch.device, s: TrainBench) -> Bench:
     contenders = [Contender("axiom", ours, t.tokens_per_step, s.steps)]
     extra = {}
     if s.vs_hf:
+        model.loss_workspace.release()  # our kept loss block is not the reference's memory
         theirs, extra = hf_contender(m, t, device, weights, batches, s)
         contenders.append(theirs)
     rates = interleaved(contenders, s.rounds, device)
@@ -111,7 +112,6 @@ def hf_contender(
         train_step(hf, hf_opt, batches, lr_at(hf_step[0], t), t)
         hf_step[0] += 1
 
-    release_loss_workspace()  # our kept loss block is not the reference's memory
     reset_peak(device)
     hf_first = train_step(hf, hf_opt, batches, lr_at(0, t), t).loss
     for _ in range(s.warmup - 1):

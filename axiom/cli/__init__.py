@@ -18,10 +18,10 @@ COMMANDS = {
     "plot": ("axiom.cli.plot", "draw train and val loss of a run against tokens to a PNG"),
     "prepare": ("axiom.cli.prepare", "tokenize text corpora into train/val token shards with a manifest"),
     "export": (
-        "axiom.interop.export",
+        "axiom.cli.export",
         "write a checkpoint as a Hugging Face folder (remote code or Llama) or a GGUF file",
     ),
-    "import": ("axiom.interop.importer", "read a Hugging Face folder (axiom or Llama format) into a checkpoint"),
+    "import": ("axiom.cli.import_", "read a Hugging Face folder (axiom or Llama format) into a checkpoint"),
     "bench": ("axiom.cli.bench", "time training steps or decoding, optionally against transformers' Llama"),
     "serve": ("axiom.infer.serve", "serve a checkpoint over the OpenAI API (completions, chat), batching requests"),
 }

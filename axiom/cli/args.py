@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from axiom.config import PRESETS, Config, get_config
+from axiom.dtypes import INFERENCE_DTYPES
 from axiom.errors import AxiomError
 from axiom.infer.engine import SamplingParams
-from axiom.infer.fast import INFERENCE_DTYPES
 
 DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda when available)"
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from axiom.cli import demo_chat as chat_demo
 from axiom.cli import main as axiom
 from axiom.config import get_config
 from axiom.errors import AxiomError
+from axiom.files import atomic_file
 
 PROMPTS = ("In the beginning", "And Jesus said unto them,", "The LORD is my shepherd;")
 
@@ -45,13 +45,11 @@ def kjv_chapters() -> Iterator[str]:
 def write_corpus(path: Path) -> int:
     """The KJV as JSON Lines (written under a temporary name); returns the number of documents."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         for doc in kjv_chapters():
             f.write(json.dumps({"text": doc}) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 

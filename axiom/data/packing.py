@@ -22,7 +22,7 @@ import torch
 
 from axiom.data.loader import TokenStream, WindowLoader, read_manifest
 from axiom.errors import AxiomError
-from axiom.model.transformer import IGNORE_INDEX
+from axiom.model.loss import IGNORE_INDEX
 from axiom.text.tokenizer import EOS_ID
 
 OPEN_WINDOWS = 16  # windows that packing fills at a time (see `pack`)

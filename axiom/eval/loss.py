@@ -18,7 +18,7 @@ import torch
 
 from axiom.data.loader import data_kind, eval_batches, read_manifest
 from axiom.data.packing import chat_eval_batches
-from axiom.model.transformer import IGNORE_INDEX
+from axiom.model.loss import IGNORE_INDEX
 from axiom.runtime import autocast
 from axiom.text.tokenizer import load_tokenizer
 

@@ -29,7 +29,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from axiom.errors import AxiomError
-from axiom.model.transformer import Axiom, KVCache, output_logits
+from axiom.model.cache import KVCache
+from axiom.model.loss import output_logits
+from axiom.model.transformer import Axiom
 from axiom.runtime import autocast
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from axiom.model.transformer import Axiom, KVCache, row_blocks
+from axiom.model.cache import KVCache
+from axiom.model.loss import row_blocks
+from axiom.model.transformer import Axiom
 from axiom.runtime import persistent_compile_cache
 
 

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from axiom.dtypes import INFERENCE_DTYPES
 from axiom.errors import AxiomError
 from axiom.infer import kernels
-from axiom.model.transformer import Axiom, Block, KVCache, output_logits
-
-INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
+from axiom.model.cache import KVCache
+from axiom.model.loss import output_logits
+from axiom.model.transformer import Axiom, Block
 
 # A product with at most this many rows (decoding: one per sequence of the batch) takes the few-row kernels;
 # more rows (prefill) take the matrix-matrix kernels, which are efficient on their own.
@@ -56,7 +57,7 @@ def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
         raise AxiomError(f"--dtype {dtype!r}: choose one of {', '.join(INFERENCE_DTYPES)}")
     model.eval().requires_grad_(False)
     act = torch.float32 if dtype == "float32" else torch.bfloat16
-    tied = model.lm_head.weight is model.embed.weight
+    tied = model.cfg.tie_embeddings  # then lm_head.weight is embed.weight (axiom.model.transformer.tie)
     if dtype == "int8":  # quantized from the weights as loaded, before any cast
         table = quantize_rows(model.embed.weight.data)
         model.embed = Int8Embedding(*table, act)

@@ -1,4 +1,4 @@
-"""`axiom export`: a checkpoint as a Hugging Face folder that transformers loads offline, or as one GGUF file.
+"""A checkpoint as a Hugging Face folder that transformers loads offline, or as one GGUF file.
 
     --format axiom   config.json with auto_map + configuration_axiom.py + modeling_axiom.py (remote code);
                      the weights keep Axiom's names
@@ -16,20 +16,25 @@ bf16 = bfloat16, f16 = float16; q8_0 is llama.cpp's 8-bit blocks. The folders ho
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from importlib.metadata import version
 from pathlib import Path
 
-import torch
-
-from axiom.data.chat import IM_END
+from axiom.data.chat import CHAT_TEMPLATE, IM_END
+from axiom.dtypes import DTYPES, FOLDER_DTYPES, GGUF_DTYPES, torch_dtype
 from axiom.errors import AxiomError
-from axiom.files import check_no_overlap, describe_missing, output_lock, remove_stale_temps, write_errors
-from axiom.interop.gguf import chat_template, check_out_file, write_gguf
+from axiom.files import (
+    check_no_overlap,
+    check_replaceable,
+    describe_missing,
+    output_lock,
+    remove_stale_temps,
+    staged_output,
+    write_errors,
+)
 from axiom.interop.hf.card import eval_summary, find_eval_csv, model_card
-from axiom.interop.hf.folder import CONFIG, WEIGHTS, check_out, hf_config, staged_dir
+from axiom.interop.hf.folder import CONFIG, WEIGHTS, hf_config
 from axiom.interop.hf.names import to_llama
 from axiom.interop.hf.tokenizer import write_tokenizer
 from axiom.model.checkpoint import load_model, run_dir_of, save_safetensors, stored_tensors
@@ -37,23 +42,41 @@ from axiom.text.tokenizer import EOS_ID
 
 REMOTE_CODE = Path(__file__).parent / "hf" / "remote"
 REMOTE_FILES = ("configuration_axiom.py", "modeling_axiom.py")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the folders' weight dtypes
-FORMAT_DTYPES = {"axiom": ("f32", "bf16"), "llama": ("f32", "bf16"), "gguf": ("f32", "bf16", "f16", "q8_0")}
-LONG_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
-SHORT_NAMES = {long: short for short, long in LONG_NAMES.items()}
+FORMAT_DTYPES = {"axiom": FOLDER_DTYPES, "llama": FOLDER_DTYPES, "gguf": GGUF_DTYPES}
+# --dtype: llama.cpp's name of each, or torch's of a floating-point one (q8_0's blocks are not Axiom's int8 rows)
+SPELLINGS = {
+    **{DTYPES[n].short: DTYPES[n] for n in GGUF_DTYPES},
+    **{n: DTYPES[n] for n in GGUF_DTYPES if not DTYPES[n].quantized},
+}
 
 
 def resolve_dtype(fmt: str, dtype: str) -> str:
     """--dtype in either spelling -> its short name (f32, bf16, f16, q8_0), if --format `fmt` writes it."""
     if fmt not in FORMAT_DTYPES:
         raise AxiomError(f"--format {fmt!r}: choose {', '.join(FORMAT_DTYPES)}")
-    short = SHORT_NAMES.get(dtype, dtype)
-    if short not in FORMAT_DTYPES[fmt]:
-        names = [f"{d} ({LONG_NAMES[d]})" if d in LONG_NAMES else d for d in FORMAT_DTYPES[fmt]]
+    found = SPELLINGS.get(dtype)
+    if found is None or found.name not in FORMAT_DTYPES[fmt]:
+        names = [d.short if d.quantized else f"{d.short} ({d.name})" for d in map(DTYPES.get, FORMAT_DTYPES[fmt])]
         choices = f"{', '.join(names[:-1])} or {names[-1]}"
-        hint = "; f16 and q8_0 are for --format gguf" if fmt != "gguf" and short in FORMAT_DTYPES["gguf"] else ""
+        hint = "; f16 and q8_0 are for --format gguf" if fmt != "gguf" and found is not None else ""
         raise AxiomError(f"--dtype {dtype}: --format {fmt} writes {choices}{hint}")
-    return short
+    return found.short
+
+
+def long_name(short: str) -> str:
+    """The name of an export's dtype in the messages and the model card: torch's, or q8_0."""
+    found = SPELLINGS[short]
+    return found.short if found.quantized else found.name
+
+
+def chat_template(meta: dict) -> str | None:
+    """The Jinja chat template for a checkpoint whose config.json says "chat_template": "chatml", else None."""
+    kind = meta.get("chat_template")
+    if kind is None:
+        return None
+    if kind != "chatml":
+        raise AxiomError(f"checkpoint config.json: chat_template {kind!r} is not known; Axiom writes 'chatml'")
+    return CHAT_TEMPLATE
 
 
 def export(
@@ -66,24 +89,36 @@ def export(
 ) -> Path:
     """Write the Hugging Face folder (or, for `gguf`, the file) `out` for checkpoint `ckpt`; returns `out`."""
     dtype = resolve_dtype(fmt, dtype)
-    ckpt = Path(ckpt)
     if fmt == "gguf":
-        out = check_out_file(out, force)
-        check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run_dir_of(ckpt)})
-        with write_errors(out, "nothing was replaced; fix that and run the command again"), output_lock(out, "export"):
-            remove_stale_temps(out)
-            model, cfg, meta = load_model(ckpt)
-            return write_gguf(model.state_dict(), cfg.model, out, dtype, out.stem, chat_template(meta))
-    dtype = LONG_NAMES[dtype]
-    out = check_out(out, force, "export")
+        return _export_gguf(Path(ckpt), out, dtype, force)
+    return _export_folder(Path(ckpt), out, fmt, long_name(dtype), force, eval_csv)
+
+
+def _export_gguf(ckpt: Path, out: str | Path, dtype: str, force: bool) -> Path:
+    """`export` to one GGUF file; `dtype`: f32, bf16, f16 or q8_0."""
+    from axiom.interop import gguf  # only here: a folder export needs none of it
+
+    out = gguf.check_out_file(out, force)
+    check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run_dir_of(ckpt)})
+    with write_errors(out, "nothing was replaced; fix that and run the command again"), output_lock(out, "export"):
+        remove_stale_temps(out)
+        model, cfg, meta = load_model(ckpt)
+        return gguf.write_gguf(model.state_dict(), cfg.model, out, dtype, out.stem, chat_template(meta))
+
+
+def _export_folder(
+    ckpt: Path, out: str | Path, fmt: str, dtype: str, force: bool, eval_csv: str | Path | None = None
+) -> Path:
+    """`export` to a Hugging Face folder of format `fmt` (axiom or llama); `dtype`: float32 or bfloat16."""
+    out = check_replaceable(out, "export", force)
     if eval_csv is not None and not Path(eval_csv).is_file():
         raise AxiomError(f"--eval-csv {eval_csv}: {describe_missing(Path(eval_csv)).removeprefix('is ')}")
     csv_path = Path(eval_csv) if eval_csv is not None else find_eval_csv(ckpt)
     check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run_dir_of(ckpt), "the eval.csv": csv_path})
-    with staged_dir(out, force, "export") as tmp:
+    with staged_output(out, "export", force) as tmp:
         model, cfg, meta = load_model(ckpt)
         chat = chat_template(meta) is not None  # fine-tuned on chat data (an unknown template is an error)
-        state = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in stored_tensors(model).items()}
+        state = {k: v.detach().to(torch_dtype(dtype)).contiguous() for k, v in stored_tensors(model).items()}
         if fmt == "llama":
             state = to_llama(state, cfg.model)
         evals = eval_summary(csv_path) if csv_path is not None else None
@@ -101,45 +136,3 @@ def export(
         card = model_card(cfg, meta, fmt, dtype, evals, name=out.name)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory (model.safetensors + config.json)")
-    parser.add_argument(
-        "--out",
-        required=True,
-        help="folder to write: absent or empty (or see --force), outside the checkpoint's run; gguf: a file, e.g. "
-        "model.gguf",
-    )
-    parser.add_argument(
-        "--format",
-        default="axiom",
-        choices=list(FORMAT_DTYPES),
-        help="axiom: Axiom's code as transformers remote code (default); llama: native LlamaForCausalLM; "
-        "gguf: one file for llama.cpp, Ollama and LM Studio",
-    )
-    parser.add_argument(
-        "--dtype",
-        default="f32",
-        choices=[*FORMAT_DTYPES["gguf"], *SHORT_NAMES],
-        metavar="DTYPE",
-        help="weights: f32 (= float32, default) or bf16 (= bfloat16) for every format; "
-        "f16 (= float16) or q8_0 (8-bit blocks) for gguf",
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace --out if it is an earlier axiom export (a folder, or for gguf a GGUF file; never anything else)",
-    )
-    parser.add_argument("--eval-csv", help="the run's eval.csv for the model card (default: found next to --ckpt)")
-
-
-def run(args: argparse.Namespace) -> None:
-    out = export(args.ckpt, args.out, args.format, args.dtype, args.force, args.eval_csv)
-    dtype = resolve_dtype(args.format, args.dtype)
-    print(f"exported {args.ckpt} -> {out} ({args.format}, {LONG_NAMES.get(dtype, dtype)})")
-    if args.format == "gguf":
-        print(f"run with: llama-completion -m {out} -p 'The meaning of life is' -n 40 -no-cnv")
-        return
-    remote = ", trust_remote_code=True" if args.format == "axiom" else ""
-    print(f"load with: AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})")

@@ -16,19 +16,18 @@ writes a Llama:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from axiom.config import ModelConfig
-from axiom.data.chat import CHAT_TEMPLATE, IM_END, IM_START
+from axiom.data.chat import IM_END, IM_START
+from axiom.dtypes import GGUF_DTYPES, short_name
 from axiom.errors import AxiomError
-from axiom.files import temp_path
+from axiom.files import atomic_file
 from axiom.interop.hf.names import to_llama
 from axiom.interop.hf.tokenizer import tokenizer_json
 from axiom.text.tokenizer import EOS_ID, VOCAB_SIZE
@@ -36,13 +35,7 @@ from axiom.text.tokenizer import EOS_ID, VOCAB_SIZE
 ARCH = "llama"
 PRE_TOKENIZER = "dbrx"  # llama.cpp's pre-tokenizer with cl100k_base's regex (its converter picks it for cl100k)
 CHAT_TOKENS = {IM_START: "<|im_start|>", IM_END: "<|im_end|>"}
-# --dtype -> (ggml type of the matrices, llama.cpp file type)
-DTYPES = {
-    "f32": ("F32", "ALL_F32"),
-    "bf16": ("BF16", "MOSTLY_BF16"),
-    "f16": ("F16", "MOSTLY_F16"),
-    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
-}
+DTYPES = tuple(map(short_name, GGUF_DTYPES))  # --dtype: f32, bf16, f16, q8_0
 
 # Llama name (axiom.interop.hf.names) -> llama.cpp's GGUF name; "{i}" is the block index.
 GGUF_NAMES = {
@@ -134,16 +127,6 @@ def vocabulary(vocab_size: int, chat: bool) -> tuple[list[str], list[int], list[
     return tokens, types, merges
 
 
-def chat_template(meta: dict) -> str | None:
-    """The Jinja chat template for a checkpoint whose config.json says "chat_template": "chatml", else None."""
-    kind = meta.get("chat_template")
-    if kind is None:
-        return None
-    if kind != "chatml":
-        raise AxiomError(f"checkpoint config.json: chat_template {kind!r} is not known; Axiom writes 'chatml'")
-    return CHAT_TEMPLATE
-
-
 def check_out_file(out: str | Path, force: bool) -> Path:
     """Refuse a directory, an existing file without `force`, and with `force` a file that is not GGUF (so --force
     only ever replaces an earlier export); call before slow work."""
@@ -178,12 +161,20 @@ def gguf_writer(
             f"--format gguf: the model's vocab_size is {m.vocab_size}, smaller than cl100k_base's {VOCAB_SIZE:,}; "
             "a GGUF file carries the tokenizer, so the model must cover its ids"
         )
-    qtype, file_type = gguf.GGMLQuantizationType[DTYPES[dtype][0]], gguf.LlamaFileType[DTYPES[dtype][1]]
-
+    # ggml's type of the matrices (F32, BF16, F16, Q8_0) and llama.cpp's type of the whole file
+    file_type = gguf.LlamaFileType["ALL_F32" if dtype == "f32" else f"MOSTLY_{dtype.upper()}"]
     w = gguf.GGUFWriter(None, ARCH)
     w.add_name(name)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_architecture(w, m)
+    _add_tokenizer(w, m.vocab_size, template)
+    _add_tensors(w, gguf_tensors(state, m), gguf.GGMLQuantizationType[dtype.upper()])
+    return w
+
+
+def _add_architecture(w, m: ModelConfig) -> None:
+    """The `llama` architecture's hyperparameters."""
     w.add_vocab_size(m.vocab_size)
     w.add_context_length(m.max_seq_len)
     w.add_embedding_length(m.d_model)
@@ -197,7 +188,10 @@ def gguf_writer(
     w.add_rope_freq_base(m.rope_theta)
     w.add_layer_norm_rms_eps(m.norm_eps)
 
-    tokens, types, merges = vocabulary(m.vocab_size, chat=template is not None)
+
+def _add_tokenizer(w, vocab_size: int, template: str | None) -> None:
+    """cl100k_base as `gpt2` BPE, EOS as BOS and padding too; with a chat `template`, its end of turn."""
+    tokens, types, merges = vocabulary(vocab_size, chat=template is not None)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(PRE_TOKENIZER)
     w.add_token_list(tokens)
@@ -212,7 +206,11 @@ def gguf_writer(
         w.add_chat_template(template)
         w.add_eot_token_id(IM_END)  # llama.cpp ends generation at EOS and at EOT
 
-    for gname, tensor in gguf_tensors(state, m).items():
+
+def _add_tensors(w, tensors: dict[str, torch.Tensor], qtype) -> None:
+    """Matrices packed as ggml type `qtype`, norms float32."""
+    gguf = _gguf()
+    for gname, tensor in tensors.items():
         data = tensor.detach().cpu().numpy()
         if data.ndim == 1:  # norms stay float32, as llama.cpp expects
             w.add_tensor(gname, data)
@@ -222,7 +220,6 @@ def gguf_writer(
         except gguf.QuantError:  # q8_0 needs rows a multiple of 32 wide: float16 then, as llama.cpp's converter
             packed, t = data.astype(np.float16), gguf.GGMLQuantizationType.F16
         w.add_tensor(gname, packed, raw_dtype=t)  # the writer reads a quantized shape from its bytes
-    return w
 
 
 def write_gguf(
@@ -233,25 +230,19 @@ def write_gguf(
     name: str = "axiom",
     template: str | None = None,
 ) -> Path:
-    """Write the GGUF file `out` (see gguf_writer for the arguments) under a temporary name beside it, renamed
-    when complete; a failure leaves no temporary file and raises one AxiomError line."""
+    """Write the GGUF file `out` (see gguf_writer for the arguments) through `atomic_file`; a failure leaves no
+    temporary file and raises one AxiomError line."""
     out = Path(out)
     w = gguf_writer(state, m, dtype, name, template)
-    tmp = temp_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        w.write_header_to_file(path=tmp)
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException as e:
-        w.close()
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            raise AxiomError(f"--out {out}: cannot write ({e.strerror or e})") from None
-        raise
+        with atomic_file(out) as tmp:
+            try:
+                w.write_header_to_file(path=tmp)
+                w.write_kv_data_to_file()
+                w.write_tensors_to_file()
+            finally:
+                w.close()
+    except OSError as e:
+        raise AxiomError(f"--out {out}: cannot write ({e.strerror or e})") from None
     return out

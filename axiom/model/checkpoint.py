@@ -1,6 +1,6 @@
 """Checkpoint directories: weights in safetensors, the resolved config and progress in config.json.
 
-    CKPT/model.safetensors   weights; a tied table is stored once, as embed.weight (`untie` / `tie`)
+    CKPT/model.safetensors   weights; a tied table is stored once, as embed.weight (axiom.model.transformer)
     CKPT/config.json         {"model": ModelConfig, "train": TrainConfig, "step", "tokens", "axiom_version"}
     CKPT/state.pt            training checkpoints only: optimizer, loader position, RNG states, counters
     CKPT/checksums.json      size and SHA-256 of every file above, written inside the atomic write
@@ -36,50 +36,26 @@ from axiom import __version__
 from axiom.config import Config, ModelConfig
 from axiom.errors import AxiomError
 from axiom.files import (
+    atomic_dir,
     describe_missing,
     os_error_in,
     read_json,
     remove_path,
-    replace_dir,
     restore_dir,
+    temp_owner,
     write_errors,
 )
-from axiom.model.transformer import Axiom, rope_tables
+from axiom.model.transformer import Axiom, retie, rope_tables, tie, untie
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 STATE = "state.pt"
 CHECKSUMS = "checksums.json"
 STEP_DIR = re.compile(r"step_(\d+)")
-HEAD, EMBED = "lm_head.weight", "embed.weight"
-
-
-# ---- the tied table: stored once, as the input embedding
-
-
-def untie(state: dict[str, torch.Tensor], tied: bool, embed: str = EMBED, where: str = "") -> dict[str, torch.Tensor]:
-    """The tensors as stored: with tied embeddings the output table is left out (it is `embed`, e.g.
-    "model.embed_tokens.weight" in Llama's names). A separate lm_head.weight that differs from the embedding
-    is refused (`where` names the source). Every writer and reader of weights goes through `untie` and `tie`."""
-    if not tied or HEAD not in state:
-        return state
-    state = dict(state)
-    head = state.pop(HEAD)
-    other = state.get(embed)
-    if other is not None and head.data_ptr() != other.data_ptr() and not torch.equal(head, other):
-        raise AxiomError(f"{where}: {HEAD} differs from {embed} but the config ties them")
-    return state
-
-
-def tie(model: Axiom) -> Axiom:
-    """Re-tie the output table to the embedding after loading stored tensors into `model`."""
-    if model.cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    return model
 
 
 def stored_tensors(model: Axiom) -> dict[str, torch.Tensor]:
-    """The state dict as saved: a tied output table is left out (it is embed.weight)."""
+    """The state dict as saved: a tied output table is left out (it is embed.weight; `untie`)."""
     return untie(model.state_dict(), model.cfg.tie_embeddings)
 
 
@@ -107,14 +83,10 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 # ---- writing
 
 
-def save_model(model: Axiom, cfg: Config, directory: str | Path, **progress) -> None:
-    """Write weights and config.json into `directory` (which must exist); `progress`: step, tokens, ...."""
-    save_weights(model.state_dict(), cfg, directory, **progress)
-
-
 def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: str | Path, **progress) -> None:
-    """`save_model` from a full state dict (e.g. one gathered from FSDP shards). Non-finite weights are refused.
-    A full disk raises OSError (ENOSPC), which `write_errors` turns into one line."""
+    """Write the weights of `state_dict` (a model's, or one gathered from FSDP shards) and config.json into
+    `directory` (which must exist); `progress`: step, tokens, .... Non-finite weights are refused. A full disk
+    raises OSError (ENOSPC), which `write_errors` turns into one line."""
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in untie(state_dict, cfg.model.tie_embeddings).items()}
     check_finite(state, f"{directory / WEIGHTS}: refusing to write")
@@ -186,22 +158,14 @@ def _sha256(path: Path) -> str:
 
 
 def write_dir_atomic(final: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_dir)`, hash its files into checksums.json, then rename tmp_dir to `final`: a kill at any
-    moment leaves either the old directory or the new one complete (an old `final` is moved aside first and
-    removed last). A full disk or read-only target is one AxiomError, with the temporary folder removed."""
+    """Write the checkpoint folder `final` through `atomic_dir`: `write(tmp_dir)` fills it, checksums.json hashes its
+    files, and one rename makes it visible, so a kill at any moment leaves either the old folder or the new one
+    complete. A full disk or read-only target is one AxiomError, with the temporary folder removed."""
     final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp")
-    restore_dir(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    with write_errors(final, "the folder was not replaced and earlier checkpoints are intact; free space and resume"):
-        try:
-            tmp.mkdir(parents=True)
-            write(tmp)
-            write_checksums(tmp)
-            replace_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    then = "the folder was not replaced and earlier checkpoints are intact; free space and resume"
+    with write_errors(final, then), atomic_dir(final) as tmp:
+        write(tmp)
+        write_checksums(tmp)
     return final
 
 
@@ -313,8 +277,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         raise AxiomError(f"{weights}: cannot be loaded ({e})") from None
     check_tensors(state, stored_tensors(model), f"checkpoint: {weights}", CONFIG)
     check_finite(state, f"checkpoint: {weights}")
-    model.load_state_dict(state, strict=False, assign=True)
-    tie(model)
+    model.load_state_dict(retie(state, cfg.model.tie_embeddings), assign=True)
+    tie(model)  # assign=True put two Parameters in place
     # RoPE tables are not stored: rebuild them on the target device.
     cos, sin = rope_tables(cfg.model.head_dim, cfg.model.max_seq_len, cfg.model.rope_theta)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
@@ -443,14 +407,15 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
 
 def clean_stale_checkpoints(root: str | Path) -> list[str]:
     """Tidy what a kill left under `root` (RUN/checkpoints): half-pruned `.step_N.pruned` and unfinished
-    `.NAME.tmp` folders are removed, and a `.NAME.old` left by an interrupted replacement is put back or removed.
-    Call it under the run's lock; returns one line per action, for the log."""
+    `.NAME.tmp-PID` folders are removed (whatever the PID: the run's lock says no writer is left), and a `.NAME.old`
+    left by an interrupted replacement is put back or removed. Call it under the run's lock; returns one line per
+    action, for the log."""
     root = Path(root)
     done = []
     if not root.is_dir():
         return done
     for p in sorted(root.iterdir()):
-        if p.name.startswith(".") and p.name.endswith((".pruned", ".tmp")):
+        if (p.name.startswith(".") and p.name.endswith(".pruned")) or temp_owner(p) is not None:
             remove_path(p)
             done.append(f"removed the unfinished {p}")
         elif p.name.startswith(".") and p.name.endswith(".old"):

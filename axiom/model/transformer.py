@@ -6,12 +6,15 @@ model so the block loop stays one loop; compile and DDP/FSDP wrapping are applie
 Weight layout follows Hugging Face Llama (rotate-half RoPE), so export is a rename plus splitting the
 fused projections: `qkv_proj` = [q_proj; k_proj; v_proj] and `gate_up_proj` = [gate_proj; up_proj]
 stacked along the output dimension.
+
+The tied table is handled here and nowhere else: `tie` makes lm_head.weight the embedding itself, `untie` leaves
+it out of stored tensors, `retie` puts it back for loading them. The KV cache is in cache.py, the output layer's
+loss and logits in loss.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +22,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from axiom.config import ModelConfig
-
-IGNORE_INDEX = -100  # a target the loss leaves out (masked chat tokens, padding)
+from axiom.errors import AxiomError
+from axiom.model.cache import KVCache
+from axiom.model.loss import IGNORE_INDEX, LossWorkspace, chunked_cross_entropy, output_logits
 
 
 class RMSNorm(nn.Module):
@@ -49,74 +53,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
-
-
-@dataclass
-class KVCache:
-    """Keys and values of every layer for a batch of sequences (rows), each filled left to right from slot 0.
-
-    Every row has its own fill level, so rows holding texts of different lengths decode together (the engine's
-    slots, axiom/engine.py): a row's new keys go after its own filled slots, its positions count from its own
-    start, and it attends to its own filled slots only. Slots beyond a row's fill level may hold stale keys from
-    an earlier text; they are always masked.
-
-    A dynamic cache (the default) keeps the fill levels as Python ints in `lengths`, so shapes are decided without
-    reading the device: when every row is filled alike (one sequence, or a batch in step) it attends over the
-    filled slots with no mask at all, the fast path. A static cache (`static=True`) keeps every shape fixed:
-    attention spans all max_len slots under a mask and the fill levels are the device tensor `positions`,
-    advanced in place, so one compiled graph (or CUDA graph) serves every decoding step.
-    """
-
-    keys: list[Tensor]  # per layer (B, n_kv_heads, max_len, head_dim)
-    values: list[Tensor]
-    lengths: list[int]  # dynamic cache: slots filled per row
-    positions: Tensor | None = None  # static cache: (B,) int64 slots filled per row, advanced in place
-    slots: Tensor | None = None  # (B, T) slots the current forward writes, when rows differ (set by _positions)
-
-    @property
-    def static(self) -> bool:
-        return self.positions is not None
-
-    @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype, static: bool = False) -> KVCache:
-        """A cache of `batch` empty rows of `max_len` slots. Zeros, not garbage: a masked slot still meets a
-        zero attention weight, and 0 * NaN would be NaN."""
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        new = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]  # noqa: E731
-        positions = torch.zeros(batch, dtype=torch.long, device=device) if static else None
-        return cls(new(), new(), [0] * batch, positions)
-
-    def rows(self, start: int, n: int) -> KVCache:
-        """A cache over rows start..start+n-1 that shares this one's storage (its keys, values and positions
-        are views). A dynamic view's `lengths` is a copy: the owner updates its own after the forward."""
-        view = lambda ts: [t.narrow(0, start, n) for t in ts]  # noqa: E731
-        positions = self.positions.narrow(0, start, n) if self.static else None
-        return KVCache(view(self.keys), view(self.values), self.lengths[start : start + n], positions)
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, n_kv, T, hd) after each row's filled slots; return the keys and values to attend over
-        (the filled ones, or every slot of a static cache)."""
-        T = k.shape[2]
-        if self.slots is None:  # rows filled alike: one contiguous block, narrow + copy_ (fewest ops)
-            start = self.lengths[0]
-            self.keys[layer].narrow(2, start, T).copy_(k)
-            self.values[layer].narrow(2, start, T).copy_(v)
-            return self.keys[layer].narrow(2, 0, start + T), self.values[layer].narrow(2, 0, start + T)
-        index = self.slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, n_kv, T, hd)
-        self.keys[layer].scatter_(2, index, k)
-        self.values[layer].scatter_(2, index, v)
-        if self.static:
-            return self.keys[layer], self.values[layer]
-        end = max(self.lengths) + T
-        return self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end)
-
-    def advance(self, T: int) -> None:
-        """Count the T tokens just written into every row."""
-        if self.static:
-            self.positions.add_(T)
-        else:
-            self.lengths = [n + T for n in self.lengths]
-        self.slots = None
 
 
 class Attention(nn.Module):
@@ -193,8 +129,7 @@ class Axiom(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        tie(self)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -202,6 +137,7 @@ class Axiom(nn.Module):
         # Document masking of packed sequences: with an id here (EOS), a position attends only within its document,
         # each ending with that id; set from outside (train.doc_masking), used without a KV cache only.
         self.doc_sep: int | None = None
+        self.loss_workspace = LossWorkspace()  # the CPU loss's block, reused from step to step
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -233,13 +169,15 @@ class Axiom(nn.Module):
         if targets is None:
             return self.logits(x)
         x, targets = x.flatten(0, 1), targets.flatten()  # (B*T, d), (B*T,)
-        if not torch.compiler.is_compiling():  # a data-dependent shape: eager only
+        workspace = None
+        if not torch.compiler.is_compiling():  # a data-dependent shape and a reused buffer: eager only
             # Ignored targets (the prompts of chat data) need no logits: leaving their rows out skips most of the
-            # output layer's work in fine-tuning (3.5x faster steps on the chat demo); text data keeps every row.
+            # output layer's work in fine-tuning (docs/finetuning.md); text data keeps every row.
             keep = targets != IGNORE_INDEX
             if not bool(keep.all()):
                 x, targets = x[keep], targets[keep]
-        return chunked_cross_entropy(x, self.lm_head.weight, targets, loss_chunk)
+            workspace = self.loss_workspace
+        return chunked_cross_entropy(x, self.lm_head.weight, targets, loss_chunk, workspace=workspace)
 
     def logits(self, x: Tensor) -> Tensor:
         """Final hidden states (..., d) -> logits (..., V): `output_logits` over the table, or the output module's
@@ -296,10 +234,43 @@ class Axiom(nn.Module):
         mask = slots[None, None, :] <= pos[:, :, None]  # (B, T, S) causal within each row
         return cos, sin, mask[:, None]  # (B, 1, T, S)
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters counted once (tied weights once); `non_embedding` leaves out the token table."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+
+# ---- the tied table: with tie_embeddings the output layer's weight is the token table itself, stored once
+
+HEAD, EMBED = "lm_head.weight", "embed.weight"  # Llama's names: lm_head.weight and model.embed_tokens.weight
+
+
+def tie(model: Axiom) -> Axiom:
+    """Make the output layer's weight the embedding's own Parameter if the config ties them: when the model is
+    built, and after loading with assign=True (which puts new Parameters in place)."""
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model
+
+
+def is_stored(name: str, tied: bool) -> bool:
+    """Whether weights on disk hold tensor `name`: every one but the output table of a tied model."""
+    return not (tied and name == HEAD)
+
+
+def untie(state: dict[str, Tensor], tied: bool, embed: str = EMBED, where: str = "") -> dict[str, Tensor]:
+    """The tensors as stored: with tied embeddings the output table is left out (it is `embed`, e.g.
+    "model.embed_tokens.weight" in Llama's names). A separate lm_head.weight that differs from the embedding
+    is refused (`where` names the source). Every writer of weights goes through `untie`, every reader `retie`."""
+    if not tied or HEAD not in state:
+        return state
+    head, other = state[HEAD], state.get(embed)
+    if other is not None and head.data_ptr() != other.data_ptr() and not torch.equal(head, other):
+        raise AxiomError(f"{where}: {HEAD} differs from {embed} but the config ties them")
+    return {name: t for name, t in state.items() if is_stored(name, tied)}
+
+
+def retie(state: dict[str, Tensor], tied: bool, embed: str = EMBED) -> dict[str, Tensor]:
+    """The tensors as a model holds them, for a strict `load_state_dict`: with tied embeddings the output table
+    is the embedding `embed` again. (A rank that only receives FSDP's broadcast may pass no tensors at all.)"""
+    if not tied or HEAD in state or embed not in state:
+        return state
+    return {**state, HEAD: state[embed]}
 
 
 def document_mask(tokens: Tensor, sep: int) -> Tensor:
@@ -329,124 +300,3 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     norms = (2 * cfg.n_layers + 1) * cfg.d_model
     matmul_weights = num_params(cfg, non_embedding=True) - norms + cfg.vocab_size * cfg.d_model * cfg.tie_embeddings
     return 6 * matmul_weights + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-
-
-def output_logits(x: Tensor, weight: Tensor) -> Tensor:
-    """x (..., d) @ weight.T -> logits (..., V).
-
-    On CPU a handful of rows (decoding) takes MKL's matrix-vector path, which runs on one core far below
-    memory bandwidth (4.2 ms for the 100,277 x 128 table on the 2-core benchmark VM); the same dot products
-    as a batched matmul over row blocks of the table use every core (0.8 ms). See docs/benchmarks.md."""
-    rows, (V, d) = x.numel() // x.shape[-1], weight.shape
-    if x.device.type != "cpu" or rows > 16:  # MKL's matrix-matrix path is efficient on its own
-        return F.linear(x, weight)
-    blocks = row_blocks(V)
-    xt = x.reshape(rows, d).t()  # (d, rows)
-    per = V // blocks
-    out = torch.bmm(weight[: blocks * per].view(blocks, per, d), xt.expand(blocks, d, rows))  # (blocks, per, rows)
-    out = out.permute(2, 0, 1).reshape(rows, blocks * per)
-    if blocks * per < V:  # a vocabulary without a divisor in range: the last rows separately
-        out = torch.cat([out, xt.t() @ weight[blocks * per :].t()], dim=1)
-    return out.view(*x.shape[:-1], V)
-
-
-def row_blocks(V: int) -> int:
-    """A block count in [16, 256] that divides V (100,277 = 149 x 673), so no remainder needs copying in;
-    16 otherwise. Any count from 2 to 256 runs alike on the 2-core VM: more blocks only spread the rows."""
-    return next((b for b in range(16, 257) if V % b == 0), 16)
-
-
-# The chunked loss's (n, V) fp32 block on CPU, kept between steps: glibc hands blocks this large back to the OS on
-# free, so a fresh 200-400 MB block per step costs a page fault per 4 KB plus kernel zeroing (~0.1 s of a 1.3 s
-# step of `small` on the 2-core VM). Taken out while in use, so concurrent callers simply allocate their own.
-_spare_blocks: list[Tensor] = []
-
-
-def release_loss_workspace() -> None:
-    """Free the chunked loss's kept CPU block (it comes back at the next CPU training step)."""
-    _spare_blocks.clear()
-
-
-def _take_block(numel: int) -> Tensor:
-    block = _spare_blocks.pop() if _spare_blocks else None
-    return block if block is not None and block.numel() >= numel else torch.empty(numel, dtype=torch.float32)
-
-
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T` without holding (N, V) fp32 logits.
-
-    The forward pass walks the rows in chunks, and for each chunk computes the loss and at once its
-    gradients with respect to the hidden states and the weight (softmax - one_hot). Backward then only
-    scales the stored gradients, so no logits are kept and none are recomputed.
-
-    Each chunk touches one (n, V) fp32 block only: log-softmax and exp run in place on it, and the
-    per-row factor valid / n_valid is applied to the small (n, d) operands instead of the block.
-    Under autocast the table is cast to the low-precision dtype once, not once per chunk and matmul.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, ignore_index: int) -> Tensor:
-        n_valid = (targets != ignore_index).sum().clamp(min=1)
-        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-        grad_weight = (
-            torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if weight.requires_grad else None
-        )
-        device_type = hidden.device.type
-        low = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        w = weight.to(low) if low is not None else weight
-        V = weight.shape[0]
-        fp32_cpu = device_type == "cpu" and low is None and hidden.dtype == weight.dtype == torch.float32
-        block = _take_block(min(chunk, hidden.shape[0]) * V) if fp32_cpu and not torch.compiler.is_compiling() else None
-        for s in range(0, hidden.shape[0], chunk):
-            h, t = hidden[s : s + chunk], targets[s : s + chunk]
-            h = h.to(low) if low is not None else h
-            rows = torch.arange(len(t), device=t.device)
-            valid = t != ignore_index
-            safe_t = t.clamp(min=0)
-            if block is not None:
-                logp = torch.mm(h, w.t(), out=block[: len(t) * V].view(len(t), V))  # (n, V)
-            else:
-                logp = (h @ w.t()).float()  # (n, V)
-            torch.log_softmax(logp, dim=-1, out=logp)
-            loss -= (logp[rows, safe_t] * valid).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # d(mean loss)/d logits = (softmax - one_hot) * valid / n_valid
-            g = logp.exp_()
-            g[rows, safe_t] -= 1.0
-            g = g.to(h.dtype)
-            del logp  # under autocast g is a low-precision copy: free the fp32 block before the matmuls
-            scale = (valid / n_valid).to(h.dtype)[:, None]  # (n, 1)
-            if grad_hidden is not None:
-                grad_hidden[s : s + chunk] = (g @ w) * scale
-            if grad_weight is None:
-                continue
-            if low is None:
-                grad_weight.addmm_(g.t(), h * scale)  # accumulates without a (V, d) temporary
-            else:
-                grad_weight += g.t() @ (h * scale)  # low-precision product, fp32 sum, no fp32 (V, d) temporary
-        if block is not None:
-            _spare_blocks[:] = [block]
-        # Kept on ctx, not saved for backward: they are this function's own buffers, scaled in place once.
-        ctx.grads = (grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return loss / n_valid
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        if ctx.grads is None:
-            raise RuntimeError("chunked_cross_entropy supports one backward pass per forward (no retain_graph)")
-        grad_hidden, grad_weight = ctx.grads
-        ctx.grads = None
-        # In place: no second (V, d) table of gradients allocated per step.
-        gh = grad_hidden.mul_(grad_out.to(grad_hidden.dtype)) if grad_hidden is not None else None
-        gw = grad_weight.mul_(grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None
-
-
-def chunked_cross_entropy(
-    hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 1024, ignore_index: int = IGNORE_INDEX
-) -> Tensor:
-    """Mean cross-entropy of logits `hidden @ weight.T` (hidden (N, d), weight (V, d), targets (N,))."""
-    return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from axiom.config import TrainConfig
-from axiom.model.transformer import Axiom
+from axiom.model.transformer import Axiom, retie
 
 
 @dataclass
@@ -77,12 +77,13 @@ def full_state(model: Axiom, optimizer: torch.optim.Optimizer | None, fsdp: bool
 def set_model_state(model: Axiom, weights: dict, fsdp: bool) -> None:
     """Load full weights (a checkpoint's, the tied table stored once) into a live model; under FSDP every rank
     calls this and rank 0's tensors are scattered."""
+    weights = retie(weights, model.cfg.tie_embeddings)
     if not fsdp:
-        model.load_state_dict(weights, strict=False)  # strict=False: a tied lm_head.weight is embed.weight
+        model.load_state_dict(weights)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, weights, options=opts)
 
 

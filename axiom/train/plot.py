@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 from axiom.errors import AxiomError
-from axiom.files import check_no_overlap, describe_missing, remove_stale_temps, temp_path, write_errors
+from axiom.files import atomic_file, check_no_overlap, describe_missing, remove_stale_temps, write_errors
 
 
 def read_csv(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict[str, float]]:
@@ -125,15 +124,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set_title(f"{run_dir.name}: loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = temp_path(out)  # .NAME.tmp-PID: two plots at once never share a temporary
     with write_errors(out, f"{run_dir} is unchanged"):
         remove_stale_temps(out)
         try:
-            fig.savefig(tmp, dpi=120, bbox_inches="tight", format=kind)
-            os.replace(tmp, out)
+            with atomic_file(out) as tmp:  # .NAME.tmp-PID: two plots at once never share a temporary
+                fig.savefig(tmp, dpi=120, bbox_inches="tight", format=kind)
         finally:
             plt.close(fig)
-            tmp.unlink(missing_ok=True)
     return out
 
 

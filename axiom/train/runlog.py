@@ -7,10 +7,10 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from pathlib import Path
 
 from axiom.errors import AxiomError
+from axiom.files import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +64,10 @@ class RunLog:
         """Replace the csv `name` with these rows (a small file rendered whole from the run's state)."""
         if not self.main:
             return
-        path = self.run_dir / name
-        tmp = path.with_name(name + ".tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_file(self.run_dir / name) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(columns)
             w.writerows([format_value(row[c]) for c in columns] for row in rows)
-        os.replace(tmp, path)
 
     def truncate(self, step: int) -> None:
         """Drop csv rows after `step`: a resumed run rewrites what the killed one logged past its checkpoint."""
@@ -83,10 +80,8 @@ class RunLog:
             with open(path, newline="") as f:
                 rows = list(csv.reader(f))
             kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-            tmp = path.with_name(name + ".tmp")
-            with open(tmp, "w", newline="") as f:
+            with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
                 csv.writer(f).writerows(kept)
-            os.replace(tmp, path)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from axiom.config import TrainConfig
-from axiom.model.transformer import IGNORE_INDEX
+from axiom.model.loss import IGNORE_INDEX
 from axiom.runtime import autocast
 
 

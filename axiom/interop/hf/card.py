@@ -6,7 +6,7 @@ import csv
 import math
 from pathlib import Path
 
-from axiom.config import Config
+from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
 from axiom.model.transformer import num_params
 
@@ -47,61 +47,12 @@ def _table(rows: list[tuple[str, object]]) -> str:
 
 
 def model_card(cfg: Config, meta: dict, fmt: str, dtype: str, evals: dict | None, name: str) -> str:
-    m, t = cfg.model, cfg.train
-    remote = ", trust_remote_code=True" if fmt == "axiom" else ""
-    arch = _table(
-        [
-            ("parameters", f"{num_params(m):,} ({num_params(m, non_embedding=True):,} non-embedding)"),
-            ("layers", m.n_layers),
-            ("hidden size", m.d_model),
-            ("attention heads / KV heads", f"{m.n_heads} / {m.n_kv_heads} (grouped-query)"),
-            ("head dim", m.head_dim),
-            ("SwiGLU width", m.ffn_dim),
-            ("vocabulary", f"{m.vocab_size:,} (tiktoken cl100k_base, EOS <\\|endoftext\\|> = 100257)"),
-            ("context", m.max_seq_len),
-            ("positions", f"RoPE, theta {m.rope_theta:g}"),
-            ("norm", f"RMSNorm, eps {m.norm_eps:g}"),
-            ("tied embeddings", "yes" if m.tie_embeddings else "no"),
-            ("biases", "none"),
-        ]
-    )
-    training = _table(
-        [
-            ("optimizer steps done", f"{meta.get('step', 'not recorded')}"),
-            ("tokens seen", f"{meta['tokens']:,}" if isinstance(meta.get("tokens"), int) else "not recorded"),
-            ("planned", f"{t.steps:,} steps × {t.tokens_per_step:,} tokens = {t.planned_tokens:,} tokens"),
-            ("batch", f"{t.micro_batch_size} × {t.seq_len} tokens × {t.grad_accum_steps} accumulation steps"),
-            ("optimizer", f"{t.optimizer}, betas ({t.beta1}, {t.beta2}), weight decay {t.weight_decay}"),
-            (
-                "learning rate",
-                f"{t.lr_max:g} peak, {t.warmup_steps} warmup steps, cosine to {t.lr_min:g} "
-                f"over the final {t.decay_fraction:.0%} of steps",
-            ),
-            ("gradient clipping", t.grad_clip or "off"),
-            ("precision", t.dtype),
-            ("seed", t.seed),
-        ]
-    )
+    """README.md of an export of format `fmt` in `dtype`: usage, architecture, data, training, evaluation, limits."""
+    remote, code = _loading(fmt)
+    m = cfg.model
+    arch, training, evaluation = _architecture(m), _training(cfg.train, meta), _evaluation(evals)
     data = _describe_data(meta.get("data"))
-    if meta.get("chat_template"):  # fine-tuned on chat data (docs/finetuning.md)
-        kind = (
-            "It was fine-tuned on chat data: prompt it through its chat template (ChatML, "
-            "`tokenizer.apply_chat_template`; replies end at <|im_end|>); it is not aligned for safety"
-        )
-        per = "reply token: the loss is on assistant replies only"
-    else:
-        kind, per = "It is a base model: not instruction-tuned, not aligned for safety", "token"
-    if evals:
-        rows = [
-            f"| {label} | {r['step']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
-            + (f"{r['val_bpb']:.4f} |" if r["val_bpb"] is not None else "– |")
-            for label, r in evals.items()
-        ]
-        evaluation = "\n".join(
-            ["| | step | val loss | val perplexity | val bits/byte |", "|---|---|---|---|---|", *rows]
-        )
-    else:
-        evaluation = "No eval.csv was found for this checkpoint, so no validation figures are reported."
+    kind, per = _kind(meta)
     return f"""---
 license: apache-2.0
 library_name: transformers
@@ -124,12 +75,7 @@ ids = tokenizer("The meaning of life is", return_tensors="pt").input_ids
 print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))
 ```
 
-{
-        "The folder carries its modelling code (`configuration_axiom.py`, `modeling_axiom.py`), loaded with "
-        "`trust_remote_code=True`; it imports only torch and transformers."
-        if fmt == "axiom"
-        else "The weights are a native `LlamaForCausalLM`: no remote code is needed."
-    }
+{code}
 
 ## Architecture
 
@@ -160,6 +106,78 @@ and it will produce fluent but false, biased or offensive text. It saw mostly En
 so other languages and specialised domains are weak. Context is limited to {m.max_seq_len} tokens. Do not use
 it for decisions about people or as a source of facts.
 """
+
+
+def _loading(fmt: str) -> tuple[str, str]:
+    """from_pretrained's extra argument for format `fmt`, and a sentence on the modelling code it needs."""
+    if fmt == "axiom":
+        code = (
+            "The folder carries its modelling code (`configuration_axiom.py`, `modeling_axiom.py`), loaded with "
+            "`trust_remote_code=True`; it imports only torch and transformers."
+        )
+        return ", trust_remote_code=True", code
+    return "", "The weights are a native `LlamaForCausalLM`: no remote code is needed."
+
+
+def _kind(meta: dict) -> tuple[str, str]:
+    """What the model is, and what its validation loss is counted per."""
+    if meta.get("chat_template"):  # fine-tuned on chat data (docs/finetuning.md)
+        kind = (
+            "It was fine-tuned on chat data: prompt it through its chat template (ChatML, "
+            "`tokenizer.apply_chat_template`; replies end at <|im_end|>); it is not aligned for safety"
+        )
+        return kind, "reply token: the loss is on assistant replies only"
+    return "It is a base model: not instruction-tuned, not aligned for safety", "token"
+
+
+def _architecture(m: ModelConfig) -> str:
+    return _table(
+        [
+            ("parameters", f"{num_params(m):,} ({num_params(m, non_embedding=True):,} non-embedding)"),
+            ("layers", m.n_layers),
+            ("hidden size", m.d_model),
+            ("attention heads / KV heads", f"{m.n_heads} / {m.n_kv_heads} (grouped-query)"),
+            ("head dim", m.head_dim),
+            ("SwiGLU width", m.ffn_dim),
+            ("vocabulary", f"{m.vocab_size:,} (tiktoken cl100k_base, EOS <\\|endoftext\\|> = 100257)"),
+            ("context", m.max_seq_len),
+            ("positions", f"RoPE, theta {m.rope_theta:g}"),
+            ("norm", f"RMSNorm, eps {m.norm_eps:g}"),
+            ("tied embeddings", "yes" if m.tie_embeddings else "no"),
+            ("biases", "none"),
+        ]
+    )
+
+
+def _training(t: TrainConfig, meta: dict) -> str:
+    return _table(
+        [
+            ("optimizer steps done", f"{meta.get('step', 'not recorded')}"),
+            ("tokens seen", f"{meta['tokens']:,}" if isinstance(meta.get("tokens"), int) else "not recorded"),
+            ("planned", f"{t.steps:,} steps × {t.tokens_per_step:,} tokens = {t.planned_tokens:,} tokens"),
+            ("batch", f"{t.micro_batch_size} × {t.seq_len} tokens × {t.grad_accum_steps} accumulation steps"),
+            ("optimizer", f"{t.optimizer}, betas ({t.beta1}, {t.beta2}), weight decay {t.weight_decay}"),
+            (
+                "learning rate",
+                f"{t.lr_max:g} peak, {t.warmup_steps} warmup steps, cosine to {t.lr_min:g} "
+                f"over the final {t.decay_fraction:.0%} of steps",
+            ),
+            ("gradient clipping", t.grad_clip or "off"),
+            ("precision", t.dtype),
+            ("seed", t.seed),
+        ]
+    )
+
+
+def _evaluation(evals: dict | None) -> str:
+    if not evals:
+        return "No eval.csv was found for this checkpoint, so no validation figures are reported."
+    rows = [
+        f"| {label} | {r['step']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
+        + (f"{r['val_bpb']:.4f} |" if r["val_bpb"] is not None else "– |")
+        for label, r in evals.items()
+    ]
+    return "\n".join(["| | step | val loss | val perplexity | val bits/byte |", "|---|---|---|---|---|", *rows])
 
 
 def _describe_data(data: dict | None) -> str:

@@ -1,4 +1,4 @@
-"""Hugging Face model folders on disk: config.json in either format, safetensors weights, atomic output.
+"""Hugging Face model folders on disk: config.json in either format, safetensors weights.
 
 Reading a folder checks everything before converting: the architecture, the config fields Axiom can
 represent, and every tensor's name and shape, so that bad input fails with one message naming the problem.
@@ -6,10 +6,7 @@ represent, and every tensor's name and shape, so that bad input fails with one m
 
 from __future__ import annotations
 
-import contextlib
 import math
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -17,21 +14,10 @@ from torch import Tensor
 
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
-from axiom.files import (
-    check_replaceable,
-    describe_missing,
-    member,
-    output_lock,
-    read_json,
-    remove_stale_temps,
-    replace_dir,
-    restore_dir,
-    temp_path,
-    write_errors,
-    write_marker,
-)
+from axiom.files import describe_missing, member, read_json
 from axiom.interop.hf.names import AXIOM_CONFIG, LLAMA_CONFIG, LLAMA_NAMES, from_llama, to_llama
-from axiom.model.checkpoint import EMBED, check_finite, check_tensors, expected_tensors, untie
+from axiom.model.checkpoint import check_finite, check_tensors, expected_tensors
+from axiom.model.transformer import EMBED, untie
 from axiom.text.tokenizer import EOS_ID
 
 CONFIG = "config.json"
@@ -207,32 +193,3 @@ def read_folder(directory: str | Path) -> tuple[str, Config, dict[str, Tensor], 
     check_finite(raw, str(directory))
     state = from_llama(raw, m)[0] if fmt == "llama" else raw
     return fmt, cfg, {k: v.float() for k, v in state.items()}, progress
-
-
-def check_out(out: str | Path, force: bool, command: str = "export") -> Path:
-    """Refuse an output folder that `axiom COMMAND` must not replace (see `axiom.files.check_replaceable`):
-    a file, a non-empty folder without `force`, and with `force` any folder another command wrote. Call it before
-    slow work; `staged_dir` checks again under the lock."""
-    return check_replaceable(out, command, force)
-
-
-@contextlib.contextmanager
-def staged_dir(out: str | Path, force: bool, command: str = "export") -> Iterator[Path]:
-    """Yield a fresh temporary folder `.NAME.tmp-PID` beside `out`; on success it is marked as written by
-    `axiom COMMAND` and replaces `out` in one rename. `out` is locked meanwhile; a full or read-only target is one
-    AxiomError; on any failure `out` is left as it was. Stale temporaries of dead processes are removed first."""
-    out = check_out(out, force, command)
-    with write_errors(out, "nothing was replaced; fix that and run the command again"), output_lock(out, command):
-        check_out(out, force, command)  # again: another command may have written it meanwhile
-        restore_dir(out)
-        remove_stale_temps(out)
-        tmp = temp_path(out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            yield tmp
-            write_marker(tmp, command)
-            replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise

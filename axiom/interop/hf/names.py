@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from axiom.config import ModelConfig
+from axiom.model.transformer import is_stored
 
 # Axiom name -> Llama name(s); a fused Axiom weight is its Llama parts concatenated along dim 0, in order.
 LLAMA_NAMES: dict[str, tuple[str, ...]] = {
@@ -58,7 +59,7 @@ def llama_names(m: ModelConfig) -> dict[str, tuple[str, ...]]:
     """The name map with layer indices filled in, for the tensors a checkpoint of `m` stores."""
     names = {}
     for ours, theirs in LLAMA_NAMES.items():
-        if ours == "lm_head.weight" and m.tie_embeddings:
+        if not is_stored(ours, m.tie_embeddings):
             continue
         for i in range(m.n_layers) if "{i}" in ours else [None]:
             names[ours.format(i=i)] = tuple(t.format(i=i) for t in theirs)

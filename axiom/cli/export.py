@@ -1,0 +1,50 @@
+"""`axiom export`: a checkpoint as a Hugging Face folder (remote code or Llama) or a GGUF file
+(axiom.interop.export)."""
+
+from __future__ import annotations
+
+import argparse
+
+from axiom.interop.export import FORMAT_DTYPES, SPELLINGS, export, long_name, resolve_dtype
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory (model.safetensors + config.json)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="folder to write: absent or empty (or see --force), outside the checkpoint's run; gguf: a file, e.g. "
+        "model.gguf",
+    )
+    parser.add_argument(
+        "--format",
+        default="axiom",
+        choices=list(FORMAT_DTYPES),
+        help="axiom: Axiom's code as transformers remote code (default); llama: native LlamaForCausalLM; "
+        "gguf: one file for llama.cpp, Ollama and LM Studio",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="f32",
+        choices=list(SPELLINGS),
+        metavar="DTYPE",
+        help="weights: f32 (= float32, default) or bf16 (= bfloat16) for every format; "
+        "f16 (= float16) or q8_0 (8-bit blocks) for gguf",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it is an earlier axiom export (a folder, or for gguf a GGUF file; never anything else)",
+    )
+    parser.add_argument("--eval-csv", help="the run's eval.csv for the model card (default: found next to --ckpt)")
+
+
+def run(args: argparse.Namespace) -> None:
+    out = export(args.ckpt, args.out, args.format, args.dtype, args.force, args.eval_csv)
+    dtype = resolve_dtype(args.format, args.dtype)
+    print(f"exported {args.ckpt} -> {out} ({args.format}, {long_name(dtype)})")
+    if args.format == "gguf":
+        print(f"run with: llama-completion -m {out} -p 'The meaning of life is' -n 40 -no-cnv")
+        return
+    remote = ", trust_remote_code=True" if args.format == "axiom" else ""
+    print(f"load with: AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})")

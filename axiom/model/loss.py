@@ -1,0 +1,154 @@
+"""The output layer's arithmetic: logits for a few rows on CPU, and the chunked cross-entropy that never holds
+(N, V) float32 logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100  # a target the loss leaves out (masked chat tokens, padding)
+
+
+def output_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """x (..., d) @ weight.T -> logits (..., V).
+
+    On CPU a handful of rows (decoding) takes MKL's matrix-vector path, which runs on one core far below
+    memory bandwidth; the same dot products as a batched matmul over row blocks of the table use every core
+    (docs/benchmarks.md, "Few-row logits on CPU")."""
+    rows, (V, d) = x.numel() // x.shape[-1], weight.shape
+    if x.device.type != "cpu" or rows > 16:  # MKL's matrix-matrix path is efficient on its own
+        return F.linear(x, weight)
+    blocks = row_blocks(V)
+    xt = x.reshape(rows, d).t()  # (d, rows)
+    per = V // blocks
+    out = torch.bmm(weight[: blocks * per].view(blocks, per, d), xt.expand(blocks, d, rows))  # (blocks, per, rows)
+    out = out.permute(2, 0, 1).reshape(rows, blocks * per)
+    if blocks * per < V:  # a vocabulary without a divisor in range: the last rows separately
+        out = torch.cat([out, xt.t() @ weight[blocks * per :].t()], dim=1)
+    return out.view(*x.shape[:-1], V)
+
+
+def row_blocks(V: int) -> int:
+    """A block count in [16, 256] that divides V (100,277 = 149 x 673), so no remainder needs copying in;
+    16 otherwise."""
+    return next((b for b in range(16, 257) if V % b == 0), 16)
+
+
+class LossWorkspace:
+    """The chunked loss's (n, V) float32 block on CPU, kept between steps by its owner (each `Axiom` has one).
+
+    glibc hands blocks this large back to the OS on free, so a fresh block of hundreds of MB per step would cost a
+    page fault per 4 KB plus kernel zeroing (docs/benchmarks.md, "Chunked loss on CPU keeps its block"). The block
+    is taken out while in use, so a concurrent caller simply allocates its own."""
+
+    def __init__(self) -> None:
+        self.block: Tensor | None = None
+
+    def take(self, numel: int) -> Tensor:
+        """The kept block if it holds `numel` values, else a new one; the workspace is empty until `keep`."""
+        block, self.block = self.block, None
+        return block if block is not None and block.numel() >= numel else torch.empty(numel, dtype=torch.float32)
+
+    def keep(self, block: Tensor) -> None:
+        self.block = block
+
+    def release(self) -> None:
+        """Free the kept block (a new one is made at the next CPU training step)."""
+        self.block = None
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` without holding (N, V) fp32 logits.
+
+    The forward pass walks the rows in chunks, and for each chunk computes the loss and at once its
+    gradients with respect to the hidden states and the weight (softmax - one_hot). Backward then only
+    scales the stored gradients, so no logits are kept and none are recomputed.
+
+    Each chunk touches one (n, V) fp32 block only: log-softmax and exp run in place on it, and the
+    per-row factor valid / n_valid is applied to the small (n, d) operands instead of the block.
+    Under autocast the table is cast to the low-precision dtype once, not once per chunk and matmul.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        chunk: int,
+        ignore_index: int,
+        workspace: LossWorkspace | None,
+    ) -> Tensor:
+        n_valid = (targets != ignore_index).sum().clamp(min=1)
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_weight = (
+            torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if weight.requires_grad else None
+        )
+        device_type = hidden.device.type
+        low = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        w = weight.to(low) if low is not None else weight
+        V = weight.shape[0]
+        fp32_cpu = device_type == "cpu" and low is None and hidden.dtype == weight.dtype == torch.float32
+        block = workspace.take(min(chunk, hidden.shape[0]) * V) if fp32_cpu and workspace is not None else None
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s : s + chunk], targets[s : s + chunk]
+            h = h.to(low) if low is not None else h
+            rows = torch.arange(len(t), device=t.device)
+            valid = t != ignore_index
+            safe_t = t.clamp(min=0)
+            if block is not None:
+                logp = torch.mm(h, w.t(), out=block[: len(t) * V].view(len(t), V))  # (n, V)
+            else:
+                logp = (h @ w.t()).float()  # (n, V)
+            torch.log_softmax(logp, dim=-1, out=logp)
+            loss -= (logp[rows, safe_t] * valid).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d(mean loss)/d logits = (softmax - one_hot) * valid / n_valid
+            g = logp.exp_()
+            g[rows, safe_t] -= 1.0
+            g = g.to(h.dtype)
+            del logp  # under autocast g is a low-precision copy: free the fp32 block before the matmuls
+            scale = (valid / n_valid).to(h.dtype)[:, None]  # (n, 1)
+            if grad_hidden is not None:
+                grad_hidden[s : s + chunk] = (g @ w) * scale
+            if grad_weight is None:
+                continue
+            if low is None:
+                grad_weight.addmm_(g.t(), h * scale)  # accumulates without a (V, d) temporary
+            else:
+                grad_weight += g.t() @ (h * scale)  # low-precision product, fp32 sum, no fp32 (V, d) temporary
+        if block is not None:
+            workspace.keep(block)
+        # Kept on ctx, not saved for backward: they are this function's own buffers, scaled in place once.
+        ctx.grads = (grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if ctx.grads is None:
+            raise RuntimeError("chunked_cross_entropy supports one backward pass per forward (no retain_graph)")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        # In place: no second (V, d) table of gradients allocated per step.
+        gh = grad_hidden.mul_(grad_out.to(grad_hidden.dtype)) if grad_hidden is not None else None
+        gw = grad_weight.mul_(grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None, None, None, None
+
+
+def chunked_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    chunk: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    workspace: LossWorkspace | None = None,
+) -> Tensor:
+    """Mean cross-entropy of logits `hidden @ weight.T` (hidden (N, d), weight (V, d), targets (N,)). `workspace`:
+    where a float32 CPU call keeps its (n, V) block for the next (eager mode only); without, each call makes its
+    own."""
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index, workspace)
