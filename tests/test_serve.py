@@ -199,7 +199,7 @@ def test_chat_without_a_template_is_refused_in_one_error(server):
 
 
 def test_chat_with_the_chatml_template(ckpt, tmp_path):
-    import axiom.data.chat as chat
+    import axiom.text.chatml as chat
 
     chat_ckpt = tmp_path / "chat_ckpt"
     chat_ckpt.mkdir()

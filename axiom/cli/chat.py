@@ -16,11 +16,11 @@ from collections.abc import Iterator
 
 from axiom.cli.args import add_inference_arguments, add_sampling_arguments, check_sampling_flags
 from axiom.cli.generate import load_for_inference, token_bytes
-from axiom.data.chat import IM_END, IM_START, TEMPLATE_NAME, encode_chat
 from axiom.errors import AxiomError
 from axiom.infer.engine import Engine
 from axiom.infer.generate import SamplingParams, stream
 from axiom.model.transformer import Axiom
+from axiom.text.chatml import IM_END, IM_START, TEMPLATE_NAME, encode_chat, is_chat_tuned
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 STOP = (IM_END, IM_START, EOS_ID)  # the end of the turn; a new turn or EOS also ends it
@@ -93,7 +93,7 @@ class Chat:
 def run(args: argparse.Namespace) -> int:
     check_sampling_flags(SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed))
     model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
-    if meta.get("chat_template") != TEMPLATE_NAME:
+    if not is_chat_tuned(meta):
         print(
             f'notice: {args.ckpt} was not fine-tuned on chat data (no "chat_template": "{TEMPLATE_NAME}" in its '
             "config.json); its replies will not follow the conversation",

@@ -38,6 +38,7 @@ from axiom.cli.generate import load_for_inference, token_bytes
 from axiom.errors import AxiomError
 from axiom.infer.engine import Engine, Request, SamplingParams
 from axiom.model.transformer import Axiom
+from axiom.text.chatml import IM_END, encode_chat
 from axiom.text.tokenizer import load_tokenizer
 
 log = logging.getLogger("axiom.infer.serve")
@@ -378,8 +379,6 @@ def _chat_prompt(body: dict, service: Service, stop_ids: list[int]) -> list[int]
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ApiError(400, f"messages[{i}]: expected {{'role': string, 'content': string}}", "messages")
-    from axiom.data.chat import encode_chat  # helper `chat`'s module: imported only for a chat-tuned checkpoint
-
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     try:
         return list(encode_chat(messages, add_generation_prompt=True).ids)
@@ -388,8 +387,6 @@ def _chat_prompt(body: dict, service: Service, stop_ids: list[int]) -> list[int]
 
 
 def _chat_stop_ids() -> list[int]:
-    from axiom.data.chat import IM_END
-
     return [IM_END]
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from axiom.data.chat import IM_END
 from axiom.errors import AxiomError
 from axiom.files import check_no_overlap, describe_missing, output_lock, remove_stale_temps, write_errors
 from axiom.interop.gguf import chat_template, check_out_file, write_gguf
@@ -33,6 +32,7 @@ from axiom.interop.hf.folder import CONFIG, WEIGHTS, check_out, hf_config, stage
 from axiom.interop.hf.names import to_llama
 from axiom.interop.hf.tokenizer import write_tokenizer
 from axiom.model.checkpoint import load_model, run_dir_of, save_safetensors, stored_tensors
+from axiom.text.chatml import IM_END
 from axiom.text.tokenizer import EOS_ID
 
 REMOTE_CODE = Path(__file__).parent / "hf" / "remote"

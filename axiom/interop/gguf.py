@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from axiom.config import ModelConfig
-from axiom.data.chat import CHAT_TEMPLATE, IM_END, IM_START
 from axiom.errors import AxiomError
 from axiom.files import temp_path
 from axiom.interop.hf.names import to_llama
 from axiom.interop.hf.tokenizer import tokenizer_json
+from axiom.text.chatml import CHAT_TEMPLATE, IM_END, IM_START, is_chat_tuned
 from axiom.text.tokenizer import EOS_ID, VOCAB_SIZE
 
 ARCH = "llama"
@@ -136,12 +136,7 @@ def vocabulary(vocab_size: int, chat: bool) -> tuple[list[str], list[int], list[
 
 def chat_template(meta: dict) -> str | None:
     """The Jinja chat template for a checkpoint whose config.json says "chat_template": "chatml", else None."""
-    kind = meta.get("chat_template")
-    if kind is None:
-        return None
-    if kind != "chatml":
-        raise AxiomError(f"checkpoint config.json: chat_template {kind!r} is not known; Axiom writes 'chatml'")
-    return CHAT_TEMPLATE
+    return CHAT_TEMPLATE if is_chat_tuned(meta) else None
 
 
 def check_out_file(out: str | Path, force: bool) -> Path:

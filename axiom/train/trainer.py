@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from axiom.config import Config, TrainConfig
-from axiom.data.chat import TEMPLATE_NAME
 from axiom.data.loader import TrainLoader, data_kind
 from axiom.data.packing import ChatLoader
 from axiom.errors import AxiomError
@@ -40,6 +39,7 @@ from axiom.model.checkpoint import (
 )
 from axiom.model.transformer import IGNORE_INDEX, Axiom, flops_per_token, num_params
 from axiom.runtime import autocast, gpu_peak_flops
+from axiom.text.chatml import TEMPLATE_NAME
 from axiom.text.tokenizer import EOS_ID
 from axiom.train.optim import build_optimizer, lr_at
 from axiom.train.parallel import Dist, full_state, load_optimizer_state, parallelize, set_model_state

@@ -9,6 +9,7 @@ from pathlib import Path
 from axiom.config import Config
 from axiom.errors import AxiomError
 from axiom.model.transformer import num_params
+from axiom.text.chatml import is_chat_tuned
 
 
 def find_eval_csv(ckpt: Path) -> Path | None:
@@ -83,7 +84,7 @@ def model_card(cfg: Config, meta: dict, fmt: str, dtype: str, evals: dict | None
         ]
     )
     data = _describe_data(meta.get("data"))
-    if meta.get("chat_template"):  # fine-tuned on chat data (docs/finetuning.md)
+    if is_chat_tuned(meta):  # fine-tuned on chat data (docs/finetuning.md)
         kind = (
             "It was fine-tuned on chat data: prompt it through its chat template (ChatML, "
             "`tokenizer.apply_chat_template`; replies end at <|im_end|>); it is not aligned for safety"
