@@ -23,7 +23,6 @@ import zstandard
 from safetensors.torch import load_file
 
 from axiom.cli import main
-from axiom.cli.chat import Chat
 from axiom.config import Config, get_config
 from axiom.data import prepare as prep
 from axiom.data import sources
@@ -32,6 +31,7 @@ from axiom.data.loader import read_manifest
 from axiom.data.packing import ChatLoader, Conversations, chat_eval_batches, pack
 from axiom.errors import AxiomError
 from axiom.eval.loss import evaluate
+from axiom.infer.chat import Chat
 from axiom.model.checkpoint import list_checkpoints, load_model, read_meta, save_model
 from axiom.model.transformer import IGNORE_INDEX, Axiom
 from axiom.text.chatml import IM_END, IM_START, encode_chat, render

@@ -26,11 +26,11 @@ import pytest
 import torch
 
 from axiom.cli import main
-from axiom.cli.generate import token_bytes
 from axiom.config import get_config
 from axiom.infer.generate import generate
 from axiom.model.checkpoint import load_model, save_model
 from axiom.model.transformer import Axiom
+from axiom.text.stream import token_bytes
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 openai = pytest.importorskip("openai")

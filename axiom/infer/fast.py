@@ -33,7 +33,9 @@ from torch import Tensor, nn
 
 from axiom.errors import AxiomError
 from axiom.infer import kernels
+from axiom.model.checkpoint import load_model
 from axiom.model.transformer import Axiom, Block, KVCache, output_logits
+from axiom.runtime import pick_device
 
 INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
 
@@ -278,3 +280,10 @@ class Int8Embedding(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.q[tokens].to(self.act_dtype) * self.scale[tokens, None]
+
+
+def load_for_inference(ckpt: str, device: str | None, dtype: str) -> tuple[Axiom, dict]:
+    """A checkpoint's model on `device` (--device: None picks one), readied for decoding in `dtype`
+    (`prepare_model`), and its config.json."""
+    model, _, meta = load_model(ckpt, pick_device(device))
+    return prepare_model(model, dtype), meta

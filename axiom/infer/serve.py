@@ -34,11 +34,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from axiom.cli.args import add_inference_arguments
-from axiom.cli.generate import load_for_inference, token_bytes
 from axiom.errors import AxiomError
 from axiom.infer.engine import Engine, Request, SamplingParams
+from axiom.infer.fast import load_for_inference
 from axiom.model.transformer import Axiom
 from axiom.text.chatml import IM_END, encode_chat
+from axiom.text.stream import token_bytes
 from axiom.text.tokenizer import load_tokenizer
 
 log = logging.getLogger("axiom.infer.serve")
