@@ -351,7 +351,8 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(ckpt, tmp_path):
 
 def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_starts_afresh(ckpt):
     from axiom.infer.engine import SamplingParams
-    from axiom.infer.serve import ApiError, Job, Service
+    from axiom.infer.openai_api import ApiError
+    from axiom.infer.serve import Job, Service
 
     model = load_model(ckpt)[0].eval()
     service = Service(model, "m", None, max_batch=2, max_queue=0, compile=False)
