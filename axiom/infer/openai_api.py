@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from axiom.infer.engine import SamplingParams
-from axiom.text.chatml import IM_END, TEMPLATE_NAME, encode_chat
-from axiom.text.tokenizer import EOS_ID, load_tokenizer
+from axiom.text.chatml import TEMPLATE_NAME, encode_chat
+from axiom.text.stream import stop_ids
+from axiom.text.tokenizer import load_tokenizer
 
 UNSUPPORTED = ("echo", "logprobs", "suffix", "tools", "functions")
 
@@ -64,8 +65,7 @@ def check_request(body: dict, model: ServedModel, chat: bool) -> Spec:
     _check_model(body, model)
     prompt, max_tokens = _chat_prompt(body, model) if chat else _completion_prompt(body)
     _check_length(body, prompt, max_tokens, model.context, chat)
-    stop_ids = (EOS_ID, IM_END) if chat else (EOS_ID,)
-    params = _sampling(body, max_tokens, model.context - len(prompt), stop_ids)
+    params = _sampling(body, max_tokens, model.context - len(prompt), stop_ids(chat))
     stop = _field(body, "stop", (str, list), default=[], what="a string or a list of strings")
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
