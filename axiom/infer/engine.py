@@ -17,7 +17,8 @@ Two ways to run a step:
   a later engine of the same shape reuses the compiled code (on a GPU it records its CUDA graphs afresh).
 
 The caches and compiled steps belong to the engine: two engines on one model never share state, and one engine
-must be driven from one thread (axiom/serve.py runs it in its own thread; axiom.infer.generate.stream steps it inline).
+must be driven from one thread (axiom/infer/serve.py runs it in its own thread; axiom.infer.generate.stream steps it
+inline).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from axiom.model.transformer import Axiom, KVCache, row_blocks
-from axiom.runtime import persistent_compile_cache
+from axiom.runtime import compile_cache_dir, persistent_compile_cache
 
 
 def logits_to_probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
@@ -179,6 +180,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self._ids = itertools.count()
         self._compiled: dict[Callable, Callable] = {}
+        # compiled once per machine: later engines and runs load the compiled steps from this folder
+        self._compile_cache = compile_cache_dir() if compile else None
         self._views: dict[int, KVCache] = {}
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Request:
@@ -290,20 +293,21 @@ class Engine:
         else:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
             if greedy_only:  # the pick inside the graph: no logits leave it
-                picked = self._compiled_step(decode_greedy)(self.model, ids, self.cache)[0]
+                picked = self._run_compiled(decode_greedy, self.model, ids, self.cache)[0]
                 self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
                 return picked[:n].tolist()
-            logits = self._compiled_step(decode_one_and_hidden)(self.model, ids, self.cache)[0]
+            logits = self._run_compiled(decode_one_and_hidden, self.model, ids, self.cache)[0]
         self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
         return self._pick(logits[:n], rows)
 
-    def _compiled_step(self, step: Callable) -> Callable:
-        """`step` through torch.compile: fused kernels, and CUDA graphs on a GPU ("reduce-overhead"), which
-        replay a whole step with one launch. Built on first use."""
+    def _run_compiled(self, step: Callable, *args) -> tuple[Tensor, Tensor]:
+        """`step(*args)` through torch.compile: fused kernels, and CUDA graphs on a GPU ("reduce-overhead"), which
+        replay a whole step with one launch. Compiled on first use, inside the call, as is any recompilation: hence
+        the compile cache's folder around every call."""
         if step not in self._compiled:
-            persistent_compile_cache()  # compiled once per machine: later runs load it from disk
             self._compiled[step] = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-        return self._compiled[step]
+        with persistent_compile_cache(self._compile_cache):
+            return self._compiled[step](*args)
 
     def _pick(self, logits: Tensor, rows: list[Request]) -> list[int]:
         """(n, V) logits -> the next token of each of the n requests, each with its own sampling parameters:
