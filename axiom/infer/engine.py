@@ -68,14 +68,15 @@ def sample(
 
 
 def greedy(logits: Tensor) -> Tensor:
-    """(B, V) -> (B,) index of the first maximum, as `argmax`. On CPU `argmax` over 100k entries is a scalar loop
-    (~50 us); the vectorised block maxima, then one block's argmax, give the same index in ~15 us."""
+    """(B, V) -> (B,) index of the first maximum, as `argmax`. On CPU `argmax` over 100k entries is a scalar loop;
+    the vectorised block maxima, then one block's argmax, give the same index in a third of the time
+    (docs/benchmarks.md, "What each optimisation changed")."""
     B, V = logits.shape
     blocks = row_blocks(V)
     if logits.device.type != "cpu" or V % blocks:
         return logits.argmax(dim=-1)
     # Several rows of `output_logits` come as a transposed view (stride (1, B)): reducing along its rows strides
-    # through memory (19 ms for 16 rows of 100k on the 2-core VM); one copy first costs ~1 ms.
+    # through memory, far slower than one contiguous copy first.
     grid = logits.contiguous().view(B, blocks, V // blocks)
     block = grid.amax(dim=-1).argmax(dim=-1)  # (B,) first block holding the maximum
     within = grid[torch.arange(B, device=logits.device), block].argmax(dim=-1)  # first position inside it
@@ -90,14 +91,14 @@ def decode_one(model: Axiom, ids: Tensor, cache: KVCache) -> Tensor:
 def decode_one_and_hidden(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
     """`decode_one`, plus the final hidden states (B, 1, d) as a second output: what gets compiled. A graph
     output is stored once; otherwise inductor inlines the final norm into its loop over the output layer's
-    rows and recomputes it for each of the V rows (0.28 -> 0.23 ms per token on tiny, docs/benchmarks.md)."""
+    rows and recomputes it for each of the V rows (docs/benchmarks.md)."""
     x = model.hidden_states(ids[:, None], cache=cache, last_only=True)
     return model.logits(x)[:, -1], x
 
 
 def decode_greedy(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
     """`decode_one_and_hidden` with the greedy pick: (B,) next ids and the hidden states. Compiled, the pick
-    runs inside the graph (~25 us less per token on tiny than `greedy` after it)."""
+    runs inside the graph and only the ids leave it (docs/benchmarks.md)."""
     logits, x = decode_one_and_hidden(model, ids, cache)
     return greedy(logits), x
 

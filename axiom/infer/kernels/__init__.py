@@ -2,10 +2,10 @@
 (and float32 prompts' products in register tiles), and the rest of a one-token step in a few calls (RMSNorm, RoPE +
 cache write + attention, SwiGLU's gate).
 
-`available()` builds them once with torch.utils.cpp_extension (a C++ compiler and ninja are needed; ~30 s on 2
-cores; cached under torch's extensions folder, `TORCH_EXTENSIONS_DIR`, and loaded in ~0.1 s afterwards) and
-registers `torch.ops.axiom_decode.linear`, `linear_int8`, `decode_attention`, `rms_norm` and `silu_mul` with shape
-functions, so torch.compile can trace through them. Where they cannot be had (not x86-64 with AVX-512, no
+`available()` builds them once with torch.utils.cpp_extension (a C++ compiler and ninja are needed; the build is
+cached under torch's extensions folder, `TORCH_EXTENSIONS_DIR`, and later processes only load it) and registers
+`torch.ops.axiom_decode.linear`, `linear_int8`, `decode_attention`, `rms_norm` and `silu_mul` with shape functions,
+so torch.compile can trace through them. Where they cannot be had (not x86-64 with AVX-512, no
 compiler, a failed build, or `AXIOM_DECODE_KERNELS=0`), `available()` is False and the callers use torch's own
 kernels: same results to float32 rounding, slower (docs/benchmarks.md, "Decoding at the bandwidth limit").
 """
