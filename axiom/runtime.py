@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -61,14 +62,41 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     return next((tf * 1e12 for key, tf in GPU_BF16_PEAK_TFLOPS if key in name), None)
 
 
-def persistent_compile_cache(folder: str | Path | None = None) -> Path:
-    """Keep torch.compile's caches (inductor's FX graph cache, AOTAutograd's) in a folder that outlives the process
-    and a reboot, so that a compiled decoding step is compiled once per machine: later runs load it (~10x faster
-    than compiling, docs/benchmarks.md). Sets TORCHINDUCTOR_CACHE_DIR unless the user has (then that folder is
-    kept); `folder` defaults to ~/.cache/axiom/inductor. Call before the first compile; returns the folder."""
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """The environment variable `name` set to `value` within the block and restored after: for a tool that reads a
+    variable at use and takes no argument for it (ninja found through PATH, inductor's cache folder)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def compile_cache_dir(folder: str | Path | None = None) -> Path:
+    """A folder for torch.compile's caches that outlives the process and a reboot, so that a compiled decoding step
+    is compiled once per machine and later runs load it (docs/benchmarks.md): the user's TORCHINDUCTOR_CACHE_DIR
+    when set, else `folder` (default ~/.cache/axiom/inductor), created.
+
+    Importing torch._dynamo writes inductor's default folder (in the temporary folder, emptied at reboot) into
+    TORCHINDUCTOR_CACHE_DIR; the variable naming that folder is taken as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # imports inductor: only when compiling
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is not None and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return Path(chosen)
     path = Path(folder) if folder is not None else Path.home() / ".cache" / "axiom" / "inductor"
     path.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # inductor reads it at each cache access
     return path
+
+
+def persistent_compile_cache(folder: Path) -> contextlib.AbstractContextManager:
+    """Within the block, torch.compile keeps its caches (inductor's FX graph cache, AOTAutograd's) in `folder`.
+    Inductor has no setting for its cache folder: it reads TORCHINDUCTOR_CACHE_DIR at each cache access, so the
+    variable is set for the block only. Compiling happens inside a call of a compiled function (its first, or a
+    recompilation): wrap those calls."""
+    return environment("TORCHINDUCTOR_CACHE_DIR", str(folder))

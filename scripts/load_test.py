@@ -36,11 +36,12 @@ from pathlib import Path
 import torch
 
 from axiom.cli.args import add_device_argument
-from axiom.cli.generate import load_for_inference, token_bytes
 from axiom.config import get_config
+from axiom.infer.fast import load_for_inference
 from axiom.infer.generate import generate
 from axiom.model.checkpoint import save_weights
 from axiom.model.transformer import Axiom
+from axiom.text.stream import token_bytes
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

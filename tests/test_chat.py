@@ -24,18 +24,19 @@ from conftest import save_model
 from safetensors.torch import load_file
 
 from axiom.cli import main
-from axiom.cli.chat import Chat
 from axiom.config import Config, get_config
 from axiom.data import prepare as prep
 from axiom.data import sources
-from axiom.data.chat import IM_END, IM_START, chat_settings, encode_chat, render
+from axiom.data.chat import chat_settings
 from axiom.data.loader import read_manifest
 from axiom.data.packing import ChatLoader, Conversations, chat_eval_batches, pack
 from axiom.errors import AxiomError
 from axiom.eval.loss import evaluate
+from axiom.infer.chat import Chat
 from axiom.model.checkpoint import list_checkpoints, load_model, read_meta
 from axiom.model.loss import IGNORE_INDEX
 from axiom.model.transformer import Axiom
+from axiom.text.chatml import IM_END, IM_START, encode_chat, render
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 from axiom.train.launch import train
 from axiom.train.step import train_step
@@ -439,9 +440,9 @@ PARITY = [
 @pytest.mark.parametrize("fmt", ["axiom", "llama"])
 def test_export_template_matches_encode_chat_in_transformers_and_stops_at_the_turn(tuned, tmp_path, fmt):
     transformers = pytest.importorskip("transformers", reason="the hf extra is needed: pip install 'axiom-lm[hf]'")
-    from axiom.data.chat import CHAT_TEMPLATE
     from axiom.interop.export import export
     from axiom.interop.importer import import_hf
+    from axiom.text.chatml import CHAT_TEMPLATE
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     out = export(tuned[0] / "checkpoints" / "best", tmp_path / fmt, fmt)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from axiom.cli import main
 from axiom.config import get_config
-from axiom.infer.generate import decode_one, decode_one_and_hidden, generate, greedy
+from axiom.infer.engine import decode_one, decode_one_and_hidden, greedy
+from axiom.infer.generate import generate
 from axiom.model.cache import KVCache
 from axiom.model.loss import LossWorkspace, chunked_cross_entropy, output_logits
 from axiom.model.transformer import Axiom

@@ -195,7 +195,8 @@ def test_chat_template_names_chatml_tokens_and_ends_turns_at_im_end(state):
 
 
 def test_chat_checkpoint_gets_axiom_chat_template(ckpt, tmp_path, monkeypatch):
-    """A checkpoint whose config.json says "chat_template": "chatml" (contract 1) carries axiom.data.chat's template."""
+    """A checkpoint whose config.json says "chat_template": "chatml" (contract 1) carries axiom.text.chatml's
+    template."""
     chat = tmp_path / "chat-ckpt"
     chat.mkdir()
     for f in ckpt.iterdir():
@@ -204,7 +205,7 @@ def test_chat_checkpoint_gets_axiom_chat_template(ckpt, tmp_path, monkeypatch):
     (chat / "config.json").write_text(json.dumps({**meta, "chat_template": "mistral"}))
     with pytest.raises(AxiomError, match="chat_template 'mistral' is not known"):
         export(chat, tmp_path / "x.gguf", "gguf")
-    import axiom.data.chat as module
+    import axiom.text.chatml as module
 
     (chat / "config.json").write_text(json.dumps({**meta, "chat_template": "chatml"}))
     monkeypatch.setattr("axiom.interop.gguf.write_gguf", lambda *args: args)  # what export would write

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ from axiom.infer.fast import (
 from axiom.infer.generate import generate
 from axiom.model.cache import KVCache
 from axiom.model.transformer import Axiom, RMSNorm, apply_rope
-from axiom.runtime import persistent_compile_cache
+from axiom.runtime import compile_cache_dir, persistent_compile_cache
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="decode kernels not buildable here")
 PROMPTS = [[3, 22, 41], [60, 79, 98, 117], [250]]
@@ -208,11 +209,36 @@ def test_compiled_decoding_of_a_prepared_model(trained, dtype):
     assert generate(model, PROMPTS, 12, temperature=0.0, compile=True) == generate(model, PROMPTS, 12, temperature=0)
 
 
-def test_persistent_compile_cache_sets_inductors_folder_once(tmp_path, monkeypatch):
+def test_persistent_compile_cache_sets_inductors_folder_only_within_its_block(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    assert persistent_compile_cache(tmp_path / "c") == tmp_path / "c" and (tmp_path / "c").is_dir()
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c")
-    assert persistent_compile_cache(tmp_path / "other") == tmp_path / "c"  # a folder already chosen is kept
+    folder = compile_cache_dir(tmp_path / "c")
+    assert folder == tmp_path / "c" and folder.is_dir()
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # importing torch._dynamo writes inductor's default there
+    with persistent_compile_cache(folder):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c")
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before  # the process's environment is left as it was
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "user"))
+    assert compile_cache_dir(tmp_path / "other") == tmp_path / "user"  # a folder the user chose is kept
+
+
+def test_an_engine_compiles_every_step_in_the_one_folder_it_chose(tmp_path, monkeypatch):
+    """Compiling happens inside calls of the compiled step: each runs with the engine's cache folder set."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(Path, "home", lambda: tmp_path)
+    seen = []
+
+    def compile(step, **options):  # records the folder inductor would read, then runs the step eagerly
+        def run(*args):
+            seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+            return step(*args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile)
+    torch.manual_seed(0)
+    generate(Axiom(micro_config().model).eval(), PROMPTS, 3, temperature=0.0, compile=True)
+    ours = str(tmp_path / ".cache" / "axiom" / "inductor")
+    assert len(seen) == 2 and set(seen) == {ours} and os.environ.get("TORCHINDUCTOR_CACHE_DIR") != ours
 
 
 # ---- the bench

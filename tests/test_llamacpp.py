@@ -34,12 +34,12 @@ from data_helpers import write_dataset
 
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
-from axiom.data.chat import CHAT_TEMPLATE, IM_END, IM_START
 from axiom.data.loader import eval_batches
 from axiom.eval.loss import evaluate
 from axiom.infer.generate import generate
 from axiom.model.checkpoint import load_model
 from axiom.model.transformer import Axiom
+from axiom.text.chatml import CHAT_TEMPLATE, IM_END, IM_START
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 pytest.importorskip("gguf", reason="--format gguf needs the gguf package: pip install 'axiom-lm[gguf]'")

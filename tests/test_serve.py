@@ -27,11 +27,11 @@ import torch
 from conftest import save_model
 
 from axiom.cli import main
-from axiom.cli.generate import token_bytes
 from axiom.config import get_config
 from axiom.infer.generate import generate
 from axiom.model.checkpoint import load_model
 from axiom.model.transformer import Axiom
+from axiom.text.stream import token_bytes
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 openai = pytest.importorskip("openai")
@@ -200,7 +200,7 @@ def test_chat_without_a_template_is_refused_in_one_error(server):
 
 
 def test_chat_with_the_chatml_template(ckpt, tmp_path):
-    import axiom.data.chat as chat
+    import axiom.text.chatml as chat
 
     chat_ckpt = tmp_path / "chat_ckpt"
     chat_ckpt.mkdir()
@@ -224,6 +224,53 @@ def test_chat_with_the_chatml_template(ckpt, tmp_path):
         )
         assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
+    finally:
+        s.stop()
+
+
+def scripted_chat_checkpoint(path: Path, chain: dict[int, int]) -> Path:
+    """A chat-tuned checkpoint whose greedy next token after token a is chain[a]: the blocks add nothing (zero
+    output projections), so the last hidden state is the newest token's embedding, here a basis vector, and only
+    the output row of the token that follows it points along that vector."""
+    cfg = get_config("tiny", [*MICRO, "tie_embeddings=false"])
+    torch.manual_seed(0)
+    model = Axiom(cfg.model)
+    with torch.no_grad():
+        for block in model.layers:
+            block.attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for i, (token, after) in enumerate(chain.items()):
+            model.embed.weight[token] = torch.nn.functional.one_hot(torch.tensor(i), cfg.model.d_model)
+            model.lm_head.weight[after, i] = 1.0
+    path.mkdir()
+    save_model(model, cfg, path, step=0)
+    meta = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**meta, "chat_template": "chatml"}))
+    return path
+
+
+def test_a_chat_reply_ends_where_the_model_starts_another_turn(tmp_path):
+    """The one stop rule: a chat reply ends at <|im_start|> too (the model's invented next turn is not sent);
+    plain completions end at EOS only, so the same model's text runs on through it."""
+    import axiom.text.chatml as chat
+
+    enc = load_tokenizer()
+    newline, hi, there, user = (enc.encode_ordinary(t)[0] for t in ("\n", "Hi", " there", "user"))
+    # after the generation prompt's "\n": "Hi there", then a new turn "<|im_start|>user\n", "Hi there", ...
+    chain = {newline: hi, hi: there, there: chat.IM_START, chat.IM_START: user, user: newline}
+    s = Server(scripted_chat_checkpoint(tmp_path / "ckpt", chain), tmp_path / "stderr.txt")
+    try:
+        messages = [{"role": "user", "content": "Hello!"}]
+        reply = s.client.chat.completions.create(model=s.name, messages=messages, max_tokens=20, temperature=0)
+        assert reply.choices[0].message.content == "Hi there" and reply.choices[0].finish_reason == "stop"
+        assert reply.usage.completion_tokens == 3  # "Hi", " there", <|im_start|>
+        chunks = list(
+            s.client.chat.completions.create(model=s.name, messages=messages, max_tokens=20, temperature=0, stream=True)
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hi there"
+        plain = s.client.completions.create(model=s.name, prompt=[newline], max_tokens=6, temperature=0)
+        assert plain.choices[0].text == "Hi there\ufffduser\nHi" and plain.choices[0].finish_reason == "length"
     finally:
         s.stop()
 
@@ -352,7 +399,8 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(ckpt, tmp_path):
 
 def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_starts_afresh(ckpt):
     from axiom.infer.engine import SamplingParams
-    from axiom.infer.serve import ApiError, Job, Service
+    from axiom.infer.openai_api import ApiError
+    from axiom.infer.serve import Job, Service
 
     model = load_model(ckpt)[0].eval()
     service = Service(model, "m", None, max_batch=2, max_queue=0, compile=False)

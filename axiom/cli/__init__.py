@@ -23,7 +23,7 @@ COMMANDS = {
     ),
     "import": ("axiom.cli.import_", "read a Hugging Face folder (axiom or Llama format) into a checkpoint"),
     "bench": ("axiom.cli.bench", "time training steps or decoding, optionally against transformers' Llama"),
-    "serve": ("axiom.infer.serve", "serve a checkpoint over the OpenAI API (completions, chat), batching requests"),
+    "serve": ("axiom.cli.serve", "serve a checkpoint over the OpenAI API (completions, chat), batching requests"),
 }
 
 

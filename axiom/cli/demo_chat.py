@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from axiom.data.chat import IM_END, encode_chat, to_jsonl
+from axiom.data.chat import to_jsonl
 from axiom.errors import AxiomError
 from axiom.infer.generate import generate
 from axiom.model.checkpoint import list_checkpoints, load_model
+from axiom.text.chatml import IM_END, encode_chat
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 SEED = 1337

@@ -4,7 +4,8 @@ lm-eval builds the prompts and computes the metrics; the model answers its three
 - `loglikelihood`: lm-eval's own tokenization split (TemplateLM), then `axiom.eval.tasks.loglikelihoods`, which runs
   each distinct context once into a KV cache and extends it by every continuation;
 - `loglikelihood_rolling` (perplexity tasks): lm-eval's rolling windows over the text, scored the same way;
-- `generate_until`: KV-cache decoding through `axiom.infer.generate.stream`, stopped at the task's stop strings.
+- `generate_until`: KV-cache decoding through `axiom.infer.generate.stream`, stopped at the task's stop strings
+  (`axiom.text.stream.TextStream`).
 
 Importing this module imports lm_eval (the `eval` extra); `axiom eval` (axiom/cli/eval.py) imports it only when
 --tasks is given.
@@ -28,6 +29,7 @@ from axiom.eval.tasks import loglikelihoods
 from axiom.infer.generate import stream
 from axiom.model.checkpoint import load_model
 from axiom.model.transformer import Axiom
+from axiom.text.stream import TextStream, stop_ids
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
 MAX_GEN_TOKS = 256  # lm-eval's default for generation tasks that name no max_gen_toks
@@ -129,17 +131,15 @@ class AxiomLM(TemplateLM):
 
     def _generate(self, prompts: list[list[int]], max_new: int, until: list[str], sampling: dict) -> list[str]:
         """Decode until every row has produced a stop string (or EOS) or `max_new` tokens."""
-        rows: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
+        texts = [TextStream(stop_ids(chat=False), until, self.enc) for _ in prompts]
         for step in stream(self.model, prompts, max_new, eos_id=EOS_ID, **sampling):
-            for r, token in enumerate(step.tolist()):
-                if done[r]:
-                    continue
-                rows[r].append(token)
-                done[r] = token == EOS_ID or any(u and u in self.enc.decode(rows[r]) for u in until)
-            if all(done):
+            for text, token in zip(texts, step.tolist(), strict=True):
+                text.push(token)
+            if all(text.stopped for text in texts):
                 break
-        return [self.enc.decode([t for t in row if t != EOS_ID]) for row in rows]
+        for text in texts:
+            text.finish()
+        return [text.text for text in texts]
 
 
 def register() -> None:

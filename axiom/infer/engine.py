@@ -17,7 +17,8 @@ Two ways to run a step:
   a later engine of the same shape reuses the compiled code (on a GPU it records its CUDA graphs afresh).
 
 The caches and compiled steps belong to the engine: two engines on one model never share state, and one engine
-must be driven from one thread (axiom/serve.py runs it in its own thread; axiom.infer.generate.stream steps it inline).
+must be driven from one thread (axiom/infer/serve.py runs it in its own thread; axiom.infer.generate.stream steps it
+inline).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import Tensor
 from axiom.model.cache import KVCache
 from axiom.model.loss import row_blocks
 from axiom.model.transformer import Axiom
-from axiom.runtime import persistent_compile_cache
+from axiom.runtime import compile_cache_dir, persistent_compile_cache
 
 
 def logits_to_probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
@@ -69,14 +70,15 @@ def sample(
 
 
 def greedy(logits: Tensor) -> Tensor:
-    """(B, V) -> (B,) index of the first maximum, as `argmax`. On CPU `argmax` over 100k entries is a scalar loop
-    (~50 us); the vectorised block maxima, then one block's argmax, give the same index in ~15 us."""
+    """(B, V) -> (B,) index of the first maximum, as `argmax`. On CPU `argmax` over 100k entries is a scalar loop;
+    the vectorised block maxima, then one block's argmax, give the same index in a third of the time
+    (docs/benchmarks.md, "What each optimisation changed")."""
     B, V = logits.shape
     blocks = row_blocks(V)
     if logits.device.type != "cpu" or V % blocks:
         return logits.argmax(dim=-1)
     # Several rows of `output_logits` come as a transposed view (stride (1, B)): reducing along its rows strides
-    # through memory (19 ms for 16 rows of 100k on the 2-core VM); one copy first costs ~1 ms.
+    # through memory, far slower than one contiguous copy first.
     grid = logits.contiguous().view(B, blocks, V // blocks)
     block = grid.amax(dim=-1).argmax(dim=-1)  # (B,) first block holding the maximum
     within = grid[torch.arange(B, device=logits.device), block].argmax(dim=-1)  # first position inside it
@@ -91,14 +93,14 @@ def decode_one(model: Axiom, ids: Tensor, cache: KVCache) -> Tensor:
 def decode_one_and_hidden(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
     """`decode_one`, plus the final hidden states (B, 1, d) as a second output: what gets compiled. A graph
     output is stored once; otherwise inductor inlines the final norm into its loop over the output layer's
-    rows and recomputes it for each of the V rows (0.28 -> 0.23 ms per token on tiny, docs/benchmarks.md)."""
+    rows and recomputes it for each of the V rows (docs/benchmarks.md)."""
     x = model.hidden_states(ids[:, None], cache=cache, last_only=True)
     return model.logits(x)[:, -1], x
 
 
 def decode_greedy(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
     """`decode_one_and_hidden` with the greedy pick: (B,) next ids and the hidden states. Compiled, the pick
-    runs inside the graph (~25 us less per token on tiny than `greedy` after it)."""
+    runs inside the graph and only the ids leave it (docs/benchmarks.md)."""
     logits, x = decode_one_and_hidden(model, ids, cache)
     return greedy(logits), x
 
@@ -181,6 +183,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self._ids = itertools.count()
         self._compiled: dict[Callable, Callable] = {}
+        # compiled once per machine: later engines and runs load the compiled steps from this folder
+        self._compile_cache = compile_cache_dir() if compile else None
         self._views: dict[int, KVCache] = {}
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Request:
@@ -292,20 +296,21 @@ class Engine:
         else:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
             if greedy_only:  # the pick inside the graph: no logits leave it
-                picked = self._compiled_step(decode_greedy)(self.model, ids, self.cache)[0]
+                picked = self._run_compiled(decode_greedy, self.model, ids, self.cache)[0]
                 self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
                 return picked[:n].tolist()
-            logits = self._compiled_step(decode_one_and_hidden)(self.model, ids, self.cache)[0]
+            logits = self._run_compiled(decode_one_and_hidden, self.model, ids, self.cache)[0]
         self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
         return self._pick(logits[:n], rows)
 
-    def _compiled_step(self, step: Callable) -> Callable:
-        """`step` through torch.compile: fused kernels, and CUDA graphs on a GPU ("reduce-overhead"), which
-        replay a whole step with one launch. Built on first use."""
+    def _run_compiled(self, step: Callable, *args) -> tuple[Tensor, Tensor]:
+        """`step(*args)` through torch.compile: fused kernels, and CUDA graphs on a GPU ("reduce-overhead"), which
+        replay a whole step with one launch. Compiled on first use, inside the call, as is any recompilation: hence
+        the compile cache's folder around every call."""
         if step not in self._compiled:
-            persistent_compile_cache()  # compiled once per machine: later runs load it from disk
             self._compiled[step] = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-        return self._compiled[step]
+        with persistent_compile_cache(self._compile_cache):
+            return self._compiled[step](*args)
 
     def _pick(self, logits: Tensor, rows: list[Request]) -> list[int]:
         """(n, V) logits -> the next token of each of the n requests, each with its own sampling parameters:

@@ -3,12 +3,11 @@ its linear layers for ones whose few-row products (decoding) stream the weights 
 
 Batch-1 decoding is memory-bound: each token reads every weight once (1.54 GB in float32 for axiom-380m), so a
 token costs bytes read / bandwidth. torch's own paths for a (1, K) x (N, K)^T product run far below the
-machine's bandwidth on CPU (MKL's and oneDNN's reached 17-19 GB/s of the 2-core VM's ~55), so on CPU the few-row
-products go through kernels (axiom.infer.kernels) that split the rows of the weight over the cores, and the streamed
-weights sit on 2 MB pages (docs/benchmarks.md, "Decoding at the bandwidth limit"); the rest of a one-token step
-takes a few kernel calls per layer (`DecodeBlock`). Prefill (many rows) is compute-bound: float32 prompts of up to
-96 rows take the kernels' register tiles, longer ones oneDNN's matrix-matrix kernel; bfloat16 and int8 take
-torch's.
+machine's bandwidth on CPU, so on CPU the few-row products go through kernels (axiom.infer.kernels) that split the
+rows of the weight over the cores, and the streamed weights sit on 2 MB pages (docs/benchmarks.md, "Decoding at
+the bandwidth limit"); the rest of a one-token step takes a few kernel calls per layer (`DecodeBlock`). Prefill
+(many rows) is compute-bound: float32 prompts of up to 96 rows take the kernels' register tiles, longer ones
+oneDNN's matrix-matrix kernel; bfloat16 and int8 take torch's.
 
     float32   weights as trained
     bfloat16  weights and activations in bfloat16 (half the bytes per token)
@@ -35,14 +34,16 @@ from axiom.dtypes import INFERENCE_DTYPES
 from axiom.errors import AxiomError
 from axiom.infer import kernels
 from axiom.model.cache import KVCache
+from axiom.model.checkpoint import load_model
 from axiom.model.loss import output_logits
 from axiom.model.transformer import Axiom, Block
+from axiom.runtime import pick_device
 
 # A product with at most this many rows (decoding: one per sequence of the batch) takes the few-row kernels;
 # more rows (prefill) take the matrix-matrix kernels, which are efficient on their own.
 FEW_ROWS = 16
-# float32 prompts up to this many rows take the kernels' register tiles: 1.04-1.3x oneDNN's linear at 17-96 rows,
-# even at 128; beyond, the prompt's rows outgrow L2 and oneDNN's blocking wins (scripts/prefill_products.py)
+# float32 prompts up to this many rows take the kernels' register tiles, which beat oneDNN's linear there; beyond,
+# the prompt's rows outgrow L2 and oneDNN's blocking wins (docs/benchmarks.md, "Float32 prompts in register tiles")
 TILE_ROWS = 96
 
 
@@ -89,9 +90,9 @@ def pack_weights(model: Axiom) -> None:
     """Move the streamed weights (every linear's, the table once) into one buffer backed by 2 MB pages on Linux.
 
     With 4 KB pages the hardware prefetchers restart at every page and the TLB misses every 4 KB; on 2 MB pages the
-    float32 product streamed 1.6x faster per thread (16 -> 25 GB/s, bf16 22 -> 25; docs/benchmarks.md). Linux
-    gives an anonymous mapping huge pages where `madvise(MADV_HUGEPAGE)` asks before its first touch (and the
-    system's transparent_hugepage setting is `madvise` or `always`); elsewhere this is only a copy."""
+    products stream faster (docs/benchmarks.md, "The kernels, per thread"). Linux gives an anonymous mapping huge
+    pages where `madvise(MADV_HUGEPAGE)` asks before its first touch (and the system's transparent_hugepage setting
+    is `madvise` or `always`); elsewhere this is only a copy."""
     owners: dict[int, list[tuple[nn.Module, str]]] = {}  # tensor id -> (module, attribute) holding it
     tensors: dict[int, Tensor] = {}
     for m in model.modules():
@@ -178,18 +179,17 @@ class FastLinear(nn.Module):
     (each core streams a band of rows), else `output_logits`'s row blocks (a batched matmul over blocks of rows;
     float32 only: torch's bf16 batched matmul is slower than its plain one).
 
-    prepare_model asks for the kernels in bfloat16 only. In float32 the row blocks were as fast or faster on the
-    quiet 2-core VM at 2 threads (axiom-380m, same process, alternating: 21.2-22.7 vs 20.4-21.2 tok/s), and inside
-    a compiled step inductor fuses them where the kernel is an opaque call (tiny 4.04x vs 2.48x transformers); in
-    bfloat16 the kernel wins (31.0 vs 15.6 tok/s; docs/benchmarks.md). Float32 prompts (FEW_ROWS to TILE_ROWS rows)
-    take the kernel's register tiles either way; longer ones oneDNN's linear."""
+    prepare_model asks for the kernels in bfloat16 only. In float32 the row blocks were as fast or faster, and
+    inside a compiled step inductor fuses them where the kernel is an opaque call; in bfloat16 the kernel wins
+    (docs/benchmarks.md, "At two threads on a quiet machine"). Float32 prompts (FEW_ROWS to TILE_ROWS rows) take
+    the kernel's register tiles either way; longer ones oneDNN's linear."""
 
     def __init__(self, weight: nn.Parameter, kernels: bool = True):
         super().__init__()
         self.weight = weight
         self.tiles = kernels_fit(weight)  # float32 prompts of up to TILE_ROWS rows, whatever `kernels` says
         self.kernels = kernels and self.tiles
-        # longer float32 prompts on CPU: oneDNN's matrix-matrix kernel, 1.2-2x MKL's (F.linear) at 32-512 rows here
+        # longer float32 prompts on CPU: oneDNN's matrix-matrix kernel, faster than MKL's (F.linear; docs/benchmarks.md)
         # (dtypes are checked per call: prepare_model casts the weights after making the modules)
         self.onednn = weight.device.type == "cpu" and onednn_linear_works()
 
@@ -238,10 +238,10 @@ class Int8Linear(nn.Module):
 
 class DecodeBlock(nn.Module):
     """A transformer block whose one-token steps over a dynamic KV cache (eager decoding on CPU) take 7 calls of
-    axiom.infer.kernels (RMSNorm, the fused RoPE + cache write + attention, the gate) and the 4 linear products, instead
-    of ~60 torch ops: at 1-3 us of dispatch each, those ops cost ~4 ms of a ~22 ms bfloat16 token of axiom-380m,
-    and SDPA's CPU kernels take 50-900 us for one query in bfloat16 (docs/benchmarks.md). Everything else (prefill,
-    training-style forwards, a static cache) goes through the block itself."""
+    axiom.infer.kernels (RMSNorm, the fused RoPE + cache write + attention, the gate) and the 4 linear products,
+    instead of ~60 torch ops, whose dispatch and SDPA's slow one-query CPU kernels took a good part of a token
+    (docs/benchmarks.md, "Fewer calls per layer"). Everything else (prefill, training-style forwards, a static
+    cache) goes through the block itself."""
 
     def __init__(self, block: Block):
         super().__init__()
@@ -279,3 +279,10 @@ class Int8Embedding(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.q[tokens].to(self.act_dtype) * self.scale[tokens, None]
+
+
+def load_for_inference(ckpt: str, device: str | None, dtype: str) -> tuple[Axiom, dict]:
+    """A checkpoint's model on `device` (--device: None picks one), readied for decoding in `dtype`
+    (`prepare_model`), and its config.json."""
+    model, _, meta = load_model(ckpt, pick_device(device))
+    return prepare_model(model, dtype), meta

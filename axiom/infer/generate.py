@@ -1,13 +1,11 @@
 """Sampling a batch of prompts in step: `stream` and `generate`, thin users of the decoding engine.
 
-How decoding works (axiom/engine.py): each prompt becomes a request in an `Engine`, which prefills it alone into
+How decoding works (axiom/infer/engine.py): each prompt becomes a request in an `Engine`, which prefills it alone into
 its own KV-cache slot and then decodes all running requests one token per step in one batched forward, each with
 its own sampling parameters and generator. `stream` submits every prompt, steps the engine and yields the new
 tokens row by row in step; `generate` collects them. Without an `engine` argument each call builds its own
 (nothing is kept between calls); a caller that decodes repeatedly (a chat loop, a benchmark, a server) builds
 one `Engine` and passes it, so its cache and compiled steps are reused.
-
-The sampling functions and decoding steps live in axiom/engine.py and are importable from here too.
 """
 
 from __future__ import annotations
@@ -17,16 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from axiom.infer.engine import (  # noqa: F401 (public here too: the sampling functions and the decoding steps)
-    Engine,
-    SamplingParams,
-    decode_greedy,
-    decode_one,
-    decode_one_and_hidden,
-    greedy,
-    logits_to_probs,
-    sample,
-)
+from axiom.infer.engine import Engine, SamplingParams
 from axiom.model.transformer import Axiom
 
 
@@ -48,9 +37,9 @@ def stream(
     Every prompt gets the same number of new tokens: `max_new_tokens`, capped so that the longest prompt and its
     tokens fit in max_seq_len. Prompt i samples with seed `seed + i`, so a row's tokens do not depend on the
     other rows. `static` decodes with a fixed-shape cache; `compile` runs each step compiled and implies `static`
-    (see axiom/engine.py). The default, a dynamic cache in eager mode, starts at once; `compile` costs seconds of
-    compilation first and then decodes faster (about 1.7x on CPU for `tiny`, docs/benchmarks.md), which pays over
-    long or repeated runs with one `engine`.
+    (see axiom/infer/engine.py). The default, a dynamic cache in eager mode, starts at once; `compile` spends a
+    while compiling first and then decodes faster (docs/benchmarks.md), which pays over long or repeated runs with
+    one `engine`.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")

@@ -1,113 +1,53 @@
-"""`axiom serve`: the OpenAI API (completions, chat completions, models) over the decoding engine.
+"""The OpenAI API (completions, chat completions, models) over the decoding engine: what `axiom serve` runs.
 
     HTTP handlers (asyncio, uvicorn)            engine thread
     parse + check the request  ──submit──▶  inbox ─▶ Engine.step() in a loop: continuous batching
     text, stop strings, SSE   ◀──tokens──   (one token per running request per step)
 
-One thread owns the `Engine` (axiom/engine.py) and does all decoding; handlers only talk to it through its inbox
-(submit, cancel) and receive tokens on their own asyncio queue. At most `max_batch` requests decode at once and
-`max_queue` more wait; beyond that a request is answered 503 at once. A client that disconnects cancels its
-request at the next token boundary, freeing its slot. SIGTERM stops accepting connections, lets the requests in
-flight finish, then exits 0 (Ctrl-C does the same and exits 130). Errors are JSON in the OpenAI shape, and nothing
-a client sends can stop the server: a failing step fails the requests in flight (500) and the engine starts afresh.
+One thread owns the `Engine` (axiom/infer/engine.py) and does all decoding; handlers only talk to it through its
+inbox (submit, cancel) and receive tokens on their own asyncio queue. At most `max_batch` requests decode at once
+and `max_queue` more wait; beyond that a request is answered 503 at once. A client that disconnects cancels its
+request at the next token boundary, freeing its slot. Errors are JSON in the OpenAI shape (axiom/infer/openai_api.py),
+and nothing a client sends can stop the server: a failing step fails the requests in flight (500) and the engine
+starts afresh.
 
-Starlette and uvicorn (the `serve` extra) are imported only when the server starts. Requests are checked by hand
-rather than through FastAPI's pydantic models, so that every error has OpenAI's shape and status.
+This module imports Starlette (the `serve` extra); `axiom serve` imports it only when the server starts.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import codecs
 import contextlib
 import json
 import logging
 import queue
-import signal
-import socket
-import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from axiom.cli.args import add_inference_arguments
-from axiom.cli.generate import load_for_inference, token_bytes
-from axiom.errors import AxiomError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
 from axiom.infer.engine import Engine, Request, SamplingParams
+from axiom.infer.openai_api import (
+    ApiError,
+    ServedModel,
+    Spec,
+    check_request,
+    chunk,
+    completion,
+    usage,
+    usage_chunk,
+)
 from axiom.model.transformer import Axiom
-from axiom.text.tokenizer import load_tokenizer
+from axiom.text.stream import TextStream
 
-log = logging.getLogger("axiom.infer.serve")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory to serve")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
-    parser.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: --ckpt)")
-    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
-    parser.add_argument(
-        "--max-queue", type=int, default=64, help="requests waiting for a slot before 503 answers (default: 64)"
-    )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="decode with a static cache and a torch.compile'd step (CUDA graphs on a GPU); compiles at start",
-    )
-    add_inference_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> None:
-    if args.max_batch < 1:
-        raise AxiomError(f"--max-batch {args.max_batch}: must be at least 1")
-    if args.max_queue < 0:
-        raise AxiomError(f"--max-queue {args.max_queue}: must be 0 or more")
-    try:
-        import uvicorn
-    except ImportError:
-        raise AxiomError("axiom serve needs the serve extra: pip install 'axiom-lm[serve]'") from None
-    # Bound before the model loads, so that a port in use is said at once; connections wait in the backlog.
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    try:
-        sock = socket.create_server((args.host, args.port), family=family)
-    except OSError as e:  # in use, not an address of this machine, a privileged port
-        why = e.strerror or e
-        raise AxiomError(f"--host {args.host} --port {args.port}: cannot listen ({why}); try another --port") from None
-    model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
-    name = args.model_name or args.ckpt
-    service = Service(model, name, meta.get("chat_template"), args.max_batch, args.max_queue, args.compile)
-    host, port = sock.getsockname()[:2]
-    logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
-    config = uvicorn.Config(build_app(service), log_level="warning", timeout_graceful_shutdown=None)
-    server = uvicorn.Server(config)
-    service.start()  # with --compile, after compiling
-    # uvicorn re-raises the signal it shut down for once it is done; with this handler that ends in a return.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    print(f"axiom serve: {name} on http://{host}:{port}/v1 (max batch {args.max_batch})", flush=True)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        service.stop()
-    print(f"axiom serve: stopped after {service.finished} requests", flush=True)
-
-
-# ---- errors
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = "invalid_request_error" if status < 500 else "server_error"
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+log = logging.getLogger(__name__)
 
 
 # ---- the engine thread
@@ -135,15 +75,14 @@ def _deliver(events: list[tuple[Job, object]]) -> None:
 
 
 class Service:
-    """The engine, the thread that drives it, and the bookkeeping the handlers need (capacity, chat)."""
+    """The engine, the thread that drives it, and the bookkeeping the handlers need (capacity, the model served).
+    `chat`: the model is chat-tuned (axiom.text.chatml.is_chat_tuned), so /v1/chat/completions applies the template."""
 
-    def __init__(
-        self, model: Axiom, name: str, chat_template: str | None, max_batch: int, max_queue: int, compile: bool
-    ):
-        self.model, self.name, self.chat_template = model, name, chat_template
+    def __init__(self, model: Axiom, name: str, chat: bool, max_batch: int, max_queue: int, compile: bool):
+        self.model, self.name = model, name
+        self.served = ServedModel(name, model.cfg.max_seq_len, chat)  # what request checking needs
         self.max_batch, self.compile = max_batch, compile
         self.capacity = max_batch + max_queue
-        self.context = model.cfg.max_seq_len
         self.engine = Engine(model, max_batch=max_batch, compile=compile)
         self.finished = 0
         self._inbox: queue.SimpleQueue[tuple[str, Job]] = queue.SimpleQueue()
@@ -263,305 +202,147 @@ class Service:
         self.engine = Engine(self.model, max_batch=self.max_batch, compile=self.compile)
 
 
-# ---- request checking
-
-
-def _get(body: dict, name: str, kinds: tuple[type, ...], default=None, what: str = ""):
-    """body[name] if it has one of `kinds` (bool is not a number here), `default` if absent or null."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise ApiError(400, f"{name}: expected {what or ' or '.join(k.__name__ for k in kinds)}", param=name)
-    return value
-
-
-@dataclass
-class Spec:
-    """A checked request: what to decode and how to answer."""
-
-    prompt: list[int]
-    params: SamplingParams
-    stop: list[str]
-    stream: bool
-    include_usage: bool
-
-
-def check_request(body: dict, service: Service, chat: bool) -> Spec:
-    """Check `body` of /v1/completions or /v1/chat/completions; ApiError (400/404) naming the bad field."""
-    model = _get(body, "model", (str,))
-    if model is None:
-        raise ApiError(400, "model: required; GET /v1/models lists it", param="model")
-    if model != service.name:
-        message = f"the model {model!r} does not exist; this server has {service.name!r}"
-        raise ApiError(404, message, "model", "model_not_found")
-    enc = load_tokenizer()
-    stop_ids = [enc.eot_token]
-    if chat:
-        prompt, stop_ids = _chat_prompt(body, service, stop_ids), [*stop_ids, *_chat_stop_ids()]
-        max_tokens = _get(body, "max_completion_tokens", (int,))
-        max_tokens = _get(body, "max_tokens", (int,)) if max_tokens is None else max_tokens
-        param = "messages"
-    else:
-        prompt = _completion_prompt(body, enc)
-        max_tokens = _get(body, "max_tokens", (int,), default=16)  # OpenAI's default for completions
-        param = "prompt"
-    if len(prompt) >= service.context:
-        raise ApiError(
-            400,
-            f"this model's context is {service.context} tokens and the prompt has {len(prompt)}; a prompt must "
-            "leave room for at least one new token",
-            param,
-            "context_length_exceeded",
-        )
-    room = service.context - len(prompt)
-    if max_tokens is not None and max_tokens <= 0:
-        name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-        raise ApiError(400, f"{name}: must be at least 1, not {max_tokens}", param=name)
-    if _get(body, "n", (int,), default=1) != 1:
-        raise ApiError(400, "n: only 1 choice per request is supported", param="n")
-    for unsupported in ("echo", "logprobs", "suffix", "tools", "functions"):
-        if body.get(unsupported) not in (None, False, 0, []):
-            raise ApiError(400, f"{unsupported}: not supported by axiom serve", param=unsupported)
-    params = SamplingParams(
-        max_new_tokens=min(max_tokens or room, room),  # within the context: finish_reason "length" at its end
-        temperature=float(_get(body, "temperature", (int, float), default=1.0, what="a number")),
-        top_p=_get(body, "top_p", (int, float), what="a number"),
-        top_k=_get(body, "top_k", (int,)),
-        seed=_get(body, "seed", (int,)),
-        stop_ids=tuple(stop_ids),
-    )
-    if params.seed is not None and not -(2**63) <= params.seed < 2**64:
-        raise ApiError(400, "seed: must fit in 64 bits", param="seed")
-    problem = params.problem()
-    if problem:
-        name = {"max_new_tokens": "max_tokens"}.get(problem[0], problem[0])
-        raise ApiError(400, f"{name}: {problem[1]}, not {getattr(params, problem[0])}", param=name)
-    stop = _get(body, "stop", (str, list), default=[], what="a string or a list of strings")
-    stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise ApiError(400, "stop: expected up to 4 non-empty strings", param="stop")
-    options = _get(body, "stream_options", (dict,), default={})
-    return Spec(
-        prompt,
-        params,
-        stop,
-        stream=_get(body, "stream", (bool,), default=False),
-        include_usage=_get(options, "include_usage", (bool,), default=False),
-    )
-
-
-def _completion_prompt(body: dict, enc) -> list[int]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        return enc.encode_ordinary(prompt) if prompt else [enc.eot_token]  # as `axiom generate` does
-    if isinstance(prompt, list) and prompt and all(type(t) is int and 0 <= t < enc.n_vocab for t in prompt):
-        return prompt
-    raise ApiError(400, "prompt: expected a string or a non-empty list of token ids (one prompt per request)", "prompt")
-
-
-def _chat_prompt(body: dict, service: Service, stop_ids: list[int]) -> list[int]:
-    """The ChatML prompt of `messages`, for a checkpoint trained with that template (contract 1)."""
-    if service.chat_template != "chatml":
-        raise ApiError(
-            400,
-            'this model has no chat template (its config.json lacks "chat_template": "chatml"); '
-            "use /v1/completions with a plain prompt",
-            "messages",
-            "no_chat_template",
-        )
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages: expected a non-empty list of {role, content} objects", "messages")
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise ApiError(400, f"messages[{i}]: expected {{'role': string, 'content': string}}", "messages")
-    from axiom.data.chat import encode_chat  # helper `chat`'s module: imported only for a chat-tuned checkpoint
-
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    try:
-        return list(encode_chat(messages, add_generation_prompt=True).ids)
-    except ValueError as e:  # e.g. a role the template does not know
-        raise ApiError(400, f"messages: {e}", "messages") from None
-
-
-def _chat_stop_ids() -> list[int]:
-    from axiom.data.chat import IM_END
-
-    return [IM_END]
-
-
 # ---- turning tokens into text
-
-
-class TextStream:
-    """Incremental text of one request: UTF-8 across token boundaries (as `axiom generate` decodes it), stop
-    ids left out, and stop strings cut, holding back any tail that may be the start of a stop string."""
-
-    def __init__(self, stop: list[str], skip: tuple[int, ...]):
-        self.enc = load_tokenizer()
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stop, self.skip = stop, skip
-        self.text, self.sent = "", 0
-        self.stopped = False  # a stop string was found: the text ends before it
-
-    def add(self, token: int | None) -> str:
-        """Append a token (None: the end, flushes the decoder) and return the text that is now safe to send."""
-        if token is None:
-            self.text += self.decoder.decode(b"", final=True)
-        elif token not in self.skip:
-            self.text += self.decoder.decode(token_bytes(self.enc, token))
-        hits = [i for s in self.stop if (i := self.text.find(s, max(0, self.sent - len(s)))) >= 0]
-        if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
-            end = len(self.text)
-        elif token is None:
-            end = len(self.text)
-        else:  # hold back the longest tail that a stop string starts with
-            hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-            end = len(self.text) - hold
-        piece, self.sent = self.text[self.sent : end], max(self.sent, end)
-        return piece
 
 
 async def decode(job: Job, spec: Spec, service: Service) -> AsyncIterator[tuple[str, str | None, int]]:
     """Submit `job` and yield (text piece, finish_reason or None, tokens so far) as tokens arrive; the last item
-    has the finish_reason. Leaving early (the client went away) cancels the request."""
-    text = TextStream(spec.stop, spec.params.stop_ids)
+    has the finish_reason. Leaving before the engine has finished the request (the client went away, a stop
+    string) cancels it."""
+    text = TextStream(spec.params.stop_ids, spec.stop)
     service.submit(job)
-    done, count = False, 0
+    ended, count = False, 0  # ended: the engine finished the request (a stop id or its length)
     try:
-        while not done:
+        while True:
             event = await job.events.get()
             if isinstance(event, ApiError):
                 raise event
-            token, reason = event
+            token, engine_reason = event
             count += 1
-            piece = text.add(token)
-            if text.stopped:
-                reason = "stop"
-            elif reason is not None:
-                piece += text.add(None)
-                reason = "stop" if reason == "stop" or text.stopped else "length"
-            done = reason is not None
+            ended = engine_reason is not None
+            piece = text.push(token)
+            if ended and not text.stopped:
+                piece += text.finish()
+            reason = "stop" if text.stopped else "length" if ended else None
             yield piece, reason, count
+            if reason is not None:
+                return
     finally:
-        if not done or text.stopped:
-            service.cancel(job)  # a no-op for a request that already finished
+        if not ended:
+            service.cancel(job)
 
 
 # ---- the HTTP app
 
 
-def build_app(service: Service):
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request as HttpRequest
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
+class EventStream(StreamingResponse):
+    """Server-sent events whose generator is closed as soon as the response ends, also when the client went away
+    mid-stream (closing it cancels the request and frees its slot)."""
 
-    class EventStream(StreamingResponse):
-        """Server-sent events whose generator is closed as soon as the response ends, also when the client
-        went away mid-stream (closing it cancels the request and frees its slot)."""
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
-        async def __call__(self, scope, receive, send) -> None:
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                await self.body_iterator.aclose()
 
-    def error_response(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+class OpenAiApp:
+    """The routes of `axiom serve` over one `Service`: GET /v1/models and /health, POST /v1/completions and
+    /v1/chat/completions (answered whole, or streamed as server-sent events)."""
 
-    async def models(_: HttpRequest) -> JSONResponse:
-        entry = {"id": service.name, "object": "model", "created": int(time.time()), "owned_by": "axiom"}
+    def __init__(self, service: Service):
+        self.service = service
+
+    def starlette(self) -> Starlette:
+        routes = [
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/health", self.health, methods=["GET"]),
+        ]
+        return Starlette(routes=routes, exception_handlers={HTTPException: self.http_error, Exception: self.failed})
+
+    async def models(self, _: HttpRequest) -> JSONResponse:
+        entry = {"id": self.service.name, "object": "model", "created": int(time.time()), "owned_by": "axiom"}
         return JSONResponse({"object": "list", "data": [entry]})
 
-    async def health(_: HttpRequest) -> JSONResponse:
-        return JSONResponse({"status": "ok", **service.stats()})
+    async def health(self, _: HttpRequest) -> JSONResponse:
+        return JSONResponse({"status": "ok", **self.service.stats()})
 
-    async def completions(request: HttpRequest):
-        return await answer(request, chat=False)
+    async def completions(self, request: HttpRequest) -> Response:
+        return await self.answer(request, chat=False)
 
-    async def chat_completions(request: HttpRequest):
-        return await answer(request, chat=True)
+    async def chat_completions(self, request: HttpRequest) -> Response:
+        return await self.answer(request, chat=True)
 
-    async def answer(request: HttpRequest, chat: bool):
+    async def answer(self, request: HttpRequest, chat: bool) -> Response:
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json"))
-        if not isinstance(body, dict):
-            return error_response(ApiError(400, "the body must be a JSON object"))
-        try:
-            spec = check_request(body, service, chat)
+            spec = check_request(await read_body(request), self.service.served, chat)
         except ApiError as e:
             return error_response(e)
         job = Job(spec.prompt, spec.params, asyncio.get_running_loop())
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        head = {"id": rid, "created": int(time.time()), "model": service.name}
-        tokens = decode(job, spec, service)
+        head = {"id": rid, "created": int(time.time()), "model": self.service.name}
+        tokens = decode(job, spec, self.service)
         try:
             if spec.stream:  # the status is sent with the first token: a 503 or an error before it is still JSON
                 first = await until_disconnect(request, tokens, anext(tokens))
-                return EventStream(sse(first, tokens, head, spec, chat), media_type="text/event-stream")
+                return EventStream(self.events(first, tokens, head, spec, chat), media_type="text/event-stream")
             text, reason, count = await until_disconnect(request, tokens, collect(tokens))
         except ApiError as e:
             return error_response(e)
         except ClientGone:
             return JSONResponse({}, status_code=499)  # nobody reads it
-        usage = _usage(spec, count)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
-            choice["finish_reason"] = reason
-            return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": usage})
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        return JSONResponse({**head, "object": "text_completion", "choices": [choice], "usage": usage})
+        return JSONResponse(completion(head, text, reason, usage(len(spec.prompt), count), chat))
 
-    async def sse(first, tokens, head: dict, spec: Spec, chat: bool) -> AsyncIterator[str]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(piece: str, reason: str | None, role: bool = False) -> str:
-            if chat:
-                delta = ({"role": "assistant"} if role else {}) | ({"content": piece} if piece or role else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-            else:
-                choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}
-            return f"data: {json.dumps({**head, 'object': obj, 'choices': [choice]})}\n\n"
-
+    async def events(self, first, tokens: AsyncIterator, head: dict, spec: Spec, chat: bool) -> AsyncIterator[str]:
+        """The server-sent events of a streamed answer, from its first (already decoded) item on."""
         count = 0
         try:
             if chat:
-                yield chunk("", None, role=True)
+                yield sse(chunk(head, "", None, chat, role=True))
             async for piece, reason, tokens_so_far in _chain(first, tokens):
                 count = tokens_so_far
                 if piece or reason:
-                    yield chunk(piece, reason)
+                    yield sse(chunk(head, piece, reason, chat))
         except ApiError as e:  # after the first token the status is sent: the error goes in the stream
-            yield f"data: {json.dumps(e.body())}\n\n"
+            yield sse(e.body())
         finally:
             await tokens.aclose()
         if spec.include_usage:
-            yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': _usage(spec, count)})}\n\n"
+            yield sse(usage_chunk(head, usage(len(spec.prompt), count), chat))
         yield "data: [DONE]\n\n"
 
-    async def not_found(request: HttpRequest, exc: HTTPException) -> JSONResponse:
+    async def http_error(self, request: HttpRequest, exc: HTTPException) -> JSONResponse:
         message = f"{request.method} {request.url.path}: " + ("no such route" if exc.status_code == 404 else exc.detail)
         return error_response(ApiError(exc.status_code, message))
 
-    async def server_error(request: HttpRequest, exc: Exception) -> JSONResponse:
+    async def failed(self, request: HttpRequest, exc: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path)
         return error_response(ApiError(500, f"internal error ({type(exc).__name__})"))
 
-    routes = [
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/health", health, methods=["GET"]),
-    ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error})
+
+def build_app(service: Service) -> Starlette:
+    return OpenAiApp(service).starlette()
+
+
+async def read_body(request: HttpRequest) -> dict:
+    """The request's JSON object; ApiError 400 for anything else."""
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def sse(event: dict) -> str:
+    return f"data: {json.dumps(event)}\n\n"
 
 
 async def _chain(first, rest):
@@ -601,8 +382,3 @@ async def collect(tokens: AsyncIterator) -> tuple[str, str | None, int]:
         piece, reason, count = item  # the last item's finish_reason and count are the answer's
         pieces.append(piece)
     return "".join(pieces), reason, count
-
-
-def _usage(spec: Spec, completion_tokens: int) -> dict:
-    n = len(spec.prompt)
-    return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}

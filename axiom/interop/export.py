@@ -21,7 +21,6 @@ import shutil
 from importlib.metadata import version
 from pathlib import Path
 
-from axiom.data.chat import CHAT_TEMPLATE, IM_END
 from axiom.dtypes import DTYPES, FOLDER_DTYPES, GGUF_DTYPES, torch_dtype
 from axiom.errors import AxiomError
 from axiom.files import (
@@ -38,6 +37,7 @@ from axiom.interop.hf.folder import CONFIG, WEIGHTS, hf_config
 from axiom.interop.hf.names import to_llama
 from axiom.interop.hf.tokenizer import write_tokenizer
 from axiom.model.checkpoint import load_model, run_dir_of, save_safetensors, stored_tensors
+from axiom.text.chatml import CHAT_TEMPLATE, IM_END, is_chat_tuned
 from axiom.text.tokenizer import EOS_ID
 
 REMOTE_CODE = Path(__file__).parent / "hf" / "remote"
@@ -71,12 +71,7 @@ def long_name(short: str) -> str:
 
 def chat_template(meta: dict) -> str | None:
     """The Jinja chat template for a checkpoint whose config.json says "chat_template": "chatml", else None."""
-    kind = meta.get("chat_template")
-    if kind is None:
-        return None
-    if kind != "chatml":
-        raise AxiomError(f"checkpoint config.json: chat_template {kind!r} is not known; Axiom writes 'chatml'")
-    return CHAT_TEMPLATE
+    return CHAT_TEMPLATE if is_chat_tuned(meta) else None
 
 
 def export(

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from axiom.config import ModelConfig
-from axiom.data.chat import IM_END, IM_START
 from axiom.dtypes import GGUF_DTYPES, short_name
 from axiom.errors import AxiomError
 from axiom.files import atomic_file
 from axiom.interop.hf.names import to_llama
 from axiom.interop.hf.tokenizer import tokenizer_json
+from axiom.text.chatml import IM_END, IM_START
 from axiom.text.tokenizer import EOS_ID, VOCAB_SIZE
 
 ARCH = "llama"

@@ -11,7 +11,6 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from axiom.config import Config
-from axiom.data.chat import TEMPLATE_NAME
 from axiom.data.loader import TrainLoader, data_kind
 from axiom.data.packing import ChatLoader
 from axiom.model.checkpoint import (
@@ -27,6 +26,7 @@ from axiom.model.checkpoint import (
     write_dir_atomic,
 )
 from axiom.model.transformer import Axiom
+from axiom.text.chatml import TEMPLATE_NAME
 from axiom.train.parallel import Dist, full_state, load_optimizer_state, set_model_state
 from axiom.train.runlog import RunLog
 from axiom.train.state import TrainState

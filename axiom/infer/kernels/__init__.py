@@ -2,10 +2,10 @@
 (and float32 prompts' products in register tiles), and the rest of a one-token step in a few calls (RMSNorm, RoPE +
 cache write + attention, SwiGLU's gate).
 
-`available()` builds them once with torch.utils.cpp_extension (a C++ compiler and ninja are needed; ~30 s on 2
-cores; cached under torch's extensions folder, `TORCH_EXTENSIONS_DIR`, and loaded in ~0.1 s afterwards) and
-registers `torch.ops.axiom_decode.linear`, `linear_int8`, `decode_attention`, `rms_norm` and `silu_mul` with shape
-functions, so torch.compile can trace through them. Where they cannot be had (not x86-64 with AVX-512, no
+`available()` builds them once with torch.utils.cpp_extension (a C++ compiler and ninja are needed; the build is
+cached under torch's extensions folder, `TORCH_EXTENSIONS_DIR`, and later processes only load it) and registers
+`torch.ops.axiom_decode.linear`, `linear_int8`, `decode_attention`, `rms_norm` and `silu_mul` with shape functions,
+so torch.compile can trace through them. Where they cannot be had (not x86-64 with AVX-512, no
 compiler, a failed build, or `AXIOM_DECODE_KERNELS=0`), `available()` is False and the callers use torch's own
 kernels: same results to float32 rounding, slower (docs/benchmarks.md, "Decoding at the bandwidth limit").
 """
@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from axiom.runtime import environment
 
 SOURCE = Path(__file__).with_name("decode.cpp")
 # AVX-512 F/BW for the loads and conversions, FMA for the products; the one bf16 x bf16 function that uses the
@@ -38,14 +40,15 @@ def _usable_here() -> str | None:
         return f"{sys.platform}/{platform.machine()} (they are for x86-64 Linux)"
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return f"this CPU has {torch.backends.cpu.get_cpu_capability()}, not AVX-512"
-    from torch.utils.cpp_extension import is_ninja_available
-
-    venv_bin = str(Path(sys.executable).parent)  # pip's ninja (the decode extra) sits beside python, maybe off PATH
-    if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
-        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
-    if not is_ninja_available() or shutil.which(os.environ.get("CXX", "c++")) is None:
+    if shutil.which("ninja", path=_build_path()) is None or shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler or ninja"
     return None
+
+
+def _build_path() -> str:
+    """PATH for the build: the process's, then python's own folder, where pip's ninja (the decode extra) sits even
+    when that folder is not on PATH (a virtual environment used without activating it)."""
+    return os.pathsep.join(p for p in (os.environ.get("PATH", ""), str(Path(sys.executable).parent)) if p)
 
 
 @functools.cache
@@ -56,7 +59,8 @@ def available() -> bool:
         try:
             from torch.utils.cpp_extension import load
 
-            load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+            with environment("PATH", _build_path()):  # torch's build runs `ninja` found through PATH
+                load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
         except Exception as e:  # any build or load failure: fall back, never fail decoding
             reason = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
     if reason is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
 from axiom.model.transformer import num_params
+from axiom.text.chatml import is_chat_tuned
 
 
 def find_eval_csv(ckpt: Path) -> Path | None:
@@ -121,7 +122,7 @@ def _loading(fmt: str) -> tuple[str, str]:
 
 def _kind(meta: dict) -> tuple[str, str]:
     """What the model is, and what its validation loss is counted per."""
-    if meta.get("chat_template"):  # fine-tuned on chat data (docs/finetuning.md)
+    if is_chat_tuned(meta):  # fine-tuned on chat data (docs/finetuning.md)
         kind = (
             "It was fine-tuned on chat data: prompt it through its chat template (ChatML, "
             "`tokenizer.apply_chat_template`; replies end at <|im_end|>); it is not aligned for safety"

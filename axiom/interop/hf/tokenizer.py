@@ -3,7 +3,7 @@
 Built from the same offline, hash-checked BPE file as axiom.text.tokenizer. Ids are tiktoken's: the special
 tokens keep their ids (EOS <|endoftext|> = 100257), and the unused ids of cl100k_base stay unused. A model
 fine-tuned on chat data also gets the ChatML tokens <|im_start|> = 100264 and <|im_end|> = 100265 and the chat
-template (axiom.data.chat), so that `apply_chat_template` gives `encode_chat`'s ids.
+template (axiom.text.chatml), so that `apply_chat_template` gives `encode_chat`'s ids.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import functools
 import json
 from pathlib import Path
 
-from axiom.data.chat import CHAT_TEMPLATE, IM_END, IM_END_TOKEN, IM_START, IM_START_TOKEN
+from axiom.text.chatml import CHAT_TEMPLATE, IM_END, IM_END_TOKEN, IM_START, IM_START_TOKEN
 from axiom.text.tokenizer import EOS_ID, PAT_STR, SPECIAL_TOKENS, default_bpe_file, load_tokenizer
 
 EOS_TOKEN = "<|endoftext|>"

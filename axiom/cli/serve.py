@@ -1,0 +1,77 @@
+"""`axiom serve`: a checkpoint over the OpenAI API (axiom/infer/serve.py), on one port until SIGTERM or Ctrl-C.
+
+SIGTERM stops accepting connections, lets the requests in flight finish, then exits 0 (Ctrl-C does the same and
+exits 130). Starlette and uvicorn (the `serve` extra) are imported only when the server starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+
+from axiom.cli.args import add_inference_arguments
+from axiom.errors import AxiomError
+from axiom.infer.fast import load_for_inference
+from axiom.text.chatml import is_chat_tuned
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory to serve")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
+    parser.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: --ckpt)")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
+    parser.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting for a slot before 503 answers (default: 64)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with a static cache and a torch.compile'd step (CUDA graphs on a GPU); compiles at start",
+    )
+    add_inference_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.max_batch < 1:
+        raise AxiomError(f"--max-batch {args.max_batch}: must be at least 1")
+    if args.max_queue < 0:
+        raise AxiomError(f"--max-queue {args.max_queue}: must be 0 or more")
+    try:
+        import uvicorn
+    except ImportError:
+        raise AxiomError("axiom serve needs the serve extra: pip install 'axiom-lm[serve]'") from None
+    from axiom.infer.serve import Service, build_app  # Starlette: the serve extra too
+
+    sock = _listen(args.host, args.port)
+    model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
+    name = args.model_name or args.ckpt
+    service = Service(model, name, is_chat_tuned(meta), args.max_batch, args.max_queue, args.compile)
+    host, port = sock.getsockname()[:2]
+    logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
+    config = uvicorn.Config(build_app(service), log_level="warning", timeout_graceful_shutdown=None)
+    server = uvicorn.Server(config)
+    service.start()  # with --compile, after compiling
+    # uvicorn re-raises the signal it shut down for once it is done; with this handler that ends in a return.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    print(f"axiom serve: {name} on http://{host}:{port}/v1 (max batch {args.max_batch})", flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        service.stop()
+    print(f"axiom serve: stopped after {service.finished} requests", flush=True)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so that a port in use is said at once (connections wait
+    in the backlog until the server runs)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as e:  # in use, not an address of this machine, a privileged port
+        why = e.strerror or e
+        raise AxiomError(f"--host {host} --port {port}: cannot listen ({why}); try another --port") from None

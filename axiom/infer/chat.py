@@ -1,0 +1,76 @@
+"""A conversation with a chat-tuned model: the messages so far, the prompt that fits its context, streamed replies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from axiom.errors import AxiomError
+from axiom.infer.engine import Engine, SamplingParams
+from axiom.model.transformer import Axiom
+from axiom.text.chatml import encode_chat
+from axiom.text.stream import TextStream, stop_ids
+
+
+class Chat:
+    """A conversation with a model: the system message, the exchanges so far and how replies are sampled. When the
+    conversation no longer fits the model's context, the oldest exchanges are left out of the prompt (the system
+    message stays). The n-th reply samples with seed + n."""
+
+    def __init__(
+        self,
+        model: Axiom,
+        system: str | None,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.model, self.system, self.max_new_tokens = model, system, max_new_tokens
+        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+        self.history: list[dict] = []  # user and assistant messages, alternating
+        self.turns = 0
+        self.engine = Engine(model, max_batch=1)  # one cache for the whole conversation, not one per reply
+
+    def prompt(self, user: str) -> tuple[list[int], int]:
+        """Ids of the conversation plus `user` and the generation prompt, the oldest exchanges left out until
+        there is room for a reply; and how many tokens that reply may have."""
+        limit = self.model.cfg.max_seq_len
+        room = min(self.max_new_tokens, limit // 2)  # a long history never squeezes a reply below this
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        history = self.history
+        while True:
+            ids = encode_chat([*system, *history, {"role": "user", "content": user}], add_generation_prompt=True).ids
+            if len(ids) + room <= limit or not history:
+                break
+            history = history[2:]
+        if len(ids) >= limit:
+            raise AxiomError(
+                f"the message and system prompt take {len(ids):,} tokens, the model's context is {limit:,}; "
+                "send a shorter message"
+            )
+        return ids, min(self.max_new_tokens, limit - len(ids))
+
+    def reply(self, user: str) -> Iterator[str]:
+        """Stream the reply to `user` as text pieces; the exchange joins the history when the reply ends
+        (also when it is stopped early)."""
+        ids, budget = self.prompt(user)
+        text = TextStream(stop_ids(chat=True))
+        seed = self.seed + self.turns if self.seed is not None else None
+        params = SamplingParams(budget, self.temperature, self.top_k, self.top_p, seed, text.stop_ids)
+        request = self.engine.submit(ids, params)
+        try:
+            while not request.done:
+                for _, token in self.engine.step():
+                    if piece := text.push(token):
+                        yield piece
+            if tail := text.finish():
+                yield tail
+        finally:
+            self.engine.cancel(request)  # a reply stopped early frees the engine's slot
+            self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": text.text}]
+            self.turns += 1
+
+    def reset(self) -> None:
+        self.history = []
