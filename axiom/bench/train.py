@@ -56,19 +56,8 @@ def bench_train(cfg: Config, device: torch.device, s: TrainBench) -> Bench:
     model = Axiom(m).to(device)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if s.vs_hf else None
     model = parallelize(model, t, device, Dist())
-    optimizer, opt_name = build_optimizer(model, t, device)
-    step = [0]
-
-    def ours() -> None:
-        train_step(model, optimizer, batches, lr_at(step[0], t), t)
-        step[0] += 1
-
-    reset_peak(device)
-    first = train_step(model, optimizer, batches, lr_at(0, t), t).loss
-    for _ in range(s.warmup - 1):
-        ours()
-    peak = peak_memory(device)  # before the reference exists: ours alone
-    contenders = [Contender("axiom", ours, t.tokens_per_step, s.steps)]
+    ours = Warmed(model, t, device, batches, s.warmup, since_reset=False)  # before the reference exists: ours alone
+    contenders = [Contender("axiom", ours.step, t.tokens_per_step, s.steps)]
     extra = {}
     if s.vs_hf:
         model.loss_workspace.release()  # our kept loss block is not the reference's memory
@@ -77,21 +66,21 @@ def bench_train(cfg: Config, device: torch.device, s: TrainBench) -> Bench:
     rates = interleaved(contenders, s.rounds, device)
     figures = {
         **summary(rates, flops_per_token(m, t.seq_len), device),
-        "peak_mem_bytes": peak,
-        "first_loss": first,
+        "peak_mem_bytes": ours.peak,
+        "first_loss": ours.first_loss,
         "params": num_params(m),
         **extra,
         "tokens_per_step": t.tokens_per_step,
         "micro_batch_size": t.micro_batch_size,
         "seq_len": t.seq_len,
         "grad_accum_steps": t.grad_accum_steps,
-        "optimizer": opt_name,
+        "optimizer": ours.optimizer_name,
         "dtype": t.dtype if device.type == "cuda" else "float32",
         "compile": t.compile,
         "gradient_checkpointing": t.gradient_checkpointing,
         "steps_per_round": s.steps,
     }
-    return Bench(figures, profile_table(ours) if s.profile else None)
+    return Bench(figures, profile_table(ours.step) if s.profile else None)
 
 
 def hf_contender(
@@ -105,20 +94,38 @@ def hf_contender(
     if t.compile:
         hf.compile()
     hf.train()
-    hf_opt, _ = build_optimizer(hf, t, device)
-    hf_step = [0]
-
-    def theirs() -> None:
-        train_step(hf, hf_opt, batches, lr_at(hf_step[0], t), t)
-        hf_step[0] += 1
-
-    reset_peak(device)
-    hf_first = train_step(hf, hf_opt, batches, lr_at(0, t), t).loss
-    for _ in range(s.warmup - 1):
-        theirs()
+    theirs = Warmed(hf, t, device, batches, s.warmup, since_reset=True)
     extra = {
-        "hf_peak_mem_bytes": peak_memory(device, since_reset=True),
-        "hf_first_loss": hf_first,
+        "hf_peak_mem_bytes": theirs.peak,
+        "hf_first_loss": theirs.first_loss,
         "hf_params": sum(p.numel() for p in hf.parameters()),
     }
-    return Contender("hf", theirs, t.tokens_per_step, s.steps), extra
+    return Contender("hf", theirs.step, t.tokens_per_step, s.steps), extra
+
+
+class Warmed:
+    """A model trained by `train_step` for `warmup` untimed steps: `step()` then takes one more (the LR following
+    the schedule from step 0); `first_loss` is the first step's loss and `peak` the memory peak over the warmup
+    (`since_reset`: counted from its start, else over the process's life)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        t: TrainConfig,
+        device: torch.device,
+        batches: Batches,
+        warmup: int,
+        since_reset: bool,
+    ) -> None:
+        self.model, self.t, self.batches = model, t, batches
+        self.optimizer, self.optimizer_name = build_optimizer(model, t, device)
+        self.steps = 0
+        reset_peak(device)
+        self.first_loss = train_step(model, self.optimizer, batches, lr_at(0, t), t).loss
+        for _ in range(warmup - 1):
+            self.step()
+        self.peak = peak_memory(device, since_reset=since_reset)
+
+    def step(self) -> None:
+        train_step(self.model, self.optimizer, self.batches, lr_at(self.steps, self.t), self.t)
+        self.steps += 1
