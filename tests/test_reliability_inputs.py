@@ -275,6 +275,13 @@ def test_misleading_inputs_are_named_for_what_they_are(run, tiny_data, tmp_path,
     fails(capsys, ["prepare", tmp_path / "gone.jsonl", "--out", tmp_path / "o"], "a broken symbolic link to")
     fails(capsys, ["eval", "--ckpt", fifo, "--data", tiny_data], "is a FIFO, not a checkpoint folder")
     fails(capsys, ["eval", "--ckpt", run / "checkpoints" / "best", "--data", fifo], "is a FIFO, not a prepared data")
+    for path, kind in (
+        (fifo, "is a FIFO"),
+        (tmp_path, "is a directory"),
+        (tmp_path / "gone.jsonl", "a broken symbolic"),
+    ):
+        task_file = ["eval", "--ckpt", run / "checkpoints" / "best", "--task-file", path]
+        fails(capsys, task_file, f"--task-file {path}: {kind}", "a task file is a JSONL file")
     hf = tmp_path / "hf"
     succeeds(capsys, ["export", "--ckpt", run / "checkpoints" / "best", "--out", hf])
     fails(capsys, ["eval", "--ckpt", hf, "--data", tiny_data], "is a Hugging Face model folder", "axiom import --hf")
