@@ -287,6 +287,18 @@ def test_misleading_inputs_are_named_for_what_they_are(run, tiny_data, tmp_path,
     fails(capsys, ["eval", "--ckpt", hf, "--data", tiny_data], "is a Hugging Face model folder", "axiom import --hf")
 
 
+def test_wrong_json_types_in_chat_rows_are_one_line_errors(tmp_path, capsys):
+    rows = {
+        "role-list": ({"messages": [{"role": ["user"], "content": "hi"}]}, "unknown role ['user']"),
+        "from-dict": ({"conversations": [{"from": {"a": 1}, "value": "hi"}]}, "unknown from {'a': 1}"),
+    }
+    for name, (row, message) in rows.items():
+        path, out = tmp_path / f"{name}.jsonl", tmp_path / f"out-{name}"
+        path.write_text(json.dumps(row) + "\n")
+        fails(capsys, ["prepare", "--chat", path, "--out", out, "--workers", "1"], f"{path}:1: message 0: {message}")
+        assert not out.exists()
+
+
 def test_plot_refuses_empty_or_garbage_csv(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     cases = {
