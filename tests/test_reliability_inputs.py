@@ -255,6 +255,8 @@ def test_command_values_out_of_range_are_refused(run, tiny_data, tmp_path, capsy
     fails(capsys, [*ev, "--eval-tokens", "0"], "--eval-tokens 0: must be positive")
     fails(capsys, [*ev, "--eval-tokens", "8"], "--eval-tokens 8: less than one sequence of 32 tokens")
     fails(capsys, [*ev, "--batch-size", "0"], "--batch-size 0: must be positive")
+    fails(capsys, [*ev, "--limit", "5"], "--limit 5: applies to --tasks and --task-file only")  # was ignored
+    fails(capsys, [*ev[:3], "--tasks", "x", "--eval-tokens", "64"], "--eval-tokens 64: applies to --data only")
     fails(capsys, [*ev, "--device", "tpu"], "--device tpu: unknown device")
     if not torch.cuda.is_available():
         fails(capsys, [*ev, "--device", "cuda"], "--device cuda: no CUDA device is visible")

@@ -64,6 +64,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
             raise AxiomError(f"{flag} {value}: must be positive")
     if args.limit is not None and args.limit <= 0:
         raise AxiomError(f"--limit {args.limit}: must be a positive number of items")
+    if args.limit is not None and not (tasks or args.task_file):
+        raise AxiomError(f"--limit {args.limit}: applies to --tasks and --task-file only (--data reads --eval-tokens)")
+    if args.eval_tokens is not None and not args.data:
+        raise AxiomError(f"--eval-tokens {args.eval_tokens}: applies to --data only (tasks read --limit items)")
     if args.num_fewshot is not None and (args.num_fewshot < 0 or not tasks):
         raise AxiomError(
             f"--num-fewshot {args.num_fewshot}: applies to --tasks only and must be >= 0 (task files are 0-shot)"
