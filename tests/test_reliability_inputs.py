@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from reliability_helpers import fails, hashes, jsonl, make_run, succeeds
+from reliability_helpers import copy_run, fails, hashes, jsonl, make_run, succeeds
 
 from axiom.cli import main
 from axiom.data import prepare as prep
@@ -91,11 +91,15 @@ def test_files_prepare_did_not_write_are_never_deleted(tmp_path, capsys, monkeyp
         fails(capsys, ["prepare", corpus, "--out", out, *args], f"{name}: a file with a shard's name", "left alone")
         assert hashes(out) == before
         (out / name).rename(tmp_path / name)
-    # other files in --out are left as they are, on failure and on success
+    # other files in a folder that is not prepare's own output: refused, left as they are
     (out / "README.md").write_text("my notes")
+    fails(capsys, ["prepare", corpus, "--out", out, *args], "holds README.md, which axiom prepare did not write")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"]
+    (out / "README.md").unlink()
+    # bad input: everything prepare wrote is removed, the folder it was given stays
     jsonl(tmp_path / "bad.jsonl", ["fine"] * 30).open("a").write("{broken\n")
     fails(capsys, ["prepare", corpus, tmp_path / "bad.jsonl", "--out", out, *args], "bad.jsonl:31: invalid JSON")
-    assert sorted(p.name for p in out.iterdir()) == ["README.md"]
+    assert out.is_dir() and not list(out.iterdir())
     # an interrupted run, then a foreign shard-named file appears: still refused
     real_save = prep.Ledger.save
 
@@ -107,11 +111,40 @@ def test_files_prepare_did_not_write_are_never_deleted(tmp_path, capsys, monkeyp
     with pytest.raises(KeyboardInterrupt):
         prep.prepare([str(corpus)], out, workers=1, val_fraction=0.2, shard_tokens=500)
     monkeypatch.setattr(prep.Ledger, "save", real_save)
+    (out / "README.md").write_text("my notes")  # in prepare's own output: its other files are left as they are
     (out / "val_00009.bin").write_bytes(b"mine")
     fails(capsys, ["prepare", corpus, "--out", out, *args], "val_00009.bin", f"not listed in {out / prep.STATE}")
     (out / "val_00009.bin").unlink()
     succeeds(capsys, ["prepare", corpus, "--out", out, *args])
     assert (out / "README.md").read_text() == "my notes"
+
+
+def test_prepare_writes_only_into_a_new_or_empty_folder_or_its_own_output(run, tmp_path, capsys):
+    corpus = jsonl(tmp_path / "c.jsonl", DOCS[:40])
+    args = ["--workers", "1", "--val-fraction", "0.2"]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("my notes")
+    mixed = tmp_path / "mixed"  # a shard-named file does not make a folder prepare's own
+    mixed.mkdir()
+    for name in ("train_00000.bin", "a.txt", "b.txt", "c.txt", "d.txt"):
+        (mixed / name).write_text("mine")
+    cases = {
+        copy_run(run, tmp_path / "run"): "holds checkpoints, eval.csv, train.log, which axiom prepare did not write",
+        notes: "holds README.md, which",
+        mixed: "holds a.txt, b.txt, c.txt and 1 more, which",
+    }
+    for out, message in cases.items():
+        before = hashes(out), sorted(out.rglob("*"))
+        fails(capsys, ["prepare", corpus, "--out", out, *args], f"--out {out} {message}", "choose another --out")
+        assert (hashes(out), sorted(out.rglob("*"))) == before  # nothing written, nothing removed
+        assert not (tmp_path / f".{out.name}.lock").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    succeeds(capsys, ["prepare", corpus, "--out", empty, *args])
+    assert "already prepared with these settings: nothing to do" in succeeds(
+        capsys, ["prepare", corpus, "--out", empty, *args]
+    )
 
 
 def test_damaged_prepared_data_is_reported_with_the_fix(run, tmp_path, capsys, monkeypatch):
@@ -222,6 +255,8 @@ def test_command_values_out_of_range_are_refused(run, tiny_data, tmp_path, capsy
     fails(capsys, [*ev, "--eval-tokens", "0"], "--eval-tokens 0: must be positive")
     fails(capsys, [*ev, "--eval-tokens", "8"], "--eval-tokens 8: less than one sequence of 32 tokens")
     fails(capsys, [*ev, "--batch-size", "0"], "--batch-size 0: must be positive")
+    fails(capsys, [*ev, "--limit", "5"], "--limit 5: applies to --tasks and --task-file only")  # was ignored
+    fails(capsys, [*ev[:3], "--tasks", "x", "--eval-tokens", "64"], "--eval-tokens 64: applies to --data only")
     fails(capsys, [*ev, "--device", "tpu"], "--device tpu: unknown device")
     if not torch.cuda.is_available():
         fails(capsys, [*ev, "--device", "cuda"], "--device cuda: no CUDA device is visible")
@@ -242,9 +277,28 @@ def test_misleading_inputs_are_named_for_what_they_are(run, tiny_data, tmp_path,
     fails(capsys, ["prepare", tmp_path / "gone.jsonl", "--out", tmp_path / "o"], "a broken symbolic link to")
     fails(capsys, ["eval", "--ckpt", fifo, "--data", tiny_data], "is a FIFO, not a checkpoint folder")
     fails(capsys, ["eval", "--ckpt", run / "checkpoints" / "best", "--data", fifo], "is a FIFO, not a prepared data")
+    for path, kind in (
+        (fifo, "is a FIFO"),
+        (tmp_path, "is a directory"),
+        (tmp_path / "gone.jsonl", "a broken symbolic"),
+    ):
+        task_file = ["eval", "--ckpt", run / "checkpoints" / "best", "--task-file", path]
+        fails(capsys, task_file, f"--task-file {path}: {kind}", "a task file is a JSONL file")
     hf = tmp_path / "hf"
     succeeds(capsys, ["export", "--ckpt", run / "checkpoints" / "best", "--out", hf])
     fails(capsys, ["eval", "--ckpt", hf, "--data", tiny_data], "is a Hugging Face model folder", "axiom import --hf")
+
+
+def test_wrong_json_types_in_chat_rows_are_one_line_errors(tmp_path, capsys):
+    rows = {
+        "role-list": ({"messages": [{"role": ["user"], "content": "hi"}]}, "unknown role ['user']"),
+        "from-dict": ({"conversations": [{"from": {"a": 1}, "value": "hi"}]}, "unknown from {'a': 1}"),
+    }
+    for name, (row, message) in rows.items():
+        path, out = tmp_path / f"{name}.jsonl", tmp_path / f"out-{name}"
+        path.write_text(json.dumps(row) + "\n")
+        fails(capsys, ["prepare", "--chat", path, "--out", out, "--workers", "1"], f"{path}:1: message 0: {message}")
+        assert not out.exists()
 
 
 def test_plot_refuses_empty_or_garbage_csv(tmp_path, capsys):

@@ -10,6 +10,11 @@ import json
 import math
 import os
 import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +24,7 @@ from eval_helpers import evaluate_task_file
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
+from axiom.eval import tasks as tasks_module
 from axiom.eval.tasks import (
     choice_loglikelihoods,
     encode_pair,
@@ -287,6 +293,7 @@ def test_bad_task_files_are_one_line_errors(ckpt, tmp_path, capsys):
         "label-range": ([json.dumps({"ctx": "a", "endings": ["b", "c"], "label": 2})], "'label' is 2, out of range"),
         "negative": ([json.dumps({**THREE[0], "answer": -1})], "'answer' is -1, out of range for 2"),
         "label-type": ([json.dumps({**THREE[0], "answer": True})], "'answer' must be an integer index"),
+        "label-digit": ([json.dumps({**THREE[0], "answer": "\u00b2"})], "'answer' must be an integer index"),
         "choices": ([json.dumps({**THREE[0], "choices": ["only one"]})], "at least two non-empty strings"),
         "context": ([json.dumps({**THREE[0], "context": 3})], "field 'context' must be a string"),
         "bad-json": ([good, "", '{"context": "a",'], ":3: not valid JSON"),
@@ -305,6 +312,62 @@ def test_bad_task_files_are_one_line_errors(ckpt, tmp_path, capsys):
         read_task_file(tmp_path / "latin1.jsonl")
     with pytest.raises(AxiomError, match="no such file"):
         read_task_file(tmp_path / "missing.jsonl")
+
+
+def test_items_that_do_not_fit_the_model(ckpt, tmp_path, capsys, monkeypatch):
+    """A context longer than the model's is cut on the left (lm-eval's truncation); a choice longer than the model's
+    context, or text with ids beyond its vocabulary, is refused in one line naming the item, before anything is
+    scored; a whitespace-only context is EOS, as an empty one."""
+    model, path = ckpt
+    long_context = {"context": "word " * 300, "choices": ["a", "b"], "answer": 0}
+    file = write_jsonl(tmp_path / "long-context.jsonl", [long_context])
+    assert len(encode_pair(long_context["context"], " a")[0]) > FULL.max_seq_len
+    assert main(["eval", "--ckpt", str(path), "--task-file", file, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["task_files"][file]["n"] == 1
+    assert encode_pair(" \n ", " a") == ([EOS_ID], load_tokenizer().encode_ordinary(" \n  a"))
+    ws = write_jsonl(tmp_path / "ws.jsonl", [{**THREE[0], "context": "   "}])
+    assert main(["eval", "--ckpt", str(path), "--task-file", ws, "--json"]) == 0
+
+    scored = []
+    monkeypatch.setattr(tasks_module, "loglikelihoods", lambda *a, **k: scored.append(a) or [])
+    long_choice = {"context": "The sky is", "choices": ["blue", "very " * 130 + "blue"], "answer": 0}
+    bad = write_jsonl(tmp_path / "long-choice.jsonl", [THREE[0], "", long_choice])
+    n = len(encode_pair("The sky is", " " + long_choice["choices"][1])[1])
+    assert main(["eval", "--ckpt", str(path), "--task-file", file, "--task-file", bad]) == 2
+    err = capsys.readouterr().err
+    want = f"{bad}:3: choice 1: the continuation is {n} tokens, more than the model's context of 128"
+    assert err.count("\n") == 1 and want in err and "shorten it or leave the item out" in err
+    torch.manual_seed(0)
+    small = micro_config().model  # vocab_size 512: cl100k text has larger ids
+    (tmp_path / "small").mkdir()
+    save_model(Axiom(small), Config(small, TrainConfig()), tmp_path / "small", step=0, tokens=0)
+    assert main(["eval", "--ckpt", str(tmp_path / "small"), "--task-file", file]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{file}:1: choice 0: token id " in err
+    assert "beyond the model's vocab_size 512: use a model with cl100k_base's 100,277 ids" in err
+    assert not scored  # refused before the first file was scored
+    with pytest.raises(AxiomError, match="loglikelihood request 2 of 2: the continuation is 129 tokens"):
+        loglikelihoods(model, [([1], [2]), ([1], list(range(129)))])  # as lm-eval's requests reach the adapter
+
+
+def test_tasks_offline_stop_within_seconds(ckpt):
+    """--tasks with a Hub that does not answer: one line naming the tasks within seconds, not after the Hub client's
+    retries (half a minute or more); the offline variables unset, so that the client would try."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
+    with socket.socket() as s:  # a port nobody listens on: connections are refused, as on a machine offline
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    argv = [sys.executable, "-m", "axiom.cli", "eval", "--ckpt", str(ckpt[1]), "--tasks", "hellaswag,arc_easy"]
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "Retrying" not in done.stderr, done.stderr[-2000:]
+    assert "--tasks hellaswag,arc_easy: the task data could not be fetched" in done.stderr
+    assert f"http://127.0.0.1:{port} does not answer" in done.stderr and "--task-file PATH" in done.stderr
+    assert elapsed < 30, elapsed
 
 
 def test_eval_flags(ckpt, tmp_path, capsys):

@@ -17,7 +17,7 @@ from axiom.config import Config
 from axiom.data.loader import read_manifest
 from axiom.errors import AxiomError
 from axiom.eval.loss import EvalResult, evaluate
-from axiom.eval.tasks import Item, choice_loglikelihoods, read_task_file, score, task_name
+from axiom.eval.tasks import Item, choice_loglikelihoods, choice_requests, read_task_file, score, task_name
 from axiom.model.checkpoint import load_model
 from axiom.runtime import pick_device
 
@@ -64,6 +64,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
             raise AxiomError(f"{flag} {value}: must be positive")
     if args.limit is not None and args.limit <= 0:
         raise AxiomError(f"--limit {args.limit}: must be a positive number of items")
+    if args.limit is not None and not (tasks or args.task_file):
+        raise AxiomError(f"--limit {args.limit}: applies to --tasks and --task-file only (--data reads --eval-tokens)")
+    if args.eval_tokens is not None and not args.data:
+        raise AxiomError(f"--eval-tokens {args.eval_tokens}: applies to --data only (tasks read --limit items)")
     if args.num_fewshot is not None and (args.num_fewshot < 0 or not tasks):
         raise AxiomError(
             f"--num-fewshot {args.num_fewshot}: applies to --tasks only and must be >= 0 (task files are 0-shot)"
@@ -79,11 +83,16 @@ def run(args: argparse.Namespace) -> None:
     task_items = {path: read_task_file(path)[: args.limit] for path in args.task_file}
     if tasks:
         try:
-            from axiom.eval.harness import run_tasks  # lm-eval: the optional eval extra
+            from axiom.eval.harness import check_hub, run_tasks  # lm-eval: the optional eval extra
         except ImportError:
             raise AxiomError("--tasks needs lm-evaluation-harness: pip install 'axiom-lm[eval]'") from None
+        check_hub(tasks)  # offline: one line now, not after the model loads and the other evaluations ran
     model, cfg, meta = load_model(args.ckpt, device)
     t = cfg.train
+    # every choice must fit the model before anything is scored
+    requests = {
+        path: choice_requests(items, cfg.model.max_seq_len, cfg.model.vocab_size) for path, items in task_items.items()
+    }
     out = {"ckpt": str(args.ckpt), "step": meta.get("step"), "tokens_seen": meta.get("tokens")}
     lines = []
     if args.data:
@@ -96,7 +105,7 @@ def run(args: argparse.Namespace) -> None:
     rows = []
     if task_items:
         batch_size = args.batch_size or TASK_BATCH
-        out["task_files"], rows = task_file_results(model, task_items, batch_size, t.dtype, progress=not args.json)
+        out["task_files"], rows = task_file_results(model, task_items, requests, batch_size, t.dtype, not args.json)
     if tasks:
         harness = run_tasks(model, tasks, args.limit, args.num_fewshot, args.batch_size or TASK_BATCH, t.dtype)
         out["tasks"], out["n_shot"] = harness["results"], harness.get("n-shot")
@@ -135,12 +144,18 @@ def val_loss(model: torch.nn.Module, cfg: Config, args: argparse.Namespace) -> E
 
 
 def task_file_results(
-    model: torch.nn.Module, task_items: dict[str, list[Item]], batch_size: int, dtype: str, progress: bool
+    model: torch.nn.Module,
+    task_items: dict[str, list[Item]],
+    requests: dict[str, list],
+    batch_size: int,
+    dtype: str,
+    progress: bool,
 ) -> tuple[dict, list[tuple]]:
-    """The --json entry of each task file (nan as null) and its table row."""
+    """The --json entry of each task file (nan as null) and its table row; `requests`: each file's choice_requests."""
     results, rows = {}, []
     for path, items in task_items.items():
-        res = score(task_name(path), items, choice_loglikelihoods(model, items, batch_size, dtype, progress=progress))
+        lls = choice_loglikelihoods(model, items, batch_size, dtype, progress, requests[path])
+        res = score(task_name(path), items, lls)
         results[path] = {k: None if v != v else v for k, v in asdict(res).items()}  # nan -> null
         rows.append((f"{res.name} (file)", res.n, res.acc, res.acc_stderr, res.acc_norm, res.acc_norm_stderr))
     return results, rows

@@ -47,7 +47,7 @@ def conversation(row: object) -> list[dict]:
             raise ValueError(f"message {i} is {type(turn).__name__}, expected an object with {role_key!r}")
         role = turn.get(role_key)
         known = names or {r: r for r in ROLES}
-        if role not in known:
+        if not isinstance(role, str) or role not in known:
             raise ValueError(f"message {i}: unknown {role_key} {role!r}; expected one of {', '.join(known)}")
         content = turn.get(content_key)
         if not isinstance(content, str):

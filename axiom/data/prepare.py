@@ -7,7 +7,7 @@ cut every `shard_tokens` tokens (documents may straddle two shards; the loader r
 `prepare-state.json` records the completed shards and the length of the shard being written; a re-run after an
 interruption truncates that shard to the recorded length and continues with the next unit. The state also lists
 every shard file prepare created (`Ledger`): only those are ever truncated or deleted. `--out` is locked while
-prepare runs and must not overlap an input (docs/reliability.md).
+prepare runs, must not overlap an input, and must be new, empty or prepare's own output (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ from axiom.text.tokenizer import EOS_ID, NAME, SHA256
 
 STATE = "prepare-state.json"
 SHARD_FILE = re.compile(r"^(train|val)_(\d{5,})\.(bin|mask)(\.tmp)?$")
+# what a killed prepare may leave in --out beside its shards: the temporaries of write_json_atomic
+OWN_TEMP = re.compile(rf"^\.({re.escape(STATE)}|{re.escape(MANIFEST)})\.tmp-\d+$")
 
 
 def default_workers() -> int:
@@ -228,6 +230,21 @@ def created_files(state: dict) -> list[str]:
     return names + [shard_name(split, len(st["shards"])) for split, st in state["splits"].items()]
 
 
+def check_out_is_ours(out: Path) -> None:
+    """An existing `out` must be empty or prepare's own earlier output (its state or manifest is there), so that
+    shards never land beside a training run, a checkpoint or anyone's files. Shard-named files are left to
+    `check_no_foreign_shards`, which names them."""
+    if not out.is_dir() or (out / STATE).is_file() or (out / MANIFEST).is_file():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not (SHARD_FILE.match(p.name) or OWN_TEMP.match(p.name)))
+    if foreign:
+        named = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise AxiomError(
+            f"--out {out} holds {named}, which axiom prepare did not write; prepare writes only into a new or empty "
+            "folder, or continues its own output there: choose another --out"
+        )
+
+
 def check_no_foreign_shards(out: Path, owned: set[str]) -> None:
     """Refuse to work in a folder holding shard-named files that this prepare did not create: they are not ours
     to truncate, replace or delete."""
@@ -348,10 +365,11 @@ def prepare(
 ) -> dict:
     """Tokenize `inputs` into `out`; returns the manifest. Resumes an interrupted run with the same settings.
 
-    `out` is locked for the duration; it must not overlap an input; shard-named files in it that this prepare did
-    not create make it refuse. `val_fraction` 0 or 1 (an empty split) needs `allow_empty_split`. `chat` (from
-    `chat.chat_settings`): the inputs are conversations, written with a loss mask (docs/finetuning.md). `progress`
-    hears how the run goes (the command shows it)."""
+    `out` is locked for the duration; it must not overlap an input; an existing `out` must be empty or hold this
+    prepare's state or manifest, and shard-named files in it that this prepare did not create make it refuse.
+    `val_fraction` 0 or 1 (an empty split) needs `allow_empty_split`. `chat` (from `chat.chat_settings`): the inputs
+    are conversations, written with a loss mask (docs/finetuning.md). `progress` hears how the run goes (the command
+    shows it)."""
     workers = default_workers() if workers is None else workers
     progress = progress or Progress()
     if workers < 1 or shard_tokens < 1 or not 0.0 <= val_fraction <= 1.0:
@@ -375,6 +393,7 @@ def prepare(
     settings = settings_for(files, val_fraction, split_seed, text_field, shard_tokens, chat)
     kept = f"the work recorded in {out / STATE} is kept; fix that, then run the same command again to continue"
     with write_errors(out, "nothing was written"), output_lock(out, "prepare"):
+        check_out_is_ours(out)
         if (out / MANIFEST).is_file():
             manifest = read_json(out / MANIFEST, f"use another --out or delete {out}")
             check_same_settings(manifest, settings, out / MANIFEST)

@@ -17,6 +17,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from datasets import config as datasets_config
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import get_session
 from lm_eval import simple_evaluate
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -37,6 +40,8 @@ OFFLINE_HINT = (
     "offline, evaluate local multiple-choice JSONL with --task-file PATH, or fill the datasets cache on a "
     "connected machine and run with HF_DATASETS_OFFLINE=1 (docs/evaluation.md)"
 )
+HUB_PROBE_SECONDS = 5  # how long `check_hub` waits for an answer from the Hub
+LOCAL_BUILDERS = ("json", "jsonl", "csv", "parquet", "text", "arrow")  # datasets' loaders of local data files
 
 
 class AxiomLM(TemplateLM):
@@ -161,7 +166,8 @@ def run_tasks(
 
     Task data comes from the Hugging Face Hub through `datasets` (or its cache); when it cannot be fetched the
     error says so and names the offline options."""
-    names = ",".join(t if isinstance(t, str) else str(t.get("task")) for t in tasks)
+    names = task_names(tasks)
+    check_hub(tasks)
     register()
     try:
         return simple_evaluate(
@@ -178,6 +184,38 @@ def run_tasks(
         ) from None
     except KeyError as e:  # lm-eval: "Spec 'x' is not a registered task/group/tag name or valid YAML path"
         raise AxiomError(f"--tasks {names}: {e.args[0] if e.args else e}") from None
+
+
+def task_names(tasks: list[str | dict]) -> str:
+    """The tasks as `--tasks` names them, for messages."""
+    return ",".join(t if isinstance(t, str) else str(t.get("task")) for t in tasks)
+
+
+def needs_hub(task: str | dict) -> bool:
+    """Whether a task's data may have to come from the Hugging Face Hub: a named task (lm-eval's own tasks load
+    theirs from it), or an inline config whose dataset is not a local folder or local data files."""
+    if isinstance(task, str):
+        return True
+    path = str(task.get("dataset_path", ""))
+    return path not in LOCAL_BUILDERS and not Path(path).exists()
+
+
+def check_hub(tasks: list[str | dict]) -> None:
+    """Fail within HUB_PROBE_SECONDS, in one line, when the tasks need the Hugging Face Hub and it does not answer.
+
+    Unreachable, the Hub client retries every file for half a minute or more before datasets looks in its cache.
+    In offline mode (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) nothing is asked: datasets reads its cache at once and
+    fails fast itself when the data is not there."""
+    if datasets_config.HF_HUB_OFFLINE or not any(needs_hub(t) for t in tasks):
+        return
+    endpoint = hub_constants.ENDPOINT
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_SECONDS)
+    except Exception as e:  # requests' or httpx's errors, by huggingface_hub version: no answer at all
+        raise AxiomError(
+            f"--tasks {task_names(tasks)}: the task data could not be fetched from the Hugging Face Hub ({endpoint} "
+            f"does not answer: {type(e).__name__}); {OFFLINE_HINT}"
+        ) from None
 
 
 def json_task(name: str, path: str | Path, fields: tuple[str, str, str] = ("context", "choices", "answer")) -> dict:

@@ -8,7 +8,8 @@ equal maxima, as numpy's argmax does in lm-eval.
 Text is split into context and continuation tokens exactly as lm-eval's `TemplateLM` does for a causal model:
 whitespace at the end of the context moves to the continuation, the continuation's tokens are those of
 context + continuation after the context's own tokens, an empty context becomes EOS (Axiom has no BOS), and a
-sequence longer than the model's context loses tokens on the left.
+sequence longer than the model's context loses tokens on the left. A continuation longer than the model's context
+cannot be scored (lm-eval asserts); it is an AxiomError naming the item.
 
 `loglikelihoods` is the scorer that both `axiom eval --task-file` and the lm-eval adapter (axiom/eval/harness.py)
 use. Requests with the same context tokens share one pass over the context: it is run once into a KV cache, which
@@ -29,11 +30,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from axiom.errors import AxiomError
+from axiom.files import describe_missing
 from axiom.model.cache import KVCache
 from axiom.model.loss import output_logits
 from axiom.model.transformer import Axiom
 from axiom.runtime import autocast
-from axiom.text.tokenizer import EOS_ID, load_tokenizer
+from axiom.text.tokenizer import EOS_ID, NAME, VOCAB_SIZE, load_tokenizer
 
 FORMATS = '{"context", "choices", "answer"} or HellaSwag\'s {"ctx", "endings", "label"}'
 HELLASWAG_RAW = ("activity_label", "ctx_a", "ctx_b")  # the original release, as llm.c downloads it
@@ -45,6 +47,7 @@ class Item:
     context: str
     choices: list[str]
     label: int
+    where: str = ""  # FILE:LINE of a task file's item, for error messages
 
 
 @dataclass
@@ -68,7 +71,7 @@ def read_task_file(path: str | Path) -> list[Item]:
     so such a file gives that task's 0-shot numbers."""
     path = Path(path)
     if not path.is_file():
-        raise AxiomError(f"--task-file {path}: no such file")
+        raise AxiomError(f"--task-file {path}: {describe_missing(path)}; a task file is a JSONL file, one item a line")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -100,7 +103,7 @@ def parse_item(line: str, where: str) -> Item:
         raise AxiomError(f"{where}: field {keys[0]!r} must be a string")
     if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
         raise AxiomError(f"{where}: field {keys[1]!r} must be a list of at least two non-empty strings")
-    if isinstance(label, str) and label.isdigit():  # the Hugging Face copy of HellaSwag stores "0".."3"
+    if isinstance(label, str) and label.isascii() and label.isdigit():  # Hugging Face's HellaSwag stores "0".."3"
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int):
         raise AxiomError(f"{where}: field {keys[2]!r} must be an integer index into {keys[1]!r}")
@@ -109,7 +112,7 @@ def parse_item(line: str, where: str) -> Item:
     if hellaswag and all(isinstance(row.get(k), str) for k in HELLASWAG_RAW):
         context = _hellaswag_text(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
         choices = [_hellaswag_text(c) for c in choices]
-    return Item(context, choices, label)
+    return Item(context, choices, label, where)
 
 
 def _hellaswag_text(text: str) -> str:
@@ -125,12 +128,12 @@ def _hellaswag_text(text: str) -> str:
 def encode_pair(context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Context and continuation token ids, split as lm-eval splits them for a causal model."""
     enc = load_tokenizer()
-    if not context:
-        cont = enc.encode_ordinary(continuation)
-        return ([EOS_ID], cont) if cont[0] != EOS_ID else (cont[:1], cont[1:])
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if not context:  # empty, or whitespace only (lm-eval would then have no context token at all)
+        cont = enc.encode_ordinary(continuation)
+        return ([EOS_ID], cont) if cont[0] != EOS_ID else (cont[:1], cont[1:])
     whole = enc.encode_ordinary(context + continuation)
     ctx = enc.encode_ordinary(context)
     return ctx, whole[len(ctx) :]
@@ -152,13 +155,29 @@ class _Group:
         return max(len(c) for c in self.continuations) - 1  # the last continuation token is only a target
 
 
-def _groups(requests: Sequence[tuple[list[int], list[int]]], max_len: int) -> list[_Group]:
+def misfit(context: list[int], continuation: list[int], max_len: int, vocab_size: int) -> str | None:
+    """Why a model with this context length and vocabulary cannot score a request, in words; None if it can."""
+    if len(continuation) > max_len:
+        return (
+            f"the continuation is {len(continuation)} tokens, more than the model's context of {max_len} (only a "
+            "context is cut to fit, on the left); shorten it or leave the item out"
+        )
+    top = max(max(context, default=0), max(continuation, default=0))
+    if top >= vocab_size:
+        return (
+            f"token id {top:,} is beyond the model's vocab_size {vocab_size:,}: use a model with {NAME}'s "
+            f"{VOCAB_SIZE:,} ids"
+        )
+    return None
+
+
+def _groups(requests: Sequence[tuple[list[int], list[int]]], max_len: int, vocab_size: int) -> list[_Group]:
     groups: dict[tuple[int, ...], _Group] = {}
     for i, (context, continuation) in enumerate(requests):
         if not context or not continuation:
             raise ValueError(f"request {i}: context and continuation need at least one token each")
-        if len(continuation) > max_len:
-            raise ValueError(f"request {i}: continuation of {len(continuation)} tokens exceeds max_seq_len={max_len}")
+        if problem := misfit(context, continuation, max_len, vocab_size):
+            raise AxiomError(f"loglikelihood request {i + 1} of {len(requests)}: {problem}")
         # lm-eval feeds (context + continuation)[-(max_len + 1):][:-1]: the context loses tokens on the left
         prefix = context[-(max_len + 1 - len(continuation)) :]
         group = groups.setdefault(tuple(prefix), _Group(prefix, [], []))
@@ -203,7 +222,7 @@ def loglikelihoods(
     was_training = model.training
     model.eval()
     try:
-        batches = _batches(_groups(requests, max_len), batch_size, max_len)
+        batches = _batches(_groups(requests, max_len, model.cfg.vocab_size), batch_size, max_len)
         for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
             with autocast(device, dtype):
                 hidden, rows, targets, spans = _batch_hidden(model, batch, device)
@@ -271,11 +290,31 @@ def _target_logprobs(
     return logp.cpu(), hits.cpu()
 
 
+def choice_requests(items: Sequence[Item], max_len: int, vocab_size: int) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) of `" " + choice` after its context, for every choice of every item in order.
+    A choice that a model with this context length and vocabulary cannot score is an AxiomError naming its item."""
+    requests = []
+    for i, item in enumerate(items):
+        for j, choice in enumerate(item.choices):
+            context, continuation = encode_pair(item.context, " " + choice)
+            if problem := misfit(context, continuation, max_len, vocab_size):
+                raise AxiomError(f"{item.where or f'item {i + 1}'}: choice {j}: {problem}")
+            requests.append((context, continuation))
+    return requests
+
+
 def choice_loglikelihoods(
-    model: Axiom, items: Sequence[Item], batch_size: int = 16, dtype: str = "float32", progress: bool = False
+    model: Axiom,
+    items: Sequence[Item],
+    batch_size: int = 16,
+    dtype: str = "float32",
+    progress: bool = False,
+    requests: list[tuple[list[int], list[int]]] | None = None,
 ) -> list[list[float]]:
-    """Per item, the log-likelihood of `" " + choice` given its context, for each choice."""
-    requests = [encode_pair(item.context, " " + choice) for item in items for choice in item.choices]
+    """Per item, the log-likelihood of `" " + choice` given its context, for each choice. `requests`: the items'
+    `choice_requests`, when the caller has made them already (to fail before any scoring)."""
+    if requests is None:
+        requests = choice_requests(items, model.cfg.max_seq_len, model.cfg.vocab_size)
     flat = iter(ll for ll, _ in loglikelihoods(model, requests, batch_size, dtype, progress, greedy=False))
     return [[next(flat) for _ in item.choices] for item in items]
 
