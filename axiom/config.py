@@ -299,6 +299,12 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     return new
 
 
+def changed_fields(old, new) -> list[str]:
+    """'name old -> new' for each constructor argument that differs between two configs of one class."""
+    before, after = _init_fields(old), _init_fields(new)
+    return [f"{name} {before[name]!r} -> {after[name]!r}" for name in before if before[name] != after[name]]
+
+
 def _init_fields(obj) -> dict:
     """The constructor arguments of a config dataclass (derived fields left out)."""
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
