@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 import types
@@ -291,12 +292,18 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
         elif name in train_kw:
             train_kw[name] = _parse(TrainConfig, name, raw)
         else:
-            known = ", ".join(sorted([*model_kw, *train_kw]))
-            raise AxiomError(f"--set {item!r}: unknown field {name!r}; known fields: {known}")
+            raise AxiomError(f"--set {item!r}: {unknown_field(name, [*model_kw, *train_kw])}")
     new = Config(ModelConfig(**model_kw), TrainConfig(**train_kw))
     if overrides:  # a configuration being made; a stored one (resume, import without --set) ran as it is
         new.train.check_plan()
     return new
+
+
+def unknown_field(name: str, known: list[str]) -> str:
+    """Why `name` is refused: the close match first (difflib), then every known name."""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown field {name!r}; {hint}known fields: {', '.join(sorted(known))}"
 
 
 def changed_fields(old, new) -> list[str]:

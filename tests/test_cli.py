@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from axiom import __version__
 from axiom.cli import COMMANDS, main
 
 
@@ -37,6 +38,12 @@ def test_info_applies_overrides(capsys):
     assert main(["info", "--preset", "axiom-380m", "--set", "grad_accum_steps=160", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["tokens_per_step"] == 163_840 and info["steps"] == 48_828
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"axiom {__version__}\n"
 
 
 def test_bad_override_is_one_line_error_and_nonzero_exit():

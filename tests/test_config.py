@@ -32,7 +32,8 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("nope=1", "unknown field 'nope'"),
+        ("nope=1", "unknown field 'nope'; known fields: beta1, "),
+        ("lr_maxx=1", r"unknown field 'lr_maxx'; did you mean lr_max\? known fields: beta1, "),
         ("d_model", "expected NAME=VALUE"),
         ("n_layers=2.5", "expected int"),
         ("compile=maybe", "expected bool"),
