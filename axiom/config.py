@@ -313,10 +313,20 @@ def apply_overrides(cfg: Config, overrides: list[str] | None, file: ConfigFile |
 
 
 def unknown_field(name: str, known: list[str]) -> str:
-    """Why `name` is refused: the close match first (difflib), then every known name."""
+    """Why `name` is refused: a derived value (head_dim, steps, ...), the close match first (difflib), then every
+    known name."""
+    derived = any(name in _derived(cls) for cls in (ModelConfig, TrainConfig))
     close = difflib.get_close_matches(name, known, n=1)
+    why = "a value derived from the fields, not one to set; " if derived else ""
     hint = f"did you mean {close[0]}? " if close else ""
-    return f"unknown field {name!r}; {hint}known fields: {', '.join(sorted(known))}"
+    return f"unknown field {name!r}; {why}{hint}known fields: {', '.join(sorted(known))}"
+
+
+@functools.cache
+def _derived(cls: type) -> frozenset[str]:
+    """The values of a config class that are computed, not given: fields outside __init__, and properties."""
+    computed = {f.name for f in dataclasses.fields(cls) if not f.init}
+    return frozenset(computed | {name for name, v in vars(cls).items() if isinstance(v, property)})
 
 
 def changed_fields(old, new) -> list[str]:

@@ -40,6 +40,8 @@ def test_overrides_are_typed():
     [
         ("nope=1", "unknown field 'nope'; known fields: beta1, "),
         ("lr_maxx=1", r"unknown field 'lr_maxx'; did you mean lr_max\? known fields: beta1, "),
+        ("steps=9", r"'steps'; a value derived from the fields, not one to set; did you mean max_steps\? known"),
+        ("head_dim=8", r"'head_dim'; a value derived from the fields, not one to set; known fields: beta1, "),
         ("d_model", "expected NAME=VALUE"),
         ("n_layers=2.5", "expected int"),
         ("compile=maybe", "expected bool"),

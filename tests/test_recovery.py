@@ -374,6 +374,11 @@ def test_extending_a_finished_run_says_the_lr_jumps(tiny_data, tmp_path, capsys)
     assert "--resume: training fields changed from the checkpoint's: max_steps 4 -> 8" in log
     assert log.index(notice) < log.index("schedule     8 steps")  # before the plan and the first step
     assert float(read_rows(run / "train.csv")[4]["lr"]) == pytest.approx(3e-3)
+    shorter = ["--resume", "--set", "max_steps=6"]  # a run shortened to before its checkpoint: said, not silent
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, *shorter]) == 0
+    err = capsys.readouterr().err
+    assert "notice: the checkpoint is at step 8, past the run's 6 steps: nothing to train" in err
+    assert "LR jumps" not in err
     # the setting it suggests keeps the LR where the checkpoint left it: no notice
     assert main(["train", "--data", str(tiny_data), "--out", str(quiet), *sets, *longer, "--set", "lr_max=3e-4"]) == 0
     assert "notice: the LR jumps" not in capsys.readouterr().err

@@ -224,11 +224,13 @@ def setup(
 
 
 def log_resume_changes(log: RunLog, start: Path, cfg: TrainConfig, step: int) -> None:
-    """Name the training fields changed since the checkpoint `start`, and as a notice an LR that jumps."""
+    """Name the training fields changed since the checkpoint `start`, and as a notice an LR that jumps or a run
+    shortened to before the checkpoint's step."""
     saved = config_of(read_meta(start), start / CONFIG).train
     changed = changed_fields(saved, cfg)
     if changed:
         log.info(f"--resume: training fields changed from the checkpoint's: {', '.join(changed)}")
-    jump = schedule_jump(saved, cfg, step)
-    if jump is not None:
+    if step > cfg.steps:
+        log.notice(f"the checkpoint is at step {step:,}, past the run's {cfg.steps:,} steps: nothing to train")
+    elif step < cfg.steps and (jump := schedule_jump(saved, cfg, step)) is not None:
         log.notice(jump)
