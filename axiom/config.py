@@ -416,7 +416,7 @@ def read_config_file(path: str | Path) -> ConfigFile:
 
 def _read_toml(path: Path) -> dict:
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark some editors write
     except tomllib.TOMLDecodeError as e:
         raise AxiomError(f"{path}: not valid TOML ({e})") from None
     except UnicodeDecodeError:

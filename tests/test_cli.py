@@ -57,6 +57,11 @@ def test_commands_that_take_a_preset_take_a_config_file(tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"preset axiom-380m with {path}: d_model 1024")
     for command in (["train", "--data", "d", "--out", "o"], ["generate"], ["bench", "train"], ["bench", "generate"]):
         assert build_parser().parse_args([*command, "--config", str(path)]).config == str(path)
+    with pytest.raises(SystemExit) as e:  # a second file would silently replace the first
+        main(["info", "--config", str(path), "--config", str(path)])
+    assert (
+        e.value.code == 2 and "--config given twice; one file, then --set for what differs" in capsys.readouterr().err
+    )
 
 
 def test_bad_override_is_one_line_error_and_nonzero_exit():

@@ -98,6 +98,8 @@ def test_config_file_tables_preset_and_set(tmp_path):
     assert type(cfg.train.lr_max) is float and type(cfg.train.target_tokens) is int  # as --set types them
     (tmp_path / "empty.toml").write_text("")
     assert file_config(tmp_path / "empty.toml") == get_config("tiny")
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf[train]\nlr_max = 1e-3\n")  # as some editors save it
+    assert file_config(tmp_path / "bom.toml") == get_config("tiny", ["lr_max=1e-3"])
 
 
 def test_a_runs_config_json_is_a_config_file(tmp_path):

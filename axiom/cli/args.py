@@ -29,11 +29,21 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--config",
+        action=_Once,
         metavar="FILE",
         help="a .toml file of [model] and [train] field values, or a run's config.json, applied on top of the preset "
         "(docs/training.md#configuration-files)",
     )
     add_overrides_argument(parser, "override any ModelConfig or TrainConfig field, e.g. --set lr_max=1e-3 (repeatable)")
+
+
+class _Once(argparse.Action):
+    """A flag that may be given once: a second --config would silently replace the first, not add to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice; one file, then --set for what differs")
+        setattr(namespace, self.dest, values)
 
 
 def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
