@@ -1,16 +1,27 @@
-"""Model and training configuration: two dataclasses, named presets, and `--set NAME=VALUE` overrides."""
+"""Model and training configuration: two dataclasses, named presets, configuration files (TOML, or a run's
+config.json) and `--set NAME=VALUE` overrides."""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from axiom.dtypes import TRAIN_DTYPES
 from axiom.errors import AxiomError
+from axiom.files import describe_missing, read_json
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 
 @dataclass
@@ -279,8 +290,11 @@ def get_config(preset: str, overrides: list[str] | None = None) -> Config:
     return apply_overrides(PRESETS[preset](), overrides)
 
 
-def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
-    """A new Config: `cfg` with `NAME=VALUE` overrides applied (names from ModelConfig or TrainConfig)."""
+def apply_overrides(cfg: Config, overrides: list[str] | None, file: ConfigFile | None = None) -> Config:
+    """A new Config: `cfg` with a configuration file's values, then `NAME=VALUE` overrides, applied (names from
+    ModelConfig or TrainConfig). The file on top of `cfg` must be a valid configuration by itself."""
+    if file is not None:
+        cfg = file.applied_to(cfg)
     model_kw = _init_fields(cfg.model)
     train_kw = _init_fields(cfg.train)
     for item in overrides or []:
@@ -293,12 +307,34 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
         elif name in train_kw:
             train_kw[name] = _parse(TrainConfig, name, raw)
         else:
-            known = ", ".join(sorted([*model_kw, *train_kw]))
-            raise AxiomError(f"--set {item!r}: unknown field {name!r}; known fields: {known}")
+            raise AxiomError(f"--set {item!r}: {unknown_field(name, [*model_kw, *train_kw])}")
     new = Config(ModelConfig(**model_kw), TrainConfig(**train_kw))
-    if overrides:  # a configuration being made; a stored one (resume, import without --set) ran as it is
+    if overrides or file is not None:  # a configuration being made; a stored one (resume, import) ran as it is
         new.train.check_plan()
     return new
+
+
+def unknown_field(name: str, known: list[str]) -> str:
+    """Why `name` is refused: a derived value (head_dim, steps, ...), the close match first (difflib), then every
+    known name."""
+    derived = any(name in _derived(cls) for cls in (ModelConfig, TrainConfig))
+    close = difflib.get_close_matches(name, known, n=1)
+    why = "a value derived from the fields, not one to set; " if derived else ""
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown field {name!r}; {why}{hint}known fields: {', '.join(sorted(known))}"
+
+
+@functools.cache
+def _derived(cls: type) -> frozenset[str]:
+    """The values of a config class that are computed, not given: fields outside __init__, and properties."""
+    computed = {f.name for f in dataclasses.fields(cls) if not f.init}
+    return frozenset(computed | {name for name, v in vars(cls).items() if isinstance(v, property)})
+
+
+def changed_fields(old, new) -> list[str]:
+    """'name old -> new' for each constructor argument that differs between two configs of one class."""
+    before, after = _init_fields(old), _init_fields(new)
+    return [f"{name} {before[name]!r} -> {after[name]!r}" for name in before if before[name] != after[name]]
 
 
 def _init_fields(obj) -> dict:
@@ -331,3 +367,113 @@ def _parse(cls: type, name: str, raw: str):
         return hint(raw)
     except ValueError:
         raise AxiomError(f"--set {name}={raw}: expected {hint.__name__}") from None
+
+
+# ---- configuration files: `axiom train --config FILE`
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """A configuration file: the preset it starts from (optional) and field values in a [model] and a [train]
+    table, exactly as a run's config.json stores them. Values are typed; ranges are checked when applied."""
+
+    path: Path
+    preset: str | None
+    model: dict[str, Any]
+    train: dict[str, Any]
+
+    def applied_to(self, cfg: Config) -> Config:
+        """`cfg` with this file's values; one AxiomError naming the file when the result is not a valid config."""
+        try:
+            return Config(
+                ModelConfig(**{**_init_fields(cfg.model), **self.model}),
+                TrainConfig(**{**_init_fields(cfg.train), **self.train}),
+            )
+        except AxiomError as e:
+            raise AxiomError(f"{self.path}: {e}") from None
+
+
+TABLES = {"model": ModelConfig, "train": TrainConfig}
+CONFIG_HINT = "pass a .toml file ([model] and [train] tables, docs/training.md) or a run's config.json"
+
+
+def read_config_file(path: str | Path) -> ConfigFile:
+    """A .toml file or a config.json written by axiom train (a run's or a checkpoint's: its other top-level keys,
+    step, tokens, data, ..., are its record and are ignored). Every problem is one AxiomError naming the file and
+    the key."""
+    path = Path(path)
+    if not path.is_file():
+        inside = path / "config.json"
+        hint = f"; {inside} is one" if path.is_dir() and inside.is_file() else f"; {CONFIG_HINT}"
+        raise AxiomError(f"--config {path}: {describe_missing(path).removeprefix('is ')}{hint}")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        data = _read_toml(path)
+    elif suffix == ".json":
+        data = read_json(path, CONFIG_HINT)
+    else:
+        raise AxiomError(f"--config {path}: not a .toml or .json file; {CONFIG_HINT}")
+    return _config_file(path, data, strict=suffix == ".toml")
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark some editors write
+    except tomllib.TOMLDecodeError as e:
+        raise AxiomError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise AxiomError(f"{path}: not UTF-8 text, so not a TOML file; {CONFIG_HINT}") from None
+    except OSError as e:
+        raise AxiomError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _config_file(path: Path, data: dict, strict: bool) -> ConfigFile:
+    """Check the layout of a parsed file and type its values. `strict`: unknown top-level keys are errors (TOML);
+    a JSON file's are the record of a run or checkpoint."""
+    if ("architectures" in data or "model_type" in data) and not data.keys() & TABLES.keys():
+        raise AxiomError(f"{path}: a Hugging Face model config, not an Axiom one; {CONFIG_HINT}")
+    for key in data:
+        table = next((t for t, cls in TABLES.items() if key in _field_types(cls)), None)
+        if table is not None:
+            raise AxiomError(f"{path}: {key} at the top level; field values go in the [{table}] table")
+        if strict and key not in ("preset", *TABLES):
+            close = difflib.get_close_matches(key, ["preset", *TABLES], n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise AxiomError(f"{path}: unknown key {key!r}; {hint}a config file holds preset, [model] and [train]")
+    preset = data.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise AxiomError(f"{path}: preset = {preset!r}: unknown preset; choose one of: {', '.join(PRESETS)}")
+    if not strict and not data.keys() & TABLES.keys():
+        raise AxiomError(f"{path}: no model or train table; {CONFIG_HINT}")
+    tables = {name: _table(path, data, name) for name in TABLES}
+    return ConfigFile(path, preset, tables["model"], tables["train"])
+
+
+def _table(path: Path, data: dict, name: str) -> dict[str, Any]:
+    """The typed values of table `name` ("model" or "train") of a parsed file."""
+    values = data.get(name, {})
+    if not isinstance(values, dict):
+        raise AxiomError(f"{path}: {name} = {values!r}: expected a table of field values")
+    cls, fields = TABLES[name], _field_types(TABLES[name])
+    typed = {}
+    for key, value in values.items():
+        if key not in fields:
+            other = next((t for t, c in TABLES.items() if key in _field_types(c)), None)
+            what = f"a field of [{other}], not [{name}]" if other else unknown_field(key, list(fields))
+            raise AxiomError(f"{path}: {name}.{key}: {what}")
+        typed[key] = _file_value(cls, key, value, f"{path}: {name}.{key}")
+    return typed
+
+
+def _file_value(cls: type, name: str, value: Any, where: str) -> Any:
+    """A file's value as field `name`'s type: an int is taken for a float, and a whole float (1e8) for an int, as
+    --set takes them; anything else must be of the field's type (a bool is not an int, a string not a number)."""
+    allowed = _field_types(cls)[name]
+    if type(value) is float and value.is_integer() and int in allowed and float not in allowed:
+        return int(value)
+    if type(value) is int and float in allowed:
+        return float(value)
+    if any(value is None if t is type(None) else type(value) is t for t in allowed):
+        return value
+    names = ("null" if t is type(None) else t.__name__ for t in allowed)
+    raise AxiomError(f"{where} = {value!r}: expected {' or '.join(names)}")

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from axiom.cli import COMMANDS, main
+from axiom import __version__
+from axiom.cli import COMMANDS, build_parser, main
 
 
 def test_top_level_help(capsys):
@@ -37,6 +38,30 @@ def test_info_applies_overrides(capsys):
     assert main(["info", "--preset", "axiom-380m", "--set", "grad_accum_steps=160", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["tokens_per_step"] == 163_840 and info["steps"] == 48_828
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"axiom {__version__}\n"
+
+
+def test_commands_that_take_a_preset_take_a_config_file(tmp_path, capsys):
+    path = tmp_path / "grad.toml"
+    path.write_text('preset = "axiom-380m"\n[train]\ngrad_accum_steps = 40\n')
+    assert main(["info", "--config", str(path), "--set", "grad_accum_steps=160", "--json"]) == 0  # --set wins
+    from_file = json.loads(capsys.readouterr().out)
+    assert main(["info", "--preset", "axiom-380m", "--set", "grad_accum_steps=160", "--json"]) == 0
+    assert from_file == json.loads(capsys.readouterr().out)
+    assert main(["info", "--config", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"preset axiom-380m with {path}: d_model 1024")
+    for command in (["train", "--data", "d", "--out", "o"], ["generate"], ["bench", "train"], ["bench", "generate"]):
+        assert build_parser().parse_args([*command, "--config", str(path)]).config == str(path)
+    with pytest.raises(SystemExit) as e:  # a second file would silently replace the first
+        main(["info", "--config", str(path), "--config", str(path)])
+    assert (
+        e.value.code == 2 and "--config given twice; one file, then --set for what differs" in capsys.readouterr().err
+    )
 
 
 def test_bad_override_is_one_line_error_and_nonzero_exit():

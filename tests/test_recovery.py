@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,3 +301,85 @@ def test_data_ids_beyond_the_model_vocabulary(tiny_data, tmp_path, capsys):
     assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), *sets]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "the model's vocab_size is 100" in err
+
+
+@pytest.mark.parametrize("missing", ["state.pt", "model.safetensors"], ids=["newest-without-state", "no-weights"])
+def test_resume_sets_aside_a_checkpoint_missing_a_file(tiny_data, tmp_path, missing):
+    """A step folder that lacks a file is skipped like a corrupt one and set aside the same way: training reaching
+    its step again writes a new one beside it, never over it."""
+    run = tmp_path / "run"
+    sets = micro_args("max_steps=4", "eval_interval=4", "checkpoint_interval=2", "keep_checkpoints=4")
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets]) == 0
+    damaged = [run / "checkpoints" / "step_000004"]
+    if missing == "model.safetensors":  # no checkpoint verifies: --resume starts fresh
+        damaged.append(run / "checkpoints" / "step_000002")
+    for d in damaged:
+        (d / missing).unlink()
+    kept = {p.relative_to(run): p.read_bytes() for d in damaged for p in d.iterdir()}
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, "--resume"]) == 0
+    log = (run / "train.log").read_text()
+    for d in damaged:
+        assert f"--resume: skipped {d}, which does not verify" in log
+        assert f"set aside {d} (" in log and f") as abandoned-{d.name}" in log
+    aside = {p.relative_to(run): p.read_bytes() for d in damaged for p in d.with_name(f"abandoned-{d.name}").iterdir()}
+    assert aside == {Path(str(k).replace("step_", "abandoned-step_")): v for k, v in kept.items()}
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2, 4]  # written anew beside them
+
+
+def test_resume_from_best_says_what_it_holds_and_what_to_pass(tiny_data, tmp_path, capsys):
+    """best/ holds weights without training state: --resume-from names the step checkpoint of the same step (or
+    --init-from); a run directory is named as one."""
+    run = tmp_path / "run"
+    base = ["train", "--data", str(tiny_data), "--out", str(run)]
+    sets = micro_args("max_steps=4", "eval_interval=4", "checkpoint_interval=4")
+    assert main([*base, *sets]) == 0
+    best, same = run / "checkpoints" / "best", run / "checkpoints" / "step_000004"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*base, *sets, "--resume-from", str(best)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"axiom train: error: --resume-from {best}: weights without training state (no state.pt: optimizer, loader "
+        f"position, RNG), so training cannot continue from it; --resume-from {same} continues from the same step"
+    )
+    shutil.rmtree(same)
+    before = {p: v for p, v in before.items() if not p.is_relative_to(same)}
+    assert main([*base, *sets, "--resume-from", str(best)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"; --init-from {best} starts a new run (a new --out) from its weights")
+    assert main([*base, *sets, "--resume-from", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"axiom train: error: --resume-from {run}: a run directory, not a checkpoint; --resume")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_extending_a_finished_run_says_the_lr_jumps(tiny_data, tmp_path, capsys):
+    """The schedule is a function of the run's length: --set max_steps=N on a finished run warms the LR back up, and
+    a notice says so before training, with the setting that continues from the checkpoint's LR instead."""
+    run = tmp_path / "run"
+    sets = micro_args("max_steps=4", "eval_interval=4", "checkpoint_interval=4")
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets]) == 0
+    quiet = tmp_path / "quiet"
+    shutil.copytree(run, quiet)
+    capsys.readouterr()
+    longer = ["--resume", "--set", "max_steps=8"]
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, *longer]) == 0
+    notice = (
+        "notice: the LR jumps from 0.0003 to 0.003 at step 4: the schedule is a function of the run's length and "
+        "settings, which the resumed run changed; to continue from 0.0003 instead: --set lr_max=0.0003 "
+        "(docs/training.md#extending-a-finished-run)"
+    )
+    assert notice in capsys.readouterr().err.splitlines()
+    log = (run / "train.log").read_text()
+    assert "--resume: training fields changed from the checkpoint's: max_steps 4 -> 8" in log
+    assert log.index(notice) < log.index("schedule     8 steps")  # before the plan and the first step
+    assert float(read_rows(run / "train.csv")[4]["lr"]) == pytest.approx(3e-3)
+    shorter = ["--resume", "--set", "max_steps=6"]  # a run shortened to before its checkpoint: said, not silent
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, *shorter]) == 0
+    err = capsys.readouterr().err
+    assert "notice: the checkpoint is at step 8, past the run's 6 steps: nothing to train" in err
+    assert "LR jumps" not in err
+    # the setting it suggests keeps the LR where the checkpoint left it: no notice
+    assert main(["train", "--data", str(tiny_data), "--out", str(quiet), *sets, *longer, "--set", "lr_max=3e-4"]) == 0
+    assert "notice: the LR jumps" not in capsys.readouterr().err
+    assert float(read_rows(quiet / "train.csv")[4]["lr"]) == pytest.approx(3e-4)

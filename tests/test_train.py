@@ -4,21 +4,24 @@ and after kill -9), a crash while writing a checkpoint, non-finite steps, and 2 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO_VOCAB, count_params, micro_args, micro_config
+from conftest import MICRO, MICRO_VOCAB, count_params, micro_args, micro_config
 from safetensors.torch import load_file
 
 import axiom.train.checkpointer as checkpointer_mod
 import axiom.train.trainer as trainer_mod
-from axiom.config import TrainConfig
+from axiom.config import ModelConfig, TrainConfig
 from axiom.data.loader import read_manifest
 from axiom.errors import AxiomError
 from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state
@@ -300,3 +303,50 @@ def test_init_from_starts_a_new_run_from_checkpoint_weights(tiny_data, tmp_path)
     rows = read_rows(run / "eval.csv")
     assert [int(r["step"]) for r in rows] == [0, 4]
     assert float(rows[0]["val_loss"]) == pytest.approx(trained_val, rel=1e-6)  # step 0 evaluates the loaded weights
+
+
+def test_train_from_config_files(tiny_data, tmp_path, capsys):
+    """--config: a TOML file of [model]/[train] values (--set on top), a run's config.json for --resume (its own is
+    no change, another run's model is refused), and configs/sft.toml as shipped, with --init-from."""
+    from axiom.cli import main
+
+    tables = {"model": [], "train": []}
+    for item in MICRO:
+        name, value = item.split("=")
+        value = value if re.fullmatch(r"[0-9.e+-]+", value) else f'"{value}"'
+        tables["model" if name in ModelConfig.__dataclass_fields__ else "train"].append(f"{name} = {value}")
+    micro = tmp_path / "micro.toml"
+    micro.write_text("".join(f"[{t}]\n" + "\n".join(lines) + "\n" for t, lines in tables.items()))
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_data), "--out", str(run), "--config", str(micro)]
+    assert main([*args, "--set", "max_steps=4", "--set", "eval_interval=4"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved == micro_config("max_steps=4", "eval_interval=4").to_dict()
+    resume = ["train", "--data", str(tiny_data), "--out", str(run), "--resume"]
+    assert main([*resume, "--config", str(run / "config.json")]) == 0
+    assert "training fields changed" not in (run / "train.log").read_text()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**saved, "model": {**saved["model"], "d_model": 64}}))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*resume, "--config", str(other)]) == 2
+    assert capsys.readouterr().err == (
+        "axiom train: error: --resume: --set and --config may change training fields only, not the model's shape of "
+        "the checkpoint (d_model 32 -> 64)\n"
+    )
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    sft = Path(__file__).resolve().parent.parent / "configs" / "sft.toml"
+    tuned = tmp_path / "tuned"
+    small = [
+        "seq_len=32",
+        "micro_batch_size=2",
+        "grad_accum_steps=2",
+        "max_steps=2",
+        "eval_tokens=256",
+        "optimizer=adamw",
+    ]
+    init = ["--init-from", str(run / "checkpoints" / "best"), "--data", str(tiny_data), "--out", str(tuned)]
+    assert main(["train", "--config", str(sft), *init, *(a for s in small for a in ("--set", s))]) == 0
+    train_cfg = json.loads((tuned / "config.json").read_text())["train"]
+    assert (train_cfg["lr_max"], train_cfg["warmup_steps"], train_cfg["eval_interval"]) == (3e-5, 30, 100)
+    assert (train_cfg["seq_len"], train_cfg["max_steps"]) == (32, 2)

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from axiom import __version__
 from axiom.errors import AxiomError
 
 # name -> (module, one-line help). Modules are imported only to build their own parser.
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="axiom", description="Pretrain, evaluate, sample from and publish Axiom-Dense models."
     )
+    parser.add_argument("--version", action="version", version=f"axiom {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -1,4 +1,4 @@
-"""Flags that several commands share, each defined once: the preset and its overrides, the device, the
+"""Flags that several commands share, each defined once: the preset, config file and overrides, the device, the
 inference dtype and the sampling settings."""
 
 from __future__ import annotations
@@ -6,36 +6,65 @@ from __future__ import annotations
 import argparse
 import sys
 
-from axiom.config import PRESETS, Config, get_config
+from axiom.config import PRESETS, Config, ConfigFile, apply_overrides, get_config, read_config_file
 from axiom.dtypes import INFERENCE_DTYPES
 from axiom.errors import AxiomError
 from axiom.infer.engine import SamplingParams
 
 DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda when available)"
+DEFAULT_PRESET = "tiny"
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None = "tiny") -> None:
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--preset, --config and --set: the configuration of a run, in that order of precedence (last wins)."""
     parser.add_argument(
         "--preset",
-        default=default_preset,
+        default=None,
         choices=sorted(PRESETS),
-        help=f"named configuration (default: {default_preset})",
+        help=f"named configuration to start from (default: the --config file's preset, else {DEFAULT_PRESET})",
+    )
+    parser.add_argument(
+        "--config",
+        action=_Once,
+        metavar="FILE",
+        help="a .toml file of [model] and [train] field values, or a run's config.json, applied on top of the preset "
+        "(docs/training.md#configuration-files)",
     )
     add_overrides_argument(parser, "override any ModelConfig or TrainConfig field, e.g. --set lr_max=1e-3 (repeatable)")
+
+
+class _Once(argparse.Action):
+    """A flag that may be given once: a second --config would silently replace the first, not add to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice; one file, then --set for what differs")
+        setattr(namespace, self.dest, values)
 
 
 def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE", help=help)
 
 
+def config_file(args: argparse.Namespace) -> ConfigFile | None:
+    return read_config_file(args.config) if args.config else None
+
+
+def preset_of(args: argparse.Namespace, file: ConfigFile | None) -> str:
+    """The preset a configuration starts from: --preset, else the config file's `preset`, else tiny."""
+    return args.preset or (file.preset if file is not None else None) or DEFAULT_PRESET
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The --preset with its --set overrides; settings that probably do not do what was meant are named on stderr."""
-    cfg = get_config(args.preset, args.overrides)
-    for note in cfg.train.notices() if args.overrides else []:
+    """The preset, the --config file and the --set overrides; settings that probably do not do what was meant are
+    named on stderr."""
+    file = config_file(args)
+    cfg = apply_overrides(get_config(preset_of(args, file)), args.overrides, file)
+    for note in cfg.train.notices() if args.overrides or file is not None else []:
         print(f"notice: {note}", file=sys.stderr)
     return cfg
 

@@ -20,7 +20,7 @@ from axiom.bench import llamacpp
 from axiom.bench.generate import GenerateBench, bench_generate, check_generate, default_dtype
 from axiom.bench.timing import Bench, versions
 from axiom.bench.train import TrainBench, bench_train
-from axiom.cli.args import add_config_arguments, add_device_argument, config_from_args
+from axiom.cli.args import add_config_arguments, add_device_argument, config_file, config_from_args, preset_of
 from axiom.config import Config
 from axiom.errors import AxiomError
 from axiom.runtime import pick_device
@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> None:
         bench = run_generate(cfg, device, args)
     if bench.profile:
         print(bench.profile, file=sys.stderr)
-    result = {"what": args.what, "preset": args.preset, "overrides": args.overrides, **bench.figures}
+    source = {"preset": preset_of(args, config_file(args)), **({"config": args.config} if args.config else {})}
+    result = {"what": args.what, **source, "overrides": args.overrides, **bench.figures}
     result |= versions(device)
     if args.json:
         print(json.dumps(result))
@@ -124,7 +125,8 @@ def run_generate(cfg: Config, device: torch.device, args: argparse.Namespace) ->
 
 def _print_human(r: dict) -> None:
     unit = "optimizer steps" if r["what"] == "train" else "generate calls"
-    print(f"axiom bench {r['what']} --preset {r['preset']} on {r['device']} (torch {r['torch']}), rounds of {unit}")
+    source = f"--preset {r['preset']}" + (f" --config {r['config']}" if "config" in r else "")
+    print(f"axiom bench {r['what']} {source} on {r['device']} (torch {r['torch']}), rounds of {unit}")
     print(f"  axiom         {r['tokens_per_s']:>12,.0f} tokens/s   {r['achieved_tflops']:.4f} TFLOP/s", end="")
     print(f"   MFU {r['mfu']:.1%}" if r["mfu"] is not None else "   MFU n/a (no known peak)")
     if "hf_tokens_per_s" in r:

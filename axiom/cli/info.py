@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from axiom.cli.args import add_config_arguments, config_from_args
+from axiom.cli.args import add_config_arguments, config_file, config_from_args, preset_of
 from axiom.train.plan import describe, training_memory_bytes
 
 
@@ -21,8 +21,9 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps(info))
         return
     mem = training_memory_bytes(cfg)
+    source = preset_of(args, config_file(args)) + (f" with {args.config}" if args.config else "")
     print(
-        f"preset {args.preset}: d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, "
+        f"preset {source}: d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, "
         f"{cfg.model.n_heads} heads / {cfg.model.n_kv_heads} KV heads of {info['head_dim']}, ffn {info['ffn_dim']}"
     )
     print(f"parameters            {info['params']:>16,}")

@@ -1,8 +1,8 @@
 """`axiom train`: the card's recipe end to end, on one CPU or under torchrun on many GPUs (axiom/train/launch.py).
 
-The command settles the run's config (a preset with --set, or the checkpoint's model shape for --resume and
---init-from), reads a Hugging Face folder given to --init-from through axiom.interop, and shows train.log's lines
-on the terminal as they are written."""
+The command settles the run's config (a preset with a --config file and --set, or the checkpoint's model shape for
+--resume and --init-from), reads a Hugging Face folder given to --init-from through axiom.interop, and shows
+train.log's lines on the terminal as they are written."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from axiom.cli.args import add_config_arguments, add_device_argument, config_from_args
-from axiom.config import Config, apply_overrides, get_config
+from axiom.cli.args import add_config_arguments, add_device_argument, config_file, config_from_args, preset_of
+from axiom.config import Config, ConfigFile, apply_overrides, changed_fields, get_config
 from axiom.errors import AxiomError
 from axiom.interop.hf.folder import folder_config, read_folder
 from axiom.model.checkpoint import newest_valid_checkpoint, read_meta
@@ -72,27 +72,33 @@ def checkpoint_config(path: Path) -> Config:
         raise AxiomError(f"{path / 'config.json'}: no valid model/train config ({e})") from None
 
 
-def _model_fixed(base: Config, overrides: list[str], flag: str) -> Config:
-    """`base` with --set applied, refusing changes to the model's shape (the weights fix it)."""
-    cfg = apply_overrides(base, overrides)
-    if cfg.model != base.model:
-        raise AxiomError(f"{flag}: --set may change training fields only, not the model's shape")
+def _model_fixed(base: Config, file: ConfigFile | None, overrides: list[str], flag: str) -> Config:
+    """`base` with the --config file and --set applied, refusing changes to the model's shape (the weights fix it)."""
+    cfg = apply_overrides(base, overrides, file)
+    changed = changed_fields(base.model, cfg.model)
+    if changed:
+        raise AxiomError(
+            f"{flag}: --set and --config may change training fields only, not the model's shape of the checkpoint "
+            f"({', '.join(changed)})"
+        )
     return cfg
 
 
 def run_config(args: argparse.Namespace) -> Config:
     """The run's config: the checkpoint's for --resume and --resume-from, the model shape of --init-from with the
-    preset's training fields, else the preset; --set applies to each."""
+    preset's training fields, else the preset; the --config file, then --set, apply to each."""
     if sum(bool(x) for x in (args.resume, args.resume_from, args.init_from)) > 1:
         raise AxiomError("--resume, --resume-from and --init-from exclude each other")
+    file = config_file(args)
     start = args.resume_from
     if start is None and args.resume:  # the one train() will pick (it names the ones it skips in train.log)
         start = newest_valid_checkpoint(Path(args.out) / "checkpoints")[0]
     if start is not None:
-        return _model_fixed(checkpoint_config(Path(start)), args.overrides, "--resume")
+        return _model_fixed(checkpoint_config(Path(start)), file, args.overrides, "--resume")
     if args.init_from:
         saved = checkpoint_config(Path(args.init_from))
-        return _model_fixed(Config(saved.model, get_config(args.preset).train), args.overrides, "--init-from")
+        preset = get_config(preset_of(args, file))
+        return _model_fixed(Config(saved.model, preset.train), file, args.overrides, "--init-from")
     return config_from_args(args)
 
 

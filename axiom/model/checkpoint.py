@@ -368,9 +368,11 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), d) for d in root.iterdir() if (m := STEP_DIR.fullmatch(d.name)) and d.is_dir())
 
 
-def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete step checkpoints under `root`, oldest first (temporary directories start with a dot)."""
-    return [(s, d) for s, d in _step_dirs(Path(root)) if all((d / f).is_file() for f in (WEIGHTS, CONFIG, STATE))]
+def list_checkpoints(root: str | Path, complete: bool = True) -> list[tuple[int, Path]]:
+    """Complete step checkpoints under `root`, oldest first (temporary directories start with a dot); with
+    `complete=False` also step folders that lack a file."""
+    dirs = _step_dirs(Path(root))
+    return [(s, d) for s, d in dirs if not complete or all((d / f).is_file() for f in (WEIGHTS, CONFIG, STATE))]
 
 
 def newest_valid_checkpoint(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:

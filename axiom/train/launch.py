@@ -22,20 +22,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from axiom.config import Config
+from axiom.config import Config, TrainConfig, changed_fields
 from axiom.data.loader import read_manifest
 from axiom.errors import AxiomError
-from axiom.files import check_no_overlap, output_lock, write_errors, write_json_atomic
+from axiom.files import check_no_overlap, output_lock, read_json, write_errors, write_json_atomic
 from axiom.model.checkpoint import (
+    CHECKSUMS,
+    CONFIG,
+    STATE,
+    WEIGHTS,
     clean_stale_checkpoints,
+    config_of,
     load_model,
     load_training_state,
     newest_valid_checkpoint,
+    read_meta,
+    step_dir_name,
     verify_checkpoint,
 )
 from axiom.model.transformer import Axiom
 from axiom.runtime import pick_device
 from axiom.train.checkpointer import set_aside_newer
+from axiom.train.optim import schedule_jump
 from axiom.train.parallel import Dist, init_distributed, set_model_state
 from axiom.train.recovery import rewind_logs
 from axiom.train.runlog import RunLog
@@ -111,6 +119,7 @@ def find_start(
     skipped: list[tuple[Path, str]] = []
     if resume_from is not None:
         start = Path(resume_from)
+        check_resumable(start)
         verify_checkpoint(start, need_state=True)
     elif resume:
         start, skipped = newest_valid_checkpoint(run_dir / "checkpoints")
@@ -122,6 +131,36 @@ def find_start(
     if start is not None and used and not start.resolve().is_relative_to((run_dir / "checkpoints").resolve()):
         raise AxiomError(f"--resume-from {start}: not a checkpoint of {run_dir}; continue it into an empty --out")
     return start, skipped, used
+
+
+def check_resumable(path: Path) -> None:
+    """Refuse in one line, with what to pass instead, a folder that is whole but not a training checkpoint: a run
+    directory, or weights without training state (best/, an import), as opposed to a damaged step checkpoint."""
+    if (path / "checkpoints").is_dir():
+        raise AxiomError(
+            f"--resume-from {path}: a run directory, not a checkpoint; --resume continues its newest checkpoint, "
+            f"--resume-from {path / 'checkpoints'}/step_N a chosen one"
+        )
+    if (path / STATE).exists() or not (path / WEIGHTS).is_file() or _lists_state(path):
+        return
+    step = read_meta(path).get("step")
+    same = path.parent / step_dir_name(step) if isinstance(step, int) else None
+    instead = (
+        f"--resume-from {same} continues from the same step"
+        if same is not None and same.is_dir()
+        else f"--init-from {path} starts a new run (a new --out) from its weights"
+    )
+    raise AxiomError(
+        f"--resume-from {path}: weights without training state (no {STATE}: optimizer, loader position, RNG), so "
+        f"training cannot continue from it; {instead}"
+    )
+
+
+def _lists_state(path: Path) -> bool:
+    """Whether a checkpoint's checksums.json lists state.pt: one written with training state that lost it."""
+    checksums = path / CHECKSUMS
+    files = read_json(checksums, "the checkpoint is damaged").get("files") if checksums.is_file() else None
+    return isinstance(files, dict) and STATE in files
 
 
 def initial_model(
@@ -170,13 +209,28 @@ def setup(
     seed_everything(cfg.train.seed)
     model = initial_model(cfg, start, init_from, read_weights)
     trainer = Trainer(cfg, data_dir, manifest, run_dir, model, device, d, log, state)
+    step = trainer.state.step
+    if d.main and (start is not None or skipped):  # the ones skipped too: training would overwrite them
+        set_aside_newer(run_dir / "checkpoints", step if start is not None else -1, log)
     if start is not None:
-        if d.main:
-            set_aside_newer(run_dir / "checkpoints", trainer.state.step, log)
         rewind_logs(log, trainer.state)
-        log.info(f"resumed from {start} at step {trainer.state.step:,} ({trainer.state.tokens:,} tokens)")
+        log.info(f"resumed from {start} at step {step:,} ({trainer.state.tokens:,} tokens)")
+        log_resume_changes(log, start, cfg.train, step)
     elif used:
         log.truncate(-1)
         log.info(f"--resume: {run_dir} has no complete checkpoint yet; starting fresh")
     trainer.log_plan()
     return trainer
+
+
+def log_resume_changes(log: RunLog, start: Path, cfg: TrainConfig, step: int) -> None:
+    """Name the training fields changed since the checkpoint `start`, and as a notice an LR that jumps or a run
+    shortened to before the checkpoint's step."""
+    saved = config_of(read_meta(start), start / CONFIG).train
+    changed = changed_fields(saved, cfg)
+    if changed:
+        log.info(f"--resume: training fields changed from the checkpoint's: {', '.join(changed)}")
+    if step > cfg.steps:
+        log.notice(f"the checkpoint is at step {step:,}, past the run's {cfg.steps:,} steps: nothing to train")
+    elif step < cfg.steps and (jump := schedule_jump(saved, cfg, step)) is not None:
+        log.notice(jump)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -26,6 +27,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         lr = min(lr, cfg.lr_max * (step + 1) / cfg.warmup_steps)
     return lr
+
+
+def schedule_jump(saved: TrainConfig, cfg: TrainConfig, step: int) -> str | None:
+    """Why the LR of a resumed run's next step differs from what its checkpoint's schedule gives (`--set
+    max_steps=N` on a finished run warms it back up to lr_max), with the setting that continues from the
+    checkpoint's LR instead; None when it does not differ."""
+    before, after = lr_at(step, saved), lr_at(step, cfg)
+    if math.isclose(before, after, rel_tol=1e-9):
+        return None
+    line = (
+        f"the LR jumps from {before:g} to {after:g} at step {step:,}: the schedule is a function of the run's length "
+        "and settings, which the resumed run changed"
+    )
+    if cfg.lr_min <= before and math.isclose(lr_at(step, dataclasses.replace(cfg, lr_max=before)), before):
+        line += f"; to continue from {before:g} instead: --set lr_max={before:g}"
+    return line + " (docs/training.md#extending-a-finished-run)"
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -36,12 +36,16 @@ class RunLog:
                 raise AxiomError("--wandb needs the wandb package: pip install wandb") from None
             self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), resume="allow")
 
-    def info(self, message: str) -> None:
+    def info(self, message: str, level: int = logging.INFO) -> None:
         if not self.main:
             return
-        logger.info(message)
+        logger.log(level, message)
         with open(self.run_dir / "train.log", "a") as f:
             f.write(message + "\n")
+
+    def notice(self, message: str) -> None:
+        """A setting that runs, but perhaps not as meant: a "notice: " line in train.log, on stderr in a terminal."""
+        self.info(f"notice: {message}", logging.WARNING)
 
     def row(self, name: str, columns: tuple[str, ...], values: dict) -> None:
         if not self.main:
