@@ -1,0 +1,1 @@
+"""Data: reading corpora, `axiom prepare` (token shards, the split, restart), and the training loaders."""

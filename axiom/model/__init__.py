@@ -1,0 +1,1 @@
+"""The model: the Axiom-Dense modules, the KV cache, the chunked loss, and checkpoint folders."""

@@ -1,0 +1,1 @@
+"""Text: the tokenizer, the ChatML template, and token ids back to text (one stop rule)."""

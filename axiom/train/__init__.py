@@ -1,0 +1,2 @@
+"""Training: the loop and its parts (step, state, progress, evaluation, checkpoints, recovery), optimizer,
+parallelism, logs."""

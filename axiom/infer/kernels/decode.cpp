@@ -4,7 +4,7 @@
 //
 // Decoding reads every weight once per token, so a token costs bytes / bandwidth. Each thread takes a contiguous
 // band of W's rows and streams it once, row by row, so both cores read at once; x (M rows of K) stays in L1.
-// Built and loaded by axiom/kernels/__init__.py (optional: the callers fall back to torch's own kernels where it
+// Built and loaded by axiom/infer/kernels/__init__.py (optional: the callers fall back to torch's own kernels where it
 // cannot be built). Accumulation is float32 throughout.
 #include <torch/library.h>
 #include <ATen/ATen.h>

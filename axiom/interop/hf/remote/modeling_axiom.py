@@ -2,7 +2,7 @@
 
 Self-contained: imports only torch and transformers. Module and parameter names are Axiom's own
 (`embed`, `layers.{i}.attn.qkv_proj`, ...), so the weights are the training checkpoint's tensors as they are;
-`lm_head.weight` is tied to `embed.weight` and stored once. The arithmetic follows axiom/model.py: RMSNorm
+`lm_head.weight` is tied to `embed.weight` and stored once. The arithmetic follows axiom/model/transformer.py: RMSNorm
 normalises in fp32 and casts back before scaling, RoPE angles are computed in fp32 in the rotate-half layout.
 """
 
