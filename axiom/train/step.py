@@ -14,6 +14,8 @@ from axiom.config import TrainConfig
 from axiom.model.loss import IGNORE_INDEX
 from axiom.runtime import autocast
 
+Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (inputs, targets) micro-batches
+
 
 @dataclass
 class StepResult:
@@ -34,7 +36,7 @@ def _grad_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContext
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: Batches,
     lr: float,
     cfg: TrainConfig,
     max_loss: float = math.inf,
