@@ -51,7 +51,7 @@ def train_step(
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     n = len(micro_batches)
-    counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]
+    counts = torch.stack([(y != IGNORE_INDEX).sum() for _, y in micro_batches]).tolist()  # one sync, if any
     total_count, world = float(sum(counts)), 1
     if dist.is_initialized():
         world = dist.get_world_size()
@@ -74,7 +74,7 @@ def train_step(
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
-    loss_value, norm_value = loss.item(), norm.item()
+    loss_value, norm_value = torch.stack([loss, norm.float()]).tolist()  # the step's one wait for the device
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)) or loss_value > max_loss:
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_value, norm_value, skipped=True)
