@@ -54,6 +54,7 @@ def bench_train(cfg: Config, device: torch.device, s: TrainBench) -> Bench:
     batches = [(row[:, :-1].contiguous().to(device), row[:, 1:].contiguous().to(device)) for row in tokens]
 
     model = Axiom(m).to(device)
+    model.ignored_targets = False  # synthetic ids, like text: as the trainer runs it
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if s.vs_hf else None
     model = parallelize(model, t, device, Dist())
     ours = Warmed(model, t, device, batches, s.warmup, since_reset=False)  # before the reference exists: ours alone
