@@ -30,15 +30,15 @@ from axiom.train.progress import duration
 
 GIB = 2**30
 OPTIMIZER_STATE_BYTES = {"adamw8bit": 2, "adamw": 8}  # per parameter: two moments, 8-bit or fp32
-# Values per token and d_model unit one block keeps for backward: 52 bytes in bf16 (eager, micro-batches 8 to 32,
-# measured on an H200: docs/benchmarks.md). Checkpointing keeps only each block's fp32 input (the residual stream).
+# Values per token and d_model unit one block keeps for backward (eager; fitted to the H200 peaks of
+# docs/benchmarks.md). Checkpointing keeps only each block's fp32 input (the residual stream).
 BLOCK_ACTIVATION_VALUES = 26
 LOSS_ROWS = 1024  # rows of the chunked loss's logits block (Axiom.forward's loss_chunk)
 MEMORY_HEADROOM = 0.9  # the share of a device's memory a plan fills: allocator fragmentation, workspaces, context
-# Tokens per micro-batch that keep an H100-class GPU busy: 8 x 1024 ran within 10% of 32 x 1024 on an H200.
+# Tokens per micro-batch that keep an H100-class GPU busy (docs/benchmarks.md: the H200 micro-batch sweep).
 BUSY_TOKENS = 8192
-# The MFU a prediction assumes, compiled and eager (an H200 at micro-batch 16 without checkpointing, before the
-# padded vocabulary: docs/benchmarks.md), and the share of it left with checkpointing (a forward recomputed).
+# The MFU a prediction assumes, compiled and eager (docs/benchmarks.md: the H200 baseline at micro-batch 16 without
+# checkpointing, before the padded vocabulary), and the share of it left with checkpointing (a forward recomputed).
 ASSUMED_MFU = {True: 0.42, False: 0.17}
 CHECKPOINTING_THROUGHPUT = 0.75
 ASSUMED_GPU = "H100"  # what `axiom info --gpu-memory-gib` plans for: its bf16 peak

@@ -60,11 +60,14 @@ def train_step(
         total_count = summed.item()
     mean_count = max(total_count, 1.0) / (n * world)  # target tokens per micro-batch, over all ranks
     total = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(micro_batches):
+    # All on the device first: a copy from pageable memory may wait for the device's queue, here (idle since the last
+    # step's result was read) rather than between micro-batches, where the GPU would drain while the host catches up.
+    on_device = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in micro_batches]
+    for i, (x, y) in enumerate(on_device):
         weight = counts[i] / mean_count  # exactly 1.0 for text data
         with _grad_sync(model, i == n - 1):
             with autocast(device, cfg.dtype):
-                loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) * weight
+                loss = model(x, y) * weight
             (loss / n).backward()
         total += loss.detach().float()
     loss = total / n
