@@ -148,19 +148,30 @@ class Sizes(NamedTuple):
     sweep_compiled: list[int]
     new_tokens: int  # decoded per prompt
     profile_warmup: int
+    corpus: Path | None = None  # the text of the run as shipped (--corpus)
 
 
-FULL = Sizes("axiom-380m", 60, [], 170, 16, [16, 8, 32], [16], 256, 3)
+FULL = Sizes(
+    preset="axiom-380m",
+    shipped_steps=60,
+    shipped_sets=[],
+    shipped_timeout=170,
+    eager_micro_batch=16,
+    sweep=[16, 8, 32],
+    sweep_compiled=[16],
+    new_tokens=256,
+    profile_warmup=3,
+)
 SMOKE = Sizes(
-    "tiny",
-    4,
-    ["micro_batch_size=auto", "grad_accum_steps=4", "eval_interval=2", "eval_tokens=2048", "checkpoint_interval=4"],
-    300,
-    2,
-    [2],
-    [],
-    8,
-    1,
+    preset="tiny",
+    shipped_steps=4,
+    shipped_sets=["micro_batch_size=auto", "grad_accum_steps=4", "eval_interval=2", "eval_tokens=2048"],
+    shipped_timeout=300,
+    eager_micro_batch=2,
+    sweep=[2],
+    sweep_compiled=[],
+    new_tokens=8,
+    profile_warmup=1,
 )
 CARD_LITERAL = ["micro_batch_size=1", "gradient_checkpointing=true", "compile=false"]
 
@@ -249,14 +260,15 @@ def kernels(check: Check, sizes: Sizes) -> None:
     check.row(f"one step of {sizes.preset} as planned, profiled", figure, "host < GPU", host < device)
 
 
-def shipped_run(check: Check, sizes: Sizes, corpus: Path) -> None:
+def shipped_run(check: Check, sizes: Sizes) -> None:
     """`axiom train --preset P` exactly as shipped (for the card: nothing set but the run's length): the plan it
     resolves, tokens/s, MFU and peak memory from its own train.log and train.csv, read also when the time limit
     cut the run, and whether the val loss fell."""
     work = check.out / "run"
     shutil.rmtree(work, ignore_errors=True)
     data, run = work / "data", work / "run"
-    if check.run("prepare", axiom("prepare", str(corpus), "--out", str(data), "--val-fraction", "0.02"), 300) is None:
+    prepare = axiom("prepare", str(sizes.corpus), "--out", str(data), "--val-fraction", "0.02")
+    if check.run("prepare", prepare, 300) is None:
         return
     cmd = axiom("train", "--preset", sizes.preset, "--data", str(data), "--out", str(run))
     overrides = [f"max_steps={sizes.shipped_steps}", *sizes.shipped_sets]
@@ -268,7 +280,7 @@ def shipped_run(check: Check, sizes: Sizes, corpus: Path) -> None:
         return
     record = shipped_figures(run)
     check.record("shipped", {"ok": True, **record})
-    _shipped_rows(check, sizes, corpus, record)
+    _shipped_rows(check, sizes, record)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)  # gigabytes at full size; the csvs and log stay
 
 
@@ -304,9 +316,9 @@ def shipped_figures(run: Path) -> dict:
     }
 
 
-def _shipped_rows(check: Check, sizes: Sizes, corpus: Path, r: dict) -> None:
-    cut = check.results["parts"]["shipped"].get("cut")
-    part = f"train {sizes.preset} as shipped, {r['steps']} steps{' (cut by time)' if cut else ''} on {corpus.name}"
+def _shipped_rows(check: Check, sizes: Sizes, r: dict) -> None:
+    cut = " (cut by time)" if check.results["parts"]["shipped"].get("cut") else ""
+    part = f"train {sizes.preset} as shipped, {r['steps']} steps{cut} on {sizes.corpus.name}"
     rate = r["tokens_per_s_median"]
     figure = f"{rate:,.0f} tok/s median" if rate else "no steady progress line"
     if r["mfu_median"]:
@@ -324,7 +336,7 @@ def _shipped_rows(check: Check, sizes: Sizes, corpus: Path, r: dict) -> None:
 
 
 PARTS = {
-    "shipped": None,  # needs the corpus: run by main
+    "shipped": shipped_run,
     "kernels": kernels,
     "memory": memory_profile,
     "eager": eager_vs_transformers,
@@ -378,12 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     environment(check)
     if args.smoke:  # the same parts at CPU sizes: what a test can afford, so this script cannot rot
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    sizes = SMOKE if args.smoke else FULL
+    sizes = (SMOKE if args.smoke else FULL)._replace(corpus=args.corpus)
     for part in parts:
-        if part == "shipped":
-            shipped_run(check, sizes, args.corpus)
-        else:
-            PARTS[part](check, sizes)
+        PARTS[part](check, sizes)
     check.results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     check.write()
     print((args.out / "gpu_check.md").read_text())
