@@ -3,11 +3,11 @@ the settings left to the device (`micro_batch_size`, `gradient_checkpointing` an
 plan at the top of a run's train.log; `axiom info` prints it.
 
 `resolve` is the one place those settings are chosen. It predicts the peak memory of a split from a model of
-weights, gradients, optimizer state, activations and the loss's logits block (calibrated on an H200,
-docs/benchmarks.md, "The training plan"), and takes:
+weights, gradients, optimizer state, activations and the loss's logits block (fitted to the H200 peaks of
+docs/benchmarks.md, "Training on a GPU"), and takes:
   - the largest micro-batch that divides the step's sequences (per process) and fits: 320 = 2^6 x 5 sequences a step
     have the micro-batches 1, 2, 4, 5, 8, 10, 16, 20, 32, 40, 64, 80, 160 and 320, so the step stays exactly 320;
-    a step with no divisor in between (a prime count) runs as micro-batches of 1;
+    a step with no divisor in between (a prime count) runs as micro-batches of 1, or as one if it fits whole;
   - activation checkpointing only where the micro-batch would otherwise fall below BUSY_TOKENS tokens on a GPU (one
     sequence on a CPU) and checkpointing makes room for a larger one;
   - torch.compile on CUDA, not on a CPU (where it does not pay).
