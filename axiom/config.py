@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from axiom.dtypes import TRAIN_DTYPES
 from axiom.errors import AxiomError
@@ -22,6 +22,9 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # the same parser, before it joined the standard library
     import tomli as tomllib
+
+AUTO = "auto"
+Auto = Literal["auto"]  # a setting the training plan chooses for the device (axiom/train/plan.py)
 
 
 @dataclass
@@ -72,9 +75,10 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 1  # sequences per forward/backward
+    # sequences per forward/backward; auto: the largest the device takes, the step's sequences regrouped
+    micro_batch_size: int | Auto = 1
     seq_len: int = 1024  # tokens per sequence
-    grad_accum_steps: int = 320  # micro-batches per optimizer step (summed over all ranks)
+    grad_accum_steps: int = 320  # micro-batches per optimizer step (summed over all ranks); of 1 sequence while auto
     target_tokens: int = 8_000_000_000  # steps = target_tokens // tokens_per_step
     max_steps: int | None = None  # optional cap on optimizer steps
     warmup_steps: int = 2000  # linear warmup from 0 to lr_max
@@ -90,8 +94,9 @@ class TrainConfig:
     checkpoint_interval: int = 1000  # optimizer steps between checkpoints
     seed: int = 1337  # Python, NumPy and PyTorch
     dtype: str = "bfloat16"  # autocast dtype on GPU: bfloat16 | float16 | float32
-    compile: bool = False  # torch.compile the model
-    gradient_checkpointing: bool = True  # recompute each block's activations in backward
+    compile: bool | Auto = False  # torch.compile the model; auto: on CUDA
+    # recompute each block's activations in backward; auto: only where the micro-batch would otherwise stay small
+    gradient_checkpointing: bool | Auto = True
     optimizer: str = "adamw8bit"  # adamw8bit (bitsandbytes, falls back to adamw) | adamw
     val_fraction: float = 0.001  # share of documents hashed into the validation split
     split_seed: int = 1337  # salt of the split hash
@@ -110,7 +115,8 @@ class TrainConfig:
         """Each field's own range; `check_plan` adds the checks between fields for a run being started."""
         _check_types(self, "train config")
         for name in ("micro_batch_size", "grad_accum_steps", "target_tokens", "eval_tokens"):
-            _need(name, getattr(self, name), getattr(self, name) > 0, "must be positive")
+            value = getattr(self, name)
+            _need(name, value, value == AUTO or value > 0, "must be positive")
         _need("seq_len", self.seq_len, self.seq_len >= 2, "must be at least 2 (one token of context and a target)")
         if self.max_steps is not None:
             _need("max_steps", self.max_steps, self.max_steps > 0, "must be positive or None")
@@ -176,8 +182,14 @@ class TrainConfig:
         return [p.strip() for p in self.eval_tasks.split(",") if p.strip()]
 
     @property
+    def sequences_per_step(self) -> int:
+        """micro_batch_size x grad_accum_steps; an auto micro-batch counts 1 (grad_accum_steps then counts
+        sequences, which the plan regroups into larger micro-batches: the step stays exactly this)."""
+        return (1 if self.micro_batch_size == AUTO else self.micro_batch_size) * self.grad_accum_steps
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.micro_batch_size * self.seq_len * self.grad_accum_steps
+        return self.sequences_per_step * self.seq_len
 
     @property
     def steps(self) -> int:
@@ -194,11 +206,30 @@ def _check_types(obj, what: str) -> None:
     "d_model": "64" or "compile": "yes" fails here with the field's name, not later with a TypeError."""
     for name, allowed in _field_types(type(obj)).items():
         value = getattr(obj, name)
-        ok = any(
-            value is None if t is type(None) else isinstance(value, (int, float) if t is float else t) for t in allowed
-        )
+        ok = any(_holds(t, value, exact=False) for t in allowed)
         if not ok or (isinstance(value, bool) and bool not in allowed):
-            raise AxiomError(f"{what}: {name}={value!r} must be of type {' or '.join(t.__name__ for t in allowed)}")
+            raise AxiomError(f"{what}: {name}={value!r} must be of type {_type_names(allowed)}")
+
+
+def _holds(t: Any, value: Any, exact: bool) -> bool:
+    """Whether `value` is of the annotated type `t`: None for NoneType, one of a Literal's values, else an instance
+    (`exact`: of that very type, as a file's values must be; else an int is a float too)."""
+    if t is type(None):
+        return value is None
+    if typing.get_origin(t) is Literal:
+        return isinstance(value, str) and value in typing.get_args(t)
+    if exact:
+        return type(value) is t
+    return isinstance(value, (int, float) if t is float else t)
+
+
+def _type_names(allowed: tuple[Any, ...]) -> str:
+    """'int or auto', 'int or null': the types of a field for a message."""
+    names = []
+    for t in allowed:
+        literal = typing.get_origin(t) is Literal
+        names.append(" or ".join(typing.get_args(t)) if literal else "null" if t is type(None) else t.__name__)
+    return " or ".join(names)
 
 
 @functools.cache
@@ -228,7 +259,10 @@ class Config:
 
 
 def _axiom_380m() -> Config:
-    return Config(ModelConfig(), TrainConfig())
+    # The card's recipe (327,680 tokens a step, its schedule, AdamW8bit, bf16). How a step is split into micro-batches,
+    # activation checkpointing and compiling are the device's business: the plan chooses them (axiom/train/plan.py).
+    # The card's literal settings: --set micro_batch_size=1 --set gradient_checkpointing=true --set compile=false.
+    return Config(ModelConfig(), TrainConfig(micro_batch_size=AUTO, gradient_checkpointing=AUTO, compile=AUTO))
 
 
 def _tiny() -> Config:
@@ -343,15 +377,19 @@ def _init_fields(obj) -> dict:
 
 
 def _parse(cls: type, name: str, raw: str):
-    """Convert a CLI string to the field's annotated type (int, float, bool, str, or an optional of one)."""
+    """Convert a CLI string to the field's annotated type (int, float, bool, str, an optional of one, or one that
+    also takes a word: auto)."""
     hint = typing.get_type_hints(cls)[name]
     args = typing.get_args(hint)
     optional = type(None) in args
+    words = [v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]  # e.g. "auto"
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in args if a is not type(None))
+        hint = next(a for a in args if a is not type(None) and typing.get_origin(a) is not Literal)
     raw = raw.strip()
     if optional and raw.lower() in ("none", "null", ""):
         return None
+    if raw.lower() in words:
+        return raw.lower()
     try:
         if hint is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -366,7 +404,7 @@ def _parse(cls: type, name: str, raw: str):
             return int(value)
         return hint(raw)
     except ValueError:
-        raise AxiomError(f"--set {name}={raw}: expected {hint.__name__}") from None
+        raise AxiomError(f"--set {name}={raw}: expected {' or '.join([hint.__name__, *words])}") from None
 
 
 # ---- configuration files: `axiom train --config FILE`
@@ -473,7 +511,6 @@ def _file_value(cls: type, name: str, value: Any, where: str) -> Any:
         return int(value)
     if type(value) is int and float in allowed:
         return float(value)
-    if any(value is None if t is type(None) else type(value) is t for t in allowed):
+    if any(_holds(t, value, exact=True) for t in allowed):
         return value
-    names = ("null" if t is type(None) else t.__name__ for t in allowed)
-    raise AxiomError(f"{where} = {value!r}: expected {' or '.join(names)}")
+    raise AxiomError(f"{where} = {value!r}: expected {_type_names(allowed)}")

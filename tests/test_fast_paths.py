@@ -1,6 +1,7 @@
 """Every fast path gives the answer of the plain one: few-row logits, last-position logits, the chunked loss
-(fp32 and the autocast branch the GPU takes), static vs dynamic KV cache, compiled decoding, left-padded
-batches, and `axiom bench` comparing like with like. No timing here: speed lives in `axiom bench`."""
+(fp32, the autocast branch the GPU takes, and the padded vocabulary it runs over), static vs dynamic KV cache,
+compiled decoding, left-padded batches, and `axiom bench` comparing like with like. No timing here: speed lives in
+`axiom bench`."""
 
 import json
 
@@ -13,7 +14,7 @@ from axiom.config import get_config
 from axiom.infer.engine import decode_one, decode_one_and_hidden, greedy
 from axiom.infer.generate import generate
 from axiom.model.cache import KVCache
-from axiom.model.loss import LossWorkspace, chunked_cross_entropy, output_logits
+from axiom.model.loss import LossWorkspace, chunked_cross_entropy, output_logits, padded_vocab
 from axiom.model.transformer import Axiom
 
 SMALL = get_config(
@@ -101,6 +102,58 @@ def test_chunked_loss_under_autocast_follows_the_low_precision_branch():
     assert fast[1].dtype == fast[2].dtype == torch.float32
     for a, b in zip(fast, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.01)
+
+
+@pytest.mark.parametrize("vocab", [300, 256])  # padded to 384; already a multiple of 128, so not padded
+@pytest.mark.parametrize("chunk", [7, 1024])
+def test_padded_output_product_gives_the_unpadded_loss_and_gradients(vocab, chunk):
+    """The GPU's loss runs over the vocabulary padded to a multiple of 128 with the padded columns masked: loss and
+    gradients (of the hidden states and of the table) are the unpadded computation's, with ignored targets too, in
+    float32 and in the CPU block the workspace keeps; the table's gradient keeps the true vocabulary."""
+    torch.manual_seed(vocab + chunk)
+    h, w = torch.randn(40, 16), torch.randn(vocab, 16) * 0.5
+    t = torch.randint(0, vocab, (40,))
+    t[::5] = -100
+    t[3] = vocab - 1  # the last true column, next to the padding
+    plain = _loss_and_grads(lambda h, w, t: chunked_cross_entropy(h, w, t, chunk, vocab_multiple=1), h, w, t)
+    for workspace in (None, LossWorkspace()):
+        padded = _loss_and_grads(
+            lambda h, w, t, ws=workspace: chunked_cross_entropy(h, w, t, chunk, vocab_multiple=128, workspace=ws),
+            h,
+            w,
+            t,
+        )
+        assert padded[2].shape == (vocab, 16)
+        for a, b in zip(padded, plain, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    reference = _loss_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t), h, w, t)
+    for a, b in zip(padded, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_padded_output_product_under_autocast_and_in_the_model():
+    """The padded product under bf16 autocast (the GPU's branch) gives the unpadded one's loss and gradients; the
+    card's 100,277 columns pad to 100,352; the model's decoding logits keep the true vocabulary."""
+    assert padded_vocab(100_277) == 100_352 and padded_vocab(256) == 256
+    torch.manual_seed(3)
+    h, w = torch.randn(24, 16), torch.randn(200, 16) * 0.5
+    t = torch.randint(0, 200, (24,))
+    t[::4] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _loss_and_grads(lambda h, w, t: chunked_cross_entropy(h, w, t, 8, vocab_multiple=1), h, w, t)
+        padded = _loss_and_grads(lambda h, w, t: chunked_cross_entropy(h, w, t, 8, vocab_multiple=128), h, w, t)
+    for a, b in zip(padded, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    m = get_config("tiny", ["vocab_size=1000", "d_model=32", "n_layers=1", "n_heads=2", "n_kv_heads=1"]).model
+    torch.manual_seed(0)
+    model = Axiom(m).eval()
+    x = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        logits, hidden = model(x), model.hidden_states(x)
+        assert logits.shape == (2, 12, 1000)  # decoding: the true vocabulary, unpadded
+        torch.testing.assert_close(logits, F.linear(hidden, model.lm_head.weight), rtol=1e-5, atol=1e-5)
+        loss = chunked_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, x.flatten(), vocab_multiple=128)
+        torch.testing.assert_close(model(x, x), loss, rtol=1e-6, atol=1e-6)
 
 
 def test_static_cache_forward_equals_full_recompute(model):

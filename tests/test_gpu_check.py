@@ -45,15 +45,21 @@ def test_smoke_mode_runs_every_part_and_writes_its_table(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "gpu_check.json").read_text())
     parts = results["parts"]
-    assert set(parts) == {"memory", "train_mb2", "decode", "prepare", "training"}
+    assert set(parts) == {"prepare", "shipped", "kernels", "memory", "eager", "decode"}
     assert all(part.get("ok", True) for part in parts.values()), parts
-    assert parts["memory"]["peak_mem_bytes"] > 0 and parts["train_mb2"]["ratio_vs_hf"] > 0
+    assert parts["memory"]["peak_mem_bytes"] > 0 and parts["eager"]["ratio_vs_hf"] > 0
     assert parts["decode"]["tokens_per_s"] > 0 and parts["decode"]["same_tokens_as_hf"] == 1.0
-    val = parts["training"]["val_loss"]
-    assert len(val) == 3 and val[-1] < val[0]
+    shipped = parts["shipped"]
+    val = shipped["val_loss"]
+    assert len(val) == 3 and val[-1] < val[0] and shipped["steps"] == 4 and shipped["tokens_per_s_median"] > 0
+    assert shipped["plan"][0] == "micro-batch 4 x 1 accumulation (auto), activation checkpointing off, compile off"
+    kernels = parts["kernels"]
+    assert kernels["wall_s"] > 0 and kernels["device_s"] is None and kernels["top"][0]["ms"] > 0
+    assert kernels["plan"]["micro_batch_size"] == 4 and "Self CPU" in (out / "kernels" / "kernels.txt").read_text()
     table = (out / "gpu_check.md").read_text()
-    assert table.startswith("GPU check (CPU smoke mode)") and "| train tiny, 4 steps on c.jsonl, AdamW" in table
-    assert "| loss falls | met |" in table and "FAILED" not in table
+    assert table.startswith("GPU check (CPU smoke mode)") and "| train tiny as shipped, 4 steps on c.jsonl |" in table
+    assert "| val loss of that run, AdamW (torch, fused) |" in table and "| loss falls | met |" in table
+    assert "| one step of tiny, profiled |" in table and "FAILED" not in table
     assert table in done.stdout  # the table is the last thing printed (the device tool returns the output's end)
 
 
@@ -80,6 +86,44 @@ def test_the_budget_cuts_a_part_short_and_skips_the_rest(tmp_path, monkeypatch):
     assert not (tmp_path / "next.log").exists()
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| next | not run: the check's 1.5 s budget was spent |  | FAILED |" in table
+
+
+def test_a_run_cut_by_its_time_limit_is_read_from_its_files(tmp_path, monkeypatch):
+    """The run as shipped may not finish its steps within its limit on a slow GPU: it is cut, not failed, and its
+    figures come from what its train.log and csvs hold, in the format `axiom train` writes on a GPU."""
+    gpu_check = _gpu_check()
+    check = gpu_check.Check(tmp_path, smoke=False, budget=60)
+    done = check.run(
+        "shipped", [sys.executable, "-c", "import time; print('x', flush=True); time.sleep(60)"], 2, cut_ok=True
+    )
+    assert done is not None and done.returncode is None and check.results["parts"]["shipped"]["cut"] is True
+    run = tmp_path / "run"
+    run.mkdir()
+    plan = "plan         micro-batch 40 x 8 accumulation (auto), activation checkpointing off (auto), compile on (auto)"
+    lines = [plan, "optimizer    AdamW8bit (bitsandbytes), betas (0.9, 0.95), weight decay 0.1 on matrices"]
+    for step, rate, mfu, mem in ((10, "90,000", 23.8, 50.1), (20, "201,000", 53.2, 52.0), (30, "199,000", 52.6, 52.0)):
+        lines.append(
+            f"step {step}/60 | loss 9.1 | lr 1.5e-06 | grad norm 2.000 | {rate} tok/s | mfu {mfu}% | "
+            f"peak mem {mem} GiB | eta 1m00s"
+        )
+    (run / "train.log").write_text("\n".join(lines) + "\n")
+    (run / "train.csv").write_text(
+        "step,tokens,loss,grad_norm,lr,tokens_per_s,skipped\n10,1,9.5,2,0,9e4,0\n30,3,9.1,2,0,2e5,0\n"
+    )
+    figures = gpu_check.shipped_figures(run)
+    assert figures["plan"] == [plan.removeprefix("plan").strip()] and figures["steps"] == 30
+    assert figures["tokens_per_s_median"] == 201_000 and figures["mfu_median"] == 0.532  # the first line compiles
+    assert figures["peak_mem_gib"] == 52.0 and figures["optimizer"] == "AdamW8bit (bitsandbytes)"
+    assert figures["val_loss"] == [] and figures["train_loss_first_last"] == [9.5, 9.1]
+
+
+def test_parts_are_chosen_by_name(tmp_path, capsys):
+    gpu_check = _gpu_check()
+    assert gpu_check.main([str(tmp_path / "out"), "--smoke", "--parts", "memory,nope"]) == 2
+    assert (
+        "unknown part(s) nope; choose from shipped, kernels, memory, eager, tests, sweep, decode"
+        in capsys.readouterr().out
+    )
 
 
 def test_full_mode_needs_a_gpu(tmp_path, capsys):

@@ -25,7 +25,7 @@ from axiom.config import ModelConfig, TrainConfig
 from axiom.data.loader import read_manifest
 from axiom.errors import AxiomError
 from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state
-from axiom.model.transformer import Axiom
+from axiom.model.transformer import Axiom, Block
 from axiom.train.evaluator import EVAL_COLUMNS
 from axiom.train.launch import train
 from axiom.train.optim import build_optimizer, lr_at
@@ -195,6 +195,64 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypa
     state_part = load_training_state(list_checkpoints(part / "checkpoints")[-1][1])
     assert state_full["loader"] == state_part["loader"]
     assert read_rows(part / "eval.csv")[-1]["val_loss"] == read_rows(tmp_path / "full" / "eval.csv")[-1]["val_loss"]
+
+
+class _OutOfMemoryInBackward(torch.autograd.Function):
+    """Identity forward; backward fails as the CUDA allocator would, after the layers above have put gradients in."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+
+def _fail_once_at(monkeypatch, micro_batch_size: int) -> list[int]:
+    """The first training forward over `micro_batch_size` sequences fails in its backward at the first block, the
+    gradients of the layers above (and of the tied table) already in; returns the failures."""
+    failures, real = [], Block.forward
+
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
+        y = real(self, x, cos, sin, cache, layer, mask)
+        if torch.is_grad_enabled() and x.shape[0] == micro_batch_size and layer == 0 and not failures:
+            failures.append(micro_batch_size)
+            return _OutOfMemoryInBackward.apply(y)
+        return y
+
+    monkeypatch.setattr(Block, "forward", forward)
+    return failures
+
+
+def test_out_of_memory_halves_the_planned_micro_batch_and_redoes_the_step(tiny_data, tmp_path, monkeypatch):
+    """micro_batch_size=auto: an out-of-memory in the first step (its backward half done) halves the micro-batch,
+    doubles the accumulation and runs the step again from the same data: the run equals one started at the smaller
+    micro-batch, step for step, with the same tokens per step and no step lost or counted twice."""
+    settings = ("max_steps=4", "eval_interval=4", "checkpoint_interval=4")
+    auto = micro_config("micro_batch_size=auto", "grad_accum_steps=4", *settings)  # 4 sequences a step
+    failures = _fail_once_at(monkeypatch, 4)
+    planned = train(auto, tiny_data, tmp_path / "auto")
+    assert failures == [4]
+    monkeypatch.undo()
+    smaller = train(micro_config("micro_batch_size=2", "grad_accum_steps=2", *settings), tiny_data, tmp_path / "two")
+    assert [s.loss for s in planned.history] == [s.loss for s in smaller.history]
+    assert planned.step == smaller.step == 4 and planned.tokens == smaller.tokens == 4 * 128
+    assert_same_weights(final_weights(tmp_path / "auto"), final_weights(tmp_path / "two"))
+    log = (tmp_path / "auto" / "train.log").read_text()
+    assert "plan         micro-batch 4 x 1 accumulation (auto)" in log
+    assert "notice: out of memory at micro-batch 4 (step 1): micro-batch 2 x 2 accumulation from now on" in log
+    for config in (tmp_path / "auto" / "config.json", list_checkpoints(tmp_path / "auto" / "checkpoints")[-1][1]):
+        saved = json.loads((config if config.suffix else config / "config.json").read_text())["train"]
+        assert (saved["micro_batch_size"], saved["grad_accum_steps"]) == (2, 2)
+
+
+def test_out_of_memory_at_a_given_micro_batch_is_raised(tiny_data, tmp_path, monkeypatch):
+    """A micro-batch set by hand is the user's choice: its out-of-memory is not hidden by a smaller one."""
+    failures = _fail_once_at(monkeypatch, 4)
+    with pytest.raises(torch.OutOfMemoryError):
+        train(micro_config("micro_batch_size=4", "grad_accum_steps=1", "max_steps=2"), tiny_data, tmp_path / "run")
+    assert failures == [4]
 
 
 def test_crash_while_writing_checkpoint_leaves_previous_loadable(tiny_data, tmp_path, monkeypatch):

@@ -15,9 +15,8 @@ from axiom.errors import AxiomError
 from axiom.model.transformer import Axiom, flops_per_token, num_params
 from axiom.train.optim import build_optimizer, lr_at
 from axiom.train.parallel import Dist, parallelize
-from axiom.train.step import train_step
-
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
+from axiom.train.plan import local_hardware, resolve
+from axiom.train.step import Batches, train_step
 
 
 @dataclass
@@ -46,6 +45,7 @@ class LlamaLoss(torch.nn.Module):
 
 
 def bench_train(cfg: Config, device: torch.device, s: TrainBench) -> Bench:
+    cfg = resolve(cfg, local_hardware(device)).applied(cfg)  # settings left to auto, as `axiom train` plans them
     m, t = cfg.model, cfg.train
     if t.seq_len > m.max_seq_len:
         raise AxiomError(f"seq_len={t.seq_len} exceeds max_seq_len={m.max_seq_len}; lower it with --set seq_len=N")
@@ -54,6 +54,7 @@ def bench_train(cfg: Config, device: torch.device, s: TrainBench) -> Bench:
     batches = [(row[:, :-1].contiguous().to(device), row[:, 1:].contiguous().to(device)) for row in tokens]
 
     model = Axiom(m).to(device)
+    model.ignored_targets = False  # synthetic ids, like text: as the trainer runs it
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if s.vs_hf else None
     model = parallelize(model, t, device, Dist())
     ours = Warmed(model, t, device, batches, s.warmup, since_reset=False)  # before the reference exists: ours alone

@@ -1,26 +1,55 @@
-"""`axiom info`: the size and cost of a configuration, without building it (axiom/train/plan.py)."""
+"""`axiom info`: the size and cost of a configuration and its plan for a device, without building it
+(axiom/train/plan.py). `--gpu-memory-gib` plans for a GPU that is not at hand."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from axiom.cli.args import add_config_arguments, config_file, config_from_args, preset_of
-from axiom.train.plan import describe, training_memory_bytes
+import torch
+
+from axiom.cli.args import DEVICE_HELP, add_config_arguments, config_file, config_from_args, preset_of
+from axiom.errors import AxiomError
+from axiom.runtime import pick_device
+from axiom.train.plan import Hardware, assumed_gpu, describe, local_hardware, plan_summary, resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
+    parser.add_argument("--device", default=None, help=f"the device to plan for: {DEVICE_HELP}")
+    parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        metavar="GIB",
+        help="plan for a GPU with this much memory (an H100-class bf16 peak assumed for the predicted speed), "
+        "without one at hand; implies --device cuda",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def hardware(args: argparse.Namespace) -> Hardware:
+    """What --device and --gpu-memory-gib describe: an assumed GPU, or a device of this machine."""
+    if args.gpu_memory_gib is not None:
+        if args.device is not None and not args.device.strip().lower().startswith("cuda"):
+            raise AxiomError(
+                f"--gpu-memory-gib plans for a GPU: it goes with --device cuda, not --device {args.device}"
+            )
+        if not 0 < args.gpu_memory_gib < 1e6:
+            raise AxiomError(f"--gpu-memory-gib {args.gpu_memory_gib:g}: must be a positive number of GiB")
+        return assumed_gpu(args.gpu_memory_gib)
+    requested = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.strip().lower().startswith("cuda") and not torch.cuda.is_available():
+        raise AxiomError(f"--device {requested}: no CUDA device is visible; add --gpu-memory-gib GIB to plan for one")
+    return local_hardware(pick_device(requested))
 
 
 def run(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
-    info = describe(cfg)
+    plan = resolve(cfg, hardware(args))
+    info = describe(cfg, plan)
     if args.json:
         print(json.dumps(info))
         return
-    mem = training_memory_bytes(cfg)
     source = preset_of(args, config_file(args)) + (f" with {args.config}" if args.config else "")
     print(
         f"preset {source}: d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, "
@@ -33,5 +62,5 @@ def run(args: argparse.Namespace) -> None:
     print(f"planned tokens        {info['planned_tokens']:>16,}")
     print(f"FLOPs per token       {info['flops_per_token']:>16,.4g}")
     print(f"training FLOPs        {info['train_flops']:>16,.4g}")
-    detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.items() if k != "total")
-    print(f"training memory (est) {mem['total'] / 2**30:>13.2f} GiB ({detail})")
+    for line in plan_summary(cfg, plan):
+        print(f"plan: {line}")

@@ -1,13 +1,24 @@
 """The output layer's arithmetic: logits for a few rows on CPU, and the chunked cross-entropy that never holds
-(N, V) float32 logits."""
+(N, V) float32 logits, over a vocabulary padded to a multiple of 128 on a GPU."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100  # a target the loss leaves out (masked chat tokens, padding)
+# The loss's output product runs over the vocabulary padded to a multiple of this on a GPU: cl100k_base's 100,277
+# columns make a bf16 logits row 200,554 bytes, not 16-byte aligned, and cuBLAS then falls back to slow kernels
+# (docs/benchmarks.md, "Aligned output products"). The parameter and everything stored keep the true vocabulary.
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple` (100,277 -> 100,352)."""
+    return -(-vocab_size // multiple) * multiple
 
 
 def output_logits(x: Tensor, weight: Tensor) -> Tensor:
@@ -68,6 +79,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     Each chunk touches one (n, V) fp32 block only: log-softmax and exp run in place on it, and the
     per-row factor valid / n_valid is applied to the small (n, d) operands instead of the block.
     Under autocast the table is cast to the low-precision dtype once, not once per chunk and matmul.
+
+    With `vocab_multiple` > 1 the table is zero-padded to a multiple of it (the copy that casts it under autocast)
+    and the padded columns' logits are -inf: they take no probability and get no gradient, so the loss and both
+    gradients are those of the unpadded product; the table's gradient keeps the true vocabulary.
     """
 
     @staticmethod
@@ -79,6 +94,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         chunk: int,
         ignore_index: int,
         workspace: LossWorkspace | None,
+        vocab_multiple: int,
     ) -> Tensor:
         n_valid = (targets != ignore_index).sum().clamp(min=1)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
@@ -88,10 +104,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         )
         device_type = hidden.device.type
         low = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        w = weight.to(low) if low is not None else weight
         V = weight.shape[0]
+        w = padded_table(weight, low, padded_vocab(V, vocab_multiple))  # (Vp, d)
+        Vp = w.shape[0]
         fp32_cpu = device_type == "cpu" and low is None and hidden.dtype == weight.dtype == torch.float32
-        block = workspace.take(min(chunk, hidden.shape[0]) * V) if fp32_cpu and workspace is not None else None
+        block = workspace.take(min(chunk, hidden.shape[0]) * Vp) if fp32_cpu and workspace is not None else None
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s : s + chunk], targets[s : s + chunk]
             h = h.to(low) if low is not None else h
@@ -99,9 +116,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             valid = t != ignore_index
             safe_t = t.clamp(min=0)
             if block is not None:
-                logp = torch.mm(h, w.t(), out=block[: len(t) * V].view(len(t), V))  # (n, V)
+                logp = torch.mm(h, w.t(), out=block[: len(t) * Vp].view(len(t), Vp))  # (n, Vp)
             else:
-                logp = (h @ w.t()).float()  # (n, V)
+                logp = (h @ w.t()).float()  # (n, Vp)
+            if Vp > V:
+                logp[:, V:] = -math.inf  # padded columns: no probability, so no gradient
             torch.log_softmax(logp, dim=-1, out=logp)
             loss -= (logp[rows, safe_t] * valid).sum()
             if grad_hidden is None and grad_weight is None:
@@ -113,13 +132,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             del logp  # under autocast g is a low-precision copy: free the fp32 block before the matmuls
             scale = (valid / n_valid).to(h.dtype)[:, None]  # (n, 1)
             if grad_hidden is not None:
-                grad_hidden[s : s + chunk] = (g @ w) * scale
-            if grad_weight is None:
-                continue
-            if low is None:
-                grad_weight.addmm_(g.t(), h * scale)  # accumulates without a (V, d) temporary
-            else:
-                grad_weight += g.t() @ (h * scale)  # low-precision product, fp32 sum, no fp32 (V, d) temporary
+                grad_hidden[s : s + chunk] = (g @ w) * scale  # the padded rows of w are zero
+            if grad_weight is not None:
+                _add_table_grad(grad_weight, g[:, :V], h * scale, low is None)
         if block is not None:
             workspace.keep(block)
         # Kept on ctx, not saved for backward: they are this function's own buffers, scaled in place once.
@@ -136,7 +151,26 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # In place: no second (V, d) table of gradients allocated per step.
         gh = grad_hidden.mul_(grad_out.to(grad_hidden.dtype)) if grad_hidden is not None else None
         gw = grad_weight.mul_(grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
+
+
+def padded_table(weight: Tensor, dtype: torch.dtype | None, rows: int) -> Tensor:
+    """`weight` (V, d) in `dtype` (None: its own) with zero rows appended up to `rows`: one copy where a cast makes
+    one anyway, none where nothing changes."""
+    dtype = dtype or weight.dtype
+    if rows == weight.shape[0]:
+        return weight.to(dtype)
+    table = weight.new_zeros((rows, weight.shape[1]), dtype=dtype)
+    table[: weight.shape[0]] = weight
+    return table
+
+
+def _add_table_grad(grad_weight: Tensor, g: Tensor, h: Tensor, fp32: bool) -> None:
+    """grad_weight (V, d, fp32) += g.T @ h for one chunk (g (n, V), possibly a column slice of the padded block)."""
+    if fp32:
+        grad_weight.addmm_(g.t(), h)  # accumulates without a (V, d) temporary
+    else:
+        grad_weight += g.t() @ h  # low-precision product, fp32 sum, no fp32 (V, d) temporary
 
 
 def chunked_cross_entropy(
@@ -147,8 +181,13 @@ def chunked_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     *,
     workspace: LossWorkspace | None = None,
+    vocab_multiple: int | None = None,
 ) -> Tensor:
     """Mean cross-entropy of logits `hidden @ weight.T` (hidden (N, d), weight (V, d), targets (N,)). `workspace`:
     where a float32 CPU call keeps its (n, V) block for the next (eager mode only); without, each call makes its
-    own."""
-    return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index, workspace)
+    own. `vocab_multiple`: the product runs over the vocabulary padded to a multiple of it (default: VOCAB_MULTIPLE
+    on a GPU, where the alignment pays; 1, no padding, on a CPU, where the table's copy would cost and gain
+    nothing); the result is the same up to rounding."""
+    if vocab_multiple is None:
+        vocab_multiple = VOCAB_MULTIPLE if hidden.device.type == "cuda" else 1
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index, workspace, vocab_multiple)

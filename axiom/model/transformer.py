@@ -137,6 +137,9 @@ class Axiom(nn.Module):
         # Document masking of packed sequences: with an id here (EOS), a position attends only within its document,
         # each ending with that id; set from outside (train.doc_masking), used without a KV cache only.
         self.doc_sep: int | None = None
+        # Whether targets may hold IGNORE_INDEX (chat data), whose rows the loss then leaves out; set from outside:
+        # False (text) spares the look at every target, a host sync per call on a GPU.
+        self.ignored_targets = True
         self.loss_workspace = LossWorkspace()  # the CPU loss's block, reused from step to step
         self.reset_parameters()
 
@@ -173,8 +176,8 @@ class Axiom(nn.Module):
         if not torch.compiler.is_compiling():  # a data-dependent shape and a reused buffer: eager only
             # Ignored targets (the prompts of chat data) need no logits: leaving their rows out skips most of the
             # output layer's work in fine-tuning (docs/finetuning.md); text data keeps every row.
-            keep = targets != IGNORE_INDEX
-            if not bool(keep.all()):
+            keep = targets != IGNORE_INDEX if self.ignored_targets else None
+            if keep is not None and not bool(keep.all()):
                 x, targets = x[keep], targets[keep]
             workspace = self.loss_workspace
         return chunked_cross_entropy(x, self.lm_head.weight, targets, loss_chunk, workspace=workspace)

@@ -1,7 +1,7 @@
 """Start or continue a run: `train` checks it against its data and directory, builds or loads the model and runs
 the loop of axiom/train/trainer.py; the schedule and optimizer are in axiom/train/optim.py.
 
-    RUN/config.json                  resolved config of the run
+    RUN/config.json                  resolved config of the run (the plan's micro-batch, checkpointing, compile)
     RUN/train.log                    the plan, progress lines, evaluations, notices
     RUN/train.csv                    step, tokens, loss, grad_norm, lr, tokens_per_s, skipped (every log_interval)
     RUN/eval.csv                     step, tokens, train_loss, val_loss, val_ppl, val_bpb, lr, elapsed_s, tokens_per_s
@@ -45,6 +45,7 @@ from axiom.runtime import pick_device
 from axiom.train.checkpointer import set_aside_newer
 from axiom.train.optim import schedule_jump
 from axiom.train.parallel import Dist, init_distributed, set_model_state
+from axiom.train.plan import local_hardware, resolve
 from axiom.train.recovery import rewind_logs
 from axiom.train.runlog import RunLog
 from axiom.train.trainer import Trainer, TrainResult
@@ -190,9 +191,12 @@ def setup(
     log_to: dict | None = None,
     read_weights: WeightsReader | None = None,
 ) -> Trainer:
-    """Check the run against its data and directory, build or load the model, and return its Trainer."""
+    """Check the run against its data and directory, plan it for the device (the settings left to auto), build or
+    load the model, and return its Trainer."""
     manifest = read_manifest(data_dir)
     check_run_config(cfg, device, d)
+    plan = resolve(cfg, local_hardware(device), d.world_size)
+    cfg = plan.applied(cfg)
     notes = clean_stale_checkpoints(run_dir / "checkpoints") if d.main else []  # a kill's leftovers, under the lock
     start, skipped, used = find_start(run_dir, resume, resume_from)
     state = load_training_state(start) if start is not None else None  # first: a bad state.pt is refused early
@@ -208,7 +212,7 @@ def setup(
         log.info(f"--resume: skipped {path}, which does not verify ({reason})")
     seed_everything(cfg.train.seed)
     model = initial_model(cfg, start, init_from, read_weights)
-    trainer = Trainer(cfg, data_dir, manifest, run_dir, model, device, d, log, state)
+    trainer = Trainer(cfg, plan, data_dir, manifest, run_dir, model, device, d, log, state)
     step = trainer.state.step
     if d.main and (start is not None or skipped):  # the ones skipped too: training would overwrite them
         set_aside_newer(run_dir / "checkpoints", step if start is not None else -1, log)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from axiom.config import TrainConfig
+from axiom.config import AUTO, TrainConfig
 from axiom.model.transformer import Axiom, retie
 
 
@@ -40,7 +40,10 @@ def init_distributed() -> Dist:
 
 def parallelize(model: Axiom, cfg: TrainConfig, device: torch.device, d: Dist) -> torch.nn.Module:
     """Activation checkpointing, torch.compile and DDP/FSDP2 applied from outside the model, in one place.
-    Compiling in place (`Module.compile`) keeps parameter names, so checkpoints look the same."""
+    Compiling in place (`Module.compile`) keeps parameter names, so checkpoints look the same. `cfg` is planned
+    (axiom/train/plan.py): "auto" would read as true."""
+    if AUTO in (cfg.gradient_checkpointing, cfg.compile):
+        raise ValueError("parallelize: plan the config first (axiom.train.plan.resolve): a setting is still auto")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.compile:
         model.compile()

@@ -1,45 +1,212 @@
-"""What a training configuration amounts to, without building it: parameters, tokens, FLOPs and memory (`axiom
-info`), and the plan at the top of a run's train.log."""
+"""What a training configuration amounts to on a device, without building it: parameters, tokens, FLOPs, memory,
+the settings left to the device (`micro_batch_size`, `gradient_checkpointing` and `compile` set to auto) and the
+plan at the top of a run's train.log; `axiom info` prints it.
+
+`resolve` is the one place those settings are chosen. It predicts the peak memory of a split from a model of
+weights, gradients, optimizer state, activations and the loss's logits block (fitted to the H200 peaks of
+docs/benchmarks.md, "Training on a GPU"), and takes:
+  - the largest micro-batch that divides the step's sequences (per process) and fits: 320 = 2^6 x 5 sequences a step
+    have the micro-batches 1, 2, 4, 5, 8, 10, 16, 20, 32, 40, 64, 80, 160 and 320, so the step stays exactly 320;
+    a step with no divisor in between (a prime count) runs as micro-batches of 1, or as one if it fits whole;
+  - activation checkpointing only where the micro-batch would otherwise fall below BUSY_TOKENS tokens on a GPU (one
+    sequence on a CPU) and checkpointing makes room for a larger one;
+  - torch.compile on CUDA, not on a CPU (where it does not pay).
+A micro-batch the prediction misjudged is halved by the trainer at its first out-of-memory (axiom/train/trainer.py).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from dataclasses import dataclass
+
 import torch
 
-from axiom.config import Config
+from axiom.config import AUTO, Config
+from axiom.model.loss import padded_vocab
 from axiom.model.transformer import flops_per_token, num_params
-from axiom.runtime import gpu_peak_flops
+from axiom.runtime import GPU_BF16_PEAK_TFLOPS, gpu_peak_flops
 from axiom.train.progress import duration
 
+GIB = 2**30
 OPTIMIZER_STATE_BYTES = {"adamw8bit": 2, "adamw": 8}  # per parameter: two moments, 8-bit or fp32
-PLANNED_MFU = 0.4  # what a well-tuned run of this size reaches: the plan's time estimate assumes it
+# Values per token and d_model unit one block keeps for backward (eager; fitted to the H200 peaks of
+# docs/benchmarks.md). Checkpointing keeps only each block's fp32 input (the residual stream).
+BLOCK_ACTIVATION_VALUES = 26
+LOSS_ROWS = 1024  # rows of the chunked loss's logits block (Axiom.forward's loss_chunk)
+MEMORY_HEADROOM = 0.9  # the share of a device's memory a plan fills: allocator fragmentation, workspaces, context
+# Tokens per micro-batch that keep an H100-class GPU busy (docs/benchmarks.md: the H200 micro-batch sweep).
+BUSY_TOKENS = 8192
+# The MFU a prediction assumes, compiled and eager (docs/benchmarks.md: the H200 baseline at micro-batch 16 without
+# checkpointing, before the padded vocabulary), and the share of it left with checkpointing (a forward recomputed).
+ASSUMED_MFU = {True: 0.42, False: 0.17}
+CHECKPOINTING_THROUGHPUT = 0.75
+ASSUMED_GPU = "H100"  # what `axiom info --gpu-memory-gib` plans for: its bf16 peak
 
 
-def training_memory_bytes(cfg: Config) -> dict[str, int]:
-    """Rough peak training memory per device: fp32 weights and grads, optimizer state, activations
-    (only each block's input kept under activation checkpointing, plus one block being recomputed,
-    ~34 bytes per token per hidden unit in bf16 without attention scores since SDPA uses flash/efficient
-    kernels) and the chunked loss (one 1024-row fp32 logit chunk, its gradient, and an fp32 weight grad)."""
+@dataclass(frozen=True)
+class Hardware:
+    """What a plan is made for."""
+
+    kind: str  # cuda, cpu or mps
+    memory_bytes: int  # the GPU's memory, or the host's
+    peak_flops: float | None  # dense bf16 FLOP/s; None where unknown (a CPU)
+    name: str
+
+
+def local_hardware(device: torch.device) -> Hardware:
+    """The device a run trains on: a GPU's total memory, else the host's RAM (the plan is the same every time)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return Hardware("cuda", props.total_memory, gpu_peak_flops(device), props.name)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Hardware(device.type, memory, None, "host memory")
+
+
+def assumed_gpu(memory_gib: float) -> Hardware:
+    """A GPU of `memory_gib` GiB with an H100's bf16 peak: a plan made without the GPU at hand."""
+    peak = dict(GPU_BF16_PEAK_TFLOPS)[ASSUMED_GPU] * 1e12
+    return Hardware("cuda", int(memory_gib * GIB), peak, f"{ASSUMED_GPU}-class, assumed")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The concrete settings of a run on `hardware`, and what they are predicted to cost and give."""
+
+    micro_batch_size: int
+    grad_accum_steps: int  # summed over all processes, as in TrainConfig
+    gradient_checkpointing: bool
+    compile: bool
+    chosen: tuple[str, ...]  # the settings that were auto
+    memory: dict[str, int]  # predicted peak bytes by part, and "total"
+    usable_bytes: int  # what the plan may fill
+    mfu: float | None  # assumed for the prediction (None without a known peak)
+    tokens_per_s: float | None  # predicted, all processes
+    hardware: Hardware
+
+    def applied(self, cfg: Config) -> Config:
+        """`cfg` with this plan's settings in place of auto: the config a run trains and stores."""
+        t = dataclasses.replace(
+            cfg.train,
+            micro_batch_size=self.micro_batch_size,
+            grad_accum_steps=self.grad_accum_steps,
+            gradient_checkpointing=self.gradient_checkpointing,
+            compile=self.compile,
+        )
+        return Config(cfg.model, t)
+
+    def to_dict(self) -> dict:
+        return {
+            **{k: getattr(self, k) for k in ("micro_batch_size", "grad_accum_steps", "gradient_checkpointing")},
+            "compile": self.compile,
+            "chosen": list(self.chosen),
+            "memory_bytes": self.memory,
+            "usable_bytes": self.usable_bytes,
+            "assumed_mfu": self.mfu,
+            "predicted_tokens_per_s": self.tokens_per_s,
+            "device": self.hardware.kind,
+            "device_name": self.hardware.name,
+            "device_memory_bytes": self.hardware.memory_bytes,
+        }
+
+
+def resolve(cfg: Config, hardware: Hardware, world_size: int = 1) -> Plan:
+    """The plan of `cfg` on `world_size` processes of `hardware`: the settings set to auto chosen (see the module's
+    docstring), the others as given."""
+    t = cfg.train
+    compile_ = hardware.kind == "cuda" if t.compile == AUTO else t.compile
+    micro, checkpointing = _split(cfg, hardware, world_size)
+    accum = t.sequences_per_step // micro if t.micro_batch_size == AUTO else t.grad_accum_steps
+    low = _low_precision(cfg, hardware)
+    chosen = tuple(k for k in ("micro_batch_size", "gradient_checkpointing", "compile") if getattr(t, k) == AUTO)
+    mfu = tokens_per_s = None
+    if hardware.peak_flops:
+        mfu = ASSUMED_MFU[compile_] * (CHECKPOINTING_THROUGHPUT if checkpointing else 1.0)
+        tokens_per_s = mfu * hardware.peak_flops * world_size / flops_per_token(cfg.model, t.seq_len)
+    return Plan(
+        micro_batch_size=micro,
+        grad_accum_steps=accum,
+        gradient_checkpointing=checkpointing,
+        compile=compile_,
+        chosen=chosen,
+        memory=training_memory_bytes(cfg, micro, checkpointing, low),
+        usable_bytes=int(hardware.memory_bytes * MEMORY_HEADROOM),
+        mfu=mfu,
+        tokens_per_s=tokens_per_s,
+        hardware=hardware,
+    )
+
+
+def _split(cfg: Config, hardware: Hardware, world_size: int) -> tuple[int, bool]:
+    """The micro-batch and activation checkpointing: as given, or chosen where auto."""
+    t = cfg.train
+    usable = hardware.memory_bytes * MEMORY_HEADROOM
+    low = _low_precision(cfg, hardware)
+
+    def fits(micro: int, checkpointing: bool) -> bool:
+        return training_memory_bytes(cfg, micro, checkpointing, low)["total"] <= usable
+
+    if t.micro_batch_size != AUTO:
+        given = t.gradient_checkpointing
+        return t.micro_batch_size, not fits(t.micro_batch_size, False) if given == AUTO else given
+    per_process = t.sequences_per_step // world_size
+    sizes = [n for n in range(per_process, 0, -1) if per_process % n == 0]  # its divisors, the largest first
+
+    def largest(checkpointing: bool) -> int | None:
+        return next((n for n in sizes if fits(n, checkpointing)), None)
+
+    if t.gradient_checkpointing != AUTO:
+        return largest(t.gradient_checkpointing) or 1, t.gradient_checkpointing
+    plain = largest(False)
+    busy = max(BUSY_TOKENS // t.seq_len, 1) if hardware.kind == "cuda" else 1
+    if plain is not None and plain >= min(busy, per_process):
+        return plain, False
+    recomputed = largest(True)
+    if recomputed is not None and recomputed > (plain or 0):
+        return recomputed, True
+    return plain or 1, plain is None  # nothing larger fits either way: the one that fits, or 1 checkpointed
+
+
+def smaller_micro_batch(micro_batch_size: int) -> int | None:
+    """The micro-batch after an out-of-memory: the largest divisor of `micro_batch_size` up to half of it (so the
+    micro-batches read still split evenly: 16 -> 8, 40 -> 20, 5 -> 1); None at 1."""
+    return next((n for n in range(micro_batch_size // 2, 0, -1) if micro_batch_size % n == 0), None)
+
+
+def _low_precision(cfg: Config, hardware: Hardware) -> bool:
+    """Activations in bf16/fp16: autocast runs on CUDA only."""
+    return hardware.kind == "cuda" and cfg.train.dtype != "float32"
+
+
+def training_memory_bytes(cfg: Config, micro_batch_size: int, checkpointing: bool, low: bool) -> dict[str, int]:
+    """Predicted peak training memory per device, by part, as it stands in the forward of a step's second
+    micro-batch (the gradients of the first are held): fp32 weights and grads, optimizer state, autocast's bf16
+    copies of the matrices (`low`), activations (BLOCK_ACTIVATION_VALUES per token and d_model in each block, bf16
+    under autocast and fp32 otherwise; with checkpointing only each block's fp32 input and one block being
+    recomputed; SDPA keeps no attention scores), and the chunked loss (a LOSS_ROWS-row fp32 logits block over the
+    padded vocabulary, its low-precision gradient under autocast, and the fp32 gradient of the table). A step of
+    one micro-batch peaks lower: its gradients appear as the activations go."""
     m, t = cfg.model, cfg.train
     n = num_params(m)
-    act_bytes = 2 if t.dtype != "float32" else 4
-    tokens = t.micro_batch_size * t.seq_len
-    per_block = 17 * act_bytes * tokens * m.d_model
-    kept = (
-        m.n_layers * act_bytes * tokens * m.d_model + per_block if t.gradient_checkpointing else m.n_layers * per_block
-    )
-    loss = 2 * 4 * min(tokens, 1024) * m.vocab_size + 4 * m.vocab_size * m.d_model
+    tokens = micro_batch_size * t.seq_len
+    block = BLOCK_ACTIVATION_VALUES * (2 if low else 4) * tokens * m.d_model
+    activations = m.n_layers * 4 * tokens * m.d_model + block if checkpointing else m.n_layers * block
+    columns = padded_vocab(m.vocab_size) if low else m.vocab_size
+    loss = min(tokens, LOSS_ROWS) * columns * (6 if low else 4) + 4 * m.vocab_size * m.d_model
     parts = {
         "weights": 4 * n,
         "grads": 4 * n,
         "optimizer": OPTIMIZER_STATE_BYTES[t.optimizer] * n,
-        "activations": kept,
+        "casts": 2 * num_params(m, non_embedding=True) if low else 0,
+        "activations": activations,
         "loss": loss,
     }
     parts["total"] = sum(parts.values())
     return parts
 
 
-def describe(cfg: Config) -> dict:
+def describe(cfg: Config, plan: Plan) -> dict:
+    """`axiom info --json`: the sizes and cost of `cfg`, and its plan."""
     m, t = cfg.model, cfg.train
     return {
         "params": num_params(m),
@@ -51,26 +218,51 @@ def describe(cfg: Config) -> dict:
         "planned_tokens": t.planned_tokens,
         "flops_per_token": flops_per_token(m, t.seq_len),
         "train_flops": flops_per_token(m, t.seq_len) * t.planned_tokens,
-        "train_memory_bytes": training_memory_bytes(cfg)["total"],
+        "train_memory_bytes": plan.memory["total"],
+        "plan": plan.to_dict(),
     }
 
 
-def plan_lines(cfg: Config, device: torch.device, world_size: int, optimizer_name: str) -> list[str]:
-    """The model, batch, schedule, optimizer and device of a run, one train.log line each."""
+def plan_summary(cfg: Config, plan: Plan) -> list[str]:
+    """The plan in words, for train.log and `axiom info`: the split, checkpointing and compile (marked auto where
+    the plan chose them), the predicted memory, and the predicted speed and time of the whole run."""
+
+    def chosen(name: str, value: str) -> str:
+        return f"{value} (auto)" if name in plan.chosen else value
+
+    on_off = {True: "on", False: "off"}
+    hw, mem = plan.hardware, plan.memory
+    split = f"{plan.micro_batch_size} x {plan.grad_accum_steps} accumulation"
+    lines = [
+        f"micro-batch {chosen('micro_batch_size', split)}, activation checkpointing "
+        f"{chosen('gradient_checkpointing', on_off[plan.gradient_checkpointing])}, compile "
+        f"{chosen('compile', on_off[plan.compile])}",
+        f"memory {mem['total'] / GIB:.1f} GiB predicted of {plan.usable_bytes / GIB:.1f} usable on {hw.kind} "
+        f"({hw.memory_bytes / GIB:.0f} GiB, {hw.name}): "
+        + ", ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items() if k != "total" and v),
+    ]
+    if plan.tokens_per_s:
+        run = duration(cfg.train.planned_tokens / plan.tokens_per_s)
+        lines.append(
+            f"speed {plan.tokens_per_s:,.0f} tokens/s predicted at {plan.mfu:.0%} MFU (assumed): the run's "
+            f"{cfg.train.planned_tokens:,} tokens in about {run}"
+        )
+    return lines
+
+
+def plan_lines(cfg: Config, plan: Plan, device: torch.device, world_size: int, optimizer_name: str) -> list[str]:
+    """The model, batch, plan, schedule, optimizer and device of a run (`cfg` as planned), train.log's first lines."""
     m, t = cfg.model, cfg.train
     decay = round(t.decay_fraction * t.steps)
     precision = f"{t.dtype} autocast" if device.type == "cuda" and t.dtype != "float32" else "float32"
-    estimate, peak = "", gpu_peak_flops(device)
-    if peak:
-        seconds = flops_per_token(m, t.seq_len) * t.planned_tokens / (PLANNED_MFU * peak * world_size)
-        estimate = f"; about {duration(seconds)} at {PLANNED_MFU:.0%} MFU"
     return [
         f"model        {num_params(m):,} parameters ({num_params(m, non_embedding=True):,} non-embedding): "
         f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads / {m.n_kv_heads} KV heads",
         f"batch        {t.micro_batch_size} x {t.seq_len} tokens x {t.grad_accum_steps} micro-batches "
         f"({world_size} process{'es' if world_size > 1 else ''}) = {t.tokens_per_step:,} tokens per step",
+        *(f"plan         {line}" for line in plan_summary(cfg, plan)),
         f"schedule     {t.steps:,} steps = {t.planned_tokens:,} tokens; warmup {t.warmup_steps:,}, "
         f"lr {t.lr_max:g} constant, cosine to {t.lr_min:g} over the last {decay:,} steps",
         f"optimizer    {optimizer_name}, betas ({t.beta1}, {t.beta2}), weight decay {t.weight_decay} on matrices",
-        f"device       {device} x {world_size}, {precision}{estimate}",
+        f"device       {device} x {world_size}, {precision}",
     ]

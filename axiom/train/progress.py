@@ -1,5 +1,5 @@
 """The run's progress for people: a tqdm bar on the terminal, and every log_interval steps a line in train.log and
-a row of train.csv (loss, LR, gradient norm, throughput, MFU on known GPUs, time left)."""
+a row of train.csv (loss, LR, gradient norm, throughput, MFU on known GPUs, peak memory on a GPU, time left)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class Progress:
     """The bar and the progress lines; `meter` counts the steps since the last line."""
 
     def __init__(self, cfg: Config, log: RunLog, device: torch.device, world_size: int, main: bool) -> None:
-        self.cfg, self.log, self.world_size, self.main = cfg.train, log, world_size, main
+        self.cfg, self.log, self.device, self.world_size, self.main = cfg.train, log, device, world_size, main
         self.peak_flops = gpu_peak_flops(device)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         self.meter = Meter()
@@ -88,9 +88,12 @@ class Progress:
         eta = (t.steps - s.step) * m.seconds / m.steps
         mean = sum(m.losses) / len(m.losses) if m.losses else math.nan
         mfu = self.mfu(m.tokens_per_s)
+        memory = ""
+        if self.device.type == "cuda":  # the run's peak so far: what the plan predicted, measured
+            memory = f" | peak mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB"
         self.log.info(
             f"step {s.step:,}/{t.steps:,} | loss {mean:.4f} | lr {lr:.3e} | grad norm {result.grad_norm:.3f} "
-            f"| {m.tokens_per_s:,.0f} tok/s{' |' + mfu if mfu else ''} | eta {duration(eta)}"
+            f"| {m.tokens_per_s:,.0f} tok/s{' |' + mfu if mfu else ''}{memory} | eta {duration(eta)}"
         )
         row = {
             "step": s.step,

@@ -14,6 +14,8 @@ from axiom.config import TrainConfig
 from axiom.model.loss import IGNORE_INDEX
 from axiom.runtime import autocast
 
+Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (inputs, targets) micro-batches
+
 
 @dataclass
 class StepResult:
@@ -34,7 +36,7 @@ def _grad_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContext
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: Batches,
     lr: float,
     cfg: TrainConfig,
     max_loss: float = math.inf,
@@ -49,7 +51,7 @@ def train_step(
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     n = len(micro_batches)
-    counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]
+    counts = torch.stack([(y != IGNORE_INDEX).sum() for _, y in micro_batches]).tolist()  # one sync, if any
     total_count, world = float(sum(counts)), 1
     if dist.is_initialized():
         world = dist.get_world_size()
@@ -58,11 +60,14 @@ def train_step(
         total_count = summed.item()
     mean_count = max(total_count, 1.0) / (n * world)  # target tokens per micro-batch, over all ranks
     total = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(micro_batches):
+    # All on the device first: a copy from pageable memory may wait for the device's queue, here (idle since the last
+    # step's result was read) rather than between micro-batches, where the GPU would drain while the host catches up.
+    on_device = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in micro_batches]
+    for i, (x, y) in enumerate(on_device):
         weight = counts[i] / mean_count  # exactly 1.0 for text data
         with _grad_sync(model, i == n - 1):
             with autocast(device, cfg.dtype):
-                loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) * weight
+                loss = model(x, y) * weight
             (loss / n).backward()
         total += loss.detach().float()
     loss = total / n
@@ -72,7 +77,7 @@ def train_step(
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
-    loss_value, norm_value = loss.item(), norm.item()
+    loss_value, norm_value = torch.stack([loss, norm.float()]).tolist()  # the step's one wait for the device
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)) or loss_value > max_loss:
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_value, norm_value, skipped=True)

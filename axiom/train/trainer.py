@@ -2,6 +2,9 @@
 OLMo-core's trainer drives its callbacks: `Progress` (bar, train.log lines, train.csv), `Evaluator` (eval.csv,
 best/), `Checkpointer` (step checkpoints, resume) and `SpikeRecovery` (skipped steps, rollbacks, events.csv).
 
+A micro-batch the plan chose (micro_batch_size=auto, axiom/train/plan.py) that runs out of memory is halved and the
+step redone from the same data: no step is lost or counted twice, and tokens per step stay exact.
+
 Pretraining and fine-tuning share all of it; they differ only in the loader (and its loss mask).
 """
 
@@ -19,18 +22,19 @@ import torch.distributed as dist
 from axiom.config import Config
 from axiom.data.loader import TrainLoader, data_kind
 from axiom.data.packing import ChatLoader
+from axiom.files import write_json_atomic
 from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID
 from axiom.train.checkpointer import Checkpointer, checkpoint_record
 from axiom.train.evaluator import Evaluator
 from axiom.train.optim import build_optimizer
 from axiom.train.parallel import Dist, parallelize
-from axiom.train.plan import plan_lines
+from axiom.train.plan import Plan, plan_lines, smaller_micro_batch
 from axiom.train.progress import Progress, duration
 from axiom.train.recovery import SpikeRecovery
 from axiom.train.runlog import RunLog
 from axiom.train.state import TrainState
-from axiom.train.step import StepResult, train_step
+from axiom.train.step import Batches, StepResult, train_step
 
 
 @dataclass
@@ -74,13 +78,21 @@ class StopFlag:
         return self.signal is not None
 
 
+def regroup(batches: Batches, size: int) -> Batches:
+    """The micro-batches as read, split into micro-batches of `size` rows (a divisor of theirs), in order."""
+    if batches[0][0].shape[0] == size:
+        return batches
+    return [(x[i : i + size], y[i : i + size]) for x, y in batches for i in range(0, x.shape[0], size)]
+
+
 class Trainer:
     """One run: the model, optimizer and loader it was set up with, its `TrainState`, and its parts. `step` runs
-    one optimizer step, `fit` the loop."""
+    one optimizer step, `fit` the loop. `cfg` is the planned config (`plan.applied`): no setting is auto."""
 
     def __init__(
         self,
         cfg: Config,
+        plan: Plan,
         data_dir: Path,
         manifest: dict,
         run_dir: Path,
@@ -91,12 +103,13 @@ class Trainer:
         state: dict | None,
     ) -> None:
         t = cfg.train
-        self.cfg, self.data_dir, self.manifest, self.run_dir = cfg, data_dir, manifest, run_dir
+        self.cfg, self.plan, self.data_dir, self.manifest, self.run_dir = cfg, plan, data_dir, manifest, run_dir
         self.device, self.d, self.log = device, d, log
         fsdp = t.fsdp and d.world_size > 1
         self.raw = model.to(device)
         self.raw.train()
         self.chat = data_kind(manifest) == "chat"  # conversations: masked targets, whole ones per window
+        self.raw.ignored_targets = self.chat  # text has none: the model need not look (a host sync on a GPU)
         if self.chat if t.doc_masking is None else t.doc_masking:  # in training and evaluation alike
             self.raw.doc_sep = EOS_ID
         self.model = parallelize(self.raw, t, device, d)
@@ -105,7 +118,7 @@ class Trainer:
         self.loader = loader(
             data_dir, t.seq_len, t.micro_batch_size, t.seed, d.rank, d.world_size, cfg.model.vocab_size
         )
-        self.micro_steps = t.grad_accum_steps // d.world_size
+        self.micro_steps = t.grad_accum_steps // d.world_size  # micro-batches read per step (a back-off splits them)
         record = checkpoint_record(data_dir, manifest)
         self.checkpointer = Checkpointer(
             cfg,
@@ -132,7 +145,7 @@ class Trainer:
         lr = s.lr(t)
         max_loss = self.recovery.max_loss(s)
         batches = [self.loader.next_batch() for _ in range(self.micro_steps)]
-        result = train_step(self.model, self.optimizer, batches, lr, t, max_loss)
+        result = self._train_step(batches, lr, max_loss)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -144,11 +157,41 @@ class Trainer:
         self.evaluator.window.add(t.tokens_per_step, seconds, taken_loss)
         return result
 
+    def _train_step(self, batches: Batches, lr: float, max_loss: float) -> StepResult:
+        """`train_step` over the step's micro-batches. Out of memory at a micro-batch the plan chose (one process):
+        the next smaller one, and the step again from the same data; nothing was updated by the failed try."""
+        while True:
+            t = self.cfg.train
+            try:
+                return train_step(self.model, self.optimizer, regroup(batches, t.micro_batch_size), lr, t, max_loss)
+            except torch.OutOfMemoryError:
+                smaller = smaller_micro_batch(t.micro_batch_size)
+                if "micro_batch_size" not in self.plan.chosen or self.d.world_size > 1 or smaller is None:
+                    raise
+            self._back_off(smaller)  # outside the except block: its traceback, and the tensors it holds, are gone
+
+    def _back_off(self, micro_batch_size: int) -> None:
+        """Free the failed try's memory and continue at `micro_batch_size`, accumulation raised to match. The run's
+        config is changed in place: the parts share it, checkpoints and config.json record the new split."""
+        t = self.cfg.train
+        self.optimizer.zero_grad(set_to_none=True)  # the partial gradients of the failed try
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        before = t.micro_batch_size
+        t.micro_batch_size, t.grad_accum_steps = micro_batch_size, t.grad_accum_steps * before // micro_batch_size
+        self.log.notice(
+            f"out of memory at micro-batch {before} (step {self.state.step + 1:,}): micro-batch {t.micro_batch_size} "
+            f"x {t.grad_accum_steps} accumulation from now on, the same {t.tokens_per_step:,} tokens per step; the "
+            "step is run again from the same data"
+        )
+        if self.d.main:
+            write_json_atomic(self.run_dir / "config.json", self.cfg.to_dict())
+
     def log_plan(self) -> None:
         """The run's plan at the top of train.log: model, batch, schedule, optimizer, device, data."""
         t, log = self.cfg.train, self.log
         log.info(f"run          {self.run_dir}")
-        for line in plan_lines(self.cfg, self.device, self.d.world_size, self.optimizer_name):
+        for line in plan_lines(self.cfg, self.plan, self.device, self.d.world_size, self.optimizer_name):
             log.info(line)
         log.info(
             f"data         {self.data_dir}: {self.manifest['train_tokens']:,} train tokens, "

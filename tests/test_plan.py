@@ -1,0 +1,164 @@
+"""The training plan (axiom/train/plan.py): the settings left to auto resolved from a device and its memory, without
+the device: micro-batch and accumulation (tokens per step exact), activation checkpointing, compile, the predicted
+memory and speed, and `axiom info --gpu-memory-gib` printing them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from axiom.cli import main
+from axiom.config import get_config
+from axiom.errors import AxiomError
+from axiom.train.parallel import Dist, parallelize
+from axiom.train.plan import (
+    BUSY_TOKENS,
+    GIB,
+    Hardware,
+    assumed_gpu,
+    local_hardware,
+    resolve,
+    smaller_micro_batch,
+    training_memory_bytes,
+)
+
+CARD_LITERAL = ["micro_batch_size=1", "gradient_checkpointing=true", "compile=false"]
+
+
+@pytest.mark.parametrize("gib", [8, 16, 24, 40, 80, 141, 1000])
+def test_the_card_plan_keeps_its_step_and_fits(gib):
+    """For any GPU: a micro-batch dividing the card's 320 sequences, accumulation making up exactly 327,680 tokens,
+    the prediction within the memory the plan may fill, compile on."""
+    cfg = get_config("axiom-380m")
+    plan = resolve(cfg, assumed_gpu(gib))
+    planned = plan.applied(cfg).train
+    assert 320 % plan.micro_batch_size == 0 and plan.micro_batch_size * plan.grad_accum_steps == 320
+    assert planned.tokens_per_step == cfg.train.tokens_per_step == 327_680 and planned.steps == cfg.train.steps
+    assert plan.memory["total"] <= plan.usable_bytes and plan.compile is True
+    assert plan.chosen == ("micro_batch_size", "gradient_checkpointing", "compile")
+    busy = plan.micro_batch_size * planned.seq_len >= BUSY_TOKENS
+    assert busy or plan.gradient_checkpointing  # a small micro-batch only where even checkpointing fits no larger
+    if plan.micro_batch_size < 320:  # the next larger divisor of 320 would not fit, checkpointed or not
+        larger = next(n for n in range(plan.micro_batch_size + 1, 321) if 320 % n == 0)
+        low = training_memory_bytes(cfg, larger, plan.gradient_checkpointing, low=True)["total"]
+        assert low > plan.usable_bytes
+
+
+def test_checkpointing_only_until_the_memory_allows_a_busy_micro_batch_without():
+    """More memory: checkpointing goes off once a micro-batch of BUSY_TOKENS fits without it, and stays off; with
+    checkpointing on or off alike, the micro-batch never shrinks."""
+    cfg = get_config("axiom-380m")
+    plans = [resolve(cfg, assumed_gpu(gib)) for gib in (4, 6, 8, 12, 16, 20, 24, 40, 80, 141)]
+    recomputed = [p.gradient_checkpointing for p in plans]
+    assert recomputed == sorted(recomputed, reverse=True) and recomputed[0] and not recomputed[-1]
+    for a, b in zip(plans, plans[1:], strict=False):
+        assert a.micro_batch_size <= b.micro_batch_size or (a.gradient_checkpointing and not b.gradient_checkpointing)
+    first_plain = next(p for p in plans if not p.gradient_checkpointing)
+    assert first_plain.micro_batch_size * 1024 >= BUSY_TOKENS
+    big = plans[-2]  # 80 GiB: large micro-batches without recomputing the forward
+    assert (big.micro_batch_size, big.grad_accum_steps, big.gradient_checkpointing) == (40, 8, False)
+    assert big.tokens_per_s == pytest.approx(0.42 * 989e12 / 2_616_784_896)  # the assumed MFU, compiled
+
+
+def test_given_settings_are_kept_and_the_card_literal_is_one_line_away():
+    cfg = get_config("axiom-380m", CARD_LITERAL)
+    plan = resolve(cfg, assumed_gpu(80))
+    assert (plan.micro_batch_size, plan.grad_accum_steps, plan.gradient_checkpointing, plan.compile) == (
+        1,
+        320,
+        True,
+        False,
+    )
+    assert plan.chosen == () and plan.applied(cfg) == cfg
+    assert plan.mfu == pytest.approx(0.17 * 0.75)  # eager, checkpointed
+    # a given micro-batch with checkpointing left to auto: on only where the micro-batch does not fit without it
+    fixed = get_config("axiom-380m", ["micro_batch_size=32"])
+    assert resolve(fixed, assumed_gpu(80)).gradient_checkpointing is False
+    assert resolve(fixed, assumed_gpu(24)).gradient_checkpointing is True
+
+
+def test_steps_that_do_not_divide_evenly_still_keep_their_tokens():
+    """The micro-batch is always a divisor of the step's sequences (per process): a prime count runs as micro-batches
+    of one (or, checkpointed, as a single one), an odd count as its largest divisor that fits; under two processes
+    each takes half."""
+    prime = resolve(get_config("axiom-380m", ["grad_accum_steps=317", "gradient_checkpointing=false"]), assumed_gpu(80))
+    assert (prime.micro_batch_size, prime.grad_accum_steps) == (1, 317)
+    whole = resolve(get_config("axiom-380m", ["grad_accum_steps=317"]), assumed_gpu(80))  # checkpointing makes room
+    assert (whole.micro_batch_size, whole.grad_accum_steps, whole.gradient_checkpointing) == (317, 1, True)
+    odd = resolve(get_config("axiom-380m", ["grad_accum_steps=45"]), assumed_gpu(40))
+    assert (odd.micro_batch_size, odd.grad_accum_steps) == (15, 3)
+    two = resolve(get_config("axiom-380m"), assumed_gpu(80), world_size=2)
+    assert 160 % two.micro_batch_size == 0 and two.micro_batch_size * two.grad_accum_steps == 320
+    assert two.grad_accum_steps % 2 == 0
+
+
+def test_compile_is_on_for_cuda_only_and_a_cpu_plans_with_its_memory():
+    cpu = Hardware("cpu", 16 * GIB, None, "host memory")
+    plan = resolve(get_config("axiom-380m"), cpu)
+    assert plan.compile is False and plan.tokens_per_s is None and plan.mfu is None
+    assert 320 % plan.micro_batch_size == 0 and plan.memory["casts"] == 0  # fp32 on a CPU: no autocast copies
+    tiny = get_config("tiny")  # the demo's preset sets everything: its plan is itself, on this machine's CPU
+    here = resolve(tiny, local_hardware(torch.device("cpu")))
+    assert here.applied(tiny) == tiny and here.chosen == ()
+    assert resolve(get_config("tiny", ["compile=auto"]), assumed_gpu(24)).compile is True
+
+
+def test_back_off_sizes_divide_the_micro_batch_read():
+    assert [smaller_micro_batch(n) for n in (64, 40, 16, 6, 5, 2, 1)] == [32, 20, 8, 3, 1, 1, None]
+
+
+def test_parallelize_refuses_an_unplanned_config():
+    with pytest.raises(ValueError, match="plan the config first"):  # "auto" would read as true: compiled on a CPU
+        parallelize(torch.nn.Linear(1, 1), get_config("axiom-380m").train, torch.device("cpu"), Dist())
+
+
+def test_auto_is_set_from_the_command_line_and_from_files(tmp_path):
+    cfg = get_config("tiny", ["micro_batch_size=auto", "gradient_checkpointing=AUTO", "compile=auto"])
+    assert (cfg.train.micro_batch_size, cfg.train.gradient_checkpointing, cfg.train.compile) == ("auto",) * 3
+    assert cfg.train.tokens_per_step == cfg.train.grad_accum_steps * cfg.train.seq_len  # auto counts 1 sequence
+    path = tmp_path / "auto.toml"
+    path.write_text('preset = "tiny"\n[train]\nmicro_batch_size = "auto"\ncompile = "auto"\n')
+    assert main(["info", "--config", str(path), "--gpu-memory-gib", "24", "--json"]) == 0
+
+
+def test_info_prints_the_plan_for_a_gpu_that_is_not_here(capsys):
+    args = ["info", "--preset", "axiom-380m", "--device", "cuda", "--gpu-memory-gib", "80"]
+    assert main([*args, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    plan = info["plan"]
+    assert (plan["micro_batch_size"], plan["grad_accum_steps"]) == (40, 8) and info["tokens_per_step"] == 327_680
+    assert plan["gradient_checkpointing"] is False and plan["compile"] is True and plan["device"] == "cuda"
+    assert info["train_memory_bytes"] == plan["memory_bytes"]["total"] <= plan["usable_bytes"]
+    assert plan["predicted_tokens_per_s"] > 0 and plan["assumed_mfu"] == 0.42
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert (
+        "plan: micro-batch 40 x 8 accumulation (auto), activation checkpointing off (auto), compile on (auto)" in text
+    )
+    assert "GiB predicted of 72.0 usable on cuda (80 GiB, H100-class, assumed)" in text
+    assert "tokens/s predicted at 42% MFU (assumed): the run's 7,999,979,520 tokens in about" in text
+    assert main(["info", "--preset", "axiom-380m", "--gpu-memory-gib", "80", "--json"]) == 0  # implies cuda
+    assert json.loads(capsys.readouterr().out)["plan"] == plan
+
+
+def test_info_refuses_a_plan_it_cannot_make(capsys):
+    assert main(["info", "--preset", "tiny", "--device", "cpu", "--gpu-memory-gib", "80"]) == 2
+    assert "--gpu-memory-gib plans for a GPU: it goes with --device cuda" in capsys.readouterr().err
+    assert main(["info", "--preset", "tiny", "--gpu-memory-gib", "0"]) == 2
+    assert "must be a positive number of GiB" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["info", "--preset", "tiny", "--device", "cuda"]) == 2
+        assert "no CUDA device is visible; add --gpu-memory-gib GIB to plan for one" in capsys.readouterr().err
+
+
+def test_a_cpu_plan_of_the_card_is_the_same_every_time(capsys):
+    """Planned from the host's total memory (not what is free now): `axiom info` prints the same plan twice."""
+    outputs = []
+    for _ in range(2):
+        assert main(["info", "--preset", "axiom-380m", "--device", "cpu", "--json"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and outputs[0]["plan"]["compile"] is False
+    with pytest.raises(AxiomError):
+        get_config("axiom-380m", ["micro_batch_size=0"])
