@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,12 +164,29 @@ def throughput_sweep(check: Check, preset: str, batches: list[int], compiled: li
         check.row(f"train {preset}, micro-batch {mb}{', compiled' if compile_ else ''}", figure, target, met)
 
 
+def decode_profile(check: Check, preset: str, batches: list[int]) -> None:
+    """Where one decoding step's time goes at each batch size (`axiom bench generate --profile`, on the bench's
+    default path: the compiled step replayed as a CUDA graph on CUDA, the eager one on the CPU): the host's time in
+    ops, in Python and waiting for the device, and on CUDA the kernels, their device time and the launches. One
+    process per batch size, each bounded, so that a slow compile costs one row, not the check."""
+    for batch in batches:
+        args = ["generate", "--preset", preset, "--batch", str(batch), "--new-tokens", "32", "--rounds", "1"]
+        result = check.bench(f"decode_profile_b{batch}", [*args, "--profile"], 150)
+        if result is None:
+            continue
+        p = result["decode_step_profile"]
+        figure = f"{p['step_ms']:.3f} ms a step, {result['decoding']}; host: ops {p['host_ms']:.3f} ms, "
+        figure += f"Python {p['python_ms']:.3f} ms, waits {p['wait_ms']:.3f} ms"
+        if "kernels" in p:
+            figure += f"; device: {p['kernel_ms']:.3f} ms in {p['kernels']:.0f} kernels, "
+            figure += f"{p['kernel_launches']:.0f} kernel + {p['graph_launches']:.0f} graph launches"
+        check.row(f"decode step {preset}, batch {batch} (profile)", figure)
+
+
 def decode(check: Check, preset: str, new_tokens: int) -> None:
-    """Batch-1 decoding vs transformers' generate: bf16 on CUDA, compiled step replayed as a CUDA graph (the
-    smoke mode decodes eagerly: compiling on a CPU takes longer than the rest of the check)."""
+    """Batch-1 decoding vs transformers' generate on the bench's default path: bf16 on CUDA, the compiled step
+    replayed as a CUDA graph; on the CPU (smoke mode) the eager one, which compiles nothing."""
     args = ["generate", "--preset", preset, "--vs-hf", "--new-tokens", str(new_tokens), "--rounds", "3"]
-    if check.smoke:
-        args.append("--eager")
     result = check.bench("decode", args, 420)
     if result is not None:
         figure = f"{result['tokens_per_s']:,.0f} tok/s, {result['ratio_vs_hf']:.2f}x transformers"
@@ -214,7 +232,31 @@ def training_run(check: Check, preset: str, corpus: Path, steps: int, sets: list
     shutil.rmtree(run / "checkpoints", ignore_errors=True)  # gigabytes at full size; the csvs and log stay
 
 
-def main(argv: list[str] | None = None) -> int:
+def parts(smoke: bool, corpus: Path) -> dict[str, Callable[[Check], None]]:
+    """The check's parts by name, in the order they run: on one H100/H200, or at CPU sizes in smoke mode (what a
+    test can afford, so that this script cannot rot; no CUDA tests there)."""
+    if smoke:
+        sets = ["eval_interval=2", "eval_tokens=2048", "checkpoint_interval=4"]
+        return {
+            "decode_profile": lambda check: decode_profile(check, "tiny", batches=[1, 16]),
+            "memory": lambda check: memory_profile(check, "tiny"),
+            "throughput": lambda check: throughput_sweep(check, "tiny", batches=[2], compiled=[]),
+            "decode": lambda check: decode(check, "tiny", new_tokens=8),
+            "training": lambda check: training_run(check, "tiny", corpus, 4, sets),
+        }
+    sets = ["micro_batch_size=16", "grad_accum_steps=1", "warmup_steps=20", "eval_interval=50"]
+    sets += ["eval_tokens=65536", "checkpoint_interval=200"]
+    return {
+        "decode_profile": lambda check: decode_profile(check, "axiom-380m", batches=[1, 16]),  # what decoding needs
+        "tests": tests_on_cuda,
+        "memory": lambda check: memory_profile(check, "axiom-380m"),
+        "throughput": lambda check: throughput_sweep(check, "axiom-380m", batches=[16, 8, 32], compiled=[16]),
+        "decode": lambda check: decode(check, "axiom-380m", new_tokens=256),
+        "training": lambda check: training_run(check, "axiom-380m", corpus, 200, sets),
+    }
+
+
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder for gpu_check.json, gpu_check.md and one log per part")
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny preset, seconds per part")
@@ -231,31 +273,39 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds for the whole check; each part gets what is left (default: 540, under the device tool's 10 "
         "minutes per command, so that a slow part cuts the check short instead of losing it)",
     )
-    args = parser.parse_args(argv)
-    if not args.corpus.exists():
+    parser.add_argument(
+        "--parts",
+        default=None,
+        help="comma-separated parts to run, in the check's order (default: all): decode_profile, tests (not in "
+        "smoke mode), memory, throughput, decode, training",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv)
+    todo = parts(args.smoke, args.corpus)
+    wanted = set(todo) if args.parts is None else set(args.parts.split(","))
+    if wanted - set(todo):
+        print(f"gpu_check: --parts {args.parts}: choose among {', '.join(todo)}")
+        return 2
+    if "training" in wanted and not args.corpus.exists():
         print(f"gpu_check: --corpus {args.corpus} not found; pass a folder or file of text (parquet/jsonl/txt)")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     check = Check(args.out, args.smoke, args.budget)
     environment(check)
-    if args.smoke:  # the same parts at CPU sizes: what a test can afford, so this script cannot rot
+    if args.smoke:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        memory_profile(check, "tiny")
-        throughput_sweep(check, "tiny", batches=[2], compiled=[])
-        decode(check, "tiny", new_tokens=8)
-        training_run(check, "tiny", args.corpus, 4, ["eval_interval=2", "eval_tokens=2048", "checkpoint_interval=4"])
     else:
         import torch
 
         if not torch.cuda.is_available():
             print("gpu_check: no CUDA device is visible; use --smoke for the CPU check")
             return 2
-        tests_on_cuda(check)
-        memory_profile(check, "axiom-380m")
-        throughput_sweep(check, "axiom-380m", batches=[16, 8, 32], compiled=[16])
-        decode(check, "axiom-380m", new_tokens=256)
-        card = ["micro_batch_size=16", "grad_accum_steps=1", "warmup_steps=20", "eval_interval=50"]
-        training_run(check, "axiom-380m", args.corpus, 200, [*card, "eval_tokens=65536", "checkpoint_interval=200"])
+    for name, part in todo.items():
+        if name in wanted:
+            part(check)
     check.results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     check.write()
     print((args.out / "gpu_check.md").read_text())
