@@ -145,13 +145,13 @@ def test_the_noise_is_standard_gumbel_and_each_rows_own(device):
 
 
 @pytest.mark.slow
-def test_compiled_pick_draws_as_eager():
-    """Inside a compiled step the integer hash wraps around as in eager (inductor's C++ here, Triton on a GPU)."""
+def test_compiled_pick_draws_as_eager(device):
+    """Inside a compiled step the integer hash wraps around as in eager (inductor's C++ on CPU, Triton on a GPU)."""
     pytest.importorskip("torch._inductor")
     torch.manual_seed(4)
-    logits = torch.randn(len(MIXED), 1000)
-    rows = RowSampling.of(MIXED, [21, 22, 23, 24, 25, 26], len(MIXED), torch.device("cpu"))
+    logits = torch.randn(len(MIXED), 1000, device=device)
+    rows = RowSampling.of(MIXED, [21, 22, 23, 24, 25, 26], len(MIXED), device)
     compiled = torch.compile(pick, fullgraph=True)
     for position in (0, 1, 2**40):
-        positions = torch.full((len(MIXED),), position)
+        positions = torch.full((len(MIXED),), position, device=device)
         assert torch.equal(compiled(logits, rows, positions), pick(logits, rows, positions))
