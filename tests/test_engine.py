@@ -1,5 +1,8 @@
 """The decoding engine: requests that join and leave a running batch decode exactly as they would alone, each with
-its own sampling parameters, generator, stop ids and budget; engines and generators on one model share nothing."""
+its own sampling parameters, seed, stop ids and budget, in the eager, static and compiled steps; engines and
+generators on one model share nothing."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,6 +30,15 @@ SMALL = get_config(
 ).model
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 11], [12, 13, 14, 11], [11], [7, 7, 7, 7, 7, 7, 7, 7, 11]]
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
+# Every kind of sampling in one batch (greedy, temperature only, top-k, top-p alone, both), leaving after different
+# numbers of tokens.
+MIXED = [
+    GREEDY,
+    SamplingParams(max_new_tokens=5, temperature=0.8),
+    SamplingParams(max_new_tokens=9, temperature=1.0, top_k=40),
+    SamplingParams(max_new_tokens=7, temperature=0.7, top_p=0.9),
+    SamplingParams(max_new_tokens=11, temperature=0.9, top_k=20, top_p=0.5),
+]
 
 
 @pytest.fixture(scope="module", params=DEVICES)
@@ -77,7 +89,7 @@ def test_requests_joining_a_running_batch_decode_as_alone(model, static, max_bat
     assert all(r.finish_reason == "length" for r in requests)
 
 
-def test_each_request_samples_with_its_own_parameters_and_generator(model):
+def test_each_request_samples_with_its_own_parameters_and_seed(model):
     sampled = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=3)
     expected = alone(model, PROMPTS[1], sampled)
     assert expected == alone(model, PROMPTS[1], sampled)  # seeded: reproducible
@@ -91,6 +103,50 @@ def test_each_request_samples_with_its_own_parameters_and_generator(model):
     assert request.tokens == expected  # greedy rows and another seed beside it change nothing
     assert [r.tokens for r in others] == [alone(model, p) for p in PROMPTS[2:4]]
     assert other_seed.tokens != expected
+
+
+def mixed_requests(n: int) -> list[tuple[list[int], SamplingParams]]:
+    """n requests, no two alike: every prompt with every kind of sampling (up to 25), each with its own seed."""
+    return [(PROMPTS[i % 5], replace(MIXED[(i + i // 5) % 5], seed=100 + i)) for i in range(n)]
+
+
+def joining(engine: Engine, todo: list[tuple[list[int], SamplingParams]]) -> list:
+    """Submit three requests, then two more after every step while any are left (joining rows that are decoding,
+    and waiting once the slots are full); step until all are done."""
+    requests = [engine.submit(*t) for t in todo[:3]]
+    while engine.has_work():
+        engine.step()
+        requests += [engine.submit(*t) for t in todo[len(requests) : len(requests) + 2]]
+        assert len(engine.running) <= engine.max_batch
+    return requests
+
+
+@pytest.fixture(scope="module")
+def mixed(model) -> tuple[list, list[list[int]]]:
+    """24 requests of mixed sampling and the tokens each gives decoded alone (eager, dynamic cache)."""
+    todo = mixed_requests(24)
+    expected = [alone(model, *t) for t in todo]
+    assert len({tuple(tokens) for tokens in expected}) == len(expected)  # every seed and prompt draws its own
+    return todo, expected
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("max_batch", [1, 16])
+def test_rows_of_mixed_sampling_joining_and_leaving_decode_as_alone(model, mixed, static, max_batch):
+    todo, expected = mixed
+    requests = joining(Engine(model, max_batch=max_batch, static=static), todo)
+    assert [r.tokens for r in requests] == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_batch", [1, 16])
+def test_compiled_step_with_mixed_sampling_decodes_as_eager(model, mixed, max_batch):
+    """Decoding and each row's pick in one compiled step (CUDA graphs on a GPU) give the eager path's tokens at batch
+    1 and 16, greedy and sampled rows together, requests joining and leaving."""
+    pytest.importorskip("torch._inductor")
+    todo, expected = mixed
+    engine = Engine(model, max_batch=max_batch, compile=True)
+    assert [r.tokens for r in joining(engine, todo)] == expected
 
 
 def test_stop_ids_budget_and_cancel_free_slots(model):

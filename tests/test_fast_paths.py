@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from axiom.cli import main
 from axiom.config import get_config
-from axiom.infer.engine import decode_one, decode_one_and_hidden, greedy
+from axiom.infer.engine import decode_one, decode_one_and_hidden
 from axiom.infer.generate import generate
+from axiom.infer.sampling import greedy
 from axiom.model.cache import KVCache
 from axiom.model.loss import LossWorkspace, chunked_cross_entropy, output_logits, padded_vocab
 from axiom.model.transformer import Axiom
@@ -263,6 +264,28 @@ def test_bench_generate_in_bfloat16_the_gpu_default(capsys):
     assert main([*args, "--dtype", "bfloat16", "--prompt-len", "4", "--new-tokens", "4"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["dtype"] == "bfloat16" and r["tokens_per_s"] > 0 and 0.0 <= r["same_tokens_as_hf"] <= 1.0
+
+
+def test_bench_generate_times_the_cpus_eager_path_by_default_and_says_so(capsys):
+    # `axiom generate` decodes on the CPU with the eager fast path; the compiled step is slower there (and compiles)
+    args = ["bench", "generate", "--preset", "tiny", *BENCH, "--rounds", "1", "--prompt-len", "4", "--new-tokens", "4"]
+    assert main([*args, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["decoding"] == "eager (dynamic cache)" and r["compile"] is False
+    assert main(args) == 0
+    assert "  decoding      eager (dynamic cache), float32, batch 1\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--eager", "--compile"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_generate_compiles_when_asked(capsys):
+    pytest.importorskip("torch._inductor")
+    args = ["bench", "generate", "--preset", "tiny", *BENCH, "--rounds", "1", "--prompt-len", "4", "--new-tokens", "4"]
+    assert main([*args, "--compile", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["decoding"] == "compiled (static cache; CUDA graphs on a GPU)" and r["compile"] is True
 
 
 def test_bench_rejects_a_generation_longer_than_the_context(capsys):

@@ -45,9 +45,17 @@ def test_smoke_mode_runs_every_part_and_writes_its_table(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "gpu_check.json").read_text())
     parts = results["parts"]
-    assert set(parts) == {"prepare", "shipped", "kernels", "memory", "eager", "decode"}
+    expected = {"prepare", "shipped", "kernels", "memory", "eager", "decode", "decode_profile_b1", "decode_profile_b16"}
+    assert set(parts) == expected
     assert all(part.get("ok", True) for part in parts.values()), parts
     assert parts["memory"]["peak_mem_bytes"] > 0 and parts["eager"]["ratio_vs_hf"] > 0
+    for batch in (1, 16):  # where one decoding step's time goes, on the CPU's default path
+        part = parts[f"decode_profile_b{batch}"]
+        profile = part["decode_step_profile"]
+        assert part["batch"] == batch and part["decoding"] == "eager (dynamic cache)" and profile["steps"] == 8
+        assert profile["step_ms"] > 0 and profile["host_ms"] > 0 and profile["wait_ms"] == 0
+        assert "kernels" not in profile  # CUDA only
+        assert "Self CPU time total" in (out / f"decode_profile_b{batch}.log").read_text()  # the profiler's table
     assert parts["decode"]["tokens_per_s"] > 0 and parts["decode"]["same_tokens_as_hf"] == 1.0
     shipped = parts["shipped"]
     val = shipped["val_loss"]
@@ -60,6 +68,7 @@ def test_smoke_mode_runs_every_part_and_writes_its_table(tmp_path):
     assert table.startswith("GPU check (CPU smoke mode)") and "| train tiny as shipped, 4 steps on c.jsonl |" in table
     assert "| val loss of that run, AdamW (torch, fused) |" in table and "| loss falls | met |" in table
     assert "| one step of tiny, profiled |" in table and "FAILED" not in table
+    assert "| decode step tiny, batch 16 (profile) | " in table
     assert table in done.stdout  # the table is the last thing printed (the device tool returns the output's end)
 
 
@@ -134,6 +143,21 @@ def test_full_mode_needs_a_gpu(tmp_path, capsys):
     assert "no CUDA device is visible; use --smoke" in capsys.readouterr().out
     assert gpu_check.main([str(tmp_path / "out"), "--corpus", str(tmp_path / "missing")]) == 2
     assert f"--corpus {tmp_path / 'missing'} not found" in capsys.readouterr().out
+
+
+def test_parts_run_only_what_is_asked_in_the_checks_order(tmp_path, monkeypatch, capsys):
+    gpu_check = _gpu_check()
+    ran = []
+    for name in ("decode_profile", "memory_profile", "throughput_sweep", "decode", "training_run"):
+        monkeypatch.setattr(gpu_check, name, lambda check, *args, name=name, **kw: ran.append(name))
+    missing = str(tmp_path / "missing")  # no corpus needed without the training run
+    assert (
+        gpu_check.main([str(tmp_path / "out"), "--smoke", "--parts", "decode,decode_profile", "--corpus", missing]) == 0
+    )
+    assert ran == ["decode_profile", "decode"]
+    assert gpu_check.main([str(tmp_path / "out"), "--smoke", "--parts", "tests", "--corpus", missing]) == 2
+    message = "--parts tests: choose among decode_profile, memory, throughput, decode, training"
+    assert message in capsys.readouterr().out
 
 
 def gpu_check_has_cuda() -> bool:

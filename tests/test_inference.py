@@ -253,6 +253,20 @@ def test_bench_generate_int8(capsys):
     assert r["dtype"] == "int8" and r["tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
 
 
+def test_bench_generate_profiles_one_decoding_step(capsys):
+    args = ["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "4", "--batch", "2", "--profile"]
+    assert main([*args, "--json"]) == 0
+    out, err = capsys.readouterr()
+    p = json.loads(out)["decode_step_profile"]
+    assert p["steps"] == 8 and p["step_ms"] > 0 and p["profiled_step_ms"] > 0 and p["host_ms"] > 0
+    assert p["wait_ms"] == 0 and p["python_ms"] > 0 and "kernels" not in p  # no device to wait for on the CPU
+    assert 0 < len(p["top_host_ops"]) <= 8
+    assert all(name.startswith(("aten::", "axiom_decode::")) and calls > 0 for name, calls, _ in p["top_host_ops"])
+    assert "Self CPU time total" in err  # torch.profiler's table
+    assert main(args) == 0
+    assert "  decode step  " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

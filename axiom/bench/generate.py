@@ -1,6 +1,7 @@
-"""`axiom bench generate`: `axiom.infer.generate` decoding at temperature 0 with EOS disabled, timed, by default with
-the static cache and the compiled decoding step (`eager`: the dynamic cache, no compilation). With `vs_hf`,
-`transformers.LlamaForCausalLM` gets the same weights, prompts and new tokens through its default `generate`
+"""`axiom bench generate`: `axiom.infer.generate` decoding at temperature 0 with EOS disabled, timed, by default on
+the path that decoding on that device is meant to take (`default_eager`): on CPU the eager fast path (the dynamic
+cache and prepare_model's kernels), on CUDA the static cache and the compiled step, replayed as a CUDA graph. With
+`vs_hf`, `transformers.LlamaForCausalLM` gets the same weights, prompts and new tokens through its default `generate`
 (dynamic KV cache, SDPA attention; `hf_compile` gives it its static-cache compiled recipe); with a llama.cpp folder,
 llama-bench times the same weights too (axiom/bench/llamacpp.py)."""
 
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from axiom.bench.decode_profile import profile_decode
 from axiom.bench.llamacpp import export_gguf, vs_llamacpp
 from axiom.bench.reference import llama_like
-from axiom.bench.timing import Bench, Contender, interleaved, peak_memory, profile_table, reset_peak, summary, sync
+from axiom.bench.timing import Bench, Contender, interleaved, peak_memory, reset_peak, summary, sync
 from axiom.config import Config, ModelConfig
 from axiom.dtypes import BENCH_DTYPES, INFERENCE_DTYPES
 from axiom.errors import AxiomError
@@ -42,14 +44,26 @@ class GenerateBench:
     prompt_len: int
     new_tokens: int
     dtype: str  # one of BENCH_DTYPES: ours (int8 weight-only), the references' bfloat16 for int8
-    eager: bool
+    eager: bool  # the dynamic cache in eager mode, else the static cache and the compiled step
     vs_hf: bool
     hf_compile: bool
-    profile: bool
+    profile: bool  # where one decoding step's time goes (axiom/bench/decode_profile.py)
 
 
 def default_dtype(device: torch.device) -> str:
     return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def default_eager(device: torch.device) -> bool:
+    """Whether the bench times the eager path on `device` unless told: on CPU `axiom generate`'s eager fast path,
+    faster there than the compiled step (docs/benchmarks.md, "The bench times what users run"); on CUDA the compiled
+    step, one CUDA graph per token, the GPU's decoding path (`axiom serve --compile`)."""
+    return device.type != "cuda"
+
+
+def decoding_path(eager: bool) -> str:
+    """What `axiom bench generate` says it timed."""
+    return "eager (dynamic cache)" if eager else "compiled (static cache; CUDA graphs on a GPU)"
 
 
 def check_generate(m: ModelConfig, s: GenerateBench) -> None:
@@ -108,7 +122,7 @@ def bench_generate(cfg: Config, device: torch.device, s: GenerateBench, llamacpp
         theirs, extra = hf_contender(m, device, weights, prompts, s, ours.tokens)
         contenders.append(theirs)
     rates = interleaved(contenders, s.rounds, device)
-    table = profile_table(ours) if s.profile else None
+    table, step = profile_decode(ours.engine, prompts.tolist()) if s.profile else (None, None)
     context = s.prompt_len + n // 2  # mean attention span of a decoded token
     decode = statistics.median(ours.decode_rates) if ours.decode_rates else None
     figures = {
@@ -121,9 +135,12 @@ def bench_generate(cfg: Config, device: torch.device, s: GenerateBench, llamacpp
         "prompt_len": s.prompt_len,
         "new_tokens": n,
         "compile": not s.eager,
+        "decoding": decoding_path(s.eager),
         "hf_compile": s.hf_compile,
         "dtype": s.dtype,
     }
+    if step is not None:
+        figures["decode_step_profile"] = step
     if ours.decode_rates:
         figures["weight_gb_per_s"] = figures["weight_bytes_per_token"] * decode / 1e9
     if llamacpp is not None:

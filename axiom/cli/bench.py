@@ -3,7 +3,9 @@
 
 `--json` prints one object: tokens_per_s, mfu (null without a known peak: CPU), peak_mem_bytes (CUDA max
 allocated, or process peak RSS on CPU, taken before the reference model exists), achieved_tflops, per-round
-figures and versions; plus hf_tokens_per_s, ratio_vs_hf, hf_peak_mem_bytes and a parity check with --vs-hf.
+figures and versions; plus hf_tokens_per_s, ratio_vs_hf, hf_peak_mem_bytes and a parity check with --vs-hf. generate
+says which path it timed (`decoding`: eager by default on CPU, compiled on CUDA) and with --profile adds
+`decode_step_profile` (axiom/bench/decode_profile.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TypeVar
 import torch
 
 from axiom.bench import llamacpp
-from axiom.bench.generate import GenerateBench, bench_generate, check_generate, default_dtype
+from axiom.bench.generate import GenerateBench, bench_generate, check_generate, default_dtype, default_eager
 from axiom.bench.timing import Bench, versions
 from axiom.bench.train import TrainBench, bench_train
 from axiom.cli.args import add_config_arguments, add_device_argument, config_file, config_from_args, preset_of
@@ -38,22 +40,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--vs-hf", action="store_true", help="also time transformers.LlamaForCausalLM and compare")
         p.add_argument("--rounds", type=int, default=3, help="timed rounds per model, interleaved (default: 3)")
         p.add_argument("--seed", type=int, default=0, help="seed of the weights and synthetic token ids")
-        p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one of our runs")
+        p.add_argument(
+            "--profile",
+            action="store_true",
+            help="print a torch.profiler table of one of our runs (generate: of decoding steps, and where one step's "
+            "time goes: host, device waits, kernels and launches)",
+        )
         p.add_argument(
             "--threads", type=int, default=None, help="CPU threads of both models (default: torch's, one per core)"
         )
         p.add_argument("--json", action="store_true", help="print one JSON object")
     train.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: 2)")
     train.add_argument("--steps", type=int, default=3, help="timed optimizer steps per round (default: 3)")
+    _add_generate_arguments(gen)
+
+
+def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--warmup", type=int, default=1, help="untimed generate calls per model first (default: 1)")
     gen.add_argument("--batch", type=int, default=1, help="prompts decoded together (default: 1)")
     gen.add_argument("--prompt-len", type=int, default=32, help="prompt tokens, prefilled (default: 32)")
     gen.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
-    gen.add_argument(
+    path = gen.add_mutually_exclusive_group()
+    path.add_argument(
         "--eager",
         action="store_true",
-        help="decode with the dynamic cache in eager mode (`axiom generate`'s default) instead of the static cache "
-        "and the torch.compile'd step (CUDA graphs on GPU)",
+        help="decode with the dynamic cache in eager mode (`axiom generate`'s path; the default on CPU)",
+    )
+    path.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with the static cache and the torch.compile'd step, CUDA graphs on a GPU (the default on CUDA)",
     )
     gen.add_argument(
         "--hf-compile",
@@ -113,7 +129,8 @@ def settings(cls: type[T], args: argparse.Namespace, **given) -> T:
 
 def run_generate(cfg: Config, device: torch.device, args: argparse.Namespace) -> Bench:
     """bench generate, with llama.cpp where --vs-llamacpp finds it (one line on stderr where the default is absent)."""
-    s = settings(GenerateBench, args, dtype=args.dtype or default_dtype(device))
+    eager = args.eager or (not args.compile and default_eager(device))
+    s = settings(GenerateBench, args, dtype=args.dtype or default_dtype(device), eager=eager)
     check_generate(cfg.model, s)
     folder = llamacpp.find_llamacpp(args.llamacpp_dir) if args.vs_llamacpp else None
     if args.vs_llamacpp and folder is None:
@@ -127,6 +144,8 @@ def _print_human(r: dict) -> None:
     unit = "optimizer steps" if r["what"] == "train" else "generate calls"
     source = f"--preset {r['preset']}" + (f" --config {r['config']}" if "config" in r else "")
     print(f"axiom bench {r['what']} {source} on {r['device']} (torch {r['torch']}), rounds of {unit}")
+    if "decoding" in r:
+        print(f"  decoding      {r['decoding']}, {r['dtype']}, batch {r['batch']}")
     print(f"  axiom         {r['tokens_per_s']:>12,.0f} tokens/s   {r['achieved_tflops']:.4f} TFLOP/s", end="")
     print(f"   MFU {r['mfu']:.1%}" if r["mfu"] is not None else "   MFU n/a (no known peak)")
     if "hf_tokens_per_s" in r:
@@ -140,7 +159,22 @@ def _print_human(r: dict) -> None:
         print(f"  vs llama.cpp ({r['llamacpp']['gguf_type']}, {r['llamacpp']['threads']} threads), tokens/s:")
         for key, ratio in r["ratio_vs_llamacpp"].items():
             print(f"    {key:12s} ours {ours[key]:>10,.1f}   llama.cpp {theirs[key]:>10,.1f}   ratio {ratio:.2f}x")
+    if "decode_step_profile" in r:
+        _print_step_profile(r["decode_step_profile"])
     mem = r["peak_mem_bytes"]
     print(f"  peak memory   {mem / 2**20:>12,.0f} MiB" if mem is not None else "  peak memory   n/a")
     if r.get("hf_peak_mem_bytes") is not None:
         print(f"  hf peak mem   {r['hf_peak_mem_bytes'] / 2**20:>12,.0f} MiB")
+
+
+def _print_step_profile(p: dict) -> None:
+    print(
+        f"  decode step   {p['step_ms']:>12.3f} ms ({p['steps']} steps); profiled {p['profiled_step_ms']:.3f} ms: ",
+        end="",
+    )
+    print(f"{p['host_ms']:.3f} in ops, {p['wait_ms']:.3f} waiting for the device, {p['python_ms']:.3f} in Python")
+    if "kernels" in p:
+        print(
+            f"    on the device {p['kernel_ms']:.3f} ms in {p['kernels']:.0f} kernels, from {p['kernel_launches']:.0f} "
+            f"kernel launches and {p['graph_launches']:.0f} CUDA graph launches"
+        )

@@ -5,7 +5,8 @@ queue until a slot is free, is prefilled alone into its slot (its first token co
 decodes one token per `step()` together with every other running request; it leaves when it produces one of its
 stop ids, reaches its `max_new_tokens`, or is cancelled, and the next waiting request takes the slot at once.
 Each slot has its own fill level and positions (`KVCache`), so requests of any lengths, joined at any step, share
-one batched forward per token. Each request samples with its own parameters and its own `torch.Generator`. The
+one batched forward per token. Each request samples with its own parameters and seed, all rows in one batched
+pick on the device (axiom/infer/sampling.py) whose draws depend on a row's own seed and position only. The
 cache is allocated once: max_batch x max_len slots per layer for keys and values.
 
 Two ways to run a step:
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,57 +34,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from axiom.infer.sampling import RowSampling, greedy, pick
 from axiom.model.cache import KVCache
-from axiom.model.loss import row_blocks
 from axiom.model.transformer import Axiom
 from axiom.runtime import compile_cache_dir, persistent_compile_cache
-
-
-def logits_to_probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
-    """(B, V) logits -> (B, V) probabilities after temperature, top-k and nucleus (top-p) filtering."""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the most likely token always stays)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-def sample(
-    logits: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """(B, V) logits -> (B,) token ids; temperature 0 is greedy."""
-    if temperature <= 0:
-        return greedy(logits)
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def greedy(logits: Tensor) -> Tensor:
-    """(B, V) -> (B,) index of the first maximum, as `argmax`. On CPU `argmax` over 100k entries is a scalar loop;
-    the vectorised block maxima, then one block's argmax, give the same index in a third of the time
-    (docs/benchmarks.md, "What each optimisation changed")."""
-    B, V = logits.shape
-    blocks = row_blocks(V)
-    if logits.device.type != "cpu" or V % blocks:
-        return logits.argmax(dim=-1)
-    # Several rows of `output_logits` come as a transposed view (stride (1, B)): reducing along its rows strides
-    # through memory, far slower than one contiguous copy first.
-    grid = logits.contiguous().view(B, blocks, V // blocks)
-    block = grid.amax(dim=-1).argmax(dim=-1)  # (B,) first block holding the maximum
-    within = grid[torch.arange(B, device=logits.device), block].argmax(dim=-1)  # first position inside it
-    return block * (V // blocks) + within
 
 
 def decode_one(model: Axiom, ids: Tensor, cache: KVCache) -> Tensor:
@@ -105,10 +60,18 @@ def decode_greedy(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Te
     return greedy(logits), x
 
 
+def decode_sampled(model: Axiom, ids: Tensor, cache: KVCache, rows: RowSampling) -> tuple[Tensor, Tensor]:
+    """`decode_one_and_hidden` with each row's own pick (axiom/infer/sampling.py): (B,) next ids and the hidden
+    states. Its draws are numbered by the static cache's fill levels after the step: each row's text position of the
+    drawn token, as the eager pick numbers them."""
+    logits, x = decode_one_and_hidden(model, ids, cache)
+    return pick(logits, rows, cache.positions), x
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request decodes. temperature 0 is greedy; `seed` seeds the request's own generator (None: a
-    random seed); the request stops after any of `stop_ids` (kept in its tokens) or `max_new_tokens` tokens."""
+    """How one request decodes. temperature 0 is greedy; `seed` fixes the request's draws (None: a random
+    seed); the request stops after any of `stop_ids` (kept in its tokens) or `max_new_tokens` tokens."""
 
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -141,7 +104,7 @@ class Request:
     max_new_tokens: int  # params.max_new_tokens, capped so that the prompt and its tokens fit the cache
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    generator: torch.Generator | None = field(default=None, repr=False)
+    seed: int = 0  # of its draws: params.seed, or a random one
 
     @property
     def done(self) -> bool:
@@ -186,6 +149,7 @@ class Engine:
         # compiled once per machine: later engines and runs load the compiled steps from this folder
         self._compile_cache = compile_cache_dir() if compile else None
         self._views: dict[int, KVCache] = {}
+        self._sampling: tuple[tuple[int, ...], RowSampling] | None = None  # (key, parameters) of the rows last picked
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Request:
         """Queue a request; it joins the batch at the next `step()` with a free slot. ValueError for an empty
@@ -198,14 +162,8 @@ class Engine:
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under max_len={self.max_len}")
         budget = min(params.max_new_tokens, self.max_len - len(prompt))  # the text stays within max_len
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            if params.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(params.seed)
-        request = Request(next(self._ids), list(prompt), params, budget, generator=generator)
+        seed = secrets.randbits(63) if params.seed is None else params.seed
+        request = Request(next(self._ids), list(prompt), params, budget, seed=seed)
         self.waiting.append(request)
         return request
 
@@ -290,16 +248,17 @@ class Engine:
         ids = torch.tensor(last + [0] * (self.max_batch - n), device=self.device)
         if n < self.max_batch:
             self.cache.positions[n:].zero_()
-        greedy_only = all(r.params.temperature <= 0 for r in rows)
         if not self.compile:
             logits = decode_one(self.model, ids, self.cache)
-        else:
+        else:  # the pick inside the graph: only the ids leave it
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-            if greedy_only:  # the pick inside the graph: no logits leave it
+            if all(r.params.temperature <= 0 for r in rows):
                 picked = self._run_compiled(decode_greedy, self.model, ids, self.cache)[0]
-                self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
-                return picked[:n].tolist()
-            logits = self._run_compiled(decode_one_and_hidden, self.model, ids, self.cache)[0]
+            else:
+                sampling = self._row_sampling(rows, self.max_batch)
+                picked = self._run_compiled(decode_sampled, self.model, ids, self.cache, sampling)[0]
+            self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
+            return picked[:n].tolist()
         self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
         return self._pick(logits[:n], rows)
 
@@ -313,18 +272,18 @@ class Engine:
             return self._compiled[step](*args)
 
     def _pick(self, logits: Tensor, rows: list[Request]) -> list[int]:
-        """(n, V) logits -> the next token of each of the n requests, each with its own sampling parameters:
-        the greedy rows in one batched pick, the others one by one with their own generators."""
-        greedy_rows = [i for i, r in enumerate(rows) if r.params.temperature <= 0]
-        if len(greedy_rows) == len(rows):
+        """(n, V) logits -> the next token of each of the n requests, each with its own sampling parameters, in one
+        batched pick on the device; only the ids come back."""
+        if all(r.params.temperature <= 0 for r in rows):
             return greedy(logits).tolist()
-        out = [0] * len(rows)
-        if greedy_rows:
-            picked = greedy(logits[greedy_rows]).tolist()
-            for i, token in zip(greedy_rows, picked, strict=True):
-                out[i] = token
-        for i, r in enumerate(rows):
-            if r.params.temperature > 0:
-                p = r.params
-                out[i] = int(sample(logits[i : i + 1], p.temperature, p.top_k, p.top_p, r.generator))
-        return out
+        positions = torch.tensor([len(r.prompt) + len(r.tokens) for r in rows]).to(self.device)
+        return pick(logits, self._row_sampling(rows, len(rows)), positions).tolist()
+
+    def _row_sampling(self, rows: list[Request], size: int) -> RowSampling:
+        """The sampling parameters of `rows` on the device, padded with greedy rows to `size`; built again only when
+        the rows change, not every step."""
+        key = (size, *(r.id for r in rows))
+        if self._sampling is None or self._sampling[0] != key:
+            rows_on_device = RowSampling.of([r.params for r in rows], [r.seed for r in rows], size, self.device)
+            self._sampling = (key, rows_on_device)
+        return self._sampling[1]

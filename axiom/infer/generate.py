@@ -2,7 +2,7 @@
 
 How decoding works (axiom/infer/engine.py): each prompt becomes a request in an `Engine`, which prefills it alone into
 its own KV-cache slot and then decodes all running requests one token per step in one batched forward, each with
-its own sampling parameters and generator. `stream` submits every prompt, steps the engine and yields the new
+its own sampling parameters and seed. `stream` submits every prompt, steps the engine and yields the new
 tokens row by row in step; `generate` collects them. Without an `engine` argument each call builds its own
 (nothing is kept between calls); a caller that decodes repeatedly (a chat loop, a benchmark, a server) builds
 one `Engine` and passes it, so its cache and compiled steps are reused.
