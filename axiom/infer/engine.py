@@ -37,6 +37,13 @@ from axiom.model.loss import row_blocks
 from axiom.model.transformer import Axiom
 from axiom.runtime import compile_cache_dir, persistent_compile_cache
 
+# Temperatures above 0 and below this decode greedily. Dividing float32 logits by a smaller one overflows for
+# large logits (1e-45 rounds to a denormal, 1e-50 to 0: inf, then NaN), and at 1e-4 a lead of 0.01 in logits
+# already makes the runner-up e^-100 times as likely: sampling picks the greedy token anyway but for near-ties.
+MIN_TEMPERATURE = 1e-4
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+NON_FINITE = "the model's logits are not finite (NaN or inf) for this prompt"
+
 
 def logits_to_probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
     """(B, V) logits -> (B, V) probabilities after temperature, top-k and nucleus (top-p) filtering."""
@@ -47,8 +54,10 @@ def logits_to_probs(logits: Tensor, temperature: float, top_k: int | None, top_p
     probs = torch.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the most likely token always stays)
+        # keep the smallest prefix whose mass reaches top_p (the most likely token always stays, also when top_p
+        # rounds to 0 in float32: dropping every token left probabilities 0/0)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop[:, 0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)
@@ -62,8 +71,8 @@ def sample(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """(B, V) logits -> (B,) token ids; temperature 0 is greedy."""
-    if temperature <= 0:
+    """(B, V) logits -> (B,) token ids; a temperature below MIN_TEMPERATURE (0 included) is greedy."""
+    if temperature < MIN_TEMPERATURE:
         return greedy(logits)
     probs = logits_to_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -107,8 +116,9 @@ def decode_greedy(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Te
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request decodes. temperature 0 is greedy; `seed` seeds the request's own generator (None: a
-    random seed); the request stops after any of `stop_ids` (kept in its tokens) or `max_new_tokens` tokens."""
+    """How one request decodes. temperature 0 (or any below MIN_TEMPERATURE) is greedy; `seed` seeds the request's
+    own generator (None: a random seed); the request stops after any of `stop_ids` (kept in its tokens) or
+    `max_new_tokens` tokens."""
 
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -121,19 +131,26 @@ class SamplingParams:
         """The first parameter out of range as (field name, what is wrong), or None."""
         if self.max_new_tokens <= 0:
             return "max_new_tokens", "must be at least 1"
-        if math.isnan(self.temperature) or self.temperature < 0:
-            return "temperature", "must be 0 (greedy) or positive"
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            return "temperature", "must be 0 (greedy) or a positive finite number"
         if self.top_k is not None and self.top_k <= 0:
             return "top_k", "must be at least 1"
         if self.top_p is not None and not 0 < self.top_p <= 1:
             return "top_p", "must lie in (0, 1]"
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            return "seed", "must fit in 64 bits (-2**63 to 2**64 - 1)"
         return None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass(eq=False)
 class Request:
     """One prompt's decoding: its new `tokens` so far, and once finished a `finish_reason`: "stop" (a stop id,
-    kept as the last token), "length" (max_new_tokens, or the cache's max_len), or "cancelled"."""
+    kept as the last token), "length" (max_new_tokens, or the cache's max_len), "cancelled", or "error" (its
+    prefill or its row of a step failed, e.g. non-finite logits: `error` says why)."""
 
     id: int
     prompt: list[int]
@@ -141,6 +158,7 @@ class Request:
     max_new_tokens: int  # params.max_new_tokens, capped so that the prompt and its tokens fit the cache
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None
     generator: torch.Generator | None = field(default=None, repr=False)
 
     @property
@@ -199,7 +217,7 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under max_len={self.max_len}")
         budget = min(params.max_new_tokens, self.max_len - len(prompt))  # the text stays within max_len
         generator = None
-        if params.temperature > 0:
+        if not params.greedy:
             generator = torch.Generator(device=self.device)
             if params.seed is None:
                 generator.seed()
@@ -223,30 +241,52 @@ class Engine:
         return bool(self.running or self.waiting)
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Request, int]]:
+    def step(self) -> list[tuple[Request, int | None]]:
         """One token for every running request, then prefill waiting requests into the free slots (each gets its
-        first token); finished requests leave. Returns the (request, token) pairs produced, in order."""
-        produced: list[tuple[Request, int]] = []
+        first token); finished requests leave. Returns the (request, token) pairs produced, in order, and
+        (request, None) for a request that failed in this step (its prefill raised, or its logits were not
+        finite): it alone leaves, with finish_reason "error" and its `error`; the other rows go on unchanged."""
+        produced: list[tuple[Request, int | None]] = []
         if self.running:
             last = [r.tokens[-1] for r in self.running]
             for request, token in zip(list(self.running), self._decode(last), strict=True):
-                produced.append((request, token))
-                self._append(request, token)
+                self._record(request, token, produced)
         while self.waiting and len(self.running) < self.max_batch:
             request = self.waiting.popleft()
             self.running.append(request)
-            row = len(self.running) - 1
-            view = self.cache.rows(row, 1)
-            view.lengths = [0]
-            if self.static:
-                view.positions.zero_()
-            ids = torch.tensor([request.prompt], device=self.device)
-            logits = self.model(ids, cache=view, last_only=True)[:, -1]
-            self.cache.lengths[row] = len(request.prompt)
-            token = self._pick(logits, [request])[0]
-            produced.append((request, token))
-            self._append(request, token)
+            self._record(request, self._prefill(request), produced)
         return produced
+
+    def _prefill(self, request: Request) -> int | None:
+        """Fill the newest running row with `request`'s prompt; its first token, or None if that failed."""
+        row = len(self.running) - 1
+        view = self.cache.rows(row, 1)
+        view.lengths = [0]
+        if self.static:
+            view.positions.zero_()
+        try:
+            logits = self.model(torch.tensor([request.prompt], device=self.device), cache=view, last_only=True)
+        except Exception as e:  # e.g. out of memory for one long prompt: that request fails, not the batch
+            request.error = f"its prefill failed ({type(e).__name__}: {e})"
+            return None
+        self.cache.lengths[row] = len(request.prompt)
+        return self._pick(logits[:, -1], [request])[0]
+
+    def _record(self, request: Request, token: int | None, produced: list[tuple[Request, int | None]]) -> None:
+        produced.append((request, token))
+        if token is None:
+            self._fail(request)
+        else:
+            self._append(request, token)
+
+    def _fail(self, request: Request) -> None:
+        """End a request whose row failed and free the row, zeroed first: a masked slot still meets a zero
+        attention weight, and 0 * NaN is NaN, so NaN keys left behind would spoil the row's next request."""
+        row = self.running.index(request)
+        for t in (*self.cache.keys, *self.cache.values):
+            t[row].zero_()
+        request.finish_reason = "error"
+        self._leave(row)
 
     def _append(self, request: Request, token: int) -> None:
         """Record a new token; a finished request leaves its slot."""
@@ -274,8 +314,9 @@ class Engine:
         self.running.pop()
         self.cache.lengths[last] = 0
 
-    def _decode(self, last: list[int]) -> list[int]:
-        """One batched decoding step of the running requests (rows 0..n-1) from their newest tokens."""
+    def _decode(self, last: list[int]) -> list[int | None]:
+        """One batched decoding step of the running requests (rows 0..n-1) from their newest tokens; None for a
+        row that failed (see `_pick`)."""
         n = len(self.running)
         rows = self.running
         if not self.static:
@@ -290,15 +331,15 @@ class Engine:
         ids = torch.tensor(last + [0] * (self.max_batch - n), device=self.device)
         if n < self.max_batch:
             self.cache.positions[n:].zero_()
-        greedy_only = all(r.params.temperature <= 0 for r in rows)
+        greedy_only = all(r.params.greedy for r in rows)
         if not self.compile:
             logits = decode_one(self.model, ids, self.cache)
         else:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-            if greedy_only:  # the pick inside the graph: no logits leave it
-                picked = self._run_compiled(decode_greedy, self.model, ids, self.cache)[0]
+            if greedy_only:  # the pick inside the graph: no logits leave it, so the hidden states are checked
+                picked, x = self._run_compiled(decode_greedy, self.model, ids, self.cache)
                 self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
-                return picked[:n].tolist()
+                return _failed_rows(picked[:n], torch.isfinite(x[:n]).all(dim=-1)[:, 0], rows)
             logits = self._run_compiled(decode_one_and_hidden, self.model, ids, self.cache)[0]
         self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
         return self._pick(logits[:n], rows)
@@ -312,19 +353,44 @@ class Engine:
         with persistent_compile_cache(self._compile_cache):
             return self._compiled[step](*args)
 
-    def _pick(self, logits: Tensor, rows: list[Request]) -> list[int]:
+    def _pick(self, logits: Tensor, rows: list[Request]) -> list[int | None]:
         """(n, V) logits -> the next token of each of the n requests, each with its own sampling parameters:
-        the greedy rows in one batched pick, the others one by one with their own generators."""
-        greedy_rows = [i for i, r in enumerate(rows) if r.params.temperature <= 0]
+        the greedy rows in one batched pick, the others one by one with their own generators. A row whose logits
+        have no finite maximum (NaN, inf: a model that overflows on some input) gets None: its argmax would be
+        noise, and sampling it would raise (on a GPU, a device-side assert that no later step survives)."""
+        greedy_rows = [i for i, r in enumerate(rows) if r.params.greedy]
         if len(greedy_rows) == len(rows):
-            return greedy(logits).tolist()
-        out = [0] * len(rows)
+            picked = greedy(logits)
+            return _failed_rows(picked, torch.isfinite(logits.gather(1, picked[:, None])[:, 0]), rows)
+        out: list[int | None] = [None] * len(rows)
         if greedy_rows:
-            picked = greedy(logits[greedy_rows]).tolist()
-            for i, token in zip(greedy_rows, picked, strict=True):
+            out_greedy = self._pick(logits[greedy_rows], [rows[i] for i in greedy_rows])
+            for i, token in zip(greedy_rows, out_greedy, strict=True):
                 out[i] = token
         for i, r in enumerate(rows):
-            if r.params.temperature > 0:
-                p = r.params
-                out[i] = int(sample(logits[i : i + 1], p.temperature, p.top_k, p.top_p, r.generator))
+            if not r.params.greedy:
+                out[i] = _sample_row(logits[i : i + 1], r)
         return out
+
+
+def _sample_row(logits: Tensor, request: Request) -> int | None:
+    """The next token of one sampled request from its (1, V) logits, or None (and its `error`) when they have
+    no finite maximum after the temperature, or sampling fails all the same."""
+    p = request.params
+    if not torch.isfinite(logits.amax().float() / p.temperature):  # as logits_to_probs divides: in float32
+        request.error = NON_FINITE
+        return None
+    try:
+        return int(sample(logits, p.temperature, p.top_k, p.top_p, request.generator))
+    except RuntimeError as e:  # a case the checks above missed fails this request alone, not the batch
+        request.error = f"sampling failed ({e})"
+        return None
+
+
+def _failed_rows(picked: Tensor, finite: Tensor, rows: list[Request]) -> list[int | None]:
+    """The picked (n,) ids as a list, None (and an `error` on its request) where `finite` is False; one sync."""
+    tokens = torch.where(finite, picked, -1).tolist()
+    for token, request in zip(tokens, rows, strict=True):
+        if token < 0:
+            request.error = NON_FINITE
+    return [None if token < 0 else token for token in tokens]

@@ -160,7 +160,12 @@ class Service:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, tuple[int, str | None]]]] = {}
         for request, token in produced:
             job = self._jobs[request.id]
-            by_loop.setdefault(job.loop, []).append((job, (token, request.finish_reason)))
+            if token is None:  # this request alone failed and left the batch
+                log.warning("request %d failed: %s", request.id, request.error)
+                event = ApiError(500, f"decoding failed: {request.error}")
+            else:
+                event = (token, request.finish_reason)
+            by_loop.setdefault(job.loop, []).append((job, event))
             if request.done:
                 self._finish(job)
         for loop, events in by_loop.items():
