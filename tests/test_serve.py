@@ -706,3 +706,18 @@ def test_the_model_is_named_after_its_checkpoint_not_its_path(server, ckpt, tmp_
     assert model_name(str(run / "checkpoints" / "step_000400")) == "axiom-380m-step_000400"
     assert model_name(str(tmp_path / "link")) == "axiom-380m-step_000400"
     assert model_name(str(run / "checkpoints" / "best") + "/") == "axiom-380m-best"
+
+
+@pytest.mark.slow
+def test_load_with_hostile_requests_mixed_in(ckpt):
+    """scripts/load_test.py, bounded: 4 clients stream greedy completions while 26 hostile requests (two of each
+    kind) arrive beside them; every stream gives its prompt's text decoded alone, every hostile request its own
+    answer (the script exits 1 otherwise)."""
+    cmd = [sys.executable, "scripts/load_test.py", "--ckpt", str(ckpt), "--concurrency", "4", "--requests", "6"]
+    cmd += ["--max-tokens", "16", "--rounds", "1", "--hostile", "26", "--no-baseline", "--json"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    (level,) = report["levels"]
+    assert report["hostile_per_level"] == 26 and report["min_greedy_margin"] > 1e-5
+    assert level["servers"]["batched"]["completed"] == 24 and level["servers"]["batched"]["errors"] == 0
