@@ -657,8 +657,8 @@ def test_messages_are_bounded_before_they_are_tokenized():
 
 
 def test_request_checking_runs_off_the_event_loop(ckpt, monkeypatch):
-    """Parsing and tokenizing a large body take a while (~0.1 s a MiB); on the event loop they held up every
-    stream and /health. Here checking a request takes 3 s, and /health still answers at once meanwhile."""
+    """Parsing and tokenizing a large body take a while; on the event loop they held up every stream and /health.
+    Here checking a request takes 3 s, and /health still answers at once meanwhile."""
     import uvicorn
 
     import axiom.infer.serve as serve
