@@ -414,9 +414,20 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(ckpt, tmp_path):
     s.proc.stdout.close()
 
 
+async def job_events(service, job) -> list:
+    """Submit `job` to an in-process Service and collect its events: (token, finish_reason) pairs up to the last,
+    or one ApiError."""
+    from axiom.infer.openai_api import ApiError
+
+    service.submit(job)
+    events = [await job.events.get()]
+    while not isinstance(events[-1], ApiError) and events[-1][1] is None:
+        events.append(await job.events.get())
+    return events
+
+
 def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_starts_afresh(ckpt):
     from axiom.infer.engine import SamplingParams
-    from axiom.infer.openai_api import ApiError
     from axiom.infer.serve import Job, Service
 
     model = load_model(ckpt)[0].eval()
@@ -425,17 +436,10 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_starts_afres
     broken.step = lambda: 1 / 0
     service.start()
 
-    async def run(job: Job) -> list:
-        service.submit(job)
-        events = [await job.events.get()]
-        while not isinstance(events[-1], ApiError) and events[-1][1] is None:
-            events.append(await job.events.get())
-        return events
-
     async def main() -> tuple[list, list]:
         loop = asyncio.get_running_loop()
-        failed = await run(Job([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0), loop))
-        served = await run(Job([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0), loop))
+        failed = await job_events(service, Job([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0), loop))
+        served = await job_events(service, Job([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0), loop))
         return failed, served
 
     failed, served = asyncio.run(main())
@@ -473,7 +477,6 @@ def test_a_row_that_fails_fails_its_request_alone(ckpt):
     stream beside it decodes on in the same engine and gives the tokens it gives alone. (A failing step, above,
     still restarts the engine: it cannot be pinned on one row.)"""
     from axiom.infer.engine import SamplingParams
-    from axiom.infer.openai_api import ApiError
     from axiom.infer.serve import Job, Service
 
     model = load_model(ckpt)[0].eval()
@@ -486,19 +489,12 @@ def test_a_row_that_fails_fails_its_request_alone(ckpt):
     engine = service.engine
     service.start()
 
-    async def run(job: Job) -> list:
-        service.submit(job)
-        events = [await job.events.get()]
-        while not isinstance(events[-1], ApiError) and events[-1][1] is None:
-            events.append(await job.events.get())
-        return events
-
     async def main() -> tuple[list, list, list]:
         loop = asyncio.get_running_loop()
-        normal = asyncio.ensure_future(run(Job(normal_prompt, SamplingParams(40, temperature=0), loop)))
+        normal = asyncio.ensure_future(job_events(service, Job(normal_prompt, SamplingParams(40, temperature=0), loop)))
         await asyncio.sleep(0.05)  # the normal request is decoding when the others join its batch
-        sampled = await run(Job([7, poison, 8], SamplingParams(40, temperature=0.9, seed=1), loop))
-        greedy = await run(Job([poison], SamplingParams(40, temperature=0), loop))
+        sampled = await job_events(service, Job([7, poison, 8], SamplingParams(40, temperature=0.9, seed=1), loop))
+        greedy = await job_events(service, Job([poison], SamplingParams(40, temperature=0), loop))
         return await normal, sampled, greedy
 
     normal, *failed = asyncio.run(main())
