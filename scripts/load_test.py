@@ -222,7 +222,7 @@ def completion_body(**fields) -> bytes:
 
 
 # (what, how to send it, the status it must get)
-HOSTILE: list[tuple[str, Callable[[int], int], int]] = [
+HOSTILE: tuple[tuple[str, Callable[[int], int], int], ...] = (
     ("temperature 1e-45", lambda port: post_raw(port, completion_body(temperature=1e-45)), 200),
     ("temperature Infinity", lambda port: post_raw(port, completion_body()[:-1] + b', "temperature": Infinity}'), 400),
     ("seed 2**64", lambda port: post_raw(port, completion_body(temperature=1, seed=2**64)), 400),
@@ -240,7 +240,7 @@ HOSTILE: list[tuple[str, Callable[[int], int], int]] = [
     ("5 stop strings", lambda port: post_raw(port, completion_body(stop=["a", "b", "c", "d", "e"])), 400),
     ("logit_bias", lambda port: post_raw(port, completion_body(logit_bias={"1": 100})), 400),
     ("a stream dropped after its first token", drop_mid_stream, 200),
-]
+)
 
 
 def hostile(port: int, n: int) -> list[str]:

@@ -654,7 +654,8 @@ def test_messages_are_bounded_before_they_are_tokenized():
 
 def test_request_checking_runs_off_the_event_loop(ckpt, monkeypatch):
     """Parsing and tokenizing a large body take a while; on the event loop they held up every stream and /health.
-    Here checking a request takes 3 s, and /health still answers at once meanwhile."""
+    Here checking a 1 MiB prompt (legal in size, too long for the context) takes 3 s more, and /health still answers
+    at once meanwhile."""
     import uvicorn
 
     import axiom.infer.serve as serve
@@ -674,7 +675,9 @@ def test_request_checking_runs_off_the_event_loop(ckpt, monkeypatch):
     service.start()
     thread.start()
     try:
-        slow = threading.Thread(target=post_raw, args=(port, json.dumps({"model": "m", "prompt": "hi"})))
+        answers = []
+        big = json.dumps({"model": "m", "prompt": "word " * 200_000})
+        slow = threading.Thread(target=lambda: answers.append(post_raw(port, big)))
         wait_for(lambda: server.started)
         slow.start()
         time.sleep(0.5)  # the slow request is being checked
@@ -683,6 +686,8 @@ def test_request_checking_runs_off_the_event_loop(ckpt, monkeypatch):
         conn.request("GET", "/health")
         assert conn.getresponse().status == 200 and time.monotonic() - start < 1.5
         slow.join()
+        ((status, data),) = answers
+        assert status == 400 and json.loads(data)["error"]["code"] == "context_length_exceeded"
     finally:
         server.should_exit = True
         thread.join()

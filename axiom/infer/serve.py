@@ -8,8 +8,9 @@ One thread owns the `Engine` (axiom/infer/engine.py) and does all decoding; hand
 inbox (submit, cancel) and receive tokens on their own asyncio queue. At most `max_batch` requests decode at once
 and `max_queue` more wait; beyond that a request is answered 503 at once. A client that disconnects cancels its
 request at the next token boundary, freeing its slot. Errors are JSON in the OpenAI shape (axiom/infer/openai_api.py),
-and nothing a client sends can stop the server: a failing step fails the requests in flight (500) and the engine
-starts afresh.
+and nothing a client sends can stop the server: a body is read up to MAX_BODY_BYTES and checked in a thread (off the
+event loop every stream waits on); a request whose own row fails gets a 500 alone while the others decode on; a step
+that fails as a whole fails the requests in flight (500) and the engine starts afresh.
 
 This module imports Starlette (the `serve` extra); `axiom serve` imports it only when the server starts.
 """
