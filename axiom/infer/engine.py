@@ -132,7 +132,7 @@ class SamplingParams:
         if self.max_new_tokens <= 0:
             return "max_new_tokens", "must be at least 1"
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            return "temperature", "must be 0 (greedy) or a positive finite number"
+            return "temperature", "must be 0 (greedy) or positive and finite"
         if self.top_k is not None and self.top_k <= 0:
             return "top_k", "must be at least 1"
         if self.top_p is not None and not 0 < self.top_p <= 1:
