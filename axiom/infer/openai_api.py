@@ -23,16 +23,14 @@ MAX_STOP_CHARS = 256
 MAX_INT_DIGITS = 32  # 2**64, the largest seed, has 20
 MIN_TOKENS_PER_MESSAGE = 4  # <|im_start|>, role and content (at least one token), <|im_end|>, "\n"
 
-# The fields each endpoint reads; "user" (and for chat "metadata", "store", "service_tier", "parallel_tool_calls")
-# change nothing in the answer and are accepted as OpenAI's clients send them.
-SAMPLING_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options")
-FIELDS = {
-    False: frozenset({*SAMPLING_FIELDS, "prompt", "user"}),
-    True: frozenset(
-        {*SAMPLING_FIELDS, "messages", "max_completion_tokens", "user", "metadata", "store", "service_tier"}
-        | {"parallel_tool_calls"}
-    ),
-}
+# The fields each endpoint reads. "user", and for chat "metadata", "store", "service_tier" and
+# "parallel_tool_calls", change nothing in the answer: accepted, as OpenAI's clients send them.
+COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options")
+COMPLETION_FIELDS = frozenset({*COMMON_FIELDS, "prompt", "user"})
+CHAT_FIELDS = frozenset(
+    {*COMMON_FIELDS, "messages", "max_completion_tokens", "user", "metadata", "store", "service_tier"}
+    | {"parallel_tool_calls"}
+)
 # Fields that would change the answer, which axiom serve does not implement: refused unless they hold a value
 # that changes nothing (null always does).
 NEUTRAL = {
@@ -171,8 +169,9 @@ def _check_model(body: dict, model: ServedModel) -> None:
 def _check_fields(body: dict, chat: bool) -> None:
     """Every field is one this endpoint reads, or one that would change the answer holding a value that does
     not: nothing a client asks for is ignored silently."""
+    fields = CHAT_FIELDS if chat else COMPLETION_FIELDS
     for name, value in body.items():
-        if name in FIELDS[chat] or value is None:
+        if name in fields or value is None:
             continue
         if name in NEUTRAL:
             if not any(_same(value, neutral) for neutral in NEUTRAL[name]):
@@ -180,7 +179,7 @@ def _check_fields(body: dict, chat: bool) -> None:
                 raise ApiError(400, f"{name}: not supported by axiom serve (leave it out, or {allowed})", name)
             continue
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
-        known = ", ".join(sorted(FIELDS[chat]))
+        known = ", ".join(sorted(fields))
         message = f"unrecognized request argument {name[:100]!r}; {endpoint} takes {known}"
         raise ApiError(400, message, name[:100], "unknown_field")
 
