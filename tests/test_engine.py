@@ -4,6 +4,8 @@ generators on one model share nothing."""
 
 from dataclasses import replace
 
+import copy
+
 import pytest
 import torch
 from conftest import DEVICES
@@ -238,3 +240,49 @@ def test_compiled_engine_with_requests_joining_and_leaving(model):
     while engine.has_work():
         engine.step()
     assert [r.tokens for r in requests] == expected
+
+
+def test_temperatures_the_maths_cannot_take_are_greedy_or_refused(model):
+    # Dividing float32 logits by 1e-45 (a denormal) gave inf, then NaN probabilities, and the step raised.
+    for tiny in (1e-45, 1e-50, 1e-5):
+        assert alone(model, PROMPTS[0], SamplingParams(max_new_tokens=12, temperature=tiny, seed=1)) == alone(
+            model, PROMPTS[0]
+        )
+    assert SamplingParams(temperature=1e-4).greedy is False and SamplingParams(temperature=0).greedy is True
+    for bad, name in [
+        (SamplingParams(temperature=float("inf")), "temperature"),
+        (SamplingParams(seed=2**64), "seed"),
+        (SamplingParams(seed=-(2**63) - 1), "seed"),
+    ]:
+        assert bad.problem()[0] == name
+    assert SamplingParams(seed=2**64 - 1).problem() is None and SamplingParams(seed=-(2**63)).problem() is None
+
+
+def poisoned(model, token: int):
+    """A copy of `model` whose embedding of `token` is NaN: a request that reads it gets NaN logits in its own row
+    (as a model that overflows on some input does), and no other row can."""
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.embed.weight[token] = float("nan")
+    return bad
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_failing_row_leaves_alone_and_the_others_decode_as_alone(model, static):
+    clean = [alone(model, p) for p in PROMPTS]
+    # a token the first prompt generates at its third step and no other prompt reads or generates
+    others = {t for p, c in zip(PROMPTS[1:], clean[1:], strict=True) for t in p + c}
+    poison = next(t for t in clean[0][2:] if t not in others and t not in PROMPTS[0])
+    engine = Engine(poisoned(model, poison), max_batch=3, static=static)
+    victim = engine.submit(PROMPTS[0], GREEDY)  # fails mid-batch, when its step reads the poison
+    sampled = engine.submit([poison, *PROMPTS[1]], SamplingParams(max_new_tokens=12, temperature=0.9, seed=1))
+    requests = [engine.submit(p, GREEDY) for p in PROMPTS[1:]]  # those beyond 3 wait, then take freed rows
+    failed = []
+    while engine.has_work():
+        failed += [request for request, token in engine.step() if token is None]
+    assert failed == [sampled, victim]  # the sampled one at its prefill, the greedy one when its step reads it
+    assert victim.tokens == clean[0][: clean[0].index(poison) + 1] and sampled.tokens == []
+    assert all(r.finish_reason == "error" and "not finite" in r.error for r in failed)
+    # the others, including those that took the failed rows (zeroed: no NaN left in a masked slot), as alone
+    assert [r.tokens for r in requests] == clean[1:]
+    assert all(r.finish_reason == "length" and r.error is None for r in requests)

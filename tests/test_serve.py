@@ -77,7 +77,7 @@ class Server:
             raise RuntimeError(f"axiom serve did not start: {first!r} {log.read_text()[-2000:]}")
         self.url = first.split(" on ")[1].split()[0]  # http://127.0.0.1:PORT/v1
         self.port = int(self.url.split(":")[2].split("/")[0])
-        self.name = str(ckpt)
+        self.name = first.removeprefix("axiom serve: ").split(" on http://")[0]
         self.client = openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=60)
 
     def http(self, method: str, path: str, body: bytes | str | None = None) -> tuple[int, dict]:
@@ -297,11 +297,28 @@ def test_a_chat_reply_ends_where_the_model_starts_another_turn(tmp_path):
         ({"prompt": "hi", "seed": 2**64}, 400, "seed", None),
         ({"prompt": "hi", "stream_options": {"include_usage": 1}}, 400, "include_usage", None),
         ({"prompt": "hi " * 5000}, 400, "prompt", "context_length_exceeded"),
+        # malformed beyond a wrong field: each was a 500 with a traceback in the log, or a value ignored
+        (b"[" * 100_000 + b"]" * 100_000, 400, None, "invalid_json"),  # RecursionError
+        (b'{"model": "m", "max_tokens": ' + b"9" * 5000 + b"}", 400, None, "invalid_json"),  # int() refuses
+        (b'{"model": "m", "seed": -' + b"9" * 5000 + b"}", 400, None, "invalid_json"),
+        (b'{"model": "\xff\xfe", "prompt": "hi"}', 400, None, "invalid_json"),
+        (b'{"model": "m", "prompt": "\xc3\x28"}', 400, None, "invalid_json"),  # not UTF-8
+        (b'{"model": "m", "prompt": "hi", "temperature": NaN}', 400, None, "invalid_json"),
+        (b'"a string"', 400, None, None),
+        (b"null", 400, None, None),
+        ({"prompt": "hi", "temperature": 10**400}, 400, None, "invalid_json"),  # was an OverflowError in float()
+        (b'{"model": "MODEL", "prompt": "hi", "temperature": 1e400}', 400, "temperature", None),  # read as inf
+        ({"prompt": "hi", "stop": ["a"] * 5}, 400, "stop", None),
+        ({"prompt": "hi", "stop": "x" * 257}, 400, "stop", None),
+        ({"prompt": "hi", "temprature": 0}, 400, "temprature", "unknown_field"),  # a typo is not ignored
+        ({"prompt": "hi", "messages": []}, 400, "messages", "unknown_field"),  # a chat field on completions
     ],
 )
 def test_bad_requests_get_openai_errors_and_the_server_lives_on(server, body, status, param, code):
     if isinstance(body, dict):
         body = json.dumps({"model": server.name, **body})
+    else:
+        body = body.replace(b"MODEL", server.name.encode())
     got_status, got = server.http("POST", "/v1/completions", body)
     assert got_status == status
     assert set(got) == {"error"} and set(got["error"]) == {"message", "type", "param", "code"}
@@ -397,9 +414,20 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(ckpt, tmp_path):
     s.proc.stdout.close()
 
 
+async def job_events(service, job) -> list:
+    """Submit `job` to an in-process Service and collect its events: (token, finish_reason) pairs up to the last,
+    or one ApiError."""
+    from axiom.infer.openai_api import ApiError
+
+    service.submit(job)
+    events = [await job.events.get()]
+    while not isinstance(events[-1], ApiError) and events[-1][1] is None:
+        events.append(await job.events.get())
+    return events
+
+
 def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_starts_afresh(ckpt):
     from axiom.infer.engine import SamplingParams
-    from axiom.infer.openai_api import ApiError
     from axiom.infer.serve import Job, Service
 
     model = load_model(ckpt)[0].eval()
@@ -408,17 +436,10 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_starts_afres
     broken.step = lambda: 1 / 0
     service.start()
 
-    async def run(job: Job) -> list:
-        service.submit(job)
-        events = [await job.events.get()]
-        while not isinstance(events[-1], ApiError) and events[-1][1] is None:
-            events.append(await job.events.get())
-        return events
-
     async def main() -> tuple[list, list]:
         loop = asyncio.get_running_loop()
-        failed = await run(Job([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0), loop))
-        served = await run(Job([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0), loop))
+        failed = await job_events(service, Job([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0), loop))
+        served = await job_events(service, Job([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0), loop))
         return failed, served
 
     failed, served = asyncio.run(main())
@@ -435,8 +456,269 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
         (["--ckpt", str(tmp_path), "--port", "0"], "checkpoint: "),
         (["--ckpt", str(tmp_path), "--port", port], f"--host 127.0.0.1 --port {port}: cannot listen"),
         (["--ckpt", str(tmp_path), "--max-batch", "0"], "--max-batch 0: must be at least 1"),
+        # each was a traceback (OverflowError from bind) or argparse's usage block
+        (["--ckpt", str(tmp_path), "--port", "70000"], "--port 70000: expected a port number from 0 to 65535"),
+        (["--ckpt", str(tmp_path), "--port=-1"], "--port -1: expected a port number"),
+        (["--ckpt", str(tmp_path), "--port", "http"], "--port http: expected a port number"),
+        (["--ckpt", str(tmp_path), "--host", "", "--port", "0"], "--host '': empty"),
+        (["--ckpt", str(tmp_path), "--host", "no such host.invalid", "--port", "0"], "--host no such host.invalid"),
+        (["--ckpt", str(tmp_path), "--host", "127.0.0.1\x00", "--port", "0"], "--host '127.0.0.1\\x00' --port 0"),
+        (["--ckpt", str(tmp_path), "--port", "9" * 5000], "--port 999"),
+        (["--ckpt", str(tmp_path), "--host", "localhost:8000", "--port", "0"], "--host localhost:8000"),
     ]:
         assert main(["serve", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"axiom serve: error: {message}") and err.count("\n") == 1
     busy.close()
+
+
+def test_a_row_that_fails_fails_its_request_alone(ckpt):
+    """Non-finite logits in one row (here a NaN embedding that one prompt reads) fail that request with a 500; the
+    stream beside it decodes on in the same engine and gives the tokens it gives alone. (A failing step, above,
+    still restarts the engine: it cannot be pinned on one row.)"""
+    from axiom.infer.engine import SamplingParams
+    from axiom.infer.serve import Job, Service
+
+    model = load_model(ckpt)[0].eval()
+    normal_prompt, poison = [1, 2, 3], 50000
+    expected = generate(model, [normal_prompt], 40, temperature=0)[0]
+    assert poison not in normal_prompt + expected
+    with torch.no_grad():
+        model.embed.weight[poison] = float("nan")
+    service = Service(model, "m", False, max_batch=4, max_queue=0, compile=False)
+    engine = service.engine
+    service.start()
+
+    async def main() -> tuple[list, list, list]:
+        loop = asyncio.get_running_loop()
+        normal = asyncio.ensure_future(job_events(service, Job(normal_prompt, SamplingParams(40, temperature=0), loop)))
+        await asyncio.sleep(0.05)  # the normal request is decoding when the others join its batch
+        sampled = await job_events(service, Job([7, poison, 8], SamplingParams(40, temperature=0.9, seed=1), loop))
+        greedy = await job_events(service, Job([poison], SamplingParams(40, temperature=0), loop))
+        return await normal, sampled, greedy
+
+    normal, *failed = asyncio.run(main())
+    service.stop()
+    assert all(len(f) == 1 and f[0].status == 500 and "not finite" in f[0].message for f in failed)
+    assert [t for t, _ in normal] == expected and normal[-1][1] == "length"
+    assert service.engine is engine and service.stats()["accepted"] == 0  # no restart
+
+
+def read_events(reader) -> tuple[str, list[dict]]:
+    """The text and the events of a raw completion stream, read to its end."""
+    events = [e.strip() for e in reader.read().split(b"\n\n") if e.strip()]
+    assert events[-1] == b"data: [DONE]"
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
+    return "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")), chunks
+
+
+HOSTILE_NUMBERS = [  # numbers that pass as JSON numbers but break the maths, or are not JSON numbers at all
+    ('"temperature": 1e-45', 200),  # greedy: below the floor (was inf / NaN probabilities and a failed step)
+    ('"temperature": 1e-50, "stream": true', 200),
+    ('"temperature": 1e400', 400),  # Python reads it as inf
+    ('"temperature": Infinity', 400),  # not JSON
+    ('"temperature": NaN', 400),
+    ('"temperature": -0.0', 200),
+    ('"temperature": 1e300', 200),  # finite: a uniform draw
+    ('"seed": 18446744073709551615, "temperature": 1', 200),
+    ('"seed": -9223372036854775808, "temperature": 1', 200),
+    ('"seed": 18446744073709551616, "temperature": 1', 400),
+    ('"top_p": 1e-300, "temperature": 1', 200),
+    ('"top_k": 1000000000000000000000000000000, "temperature": 1', 200),
+    ('"max_tokens": ' + "9" * 5000, 400),
+    ('"seed": ' + "9" * 5000, 400),
+    ('"temperature": ' + "9" * 400, 400),  # an integer no float can hold
+]
+
+
+def post_raw(port: int, body: bytes | str, headers: dict | None = None) -> tuple[int, bytes]:
+    """POST /v1/completions as given (no JSON round trip): the status and the raw answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/completions", body=body, headers=headers or {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    status, data = response.status, response.read()
+    conn.close()
+    return status, data
+
+
+def test_hostile_numbers_beside_a_normal_stream(server):
+    """A normal stream decodes while every hostile request above is answered: its text equals what it gives alone,
+    and each hostile request gets its answer (greedy, a seeded draw, or a 400), never a 500."""
+    normal = {"model": server.name, "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0}
+    alone = server.client.completions.create(**normal).choices[0].text
+    sock, reader = raw_stream(server.port, normal, wait=False)
+    assert b" 200 " in reader.readline()
+    while reader.readline().strip():  # the headers
+        pass
+    first = json.loads(reader.readline().removeprefix(b"data: "))  # the first token's event: it is decoding
+    for fields, status in HOSTILE_NUMBERS:  # a later "max_tokens" replaces the first
+        got, data = post_raw(server.port, f'{{"model": "{server.name}", "prompt": "Hello", "max_tokens": 8, {fields}}}')
+        assert got == status, (fields, data[:300])
+        if status == 400:
+            assert json.loads(data)["error"]["type"] == "invalid_request_error"
+    assert server.http("GET", "/health")[1]["running"] == 1  # the normal stream is still decoding
+    text, _ = read_events(reader)
+    sock.close()
+    assert first["choices"][0]["text"] + text == alone
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("logit_bias", {"1000": 100}),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1),
+        ("repetition_penalty", 1.2),
+        ("response_format", {"type": "json_object"}),
+        ("logprobs", 0),  # completions: the chosen tokens' logprobs
+        ("logprobs", True),
+        ("top_logprobs", 2),
+        ("n", 2),
+        ("n", True),  # not the number 1
+        ("best_of", 3),
+        ("echo", True),
+        ("suffix", "end"),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "required"),
+        ("min_tokens", 5),
+    ],
+)
+def test_fields_that_would_change_the_answer_are_refused_by_name(server, field, value):
+    status, data = server.http(
+        "POST", "/v1/completions", json.dumps({"model": server.name, "prompt": "hi", field: value})
+    )
+    assert status == 400 and data["error"]["param"] == field and "not supported" in data["error"]["message"]
+
+
+def test_neutral_values_of_unsupported_fields_and_harmless_fields_pass(server):
+    neutral = {
+        "n": 1,
+        "best_of": 1,
+        "echo": False,
+        "logprobs": None,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "response_format": {"type": "text"},
+        "tools": [],
+        "tool_choice": "none",
+        "user": "someone",
+    }
+    body = {"model": server.name, "prompt": "Hello world", "max_tokens": 6, "temperature": 0}
+    plain = server.http("POST", "/v1/completions", json.dumps(body))[1]["choices"][0]["text"]
+    status, data = server.http("POST", "/v1/completions", json.dumps({**body, **neutral}))
+    assert status == 200 and data["choices"][0]["text"] == plain
+
+
+def test_request_size_limits(server):
+    """A body over 1 MiB is refused at once, by its Content-Length before any of it is read, or as it arrives
+    when chunked; stop strings and messages are bounded; only JSON is read."""
+    from axiom.infer.openai_api import MAX_BODY_BYTES
+
+    start = time.monotonic()
+    big = json.dumps({"model": server.name, "prompt": "x" * MAX_BODY_BYTES})
+    status, data = post_raw(server.port, big)
+    assert status == 413 and json.loads(data)["error"]["code"] == "body_too_large"
+    # A declared 64 GiB: answered without a byte of the body sent.
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+    sock.sendall(b"Content-Length: 68719476736\r\n\r\n")
+    assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 413 ")
+    sock.close()
+    # Chunked, with no length declared: refused once the bytes received pass the limit.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    chunks = (b"x" * 65536 for _ in range(64))  # 4 MiB
+    conn.request("POST", "/v1/completions", body=chunks, headers={"Content-Type": "application/json"})
+    assert conn.getresponse().status == 413
+    conn.close()
+    assert time.monotonic() - start < 10
+    # Only JSON: curl -d sends a form type unless told otherwise; a missing type is taken as JSON.
+    ok = json.dumps({"model": server.name, "prompt": "hi", "max_tokens": 2})
+    status, data = post_raw(server.port, ok, {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 415 and json.loads(data)["error"]["code"] == "unsupported_media_type"
+    assert post_raw(server.port, ok, {"Content-Type": "application/json; charset=utf-8"})[0] == 200
+    assert post_raw(server.port, ok, {})[0] == 200
+    assert server.http("GET", "/health")[0] == 200
+
+
+def test_messages_are_bounded_before_they_are_tokenized():
+    from axiom.infer.openai_api import ApiError, ServedModel, check_request
+
+    model = ServedModel("m", context=64, chat=True)
+    check_request({"model": "m", "messages": [{"role": "user", "content": "hi"}] * 3}, model, chat=True)
+    with pytest.raises(ApiError) as e:  # 16 messages take at least 64 tokens: refused without tokenizing them
+        check_request({"model": "m", "messages": [{"role": "user", "content": "x" * 100_000}] * 16}, model, chat=True)
+    assert (e.value.param, e.value.code) == ("messages", "context_length_exceeded")
+    assert "16 messages take at least 4 tokens each" in e.value.message
+
+
+def test_request_checking_runs_off_the_event_loop(ckpt, monkeypatch):
+    """Parsing and tokenizing a large body take a while; on the event loop they held up every stream and /health.
+    Here checking a 1 MiB prompt (legal in size, too long for the context) takes 3 s more, and /health still answers
+    at once meanwhile."""
+    import uvicorn
+
+    import axiom.infer.serve as serve
+
+    real = serve.check_request
+
+    def slow_check(*args):
+        time.sleep(3)
+        return real(*args)
+
+    monkeypatch.setattr(serve, "check_request", slow_check)
+    service = serve.Service(load_model(ckpt)[0].eval(), "m", False, max_batch=1, max_queue=0, compile=False)
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(serve.build_app(service), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    service.start()
+    thread.start()
+    try:
+        answers = []
+        big = json.dumps({"model": "m", "prompt": "word " * 200_000})
+        slow = threading.Thread(target=lambda: answers.append(post_raw(port, big)))
+        wait_for(lambda: server.started)
+        slow.start()
+        time.sleep(0.5)  # the slow request is being checked
+        start = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200 and time.monotonic() - start < 1.5
+        slow.join()
+        ((status, data),) = answers
+        assert status == 400 and json.loads(data)["error"]["code"] == "context_length_exceeded"
+    finally:
+        server.should_exit = True
+        thread.join()
+        service.stop()
+
+
+def test_the_model_is_named_after_its_checkpoint_not_its_path(server, ckpt, tmp_path):
+    from axiom.cli.serve import model_name
+
+    assert server.name == ckpt.name  # the folder's name, however --ckpt was spelt
+    assert [m.id for m in server.client.models.list().data] == [ckpt.name]
+    status, data = server.http("POST", "/v1/completions", json.dumps({"model": str(ckpt), "prompt": "hi"}))
+    assert status == 404 and data["error"]["code"] == "model_not_found"
+    run = tmp_path / "axiom-380m"
+    (run / "checkpoints" / "step_000400").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(run / "checkpoints" / "step_000400")
+    assert model_name(str(run / "checkpoints" / "step_000400")) == "axiom-380m-step_000400"
+    assert model_name(str(tmp_path / "link")) == "axiom-380m-step_000400"
+    assert model_name(str(run / "checkpoints" / "best") + "/") == "axiom-380m-best"
+
+
+@pytest.mark.slow
+def test_load_with_hostile_requests_mixed_in(ckpt):
+    """scripts/load_test.py, bounded: 4 clients stream greedy completions while 26 hostile requests (two of each
+    kind) arrive beside them; every stream gives its prompt's text decoded alone, every hostile request its own
+    answer (the script exits 1 otherwise)."""
+    cmd = [sys.executable, "scripts/load_test.py", "--ckpt", str(ckpt), "--concurrency", "4", "--requests", "6"]
+    cmd += ["--max-tokens", "16", "--rounds", "1", "--hostile", "26", "--no-baseline", "--json"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    (level,) = report["levels"]
+    assert report["hostile_per_level"] == 26 and report["min_greedy_margin"] > 1e-5
+    assert level["servers"]["batched"]["completed"] == 24 and level["servers"]["batched"]["errors"] == 0

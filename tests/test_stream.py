@@ -3,6 +3,8 @@ the one stop rule, and each token costing the same however long the text already
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from axiom.text.chatml import IM_END, IM_START
@@ -94,3 +96,34 @@ def test_each_token_is_decoded_once_and_at_most_the_longest_stop_string_is_held_
     assert enc.calls == len(tokens)  # one lookup per token, never the whole text again
     text.finish()
     assert text.text == words
+
+
+def test_long_stop_strings_cost_each_token_its_own_length():
+    """Holding back the tail that may start a stop string used to try every prefix of every stop string on every
+    token, each one copied: a cost that grew with the square of the stop strings' length (a 1 MiB request body
+    held one of ~250,000 characters). Now each stop string's match grows a character at a time (KMP)."""
+    enc = CountingEncoding()
+    tokens = enc.enc.encode_ordinary("word and " * 300)
+    stops = ["word and " * 455 + "x", "a" * 4096, "z" * 4096, "and word and wor" * 256]
+    costs = {}
+    for name, stop in [("short", ["\n\n"]), ("long", stops)]:
+        text = TextStream(stop_ids(chat=False), stop, enc=enc)
+        start = time.perf_counter()
+        pieces = push_all(text, tokens)
+        costs[name] = time.perf_counter() - start
+        assert "".join(pieces) + text.finish() == "word and " * 300
+    assert costs["long"] < 20 * costs["short"] + 0.05  # was ~1,000 times
+
+
+def test_stop_strings_that_overlap_themselves():
+    enc = load_tokenizer()
+    # "abab" held back across tokens while the text keeps half-matching it, then completed
+    for text, stops, shown in [
+        ("xabababc", ["ababc"], "xab"),
+        ("aaaab", ["aab"], "aa"),
+        ("abcabd", ["abd", "cab"], "ab"),  # the earliest start wins
+        ("abcabx", ["abd"], "abcabx"),
+    ]:
+        stream = TextStream(stop_ids(chat=False), stops)
+        ids = [t for c in text for t in enc.encode_ordinary(c)]  # one character a token
+        assert "".join(push_all(stream, ids)) + stream.finish() == shown, (text, stops)

@@ -8,21 +8,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 from axiom.cli.args import add_inference_arguments
 from axiom.errors import AxiomError
 from axiom.infer.fast import load_for_inference
+from axiom.model.checkpoint import run_dir_of
 from axiom.text.chatml import is_chat_tuned
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint directory to serve")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
-    parser.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: --ckpt)")
+    parser.add_argument("--port", default="8000", help="port (default: 8000; 0: any free port)")
+    parser.add_argument(
+        "--model-name",
+        help="the model id clients send and /v1/models lists (default: the checkpoint's name, as RUN-step_000400 "
+        "for RUN/checkpoints/step_000400, or the folder's name)",
+    )
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
     parser.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting for a slot before 503 answers (default: 64)"
@@ -46,9 +53,9 @@ def run(args: argparse.Namespace) -> None:
         raise AxiomError("axiom serve needs the serve extra: pip install 'axiom-lm[serve]'") from None
     from axiom.infer.serve import Service, build_app  # Starlette: the serve extra too
 
-    sock = _listen(args.host, args.port)
+    sock = _listen(args.host, _port(args.port))
     model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
-    name = args.model_name or args.ckpt
+    name = args.model_name or model_name(args.ckpt)
     service = Service(model, name, is_chat_tuned(meta), args.max_batch, args.max_queue, args.compile)
     host, port = sock.getsockname()[:2]
     logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
@@ -66,12 +73,35 @@ def run(args: argparse.Namespace) -> None:
     print(f"axiom serve: stopped after {service.finished} requests", flush=True)
 
 
+def model_name(ckpt: str) -> str:
+    """The model id a checkpoint is served under, the same however its path is spelt: RUN-NAME for
+    RUN/checkpoints/NAME (e.g. axiom-380m-step_000400), else the checkpoint folder's name."""
+    path = Path(os.path.realpath(ckpt))
+    run = run_dir_of(path)
+    return f"{run.name}-{path.name}" if run is not None else path.name or "axiom"
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535):
+        raise AxiomError(f"--port {_shown(text)}: expected a port number from 0 to 65535 (0: any free port)")
+    return int(text)
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the model loads so that a port in use is said at once (connections wait
     in the backlog until the server runs)."""
+    if not host.strip():
+        raise AxiomError(f"--host {host!r}: empty; 127.0.0.1 listens on this machine only, 0.0.0.0 on every interface")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server((host, port), family=family)
-    except OSError as e:  # in use, not an address of this machine, a privileged port
-        why = e.strerror or e
-        raise AxiomError(f"--host {host} --port {port}: cannot listen ({why}); try another --port") from None
+    except (OSError, ValueError, TypeError) as e:  # in use, not an address here, a privileged port, a NUL byte
+        why = getattr(e, "strerror", None) or e
+        raise AxiomError(
+            f"--host {_shown(host)} --port {port}: cannot listen ({why}); try another --host or --port"
+        ) from None
+
+
+def _shown(value: str) -> str:
+    """A flag's value as typed, or quoted with escapes where it holds a control character."""
+    return value if value.isprintable() else repr(value)

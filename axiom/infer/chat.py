@@ -63,6 +63,8 @@ class Chat:
         try:
             while not request.done:
                 for _, token in self.engine.step():
+                    if token is None:
+                        raise AxiomError(f"decoding failed: {request.error}")
                     if piece := text.push(token):
                         yield piece
             if tail := text.finish():

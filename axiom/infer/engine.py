@@ -34,10 +34,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from axiom.infer.sampling import RowSampling, greedy, pick
+from axiom.infer.sampling import MIN_TEMPERATURE, RowSampling, greedy, pick
 from axiom.model.cache import KVCache
 from axiom.model.transformer import Axiom
 from axiom.runtime import compile_cache_dir, persistent_compile_cache
+
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+NON_FINITE = "the model's logits are not finite (NaN or inf) for this prompt"
 
 
 def decode_one(model: Axiom, ids: Tensor, cache: KVCache) -> Tensor:
@@ -70,8 +73,9 @@ def decode_sampled(model: Axiom, ids: Tensor, cache: KVCache, rows: RowSampling)
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request decodes. temperature 0 is greedy; `seed` fixes the request's draws (None: a random
-    seed); the request stops after any of `stop_ids` (kept in its tokens) or `max_new_tokens` tokens."""
+    """How one request decodes. temperature 0 (or any below MIN_TEMPERATURE) is greedy; `seed` fixes the request's
+    draws (None: a random seed); the request stops after any of `stop_ids` (kept in its tokens) or `max_new_tokens`
+    tokens."""
 
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -84,19 +88,26 @@ class SamplingParams:
         """The first parameter out of range as (field name, what is wrong), or None."""
         if self.max_new_tokens <= 0:
             return "max_new_tokens", "must be at least 1"
-        if math.isnan(self.temperature) or self.temperature < 0:
-            return "temperature", "must be 0 (greedy) or positive"
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            return "temperature", "must be 0 (greedy) or positive and finite"
         if self.top_k is not None and self.top_k <= 0:
             return "top_k", "must be at least 1"
         if self.top_p is not None and not 0 < self.top_p <= 1:
             return "top_p", "must lie in (0, 1]"
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            return "seed", "must fit in 64 bits (-2**63 to 2**64 - 1)"
         return None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass(eq=False)
 class Request:
     """One prompt's decoding: its new `tokens` so far, and once finished a `finish_reason`: "stop" (a stop id,
-    kept as the last token), "length" (max_new_tokens, or the cache's max_len), or "cancelled"."""
+    kept as the last token), "length" (max_new_tokens, or the cache's max_len), "cancelled", or "error" (its
+    prefill or its row of a step failed, e.g. non-finite logits: `error` says why)."""
 
     id: int
     prompt: list[int]
@@ -105,6 +116,7 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     seed: int = 0  # of its draws: params.seed, or a random one
+    error: str | None = None
 
     @property
     def done(self) -> bool:
@@ -181,30 +193,52 @@ class Engine:
         return bool(self.running or self.waiting)
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Request, int]]:
+    def step(self) -> list[tuple[Request, int | None]]:
         """One token for every running request, then prefill waiting requests into the free slots (each gets its
-        first token); finished requests leave. Returns the (request, token) pairs produced, in order."""
-        produced: list[tuple[Request, int]] = []
+        first token); finished requests leave. Returns the (request, token) pairs produced, in order, and
+        (request, None) for a request that failed in this step (its prefill raised, or its logits were not
+        finite): it alone leaves, with finish_reason "error" and its `error`; the other rows go on unchanged."""
+        produced: list[tuple[Request, int | None]] = []
         if self.running:
             last = [r.tokens[-1] for r in self.running]
             for request, token in zip(list(self.running), self._decode(last), strict=True):
-                produced.append((request, token))
-                self._append(request, token)
+                self._record(request, token, produced)
         while self.waiting and len(self.running) < self.max_batch:
             request = self.waiting.popleft()
             self.running.append(request)
-            row = len(self.running) - 1
-            view = self.cache.rows(row, 1)
-            view.lengths = [0]
-            if self.static:
-                view.positions.zero_()
-            ids = torch.tensor([request.prompt], device=self.device)
-            logits = self.model(ids, cache=view, last_only=True)[:, -1]
-            self.cache.lengths[row] = len(request.prompt)
-            token = self._pick(logits, [request])[0]
-            produced.append((request, token))
-            self._append(request, token)
+            self._record(request, self._prefill(request), produced)
         return produced
+
+    def _prefill(self, request: Request) -> int | None:
+        """Fill the newest running row with `request`'s prompt; its first token, or None if that failed."""
+        row = len(self.running) - 1
+        view = self.cache.rows(row, 1)
+        view.lengths = [0]
+        if self.static:
+            view.positions.zero_()
+        try:
+            logits = self.model(torch.tensor([request.prompt], device=self.device), cache=view, last_only=True)
+        except Exception as e:  # e.g. out of memory for one long prompt: that request fails, not the batch
+            request.error = f"its prefill failed ({type(e).__name__}: {e})"
+            return None
+        self.cache.lengths[row] = len(request.prompt)
+        return self._pick(logits[:, -1], [request])[0]
+
+    def _record(self, request: Request, token: int | None, produced: list[tuple[Request, int | None]]) -> None:
+        produced.append((request, token))
+        if token is None:
+            self._fail(request)
+        else:
+            self._append(request, token)
+
+    def _fail(self, request: Request) -> None:
+        """End a request whose row failed and free the row, zeroed first: a masked slot still meets a zero
+        attention weight, and 0 * NaN is NaN, so NaN keys left behind would spoil the row's next request."""
+        row = self.running.index(request)
+        for t in (*self.cache.keys, *self.cache.values):
+            t[row].zero_()
+        request.finish_reason = "error"
+        self._leave(row)
 
     def _append(self, request: Request, token: int) -> None:
         """Record a new token; a finished request leaves its slot."""
@@ -232,8 +266,9 @@ class Engine:
         self.running.pop()
         self.cache.lengths[last] = 0
 
-    def _decode(self, last: list[int]) -> list[int]:
-        """One batched decoding step of the running requests (rows 0..n-1) from their newest tokens."""
+    def _decode(self, last: list[int]) -> list[int | None]:
+        """One batched decoding step of the running requests (rows 0..n-1) from their newest tokens; None for a
+        row that failed (see `_pick`)."""
         n = len(self.running)
         rows = self.running
         if not self.static:
@@ -252,13 +287,14 @@ class Engine:
             logits = decode_one(self.model, ids, self.cache)
         else:  # the pick inside the graph: only the ids leave it
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-            if all(r.params.temperature <= 0 for r in rows):
-                picked = self._run_compiled(decode_greedy, self.model, ids, self.cache)[0]
+            sampling = None if all(r.params.greedy for r in rows) else self._row_sampling(rows, self.max_batch)
+            if sampling is None:
+                picked, x = self._run_compiled(decode_greedy, self.model, ids, self.cache)
             else:
-                sampling = self._row_sampling(rows, self.max_batch)
-                picked = self._run_compiled(decode_sampled, self.model, ids, self.cache, sampling)[0]
+                picked, x = self._run_compiled(decode_sampled, self.model, ids, self.cache, sampling)
             self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
-            return picked[:n].tolist()
+            # no logits leave the graph, so a row's hidden states are what is checked
+            return _failed_rows(picked[:n], torch.isfinite(x[:n]).all(dim=-1)[:, 0], rows)
         self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
         return self._pick(logits[:n], rows)
 
@@ -271,13 +307,16 @@ class Engine:
         with persistent_compile_cache(self._compile_cache):
             return self._compiled[step](*args)
 
-    def _pick(self, logits: Tensor, rows: list[Request]) -> list[int]:
+    def _pick(self, logits: Tensor, rows: list[Request]) -> list[int | None]:
         """(n, V) logits -> the next token of each of the n requests, each with its own sampling parameters, in one
-        batched pick on the device; only the ids come back."""
-        if all(r.params.temperature <= 0 for r in rows):
-            return greedy(logits).tolist()
-        positions = torch.tensor([len(r.prompt) + len(r.tokens) for r in rows]).to(self.device)
-        return pick(logits, self._row_sampling(rows, len(rows)), positions).tolist()
+        batched pick on the device; only the ids come back. A row whose picked logit is not finite (NaN or inf: a
+        model that overflows on some input) gets None: its pick would be noise."""
+        if all(r.params.greedy for r in rows):
+            picked = greedy(logits)
+        else:
+            positions = torch.tensor([len(r.prompt) + len(r.tokens) for r in rows]).to(self.device)
+            picked = pick(logits, self._row_sampling(rows, len(rows)), positions)
+        return _failed_rows(picked, torch.isfinite(logits.gather(1, picked[:, None])[:, 0]), rows)
 
     def _row_sampling(self, rows: list[Request], size: int) -> RowSampling:
         """The sampling parameters of `rows` on the device, padded with greedy rows to `size`; built again only when
@@ -287,3 +326,12 @@ class Engine:
             rows_on_device = RowSampling.of([r.params for r in rows], [r.seed for r in rows], size, self.device)
             self._sampling = (key, rows_on_device)
         return self._sampling[1]
+
+
+def _failed_rows(picked: Tensor, finite: Tensor, rows: list[Request]) -> list[int | None]:
+    """The picked (n,) ids as a list, None (and an `error` on its request) where `finite` is False; one sync."""
+    tokens = torch.where(finite, picked, -1).tolist()
+    for token, request in zip(tokens, rows, strict=True):
+        if token < 0:
+            request.error = NON_FINITE
+    return [None if token < 0 else token for token in tokens]

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from axiom.errors import AxiomError
 from axiom.infer.engine import Engine, SamplingParams
 from axiom.model.transformer import Axiom
 
@@ -61,6 +62,8 @@ def stream(
         for n in range(total - longest):
             while any(len(r.tokens) <= n and not r.done for r in requests):
                 engine.step()
+            if failed := next((r for r in requests if r.error), None):
+                raise AxiomError(f"decoding failed: {failed.error}")
             if all(len(r.tokens) <= n for r in requests):  # every row stopped at eos_id
                 return
             yield torch.tensor([r.tokens[n] if len(r.tokens) > n else eos_id for r in requests])

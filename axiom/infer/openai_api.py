@@ -7,6 +7,7 @@ Nothing here decodes or touches HTTP; axiom/infer/serve.py does.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from axiom.infer.engine import SamplingParams
@@ -14,7 +15,44 @@ from axiom.text.chatml import TEMPLATE_NAME, encode_chat
 from axiom.text.stream import stop_ids
 from axiom.text.tokenizer import load_tokenizer
 
-UNSUPPORTED = ("echo", "logprobs", "suffix", "tools", "functions")
+# What one request may hold (docs/interop.md, "Limits"). Stop strings are matched as text is decoded; the body
+# is read, parsed and tokenized before any check can refuse it.
+MAX_BODY_BYTES = 1 << 20
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256
+MAX_INT_DIGITS = 32  # 2**64, the largest seed, has 20
+MIN_TOKENS_PER_MESSAGE = 4  # <|im_start|>, role and content (at least one token), <|im_end|>, "\n"
+
+# The fields each endpoint reads. "user", and for chat "metadata", "store", "service_tier" and
+# "parallel_tool_calls", change nothing in the answer: accepted, as OpenAI's clients send them.
+COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options")
+COMPLETION_FIELDS = frozenset({*COMMON_FIELDS, "prompt", "user"})
+CHAT_FIELDS = frozenset(
+    {*COMMON_FIELDS, "messages", "max_completion_tokens", "user", "metadata", "store", "service_tier"}
+    | {"parallel_tool_calls"}
+)
+# Fields that would change the answer, which axiom serve does not implement: refused unless they hold a value
+# that changes nothing (null always does).
+NEUTRAL = {
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "suffix": ("",),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "repetition_penalty": (1,),
+    "min_p": (0,),
+    "min_tokens": (0,),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),
+    "functions": ([],),
+    "function_call": ("none", "auto"),
+    "modalities": (["text"],),
+}
 
 
 class ApiError(Exception):
@@ -49,6 +87,40 @@ class Spec:
     include_usage: bool
 
 
+def check_content_type(value: str | None) -> None:
+    """A body is JSON: Content-Type application/json (or a +json type), or none at all; 415 for anything else,
+    such as the form encoding `curl -d` sends unless told otherwise."""
+    kind = (value or "application/json").split(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        message = f"Content-Type {value[:100]!r}: the body must be JSON (curl: -H 'Content-Type: application/json')"
+        raise ApiError(415, message, code="unsupported_media_type")
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request's JSON object; ApiError 400 for anything else: not UTF-8, not JSON (NaN and Infinity are not),
+    nested too deep to parse, an integer of more than MAX_INT_DIGITS digits, or not an object."""
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_int=_short_int)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise ApiError(400, f"the body is not valid JSON ({why})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _short_int(digits: str) -> int:
+    """An integer of the body; a longer one than any field takes is refused before Python converts it (the
+    conversion costs the square of its length; Python itself refuses beyond 4,300 digits)."""
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(digits.lstrip('-')):,} digits; at most {MAX_INT_DIGITS} are read")
+    return int(digits)
+
+
 def _field(body: dict, name: str, kinds: tuple[type, ...], default=None, what: str = ""):
     """body[name] if it has one of `kinds` (bool is not a number here), `default` if absent or null."""
     value = body.get(name)
@@ -59,17 +131,22 @@ def _field(body: dict, name: str, kinds: tuple[type, ...], default=None, what: s
     return value
 
 
+def _number(body: dict, name: str, default: float | None = None) -> float | None:
+    """body[name] as a float (an integer of at most MAX_INT_DIGITS digits always converts)."""
+    value = _field(body, name, (int, float), default, what="a number")
+    return None if value is None else float(value)
+
+
 def check_request(body: dict, model: ServedModel, chat: bool) -> Spec:
     """Check `body` of /v1/completions (`chat` False) or /v1/chat/completions; ApiError (400/404) naming the bad
-    field. The fields are checked in a fixed order, so that a request with several faults always gets one answer."""
+    field. The fields are checked in a fixed order, the cheap ones before the prompt is tokenized, so that a
+    request with several faults always gets one answer."""
     _check_model(body, model)
+    _check_fields(body, chat)
+    stop = _stop_strings(body)
     prompt, max_tokens = _chat_prompt(body, model) if chat else _completion_prompt(body)
     _check_length(body, prompt, max_tokens, model.context, chat)
     params = _sampling(body, max_tokens, model.context - len(prompt), stop_ids(chat))
-    stop = _field(body, "stop", (str, list), default=[], what="a string or a list of strings")
-    stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise ApiError(400, "stop: expected up to 4 non-empty strings", param="stop")
     options = _field(body, "stream_options", (dict,), default={})
     return Spec(
         prompt,
@@ -85,43 +162,73 @@ def _check_model(body: dict, model: ServedModel) -> None:
     if name is None:
         raise ApiError(400, "model: required; GET /v1/models lists it", param="model")
     if name != model.name:
-        message = f"the model {name!r} does not exist; this server has {model.name!r}"
+        message = f"the model {name[:200]!r} does not exist; this server has {model.name!r}"
         raise ApiError(404, message, "model", "model_not_found")
+
+
+def _check_fields(body: dict, chat: bool) -> None:
+    """Every field is one this endpoint reads, or one that would change the answer holding a value that does
+    not: nothing a client asks for is ignored silently."""
+    fields = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    for name, value in body.items():
+        if name in fields or value is None:
+            continue
+        if name in NEUTRAL:
+            if not any(_same(value, neutral) for neutral in NEUTRAL[name]):
+                allowed = " or ".join(json.dumps(v) for v in NEUTRAL[name])
+                raise ApiError(400, f"{name}: not supported by axiom serve (leave it out, or {allowed})", name)
+            continue
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        known = ", ".join(sorted(fields))
+        message = f"unrecognized request argument {name[:100]!r}; {endpoint} takes {known}"
+        raise ApiError(400, message, name[:100], "unknown_field")
+
+
+def _same(value, neutral) -> bool:
+    """value == neutral as JSON compares them: true is not 1, 1.0 is 1."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    return value == neutral
+
+
+def _stop_strings(body: dict) -> list[str]:
+    stop = _field(body, "stop", (str, list), default=[], what="a string or a list of strings")
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+        message = f"stop: expected up to {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"
+        raise ApiError(400, message, param="stop")
+    return stop
 
 
 def _check_length(body: dict, prompt: list[int], max_tokens: int | None, context: int, chat: bool) -> None:
     """The prompt leaves room for a token; max_tokens, when given, asks for at least one."""
     if len(prompt) >= context:
-        raise ApiError(
-            400,
-            f"this model's context is {context} tokens and the prompt has {len(prompt)}; a prompt must "
-            "leave room for at least one new token",
-            "messages" if chat else "prompt",
-            "context_length_exceeded",
-        )
+        _context_exceeded(f"the prompt has {len(prompt)}", context, chat)
     if max_tokens is not None and max_tokens <= 0:
         name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
         raise ApiError(400, f"{name}: must be at least 1, not {max_tokens}", param=name)
 
 
+def _context_exceeded(what: str, context: int, chat: bool) -> None:
+    raise ApiError(
+        400,
+        f"this model's context is {context} tokens and {what}; a prompt must leave room for at least one new token",
+        "messages" if chat else "prompt",
+        "context_length_exceeded",
+    )
+
+
 def _sampling(body: dict, max_tokens: int | None, room: int, stop: tuple[int, ...]) -> SamplingParams:
     """The request's sampling parameters; max_tokens (None: all the room there is) is capped by the context, where
     the answer ends with finish_reason "length"."""
-    if _field(body, "n", (int,), default=1) != 1:
-        raise ApiError(400, "n: only 1 choice per request is supported", param="n")
-    for unsupported in UNSUPPORTED:
-        if body.get(unsupported) not in (None, False, 0, []):
-            raise ApiError(400, f"{unsupported}: not supported by axiom serve", param=unsupported)
     params = SamplingParams(
         max_new_tokens=min(max_tokens or room, room),
-        temperature=float(_field(body, "temperature", (int, float), default=1.0, what="a number")),
-        top_p=_field(body, "top_p", (int, float), what="a number"),
+        temperature=_number(body, "temperature", default=1.0),
+        top_p=_number(body, "top_p"),
         top_k=_field(body, "top_k", (int,)),
         seed=_field(body, "seed", (int,)),
         stop_ids=stop,
     )
-    if params.seed is not None and not -(2**63) <= params.seed < 2**64:
-        raise ApiError(400, "seed: must fit in 64 bits", param="seed")
     problem = params.problem()
     if problem:
         name = {"max_new_tokens": "max_tokens"}.get(problem[0], problem[0])
@@ -159,6 +266,10 @@ def _chat_prompt(body: dict, model: ServedModel) -> tuple[list[int], int | None]
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages: expected a non-empty list of {role, content} objects", "messages")
+    if len(messages) * MIN_TOKENS_PER_MESSAGE >= model.context:  # refused before tokenizing them all
+        _context_exceeded(
+            f"{len(messages)} messages take at least {MIN_TOKENS_PER_MESSAGE} tokens each", model.context, True
+        )
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ApiError(400, f"messages[{i}]: expected {{'role': string, 'content': string}}", "messages")
@@ -166,7 +277,7 @@ def _chat_prompt(body: dict, model: ServedModel) -> tuple[list[int], int | None]
     try:
         ids = list(encode_chat(messages, add_generation_prompt=True).ids)
     except ValueError as e:  # e.g. a role the template does not know
-        raise ApiError(400, f"messages: {e}", "messages") from None
+        raise ApiError(400, f"messages: {str(e)[:300]}", "messages") from None
     max_tokens = _field(body, "max_completion_tokens", (int,))
     return ids, _field(body, "max_tokens", (int,)) if max_tokens is None else max_tokens
 

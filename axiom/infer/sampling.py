@@ -28,6 +28,10 @@ from axiom.model.loss import row_blocks
 # top-p without a top-k, needs the whole vocabulary sorted, far slower on CPU (docs/benchmarks.md, "Sampling on the
 # device").
 TOP_CANDIDATES = 256
+# Temperatures above 0 and below this decode greedily. Dividing float32 logits by a smaller one overflows for
+# large logits (1e-45 rounds to a denormal, 1e-50 to 0: inf, then NaN), and at 1e-4 a lead of 0.01 in logits
+# already makes the runner-up e^-100 times as likely: sampling picks the greedy token anyway but for near-ties.
+MIN_TEMPERATURE = 1e-4
 
 
 class Cut(Enum):
@@ -51,7 +55,7 @@ class Params(Protocol):
 class RowSampling:
     """The sampling parameters of B rows as device tensors."""
 
-    temperature: Tensor  # (B,) float32; 0: greedy
+    temperature: Tensor  # (B,) float32; 0: greedy (so is any below MIN_TEMPERATURE)
     top_k: Tensor  # (B,) int64; 0: no top-k
     top_p: Tensor  # (B,) float32; 1: no top-p
     seed: Tensor  # (B,) int64
@@ -62,15 +66,19 @@ class RowSampling:
         """Rows with `params` and `seeds` (any int, taken modulo 2**64), then greedy rows up to `size`: two copies to
         the device."""
         pad = size - len(params)
-        floats = [(p.temperature, 1.0 if p.top_p is None else p.top_p) for p in params] + [(0.0, 1.0)] * pad
+        floats = [(_temperature(p), 1.0 if p.top_p is None else p.top_p) for p in params] + [(0.0, 1.0)] * pad
         ints = [(p.top_k or 0, (s + 2**63) % 2**64 - 2**63) for p, s in zip(params, seeds, strict=True)]
         f = torch.tensor(floats, dtype=torch.float32).to(device)
         i = torch.tensor(ints + [(0, 0)] * pad, dtype=torch.int64).to(device)
         return cls(f[:, 0], i[:, 0], f[:, 1], i[:, 1], _cut(params))
 
 
+def _temperature(p: Params) -> float:
+    return p.temperature if p.temperature >= MIN_TEMPERATURE else 0.0
+
+
 def _cut(params: Sequence[Params]) -> Cut:
-    filtering = [p for p in params if p.temperature > 0 and (p.top_k or (p.top_p or 1.0) < 1.0)]
+    filtering = [p for p in params if _temperature(p) > 0 and (p.top_k or (p.top_p or 1.0) < 1.0)]
     if not filtering:
         return Cut.NONE
     return Cut.TOP if all(p.top_k and p.top_k <= TOP_CANDIDATES for p in filtering) else Cut.ALL
@@ -101,7 +109,8 @@ def cutoff(scaled: Tensor, rows: RowSampling) -> Tensor:
     probs = torch.softmax(top.masked_fill(top < kth, -inf), dim=-1)
     before = probs.cumsum(dim=-1) - probs  # the mass of the more likely tokens
     p = torch.where(rows.top_p < 1.0, rows.top_p, inf)[:, None]
-    kept = (top >= kth) & (before < p)  # the most likely token always stays
+    first = torch.arange(top.shape[-1], device=top.device) == 0
+    kept = (top >= kth) & ((before < p) | first)  # the most likely token always stays, also when top_p rounds to 0
     cut = top.masked_fill(~kept, inf).amin(dim=-1, keepdim=True)
     return torch.where((k > 0) | (p < 1.0), cut, -inf)
 

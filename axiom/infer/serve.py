@@ -8,8 +8,9 @@ One thread owns the `Engine` (axiom/infer/engine.py) and does all decoding; hand
 inbox (submit, cancel) and receive tokens on their own asyncio queue. At most `max_batch` requests decode at once
 and `max_queue` more wait; beyond that a request is answered 503 at once. A client that disconnects cancels its
 request at the next token boundary, freeing its slot. Errors are JSON in the OpenAI shape (axiom/infer/openai_api.py),
-and nothing a client sends can stop the server: a failing step fails the requests in flight (500) and the engine
-starts afresh.
+and nothing a client sends can stop the server: a body is read up to MAX_BODY_BYTES and checked in a thread (off the
+event loop every stream waits on); a request whose own row fails gets a 500 alone while the others decode on; a step
+that fails as a whole fails the requests in flight (500) and the engine starts afresh.
 
 This module imports Starlette (the `serve` extra); `axiom serve` imports it only when the server starts.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import json
 import logging
 import queue
@@ -30,21 +32,25 @@ from dataclasses import dataclass, field
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from axiom.infer.engine import Engine, Request, SamplingParams
 from axiom.infer.openai_api import (
+    MAX_BODY_BYTES,
     ApiError,
     ServedModel,
     Spec,
+    check_content_type,
     check_request,
     chunk,
     completion,
+    parse_body,
     usage,
     usage_chunk,
 )
 from axiom.model.transformer import Axiom
+from axiom.text.chatml import TEMPLATE_NAME
 from axiom.text.stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -160,7 +166,12 @@ class Service:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, tuple[int, str | None]]]] = {}
         for request, token in produced:
             job = self._jobs[request.id]
-            by_loop.setdefault(job.loop, []).append((job, (token, request.finish_reason)))
+            if token is None:  # this request alone failed and left the batch
+                log.warning("request %d failed: %s", request.id, request.error)
+                event = ApiError(500, f"decoding failed: {request.error}")
+            else:
+                event = (token, request.finish_reason)
+            by_loop.setdefault(job.loop, []).append((job, event))
             if request.done:
                 self._finish(job)
         for loop, events in by_loop.items():
@@ -248,13 +259,15 @@ class EventStream(StreamingResponse):
 
 class OpenAiApp:
     """The routes of `axiom serve` over one `Service`: GET /v1/models and /health, POST /v1/completions and
-    /v1/chat/completions (answered whole, or streamed as server-sent events)."""
+    /v1/chat/completions (answered whole, or streamed as server-sent events), and the chat page at GET /."""
 
     def __init__(self, service: Service):
         self.service = service
+        self.page = importlib.resources.files(__package__).joinpath("static/chat.html").read_text(encoding="utf-8")
 
     def starlette(self) -> Starlette:
         routes = [
+            Route("/", self.chat_page, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -263,8 +276,14 @@ class OpenAiApp:
         return Starlette(routes=routes, exception_handlers={HTTPException: self.http_error, Exception: self.failed})
 
     async def models(self, _: HttpRequest) -> JSONResponse:
-        entry = {"id": self.service.name, "object": "model", "created": int(time.time()), "owned_by": "axiom"}
+        served = self.service.served
+        entry = {"id": served.name, "object": "model", "created": int(time.time()), "owned_by": "axiom"}
+        # beyond OpenAI's fields, as vLLM's max_model_len: what a client (the chat page) needs to know
+        entry |= {"max_model_len": served.context, "chat_template": TEMPLATE_NAME if served.chat else None}
         return JSONResponse({"object": "list", "data": [entry]})
+
+    async def chat_page(self, _: HttpRequest) -> HTMLResponse:
+        return HTMLResponse(self.page)
 
     async def health(self, _: HttpRequest) -> JSONResponse:
         return JSONResponse({"status": "ok", **self.service.stats()})
@@ -277,7 +296,11 @@ class OpenAiApp:
 
     async def answer(self, request: HttpRequest, chat: bool) -> Response:
         try:
-            spec = check_request(await read_body(request), self.service.served, chat)
+            check_content_type(request.headers.get("content-type"))
+            raw = await read_body(request)
+            # Parsing and tokenizing up to a MiB take a while: in a thread, so that the event loop, which every
+            # client's stream and /health wait on, goes on meanwhile.
+            spec = await asyncio.to_thread(lambda: check_request(parse_body(raw), self.service.served, chat))
         except ApiError as e:
             return error_response(e)
         job = Job(spec.prompt, spec.params, asyncio.get_running_loop())
@@ -326,15 +349,20 @@ def build_app(service: Service) -> Starlette:
     return OpenAiApp(service).starlette()
 
 
-async def read_body(request: HttpRequest) -> dict:
-    """The request's JSON object; ApiError 400 for anything else."""
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    return body
+async def read_body(request: HttpRequest) -> bytes:
+    """The body, refused (413) as soon as its Content-Length or the bytes received exceed MAX_BODY_BYTES: a
+    larger one is never held in memory."""
+    declared = request.headers.get("content-length", "")
+    too_large = ApiError(413, f"the body exceeds {MAX_BODY_BYTES:,} bytes", code="body_too_large")
+    if declared.isdigit() and (len(declared) > 12 or int(declared) > MAX_BODY_BYTES):
+        raise too_large
+    chunks, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(piece)
+    return b"".join(chunks)
 
 
 def error_response(e: ApiError) -> JSONResponse:

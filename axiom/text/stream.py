@@ -50,6 +50,8 @@ class TextStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""  # decoded, not yet shown: it may be the start of a stop string
         self._shown: list[str] = []
+        self._borders = [_borders(s) for s in self.stop_strings]
+        self._matched = [0] * len(self.stop_strings)  # per stop string: the longest tail of the text it starts with
 
     @property
     def text(self) -> str:
@@ -62,27 +64,50 @@ class TextStream:
             return ""
         if token in self.stop_ids:
             self.stopped = True
-            return self._show(self._held + self._decoder.decode(b"", final=True), final=True)
-        return self._show(self._held + self._decoder.decode(token_bytes(self.enc, token)), final=False)
+            return self._show(self._decoder.decode(b"", final=True), final=True)
+        return self._show(self._decoder.decode(token_bytes(self.enc, token)), final=False)
 
     def finish(self) -> str:
         """No more tokens: flush the decoder and the held-back tail."""
         if self.stopped:
             return ""
-        return self._show(self._held + self._decoder.decode(b"", final=True), final=True)
+        return self._show(self._decoder.decode(b"", final=True), final=True)
 
-    def _show(self, pending: str, final: bool) -> str:
-        """Show `pending` (the held-back tail plus new text) up to a stop string in it; unless `final`, hold back its
-        longest tail that a stop string starts with. Only `pending` is searched, never the text already shown: no
-        stop string can begin there, since its start would have been held back."""
+    def _show(self, new: str, final: bool) -> str:
+        """Show the held-back tail plus `new` up to a stop string in them; unless `final`, hold back their longest
+        tail that a stop string starts with. Only that much is searched, never the text already shown: no stop
+        string can begin there, since its start would have been held back."""
+        pending = self._held + new
         cut = min((i for s in self.stop_strings if (i := pending.find(s)) >= 0), default=-1)
         if cut >= 0:
             self.stopped, pending, final = True, pending[:cut], True
-        hold = 0 if final else self._stop_prefix(pending)
+        hold = 0 if final else self._stop_prefix(new)
         piece, self._held = pending[: len(pending) - hold], pending[len(pending) - hold :]
         self._shown.append(piece)
         return piece
 
-    def _stop_prefix(self, text: str) -> int:
-        """The length of the longest tail of `text` that is a proper prefix of a stop string."""
-        return max((k for s in self.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    def _stop_prefix(self, new: str) -> int:
+        """The length of the longest tail of the text, `new` included, that is a proper prefix of a stop string.
+        Each stop string's match grows by one character at a time (Knuth-Morris-Pratt), so a token costs its
+        own length, not the square of a stop string's."""
+        for j, (stop, borders) in enumerate(zip(self.stop_strings, self._borders, strict=True)):
+            k = self._matched[j]
+            for c in new:
+                while k and stop[k] != c:
+                    k = borders[k - 1]
+                k += stop[k] == c
+            self._matched[j] = k
+        return max(self._matched, default=0)
+
+
+def _borders(s: str) -> list[int]:
+    """KMP's failure function: for each i, the length of the longest proper prefix of s[: i + 1] that is also
+    its suffix."""
+    borders = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = borders[k - 1]
+        k += s[i] == s[k]
+        borders[i] = k
+    return borders

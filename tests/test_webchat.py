@@ -1,0 +1,145 @@
+"""axiom serve's chat page (GET /) in a real headless Chromium, driven by selenium: a message typed in, the reply
+streamed in steps from /v1/chat/completions, Stop pressed mid-stream, and the server healthy afterwards; for a
+model that is not chat-tuned, the page continues the typed text through /v1/completions.
+
+Needs Debian's chromium and chromium-driver (`make browser` installs them where apt-get runs as root) and the
+selenium package (the dev extra); skipped, saying which is missing, without them. The driver is
+/usr/bin/chromedriver: selenium never downloads one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from test_serve import MICRO, Server
+
+from axiom.config import get_config
+from axiom.model.transformer import Axiom
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+DRIVER = "/usr/bin/chromedriver"
+if not Path(DRIVER).is_file() or shutil.which("chromium") is None:
+    pytest.skip("chromium and chromium-driver are not installed (make browser)", allow_module_level=True)
+
+from selenium.webdriver.chrome.service import Service as DriverService  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """axiom serve on a random micro model saved twice, as a base model and as a chat-tuned one; the two servers
+    start at once (each takes seconds to import torch and load)."""
+    import torch
+    from conftest import save_model
+
+    cfg = get_config("tiny", [*MICRO, "tie_embeddings=false"])
+    torch.manual_seed(0)
+    model = Axiom(cfg.model)
+    base, chat = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("chat")
+    for path in (base, chat):
+        save_model(model, cfg, path, step=0)
+    meta = json.loads((chat / "config.json").read_text())
+    (chat / "config.json").write_text(json.dumps({**meta, "chat_template": "chatml"}))
+    with ThreadPoolExecutor(2) as pool:
+        started = list(pool.map(lambda p: Server(p, tmp_path_factory.mktemp("log") / "stderr.txt"), (base, chat)))
+    yield dict(zip(("base", "chat"), started, strict=True))
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    options = webdriver.ChromeOptions()
+    flags = "--headless=new --no-sandbox --disable-gpu --disable-dev-shm-usage --disable-background-networking"
+    flags += " --disable-component-update --disable-sync --no-first-run --window-size=1000,800"
+    for flag in flags.split():
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium')}")
+    driver = webdriver.Chrome(service=DriverService(DRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def open_page(browser, server: Server) -> WebDriverWait:
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    wait = WebDriverWait(browser, 20, poll_frequency=0.02)
+    wait.until(lambda b: b.find_element(By.ID, "status").text == "ready")
+    return wait
+
+
+def send(browser, text: str, max_tokens: int, temperature: float) -> None:
+    for field, value in (("max-tokens", max_tokens), ("temperature", temperature)):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(str(value))
+    browser.find_element(By.ID, "input").send_keys(text)
+    browser.find_element(By.ID, "send").click()
+
+
+def reply_text(browser) -> str:
+    """The text of the newest reply, without its note."""
+    return browser.execute_script(
+        "const r = [...document.querySelectorAll('.msg.assistant')].pop();"
+        "return r ? [...r.childNodes].filter(n => !n.classList || !n.classList.contains('note'))"
+        ".map(n => n.textContent).join('') : null;"
+    )
+
+
+def test_a_reply_streams_in_steps_and_stop_ends_it(browser, servers):
+    server = servers["chat"]
+    wait = open_page(browser, server)
+    assert browser.find_element(By.ID, "model").text == server.name
+    assert browser.find_element(By.ID, "mode").text == "chat"
+    send(browser, "Hello!", max_tokens=4000, temperature=1)
+    seen = set()
+    deadline = time.monotonic() + 20
+    while len(seen) < 3:  # three different lengths: tokens arrive in steps, not in one piece at the end
+        assert time.monotonic() < deadline, seen
+        if text := reply_text(browser):
+            seen.add(len(text))
+        time.sleep(0.02)
+    assert server.http("GET", "/health")[1]["running"] == 1
+    browser.find_element(By.ID, "stop").click()
+    wait.until(lambda b: b.find_element(By.ID, "status").text == "stopped")
+    stopped_at = reply_text(browser)
+    assert "stopped" in browser.find_element(By.CSS_SELECTOR, ".msg.assistant .note").text
+    assert browser.find_element(By.ID, "send").is_enabled() and not browser.find_element(By.ID, "stop").is_enabled()
+    # the server cancelled the request and frees its slot; the page shows no more text
+    deadline = time.monotonic() + 10
+    while server.http("GET", "/health")[1]["accepted"]:
+        assert time.monotonic() < deadline, "the stopped request still holds its slot"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert reply_text(browser) == stopped_at
+    assert "cancelled after" in server.log.read_text()
+    # a second message in the same conversation streams to its end
+    send(browser, "And then?", max_tokens=5, temperature=0)
+    wait.until(lambda b: b.find_element(By.ID, "status").text == "ready")
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg.error") == []
+
+
+def test_a_model_that_is_not_chat_tuned_continues_the_typed_text(browser, servers):
+    server = servers["base"]
+    wait = open_page(browser, server)
+    assert "not chat-tuned" in browser.find_element(By.ID, "mode").text
+    send(browser, "Hello world", max_tokens=12, temperature=0)
+    wait.until(lambda b: b.find_element(By.ID, "status").text == "ready")
+    expected = (
+        server.client.completions.create(model=server.name, prompt="Hello world", max_tokens=12, temperature=0)
+        .choices[0]
+        .text
+    )
+    assert reply_text(browser) == "Hello world" + expected
+    # an error from the server is shown, not swallowed
+    send(browser, "Hello", max_tokens=5, temperature=-1)
+    wait.until(lambda b: b.find_element(By.ID, "status").text == "error")
+    assert "temperature" in browser.find_elements(By.CSS_SELECTOR, ".msg.error")[-1].text
