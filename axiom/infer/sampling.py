@@ -67,7 +67,8 @@ class RowSampling:
         the device."""
         pad = size - len(params)
         floats = [(_temperature(p), 1.0 if p.top_p is None else p.top_p) for p in params] + [(0.0, 1.0)] * pad
-        ints = [(p.top_k or 0, (s + 2**63) % 2**64 - 2**63) for p, s in zip(params, seeds, strict=True)]
+        # a top-k beyond any vocabulary keeps everything: capped to fit int64 (a client may send 10**30)
+        ints = [(min(p.top_k or 0, 2**31), (s + 2**63) % 2**64 - 2**63) for p, s in zip(params, seeds, strict=True)]
         f = torch.tensor(floats, dtype=torch.float32).to(device)
         i = torch.tensor(ints + [(0, 0)] * pad, dtype=torch.int64).to(device)
         return cls(f[:, 0], i[:, 0], f[:, 1], i[:, 1], _cut(params))
