@@ -2,9 +2,8 @@
 its own sampling parameters, seed, stop ids and budget, in the eager, static and compiled steps; engines and
 generators on one model share nothing."""
 
-from dataclasses import replace
-
 import copy
+from dataclasses import replace
 
 import pytest
 import torch

@@ -145,19 +145,18 @@ def test_full_mode_needs_a_gpu(tmp_path, capsys):
     assert f"--corpus {tmp_path / 'missing'} not found" in capsys.readouterr().out
 
 
-def test_parts_run_only_what_is_asked_in_the_checks_order(tmp_path, monkeypatch, capsys):
+def test_parts_run_only_what_is_asked(tmp_path, monkeypatch, capsys):
     gpu_check = _gpu_check()
     ran = []
-    for name in ("decode_profile", "memory_profile", "throughput_sweep", "decode", "training_run"):
-        monkeypatch.setattr(gpu_check, name, lambda check, *args, name=name, **kw: ran.append(name))
-    missing = str(tmp_path / "missing")  # no corpus needed without the training run
+    for name in gpu_check.PARTS:
+        monkeypatch.setitem(gpu_check.PARTS, name, lambda check, sizes, name=name: ran.append(name))
+    missing = str(tmp_path / "missing")  # no corpus needed without the shipped run
     assert (
         gpu_check.main([str(tmp_path / "out"), "--smoke", "--parts", "decode,decode_profile", "--corpus", missing]) == 0
     )
-    assert ran == ["decode_profile", "decode"]
-    assert gpu_check.main([str(tmp_path / "out"), "--smoke", "--parts", "tests", "--corpus", missing]) == 2
-    message = "--parts tests: choose among decode_profile, memory, throughput, decode, training"
-    assert message in capsys.readouterr().out
+    assert ran == ["decode", "decode_profile"]
+    assert gpu_check.main([str(tmp_path / "out"), "--smoke", "--parts", "profile", "--corpus", missing]) == 2
+    assert f"unknown part(s) profile; choose from {', '.join(gpu_check.PARTS)}" in capsys.readouterr().out
 
 
 def gpu_check_has_cuda() -> bool:
