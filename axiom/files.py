@@ -36,7 +36,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 
 from axiom import __version__
@@ -210,12 +210,16 @@ def _holder(lock: Path) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
-def _held_error(out: Path, command: str, lock: Path) -> AxiomError:
+class OutputBusy(AxiomError):
+    """The output is locked by another live process (`output_lock`)."""
+
+
+def _held_error(out: Path, command: str, lock: Path) -> OutputBusy:
     h = _holder(lock)
     who = (
         f"axiom {h.get('command', '?')} (pid {h.get('pid', '?')} on {h.get('host', '?')}, since {h.get('since', '?')})"
     )
-    return AxiomError(
+    return OutputBusy(
         f"{out} is being written by {who if h else 'another process'}; wait for it to finish or stop it, "
         f"then run axiom {command} again (lock: {lock})"
     )
@@ -227,8 +231,12 @@ def _stale_pidfile(lock: Path) -> bool:
 
 
 @contextlib.contextmanager
-def output_lock(out: str | Path, command: str) -> Iterator[Path]:
-    """Hold `out` exclusively for `axiom COMMAND`; a second writer fails at once with an AxiomError naming us.
+def output_lock(
+    out: str | Path, command: str, wait_s: float = 0.0, on_wait: Callable[[dict], None] | None = None
+) -> Iterator[Path]:
+    """Hold `out` exclusively for `axiom COMMAND`; while another process holds it, wait up to `wait_s` seconds
+    (calling `on_wait(holder)` once, holder as in the lock file: command, pid, host, since), then fail with an
+    OutputBusy (an AxiomError) naming the holder.
 
     The lock is `flock` on `.NAME.lock` beside `out` (beside, so it also covers an output that is replaced by a
     rename, and exists before `out` does). flock because the kernel releases it on any exit, kill -9 and OOM
@@ -245,27 +253,14 @@ def output_lock(out: str | Path, command: str) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock_path(out)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        if fcntl is None:
-            fd = _pidfile_lock(out, command, lock)
-            break
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise _held_error(out, command, lock) from None
-        except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS...: no flock on this filesystem
-            os.close(fd)
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                raise _held_error(out, command, lock) from None
-            fd = _pidfile_lock(out, command, lock)
-            break
-        # A holder removes the file just before releasing it: if we locked a file that is no longer at the path,
-        # someone else may be locking the new one; start over.
-        if _identity(lock) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
-            break
-        os.close(fd)
+    deadline = time.monotonic() + wait_s
+    while (fd := _try_lock(lock)) is None:
+        if time.monotonic() >= deadline:
+            raise _held_error(out, command, lock)
+        if on_wait is not None:
+            on_wait(_holder(lock))
+            on_wait = None
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
     info = {"command": command, "pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%H:%M:%S")}
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps(info).encode())
@@ -278,16 +273,37 @@ def output_lock(out: str | Path, command: str) -> Iterator[Path]:
         os.close(fd)
 
 
-def _pidfile_lock(out: Path, command: str, lock: Path) -> int:
+def _try_lock(lock: Path) -> int | None:
+    """The locked file's descriptor, or None while another process holds it."""
+    while True:
+        if fcntl is None:
+            return _try_pidfile(lock)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS...: no flock on this filesystem
+            os.close(fd)
+            return None if e.errno in (errno.EACCES, errno.EAGAIN) else _try_pidfile(lock)
+        # A holder removes the file just before releasing it: if we locked a file that is no longer at the path,
+        # someone else may be locking the new one; start over.
+        if _identity(lock) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+            return fd
+        os.close(fd)
+
+
+def _try_pidfile(lock: Path) -> int | None:
     """The fallback without flock: create the lock file exclusively; a leftover of a dead local PID is removed."""
     for _ in range(2):
         try:
             return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             if not _stale_pidfile(lock):
-                raise _held_error(out, command, lock) from None
+                return None
             lock.unlink(missing_ok=True)
-    raise _held_error(out, command, lock)
+    return None
 
 
 @contextlib.contextmanager
