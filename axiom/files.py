@@ -2,9 +2,11 @@
 that keep a user's data safe from our outputs.
 
     check_no_overlap(out, inputs)     an output never is, contains or lies inside an input (symlinks resolved)
-    write_marker / read_marker        `.axiom-output.json`: which command wrote a folder (so --force may replace it)
-    check_replaceable(out, cmd, force) refuse a file, a non-empty folder without --force, a foreign folder with it
-    output_lock(out, cmd)             one writer per output: an exclusive flock, released on any exit
+    write_marker / read_marker        `.axiom-output.json`: which command wrote a folder, and its files (so --force
+                                      may replace it)
+    check_replaceable(out, cmd, force) refuse a file, a non-empty folder without --force, with it a foreign folder
+                                      or one holding files the command did not write
+    output_lock(out, cmd, wait_s)     one writer per output: an exclusive flock, released on any exit
     write_errors(out, then)           a full disk, read-only or forbidden target as one line
     atomic_file / atomic_dir          every write goes through one: written under `.NAME.tmp-PID` beside the output,
                                       flushed, renamed when complete, removed on failure
@@ -140,8 +142,10 @@ def check_no_overlap(
 
 
 def write_marker(directory: str | Path, command: str, **info) -> None:
-    """Mark `directory` as written by `axiom COMMAND` (call it on the temporary folder, before the rename)."""
+    """Mark `directory` as written by `axiom COMMAND`, listing the files it holds (call it on the temporary folder,
+    once it is complete and before the rename): --force later replaces only a folder that holds nothing else."""
     record = {"command": command, "axiom_version": __version__, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record["files"] = [name for name in _entries(Path(directory)) if name != MARKER]
     (Path(directory) / MARKER).write_text(json.dumps({**record, **info}, indent=2) + "\n")
 
 
@@ -154,12 +158,25 @@ def read_marker(directory: str | Path) -> dict | None:
     return obj if isinstance(obj, dict) and isinstance(obj.get("command"), str) else None
 
 
+def _entries(directory: Path) -> list[str]:
+    """What `directory` holds, as relative POSIX paths: files, links (not followed) and empty folders (`name/`)."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        here = Path(root)
+        names = [*files, *(d for d in dirs if (here / d).is_symlink())]
+        found += [(here / name).relative_to(directory).as_posix() for name in names]
+        if not dirs and not files and here != directory:
+            found.append(here.relative_to(directory).as_posix() + "/")
+    return sorted(found)
+
+
 def check_replaceable(out: str | Path, command: str, force: bool) -> Path:
     """Refuse an `out` that `axiom COMMAND` must not replace; returns it as a Path.
 
     Absent or empty: fine. A file (or FIFO, ...): refused. A non-empty folder: refused without `force`; with
-    `force`, replaced only if its marker says `axiom COMMAND` wrote it, so that --force never deletes a run, a
-    checkpoint or anything else that merely happens to be at that path.
+    `force`, replaced only if its marker says `axiom COMMAND` wrote it and it holds nothing but the files the marker
+    lists, so that --force never deletes a run, a checkpoint, anything else that merely happens to be at that path,
+    nor a file put into an earlier output since.
     """
     out = Path(out)
     if not out.exists() and not out.is_symlink():
@@ -179,7 +196,26 @@ def check_replaceable(out: str | Path, command: str, force: bool) -> Path:
             f"{out}: --force replaces only a folder written by axiom {command}, and {origin}; it is left alone: "
             "choose another --out"
         )
+    _check_only_ours(out, command, marker)
     return out
+
+
+def _check_only_ours(out: Path, command: str, marker: dict) -> None:
+    """Refuse a folder of `axiom COMMAND` that holds files its marker does not list (added since, e.g. by hand)."""
+    written = marker.get("files")
+    if not isinstance(written, list):
+        raise AxiomError(
+            f"{out}: its {MARKER} (axiom {marker.get('axiom_version', '?')}) does not list the files axiom {command} "
+            "wrote, so --force cannot tell them from files added since; it is left alone: delete the folder yourself "
+            "or choose another --out"
+        )
+    foreign = [name for name in _entries(out) if name != MARKER and name not in written]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise AxiomError(
+            f"{out}: --force replaces only what axiom {command} wrote, and the folder also holds {shown}; it is left "
+            "alone: move those out of it, or choose another --out"
+        )
 
 
 # ---- one writer per output
@@ -485,6 +521,7 @@ def staged_output(out: str | Path, command: str, force: bool) -> Iterator[Path]:
     any failure `out` is left as it was."""
     out = check_replaceable(out, command, force)
     with write_errors(out, "nothing was replaced; fix that and run the command again"), output_lock(out, command):
+        restore_dir(out)  # a replacement a kill interrupted: the folder that is back must pass the check too
         check_replaceable(out, command, force)  # again: another command may have written it meanwhile
         with atomic_dir(out) as tmp:
             yield tmp

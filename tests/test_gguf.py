@@ -10,15 +10,17 @@ import errno
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import save_model
 
+from axiom import __version__
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
 from axiom.interop.export import export, resolve_dtype
-from axiom.interop.gguf import GGUF_NAMES, gguf_name, gguf_writer, interleave_rope_rows
+from axiom.interop.gguf import GGUF_NAMES, gguf_name, gguf_writer, interleave_rope_rows, leading_fields
 from axiom.interop.hf.names import llama_names, to_llama
 from axiom.interop.hf.tokenizer import tokenizer_json
 from axiom.model.checkpoint import load_model
@@ -273,6 +275,59 @@ def test_bad_output_paths_fail_in_one_line(ckpt, tmp_path, capsys):
     )
     # no temporary files left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "m.gguf", "notes.txt"]
+
+
+def write_foreign_gguf(path, **fields) -> bytes:
+    """A small GGUF file of another writer (`fields`: string metadata, e.g. a copied axiom.version); its bytes."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in fields.items():
+        w.add_string(key.replace("_", "."), value)
+    w.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def test_force_replaces_only_a_gguf_file_that_axiom_wrote(ckpt, tmp_path, capsys):
+    """--force used to replace any file that starts with GGUF: a model downloaded from the Hub, or one that
+    llama-quantize made from ours. Axiom records itself (axiom.version) and the file's size among the first keys."""
+
+    def export_to(out, *flags):
+        code = main(["export", "--ckpt", str(ckpt), "--out", str(out), "--format", "gguf", "--dtype", "q8_0", *flags])
+        return code, capsys.readouterr().err
+
+    ours = tmp_path / "ours.gguf"
+    assert export_to(ours)[0] == 0
+    with open(ours, "rb") as f:
+        fields = leading_fields(f)
+    assert fields["axiom.version"][1] == __version__ and fields["axiom.file_size"][1] == ours.stat().st_size
+    renamed = tmp_path / "renamed.gguf"
+    ours.rename(renamed)
+    assert export_to(renamed, "--force")[0] == 0  # the record is in the file: renaming keeps it ours
+    downloaded = tmp_path / "downloaded.gguf"
+    quantized = tmp_path / "quantized.gguf"  # metadata copied from ours, tensors rewritten: another size
+    before = {downloaded: write_foreign_gguf(downloaded), quantized: write_foreign_gguf(quantized, axiom_version="0")}
+    fifo = tmp_path / "fifo.gguf"
+    os.mkfifo(fifo)  # opening it to read the magic would wait for a writer forever
+    why = {
+        downloaded: "is a GGUF file that axiom did not write (no axiom.version key)",
+        quantized: "is a GGUF file changed since axiom wrote it (its size is not the one recorded in it)",
+        fifo: "is a FIFO, not a GGUF file",
+    }
+    for out, reason in why.items():
+        assert export_to(out, "--force") == (
+            2,
+            f"axiom export: error: --out {out} {reason}; --force replaces only an earlier GGUF export\n",
+        )
+    assert all(path.read_bytes() == content for path, content in before.items())
+    changed = tmp_path / "changed.gguf"
+    changed.write_bytes(renamed.read_bytes() + b"appended")
+    code, err = export_to(changed, "--force")
+    assert code == 2 and "is a GGUF file changed since axiom wrote it (its size is not the one recorded" in err
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["renamed.gguf", "changed.gguf", *(p.name for p in why)])  # and no temporary file
 
 
 def test_read_only_file_system_fails_in_one_line(ckpt, tmp_path, monkeypatch):

@@ -103,9 +103,12 @@ def test_force_replaces_only_an_earlier_output_of_the_same_command(run, tmp_path
     succeeds(capsys, ["export", "--ckpt", best, "--out", hf])
     assert json.loads((hf / MARKER).read_text())["command"] == "export"
     fails(capsys, ["export", "--ckpt", best, "--out", hf], "not empty; pass --force to replace it")
-    (hf / "stale.txt").write_text("from before")
+    (hf / "notes.txt").write_text("added to the export since")  # not the export's: --force keeps it
+    kept = hashes(hf)
+    fails(capsys, ["export", "--ckpt", best, "--out", hf, "--force"], "also holds notes.txt", "left alone")
+    assert hashes(hf) == kept
+    (hf / "notes.txt").unlink()
     succeeds(capsys, ["export", "--ckpt", best, "--out", hf, "--force"])
-    assert not (hf / "stale.txt").exists()
     imported = tmp_path / "imported"
     succeeds(capsys, ["import", "--hf", hf, "--out", imported])
     fails(capsys, ["import", "--hf", hf, "--out", hf, "--force"], "it was written by axiom export")

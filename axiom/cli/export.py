@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="replace --out if it is an earlier axiom export (a folder, or for gguf a GGUF file; never anything else)",
+        help="replace --out if it is an earlier axiom export holding nothing else (a folder, or for gguf a GGUF file "
+        "that axiom wrote; never anything else)",
     )
     parser.add_argument("--eval-csv", help="the run's eval.csv for the model card (default: found next to --ckpt)")
 

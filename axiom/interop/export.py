@@ -96,6 +96,7 @@ def _export_gguf(ckpt: Path, out: str | Path, dtype: str, force: bool) -> Path:
     out = gguf.check_out_file(out, force)
     check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run_dir_of(ckpt)})
     with write_errors(out, "nothing was replaced; fix that and run the command again"), output_lock(out, "export"):
+        gguf.check_out_file(out, force)  # again: another command may have written it meanwhile
         remove_stale_temps(out)
         model, cfg, meta = load_model(ckpt)
         return gguf.write_gguf(model.state_dict(), cfg.model, out, dtype, out.stem, chat_template(meta))
