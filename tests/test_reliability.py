@@ -116,6 +116,60 @@ def test_force_replaces_only_an_earlier_output_of_the_same_command(run, tmp_path
     succeeds(capsys, ["import", "--hf", hf, "--out", imported, "--force"])
 
 
+def test_force_keeps_what_was_added_to_an_output_since(run, tmp_path, capsys):
+    """--force replaces an earlier export or import only when the folder holds nothing but what its marker lists:
+    a file or folder put there since is named and the whole folder is left as it was; so is a folder whose marker
+    (an older axiom's) lists nothing."""
+    best = run / "checkpoints" / "best"
+    hf, imported = tmp_path / "hf", tmp_path / "imported"
+    succeeds(capsys, ["export", "--ckpt", best, "--out", hf])
+    succeeds(capsys, ["import", "--hf", hf, "--out", imported])
+    marker = json.loads((imported / MARKER).read_text())
+    assert marker["files"] == sorted(p.name for p in imported.iterdir() if p.name != MARKER)
+    (imported / "eval").mkdir()
+    (imported / "eval" / "scores.csv").write_text("task,acc\n")
+    (imported / "empty").mkdir()
+    kept = hashes(imported)
+    line = fails(capsys, ["import", "--hf", hf, "--out", imported, "--force"], "left alone", "move those out")
+    assert "the folder also holds empty/, eval/scores.csv;" in line
+    assert hashes(imported) == kept and (imported / "empty").is_dir()
+    legacy = {k: v for k, v in json.loads((hf / MARKER).read_text()).items() if k != "files"}
+    (hf / MARKER).write_text(json.dumps(legacy))
+    kept = hashes(hf)
+    fails(capsys, ["export", "--ckpt", best, "--out", hf, "--force"], "does not list the files", "delete the folder")
+    assert hashes(hf) == kept
+
+
+def test_an_interrupted_replacement_is_settled_and_checked_first(run, tmp_path, capsys):
+    """A kill between atomic_dir's two renames leaves the old folder moved aside as .NAME.old and no NAME: the next
+    export puts it back and checks it as it would NAME (it used to replace it without --force)."""
+    best = run / "checkpoints" / "best"
+    hf = tmp_path / "hf"
+    succeeds(capsys, ["export", "--ckpt", best, "--out", hf])
+    kept = hashes(hf)
+    os.replace(hf, tmp_path / ".hf.old")
+    fails(capsys, ["export", "--ckpt", best, "--out", hf], "not empty; pass --force to replace it")
+    assert hashes(hf) == kept and not (tmp_path / ".hf.old").exists()
+
+
+def test_kill_9_during_a_forced_export_leaves_one_complete_folder(run, tmp_path, capsys):
+    best = run / "checkpoints" / "best"
+    hf = tmp_path / "hf"
+    succeeds(capsys, ["export", "--ckpt", best, "--out", hf])
+    for delay in (0.0, 0.05, 0.3):  # after the temporary folder appears: while it fills, around the renames
+        proc = axiom_process("export", "--ckpt", best, "--out", hf, "--force")
+        while proc.poll() is None and not (tmp_path / f".hf.tmp-{proc.pid}").exists():
+            time.sleep(0.005)
+        time.sleep(delay)
+        proc.kill()
+        proc.communicate()
+        folder = hf if hf.exists() else tmp_path / ".hf.old"
+        written = json.loads((folder / MARKER).read_text())["files"]
+        assert sorted(p.name for p in folder.iterdir() if p.name != MARKER) == written  # complete, old or new
+        succeeds(capsys, ["export", "--ckpt", best, "--out", hf, "--force"])
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 # ---- 4. one writer per output: the second names the holder and exits 2; a dead holder's lock is free
 
 
