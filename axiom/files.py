@@ -13,6 +13,7 @@ that keep a user's data safe from our outputs.
     remove_stale_temps / restore_dir  temporaries of dead processes are removed; a folder replacement a kill
                                       interrupted is settled
     staged_output(out, cmd, force)    all of the above for an output folder replaced as a whole
+    file_mode()                       the mode a new file gets under the process umask, for writers that use another
     member(folder, name, where)       a file named inside a manifest or index stays inside its folder
 
 A command that writes the folder `out` from `inputs` does, before any slow work:
@@ -526,6 +527,18 @@ def staged_output(out: str | Path, command: str, force: bool) -> Iterator[Path]:
         with atomic_dir(out) as tmp:
             yield tmp
             write_marker(tmp, command)
+
+
+def file_mode() -> int:
+    """The mode `open()` gives a new file here (0o666 less the process umask), for files that a library writes
+    with another (safetensors: 0o600). Read from /proc where it can be: setting the umask to learn it races with
+    other threads' file creation."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return 0o666 & ~int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 # ---- names read from files

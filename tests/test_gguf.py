@@ -19,6 +19,7 @@ from axiom import __version__
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
+from axiom.files import file_mode
 from axiom.interop.export import export, resolve_dtype
 from axiom.interop.gguf import GGUF_NAMES, gguf_name, gguf_writer, interleave_rope_rows, leading_fields
 from axiom.interop.hf.names import llama_names, to_llama
@@ -306,6 +307,7 @@ def test_force_replaces_only_a_gguf_file_that_axiom_wrote(ckpt, tmp_path, capsys
     renamed = tmp_path / "renamed.gguf"
     ours.rename(renamed)
     assert export_to(renamed, "--force")[0] == 0  # the record is in the file: renaming keeps it ours
+    assert renamed.stat().st_mode & 0o777 == file_mode()  # the umask's, as every file we write
     downloaded = tmp_path / "downloaded.gguf"
     quantized = tmp_path / "quantized.gguf"  # metadata copied from ours, tensors rewritten: another size
     before = {downloaded: write_foreign_gguf(downloaded), quantized: write_foreign_gguf(quantized, axiom_version="0")}

@@ -19,7 +19,7 @@ import sys
 import time
 
 import pytest
-from conftest import save_model
+from conftest import micro_config, save_model
 from reliability_helpers import REPO, axiom_process, copy_run, fails, hashes, jsonl, make_run, succeeds
 
 from axiom import files
@@ -35,6 +35,7 @@ from axiom.model.checkpoint import (
     save_training_state,
     write_dir_atomic,
 )
+from axiom.model.transformer import Axiom
 
 pytest.importorskip("transformers", reason="export writes transformers' files: pip install 'axiom-lm[hf]'")
 
@@ -168,6 +169,23 @@ def test_kill_9_during_a_forced_export_leaves_one_complete_folder(run, tmp_path,
         assert sorted(p.name for p in folder.iterdir() if p.name != MARKER) == written  # complete, old or new
         succeeds(capsys, ["export", "--ckpt", best, "--out", hf, "--force"])
         assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_every_output_file_gets_the_umask_mode(run, corpus, tmp_path, capsys):
+    """model.safetensors was written 0600 (safetensors' own mode) beside 0644 files: every file a command writes
+    now gets the mode the umask gives (here 0002: 0664), checkpoints, exports, imports and shards alike."""
+    previous = os.umask(0o002)
+    try:
+        assert files.file_mode() == 0o664
+        write_dir_atomic(tmp_path / "ckpt", lambda tmp: save_model(Axiom(micro_config().model), micro_config(), tmp))
+        succeeds(capsys, ["export", "--ckpt", run / "checkpoints" / "best", "--out", tmp_path / "hf"])
+        succeeds(capsys, ["import", "--hf", tmp_path / "hf", "--out", tmp_path / "imported"])
+        succeeds(capsys, ["prepare", corpus, "--out", tmp_path / "data", "--workers", "1", "--val-fraction", "0.2"])
+    finally:
+        os.umask(previous)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != corpus]
+    assert {p.parent.name for p in written} == {"ckpt", "hf", "imported", "data"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o664" for p in written}
 
 
 # ---- 4. one writer per output: the second names the holder and exits 2; a dead holder's lock is free
