@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from axiom.cli import main
+from axiom.cli import build_parser, main
 
 TINY = ["generate", "--preset", "tiny", "--set", "max_seq_len=16", "--temperature", "0"]
 
@@ -52,3 +52,39 @@ def test_cuda_without_a_gpu_is_one_line(capsys):
     assert main([*TINY, "--prompt", "Hello", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("axiom generate: error: --device cuda") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate"],
+        ["chat", "--ckpt", "c"],
+        ["serve", "--ckpt", "c"],
+        ["bench", "generate"],
+    ],
+)
+def test_every_decoding_dtype_flag_takes_both_spellings(argv):
+    """torch's names and llama.cpp's mean the same everywhere (axiom.dtypes): the library gets torch's."""
+    parser = build_parser()
+    for spelling, name in [("f32", "float32"), ("bfloat16", "bfloat16"), ("bf16", "bfloat16"), ("q8_0", "int8")]:
+        assert parser.parse_args([*argv, "--dtype", spelling]).dtype == name
+
+
+@pytest.mark.parametrize("argv", [["generate"], ["chat", "--ckpt", "c"], ["serve", "--ckpt", "c"], ["export"]])
+def test_dtype_help_lists_both_spellings_the_same_way(argv, capsys):
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--dtype DTYPE weights" in help_text
+    assert "float32 (f32)" in help_text and "bfloat16 (bf16)" in help_text and "int8 (q8_0)" in help_text
+
+
+def test_llama_cpp_spellings_decode_as_torchs(capsys):
+    outputs = []
+    for dtype in ("int8", "q8_0"):
+        assert main([*TINY, "--prompt", "Hello", "--max-new-tokens", "4", "--dtype", dtype]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("Hello")
+    with pytest.raises(SystemExit) as e:
+        main([*TINY, "--dtype", "f16"])
+    assert e.value.code == 2 and "invalid choice: 'f16' (choose from" in capsys.readouterr().err

@@ -224,12 +224,18 @@ def test_dtype_spellings():
         "f16",
         "q8_0",
     ]
+    assert [resolve_dtype("gguf", d) for d in ("f32", "bf16", "f16", "int8")] == ["f32", "bf16", "f16", "q8_0"]
     assert [resolve_dtype("llama", d) for d in ("float32", "bf16")] == ["f32", "bf16"]
-    with pytest.raises(AxiomError, match=r"--dtype q8_0: --format llama writes f32 \(float32\) or bf16 \(bfloat16\); "):
+    with pytest.raises(
+        AxiomError,
+        match=r"--dtype q8_0: --format llama writes float32 \(f32\) or bfloat16 \(bf16\); "
+        r"float16 \(f16\) and int8 \(q8_0\) are for --format gguf$",
+    ):
         resolve_dtype("llama", "q8_0")
     with pytest.raises(
         AxiomError,
-        match=r"--dtype int4: --format gguf writes f32 \(float32\), bf16 \(bfloat16\), f16 \(float16\) or q8_0$",
+        match=r"--dtype int4: --format gguf writes float32 \(f32\), bfloat16 \(bf16\), float16 \(f16\) or "
+        r"int8 \(q8_0\)$",
     ):
         resolve_dtype("gguf", "int4")
 
@@ -264,15 +270,15 @@ def test_bad_output_paths_fail_in_one_line(ckpt, tmp_path, capsys):
     code, err = run("--out", str(blocker / "m.gguf"))
     assert code == 2 and "cannot write" in err
     with pytest.raises(SystemExit) as e:  # argparse's usage error
-        main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "x.gguf"), "--format", "gguf", "--dtype", "int8"])
-    assert e.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+        main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "x.gguf"), "--format", "gguf", "--dtype", "int4"])
+    assert e.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
     assert (
         main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--format", "llama", "--dtype", "q8_0"])
         == 2
     )
     assert capsys.readouterr().err == (
-        "axiom export: error: --dtype q8_0: --format llama writes f32 (float32) or bf16 (bfloat16); "
-        "f16 and q8_0 are for --format gguf\n"
+        "axiom export: error: --dtype q8_0: --format llama writes float32 (f32) or bfloat16 (bf16); "
+        "float16 (f16) and int8 (q8_0) are for --format gguf\n"
     )
     # no temporary files left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "m.gguf", "notes.txt"]
