@@ -2,10 +2,14 @@
 
 import pytest
 import torch
+from conftest import save_model
 
 from axiom.cli import build_parser, main
+from axiom.config import Config, ModelConfig, TrainConfig
+from axiom.model.transformer import Axiom
 
 TINY = ["generate", "--preset", "tiny", "--set", "max_seq_len=16", "--temperature", "0"]
+NOISE = "notice: no --ckpt: sampling from randomly initialised tiny weights; the text is noise\n"
 
 
 @pytest.mark.parametrize(
@@ -37,7 +41,7 @@ def test_a_cap_by_the_context_is_said(capsys):
     out, err = capsys.readouterr()
     assert err == (
         "axiom generate: note: --max-new-tokens 50 capped to 6: the prompt (10 tokens) and its new tokens fill the "
-        "context of 16\n"
+        "context of 16\n" + NOISE
     )
     assert out.startswith("one two three four five six seven eight nine ten")
 
@@ -88,3 +92,12 @@ def test_llama_cpp_spellings_decode_as_torchs(capsys):
     with pytest.raises(SystemExit) as e:
         main([*TINY, "--dtype", "f16"])
     assert e.value.code == 2 and "invalid choice: 'f16' (choose from" in capsys.readouterr().err
+
+
+def test_sampling_random_weights_is_said_once_a_checkpoint_is_not(tmp_path, capsys):
+    assert main([*TINY, "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().err == NOISE
+    small = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_multiple_of=32, max_seq_len=16)
+    save_model(Axiom(small), Config(small, TrainConfig()), tmp_path)
+    assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().err == ""

@@ -12,7 +12,9 @@ from axiom.cli.args import (
     add_inference_arguments,
     add_sampling_arguments,
     check_sampling_flags,
+    config_file,
     config_from_args,
+    preset_of,
 )
 from axiom.errors import AxiomError
 from axiom.infer.engine import SamplingParams
@@ -40,6 +42,9 @@ def run(args: argparse.Namespace) -> None:
     texts = args.prompt or [""]
     prompts = [enc.encode_ordinary(t) if t else [enc.eot_token] for t in texts]
     _check_context(prompts, model.cfg.max_seq_len, args.max_new_tokens)
+    if not args.ckpt:
+        noise = f"randomly initialised {preset_of(args, config_file(args))} weights; the text is noise"
+        print(f"notice: no --ckpt: sampling from {noise}", file=sys.stderr)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     replies = [TextStream(stop_ids(chat=False), enc=enc) for _ in prompts]
     live = len(prompts) == 1  # one prompt streams to the terminal; a batch prints when done
