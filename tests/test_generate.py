@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import save_model
+from decode_helpers import BREAKING, needs_maths_checks, text_or_one_line
 
 from axiom.cli import build_parser, main
 from axiom.config import Config, ModelConfig, TrainConfig
@@ -101,3 +102,21 @@ def test_sampling_random_weights_is_said_once_a_checkpoint_is_not(tmp_path, caps
     save_model(Axiom(small), Config(small, TrainConfig()), tmp_path)
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().err == ""
+
+
+@needs_maths_checks
+@pytest.mark.parametrize("flags", BREAKING, ids=" ".join)
+def test_values_that_break_the_maths_give_text_or_one_line(flags, capsys):
+    code = main([*TINY, "--prompt", "Hello", "--max-new-tokens", "3", *flags])
+    text_or_one_line(code, *capsys.readouterr(), "generate", flags[0])
+
+
+@needs_maths_checks
+def test_a_batch_whose_last_seed_breaks_the_maths_is_one_line(capsys):
+    """Prompt i samples with seed + i: --seed at the top of the range is fine for one prompt, not for two."""
+    top = 2**64 - 1
+    assert main([*TINY, "--prompt", "a", "--prompt", "b", "--max-new-tokens", "2", "--seed", str(top)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"axiom generate: error: --seed {top}: prompt 1 samples with seed + 1 = {top + 1}, which "
+    )
+    assert main([*TINY, "--prompt", "a", "--max-new-tokens", "2", "--seed", str(top)]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     check_sampling_flags(params)
+    _check_row_seeds(params, len(args.prompt or [""]))
     enc = load_tokenizer()
     model = _model(args)
     texts = args.prompt or [""]
@@ -74,6 +76,18 @@ def _model(args: argparse.Namespace) -> Axiom:
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     return prepare_model(Axiom(config_from_args(args).model).to(device), args.dtype)
+
+
+def _check_row_seeds(params: SamplingParams, rows: int) -> None:
+    """Prompt i samples with seed + i: the last prompt's seed must be one the engine takes too (the first one
+    checked is --seed itself)."""
+    if params.seed is None or rows < 2:
+        return
+    last = dataclasses.replace(params, seed=params.seed + rows - 1)
+    if problem := last.problem():
+        raise AxiomError(
+            f"--seed {params.seed}: prompt {rows - 1} samples with seed + {rows - 1} = {last.seed}, which {problem[1]}"
+        )
 
 
 def _check_context(prompts: list[list[int]], context: int, max_new_tokens: int) -> None:
