@@ -84,8 +84,8 @@ def _build_and_load(wait_s: float) -> str | None:
     try:
         build = Path(_get_build_directory(NAME, verbose=False))
         with output_lock(build, BUILDER, wait_s=wait_s, on_wait=functools.partial(_announce_wait, wait_s)):
-            if not _settle_dead_build(build, deadline, wait_s):
-                raise OutputBusy(build)
+            if busy := _settle_dead_build(build, deadline, wait_s):
+                return f"still being built by pid {busy[0]} after {wait_s:g} s"
             with environment("PATH", _build_path()):  # torch's build runs `ninja` found through PATH
                 load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     except OutputBusy:
@@ -103,15 +103,15 @@ def _announce_wait(wait_s: float, holder: dict) -> None:
     )
 
 
-def _settle_dead_build(build: Path, deadline: float, wait_s: float) -> bool:
+def _settle_dead_build(build: Path, deadline: float, wait_s: float) -> list[int]:
     """Under our lock no build of ours runs, but a killed one may have left torch's `lock` (which torch's builder
     holds open while it builds) and its compiler still running in the build folder. Wait until no process does
-    either (False if that outlasts `deadline`), then remove a `lock` left behind."""
+    either, then remove a `lock` left behind; the pids still at it if that outlasts `deadline`, else []."""
     lock = build / "lock"
     announced = False
-    while users := _processes_using(build, lock):
+    while users := _builders(build, lock):
         if time.monotonic() >= deadline:
-            return False
+            return users
         if not announced:
             _announce_wait(wait_s, {"pid": users[0]})
             announced = True
@@ -119,22 +119,30 @@ def _settle_dead_build(build: Path, deadline: float, wait_s: float) -> bool:
     if lock.exists():
         logger.warning("removing %s, left behind by a build of the decode kernels that was stopped", lock)
         lock.unlink(missing_ok=True)
-    return True
+    return []
 
 
-def _processes_using(folder: Path, file: Path) -> list[int]:
-    """Other processes that work in `folder` or (if it exists) hold `file` open; Linux /proc, where processes we
-    may not inspect are not seen."""
-    folder, file, check_files = os.path.realpath(folder), os.path.realpath(file), os.path.exists(file)
+def _builders(folder: Path, lock: Path) -> list[int]:
+    """Other processes that hold `lock` open (torch's builder) or compile in `folder` (a killed builder's ninja
+    and compilers run on); Linux /proc, where processes we may not inspect are not seen. A shell that merely sits
+    in the folder does not count."""
+    folder, lock, locked = os.path.realpath(folder), os.path.realpath(lock), os.path.exists(lock)
     users = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         with contextlib.suppress(OSError):  # gone meanwhile, or not ours to inspect
             cwd = os.readlink(proc / "cwd")
-            if cwd == folder or cwd.startswith(folder + os.sep) or (check_files and file in _open_files(proc)):
+            compiling = (cwd == folder or cwd.startswith(folder + os.sep)) and _is_build_tool(proc)
+            if compiling or (locked and lock in _open_files(proc)):
                 users.append(int(proc.name))
     return users
+
+
+def _is_build_tool(proc: Path) -> bool:
+    """ninja or a compiler, assembler or linker it runs (`comm`: the program's name, cut to 15 bytes)."""
+    name = (proc / "comm").read_text().strip()
+    return name in ("ninja", "as", "collect2") or name.startswith(("cc", "c++", "g++", "gcc", "clang", "ld", "x86_64"))
 
 
 def _open_files(proc: Path) -> set[str]:
