@@ -210,13 +210,27 @@ def _check_only_ours(out: Path, command: str, marker: dict) -> None:
             "wrote, so --force cannot tell them from files added since; it is left alone: delete the folder yourself "
             "or choose another --out"
         )
-    foreign = [name for name in _entries(out) if name != MARKER and name not in written]
+    foreign = _foreign(_entries(out), written)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise AxiomError(
             f"{out}: --force replaces only what axiom {command} wrote, and the folder also holds {shown}; it is left "
             "alone: move those out of it, or choose another --out"
         )
+
+
+def _foreign(entries: list[str], written: list) -> list[str]:
+    """The entries that are not in `written` (nor the marker), a folder that holds nothing written as `NAME/`."""
+    foreign = []
+    for name in entries:
+        if name == MARKER or name in written:
+            continue
+        top = name.split("/", 1)[0] + "/"
+        if "/" in name and not any(isinstance(w, str) and w.startswith(top) for w in written):
+            name = top  # e.g. a .git folder: named once, not file by file
+        if name not in foreign:
+            foreign.append(name)
+    return foreign
 
 
 # ---- one writer per output

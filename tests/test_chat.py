@@ -409,7 +409,7 @@ def chat_lines(ckpt, script: str, monkeypatch, capsys) -> tuple[list[str], list[
 
 
 def test_chat_commands_are_never_sent_to_the_model(plain_ckpt, monkeypatch, capsys):
-    script = "/help\n/bogus thing\n//etc is a folder?\nHi\n  /reset\n/exit\nnever read\n"
+    script = "/help\n/bogus thing\n//etc is a folder?\nHi\n  /reset\n/system\tBe brief.\n/exit\nnever read\n"
     out, sent = chat_lines(plain_ckpt, script, monkeypatch, capsys)
     assert sent == ["/etc is a folder?", "Hi"]
     assert [line.split()[0] for line in out[:5]] == ["/help", "/reset", "/system", "/quit", "//TEXT"]
@@ -419,6 +419,7 @@ def test_chat_commands_are_never_sent_to_the_model(plain_ckpt, monkeypatch, caps
         "reply 1",
         "reply 2",
         "(conversation forgotten)",
+        "(system message set)",
     ]
     assert chat_lines(plain_ckpt, "/quit\nHi\n", monkeypatch, capsys) == ([], [])
 

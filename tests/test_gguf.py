@@ -320,7 +320,8 @@ def test_force_replaces_only_a_gguf_file_that_axiom_wrote(ckpt, tmp_path, capsys
     fifo = tmp_path / "fifo.gguf"
     os.mkfifo(fifo)  # opening it to read the magic would wait for a writer forever
     why = {
-        downloaded: "is a GGUF file that axiom did not write (no axiom.version key)",
+        downloaded: "is a GGUF file without axiom's record (no axiom.version key: another program's, or an older "
+        "axiom's)",
         quantized: "is a GGUF file changed since axiom wrote it (its size is not the one recorded in it)",
         fifo: "is a FIFO, not a GGUF file",
     }

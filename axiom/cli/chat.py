@@ -84,7 +84,7 @@ def interactive(chat: Chat, tty: bool) -> int:
 
 def command(chat: Chat, line: str) -> bool:
     """Carry out the interactive command `line` (it starts with /); False when it ends the chat."""
-    name, _, text = line.partition(" ")
+    name, text = (line.split(None, 1) + [""])[:2]
     if name in ("/quit", "/exit"):
         return False
     if name == "/help":

@@ -166,7 +166,7 @@ def not_ours(path: Path) -> str | None:
     except (struct.error, ValueError):
         return "is not a readable GGUF file"
     if AXIOM_KEY not in fields:
-        return f"is a GGUF file that axiom did not write (no {AXIOM_KEY} key)"
+        return f"is a GGUF file without axiom's record (no {AXIOM_KEY} key: another program's, or an older axiom's)"
     if fields.get(SIZE_KEY, (0, None))[1] != path.stat().st_size:
         return "is a GGUF file changed since axiom wrote it (its size is not the one recorded in it)"
     return None
