@@ -75,7 +75,9 @@ def test_every_decoding_dtype_flag_takes_both_spellings(argv):
         assert parser.parse_args([*argv, "--dtype", spelling]).dtype == name
 
 
-@pytest.mark.parametrize("argv", [["generate"], ["chat", "--ckpt", "c"], ["serve", "--ckpt", "c"], ["export"]])
+@pytest.mark.parametrize(
+    "argv", [["generate"], ["chat", "--ckpt", "c"], ["serve", "--ckpt", "c"], ["export"], ["bench", "generate"]]
+)
 def test_dtype_help_lists_both_spellings_the_same_way(argv, capsys):
     with pytest.raises(SystemExit):
         main([*argv, "--help"])
