@@ -2,15 +2,18 @@
 that keep a user's data safe from our outputs.
 
     check_no_overlap(out, inputs)     an output never is, contains or lies inside an input (symlinks resolved)
-    write_marker / read_marker        `.axiom-output.json`: which command wrote a folder (so --force may replace it)
-    check_replaceable(out, cmd, force) refuse a file, a non-empty folder without --force, a foreign folder with it
-    output_lock(out, cmd)             one writer per output: an exclusive flock, released on any exit
+    write_marker / read_marker        `.axiom-output.json`: which command wrote a folder, and its files (so --force
+                                      may replace it)
+    check_replaceable(out, cmd, force) refuse a file, a non-empty folder without --force, with it a foreign folder
+                                      or one holding files the command did not write
+    output_lock(out, cmd, wait_s)     one writer per output: an exclusive flock, released on any exit
     write_errors(out, then)           a full disk, read-only or forbidden target as one line
     atomic_file / atomic_dir          every write goes through one: written under `.NAME.tmp-PID` beside the output,
                                       flushed, renamed when complete, removed on failure
     remove_stale_temps / restore_dir  temporaries of dead processes are removed; a folder replacement a kill
                                       interrupted is settled
     staged_output(out, cmd, force)    all of the above for an output folder replaced as a whole
+    file_mode()                       the mode a new file gets under the process umask, for writers that use another
     member(folder, name, where)       a file named inside a manifest or index stays inside its folder
 
 A command that writes the folder `out` from `inputs` does, before any slow work:
@@ -36,7 +39,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 
 from axiom import __version__
@@ -140,8 +143,10 @@ def check_no_overlap(
 
 
 def write_marker(directory: str | Path, command: str, **info) -> None:
-    """Mark `directory` as written by `axiom COMMAND` (call it on the temporary folder, before the rename)."""
+    """Mark `directory` as written by `axiom COMMAND`, listing the files it holds (call it on the temporary folder,
+    once it is complete and before the rename): --force later replaces only a folder that holds nothing else."""
     record = {"command": command, "axiom_version": __version__, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record["files"] = [name for name in _entries(Path(directory)) if name != MARKER]
     (Path(directory) / MARKER).write_text(json.dumps({**record, **info}, indent=2) + "\n")
 
 
@@ -154,12 +159,25 @@ def read_marker(directory: str | Path) -> dict | None:
     return obj if isinstance(obj, dict) and isinstance(obj.get("command"), str) else None
 
 
+def _entries(directory: Path) -> list[str]:
+    """What `directory` holds, as relative POSIX paths: files, links (not followed) and empty folders (`name/`)."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        here = Path(root)
+        names = [*files, *(d for d in dirs if (here / d).is_symlink())]
+        found += [(here / name).relative_to(directory).as_posix() for name in names]
+        if not dirs and not files and here != directory:
+            found.append(here.relative_to(directory).as_posix() + "/")
+    return sorted(found)
+
+
 def check_replaceable(out: str | Path, command: str, force: bool) -> Path:
     """Refuse an `out` that `axiom COMMAND` must not replace; returns it as a Path.
 
     Absent or empty: fine. A file (or FIFO, ...): refused. A non-empty folder: refused without `force`; with
-    `force`, replaced only if its marker says `axiom COMMAND` wrote it, so that --force never deletes a run, a
-    checkpoint or anything else that merely happens to be at that path.
+    `force`, replaced only if its marker says `axiom COMMAND` wrote it and it holds nothing but the files the marker
+    lists, so that --force never deletes a run, a checkpoint, anything else that merely happens to be at that path,
+    nor a file put into an earlier output since.
     """
     out = Path(out)
     if not out.exists() and not out.is_symlink():
@@ -179,7 +197,40 @@ def check_replaceable(out: str | Path, command: str, force: bool) -> Path:
             f"{out}: --force replaces only a folder written by axiom {command}, and {origin}; it is left alone: "
             "choose another --out"
         )
+    _check_only_ours(out, command, marker)
     return out
+
+
+def _check_only_ours(out: Path, command: str, marker: dict) -> None:
+    """Refuse a folder of `axiom COMMAND` that holds files its marker does not list (added since, e.g. by hand)."""
+    written = marker.get("files")
+    if not isinstance(written, list):
+        raise AxiomError(
+            f"{out}: its {MARKER} (axiom {marker.get('axiom_version', '?')}) does not list the files axiom {command} "
+            "wrote, so --force cannot tell them from files added since; it is left alone: delete the folder yourself "
+            "or choose another --out"
+        )
+    foreign = _foreign(_entries(out), written)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise AxiomError(
+            f"{out}: --force replaces only what axiom {command} wrote, and the folder also holds {shown}; it is left "
+            "alone: move those out of it, or choose another --out"
+        )
+
+
+def _foreign(entries: list[str], written: list) -> list[str]:
+    """The entries that are not in `written` (nor the marker), a folder that holds nothing written as `NAME/`."""
+    foreign = []
+    for name in entries:
+        if name == MARKER or name in written:
+            continue
+        top = name.split("/", 1)[0] + "/"
+        if "/" in name and not any(isinstance(w, str) and w.startswith(top) for w in written):
+            name = top  # e.g. a .git folder: named once, not file by file
+        if name not in foreign:
+            foreign.append(name)
+    return foreign
 
 
 # ---- one writer per output
@@ -210,12 +261,16 @@ def _holder(lock: Path) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
-def _held_error(out: Path, command: str, lock: Path) -> AxiomError:
+class OutputBusy(AxiomError):
+    """The output is locked by another live process (`output_lock`)."""
+
+
+def _held_error(out: Path, command: str, lock: Path) -> OutputBusy:
     h = _holder(lock)
     who = (
         f"axiom {h.get('command', '?')} (pid {h.get('pid', '?')} on {h.get('host', '?')}, since {h.get('since', '?')})"
     )
-    return AxiomError(
+    return OutputBusy(
         f"{out} is being written by {who if h else 'another process'}; wait for it to finish or stop it, "
         f"then run axiom {command} again (lock: {lock})"
     )
@@ -227,8 +282,12 @@ def _stale_pidfile(lock: Path) -> bool:
 
 
 @contextlib.contextmanager
-def output_lock(out: str | Path, command: str) -> Iterator[Path]:
-    """Hold `out` exclusively for `axiom COMMAND`; a second writer fails at once with an AxiomError naming us.
+def output_lock(
+    out: str | Path, command: str, wait_s: float = 0.0, on_wait: Callable[[dict], None] | None = None
+) -> Iterator[Path]:
+    """Hold `out` exclusively for `axiom COMMAND`; while another process holds it, wait up to `wait_s` seconds
+    (calling `on_wait(holder)` once, holder as in the lock file: command, pid, host, since), then fail with an
+    OutputBusy (an AxiomError) naming the holder.
 
     The lock is `flock` on `.NAME.lock` beside `out` (beside, so it also covers an output that is replaced by a
     rename, and exists before `out` does). flock because the kernel releases it on any exit, kill -9 and OOM
@@ -245,27 +304,14 @@ def output_lock(out: str | Path, command: str) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock_path(out)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        if fcntl is None:
-            fd = _pidfile_lock(out, command, lock)
-            break
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise _held_error(out, command, lock) from None
-        except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS...: no flock on this filesystem
-            os.close(fd)
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                raise _held_error(out, command, lock) from None
-            fd = _pidfile_lock(out, command, lock)
-            break
-        # A holder removes the file just before releasing it: if we locked a file that is no longer at the path,
-        # someone else may be locking the new one; start over.
-        if _identity(lock) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
-            break
-        os.close(fd)
+    deadline = time.monotonic() + wait_s
+    while (fd := _try_lock(lock)) is None:
+        if time.monotonic() >= deadline:
+            raise _held_error(out, command, lock)
+        if on_wait is not None:
+            on_wait(_holder(lock))
+            on_wait = None
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
     info = {"command": command, "pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%H:%M:%S")}
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps(info).encode())
@@ -278,16 +324,37 @@ def output_lock(out: str | Path, command: str) -> Iterator[Path]:
         os.close(fd)
 
 
-def _pidfile_lock(out: Path, command: str, lock: Path) -> int:
+def _try_lock(lock: Path) -> int | None:
+    """The locked file's descriptor, or None while another process holds it."""
+    while True:
+        if fcntl is None:
+            return _try_pidfile(lock)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS...: no flock on this filesystem
+            os.close(fd)
+            return None if e.errno in (errno.EACCES, errno.EAGAIN) else _try_pidfile(lock)
+        # A holder removes the file just before releasing it: if we locked a file that is no longer at the path,
+        # someone else may be locking the new one; start over.
+        if _identity(lock) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+            return fd
+        os.close(fd)
+
+
+def _try_pidfile(lock: Path) -> int | None:
     """The fallback without flock: create the lock file exclusively; a leftover of a dead local PID is removed."""
     for _ in range(2):
         try:
             return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             if not _stale_pidfile(lock):
-                raise _held_error(out, command, lock) from None
+                return None
             lock.unlink(missing_ok=True)
-    raise _held_error(out, command, lock)
+    return None
 
 
 @contextlib.contextmanager
@@ -469,10 +536,23 @@ def staged_output(out: str | Path, command: str, force: bool) -> Iterator[Path]:
     any failure `out` is left as it was."""
     out = check_replaceable(out, command, force)
     with write_errors(out, "nothing was replaced; fix that and run the command again"), output_lock(out, command):
+        restore_dir(out)  # a replacement a kill interrupted: the folder that is back must pass the check too
         check_replaceable(out, command, force)  # again: another command may have written it meanwhile
         with atomic_dir(out) as tmp:
             yield tmp
             write_marker(tmp, command)
+
+
+def file_mode() -> int:
+    """The mode `open()` gives a new file here (0o666 less the process umask), for files that a library writes
+    with another (safetensors: 0o600). Read from /proc where it can be: setting the umask to learn it races with
+    other threads' file creation."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return 0o666 & ~int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 # ---- names read from files

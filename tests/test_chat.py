@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import os
 import signal
@@ -21,10 +22,11 @@ import torch
 import torch.nn.functional as F
 import zstandard
 from conftest import save_model
+from decode_helpers import BREAKING, needs_maths_checks, text_or_one_line
 from safetensors.torch import load_file
 
 from axiom.cli import main
-from axiom.config import Config, get_config
+from axiom.config import Config, ModelConfig, TrainConfig, get_config
 from axiom.data import prepare as prep
 from axiom.data import sources
 from axiom.data.chat import chat_settings
@@ -371,6 +373,73 @@ def test_chat_command_replies_and_stops_at_the_end_of_the_turn(tuned, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["(system message set)", REPLY, "(conversation forgotten)", REPLY]
+
+
+@pytest.fixture(scope="module")
+def plain_ckpt(tmp_path_factory):
+    """Random weights with cl100k_base's ids (the ChatML tokens included), not fine-tuned on chat data."""
+    path = tmp_path_factory.mktemp("plain")
+    m = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_multiple_of=32, max_seq_len=64)
+    torch.manual_seed(0)
+    save_model(Axiom(m), Config(m, TrainConfig()), path)
+    return path
+
+
+@pytest.mark.parametrize("message", ["", " \n\t "])
+def test_chat_an_empty_message_is_one_line(plain_ckpt, message, capsys):
+    assert main(["chat", "--ckpt", str(plain_ckpt), "--message", message]) == 2
+    assert capsys.readouterr() == (
+        "",
+        "axiom chat: error: --message is empty: give the text to send, or leave --message out to chat interactively\n",
+    )
+
+
+def chat_lines(ckpt, script: str, monkeypatch, capsys) -> tuple[list[str], list[str]]:
+    """(what `axiom chat` printed, the user turns it sent) for `script` typed into its interactive loop."""
+    sent = []
+
+    def reply(self, user):
+        sent.append(user)
+        yield f"reply {len(sent)}"
+
+    monkeypatch.setattr(Chat, "reply", reply)
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    assert main(["chat", "--ckpt", str(ckpt)]) == 0
+    return capsys.readouterr().out.splitlines(), sent
+
+
+def test_chat_commands_are_never_sent_to_the_model(plain_ckpt, monkeypatch, capsys):
+    script = "/help\n/bogus thing\n//etc is a folder?\nHi\n  /reset\n/system\tBe brief.\n/exit\nnever read\n"
+    out, sent = chat_lines(plain_ckpt, script, monkeypatch, capsys)
+    assert sent == ["/etc is a folder?", "Hi"]
+    assert [line.split()[0] for line in out[:5]] == ["/help", "/reset", "/system", "/quit", "//TEXT"]
+    assert "(also /exit or Ctrl-D)" in out[3]
+    assert out[5:] == [
+        "(unknown command /bogus; /help lists the commands; to send it as a message, begin it with //)",
+        "reply 1",
+        "reply 2",
+        "(conversation forgotten)",
+        "(system message set)",
+    ]
+    assert chat_lines(plain_ckpt, "/quit\nHi\n", monkeypatch, capsys) == ([], [])
+
+
+def test_chat_interactive_decodes_after_commands(plain_ckpt):
+    """The loop with the real engine, from a pipe: commands answer between decoded replies, /quit ends."""
+    cmd = [sys.executable, "-m", "axiom.cli", "chat", "--ckpt", str(plain_ckpt), "--max-new-tokens", "3"]
+    script = "/help\nHi\n/nope\nHello again\n/quit\n"
+    done = subprocess.run([*cmd, "--temperature", "0"], input=script, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("/help") and lines[4].startswith("//TEXT")
+    assert sum(line.startswith("(unknown command /nope;") for line in lines) == 1
+
+
+@needs_maths_checks
+@pytest.mark.parametrize("flags", BREAKING, ids=" ".join)
+def test_chat_values_that_break_the_maths_give_text_or_one_line(plain_ckpt, flags, capsys):
+    code = main(["chat", "--ckpt", str(plain_ckpt), "--message", "Hi", "--max-new-tokens", "3", *flags])
+    text_or_one_line(code, *capsys.readouterr(), "chat", flags[0])
 
 
 def test_chat_history_drops_the_oldest_exchanges_to_fit(tuned):

@@ -2,10 +2,15 @@
 
 import pytest
 import torch
+from conftest import save_model
+from decode_helpers import BREAKING, needs_maths_checks, text_or_one_line
 
-from axiom.cli import main
+from axiom.cli import build_parser, main
+from axiom.config import Config, ModelConfig, TrainConfig
+from axiom.model.transformer import Axiom
 
 TINY = ["generate", "--preset", "tiny", "--set", "max_seq_len=16", "--temperature", "0"]
+NOISE = "notice: no --ckpt: sampling from randomly initialised tiny weights; the text is noise\n"
 
 
 @pytest.mark.parametrize(
@@ -37,7 +42,7 @@ def test_a_cap_by_the_context_is_said(capsys):
     out, err = capsys.readouterr()
     assert err == (
         "axiom generate: note: --max-new-tokens 50 capped to 6: the prompt (10 tokens) and its new tokens fill the "
-        "context of 16\n"
+        "context of 16\n" + NOISE
     )
     assert out.startswith("one two three four five six seven eight nine ten")
 
@@ -52,3 +57,68 @@ def test_cuda_without_a_gpu_is_one_line(capsys):
     assert main([*TINY, "--prompt", "Hello", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("axiom generate: error: --device cuda") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate"],
+        ["chat", "--ckpt", "c"],
+        ["serve", "--ckpt", "c"],
+        ["bench", "generate"],
+    ],
+)
+def test_every_decoding_dtype_flag_takes_both_spellings(argv):
+    """torch's names and llama.cpp's mean the same everywhere (axiom.dtypes): the library gets torch's."""
+    parser = build_parser()
+    for spelling, name in [("f32", "float32"), ("bfloat16", "bfloat16"), ("bf16", "bfloat16"), ("q8_0", "int8")]:
+        assert parser.parse_args([*argv, "--dtype", spelling]).dtype == name
+
+
+@pytest.mark.parametrize(
+    "argv", [["generate"], ["chat", "--ckpt", "c"], ["serve", "--ckpt", "c"], ["export"], ["bench", "generate"]]
+)
+def test_dtype_help_lists_both_spellings_the_same_way(argv, capsys):
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--dtype DTYPE weights" in help_text
+    assert "float32 (f32)" in help_text and "bfloat16 (bf16)" in help_text and "int8 (q8_0)" in help_text
+
+
+def test_llama_cpp_spellings_decode_as_torchs(capsys):
+    outputs = []
+    for dtype in ("int8", "q8_0"):
+        assert main([*TINY, "--prompt", "Hello", "--max-new-tokens", "4", "--dtype", dtype]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("Hello")
+    with pytest.raises(SystemExit) as e:
+        main([*TINY, "--dtype", "f16"])
+    assert e.value.code == 2 and "invalid choice: 'f16' (choose from" in capsys.readouterr().err
+
+
+def test_sampling_random_weights_is_said_once_a_checkpoint_is_not(tmp_path, capsys):
+    assert main([*TINY, "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().err == NOISE
+    small = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_multiple_of=32, max_seq_len=16)
+    save_model(Axiom(small), Config(small, TrainConfig()), tmp_path)
+    assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@needs_maths_checks
+@pytest.mark.parametrize("flags", BREAKING, ids=" ".join)
+def test_values_that_break_the_maths_give_text_or_one_line(flags, capsys):
+    code = main([*TINY, "--prompt", "Hello", "--max-new-tokens", "3", *flags])
+    text_or_one_line(code, *capsys.readouterr(), "generate", flags[0])
+
+
+@needs_maths_checks
+def test_a_batch_whose_last_seed_breaks_the_maths_is_one_line(capsys):
+    """Prompt i samples with seed + i: --seed at the top of the range is fine for one prompt, not for two."""
+    top = 2**64 - 1
+    assert main([*TINY, "--prompt", "a", "--prompt", "b", "--max-new-tokens", "2", "--seed", str(top)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"axiom generate: error: --seed {top}: prompt 1 samples with seed + 1 = {top + 1}, which "
+    )
+    assert main([*TINY, "--prompt", "a", "--max-new-tokens", "2", "--seed", str(top)]) == 0

@@ -10,15 +10,18 @@ import errno
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import save_model
 
+from axiom import __version__
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
+from axiom.files import file_mode
 from axiom.interop.export import export, resolve_dtype
-from axiom.interop.gguf import GGUF_NAMES, gguf_name, gguf_writer, interleave_rope_rows
+from axiom.interop.gguf import GGUF_NAMES, gguf_name, gguf_writer, interleave_rope_rows, leading_fields
 from axiom.interop.hf.names import llama_names, to_llama
 from axiom.interop.hf.tokenizer import tokenizer_json
 from axiom.model.checkpoint import load_model
@@ -221,12 +224,18 @@ def test_dtype_spellings():
         "f16",
         "q8_0",
     ]
+    assert [resolve_dtype("gguf", d) for d in ("f32", "bf16", "f16", "int8")] == ["f32", "bf16", "f16", "q8_0"]
     assert [resolve_dtype("llama", d) for d in ("float32", "bf16")] == ["f32", "bf16"]
-    with pytest.raises(AxiomError, match=r"--dtype q8_0: --format llama writes f32 \(float32\) or bf16 \(bfloat16\); "):
+    with pytest.raises(
+        AxiomError,
+        match=r"--dtype q8_0: --format llama writes float32 \(f32\) or bfloat16 \(bf16\); "
+        r"float16 \(f16\) and int8 \(q8_0\) are for --format gguf$",
+    ):
         resolve_dtype("llama", "q8_0")
     with pytest.raises(
         AxiomError,
-        match=r"--dtype int4: --format gguf writes f32 \(float32\), bf16 \(bfloat16\), f16 \(float16\) or q8_0$",
+        match=r"--dtype int4: --format gguf writes float32 \(f32\), bfloat16 \(bf16\), float16 \(f16\) or "
+        r"int8 \(q8_0\)$",
     ):
         resolve_dtype("gguf", "int4")
 
@@ -261,18 +270,73 @@ def test_bad_output_paths_fail_in_one_line(ckpt, tmp_path, capsys):
     code, err = run("--out", str(blocker / "m.gguf"))
     assert code == 2 and "cannot write" in err
     with pytest.raises(SystemExit) as e:  # argparse's usage error
-        main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "x.gguf"), "--format", "gguf", "--dtype", "int8"])
-    assert e.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+        main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "x.gguf"), "--format", "gguf", "--dtype", "int4"])
+    assert e.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
     assert (
         main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--format", "llama", "--dtype", "q8_0"])
         == 2
     )
     assert capsys.readouterr().err == (
-        "axiom export: error: --dtype q8_0: --format llama writes f32 (float32) or bf16 (bfloat16); "
-        "f16 and q8_0 are for --format gguf\n"
+        "axiom export: error: --dtype q8_0: --format llama writes float32 (f32) or bfloat16 (bf16); "
+        "float16 (f16) and int8 (q8_0) are for --format gguf\n"
     )
     # no temporary files left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "m.gguf", "notes.txt"]
+
+
+def write_foreign_gguf(path, **fields) -> bytes:
+    """A small GGUF file of another writer (`fields`: string metadata, e.g. a copied axiom.version); its bytes."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in fields.items():
+        w.add_string(key.replace("_", "."), value)
+    w.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def test_force_replaces_only_a_gguf_file_that_axiom_wrote(ckpt, tmp_path, capsys):
+    """--force used to replace any file that starts with GGUF: a model downloaded from the Hub, or one that
+    llama-quantize made from ours. Axiom records itself (axiom.version) and the file's size among the first keys."""
+
+    def export_to(out, *flags):
+        code = main(["export", "--ckpt", str(ckpt), "--out", str(out), "--format", "gguf", "--dtype", "q8_0", *flags])
+        return code, capsys.readouterr().err
+
+    ours = tmp_path / "ours.gguf"
+    assert export_to(ours)[0] == 0
+    with open(ours, "rb") as f:
+        fields = leading_fields(f)
+    assert fields["axiom.version"][1] == __version__ and fields["axiom.file_size"][1] == ours.stat().st_size
+    renamed = tmp_path / "renamed.gguf"
+    ours.rename(renamed)
+    assert export_to(renamed, "--force")[0] == 0  # the record is in the file: renaming keeps it ours
+    assert renamed.stat().st_mode & 0o777 == file_mode()  # the umask's, as every file we write
+    downloaded = tmp_path / "downloaded.gguf"
+    quantized = tmp_path / "quantized.gguf"  # metadata copied from ours, tensors rewritten: another size
+    before = {downloaded: write_foreign_gguf(downloaded), quantized: write_foreign_gguf(quantized, axiom_version="0")}
+    fifo = tmp_path / "fifo.gguf"
+    os.mkfifo(fifo)  # opening it to read the magic would wait for a writer forever
+    why = {
+        downloaded: "is a GGUF file without axiom's record (no axiom.version key: another program's, or an older "
+        "axiom's)",
+        quantized: "is a GGUF file changed since axiom wrote it (its size is not the one recorded in it)",
+        fifo: "is a FIFO, not a GGUF file",
+    }
+    for out, reason in why.items():
+        assert export_to(out, "--force") == (
+            2,
+            f"axiom export: error: --out {out} {reason}; --force replaces only an earlier GGUF export\n",
+        )
+    assert all(path.read_bytes() == content for path, content in before.items())
+    changed = tmp_path / "changed.gguf"
+    changed.write_bytes(renamed.read_bytes() + b"appended")
+    code, err = export_to(changed, "--force")
+    assert code == 2 and "is a GGUF file changed since axiom wrote it (its size is not the one recorded" in err
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["renamed.gguf", "changed.gguf", *(p.name for p in why)])  # and no temporary file
 
 
 def test_read_only_file_system_fails_in_one_line(ckpt, tmp_path, monkeypatch):

@@ -411,8 +411,12 @@ def test_export_refuses_non_empty_out_unless_forced(ckpts, tmp_path):
     with pytest.raises(AxiomError, match="not found"):  # a failed forced export leaves the old folder alone
         export(tmp_path / "no-such-ckpt", out2, "llama", force=True)
     (out2 / "note.txt").write_text("added")
+    with pytest.raises(AxiomError, match="also holds note.txt; it is left alone"):  # added since: never replaced
+        export(ckpts["trained"], out2, "llama", force=True)
+    assert (out2 / "note.txt").read_text() == "added"
+    (out2 / "note.txt").unlink()
     export(ckpts["trained"], out2, "llama", force=True)  # an earlier export: replaced
-    assert not (out2 / "note.txt").exists() and (out2 / "config.json").is_file()
+    assert (out2 / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2"]
 
 

@@ -7,6 +7,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +39,7 @@ from axiom.runtime import compile_cache_dir, persistent_compile_cache
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="decode kernels not buildable here")
 PROMPTS = [[3, 22, 41], [60, 79, 98, 117], [250]]
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +205,68 @@ def test_fallback_without_kernels_gives_the_same_tokens(trained, dtype, monkeypa
     model = prepare_model(copy.deepcopy(trained), dtype)
     assert not any(getattr(m, "kernels", False) for m in model.modules())
     assert generate(model, PROMPTS, 12, temperature=0.0) == want
+
+
+# ---- the build: a killed one never blocks a later process; one running elsewhere is waited for, then given up
+
+needs_a_build = pytest.mark.skipif(kernels._usable_here() is not None, reason="decode kernels not buildable here")
+AVAILABLE = "import sys; import axiom.infer.kernels as k; k.BUILD_WAIT_S = float(sys.argv[1]); print(k.available())"
+
+
+def kernels_in(extensions: Path, wait_s: float = 300) -> subprocess.CompletedProcess:
+    """`kernels.available()` in a fresh process that builds under `extensions` (TORCH_EXTENSIONS_DIR)."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-c", AVAILABLE, str(wait_s)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=wait_s + 240)
+
+
+@needs_a_build
+def test_a_killed_build_never_blocks_a_later_one(tmp_path):
+    """torch's lock file of a build killed mid-way (it used to make every later generate, chat, serve and bench
+    wait forever at 0% CPU) and ours of a dead process: the next process builds and loads the kernels."""
+    build = tmp_path / kernels.NAME
+    build.mkdir()
+    (build / "lock").touch()  # torch's FileBaton, left by a kill
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = {"command": kernels.BUILDER, "pid": int(gone.stdout), "host": socket.gethostname(), "since": "12:00:00"}
+    (tmp_path / f".{kernels.NAME}.lock").write_text(json.dumps(holder))
+    done = kernels_in(tmp_path)
+    assert done.stdout == "True\n", done.stderr
+    assert "left behind by a build of the decode kernels that was stopped" in done.stderr
+    assert not (build / "lock").exists() and not (tmp_path / f".{kernels.NAME}.lock").exists()
+    assert kernels_in(tmp_path).stderr == ""  # built: the next process only loads
+
+
+@needs_a_build
+@pytest.mark.parametrize("holds", ["our lock", "torch's lock"])
+def test_a_build_running_elsewhere_is_awaited_then_decoding_goes_on_without_it(tmp_path, holds):
+    """Another process building (under our lock, or torch's alone as an older axiom would): named while we wait,
+    and after the wait decoding goes on with torch's kernels; the other build's lock is left to it."""
+    build = tmp_path / kernels.NAME
+    build.mkdir()
+    hold = (
+        f"from axiom.files import output_lock\nwith output_lock({str(build)!r}, {kernels.BUILDER!r}):\n"
+        if holds == "our lock"
+        else f"with open({str(build / 'lock')!r}, 'x'):\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import time\n{hold}    print('held', flush=True); time.sleep(120)"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        start = time.monotonic()
+        done = kernels_in(tmp_path, wait_s=1)
+        assert time.monotonic() - start < 60
+        assert done.stdout == "False\n", done.stderr
+        assert f"waiting for the decode kernels being built by pid {holder.pid}; after 1 s" in done.stderr
+        assert re.search(r"unavailable \(still being built by .+ after 1 s\); using torch's kernels", done.stderr)
+        assert holds == "our lock" or (build / "lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import sys
 import time
 
 import pytest
-from conftest import save_model
+from conftest import micro_config, save_model
 from reliability_helpers import REPO, axiom_process, copy_run, fails, hashes, jsonl, make_run, succeeds
 
 from axiom import files
@@ -35,6 +35,7 @@ from axiom.model.checkpoint import (
     save_training_state,
     write_dir_atomic,
 )
+from axiom.model.transformer import Axiom
 
 pytest.importorskip("transformers", reason="export writes transformers' files: pip install 'axiom-lm[hf]'")
 
@@ -103,14 +104,88 @@ def test_force_replaces_only_an_earlier_output_of_the_same_command(run, tmp_path
     succeeds(capsys, ["export", "--ckpt", best, "--out", hf])
     assert json.loads((hf / MARKER).read_text())["command"] == "export"
     fails(capsys, ["export", "--ckpt", best, "--out", hf], "not empty; pass --force to replace it")
-    (hf / "stale.txt").write_text("from before")
+    (hf / "notes.txt").write_text("added to the export since")  # not the export's: --force keeps it
+    kept = hashes(hf)
+    fails(capsys, ["export", "--ckpt", best, "--out", hf, "--force"], "also holds notes.txt; it is left alone")
+    assert hashes(hf) == kept
+    (hf / "notes.txt").unlink()
     succeeds(capsys, ["export", "--ckpt", best, "--out", hf, "--force"])
-    assert not (hf / "stale.txt").exists()
     imported = tmp_path / "imported"
     succeeds(capsys, ["import", "--hf", hf, "--out", imported])
     fails(capsys, ["import", "--hf", hf, "--out", hf, "--force"], "it was written by axiom export")
     fails(capsys, ["export", "--ckpt", imported, "--out", imported, "--force"], "it was written by axiom import")
     succeeds(capsys, ["import", "--hf", hf, "--out", imported, "--force"])
+
+
+def test_force_keeps_what_was_added_to_an_output_since(run, tmp_path, capsys):
+    """--force replaces an earlier export or import only when the folder holds nothing but what its marker lists:
+    a file or folder put there since is named and the whole folder is left as it was; so is a folder whose marker
+    (an older axiom's) lists nothing."""
+    best = run / "checkpoints" / "best"
+    hf, imported = tmp_path / "hf", tmp_path / "imported"
+    succeeds(capsys, ["export", "--ckpt", best, "--out", hf])
+    succeeds(capsys, ["import", "--hf", hf, "--out", imported])
+    marker = json.loads((imported / MARKER).read_text())
+    assert marker["files"] == sorted(p.name for p in imported.iterdir() if p.name != MARKER)
+    (imported / "eval").mkdir()
+    (imported / "eval" / "scores.csv").write_text("task,acc\n")
+    (imported / "empty").mkdir()
+    kept = hashes(imported)
+    line = fails(capsys, ["import", "--hf", hf, "--out", imported, "--force"], "left alone", "move those out")
+    assert "the folder also holds empty/, eval/;" in line  # a folder of the user's is named once
+    assert hashes(imported) == kept and (imported / "empty").is_dir()
+    legacy = {k: v for k, v in json.loads((hf / MARKER).read_text()).items() if k != "files"}
+    (hf / MARKER).write_text(json.dumps(legacy))
+    kept = hashes(hf)
+    fails(capsys, ["export", "--ckpt", best, "--out", hf, "--force"], "does not list the files", "delete the folder")
+    assert hashes(hf) == kept
+
+
+def test_an_interrupted_replacement_is_settled_and_checked_first(run, tmp_path, capsys):
+    """A kill between atomic_dir's two renames leaves the old folder moved aside as .NAME.old and no NAME: the next
+    export puts it back and checks it as it would NAME (it used to replace it without --force)."""
+    best = run / "checkpoints" / "best"
+    hf = tmp_path / "hf"
+    succeeds(capsys, ["export", "--ckpt", best, "--out", hf])
+    kept = hashes(hf)
+    os.replace(hf, tmp_path / ".hf.old")
+    fails(capsys, ["export", "--ckpt", best, "--out", hf], "not empty; pass --force to replace it")
+    assert hashes(hf) == kept and not (tmp_path / ".hf.old").exists()
+
+
+def test_kill_9_during_a_forced_export_leaves_one_complete_folder(run, tmp_path, capsys):
+    best = run / "checkpoints" / "best"
+    hf = tmp_path / "hf"
+    succeeds(capsys, ["export", "--ckpt", best, "--out", hf])
+    for delay in (0.0, 0.05, 0.3):  # after the temporary folder appears: while it fills, around the renames
+        proc = axiom_process("export", "--ckpt", best, "--out", hf, "--force")
+        while proc.poll() is None and not (tmp_path / f".hf.tmp-{proc.pid}").exists():
+            time.sleep(0.005)
+        time.sleep(delay)
+        proc.kill()
+        proc.communicate()
+        folder = hf if hf.exists() else tmp_path / ".hf.old"
+        written = json.loads((folder / MARKER).read_text())["files"]
+        assert sorted(p.name for p in folder.iterdir() if p.name != MARKER) == written  # complete, old or new
+        succeeds(capsys, ["export", "--ckpt", best, "--out", hf, "--force"])
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_every_output_file_gets_the_umask_mode(run, corpus, tmp_path, capsys):
+    """model.safetensors was written 0600 (safetensors' own mode) beside 0644 files: every file a command writes
+    now gets the mode the umask gives (here 0002: 0664), checkpoints, exports, imports and shards alike."""
+    previous = os.umask(0o002)
+    try:
+        assert files.file_mode() == 0o664
+        write_dir_atomic(tmp_path / "ckpt", lambda tmp: save_model(Axiom(micro_config().model), micro_config(), tmp))
+        succeeds(capsys, ["export", "--ckpt", run / "checkpoints" / "best", "--out", tmp_path / "hf"])
+        succeeds(capsys, ["import", "--hf", tmp_path / "hf", "--out", tmp_path / "imported"])
+        succeeds(capsys, ["prepare", corpus, "--out", tmp_path / "data", "--workers", "1", "--val-fraction", "0.2"])
+    finally:
+        os.umask(previous)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != corpus]
+    assert {p.parent.name for p in written} == {"ckpt", "hf", "imported", "data"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o664" for p in written}
 
 
 # ---- 4. one writer per output: the second names the holder and exits 2; a dead holder's lock is free

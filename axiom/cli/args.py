@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from axiom.config import PRESETS, Config, ConfigFile, apply_overrides, get_config, read_config_file
-from axiom.dtypes import INFERENCE_DTYPES
+from axiom.dtypes import INFERENCE_DTYPES, describe, dtype_name, spellings
 from axiom.errors import AxiomError
 from axiom.infer.engine import SamplingParams
 
@@ -88,10 +88,20 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     parser.add_argument(
         "--dtype",
-        choices=INFERENCE_DTYPES,
+        choices=spellings(INFERENCE_DTYPES),
         default="float32",
-        help="weights for decoding: float32 (default), bfloat16, or int8 (weight-only, one scale per output row)",
+        action=_DTypeName,
+        metavar="DTYPE",
+        help=f"weights for decoding: {describe(INFERENCE_DTYPES)}; int8 is weight-only, one scale per output row; "
+        "default: float32",
     )
+
+
+class _DTypeName(argparse.Action):
+    """A --dtype in either spelling, kept as torch's name (the one the library takes)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, dtype_name(values))
 
 
 def check_sampling_flags(params: SamplingParams) -> None:

@@ -24,6 +24,7 @@ from axiom.bench.timing import Bench, versions
 from axiom.bench.train import TrainBench, bench_train
 from axiom.cli.args import add_config_arguments, add_device_argument, config_file, config_from_args, preset_of
 from axiom.config import Config
+from axiom.dtypes import BENCH_DTYPES, describe, dtype_name
 from axiom.errors import AxiomError
 from axiom.runtime import pick_device
 
@@ -80,9 +81,11 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--dtype",
         default=None,
-        help="float32, bfloat16, int8 (ours weight-only int8 via axiom.infer.fast.prepare_model; the references "
-        "run bfloat16, llama.cpp q8_0) or float16 (GPU): weights and KV cache (default: bfloat16 on CUDA, float32 on "
-        "CPU); RoPE tables stay fp32",
+        type=dtype_name,  # either spelling, as every --dtype
+        metavar="DTYPE",
+        help=f"weights and KV cache: {describe(BENCH_DTYPES)}; int8 is ours weight-only (axiom.infer.fast."
+        "prepare_model; the references run bfloat16, llama.cpp q8_0), float16 is for GPUs; default: bfloat16 on "
+        "CUDA, float32 on CPU; RoPE tables stay fp32",
     )
     gen.add_argument(
         "--vs-llamacpp",

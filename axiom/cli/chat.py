@@ -1,9 +1,10 @@
 """`axiom chat`: talk to a checkpoint fine-tuned on chat data, in the terminal or for one message.
 
 Interactive: each line you type is a user turn; the reply streams as it is decoded and ends at <|im_end|>.
-`/reset` forgets the conversation, `/system TEXT` sets the system message (empty TEXT removes it), Ctrl-D quits,
-Ctrl-C stops a reply early. When the conversation no longer fits the model's context, the oldest exchanges are
-left out of the prompt (the system message stays). With --message, one reply is printed and the command exits.
+A line starting with / is a command (COMMANDS: /help lists them; /reset, /system TEXT, /quit or /exit), never
+sent to the model; `//TEXT` sends `/TEXT`. Ctrl-D quits, Ctrl-C stops a reply early. When the conversation no
+longer fits the model's context, the oldest exchanges are left out of the prompt (the system message stays). With
+--message, one reply is printed and the command exits.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_sampling_flags(SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed))
+    if args.message is not None and not args.message.strip():
+        raise AxiomError("--message is empty: give the text to send, or leave --message out to chat interactively")
     model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
     if not is_chat_tuned(meta):
         print(
@@ -48,11 +51,20 @@ def run(args: argparse.Namespace) -> int:
     return interactive(chat, sys.stdin.isatty())
 
 
+# The interactive commands; any other line is a user turn (a line starting with // sends the text after one /).
+COMMANDS = (
+    ("/help", "list these commands"),
+    ("/reset", "forget the conversation"),
+    ("/system TEXT", "set the system message (empty TEXT removes it)"),
+    ("/quit", "end the chat (also /exit or Ctrl-D); Ctrl-C stops a reply early"),
+)
+
+
 def interactive(chat: Chat, tty: bool) -> int:
     if tty:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401 (line editing and history for input())
-        print("axiom chat: /reset forgets the conversation, /system TEXT sets the system message, Ctrl-D quits")
+        print("axiom chat: /help lists the commands, /quit or Ctrl-D ends")
     while True:
         try:
             line = input("you> " if tty else "")
@@ -60,23 +72,45 @@ def interactive(chat: Chat, tty: bool) -> int:
             if tty:
                 print()
             return 0
-        if not line.strip():
-            continue
-        if line.strip() == "/reset":
-            chat.reset()
-            print("(conversation forgotten)")
-            continue
-        if line.strip() == "/system" or line.startswith("/system "):
-            chat.system = line[len("/system") :].strip() or None
-            print(f"(system message {'set' if chat.system else 'removed'})")
-            continue
-        sys.stdout.write("axiom> " if tty else "")
-        try:
-            for piece in chat.reply(line):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
-        except AxiomError as e:
-            sys.stdout.write(f"(error: {e})")
-        print()
+        stripped = line.strip()
+        if stripped.startswith("//"):
+            reply(chat, line.replace("//", "/", 1), tty)
+        elif stripped.startswith("/"):
+            if not command(chat, stripped):
+                return 0
+        elif stripped:
+            reply(chat, line, tty)
+
+
+def command(chat: Chat, line: str) -> bool:
+    """Carry out the interactive command `line` (it starts with /); False when it ends the chat."""
+    name, text = (line.split(None, 1) + [""])[:2]
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/help":
+        width = max(len(usage) for usage, _ in COMMANDS)
+        print("\n".join(f"{usage:<{width}}  {what}" for usage, what in COMMANDS))
+        print(f"{'//TEXT':<{width}}  send TEXT starting with /")
+    elif name == "/reset":
+        chat.reset()
+        print("(conversation forgotten)")
+    elif name == "/system":
+        chat.system = text.strip() or None
+        print(f"(system message {'set' if chat.system else 'removed'})")
+    else:
+        print(f"(unknown command {name}; /help lists the commands; to send it as a message, begin it with //)")
+    return True
+
+
+def reply(chat: Chat, line: str, tty: bool) -> None:
+    """Stream the reply to the user turn `line`; Ctrl-C stops it, an error is shown in its place."""
+    sys.stdout.write("axiom> " if tty else "")
+    try:
+        for piece in chat.reply(line):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write(" [stopped]")
+    except AxiomError as e:
+        sys.stdout.write(f"(error: {e})")
+    print()

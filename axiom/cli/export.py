@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from axiom.interop.export import FORMAT_DTYPES, SPELLINGS, export, long_name, resolve_dtype
+from axiom.dtypes import FOLDER_DTYPES, GGUF_DTYPES, describe, spellings
+from axiom.interop.export import FORMAT_DTYPES, GGUF_ONLY, export, long_name, resolve_dtype
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,16 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dtype",
-        default="f32",
-        choices=list(SPELLINGS),
+        default="float32",
+        choices=spellings(GGUF_DTYPES),
         metavar="DTYPE",
-        help="weights: f32 (= float32, default) or bf16 (= bfloat16) for every format; "
-        "f16 (= float16) or q8_0 (8-bit blocks) for gguf",
+        help=f"weights: {describe(FOLDER_DTYPES)} for every format, {describe(GGUF_ONLY)} for gguf; int8 is "
+        "llama.cpp's 8-bit blocks of 32; default: float32",
     )
     parser.add_argument(
         "--force",
         action="store_true",
-        help="replace --out if it is an earlier axiom export (a folder, or for gguf a GGUF file; never anything else)",
+        help="replace --out if it is an earlier axiom export holding nothing else (a folder, or for gguf a GGUF file "
+        "that axiom wrote; never anything else)",
     )
     parser.add_argument("--eval-csv", help="the run's eval.csv for the model card (default: found next to --ckpt)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
@@ -12,7 +13,9 @@ from axiom.cli.args import (
     add_inference_arguments,
     add_sampling_arguments,
     check_sampling_flags,
+    config_file,
     config_from_args,
+    preset_of,
 )
 from axiom.errors import AxiomError
 from axiom.infer.engine import SamplingParams
@@ -35,11 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     check_sampling_flags(params)
+    _check_row_seeds(params, len(args.prompt or [""]))
     enc = load_tokenizer()
     model = _model(args)
     texts = args.prompt or [""]
     prompts = [enc.encode_ordinary(t) if t else [enc.eot_token] for t in texts]
     _check_context(prompts, model.cfg.max_seq_len, args.max_new_tokens)
+    if not args.ckpt:
+        noise = f"randomly initialised {preset_of(args, config_file(args))} weights; the text is noise"
+        print(f"notice: no --ckpt: sampling from {noise}", file=sys.stderr)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     replies = [TextStream(stop_ids(chat=False), enc=enc) for _ in prompts]
     live = len(prompts) == 1  # one prompt streams to the terminal; a batch prints when done
@@ -69,6 +76,18 @@ def _model(args: argparse.Namespace) -> Axiom:
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     return prepare_model(Axiom(config_from_args(args).model).to(device), args.dtype)
+
+
+def _check_row_seeds(params: SamplingParams, rows: int) -> None:
+    """Prompt i samples with seed + i: the last prompt's seed must be one the engine takes too (the first one
+    checked is --seed itself)."""
+    if params.seed is None or rows < 2:
+        return
+    last = dataclasses.replace(params, seed=params.seed + rows - 1)
+    if problem := last.problem():
+        raise AxiomError(
+            f"--seed {params.seed}: prompt {rows - 1} samples with seed + {rows - 1} = {last.seed}, which {problem[1]}"
+        )
 
 
 def _check_context(prompts: list[list[int]], context: int, max_new_tokens: int) -> None:

@@ -10,8 +10,8 @@ tokenizer (tokenizer.json, tokenizer_config.json) and a README.md model card. A 
 data ("chat_template" in its config.json) also carries the ChatML tokens and template in its tokenizer, and
 generation stops at <|im_end|>.
 
---dtype takes llama.cpp's short names or torch's long ones, which mean the same: f32 = float32,
-bf16 = bfloat16, f16 = float16; q8_0 is llama.cpp's 8-bit blocks. The folders hold f32 or bf16, gguf all four.
+--dtype takes torch's names or llama.cpp's, which mean the same (axiom.dtypes): float32 = f32, bfloat16 = bf16,
+float16 = f16, int8 = q8_0 (llama.cpp's 8-bit blocks of 32). The folders hold float32 or bfloat16, gguf all four.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import shutil
 from importlib.metadata import version
 from pathlib import Path
 
-from axiom.dtypes import DTYPES, FOLDER_DTYPES, GGUF_DTYPES, torch_dtype
+from axiom.dtypes import FOLDER_DTYPES, GGUF_DTYPES, SPELLINGS, describe, torch_dtype
 from axiom.errors import AxiomError
 from axiom.files import (
     check_no_overlap,
@@ -43,11 +43,7 @@ from axiom.text.tokenizer import EOS_ID
 REMOTE_CODE = Path(__file__).parent / "hf" / "remote"
 REMOTE_FILES = ("configuration_axiom.py", "modeling_axiom.py")
 FORMAT_DTYPES = {"axiom": FOLDER_DTYPES, "llama": FOLDER_DTYPES, "gguf": GGUF_DTYPES}
-# --dtype: llama.cpp's name of each, or torch's of a floating-point one (q8_0's blocks are not Axiom's int8 rows)
-SPELLINGS = {
-    **{DTYPES[n].short: DTYPES[n] for n in GGUF_DTYPES},
-    **{n: DTYPES[n] for n in GGUF_DTYPES if not DTYPES[n].quantized},
-}
+GGUF_ONLY = tuple(name for name in GGUF_DTYPES if name not in FOLDER_DTYPES)
 
 
 def resolve_dtype(fmt: str, dtype: str) -> str:
@@ -56,10 +52,8 @@ def resolve_dtype(fmt: str, dtype: str) -> str:
         raise AxiomError(f"--format {fmt!r}: choose {', '.join(FORMAT_DTYPES)}")
     found = SPELLINGS.get(dtype)
     if found is None or found.name not in FORMAT_DTYPES[fmt]:
-        names = [d.short if d.quantized else f"{d.short} ({d.name})" for d in map(DTYPES.get, FORMAT_DTYPES[fmt])]
-        choices = f"{', '.join(names[:-1])} or {names[-1]}"
-        hint = "; f16 and q8_0 are for --format gguf" if fmt != "gguf" and found is not None else ""
-        raise AxiomError(f"--dtype {dtype}: --format {fmt} writes {choices}{hint}")
+        hint = f"; {describe(GGUF_ONLY, 'and')} are for --format gguf" if fmt != "gguf" and found is not None else ""
+        raise AxiomError(f"--dtype {dtype}: --format {fmt} writes {describe(FORMAT_DTYPES[fmt])}{hint}")
     return found.short
 
 
@@ -96,6 +90,7 @@ def _export_gguf(ckpt: Path, out: str | Path, dtype: str, force: bool) -> Path:
     out = gguf.check_out_file(out, force)
     check_no_overlap(out, {"--ckpt": ckpt, "the run of --ckpt": run_dir_of(ckpt)})
     with write_errors(out, "nothing was replaced; fix that and run the command again"), output_lock(out, "export"):
+        gguf.check_out_file(out, force)  # again: another command may have written it meanwhile
         remove_stale_temps(out)
         model, cfg, meta = load_model(ckpt)
         return gguf.write_gguf(model.state_dict(), cfg.model, out, dtype, out.stem, chat_template(meta))

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from axiom import __version__
 from axiom.config import ModelConfig
 from axiom.dtypes import GGUF_DTYPES, short_name
 from axiom.errors import AxiomError
-from axiom.files import atomic_file
+from axiom.files import atomic_file, describe_missing
 from axiom.interop.hf.names import to_llama
 from axiom.interop.hf.tokenizer import tokenizer_json
 from axiom.text.chatml import IM_END, IM_START
@@ -36,6 +39,13 @@ ARCH = "llama"
 PRE_TOKENIZER = "dbrx"  # llama.cpp's pre-tokenizer with cl100k_base's regex (its converter picks it for cl100k)
 CHAT_TOKENS = {IM_START: "<|im_start|>", IM_END: "<|im_end|>"}
 DTYPES = tuple(map(short_name, GGUF_DTYPES))  # --dtype: f32, bf16, f16, q8_0
+# Our record, among the first keys of every file we write: axiom's version, and the file's size once written (so a
+# file that another tool rewrote from ours, keeping the metadata as llama-quantize does, is not taken for ours).
+AXIOM_KEY = "axiom.version"
+SIZE_KEY = "axiom.file_size"
+# GGUF's value types of fixed size (gguf.GGUFValueType) as struct formats; type 8 is a string, 9 an array
+SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+STRING_TYPE = 8
 
 # Llama name (axiom.interop.hf.names) -> llama.cpp's GGUF name; "{i}" is the block index.
 GGUF_NAMES = {
@@ -128,18 +138,77 @@ def vocabulary(vocab_size: int, chat: bool) -> tuple[list[str], list[int], list[
 
 
 def check_out_file(out: str | Path, force: bool) -> Path:
-    """Refuse a directory, an existing file without `force`, and with `force` a file that is not GGUF (so --force
-    only ever replaces an earlier export); call before slow work."""
+    """Refuse a directory, an existing file without `force`, and with `force` a file that axiom did not write as it
+    is (so --force only ever replaces an earlier export); call before slow work, and again under the lock."""
     out = Path(out)
     if out.is_dir():
         raise AxiomError(f"--out {out} is a directory; --format gguf writes one file, e.g. --out model.gguf")
     if out.exists() and not force:
         raise AxiomError(f"--out {out} exists; pass --force to replace it")
-    if out.exists():
-        with open(out, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise AxiomError(f"--out {out} is not a GGUF file; --force replaces only an earlier GGUF export")
+    why = not_ours(out) if out.exists() else None
+    if why is not None:
+        raise AxiomError(f"--out {out} {why}; --force replaces only an earlier GGUF export")
     return out
+
+
+def not_ours(path: Path) -> str | None:
+    """Why the existing `path` is not a GGUF file that axiom wrote, unchanged since (its AXIOM_KEY present, its
+    size the SIZE_KEY recorded), or None."""
+    if not path.is_file():
+        return describe_missing(path) + ", not a GGUF file"
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return "is not a GGUF file"
+            fields = leading_fields(f)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    except (struct.error, ValueError):
+        return "is not a readable GGUF file"
+    if AXIOM_KEY not in fields:
+        return f"is a GGUF file without axiom's record (no {AXIOM_KEY} key: another program's, or an older axiom's)"
+    if fields.get(SIZE_KEY, (0, None))[1] != path.stat().st_size:
+        return "is a GGUF file changed since axiom wrote it (its size is not the one recorded in it)"
+    return None
+
+
+def leading_fields(f, limit: int = 8) -> dict[str, tuple[int, object]]:
+    """The first metadata fields of the (little-endian) GGUF file `f` that are numbers or strings, up to the first
+    array or `limit` fields, as {key: (offset of the value, value)}: where axiom's record is, read in microseconds
+    (gguf's reader parses all 330k token strings first)."""
+    f.seek(0)
+    magic, version, _, count = struct.unpack("<4sIQQ", f.read(24))
+    if magic != b"GGUF" or version < 2:  # version 1 counted in 32 bits
+        return {}
+    fields = {}
+    for _ in range(min(count, limit)):
+        key = _read_string(f)
+        (kind,) = struct.unpack("<I", f.read(4))
+        offset = f.tell()
+        if kind == STRING_TYPE:
+            value = _read_string(f)
+        elif kind in SCALAR_FORMATS:
+            form = "<" + SCALAR_FORMATS[kind]
+            (value,) = struct.unpack(form, f.read(struct.calcsize(form)))
+        else:
+            break
+        fields[key] = (offset, value)
+    return fields
+
+
+def _read_string(f) -> str:
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > 1 << 16:  # no key or leading value is this long: not a GGUF header
+        raise ValueError(f"a {n}-byte string")
+    return f.read(n).decode("utf-8", errors="replace")
+
+
+def _record_size(path: Path) -> None:
+    """Put the size of the written file `path` into its SIZE_KEY (written as 0: the size is known only now)."""
+    with open(path, "r+b") as f:
+        offset = leading_fields(f)[SIZE_KEY][0]
+        f.seek(offset)
+        f.write(struct.pack("<Q", os.fstat(f.fileno()).st_size))
 
 
 def gguf_writer(
@@ -164,6 +233,8 @@ def gguf_writer(
     # ggml's type of the matrices (F32, BF16, F16, Q8_0) and llama.cpp's type of the whole file
     file_type = gguf.LlamaFileType["ALL_F32" if dtype == "f32" else f"MOSTLY_{dtype.upper()}"]
     w = gguf.GGUFWriter(None, ARCH)
+    w.add_string(AXIOM_KEY, __version__)
+    w.add_uint64(SIZE_KEY, 0)  # the file's size, recorded once it is written (write_gguf)
     w.add_name(name)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -243,6 +314,7 @@ def write_gguf(
                 w.write_tensors_to_file()
             finally:
                 w.close()
+            _record_size(tmp)
     except OSError as e:
         raise AxiomError(f"--out {out}: cannot write ({e.strerror or e})") from None
     return out

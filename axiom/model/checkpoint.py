@@ -38,6 +38,7 @@ from axiom.errors import AxiomError
 from axiom.files import (
     atomic_dir,
     describe_missing,
+    file_mode,
     os_error_in,
     read_json,
     remove_path,
@@ -97,7 +98,8 @@ def save_weights(state_dict: dict[str, torch.Tensor], cfg: Config, directory: st
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, with a failed write (full disk, ...) raised as the OSError it is, so that
-    `write_errors` reports it in one line (safetensors puts the OS error only in its message)."""
+    `write_errors` reports it in one line (safetensors puts the OS error only in its message). The file gets the
+    mode of every other file we write (the umask's), not safetensors' own 0o600."""
     try:
         save_file(state, path, metadata=metadata)
     except Exception as e:
@@ -105,6 +107,7 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
         if os_error is None:
             raise
         raise OSError(os_error.errno, os_error.strerror, str(path)) from None
+    os.chmod(path, file_mode())
 
 
 def save_training_state(state: dict, directory: str | Path) -> None:

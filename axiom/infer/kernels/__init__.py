@@ -3,7 +3,8 @@
 cache write + attention, SwiGLU's gate).
 
 `available()` builds them once with torch.utils.cpp_extension (a C++ compiler and ninja are needed; the build is
-cached under torch's extensions folder, `TORCH_EXTENSIONS_DIR`, and later processes only load it) and registers
+cached under torch's extensions folder, `TORCH_EXTENSIONS_DIR`, and later processes only load it; one process at a
+time, and a build that a kill interrupted never blocks a later one) and registers
 `torch.ops.axiom_decode.linear`, `linear_int8`, `decode_attention`, `rms_norm` and `silu_mul` with shape functions,
 so torch.compile can trace through them. Where they cannot be had (not x86-64 with AVX-512, no
 compiler, a failed build, or `AXIOM_DECODE_KERNELS=0`), `available()` is False and the callers use torch's own
@@ -12,17 +13,22 @@ kernels: same results to float32 rounding, slower (docs/benchmarks.md, "Decoding
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import platform
 import shutil
 import sys
-import warnings
+import time
 from pathlib import Path
 
 import torch
 
+from axiom.files import OutputBusy, output_lock
 from axiom.runtime import environment
+
+logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.cpp")
 # AVX-512 F/BW for the loads and conversions, FMA for the products; the one bf16 x bf16 function that uses the
@@ -30,6 +36,8 @@ SOURCE = Path(__file__).with_name("decode.cpp")
 # every AVX-512 CPU. The name carries the version: a changed build gets a different folder.
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
 NAME = "axiom_decode_avx512_v10"
+BUILDER = "decode-kernels build"  # our lock's holder, as other processes name it while they wait
+BUILD_WAIT_S = 300.0  # a build takes 10-60 s; wait that long for another process's before decoding without it
 
 
 def _usable_here() -> str | None:
@@ -54,21 +62,95 @@ def _build_path() -> str:
 @functools.cache
 def available() -> bool:
     """Build (once) and load the kernels; False, with one warning, where they cannot be had."""
-    reason = _usable_here()
-    if reason is None:
-        try:
-            from torch.utils.cpp_extension import load
-
-            with environment("PATH", _build_path()):  # torch's build runs `ninja` found through PATH
-                load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
-        except Exception as e:  # any build or load failure: fall back, never fail decoding
-            reason = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+    reason = _usable_here() or _build_and_load(BUILD_WAIT_S)
     if reason is not None:
         if reason != "AXIOM_DECODE_KERNELS=0":
-            warnings.warn(f"axiom decode kernels unavailable ({reason}); using torch's kernels", stacklevel=2)
+            logger.warning("axiom decode kernels unavailable (%s); using torch's kernels", reason)
         return False
     _register_shapes()
     return True
+
+
+def _build_and_load(wait_s: float) -> str | None:
+    """Build the kernels if needed and load them, one process at a time; why that failed, or None.
+
+    torch guards a build with a bare file (`lock` in the build folder) that a killed build leaves behind, and then
+    every later process waits for it forever. So we hold our own lock around torch's (output_lock: released by the
+    kernel on any exit) and remove torch's `lock` once no process builds; a build running elsewhere is waited for
+    `wait_s` seconds at most, then decoding goes on with torch's kernels."""
+    from torch.utils.cpp_extension import _get_build_directory, load  # torch's folder for NAME (a private helper)
+
+    deadline = time.monotonic() + wait_s
+    try:
+        build = Path(_get_build_directory(NAME, verbose=False))
+        with output_lock(build, BUILDER, wait_s=wait_s, on_wait=functools.partial(_announce_wait, wait_s)):
+            if busy := _settle_dead_build(build, deadline, wait_s):
+                return f"still being built by pid {busy[0]} after {wait_s:g} s"
+            with environment("PATH", _build_path()):  # torch's build runs `ninja` found through PATH
+                load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+    except OutputBusy:
+        return f"still being built by another process after {wait_s:g} s"
+    except Exception as e:  # any build or load failure: fall back, never fail decoding
+        return f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+    return None
+
+
+def _announce_wait(wait_s: float, holder: dict) -> None:
+    logger.warning(
+        "waiting for the decode kernels being built by pid %s; after %g s decoding goes on with torch's kernels",
+        holder.get("pid", "?"),
+        wait_s,
+    )
+
+
+def _settle_dead_build(build: Path, deadline: float, wait_s: float) -> list[int]:
+    """Under our lock no build of ours runs, but a killed one may have left torch's `lock` (which torch's builder
+    holds open while it builds) and its compiler still running in the build folder. Wait until no process does
+    either, then remove a `lock` left behind; the pids still at it if that outlasts `deadline`, else []."""
+    lock = build / "lock"
+    announced = False
+    while users := _builders(build, lock):
+        if time.monotonic() >= deadline:
+            return users
+        if not announced:
+            _announce_wait(wait_s, {"pid": users[0]})
+            announced = True
+        time.sleep(0.2)
+    if lock.exists():
+        logger.warning("removing %s, left behind by a build of the decode kernels that was stopped", lock)
+        lock.unlink(missing_ok=True)
+    return []
+
+
+def _builders(folder: Path, lock: Path) -> list[int]:
+    """Other processes that hold `lock` open (torch's builder) or compile in `folder` (a killed builder's ninja
+    and compilers run on); Linux /proc, where processes we may not inspect are not seen. A shell that merely sits
+    in the folder does not count."""
+    folder, lock, locked = os.path.realpath(folder), os.path.realpath(lock), os.path.exists(lock)
+    users = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to inspect
+            cwd = os.readlink(proc / "cwd")
+            compiling = (cwd == folder or cwd.startswith(folder + os.sep)) and _is_build_tool(proc)
+            if compiling or (locked and lock in _open_files(proc)):
+                users.append(int(proc.name))
+    return users
+
+
+def _is_build_tool(proc: Path) -> bool:
+    """ninja or a compiler, assembler or linker it runs (`comm`: the program's name, cut to 15 bytes)."""
+    name = (proc / "comm").read_text().strip()
+    return name in ("ninja", "as", "collect2") or name.startswith(("cc", "c++", "g++", "gcc", "clang", "ld", "x86_64"))
+
+
+def _open_files(proc: Path) -> set[str]:
+    found = set()
+    for fd in (proc / "fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            found.add(os.readlink(fd))
+    return found
 
 
 def _register_shapes() -> None:
