@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import zstandard
 from conftest import save_model
-from decode_helpers import BREAKING, needs_maths_checks, text_or_one_line
+from decode_helpers import BREAKING, text_or_one_line
 from safetensors.torch import load_file
 
 from axiom.cli import main
@@ -435,7 +435,6 @@ def test_chat_interactive_decodes_after_commands(plain_ckpt):
     assert sum(line.startswith("(unknown command /nope;") for line in lines) == 1
 
 
-@needs_maths_checks
 @pytest.mark.parametrize("flags", BREAKING, ids=" ".join)
 def test_chat_values_that_break_the_maths_give_text_or_one_line(plain_ckpt, flags, capsys):
     code = main(["chat", "--ckpt", str(plain_ckpt), "--message", "Hi", "--max-new-tokens", "3", *flags])
