@@ -27,6 +27,41 @@ COMMANDS = {
     "serve": ("axiom.cli.serve", "serve a checkpoint over the OpenAI API (completions, chat), batching requests"),
 }
 
+# name -> the examples that end `axiom NAME --help`: command lines that run as written, in the order shown, from the
+# repository's folder after `make demo` and `make demo-chat` (tests/test_docs.py runs them).
+EXAMPLES = {
+    "info": ("axiom info --preset axiom-380m", "axiom info --config configs/sft.toml"),
+    "generate": ('axiom generate --ckpt runs/demo/run/checkpoints/best --prompt "And God said"',),
+    "chat": (
+        "axiom chat --ckpt runs/demo/chat/run/checkpoints/best",
+        'axiom chat --ckpt runs/demo/chat/run/checkpoints/best --system "You are terse." '
+        '--message "Which book is Ruth 2:4 in?"',
+    ),
+    "train": ("axiom train --preset tiny --data runs/demo/data --out runs/demo/run --resume",),
+    "eval": ("axiom eval --ckpt runs/demo/run/checkpoints/best --data runs/demo/data",),
+    "plot": ("axiom plot runs/demo/run",),
+    "prepare": (
+        "axiom prepare runs/demo/corpus/kjv.jsonl --out data/kjv --workers 2 --val-fraction 0.05",
+        "axiom prepare --chat runs/demo/chat/questions/train.jsonl --out data/kjv-chat --seq-len 128",
+    ),
+    "export": (
+        "axiom export --ckpt runs/demo/run/checkpoints/best --out hf/axiom-tiny",
+        "axiom export --ckpt runs/demo/run/checkpoints/best --out axiom-tiny-q8_0.gguf --format gguf --dtype q8_0",
+    ),
+    "import": (
+        "axiom export --ckpt runs/demo/run/checkpoints/best --out hf/axiom-tiny-llama --format llama --dtype bf16",
+        "axiom import --hf hf/axiom-tiny-llama --out ckpt/imported",
+    ),
+    "bench": ("axiom bench generate --preset tiny --eager --new-tokens 32",),
+    "serve": ("axiom serve --ckpt runs/demo/run/checkpoints/best",),
+}
+
+
+def examples(name: str) -> str:
+    """The end of `axiom NAME --help`."""
+    lines = "\n".join(f"  {line}" for line in EXAMPLES[name])
+    return f"examples, from the repository's folder after `make demo` and `make demo-chat`:\n{lines}"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -35,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"axiom {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=examples(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         importlib.import_module(module).add_arguments(p)
         p.set_defaults(module=module)
     return parser
