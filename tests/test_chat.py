@@ -441,6 +441,14 @@ def test_chat_values_that_break_the_maths_give_text_or_one_line(plain_ckpt, flag
     text_or_one_line(code, *capsys.readouterr(), "chat", flags[0])
 
 
+def test_chat_at_the_top_seed_keeps_replying(tuned):
+    """The n-th reply samples with seed + n: at the top of the 64-bit range the next reply's seed wraps around."""
+    model = load_model_eval(tuned[0] / "checkpoints" / "best")
+    chat = Chat(model, "sys", max_new_tokens=4, temperature=1.0, top_k=None, top_p=None, seed=2**64 - 1)
+    replies = ["".join(chat.reply(f"Question {i}?")) for i in range(2)]
+    assert all(replies) and len(chat.history) == 4
+
+
 def test_chat_history_drops_the_oldest_exchanges_to_fit(tuned):
     model = load_model_eval(tuned[0] / "checkpoints" / "best")  # max_seq_len 64
     chat = Chat(model, "sys", max_new_tokens=16, temperature=0, top_k=None, top_p=None, seed=0)

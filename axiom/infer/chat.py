@@ -57,7 +57,8 @@ class Chat:
         (also when it is stopped early)."""
         ids, budget = self.prompt(user)
         text = TextStream(stop_ids(chat=True))
-        seed = self.seed + self.turns if self.seed is not None else None
+        # modulo 2**64, as the draws take seeds: the top seed's next reply wraps instead of leaving the seeds' range
+        seed = (self.seed + self.turns) % 2**64 if self.seed is not None else None
         params = SamplingParams(budget, self.temperature, self.top_k, self.top_p, seed, text.stop_ids)
         request = self.engine.submit(ids, params)
         try:
