@@ -103,7 +103,7 @@ EXPECTED = {
         prints=(r"\[9906, 1917\]",)  # tiktoken's cl100k_base ids of "Hello world"
     ),
     ("docs/interop.md", "axiom serve --ckpt runs/demo/run/checkpoints/best"): Expect(
-        prints=(r"axiom serve: runs/demo/run/checkpoints/best on http://127\.0\.0\.1:8000/v1",)
+        prints=(r"axiom serve: run-best on http://127\.0\.0\.1:8000/v1",)
     ),
 }
 
