@@ -39,7 +39,7 @@ from axiom.model.cache import KVCache
 from axiom.model.transformer import Axiom
 from axiom.runtime import compile_cache_dir, persistent_compile_cache
 
-SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+SEED_RANGE = (-(2**63), 2**64)  # 64 bits, signed or unsigned; the draws take a seed modulo 2**64
 NON_FINITE = "the model's logits are not finite (NaN or inf) for this prompt"
 
 
