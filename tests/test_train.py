@@ -96,6 +96,32 @@ def test_gradient_accumulation_equals_one_large_batch(device):
     assert not torch.equal(m1.embed.weight, before["embed.weight"])
 
 
+def test_compile_goes_by_region_one_graph_for_all_blocks_and_equals_eager(device):
+    """`compile=true` compiles each block, the final norm and the loss's chunk: three graphs whatever the depth (a
+    graph per block would be five here), and the step's loss and gradients are those of the eager model."""
+    from torch._dynamo.utils import counters
+
+    from axiom.train.parallel import Dist, parallelize
+
+    cfg = micro_config("n_layers=3", "compile=true")
+    x = torch.randint(0, MICRO_VOCAB, (2, 32), device=device)
+    y = torch.randint(0, MICRO_VOCAB, (2, 32), device=device)
+    eager, _ = _model_and_opt(cfg, device=device)
+    compiled, _ = _model_and_opt(cfg, device=device)
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    parallelize(compiled, cfg.train, device, Dist())
+    losses = [model(x, y) for model in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    assert counters["stats"]["unique_graphs"] == 3
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints look the same
+
+
 def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, caplog, device):
     cfg = micro_config("optimizer=adamw8bit")
     model = Axiom(cfg.model).to(device)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         ignore_index: int,
         workspace: LossWorkspace | None,
         vocab_multiple: int,
+        compiled: bool,
     ) -> Tensor:
         n_valid = (targets != ignore_index).sum().clamp(min=1)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
@@ -109,32 +112,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         Vp = w.shape[0]
         fp32_cpu = device_type == "cpu" and low is None and hidden.dtype == weight.dtype == torch.float32
         block = workspace.take(min(chunk, hidden.shape[0]) * Vp) if fp32_cpu and workspace is not None else None
+        step = compiled_chunk_loss() if compiled else chunk_loss
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s : s + chunk], targets[s : s + chunk]
             h = h.to(low) if low is not None else h
-            rows = torch.arange(len(t), device=t.device)
-            valid = t != ignore_index
-            safe_t = t.clamp(min=0)
-            if block is not None:
-                logp = torch.mm(h, w.t(), out=block[: len(t) * Vp].view(len(t), Vp))  # (n, Vp)
-            else:
-                logp = (h @ w.t()).float()  # (n, Vp)
-            if Vp > V:
-                logp[:, V:] = -math.inf  # padded columns: no probability, so no gradient
-            torch.log_softmax(logp, dim=-1, out=logp)
-            loss -= (logp[rows, safe_t] * valid).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # d(mean loss)/d logits = (softmax - one_hot) * valid / n_valid
-            g = logp.exp_()
-            g[rows, safe_t] -= 1.0
-            g = g.to(h.dtype)
-            del logp  # under autocast g is a low-precision copy: free the fp32 block before the matmuls
-            scale = (valid / n_valid).to(h.dtype)[:, None]  # (n, 1)
-            if grad_hidden is not None:
-                grad_hidden[s : s + chunk] = (g @ w) * scale  # the padded rows of w are zero
-            if grad_weight is not None:
-                _add_table_grad(grad_weight, g[:, :V], h * scale, low is None)
+            out = block[: len(t) * Vp].view(len(t), Vp) if block is not None else None
+            part, gh = step(h, w, t, V, ignore_index, n_valid, grad_weight, grad_hidden is not None, low is None, out)
+            loss += part
+            if gh is not None:
+                grad_hidden[s : s + chunk] = gh
         if block is not None:
             workspace.keep(block)
         # Kept on ctx, not saved for backward: they are this function's own buffers, scaled in place once.
@@ -151,7 +137,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # In place: no second (V, d) table of gradients allocated per step.
         gh = grad_hidden.mul_(grad_out.to(grad_hidden.dtype)) if grad_hidden is not None else None
         gw = grad_weight.mul_(grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def padded_table(weight: Tensor, dtype: torch.dtype | None, rows: int) -> Tensor:
@@ -165,12 +151,52 @@ def padded_table(weight: Tensor, dtype: torch.dtype | None, rows: int) -> Tensor
     return table
 
 
-def _add_table_grad(grad_weight: Tensor, g: Tensor, h: Tensor, fp32: bool) -> None:
-    """grad_weight (V, d, fp32) += g.T @ h for one chunk (g (n, V), possibly a column slice of the padded block)."""
-    if fp32:
-        grad_weight.addmm_(g.t(), h)  # accumulates without a (V, d) temporary
-    else:
-        grad_weight += g.t() @ h  # low-precision product, fp32 sum, no fp32 (V, d) temporary
+def chunk_loss(
+    h: Tensor,
+    w: Tensor,
+    t: Tensor,
+    vocab: int,
+    ignore_index: int,
+    n_valid: Tensor,
+    grad_weight: Tensor | None,
+    want_grad_hidden: bool,
+    fp32: bool,
+    block: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """One chunk of rows h (n, d) against the table w (Vp, d, the first `vocab` rows real): the chunk's summed loss
+    and, with gradients asked for, d(mean loss)/dh, returned, and d(mean loss)/dw, added to `grad_weight` (V, d,
+    fp32). `block`: an (n, Vp) float32 buffer the logits are computed in (the CPU's kept block), else a fresh one."""
+    rows = torch.arange(len(t), device=t.device)
+    valid = t != ignore_index
+    safe_t = t.clamp(min=0)
+    logp = torch.mm(h, w.t(), out=block) if block is not None else (h @ w.t()).float()  # (n, Vp)
+    if w.shape[0] > vocab:
+        logp[:, vocab:] = -math.inf  # padded columns: no probability, so no gradient
+    torch.log_softmax(logp, dim=-1, out=logp)
+    loss = -(logp[rows, safe_t] * valid).sum()
+    if grad_weight is None and not want_grad_hidden:
+        return loss, None
+    # d(mean loss)/d logits = (softmax - one_hot) * valid / n_valid
+    g = logp.exp_()
+    g[rows, safe_t] -= 1.0
+    g = g.to(h.dtype)
+    del logp  # under autocast g is a low-precision copy: free the fp32 block before the matmuls
+    scale = (valid / n_valid).to(h.dtype)[:, None]  # (n, 1)
+    if grad_weight is not None:
+        hs = h * scale
+        if fp32:
+            grad_weight.addmm_(g[:, :vocab].t(), hs)  # accumulates without a (V, d) temporary
+        else:
+            grad_weight += g[:, :vocab].t() @ hs  # low-precision product, fp32 sum, no fp32 (V, d) temporary
+    return loss, (g @ w) * scale if want_grad_hidden else None  # the padded rows of w are zero
+
+
+@functools.cache
+def compiled_chunk_loss() -> Callable:
+    """`chunk_loss` through torch.compile: the float32 cast, mask, log-softmax, exp and one-hot of a chunk fused into
+    a few kernels that never hold the (n, Vp) float32 logits. One graph for every chunk, and for every layer count:
+    the model's loss loop stays in Python, so compiling does not grow with the micro-batch."""
+    return torch.compile(chunk_loss)
 
 
 def chunked_cross_entropy(
@@ -182,12 +208,13 @@ def chunked_cross_entropy(
     *,
     workspace: LossWorkspace | None = None,
     vocab_multiple: int | None = None,
+    compiled: bool = False,
 ) -> Tensor:
     """Mean cross-entropy of logits `hidden @ weight.T` (hidden (N, d), weight (V, d), targets (N,)). `workspace`:
     where a float32 CPU call keeps its (n, V) block for the next (eager mode only); without, each call makes its
     own. `vocab_multiple`: the product runs over the vocabulary padded to a multiple of it (default: VOCAB_MULTIPLE
     on a GPU, where the alignment pays; 1, no padding, on a CPU, where the table's copy would cost and gain
-    nothing); the result is the same up to rounding."""
+    nothing); the result is the same up to rounding. `compiled`: each chunk through `compiled_chunk_loss`."""
     if vocab_multiple is None:
         vocab_multiple = VOCAB_MULTIPLE if hidden.device.type == "cuda" else 1
-    return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index, workspace, vocab_multiple)
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index, workspace, vocab_multiple, compiled)

@@ -141,6 +141,7 @@ class Axiom(nn.Module):
         # False (text) spares the look at every target, a host sync per call on a GPU.
         self.ignored_targets = True
         self.loss_workspace = LossWorkspace()  # the CPU loss's block, reused from step to step
+        self.compiled_loss = False  # the loss's chunks through torch.compile; set from outside (train.compile)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -180,7 +181,9 @@ class Axiom(nn.Module):
             if keep is not None and not bool(keep.all()):
                 x, targets = x[keep], targets[keep]
             workspace = self.loss_workspace
-        return chunked_cross_entropy(x, self.lm_head.weight, targets, loss_chunk, workspace=workspace)
+        return chunked_cross_entropy(
+            x, self.lm_head.weight, targets, loss_chunk, workspace=workspace, compiled=self.compiled_loss
+        )
 
     def logits(self, x: Tensor) -> Tensor:
         """Final hidden states (..., d) -> logits (..., V): `output_logits` over the table, or the output module's
