@@ -49,9 +49,13 @@ def pick_device(requested: str | None, local_rank: int | None = None) -> torch.d
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA only; the CPU runs fp32 (CPU autocast is slow and not bit-reproducible)."""
+    """Mixed precision on CUDA only; the CPU runs fp32 (CPU autocast is slow and not bit-reproducible).
+
+    Without autocast's cache of bf16 weight copies: a forward casts each weight once either way, and a matmul keeps
+    the copy it needs for backward itself, so the cache only held every layer's copy to the end of the forward where
+    activation checkpointing had let them go (0.53 GiB of the card's settings, docs/benchmarks.md)."""
     if device.type == "cuda" and dtype != "float32":
-        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+        return torch.autocast("cuda", dtype=getattr(torch, dtype), cache_enabled=False)
     return contextlib.nullcontext()
 
 

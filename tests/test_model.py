@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from axiom.infer.generate import generate
 from axiom.model.checkpoint import load_model
 from axiom.model.loss import chunked_cross_entropy
 from axiom.model.transformer import Axiom, flops_per_token, num_params
+from axiom.runtime import autocast
 
 SMALL = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_multiple_of=16, max_seq_len=64)
 
@@ -125,6 +127,14 @@ def test_activation_checkpointing_gives_same_gradients(model, device):
     checkpointed = grads(model, x, y)
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+def test_mixed_precision_keeps_no_cache_of_weight_copies():
+    """Training's autocast casts each weight where it is used and keeps no cache of the copies, which would hold
+    every layer's bf16 weights to the end of a checkpointed forward; on a CPU it is off (fp32)."""
+    with autocast(torch.device("cuda"), "bfloat16"):  # made, not run: the setting is the same without a GPU
+        assert torch.is_autocast_cache_enabled() is False
+    assert isinstance(autocast(torch.device("cpu"), "bfloat16"), contextlib.nullcontext)
 
 
 def test_tied_weights_stay_tied_through_training_and_reload(cpu_model, tmp_path):

@@ -30,16 +30,17 @@ from axiom.train.progress import duration
 
 GIB = 2**30
 OPTIMIZER_STATE_BYTES = {"adamw8bit": 2, "adamw": 8}  # per parameter: two moments, 8-bit or fp32
-# Values per token and d_model unit one block keeps for backward (eager; fitted to the H200 peaks of
-# docs/benchmarks.md). Checkpointing keeps only each block's fp32 input (the residual stream).
-BLOCK_ACTIVATION_VALUES = 26
+# Values per token and d_model unit one block keeps for backward, eager and compiled (fitted to the H200 peaks of
+# docs/benchmarks.md: inductor's fused kernels keep fewer). Checkpointing keeps only each block's fp32 input.
+BLOCK_ACTIVATION_VALUES = {False: 26, True: 18}
 LOSS_ROWS = 1024  # rows of the chunked loss's logits block (Axiom.forward's loss_chunk)
 MEMORY_HEADROOM = 0.9  # the share of a device's memory a plan fills: allocator fragmentation, workspaces, context
 # Tokens per micro-batch that keep an H100-class GPU busy (docs/benchmarks.md: the H200 micro-batch sweep).
 BUSY_TOKENS = 8192
-# The MFU a prediction assumes, compiled and eager (docs/benchmarks.md: the H200 baseline at micro-batch 16 without
-# checkpointing, before the padded vocabulary), and the share of it left with checkpointing (a forward recomputed).
-ASSUMED_MFU = {True: 0.42, False: 0.17}
+# The MFU a prediction assumes, compiled and eager (docs/benchmarks.md, "Training on a GPU": the preset as shipped,
+# compiled at micro-batch 80, and eager at micro-batch 16, on an H200), and the share of it left with
+# checkpointing (a forward recomputed).
+ASSUMED_MFU = {True: 0.42, False: 0.23}
 CHECKPOINTING_THROUGHPUT = 0.75
 ASSUMED_GPU = "H100"  # what `axiom info --gpu-memory-gib` plans for: its bf16 peak
 
@@ -115,7 +116,7 @@ def resolve(cfg: Config, hardware: Hardware, world_size: int = 1) -> Plan:
     docstring), the others as given."""
     t = cfg.train
     compile_ = hardware.kind == "cuda" if t.compile == AUTO else t.compile
-    micro, checkpointing = _split(cfg, hardware, world_size)
+    micro, checkpointing = _split(cfg, hardware, world_size, compile_)
     accum = t.sequences_per_step // micro if t.micro_batch_size == AUTO else t.grad_accum_steps
     low = _low_precision(cfg, hardware)
     chosen = tuple(k for k in ("micro_batch_size", "gradient_checkpointing", "compile") if getattr(t, k) == AUTO)
@@ -129,7 +130,7 @@ def resolve(cfg: Config, hardware: Hardware, world_size: int = 1) -> Plan:
         gradient_checkpointing=checkpointing,
         compile=compile_,
         chosen=chosen,
-        memory=training_memory_bytes(cfg, micro, checkpointing, low),
+        memory=training_memory_bytes(cfg, micro, checkpointing, low, compile_),
         usable_bytes=int(hardware.memory_bytes * MEMORY_HEADROOM),
         mfu=mfu,
         tokens_per_s=tokens_per_s,
@@ -137,14 +138,14 @@ def resolve(cfg: Config, hardware: Hardware, world_size: int = 1) -> Plan:
     )
 
 
-def _split(cfg: Config, hardware: Hardware, world_size: int) -> tuple[int, bool]:
+def _split(cfg: Config, hardware: Hardware, world_size: int, compiled: bool) -> tuple[int, bool]:
     """The micro-batch and activation checkpointing: as given, or chosen where auto."""
     t = cfg.train
     usable = hardware.memory_bytes * MEMORY_HEADROOM
     low = _low_precision(cfg, hardware)
 
     def fits(micro: int, checkpointing: bool) -> bool:
-        return training_memory_bytes(cfg, micro, checkpointing, low)["total"] <= usable
+        return training_memory_bytes(cfg, micro, checkpointing, low, compiled)["total"] <= usable
 
     if t.micro_batch_size != AUTO:
         given = t.gradient_checkpointing
@@ -178,18 +179,21 @@ def _low_precision(cfg: Config, hardware: Hardware) -> bool:
     return hardware.kind == "cuda" and cfg.train.dtype != "float32"
 
 
-def training_memory_bytes(cfg: Config, micro_batch_size: int, checkpointing: bool, low: bool) -> dict[str, int]:
+def training_memory_bytes(
+    cfg: Config, micro_batch_size: int, checkpointing: bool, low: bool, compiled: bool = False
+) -> dict[str, int]:
     """Predicted peak training memory per device, by part, as it stands in the forward of a step's second
-    micro-batch (the gradients of the first are held): fp32 weights and grads, optimizer state, autocast's bf16
-    copies of the matrices (`low`), activations (BLOCK_ACTIVATION_VALUES per token and d_model in each block, bf16
-    under autocast and fp32 otherwise; with checkpointing only each block's fp32 input and one block being
+    micro-batch (the gradients of the first are held): fp32 weights and grads, optimizer state, the bf16 copies of
+    the matrices that the matmuls keep for backward (`low`, without checkpointing: with it, each block's copies go
+    with the block), activations (BLOCK_ACTIVATION_VALUES per token and d_model in each block, eager or `compiled`,
+    bf16 under autocast and fp32 otherwise; with checkpointing only each block's fp32 input and one block being
     recomputed; SDPA keeps no attention scores), and the chunked loss (a LOSS_ROWS-row fp32 logits block over the
     padded vocabulary, its low-precision gradient under autocast, and the fp32 gradient of the table). A step of
     one micro-batch peaks lower: its gradients appear as the activations go."""
     m, t = cfg.model, cfg.train
     n = num_params(m)
     tokens = micro_batch_size * t.seq_len
-    block = BLOCK_ACTIVATION_VALUES * (2 if low else 4) * tokens * m.d_model
+    block = BLOCK_ACTIVATION_VALUES[compiled] * (2 if low else 4) * tokens * m.d_model
     activations = m.n_layers * 4 * tokens * m.d_model + block if checkpointing else m.n_layers * block
     columns = padded_vocab(m.vocab_size) if low else m.vocab_size
     loss = min(tokens, LOSS_ROWS) * columns * (6 if low else 4) + 4 * m.vocab_size * m.d_model
@@ -197,7 +201,7 @@ def training_memory_bytes(cfg: Config, micro_batch_size: int, checkpointing: boo
         "weights": 4 * n,
         "grads": 4 * n,
         "optimizer": OPTIMIZER_STATE_BYTES[t.optimizer] * n,
-        "casts": 2 * num_params(m, non_embedding=True) if low else 0,
+        "casts": 2 * num_params(m, non_embedding=True) if low and not checkpointing else 0,
         "activations": activations,
         "loss": loss,
     }
