@@ -29,7 +29,7 @@ from axiom.train.optim import build_optimizer
 from axiom.train.step import train_step
 
 
-def every_row_forward(self: Axiom, tokens, targets=None, cache=None, loss_chunk=1024, last_only=False):
+def every_row_forward(self: Axiom, tokens, targets=None, cache=None, loss_chunk=None, last_only=False):
     """`Axiom.forward` as before it skipped ignored targets: the logits of every row go into the loss."""
     x = self.hidden_states(tokens, cache, last_only)
     if targets is None:

@@ -16,6 +16,11 @@ IGNORE_INDEX = -100  # a target the loss leaves out (masked chat tokens, padding
 # columns make a bf16 logits row 200,554 bytes, not 16-byte aligned, and cuBLAS then falls back to slow kernels
 # (docs/benchmarks.md, "Aligned output products"). The parameter and everything stored keep the true vocabulary.
 VOCAB_MULTIPLE = 128
+# Rows per chunk of the loss: on a GPU each chunk adds its share into the (V, d) float32 table gradient, a pass over
+# 411 MB at the card's size, so fewer, larger chunks (1.6 GB of bf16 logits and gradient each); on a CPU a chunk's
+# float32 block (411 MB at 1024 rows) is what the memory holds.
+CHUNK_ROWS = {"cuda": 4096}
+DEFAULT_CHUNK_ROWS = 1024
 
 
 def padded_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -102,14 +107,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         n_valid = (targets != ignore_index).sum().clamp(min=1)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-        grad_weight = (
-            torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if weight.requires_grad else None
-        )
         device_type = hidden.device.type
         low = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         V = weight.shape[0]
         w = padded_table(weight, low, padded_vocab(V, vocab_multiple))  # (Vp, d)
         Vp = w.shape[0]
+        # Over the padded rows too (their gradient is zero), so the table's gradient product stays aligned as well.
+        grad_weight = (
+            torch.zeros((Vp, w.shape[1]), device=w.device, dtype=torch.float32) if weight.requires_grad else None
+        )
         fp32_cpu = device_type == "cpu" and low is None and hidden.dtype == weight.dtype == torch.float32
         block = workspace.take(min(chunk, hidden.shape[0]) * Vp) if fp32_cpu and workspace is not None else None
         step = compiled_chunk_loss() if compiled else chunk_loss
@@ -124,7 +130,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         if block is not None:
             workspace.keep(block)
         # Kept on ctx, not saved for backward: they are this function's own buffers, scaled in place once.
-        ctx.grads = (grad_hidden, grad_weight)
+        ctx.grads = (grad_hidden, grad_weight[:V] if grad_weight is not None else None)
         ctx.weight_dtype = weight.dtype
         return loss / n_valid
 
@@ -164,7 +170,7 @@ def chunk_loss(
     block: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:
     """One chunk of rows h (n, d) against the table w (Vp, d, the first `vocab` rows real): the chunk's summed loss
-    and, with gradients asked for, d(mean loss)/dh, returned, and d(mean loss)/dw, added to `grad_weight` (V, d,
+    and, with gradients asked for, d(mean loss)/dh, returned, and d(mean loss)/dw, added to `grad_weight` (Vp, d,
     fp32). `block`: an (n, Vp) float32 buffer the logits are computed in (the CPU's kept block), else a fresh one."""
     rows = torch.arange(len(t), device=t.device)
     valid = t != ignore_index
@@ -185,9 +191,9 @@ def chunk_loss(
     if grad_weight is not None:
         hs = h * scale
         if fp32:
-            grad_weight.addmm_(g[:, :vocab].t(), hs)  # accumulates without a (V, d) temporary
+            grad_weight.addmm_(g.t(), hs)  # accumulates without a (V, d) temporary
         else:
-            grad_weight += g[:, :vocab].t() @ hs  # low-precision product, fp32 sum, no fp32 (V, d) temporary
+            grad_weight += g.t() @ hs  # low-precision product, fp32 sum, no fp32 (V, d) temporary
     return loss, (g @ w) * scale if want_grad_hidden else None  # the padded rows of w are zero
 
 
@@ -203,7 +209,7 @@ def chunked_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    chunk: int = 1024,
+    chunk: int | None = None,
     ignore_index: int = IGNORE_INDEX,
     *,
     workspace: LossWorkspace | None = None,
@@ -214,7 +220,10 @@ def chunked_cross_entropy(
     where a float32 CPU call keeps its (n, V) block for the next (eager mode only); without, each call makes its
     own. `vocab_multiple`: the product runs over the vocabulary padded to a multiple of it (default: VOCAB_MULTIPLE
     on a GPU, where the alignment pays; 1, no padding, on a CPU, where the table's copy would cost and gain
-    nothing); the result is the same up to rounding. `compiled`: each chunk through `compiled_chunk_loss`."""
+    nothing); the result is the same up to rounding. `chunk`: rows per chunk (default: CHUNK_ROWS for the device).
+    `compiled`: each chunk through `compiled_chunk_loss`."""
     if vocab_multiple is None:
         vocab_multiple = VOCAB_MULTIPLE if hidden.device.type == "cuda" else 1
+    if chunk is None:
+        chunk = CHUNK_ROWS.get(hidden.device.type, DEFAULT_CHUNK_ROWS)
     return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index, workspace, vocab_multiple, compiled)

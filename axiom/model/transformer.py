@@ -161,7 +161,7 @@ class Axiom(nn.Module):
         tokens: Tensor,
         targets: Tensor | None = None,
         cache: KVCache | None = None,
-        loss_chunk: int = 1024,
+        loss_chunk: int | None = None,
         last_only: bool = False,
     ) -> Tensor:
         """tokens (B, T) -> mean cross-entropy over `targets` (B, T) if given, else logits (B, T, V), or

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from axiom.config import AUTO, Config
-from axiom.model.loss import padded_vocab
+from axiom.model.loss import CHUNK_ROWS, DEFAULT_CHUNK_ROWS, padded_vocab
 from axiom.model.transformer import flops_per_token, num_params
 from axiom.runtime import GPU_BF16_PEAK_TFLOPS, gpu_peak_flops
 from axiom.train.progress import duration
@@ -33,7 +33,6 @@ OPTIMIZER_STATE_BYTES = {"adamw8bit": 2, "adamw": 8}  # per parameter: two momen
 # Values per token and d_model unit one block keeps for backward, eager and compiled (fitted to the H200 peaks of
 # docs/benchmarks.md: inductor's fused kernels keep fewer). Checkpointing keeps only each block's fp32 input.
 BLOCK_ACTIVATION_VALUES = {False: 26, True: 18}
-LOSS_ROWS = 1024  # rows of the chunked loss's logits block (Axiom.forward's loss_chunk)
 MEMORY_HEADROOM = 0.9  # the share of a device's memory a plan fills: allocator fragmentation, workspaces, context
 # Tokens per micro-batch that keep an H100-class GPU busy (docs/benchmarks.md: the H200 micro-batch sweep).
 BUSY_TOKENS = 8192
@@ -187,7 +186,7 @@ def training_memory_bytes(
     the matrices that the matmuls keep for backward (`low`, without checkpointing: with it, each block's copies go
     with the block), activations (BLOCK_ACTIVATION_VALUES per token and d_model in each block, eager or `compiled`,
     bf16 under autocast and fp32 otherwise; with checkpointing only each block's fp32 input and one block being
-    recomputed; SDPA keeps no attention scores), and the chunked loss (a LOSS_ROWS-row fp32 logits block over the
+    recomputed; SDPA keeps no attention scores), and the chunked loss (a chunk's fp32 logits block over the
     padded vocabulary, its low-precision gradient under autocast, and the fp32 gradient of the table). A step of
     one micro-batch peaks lower: its gradients appear as the activations go."""
     m, t = cfg.model, cfg.train
@@ -196,7 +195,8 @@ def training_memory_bytes(
     block = BLOCK_ACTIVATION_VALUES[compiled] * (2 if low else 4) * tokens * m.d_model
     activations = m.n_layers * 4 * tokens * m.d_model + block if checkpointing else m.n_layers * block
     columns = padded_vocab(m.vocab_size) if low else m.vocab_size
-    loss = min(tokens, LOSS_ROWS) * columns * (6 if low else 4) + 4 * m.vocab_size * m.d_model
+    rows = min(tokens, CHUNK_ROWS["cuda"] if low else DEFAULT_CHUNK_ROWS)  # autocast runs on CUDA only
+    loss = rows * columns * (6 if low else 4) + 4 * m.vocab_size * m.d_model
     parts = {
         "weights": 4 * n,
         "grads": 4 * n,
