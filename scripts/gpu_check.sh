@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU when one is lent: by default `axiom train --preset axiom-380m` exactly as shipped for ~60
+# One command for a GPU when one is lent: by default `axiom train --preset axiom-380m` exactly as shipped for ~50
 # steps on the corpus (the plan it resolves, tokens/s, MFU, peak memory), the top kernels of one compiled step
 # (scripts/profile_step.py), the card's literal settings' memory, and the eager step vs transformers; --parts adds the
 # suite's CUDA tests, a micro-batch sweep and bf16 decoding; last, where one decoding step's time goes at batch 1

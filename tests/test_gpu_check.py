@@ -126,6 +126,22 @@ def test_a_run_cut_by_its_time_limit_is_read_from_its_files(tmp_path, monkeypatc
     assert figures["val_loss"] == [] and figures["train_loss_first_last"] == [9.5, 9.1]
 
 
+def test_a_tests_part_cut_by_its_time_limit_is_summed_up(tmp_path, monkeypatch):
+    """`pytest -k cuda` cut by the budget: what its progress line shows is reported, not a crash, and a failure in
+    it is a failure."""
+    gpu_check = _gpu_check()
+    check = gpu_check.Check(tmp_path, smoke=False, budget=60)
+    for stdout, summary, verdict in (
+        ("..............", "cut by its time limit after 14 passed, 0 failed", ""),
+        ("........F. [ 40%]\n...", "cut by its time limit after 12 passed, 1 failed", "FAILED"),
+    ):
+        done = subprocess.CompletedProcess([], None, stdout, "")
+        monkeypatch.setattr(check, "run", lambda *args, done=done, **kwargs: done)
+        gpu_check.tests_on_cuda(check, gpu_check.FULL)
+        assert check.results["parts"]["tests"]["summary"] == summary
+        assert check.rows[-1][1:] == (summary, "all pass", verdict and "missed")
+
+
 def test_parts_are_chosen_by_name(tmp_path, capsys):
     gpu_check = _gpu_check()
     assert gpu_check.main([str(tmp_path / "out"), "--smoke", "--parts", "memory,nope"]) == 2
