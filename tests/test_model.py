@@ -82,6 +82,32 @@ def test_kv_cache_greedy_equals_full_recompute(model, device):
     assert cached == seq[len(prompt) :]
 
 
+def test_compiled_static_cache_update_writes_only_the_new_slots():
+    """Compiled, a static cache's per-row update is an in-place write of the new slots: inductor's code has no loop
+    over the whole cache (a scatter_ there compiled into a copy of every layer's cache at every decoding step)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from axiom.model.cache import KVCache
+
+    cfg = get_config("tiny", ["n_layers=1", "d_model=16", "n_heads=2", "n_kv_heads=2"]).model
+    cache = KVCache.empty(cfg, 3, 512, "cpu", torch.float32, static=True)
+    k, v = torch.randn(2, 3, 2, 2, cfg.head_dim).unbind(0)  # (B, n_kv, T, hd), two new slots per row
+    slots = torch.tensor([[5, 6], [9, 10], [100, 101]])
+
+    def update(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        cache.slots = slots
+        cache.update(0, k, v)
+        return k.sum()
+
+    _, code = run_and_get_code(torch.compile(update), k, v, slots)
+    assert str(cache.keys[0].numel()) not in "\n".join(code)
+    for row, written in enumerate(slots.tolist()):
+        assert torch.equal(cache.keys[0][row, :, written], k[row]) and torch.equal(
+            cache.values[0][row, :, written], v[row]
+        )
+    assert cache.keys[0].count_nonzero() == k.numel()  # nothing else written
+
+
 def test_batched_prompts_of_different_lengths_match_single(model):
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [40, 41, 42, 43]]
     batched = generate(model, prompts, 6, temperature=0)

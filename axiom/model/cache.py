@@ -61,9 +61,11 @@ class KVCache:
             self.keys[layer].narrow(2, start, T).copy_(k)
             self.values[layer].narrow(2, start, T).copy_(v)
             return self.keys[layer].narrow(2, 0, start + T), self.values[layer].narrow(2, 0, start + T)
-        index = self.slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, n_kv, T, hd)
-        self.keys[layer].scatter_(2, index, k)
-        self.values[layer].scatter_(2, index, v)
+        # Each row's own slots, as an indexed assignment: compiled, it writes the new slots in place, where a
+        # scatter_ was compiled into a copy of the whole cache per layer and step (docs/benchmarks.md).
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1) against slots (B, T)
+        self.keys[layer][rows, :, self.slots] = k.transpose(1, 2)  # (B, T, n_kv, hd)
+        self.values[layer][rows, :, self.slots] = v.transpose(1, 2)
         if self.static:
             return self.keys[layer], self.values[layer]
         end = max(self.lengths) + T
