@@ -367,3 +367,30 @@ def test_bench_vs_llamacpp_times_both_on_the_same_weights(capsys):
     assert r["llamacpp"]["gguf_type"] == "f32"
     assert set(r["ratio_vs_llamacpp"]) == {"decode", "prefill_32"}  # 512 exceeds max_seq_len=40
     assert all(v > 0 for v in r["ratio_vs_llamacpp"].values())
+
+
+def test_decode_profile_counts_kernels_not_the_profilers_step_range():
+    """On CUDA the profiler also puts its "ProfilerStep*" range on the device's timeline: it is no kernel, and
+    counting it made the H200's batch-1 step look like 3.75 ms of kernels in a 1.9 ms step."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from axiom.bench.decode_profile import step_figures
+
+    def event(key: str, device: DeviceType, count: int = 1, cpu_us: float = 0.0, device_us: float = 0.0):
+        return SimpleNamespace(
+            key=key, device_type=device, count=count, self_cpu_time_total=cpu_us, self_device_time_total=device_us
+        )
+
+    events = [
+        event("ProfilerStep*", DeviceType.CPU, count=2, cpu_us=400.0),
+        event("ProfilerStep*", DeviceType.CUDA, count=2, device_us=5000.0),
+        event("cudaGraphLaunch", DeviceType.CPU, count=2, cpu_us=1000.0),
+        event("nvjet_gemm", DeviceType.CUDA, count=96, device_us=1200.0),
+        event("triton_poi_fused_add", DeviceType.CUDA, count=200, device_us=800.0),
+    ]
+    figures = step_figures(events, 2, (0.0019, 0.0026), cuda=True)
+    assert figures["kernels"] == 148 and figures["kernel_ms"] == pytest.approx(1.0)
+    assert [k[0] for k in figures["top_kernels"]] == ["nvjet_gemm", "triton_poi_fused_add"]
+    assert figures["graph_launches"] == 1 and figures["python_ms"] == pytest.approx(0.2)

@@ -72,7 +72,7 @@ def step_figures(events: EventList, steps: int, walls: tuple[float, float], cuda
     ops as [name, calls per step, ms per step]."""
     step = [e for e in events if e.key.startswith("ProfilerStep")]  # its own time: Python between the ops
     host = [e for e in events if e.device_type == DeviceType.CPU and e not in step]
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and e not in step]  # the step's range is no kernel
 
     def per_step(total_us: float) -> float:
         return total_us / steps / 1e3
