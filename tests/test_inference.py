@@ -394,3 +394,22 @@ def test_decode_profile_counts_kernels_not_the_profilers_step_range():
     assert figures["kernels"] == 148 and figures["kernel_ms"] == pytest.approx(1.0)
     assert [k[0] for k in figures["top_kernels"]] == ["nvjet_gemm", "triton_poi_fused_add"]
     assert figures["graph_launches"] == 1 and figures["python_ms"] == pytest.approx(0.2)
+
+
+def test_padded_output_table_gives_the_same_logits_and_keeps_the_table_tied():
+    """What prepare_model does on a GPU: the output product over the table padded to a multiple of 128 rows, the
+    logits cut back to the vocabulary; the token table is the padded one's first rows, still stored once."""
+    from axiom.infer.fast import PaddedOutput, pad_output_table
+
+    torch.manual_seed(0)
+    model = Axiom(micro_config("vocab_size=300").model).eval()
+    tokens = torch.randint(0, 300, (2, 7))
+    with torch.no_grad():
+        before = model(tokens)
+        pad_output_table(model)
+        after = model(tokens)
+    assert isinstance(model.lm_head, PaddedOutput) and model.lm_head.weight.shape[0] == 384
+    assert after.shape == before.shape == (2, 7, 300)
+    torch.testing.assert_close(after, before)
+    assert model.embed.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    assert not model.lm_head.weight[300:].any()

@@ -35,7 +35,7 @@ from axiom.errors import AxiomError
 from axiom.infer import kernels
 from axiom.model.cache import KVCache
 from axiom.model.checkpoint import load_model
-from axiom.model.loss import output_logits
+from axiom.model.loss import output_logits, padded_vocab
 from axiom.model.transformer import Axiom, Block
 from axiom.runtime import pick_device
 
@@ -76,11 +76,40 @@ def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
     if dtype != "int8":
         # the same Parameter: the table stays tied, stored once
         model.lm_head = FastLinear(model.lm_head.weight, kernels=dtype == "bfloat16")
-    if next(model.parameters()).device.type == "cpu":
+    device = next(model.parameters()).device
+    if device.type == "cpu":
         if kernels.available():
             model.layers = nn.ModuleList(DecodeBlock(block) for block in model.layers)
         pack_weights(model)
+    elif device.type == "cuda" and dtype != "int8":
+        pad_output_table(model)
     return model
+
+
+def pad_output_table(model: Axiom) -> None:
+    """The output layer over its table padded with zero rows to a multiple of 128 (`VOCAB_MULTIPLE`), the logits cut
+    back to the vocabulary. On a GPU a product over 100,277 columns (bf16 rows of 200,554 bytes, not 16-byte aligned)
+    takes an sm75 fallback kernel: 0.21 ms of a 3.1 ms batch-16 decoding step on an H200 (docs/benchmarks.md), as
+    in training's loss. A tied table stays stored once: the token table becomes the padded one's first rows."""
+    weight = model.lm_head.weight
+    vocab = weight.shape[0]
+    padded = weight.new_zeros(padded_vocab(vocab), weight.shape[1])
+    padded[:vocab] = weight
+    if model.cfg.tie_embeddings:
+        model.embed.weight.data = padded[:vocab]
+    model.lm_head = PaddedOutput(padded, vocab)
+
+
+class PaddedOutput(nn.Module):
+    """Logits over the first `vocab` rows of a zero-padded table (V_padded, d): the product over all of them."""
+
+    def __init__(self, table: Tensor, vocab: int):
+        super().__init__()
+        self.register_buffer("weight", table)
+        self.vocab = vocab
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)[..., : self.vocab]
 
 
 HUGE_PAGE = 2 << 20
