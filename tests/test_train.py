@@ -223,6 +223,41 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypa
     assert read_rows(part / "eval.csv")[-1]["val_loss"] == read_rows(tmp_path / "full" / "eval.csv")[-1]["val_loss"]
 
 
+def test_a_run_that_fell_back_to_torch_adamw_resumes_with_it_and_an_8bit_one_needs_bitsandbytes(
+    tiny_data, tmp_path, monkeypatch, caplog
+):
+    """Started where bitsandbytes was unusable (torch AdamW), resumed where it works: the run goes on with torch
+    AdamW, loss for loss as if never stopped (it used to fail with KeyError 'state1'). The other way round, a
+    checkpoint of AdamW8bit's state without bitsandbytes is a one-line error naming the way out."""
+    cfg = micro_config("max_steps=6", "checkpoint_interval=3", "optimizer=adamw8bit")
+    real_step = trainer_mod.train_step
+    calls = []
+
+    def step_then_signal(*args, **kwargs):  # SIGTERM during step 3: a checkpoint at its end, then exit
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    with monkeypatch.context() as without_bnb:
+        without_bnb.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
+        full = train(cfg, tiny_data, tmp_path / "full")
+        without_bnb.setattr(trainer_mod, "train_step", step_then_signal)
+        first = train(cfg, tiny_data, tmp_path / "part")
+    assert first.step == 3
+    second = train(cfg, tiny_data, tmp_path / "part", resume=True)
+    assert "holds AdamW (torch, fused)'s state (the run fell back to it); continuing with it" in caplog.text
+    assert [s.loss for s in first.history + second.history] == [s.loss for s in full.history]
+
+    calls.clear()
+    monkeypatch.setattr(trainer_mod, "train_step", step_then_signal)
+    train(cfg, tiny_data, tmp_path / "8bit")
+    monkeypatch.setattr(trainer_mod, "train_step", real_step)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(AxiomError, match=r"trained with AdamW8bit \(bitsandbytes\), whose state torch AdamW cannot"):
+        train(cfg, tiny_data, tmp_path / "8bit", resume=True)
+
+
 class _OutOfMemoryInBackward(torch.autograd.Function):
     """Identity forward; backward fails as the CUDA allocator would, after the layers above have put gradients in."""
 

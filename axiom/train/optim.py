@@ -9,6 +9,7 @@ import math
 import torch
 
 from axiom.config import TrainConfig
+from axiom.errors import AxiomError
 
 logger = logging.getLogger(__name__)
 
@@ -88,3 +89,25 @@ def build_optimizer(
     fused = device.type in ("cuda", "cpu")
     opt = torch.optim.AdamW(groups, lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
     return opt, "AdamW (torch, fused)" if fused else "AdamW (torch)"
+
+
+def resumable_config(cfg: TrainConfig, saved_optimizer: str | None) -> TrainConfig:
+    """`cfg` with the optimizer a checkpoint's state belongs to (`saved_optimizer`, its state.pt's name): a run that
+    fell back to torch AdamW continues with torch AdamW where AdamW8bit would work now (the state has no 8-bit
+    moments, and the run goes on as it was trained)."""
+    if cfg.optimizer == "adamw8bit" and saved_optimizer is not None and not saved_optimizer.startswith("AdamW8bit"):
+        logger.warning(
+            "notice: the checkpoint holds %s's state (the run fell back to it); continuing with it", saved_optimizer
+        )
+        return dataclasses.replace(cfg, optimizer="adamw")
+    return cfg
+
+
+def check_resumable(saved_optimizer: str | None, built: str, where: str) -> None:
+    """A checkpoint of AdamW8bit's 8-bit state cannot continue in torch AdamW: a clear error, not a KeyError."""
+    if saved_optimizer is not None and saved_optimizer.startswith("AdamW8bit") and not built.startswith("AdamW8bit"):
+        raise AxiomError(
+            f"{where}: the run was trained with {saved_optimizer}, whose state torch AdamW cannot take, and "
+            "bitsandbytes is not usable here (see the notice above); install it (pip install 'axiom-lm[bnb]') to "
+            "resume, or start a new run from these weights with --init-from"
+        )

@@ -27,7 +27,7 @@ from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID
 from axiom.train.checkpointer import Checkpointer, checkpoint_record
 from axiom.train.evaluator import Evaluator
-from axiom.train.optim import build_optimizer
+from axiom.train.optim import build_optimizer, check_resumable, resumable_config
 from axiom.train.parallel import Dist, parallelize
 from axiom.train.plan import Plan, plan_lines, smaller_micro_batch
 from axiom.train.progress import Progress, duration
@@ -113,7 +113,11 @@ class Trainer:
         if self.chat if t.doc_masking is None else t.doc_masking:  # in training and evaluation alike
             self.raw.doc_sep = EOS_ID
         self.model = parallelize(self.raw, t, device, d)
-        self.optimizer, self.optimizer_name = build_optimizer(self.raw, t, device, fsdp=fsdp)
+        saved_optimizer = state.get("optimizer_name") if state is not None else None
+        self.optimizer, self.optimizer_name = build_optimizer(
+            self.raw, resumable_config(t, saved_optimizer), device, fsdp=fsdp
+        )
+        check_resumable(saved_optimizer, self.optimizer_name, str(run_dir))
         loader = ChatLoader if self.chat else TrainLoader
         self.loader = loader(
             data_dir, t.seq_len, t.micro_batch_size, t.seed, d.rank, d.world_size, cfg.model.vocab_size
