@@ -524,7 +524,7 @@ def test_export_template_matches_encode_chat_in_transformers_and_stops_at_the_tu
     out = export(tuned[0] / "checkpoints" / "best", tmp_path / fmt, fmt)
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["chat_template"] == CHAT_TEMPLATE
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [IM_END, EOS_ID]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [IM_END, IM_START, EOS_ID]
     assert "fine-tuned on chat data" in (out / "README.md").read_text()
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [IM_START, IM_END]

@@ -37,7 +37,7 @@ from axiom.interop.hf.folder import CONFIG, WEIGHTS, hf_config
 from axiom.interop.hf.names import to_llama
 from axiom.interop.hf.tokenizer import write_tokenizer
 from axiom.model.checkpoint import load_model, run_dir_of, save_safetensors, stored_tensors
-from axiom.text.chatml import CHAT_TEMPLATE, IM_END, is_chat_tuned
+from axiom.text.chatml import CHAT_TEMPLATE, TURN_END_IDS, is_chat_tuned
 from axiom.text.tokenizer import EOS_ID
 
 REMOTE_CODE = Path(__file__).parent / "hf" / "remote"
@@ -116,7 +116,7 @@ def _export_folder(
         # transformers_version: 4.57.3 warns about a Mistral regex bug on configs that lack it
         config = {**hf_config(cfg, fmt, dtype, meta), "transformers_version": version("transformers")}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        stop = [IM_END, EOS_ID] if chat else EOS_ID  # a chat model's reply ends with <|im_end|>
+        stop = [*TURN_END_IDS, EOS_ID] if chat else EOS_ID  # a chat reply ends at <|im_end|> (or a new <|im_start|>)
         generation = {"bos_token_id": None, "eos_token_id": stop, "pad_token_id": EOS_ID}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         write_tokenizer(tmp, cfg.model.max_seq_len, chat)
