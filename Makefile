@@ -26,7 +26,7 @@ lint: setup
 	$(BIN)/ruff format --check axiom tests scripts
 
 test: lint browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --dist loadfile
 
 # Chromium and its driver for tests/test_webchat.py (a headless browser on axiom serve's chat page): installed with
 # apt-get where they are missing and apt-get can run as root; otherwise that test says why it is skipped.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -15,6 +16,21 @@ from axiom.data.loader import TOKEN_DTYPE
 from axiom.model.checkpoint import save_weights
 from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID
+
+# Under pytest-xdist (`make test` runs a worker per core), one thread each: two workers of two threads on two cores
+# would fight over them. Subprocesses inherit the variable.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+# The longest files first: `--dist loadfile` hands whole files to the workers in order, so a long one started last
+# would run on alone.
+LONGEST_FIRST = ("test_docs.py", "test_gpu_check.py", "test_chat.py", "test_serve.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 # Tests that take the `device` fixture (or a fixture built on DEVICES) run once per available device, with ids
 # "cpu" and "cuda": `pytest -k cuda` runs the GPU ones (scripts/gpu_check.sh does, on a lent GPU).
