@@ -399,11 +399,12 @@ def test_decode_profile_counts_kernels_not_the_profilers_step_range():
 def test_padded_output_table_gives_the_same_logits_and_keeps_the_table_tied():
     """What prepare_model does on a GPU: the output product over the table padded to a multiple of 128 rows, the
     logits cut back to the vocabulary; the token table is the padded one's first rows, still stored once."""
-    from axiom.infer.fast import PaddedOutput, pad_output_table
+    from axiom.infer.fast import PaddedOutput, pad_output_table, weight_bytes_per_token
 
     torch.manual_seed(0)
     model = Axiom(micro_config("vocab_size=300").model).eval()
     tokens = torch.randint(0, 300, (2, 7))
+    read = weight_bytes_per_token(model)
     with torch.no_grad():
         before = model(tokens)
         pad_output_table(model)
@@ -413,3 +414,4 @@ def test_padded_output_table_gives_the_same_logits_and_keeps_the_table_tied():
     torch.testing.assert_close(after, before)
     assert model.embed.weight.data_ptr() == model.lm_head.weight.data_ptr()
     assert not model.lm_head.weight[300:].any()
+    assert weight_bytes_per_token(model) == read + 84 * model.cfg.d_model * 4  # the bench counts the padded rows

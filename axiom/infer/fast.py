@@ -165,7 +165,7 @@ def weight_bytes_per_token(model: Axiom) -> int:
     the token table's one looked-up row, the norms and the KV cache are left out (under 1% at short context)."""
     total = 0
     for m in model.modules():
-        if isinstance(m, nn.Linear | FastLinear):
+        if isinstance(m, nn.Linear | FastLinear | PaddedOutput):  # the padded table: all of it is read
             total += m.weight.numel() * m.weight.element_size()
         elif isinstance(m, Int8Linear):
             total += m.q.numel() + m.scale_f32.numel() * 4
