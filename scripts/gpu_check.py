@@ -272,9 +272,30 @@ def decode(check: Check, sizes: Sizes) -> None:
         args.append("--eager")
     result = check.bench("decode", args, 420)
     if result is not None:
-        figure = f"{result['tokens_per_s']:,.0f} tok/s, {result['ratio_vs_hf']:.2f}x transformers"
+        figure = f"{result['tokens_per_s']:,.0f} tok/s, {result['ratio_vs_hf']:.2f}x transformers; first token "
+        figure += f"{result['first_token_ms']:.1f} ms warm"
         met = None if check.smoke else result["tokens_per_s"] >= 1500
         check.row(f"decode {sizes.preset}, batch 1", figure, "" if check.smoke else ">= 1,500 tok/s bf16", met)
+
+
+def ttft(check: Check, sizes: Sizes) -> None:
+    """Time to first token of a fresh process (scripts/ttft.py), bf16 with the compiled step on CUDA (eager in the
+    smoke mode): cold, with an empty compile cache, then warm, the same cache again."""
+    cache = check.out / "ttft-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    dtype = ["--dtype", "float32"] if check.smoke else ["--dtype", "bfloat16", "--compile", "--cache-dir", str(cache)]
+    cmd = [sys.executable, "scripts/ttft.py", "--preset", sizes.preset, *dtype, "--new-tokens", "8"]
+    for when in ("cold", "warm"):
+        done = check.run(f"ttft_{when}", cmd, 240 if not check.smoke else 300)
+        if done is None:
+            return
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        check.record(f"ttft_{when}", {"ok": True, **r})
+        figure = f"process start to first token {r['process_to_first_token_s']:.1f} s, to the second "
+        figure += f"{r['process_to_second_token_s']:.1f} s (model ready in {r['model_ready_s']:.1f} s), then "
+        figure += f"{r['decode_tokens_per_s_after']:,.0f} tok/s"
+        check.row(f"time to first token, {sizes.preset} {dtype[1]}, {when}", figure)
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 def kernels(check: Check, sizes: Sizes) -> None:
@@ -379,9 +400,10 @@ PARTS = {
     "sweep": throughput_sweep,
     "decode": decode,
     "decode_profile": decode_profile,
+    "ttft": ttft,
 }
 DEFAULT_PARTS = "shipped,kernels,memory,eager,decode_profile"  # about 6 minutes on an H200; the budget cuts the last
-SMOKE_PARTS = "shipped,kernels,memory,eager,decode,decode_profile"
+SMOKE_PARTS = "shipped,kernels,memory,eager,decode,decode_profile,ttft"
 
 
 def main(argv: list[str] | None = None) -> int:

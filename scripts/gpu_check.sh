@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command for a GPU when one is lent: by default `axiom train --preset axiom-380m` exactly as shipped for ~50
 # steps on the corpus (the plan it resolves, tokens/s, MFU, peak memory), the top kernels of one compiled step
-# (scripts/profile_step.py), the card's literal settings' memory, and the eager step vs transformers; --parts adds the
-# suite's CUDA tests, a micro-batch sweep and bf16 decoding; last, where one decoding step's time goes at batch 1
-# and 16. Writes OUT/gpu_check.json and OUT/gpu_check.md.
+# (scripts/profile_step.py), the card's literal settings' memory, the eager step vs transformers, and where one
+# decoding step's time goes at batch 1 and 16; --parts adds the suite's CUDA tests, a micro-batch sweep, bf16
+# decoding, and the time to first token of a fresh process, cold and warm. Writes OUT/gpu_check.json and
+# OUT/gpu_check.md.
 #
 #   scripts/gpu_check.sh OUT [--corpus DIR] [--budget S] [--parts P,...]   on one H100/H200 (stops by S seconds,
 #                                                                          default 360: twice in 15 minutes)

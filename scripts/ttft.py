@@ -1,7 +1,7 @@
 """Time to first token of a cold start: a fresh process builds a preset (random weights) or loads a checkpoint,
 runs `axiom.infer.fast.prepare_model`, and decodes through `axiom.infer.generate.stream` (what `axiom generate` runs).
 
-    python scripts/ttft.py --preset axiom-380m --dtype bfloat16 [--compile] [--cache-dir DIR] [--ckpt DIR]
+    python scripts/ttft.py --preset axiom-380m --dtype bfloat16 [--compile] [--cache-dir DIR] [--ckpt DIR] [--device D]
 
 Prints one JSON line: seconds to a ready model (build or load + prepare), to the first token (prefill), to the
 second (the first decoding step: where a compiled step compiles, or loads from inductor's caches), and the
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--preset", default="axiom-380m")
     parser.add_argument("--ckpt", default=None, help="a checkpoint instead of the preset's random weights")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: a GPU if there is one)")
     parser.add_argument("--compile", action="store_true", help="decode with the compiled static-cache step")
     parser.add_argument("--cache-dir", default=None, help="TORCHINDUCTOR_CACHE_DIR for --compile")
     parser.add_argument("--prompt-len", type=int, default=32)
@@ -39,11 +40,15 @@ def main() -> None:
     from axiom.infer.generate import stream
     from axiom.model.checkpoint import load_model
     from axiom.model.transformer import Axiom
+    from axiom.runtime import pick_device
 
     imported = time.perf_counter()
     torch.manual_seed(0)
-    model = load_model(args.ckpt)[0] if args.ckpt else Axiom(get_config(args.preset).model)
+    device = pick_device(args.device)
+    model = load_model(args.ckpt, device)[0] if args.ckpt else Axiom(get_config(args.preset).model).to(device)
     prepare_model(model, args.dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     ready = time.perf_counter()
     prompt = torch.randint(0, model.cfg.vocab_size, (args.prompt_len,)).tolist()
     marks = []
@@ -52,6 +57,7 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "device": str(device),
                 "dtype": args.dtype,
                 "compile": args.compile,
                 "import_s": imported - START,

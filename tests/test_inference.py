@@ -319,6 +319,7 @@ def test_bench_generate_int8(capsys):
     assert main(args) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["dtype"] == "int8" and r["tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+    assert 0 < r["first_token_ms"] < 1e3 * r["new_tokens"] / r["tokens_per_s"]  # the prefill: before the call ends
 
 
 def test_bench_generate_profiles_one_decoding_step(capsys):

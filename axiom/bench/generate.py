@@ -78,21 +78,25 @@ def check_generate(m: ModelConfig, s: GenerateBench) -> None:
 
 class OurDecoding:
     """One timed unit of ours: `stream` over the prompts through one engine, whose caches and compiled step (CUDA
-    graphs on a GPU) are built once, untimed. Keeps the last call's tokens and each call's decode-only rate."""
+    graphs on a GPU) are built once, untimed. Keeps the last call's tokens, and each call's time to its first
+    tokens (the prefill, warm: scripts/ttft.py times a cold start) and its decode-only rate."""
 
     def __init__(self, model: Axiom, prompts: torch.Tensor, new_tokens: int, eager: bool, device: torch.device):
         self.model, self.prompts, self.new_tokens, self.device = model, prompts, new_tokens, device
         self.engine = Engine(model, max_batch=len(prompts), compile=not eager)
         self.tokens: list[list[int]] = []
         self.decode_rates: list[float] = []
+        self.first_token_s: list[float] = []
 
     def __call__(self) -> None:
-        rows, first, n = [], 0.0, self.new_tokens
+        rows, n = [], self.new_tokens
+        start = first = time.perf_counter()
         for i, ids in enumerate(stream(self.model, self.prompts.tolist(), n, temperature=0.0, engine=self.engine)):
             rows.append(ids)
             if i == 0:  # the first token comes out of the prefill: decoding is what follows
                 sync(self.device)
                 first = time.perf_counter()
+                self.first_token_s.append(first - start)
         sync(self.device)
         if n > 1:
             self.decode_rates.append(len(self.prompts) * (n - 1) / (time.perf_counter() - first))
@@ -115,7 +119,8 @@ def bench_generate(cfg: Config, device: torch.device, s: GenerateBench, llamacpp
     for _ in range(s.warmup if s.eager else max(s.warmup, 1)):  # compiling is never timed
         ours()
     peak = peak_memory(device)
-    ours.decode_rates.clear()
+    for times in (ours.decode_rates, ours.first_token_s):
+        times.clear()
     contenders = [Contender("axiom", ours, s.batch * n, 1)]
     extra = {}
     if s.vs_hf:
@@ -128,6 +133,7 @@ def bench_generate(cfg: Config, device: torch.device, s: GenerateBench, llamacpp
     figures = {
         **summary(rates, flops_per_token(m, context) / 3, device),  # forward only: a third of training's
         "decode_tokens_per_s": decode,
+        "first_token_ms": statistics.median(ours.first_token_s) * 1e3 if ours.first_token_s else None,
         "weight_bytes_per_token": weight_bytes_per_token(model),
         "peak_mem_bytes": peak,
         **extra,
