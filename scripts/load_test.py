@@ -9,7 +9,8 @@ Every response is checked against the text the engine gives the prompt alone (wh
 prints): all requests must complete and be correct, or the script exits 1. Before timing, it also measures the
 smallest lead of a greedy choice over the runner-up among the expected tokens: batching moves logits by rounding
 only (~1e-7, tests/test_engine.py), so a lead far above that cannot flip. Prints, per server and concurrency,
-throughput (completion tokens/s over the wall time of the level) and p50/p95 request latency, then the speed-up of
+throughput (completion tokens/s over the wall time of the level) and p50/p95 request latency (with `--stream`, or
+hostile requests, the clients stream, and the time to first token and between tokens too), then the speed-up of
 batching. Rounds alternate the two servers (ABBA) so that load from other processes falls on both; the figures are
 the medians over rounds. Bounded: every request has a timeout and both servers are stopped at the end.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import signal
@@ -40,6 +42,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -86,6 +89,9 @@ def main() -> int:
     add_device_argument(p)
     p.add_argument("--dtype", default="float32", help="the servers' --dtype (and the reference decoding's)")
     p.add_argument("--compile", action="store_true", help="start the servers with --compile")
+    p.add_argument(
+        "--stream", action="store_true", help="the clients stream: time to first token and inter-token latency too"
+    )
     p.add_argument("--hostile", type=int, default=0, help="hostile requests mixed into each level and round")
     p.add_argument(
         "--baseline",
@@ -164,28 +170,49 @@ def start_server(ckpt: Path, max_batch: int, args: argparse.Namespace) -> tuple[
     return proc, int(line.split(" on http://")[1].split(":")[1].split("/")[0])
 
 
-def request(port: int, prompt: str, max_tokens: int, stream: bool = False) -> tuple[str, float, int]:
-    """One greedy completion, whole or streamed: (text, latency in seconds, completion tokens)."""
+@dataclass
+class Reply:
+    """One completion: its text, latency and completion tokens; streamed, also the arrival time of each event that
+    carried text, from the request's start (the first is the time to first token)."""
+
+    text: str
+    latency_s: float
+    tokens: int
+    text_arrivals_s: list[float] = field(default_factory=list)
+
+
+def request(port: int, prompt: str, max_tokens: int, stream: bool = False) -> Reply:
+    """One greedy completion, whole or streamed (its events read as they arrive)."""
     body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    arrivals: list[float] = []
+    events: list[dict] = []
     try:
         options = {"stream_options": {"include_usage": True}} if stream else {}
         conn.request("POST", "/v1/completions", json.dumps(body | options), {"Content-Type": "application/json"})
         response = conn.getresponse()
-        raw = response.read()
+        if response.status != 200 or not stream:
+            raw = response.read()
+        else:
+            raw = b""
+            while line := response.readline():
+                raw += line
+                if line.startswith(b"data: {"):
+                    events.append(json.loads(line.removeprefix(b"data: ")))
+                    if any(c.get("text") for c in events[-1].get("choices", ())):
+                        arrivals.append(time.perf_counter() - start)
     finally:
         conn.close()
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {raw[:300]!r}")
     if not stream:
         data = json.loads(raw)
-        return data["choices"][0]["text"], time.perf_counter() - start, data["usage"]["completion_tokens"]
-    events = [json.loads(e.removeprefix(b"data: ")) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+        return Reply(data["choices"][0]["text"], time.perf_counter() - start, data["usage"]["completion_tokens"])
     if any("error" in e for e in events) or not raw.rstrip().endswith(b"data: [DONE]"):
         raise RuntimeError(f"the stream broke off: {raw[-300:]!r}")
     text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
-    return text, time.perf_counter() - start, events[-1]["usage"]["completion_tokens"]
+    return Reply(text, time.perf_counter() - start, events[-1]["usage"]["completion_tokens"], arrivals)
 
 
 def post_raw(port: int, body: bytes, content_type: str = "application/json") -> int:
@@ -260,23 +287,25 @@ def hostile(port: int, n: int) -> list[str]:
 def load(port: int, clients: int, expected: dict[str, str], args: argparse.Namespace) -> dict:
     """`clients` threads, each sending `args.requests` requests one after another (prompts cycle through PROMPTS),
     and with `args.hostile` one more thread sending that many hostile requests meanwhile."""
-    latencies, tokens, errors = [], [0], []
+    latencies, first_tokens, gaps, tokens, errors = [], [], [], [0], []
     lock = threading.Lock()
-    per_client, stream = args.requests, args.hostile > 0
+    per_client, stream = args.requests, args.stream or args.hostile > 0
 
     def client(c: int) -> None:
         for i in range(per_client):
             prompt = PROMPTS[(c * per_client + i) % len(PROMPTS)]
             try:
-                text, latency, n = request(port, prompt, args.max_tokens, stream)
+                reply = request(port, prompt, args.max_tokens, stream)
             except Exception as e:  # counted, reported, and the script fails
                 with lock:
                     errors.append(f"{prompt!r}: {e}")
                 continue
             with lock:
-                latencies.append(latency)
-                tokens[0] += n
-                if text != expected[prompt]:
+                latencies.append(reply.latency_s)
+                first_tokens.extend(reply.text_arrivals_s[:1])
+                gaps.extend(b - a for a, b in itertools.pairwise(reply.text_arrivals_s))
+                tokens[0] += reply.tokens
+                if reply.text != expected[prompt]:
                     errors.append(f"{prompt!r}: text differs from the prompt decoded alone")
 
     def attacker() -> None:
@@ -292,15 +321,24 @@ def load(port: int, clients: int, expected: dict[str, str], args: argparse.Names
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    latencies.sort()
     return {
         "tokens_per_s": tokens[0] / wall,
-        "p50_s": latencies[len(latencies) // 2] if latencies else None,
-        "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None,
+        "p50_s": percentile(latencies, 0.5),
+        "p95_s": percentile(latencies, 0.95),
+        "ttft_p50_s": percentile(first_tokens, 0.5),
+        "ttft_p95_s": percentile(first_tokens, 0.95),
+        "itl_p50_s": percentile(gaps, 0.5),
+        "itl_p95_s": percentile(gaps, 0.95),
         "completed": len(latencies),
         "errors": len(errors),
         "error_samples": errors[:3],
     }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The value below which a share q of `values` lies (nearest rank); None for none."""
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
 def run_levels(procs: dict, expected: dict[str, str], args: argparse.Namespace) -> list[dict]:
@@ -317,8 +355,7 @@ def run_levels(procs: dict, expected: dict[str, str], args: argparse.Namespace) 
         for name, runs in rounds.items():
             summary[name] = {
                 "tokens_per_s": statistics.median(x["tokens_per_s"] for x in runs),
-                "p50_s": statistics.median(x["p50_s"] for x in runs if x["p50_s"] is not None),
-                "p95_s": statistics.median(x["p95_s"] for x in runs if x["p95_s"] is not None),
+                **{key: median_of(runs, key) for key in LATENCIES},
                 "completed": sum(x["completed"] for x in runs),
                 "errors": sum(x["errors"] for x in runs),
                 "error_samples": [e for x in runs for e in x["error_samples"]][:3],
@@ -331,6 +368,16 @@ def run_levels(procs: dict, expected: dict[str, str], args: argparse.Namespace) 
     return levels
 
 
+LATENCIES = ("p50_s", "p95_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s")
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    """The median over rounds of a latency figure; None where no round had one (time to first token and
+    inter-token latency come from streamed requests only)."""
+    values = [x[key] for x in runs if x[key] is not None]
+    return statistics.median(values) if values else None
+
+
 def print_table(report: dict) -> None:
     print(f"axiom serve load test: {report['ckpt']}, {report['requests_per_client']} requests per client, ", end="")
     print(f"{report['max_tokens']} new tokens each, greedy; median of {report['rounds']} rounds per server")
@@ -338,12 +385,18 @@ def print_table(report: dict) -> None:
     if report["hostile_per_level"]:
         print(f"{report['hostile_per_level']} hostile requests beside each level's clients, whose requests stream; ")
         print("errors count the hostile requests answered otherwise than they must be, too")
-    print(f"{'clients':>7}  {'server':<22} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7} {'done':>5} {'errors':>6}")
+    head = f"{'clients':>7}  {'server':<22} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7} {'done':>5} {'errors':>6}"
+    print(head + "   first token p50/p95 s, between tokens p50/p95 ms (streamed)")
     for level in report["levels"]:
         for name, r in level["servers"].items():
             label = f"max-batch {report['max_batch']}" if name == "batched" else "max-batch 1"
             print(f"{level['concurrency']:>7}  {label:<22} {r['tokens_per_s']:>9.1f} {r['p50_s']:>7.3f} ", end="")
-            print(f"{r['p95_s']:>7.3f} {r['completed']:>5} {r['errors']:>6}")
+            print(f"{r['p95_s']:>7.3f} {r['completed']:>5} {r['errors']:>6}", end="")
+            if r["ttft_p50_s"] is not None:
+                print(f"   {r['ttft_p50_s']:.3f}/{r['ttft_p95_s']:.3f}", end="")
+                if r["itl_p50_s"] is not None:
+                    print(f", {r['itl_p50_s'] * 1e3:.1f}/{r['itl_p95_s'] * 1e3:.1f}", end="")
+            print()
             for e in r["error_samples"]:
                 print(f"           error: {e}")
         if level["batching_speedup"] is not None:
