@@ -426,6 +426,31 @@ async def job_events(service, job) -> list:
     return events
 
 
+def test_a_compiled_server_compiles_every_graph_before_its_first_request(ckpt):
+    """With --compile, a request with top-k or top-p compiles nothing more (the engine thread would hold every
+    stream in flight while it compiled): the start compiled the greedy step and each sampled cut-off."""
+    from torch._dynamo.utils import counters
+
+    from axiom.infer.engine import SamplingParams
+    from axiom.infer.serve import Job, Service
+
+    service = Service(load_model(ckpt)[0].eval(), "m", None, max_batch=2, max_queue=0, compile=True)
+    service.start()
+    compiled = counters["stats"]["unique_graphs"]
+
+    async def main() -> list[list]:
+        loop = asyncio.get_running_loop()
+        kinds = [dict(temperature=0.0), dict(top_k=5), dict(top_p=0.5), dict(top_k=1000, top_p=0.9), {}]
+        params = [SamplingParams(**{"max_new_tokens": 3, "temperature": 1.0, "seed": 1, **kind}) for kind in kinds]
+        jobs = [Job([1, 2, 3], p, loop) for p in params]
+        return [await job_events(service, job) for job in jobs]
+
+    replies = asyncio.run(main())
+    service.stop()
+    assert all(len(events) == 3 and events[-1][1] == "length" for events in replies)
+    assert counters["stats"]["unique_graphs"] == compiled
+
+
 def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_starts_afresh(ckpt):
     from axiom.infer.engine import SamplingParams
     from axiom.infer.serve import Job, Service

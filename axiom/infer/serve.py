@@ -80,6 +80,16 @@ def _deliver(events: list[tuple[Job, object]]) -> None:
         job.events.put_nowait(event)
 
 
+# One request per compiled graph of the decoding step: greedy, and sampled with each of the cut-offs of
+# axiom.infer.sampling.Cut (none, a top-k among the largest logits, a top-p over the whole sorted vocabulary).
+WARM_UP = (
+    SamplingParams(max_new_tokens=3, temperature=0.0),
+    SamplingParams(max_new_tokens=3, temperature=1.0),
+    SamplingParams(max_new_tokens=3, temperature=1.0, top_k=50),
+    SamplingParams(max_new_tokens=3, temperature=1.0, top_p=0.9),
+)
+
+
 class Service:
     """The engine, the thread that drives it, and the bookkeeping the handlers need (capacity, the model served).
     `chat`: the model is chat-tuned (axiom.text.chatml.is_chat_tuned), so /v1/chat/completions applies the template."""
@@ -110,8 +120,10 @@ class Service:
             raise self._warm_up_error
 
     def _warm_up(self) -> None:
-        for temperature in (0.0, 1.0):  # the greedy step and the one that returns logits
-            request = self.engine.submit([0], SamplingParams(max_new_tokens=3, temperature=temperature))
+        """Compile every graph a request can need before the first one arrives: compiling later would hold every
+        stream in flight for as long (the engine thread compiles)."""
+        for params in WARM_UP:
+            request = self.engine.submit([0], params)
             while not request.done:
                 self.engine.step()
 
