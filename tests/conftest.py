@@ -37,6 +37,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
+@pytest.fixture
+def fresh_compiler():
+    """torch.compile's caches emptied before and after the test. Dynamo counts the recompilations of a code object
+    (an engine's decoding step, shared by every engine) over the whole process, so a worker running several tests
+    that compile engines of other shapes and sampling cut-offs would pass its limit of 8 and fail."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
     return torch.device(request.param)

@@ -141,7 +141,7 @@ def test_rows_of_mixed_sampling_joining_and_leaving_decode_as_alone(model, mixed
 
 @pytest.mark.slow
 @pytest.mark.parametrize("max_batch", [1, 16])
-def test_compiled_step_with_mixed_sampling_decodes_as_eager(model, mixed, max_batch):
+def test_compiled_step_with_mixed_sampling_decodes_as_eager(model, mixed, max_batch, fresh_compiler):
     """Decoding and each row's pick in one compiled step (CUDA graphs on a GPU) give the eager path's tokens at batch
     1 and 16, greedy and sampled rows together, requests joining and leaving."""
     pytest.importorskip("torch._inductor")
@@ -224,7 +224,7 @@ def test_a_batched_step_moves_logits_by_rounding_only(model, static):
 
 
 @pytest.mark.slow
-def test_compiled_engine_with_requests_joining_and_leaving(model):
+def test_compiled_engine_with_requests_joining_and_leaving(model, fresh_compiler):
     pytest.importorskip("torch._inductor")
     expected = [alone(model, p) for p in PROMPTS]
     engine = Engine(model, max_batch=3, compile=True)

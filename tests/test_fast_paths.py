@@ -181,7 +181,7 @@ def test_static_cache_generation_equals_dynamic(model):
     assert generate(model, PROMPTS[1:2], 15, static=True, **kw) == generate(model, PROMPTS[1:2], 15, **kw)
 
 
-def test_compiled_decoding_equals_eager(model):
+def test_compiled_decoding_equals_eager(model, fresh_compiler):
     pytest.importorskip("torch._inductor")
     expected = generate(model, PROMPTS, 10, temperature=0.0)
     try:

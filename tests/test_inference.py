@@ -271,7 +271,7 @@ def test_a_build_running_elsewhere_is_awaited_then_decoding_goes_on_without_it(t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
-def test_compiled_decoding_of_a_prepared_model(trained, dtype):
+def test_compiled_decoding_of_a_prepared_model(trained, dtype, fresh_compiler):
     """torch.compile traces through the kernels (their shape functions) and decodes the same tokens as eager."""
     model = prepare_model(copy.deepcopy(trained), dtype)
     assert generate(model, PROMPTS, 12, temperature=0.0, compile=True) == generate(model, PROMPTS, 12, temperature=0)

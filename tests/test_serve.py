@@ -426,7 +426,7 @@ async def job_events(service, job) -> list:
     return events
 
 
-def test_a_compiled_server_compiles_every_graph_before_its_first_request(ckpt):
+def test_a_compiled_server_compiles_every_graph_before_its_first_request(ckpt, fresh_compiler):
     """With --compile, a request with top-k or top-p compiles nothing more (the engine thread would hold every
     stream in flight while it compiled): the start compiled the greedy step and each sampled cut-off."""
     from torch._dynamo.utils import counters

@@ -96,7 +96,7 @@ def test_gradient_accumulation_equals_one_large_batch(device):
     assert not torch.equal(m1.embed.weight, before["embed.weight"])
 
 
-def test_compile_goes_by_region_one_graph_for_all_blocks_and_equals_eager(device):
+def test_compile_goes_by_region_one_graph_for_all_blocks_and_equals_eager(device, fresh_compiler):
     """`compile=true` compiles each block, the final norm and the loss's chunk: three graphs whatever the depth (a
     graph per block would be five here), and the step's loss and gradients are those of the eager model."""
     from torch._dynamo.utils import counters
@@ -109,7 +109,6 @@ def test_compile_goes_by_region_one_graph_for_all_blocks_and_equals_eager(device
     eager, _ = _model_and_opt(cfg, device=device)
     compiled, _ = _model_and_opt(cfg, device=device)
     compiled.load_state_dict(eager.state_dict())
-    torch._dynamo.reset()
     counters.clear()
     parallelize(compiled, cfg.train, device, Dist())
     losses = [model(x, y) for model in (eager, compiled)]
