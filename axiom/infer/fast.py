@@ -35,7 +35,7 @@ from axiom.errors import AxiomError
 from axiom.infer import kernels
 from axiom.model.cache import KVCache
 from axiom.model.checkpoint import load_model
-from axiom.model.loss import output_logits, padded_vocab
+from axiom.model.loss import output_logits, padded_table, padded_vocab
 from axiom.model.transformer import Axiom, Block
 from axiom.runtime import pick_device
 
@@ -91,10 +91,9 @@ def pad_output_table(model: Axiom) -> None:
     back to the vocabulary. On a GPU a product over 100,277 columns (bf16 rows of 200,554 bytes, not 16-byte aligned)
     takes an sm75 fallback kernel: 0.21 ms of a 3.1 ms batch-16 decoding step on an H200 (docs/benchmarks.md), as
     in training's loss. A tied table stays stored once: the token table becomes the padded one's first rows."""
-    weight = model.lm_head.weight
+    weight = model.lm_head.weight.data
     vocab = weight.shape[0]
-    padded = weight.new_zeros(padded_vocab(vocab), weight.shape[1])
-    padded[:vocab] = weight
+    padded = padded_table(weight, None, padded_vocab(vocab))
     if model.cfg.tie_embeddings:
         model.embed.weight.data = padded[:vocab]
     model.lm_head = PaddedOutput(padded, vocab)
