@@ -23,6 +23,11 @@ CHUNK_ROWS = {"cuda": 4096}
 DEFAULT_CHUNK_ROWS = 1024
 
 
+def chunk_rows(device_type: str) -> int:
+    """Rows per chunk of the loss on a device of this type (CHUNK_ROWS, else DEFAULT_CHUNK_ROWS)."""
+    return CHUNK_ROWS.get(device_type, DEFAULT_CHUNK_ROWS)
+
+
 def padded_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     """`vocab_size` rounded up to a multiple of `multiple` (100,277 -> 100,352)."""
     return -(-vocab_size // multiple) * multiple
@@ -220,10 +225,10 @@ def chunked_cross_entropy(
     where a float32 CPU call keeps its (n, V) block for the next (eager mode only); without, each call makes its
     own. `vocab_multiple`: the product runs over the vocabulary padded to a multiple of it (default: VOCAB_MULTIPLE
     on a GPU, where the alignment pays; 1, no padding, on a CPU, where the table's copy would cost and gain
-    nothing); the result is the same up to rounding. `chunk`: rows per chunk (default: CHUNK_ROWS for the device).
+    nothing); the result is the same up to rounding. `chunk`: rows per chunk (default: `chunk_rows` of the device).
     `compiled`: each chunk through `compiled_chunk_loss`."""
     if vocab_multiple is None:
         vocab_multiple = VOCAB_MULTIPLE if hidden.device.type == "cuda" else 1
     if chunk is None:
-        chunk = CHUNK_ROWS.get(hidden.device.type, DEFAULT_CHUNK_ROWS)
+        chunk = chunk_rows(hidden.device.type)
     return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index, workspace, vocab_multiple, compiled)

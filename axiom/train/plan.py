@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from axiom.config import AUTO, Config
-from axiom.model.loss import CHUNK_ROWS, DEFAULT_CHUNK_ROWS, padded_vocab
+from axiom.model.loss import chunk_rows, padded_vocab
 from axiom.model.transformer import flops_per_token, num_params
 from axiom.runtime import GPU_BF16_PEAK_TFLOPS, gpu_peak_flops
 from axiom.train.progress import duration
@@ -198,7 +198,7 @@ def training_memory_bytes(
     block = BLOCK_ACTIVATION_VALUES[compiled] * (2 if low else 4) * tokens * m.d_model
     activations = m.n_layers * 4 * tokens * m.d_model + block if checkpointing else m.n_layers * block
     columns = padded_vocab(m.vocab_size) if low else m.vocab_size
-    rows = min(tokens, CHUNK_ROWS["cuda"] if low else DEFAULT_CHUNK_ROWS)  # autocast runs on CUDA only
+    rows = min(tokens, chunk_rows("cuda" if low else "cpu"))  # autocast runs on CUDA only
     loss = rows * columns * (6 if low else 4) + 4 * m.vocab_size * m.d_model
     parts = {
         "weights": 4 * n,
