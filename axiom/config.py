@@ -17,6 +17,7 @@ from typing import Any, Literal
 from axiom.dtypes import TRAIN_DTYPES
 from axiom.errors import AxiomError
 from axiom.files import describe_missing, read_json
+from axiom.model.fused_loss import LOSS_KERNELS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,6 +99,9 @@ class TrainConfig:
     # recompute each block's activations in backward; auto: only where the micro-batch would otherwise stay small
     gradient_checkpointing: bool | Auto = True
     optimizer: str = "adamw8bit"  # adamw8bit (bitsandbytes, falls back to adamw) | adamw
+    # the output layer's loss: chunked (ours) | liger | cce (fused Triton kernels, CUDA, the kernels extra); auto:
+    # the plan's choice, ours until a GPU measures a fused kernel faster (axiom.train.plan.AUTO_LOSS_KERNEL)
+    loss_kernel: str = "chunked"
     val_fraction: float = 0.001  # share of documents hashed into the validation split
     split_seed: int = 1337  # salt of the split hash
     keep_checkpoints: int = 3  # newest step checkpoints kept (the best is kept apart, in checkpoints/best)
@@ -135,6 +139,11 @@ class TrainConfig:
             raise AxiomError(f"train config: dtype={self.dtype!r} must be {choices}")
         if self.optimizer not in ("adamw8bit", "adamw"):
             raise AxiomError(f"train config: optimizer={self.optimizer!r} must be adamw8bit or adamw")
+        if self.loss_kernel not in (AUTO, *LOSS_KERNELS):
+            raise AxiomError(
+                f"train config: loss_kernel={self.loss_kernel!r} must be auto, {', '.join(LOSS_KERNELS[:-1])} or "
+                f"{LOSS_KERNELS[-1]}"
+            )
         if self.spike_factor != 0 and not self.spike_factor > 1:
             raise AxiomError(f"train config: spike_factor={self.spike_factor} must be 0 (off) or greater than 1")
         if not 0 < self.rollback_lr_factor <= 1 or self.max_rollbacks < 0 or self.rollback_lr_steps < 0:
@@ -260,9 +269,11 @@ class Config:
 
 def _axiom_380m() -> Config:
     # The card's recipe (327,680 tokens a step, its schedule, AdamW8bit, bf16). How a step is split into micro-batches,
-    # activation checkpointing and compiling are the device's business: the plan chooses them (axiom/train/plan.py).
-    # The card's literal settings: --set micro_batch_size=1 --set gradient_checkpointing=true --set compile=false.
-    return Config(ModelConfig(), TrainConfig(micro_batch_size=AUTO, gradient_checkpointing=AUTO, compile=AUTO))
+    # activation checkpointing, compiling and the loss kernel are the device's business: the plan chooses them
+    # (axiom/train/plan.py). The card's literal settings: --set micro_batch_size=1 --set gradient_checkpointing=true
+    # --set compile=false.
+    auto = dict(micro_batch_size=AUTO, gradient_checkpointing=AUTO, compile=AUTO, loss_kernel=AUTO)
+    return Config(ModelConfig(), TrainConfig(**auto))
 
 
 def _tiny() -> Config:

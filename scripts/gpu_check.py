@@ -264,6 +264,27 @@ def decode_profile(check: Check, sizes: Sizes) -> None:
         check.row(f"decode step {sizes.preset}, batch {batch} (profile)", figure)
 
 
+def loss_kernels(check: Check, sizes: Sizes) -> None:
+    """The training loss alone through each loss kernel the device runs (ours, and liger-kernel's and
+    cut-cross-entropy's where installed) beside the plain loss (`axiom bench loss`): time and peak memory, at a
+    micro-batch of 16 sequences on CUDA."""
+    args = ["loss", "--preset", sizes.preset, *(["--rows", "256", "--rounds", "1", "--units", "1"] * check.smoke)]
+    result = check.bench("loss", args, 120 if not check.smoke else 300)
+    if result is None:
+        return
+    for kernel, k in result["kernels"].items():
+        mem = k["peak_extra_bytes"]
+        figure = f"{k['ms']:.1f} ms, {k['speedup_vs_plain']:.2f}x plain" + (f", +{mem / GIB:.2f} GiB" if mem else "")
+        figure += f"; gradients {max(k['grad_hidden_rel_diff'], k['grad_weight_rel_diff']):.1e} from plain's"
+        check.row(f"loss {kernel}, {result['rows']:,} tokens, {result['dtype']}", figure)
+    for kernel, why in result["skipped"].items():
+        check.row(f"loss {kernel}", f"skipped: {why}")
+    ours = result["kernels"]["chunked"]["ms"]
+    fastest = min((k for k in result["kernels"] if k != "plain"), key=lambda k: result["kernels"][k]["ms"])
+    figure = f"{fastest}, {ours / result['kernels'][fastest]['ms']:.2f}x ours"
+    check.row("fastest loss kernel (axiom.train.plan.AUTO_LOSS_KERNEL)", figure)
+
+
 def decode(check: Check, sizes: Sizes) -> None:
     """Batch-1 decoding vs transformers' generate: bf16 on CUDA, compiled step replayed as a CUDA graph (the
     smoke mode decodes eagerly: compiling on a CPU takes longer than the rest of the check)."""
@@ -401,9 +422,10 @@ PARTS = {
     "decode": decode,
     "decode_profile": decode_profile,
     "ttft": ttft,
+    "loss": loss_kernels,
 }
 DEFAULT_PARTS = "shipped,kernels,memory,eager,decode_profile"  # about 6 minutes on an H200; the budget cuts the last
-SMOKE_PARTS = "shipped,kernels,memory,eager,decode,decode_profile,ttft"
+SMOKE_PARTS = "shipped,kernels,memory,eager,decode,decode_profile,ttft,loss"
 
 
 def main(argv: list[str] | None = None) -> int:

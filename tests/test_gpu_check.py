@@ -46,7 +46,7 @@ def test_smoke_mode_runs_every_part_and_writes_its_table(tmp_path):
     results = json.loads((out / "gpu_check.json").read_text())
     parts = results["parts"]
     expected = {"prepare", "shipped", "kernels", "memory", "eager", "decode", "decode_profile_b1", "decode_profile_b16"}
-    assert set(parts) == expected | {"ttft_cold", "ttft_warm"}
+    assert set(parts) == expected | {"ttft_cold", "ttft_warm", "loss"}
     assert all(part.get("ok", True) for part in parts.values()), parts
     assert parts["memory"]["peak_mem_bytes"] > 0 and parts["eager"]["ratio_vs_hf"] > 0
     for batch in (1, 16):  # where one decoding step's time goes, on the CPU's default path
@@ -57,13 +57,15 @@ def test_smoke_mode_runs_every_part_and_writes_its_table(tmp_path):
         assert "kernels" not in profile  # CUDA only
         assert "Self CPU time total" in (out / f"decode_profile_b{batch}.log").read_text()  # the profiler's table
     assert parts["decode"]["tokens_per_s"] > 0 and parts["decode"]["same_tokens_as_hf"] == 1.0
+    assert list(parts["loss"]["kernels"]) == ["plain", "chunked"] and parts["loss"]["rows"] == 256
     for when in ("cold", "warm"):  # a fresh process to its first token (scripts/ttft.py)
         ttft = parts[f"ttft_{when}"]
         assert ttft["device"] == "cpu" and 0 < ttft["process_to_first_token_s"] < ttft["process_to_second_token_s"]
     shipped = parts["shipped"]
     val = shipped["val_loss"]
     assert len(val) == 3 and val[-1] < val[0] and shipped["steps"] == 4 and shipped["tokens_per_s_median"] > 0
-    assert shipped["plan"][0] == "micro-batch 4 x 1 accumulation (auto), activation checkpointing off, compile off"
+    plan = "micro-batch 4 x 1 accumulation (auto), activation checkpointing off, compile off, loss chunked"
+    assert shipped["plan"][0] == plan
     kernels = parts["kernels"]
     assert kernels["wall_s"] > 0 and kernels["device_s"] is None and kernels["top"][0]["ms"] > 0
     assert kernels["plan"]["micro_batch_size"] == 4 and "Self CPU" in (out / "kernels" / "kernels.txt").read_text()
@@ -73,6 +75,7 @@ def test_smoke_mode_runs_every_part_and_writes_its_table(tmp_path):
     assert "| one step of tiny, profiled |" in table and "FAILED" not in table
     assert "| decode step tiny, batch 16 (profile) | " in table
     assert "| time to first token, tiny float32, warm | process start to first token " in table
+    assert "| loss chunked, 256 tokens, float32 | " in table and "| fastest loss kernel (" in table
     assert table in done.stdout  # the table is the last thing printed (the device tool returns the output's end)
 
 

@@ -37,12 +37,12 @@ def test_the_card_plan_keeps_its_step_and_fits(gib):
     assert 320 % plan.micro_batch_size == 0 and plan.micro_batch_size * plan.grad_accum_steps == 320
     assert planned.tokens_per_step == cfg.train.tokens_per_step == 327_680 and planned.steps == cfg.train.steps
     assert plan.memory["total"] <= plan.usable_bytes and plan.compile is True
-    assert plan.chosen == ("micro_batch_size", "gradient_checkpointing", "compile")
+    assert plan.chosen == ("micro_batch_size", "gradient_checkpointing", "compile", "loss_kernel")
     busy = plan.micro_batch_size * planned.seq_len >= BUSY_TOKENS
     assert busy or plan.gradient_checkpointing  # a small micro-batch only where even checkpointing fits no larger
     if plan.micro_batch_size < 320:  # the next larger divisor of 320 would not fit, checkpointed or not
         larger = next(n for n in range(plan.micro_batch_size + 1, 321) if 320 % n == 0)
-        low = training_memory_bytes(cfg, larger, plan.gradient_checkpointing, True, plan.compile)["total"]
+        low = training_memory_bytes(cfg, larger, plan.gradient_checkpointing, "cuda", plan.compile)["total"]
         assert low > plan.usable_bytes
 
 
@@ -71,7 +71,8 @@ def test_given_settings_are_kept_and_the_card_literal_is_one_line_away():
         True,
         False,
     )
-    assert plan.chosen == () and plan.applied(cfg) == cfg
+    assert plan.chosen == ("loss_kernel",) and plan.loss_kernel == "chunked"  # not among the card's settings
+    assert plan.applied(cfg) == get_config("axiom-380m", [*CARD_LITERAL, "loss_kernel=chunked"])
     assert plan.mfu == pytest.approx(0.23 * 0.75 / 8)  # eager, checkpointed, an eighth of a busy micro-batch
     # a given micro-batch with checkpointing left to auto: on only where the micro-batch does not fit without it
     fixed = get_config("axiom-380m", ["micro_batch_size=32"])

@@ -12,6 +12,7 @@ from axiom.bench.reference import llama_like
 from axiom.bench.timing import Bench, Contender, interleaved, peak_memory, profile_table, reset_peak, summary
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
+from axiom.model.fused_loss import check_loss_kernel
 from axiom.model.transformer import Axiom, flops_per_token, num_params
 from axiom.train.optim import build_optimizer, lr_at
 from axiom.train.parallel import Dist, parallelize
@@ -47,6 +48,7 @@ class LlamaLoss(torch.nn.Module):
 def bench_train(cfg: Config, device: torch.device, s: TrainBench) -> Bench:
     cfg = resolve(cfg, local_hardware(device)).applied(cfg)  # settings left to auto, as `axiom train` plans them
     m, t = cfg.model, cfg.train
+    check_loss_kernel(t.loss_kernel, device)
     if t.seq_len > m.max_seq_len:
         raise AxiomError(f"seq_len={t.seq_len} exceeds max_seq_len={m.max_seq_len}; lower it with --set seq_len=N")
     torch.manual_seed(s.seed)

@@ -23,7 +23,10 @@ COMMANDS = {
         "write a checkpoint as a Hugging Face folder (remote code or Llama) or a GGUF file",
     ),
     "import": ("axiom.cli.import_", "read a Hugging Face folder (axiom or Llama format) into a checkpoint"),
-    "bench": ("axiom.cli.bench", "time training steps or decoding, optionally against transformers' Llama"),
+    "bench": (
+        "axiom.cli.bench",
+        "time training steps, decoding or the loss kernels, optionally against transformers' Llama",
+    ),
     "serve": ("axiom.cli.serve", "serve a checkpoint over the OpenAI API (completions, chat), batching requests"),
 }
 
@@ -52,7 +55,10 @@ EXAMPLES = {
         "axiom export --ckpt runs/demo/run/checkpoints/best --out hf/axiom-tiny-llama --format llama --dtype bf16",
         "axiom import --hf hf/axiom-tiny-llama --out ckpt/imported",
     ),
-    "bench": ("axiom bench generate --preset tiny --eager --new-tokens 32",),
+    "bench": (
+        "axiom bench generate --preset tiny --eager --new-tokens 32",
+        "axiom bench loss --preset tiny --rows 512 --rounds 1",
+    ),
     "serve": ("axiom serve --ckpt runs/demo/run/checkpoints/best",),
 }
 

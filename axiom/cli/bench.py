@@ -1,11 +1,13 @@
-"""`axiom bench train|generate`: our training step or decoding, timed, optionally beside transformers' Llama
-(`--vs-hf`) or llama.cpp (`--vs-llamacpp`); axiom/bench/ does the timing.
+"""`axiom bench train|generate|loss`: our training step or decoding, timed, optionally beside transformers' Llama
+(`--vs-hf`) or llama.cpp (`--vs-llamacpp`), or the training loss through each loss kernel beside the plain one;
+axiom/bench/ does the timing.
 
 `--json` prints one object: tokens_per_s, mfu (null without a known peak: CPU), peak_mem_bytes (CUDA max
 allocated, or process peak RSS on CPU, taken before the reference model exists), achieved_tflops, per-round
 figures and versions; plus hf_tokens_per_s, ratio_vs_hf, hf_peak_mem_bytes and a parity check with --vs-hf. generate
 says which path it timed (`decoding`: eager by default on CPU, compiled on CUDA) and with --profile adds
-`decode_step_profile` (axiom/bench/decode_profile.py).
+`decode_step_profile` (axiom/bench/decode_profile.py). loss prints per kernel its time, tokens/s, peak memory above
+its inputs and agreement with the plain loss (axiom/bench/loss.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from axiom.bench import llamacpp
 from axiom.bench.generate import GenerateBench, bench_generate, check_generate, default_dtype, default_eager
+from axiom.bench.loss import LossBench, bench_loss
 from axiom.bench.timing import Bench, versions
 from axiom.bench.train import TrainBench, bench_train
 from axiom.cli.args import add_config_arguments, add_device_argument, config_file, config_from_args, preset_of
@@ -54,6 +57,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: 2)")
     train.add_argument("--steps", type=int, default=3, help="timed optimizer steps per round (default: 3)")
     _add_generate_arguments(gen)
+    _add_loss_arguments(sub)
+
+
+def _add_loss_arguments(sub: argparse._SubParsersAction) -> None:
+    loss = sub.add_parser(
+        "loss", help="the training loss alone through each loss kernel the device runs, beside the plain loss"
+    )
+    add_config_arguments(loss)
+    add_device_argument(loss)
+    loss.add_argument(
+        "--rows", type=int, default=None, help="tokens per call (default: 16384 on CUDA, a micro-batch of 16; 1024)"
+    )
+    loss.add_argument("--rounds", type=int, default=3, help="timed rounds, interleaved (default: 3)")
+    loss.add_argument("--warmup", type=int, default=1, help="untimed calls per kernel first (default: 1)")
+    loss.add_argument("--units", type=int, default=3, help="timed calls per kernel and round (default: 3)")
+    loss.add_argument("--seed", type=int, default=0, help="seed of the synthetic hidden states, table and targets")
+    loss.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
+    loss.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
@@ -102,7 +123,7 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    for name in ("rounds", "warmup", "steps", "batch", "prompt_len", "new_tokens", "threads"):
+    for name in ("rounds", "warmup", "steps", "batch", "prompt_len", "new_tokens", "threads", "rows", "units"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "warmup" else 1):
             raise AxiomError(f"--{name.replace('_', '-')}={value} must be positive")
@@ -112,6 +133,9 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if args.what == "train":
         bench = bench_train(cfg, device, settings(TrainBench, args))
+    elif args.what == "loss":
+        rows = args.rows or (16_384 if device.type == "cuda" else 1024)
+        bench = bench_loss(cfg, device, settings(LossBench, args, rows=rows))
     else:
         bench = run_generate(cfg, device, args)
     if bench.profile:
@@ -121,6 +145,8 @@ def run(args: argparse.Namespace) -> None:
     result |= versions(device)
     if args.json:
         print(json.dumps(result))
+    elif args.what == "loss":
+        _print_loss(result)
     else:
         _print_human(result)
 
@@ -170,6 +196,21 @@ def _print_human(r: dict) -> None:
     print(f"  peak memory   {mem / 2**20:>12,.0f} MiB" if mem is not None else "  peak memory   n/a")
     if r.get("hf_peak_mem_bytes") is not None:
         print(f"  hf peak mem   {r['hf_peak_mem_bytes'] / 2**20:>12,.0f} MiB")
+
+
+def _print_loss(r: dict) -> None:
+    print(
+        f"axiom bench loss --preset {r['preset']} on {r['device']} (torch {r['torch']}): {r['rows']:,} tokens x "
+        f"{r['vocab_size']:,} columns x d_model {r['d_model']}, {r['dtype']}, forward and backward"
+    )
+    for kernel, k in r["kernels"].items():
+        mem = k["peak_extra_bytes"]
+        speed = f"{k['ms']:>10.2f} ms {k['tokens_per_s']:>12,.0f} tokens/s {k['speedup_vs_plain']:>6.2f}x plain"
+        memory = f"peak +{mem / 2**20:,.0f} MiB" if mem is not None else "peak n/a"
+        diffs = f"gradients {k['grad_hidden_rel_diff']:.1e} / {k['grad_weight_rel_diff']:.1e} from plain's"
+        print(f"  {kernel:8s}{speed}   {memory}   loss {k['loss']:.5f}, {diffs}")
+    for kernel, why in r["skipped"].items():
+        print(f"  {kernel:8s} skipped: {why}")
 
 
 def _print_step_profile(p: dict) -> None:

@@ -28,6 +28,12 @@ def chunk_rows(device_type: str) -> int:
     return CHUNK_ROWS.get(device_type, DEFAULT_CHUNK_ROWS)
 
 
+def default_vocab_multiple(device_type: str) -> int:
+    """What the loss pads the vocabulary to a multiple of on a device of this type: VOCAB_MULTIPLE on a GPU, where
+    the alignment pays; 1, no padding, on a CPU, where the table's copy would cost and gain nothing."""
+    return VOCAB_MULTIPLE if device_type == "cuda" else 1
+
+
 def padded_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     """`vocab_size` rounded up to a multiple of `multiple` (100,277 -> 100,352)."""
     return -(-vocab_size // multiple) * multiple
@@ -223,12 +229,11 @@ def chunked_cross_entropy(
 ) -> Tensor:
     """Mean cross-entropy of logits `hidden @ weight.T` (hidden (N, d), weight (V, d), targets (N,)). `workspace`:
     where a float32 CPU call keeps its (n, V) block for the next (eager mode only); without, each call makes its
-    own. `vocab_multiple`: the product runs over the vocabulary padded to a multiple of it (default: VOCAB_MULTIPLE
-    on a GPU, where the alignment pays; 1, no padding, on a CPU, where the table's copy would cost and gain
-    nothing); the result is the same up to rounding. `chunk`: rows per chunk (default: `chunk_rows` of the device).
-    `compiled`: each chunk through `compiled_chunk_loss`."""
+    own. `vocab_multiple`: the product runs over the vocabulary padded to a multiple of it (default:
+    `default_vocab_multiple` of the device); the result is the same up to rounding. `chunk`: rows per chunk
+    (default: `chunk_rows` of the device). `compiled`: each chunk through `compiled_chunk_loss`."""
     if vocab_multiple is None:
-        vocab_multiple = VOCAB_MULTIPLE if hidden.device.type == "cuda" else 1
+        vocab_multiple = default_vocab_multiple(hidden.device.type)
     if chunk is None:
         chunk = chunk_rows(hidden.device.type)
     return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index, workspace, vocab_multiple, compiled)

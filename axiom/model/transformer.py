@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from axiom.config import ModelConfig
 from axiom.errors import AxiomError
 from axiom.model.cache import KVCache
+from axiom.model.fused_loss import fused_cross_entropy
 from axiom.model.loss import IGNORE_INDEX, LossWorkspace, chunked_cross_entropy, output_logits
 
 
@@ -146,6 +147,7 @@ class Axiom(nn.Module):
         self.ignored_targets = True
         self.loss_workspace = LossWorkspace()  # the CPU loss's block, reused from step to step
         self.compiled_loss = False  # the loss's chunks through torch.compile; set from outside (train.compile)
+        self.loss_kernel = "chunked"  # the training loss's kernel; set from outside (train.loss_kernel)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -185,6 +187,8 @@ class Axiom(nn.Module):
             if keep is not None and not bool(keep.all()):
                 x, targets = x[keep], targets[keep]
             workspace = self.loss_workspace
+        if self.loss_kernel != "chunked" and torch.is_grad_enabled():  # evaluation needs no gradients: ours
+            return fused_cross_entropy(self.loss_kernel, x, self.lm_head.weight, targets)
         return chunked_cross_entropy(
             x, self.lm_head.weight, targets, loss_chunk, workspace=workspace, compiled=self.compiled_loss
         )

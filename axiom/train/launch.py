@@ -40,6 +40,7 @@ from axiom.model.checkpoint import (
     step_dir_name,
     verify_checkpoint,
 )
+from axiom.model.fused_loss import check_loss_kernel
 from axiom.model.transformer import Axiom
 from axiom.runtime import pick_device
 from axiom.train.checkpointer import set_aside_newer
@@ -109,6 +110,7 @@ def check_run_config(cfg: Config, device: torch.device, d: Dist) -> None:
         raise AxiomError(
             f"train config: grad_accum_steps={t.grad_accum_steps} is not divisible by the {d.world_size} processes"
         )
+    check_loss_kernel(t.loss_kernel, device)
 
 
 def find_start(

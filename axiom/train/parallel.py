@@ -47,9 +47,10 @@ def parallelize(model: Axiom, cfg: TrainConfig, device: torch.device, d: Dist) -
     into the graph either (a whole-model graph of axiom-380m at micro-batch 80 had not finished compiling after
     minutes on an H200 machine). Compiling in place (`Module.compile`) keeps parameter names, so checkpoints look
     the same. `cfg` is planned (axiom/train/plan.py): "auto" would read as true."""
-    if AUTO in (cfg.gradient_checkpointing, cfg.compile):
+    if AUTO in (cfg.gradient_checkpointing, cfg.compile, cfg.loss_kernel):
         raise ValueError("parallelize: plan the config first (axiom.train.plan.resolve): a setting is still auto")
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.loss_kernel = cfg.loss_kernel
     if cfg.compile:
         for block in model.layers:
             block.compile()

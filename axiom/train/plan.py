@@ -1,6 +1,6 @@
 """What a training configuration amounts to on a device, without building it: parameters, tokens, FLOPs, memory,
-the settings left to the device (`micro_batch_size`, `gradient_checkpointing` and `compile` set to auto) and the
-plan at the top of a run's train.log; `axiom info` prints it.
+the settings left to the device (`micro_batch_size`, `gradient_checkpointing`, `compile` and `loss_kernel` set to
+auto) and the plan at the top of a run's train.log; `axiom info` prints it.
 
 `resolve` is the one place those settings are chosen. It predicts the peak memory of a split from a model of
 weights, gradients, optimizer state, activations and the loss's logits block (fitted to the H200 peaks of
@@ -10,7 +10,8 @@ docs/benchmarks.md, "Training on a GPU"), and takes:
     a step with no divisor in between (a prime count) runs as micro-batches of 1, or as one if it fits whole;
   - activation checkpointing only where the micro-batch would otherwise fall below BUSY_TOKENS tokens on a GPU (one
     sequence on a CPU) and checkpointing makes room for a larger one;
-  - torch.compile on CUDA, not on a CPU (where it does not pay).
+  - torch.compile on CUDA, not on a CPU (where it does not pay);
+  - the loss kernel AUTO_LOSS_KERNEL.
 A micro-batch the prediction misjudged is halved by the trainer at its first out-of-memory (axiom/train/trainer.py).
 """
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from axiom.config import AUTO, Config
-from axiom.model.loss import chunk_rows, padded_vocab
+from axiom.model.loss import chunk_rows, default_vocab_multiple, padded_vocab
 from axiom.model.transformer import flops_per_token, num_params
 from axiom.runtime import GPU_BF16_PEAK_TFLOPS, gpu_peak_flops
 from axiom.train.progress import duration
@@ -33,6 +34,9 @@ OPTIMIZER_STATE_BYTES = {"adamw8bit": 2, "adamw": 8}  # per parameter: two momen
 # Values per token and d_model unit one block keeps for backward, eager and compiled (fitted to the H200 peaks of
 # docs/benchmarks.md: inductor's fused kernels keep fewer). Checkpointing keeps only each block's fp32 input.
 BLOCK_ACTIVATION_VALUES = {False: 26, True: 18}
+# The loss kernel auto runs: ours on every device, until `axiom bench loss` on a GPU measures one of the fused
+# kernels (axiom/model/fused_loss.py) faster there (docs/benchmarks.md, "The loss kernels").
+AUTO_LOSS_KERNEL = "chunked"
 MEMORY_HEADROOM = 0.9  # the share of a device's memory a plan fills: allocator fragmentation, workspaces, context
 # Tokens per micro-batch that keep an H100-class GPU busy (docs/benchmarks.md: the H200 micro-batch sweep).
 BUSY_TOKENS = 8192
@@ -77,6 +81,7 @@ class Plan:
     grad_accum_steps: int  # summed over all processes, as in TrainConfig
     gradient_checkpointing: bool
     compile: bool
+    loss_kernel: str
     chosen: tuple[str, ...]  # the settings that were auto
     memory: dict[str, int]  # predicted peak bytes by part, and "total"
     usable_bytes: int  # what the plan may fill
@@ -92,6 +97,7 @@ class Plan:
             grad_accum_steps=self.grad_accum_steps,
             gradient_checkpointing=self.gradient_checkpointing,
             compile=self.compile,
+            loss_kernel=self.loss_kernel,
         )
         return Config(cfg.model, t)
 
@@ -99,6 +105,7 @@ class Plan:
         return {
             **{k: getattr(self, k) for k in ("micro_batch_size", "grad_accum_steps", "gradient_checkpointing")},
             "compile": self.compile,
+            "loss_kernel": self.loss_kernel,
             "chosen": list(self.chosen),
             "memory_bytes": self.memory,
             "usable_bytes": self.usable_bytes,
@@ -117,8 +124,9 @@ def resolve(cfg: Config, hardware: Hardware, world_size: int = 1) -> Plan:
     compile_ = hardware.kind == "cuda" if t.compile == AUTO else t.compile
     micro, checkpointing = _split(cfg, hardware, world_size, compile_)
     accum = t.sequences_per_step // micro if t.micro_batch_size == AUTO else t.grad_accum_steps
-    low = _low_precision(cfg, hardware)
-    chosen = tuple(k for k in ("micro_batch_size", "gradient_checkpointing", "compile") if getattr(t, k) == AUTO)
+    chosen = tuple(
+        k for k in ("micro_batch_size", "gradient_checkpointing", "compile", "loss_kernel") if getattr(t, k) == AUTO
+    )
     mfu = tokens_per_s = None
     if hardware.peak_flops:
         # Below BUSY_TOKENS a micro-batch leaves the GPU idle in proportion: the card's literal micro-batch of 1024
@@ -131,8 +139,9 @@ def resolve(cfg: Config, hardware: Hardware, world_size: int = 1) -> Plan:
         grad_accum_steps=accum,
         gradient_checkpointing=checkpointing,
         compile=compile_,
+        loss_kernel=AUTO_LOSS_KERNEL if t.loss_kernel == AUTO else t.loss_kernel,
         chosen=chosen,
-        memory=training_memory_bytes(cfg, micro, checkpointing, low, compile_),
+        memory=training_memory_bytes(cfg, micro, checkpointing, hardware.kind, compile_),
         usable_bytes=int(hardware.memory_bytes * MEMORY_HEADROOM),
         mfu=mfu,
         tokens_per_s=tokens_per_s,
@@ -144,10 +153,9 @@ def _split(cfg: Config, hardware: Hardware, world_size: int, compiled: bool) -> 
     """The micro-batch and activation checkpointing: as given, or chosen where auto."""
     t = cfg.train
     usable = hardware.memory_bytes * MEMORY_HEADROOM
-    low = _low_precision(cfg, hardware)
 
     def fits(micro: int, checkpointing: bool) -> bool:
-        return training_memory_bytes(cfg, micro, checkpointing, low, compiled)["total"] <= usable
+        return training_memory_bytes(cfg, micro, checkpointing, hardware.kind, compiled)["total"] <= usable
 
     if t.micro_batch_size != AUTO:
         given = t.gradient_checkpointing
@@ -176,13 +184,8 @@ def smaller_micro_batch(micro_batch_size: int) -> int | None:
     return next((n for n in range(micro_batch_size // 2, 0, -1) if micro_batch_size % n == 0), None)
 
 
-def _low_precision(cfg: Config, hardware: Hardware) -> bool:
-    """Activations in bf16/fp16: autocast runs on CUDA only."""
-    return hardware.kind == "cuda" and cfg.train.dtype != "float32"
-
-
 def training_memory_bytes(
-    cfg: Config, micro_batch_size: int, checkpointing: bool, low: bool, compiled: bool = False
+    cfg: Config, micro_batch_size: int, checkpointing: bool, device_type: str, compiled: bool = False
 ) -> dict[str, int]:
     """Predicted peak training memory per device, by part, as it stands in the forward of a step's second
     micro-batch (the gradients of the first are held): fp32 weights and grads, optimizer state, the bf16 copies of
@@ -191,14 +194,16 @@ def training_memory_bytes(
     bf16 under autocast and fp32 otherwise; with checkpointing only each block's fp32 input and one block being
     recomputed; SDPA keeps no attention scores), and the chunked loss (a chunk's fp32 logits block over the
     padded vocabulary, its low-precision gradient under autocast, and the fp32 gradient of the table). A step of
-    one micro-batch peaks lower: its gradients appear as the activations go."""
+    one micro-batch peaks lower: its gradients appear as the activations go. The fused loss kernels are predicted as
+    ours (`axiom bench loss` measures their memory)."""
     m, t = cfg.model, cfg.train
+    low = device_type == "cuda" and t.dtype != "float32"  # autocast runs on CUDA only
     n = num_params(m)
     tokens = micro_batch_size * t.seq_len
     block = BLOCK_ACTIVATION_VALUES[compiled] * (2 if low else 4) * tokens * m.d_model
     activations = m.n_layers * 4 * tokens * m.d_model + block if checkpointing else m.n_layers * block
-    columns = padded_vocab(m.vocab_size) if low else m.vocab_size
-    rows = min(tokens, chunk_rows("cuda" if low else "cpu"))  # autocast runs on CUDA only
+    columns = padded_vocab(m.vocab_size, default_vocab_multiple(device_type))
+    rows = min(tokens, chunk_rows(device_type))
     loss = rows * columns * (6 if low else 4) + 4 * m.vocab_size * m.d_model
     parts = {
         "weights": 4 * n,
@@ -231,8 +236,8 @@ def describe(cfg: Config, plan: Plan) -> dict:
 
 
 def plan_summary(cfg: Config, plan: Plan) -> list[str]:
-    """The plan in words, for train.log and `axiom info`: the split, checkpointing and compile (marked auto where
-    the plan chose them), the predicted memory, and the predicted speed and time of the whole run."""
+    """The plan in words, for train.log and `axiom info`: the split, checkpointing, compile and the loss kernel
+    (marked auto where the plan chose them), the predicted memory, and the predicted speed and time of the run."""
 
     def chosen(name: str, value: str) -> str:
         return f"{value} (auto)" if name in plan.chosen else value
@@ -243,7 +248,7 @@ def plan_summary(cfg: Config, plan: Plan) -> list[str]:
     lines = [
         f"micro-batch {chosen('micro_batch_size', split)}, activation checkpointing "
         f"{chosen('gradient_checkpointing', on_off[plan.gradient_checkpointing])}, compile "
-        f"{chosen('compile', on_off[plan.compile])}",
+        f"{chosen('compile', on_off[plan.compile])}, loss {chosen('loss_kernel', plan.loss_kernel)}",
         f"memory {mem['total'] / GIB:.1f} GiB predicted of {plan.usable_bytes / GIB:.1f} usable on {hw.kind} "
         f"({hw.memory_bytes / GIB:.0f} GiB, {hw.name}): "
         + ", ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items() if k != "total" and v),
