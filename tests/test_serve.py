@@ -391,6 +391,31 @@ def test_full_queue_answers_503_and_disconnects_free_their_slots(ckpt, tmp_path)
         s.stop()
 
 
+def test_a_trickled_body_times_out_and_connections_are_capped(ckpt, tmp_path):
+    """A client that sends its headers and then stops sending its body gets 408 after --body-timeout, while another
+    client is answered meanwhile; with --max-connections open, a request is answered 503 until they close."""
+    s = Server(ckpt, tmp_path / "stderr.txt", "--body-timeout", "1.5", "--max-connections", "4")
+    body = json.dumps({"model": s.name, "prompt": "Hello", "max_tokens": 3, "temperature": 0})
+    try:
+        slow = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        slow.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n{body[:10]}".encode())
+        start = time.monotonic()
+        assert post_raw(s.port, body)[0] == 200  # answered while the slow body is pending
+        reply = http.client.HTTPResponse(slow)
+        reply.begin()
+        assert reply.status == 408 and json.loads(reply.read())["error"]["code"] == "body_timeout"
+        assert 1.4 < time.monotonic() - start < 20
+        slow.close()
+        idle = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(4)]
+        wait_for(lambda: post_raw(s.port, body)[0] == 503)  # once the server has taken the idle connections
+        for sock in idle:
+            sock.close()
+        wait_for(lambda: post_raw(s.port, body)[0] == 200)
+    finally:
+        s.stop()
+
+
 def test_sigterm_finishes_the_request_in_flight_then_exits(ckpt, tmp_path):
     s = Server(ckpt, tmp_path / "stderr.txt")
     sock, reader = raw_stream(s.port, {"model": s.name, "prompt": "Hello", "max_tokens": 1000, "temperature": 0})
@@ -481,6 +506,9 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
         (["--ckpt", str(tmp_path), "--port", "0"], "checkpoint: "),
         (["--ckpt", str(tmp_path), "--port", port], f"--host 127.0.0.1 --port {port}: cannot listen"),
         (["--ckpt", str(tmp_path), "--max-batch", "0"], "--max-batch 0: must be at least 1"),
+        (["--ckpt", str(tmp_path), "--max-connections", "0"], "--max-connections 0: must be at least 1"),
+        (["--ckpt", str(tmp_path), "--body-timeout", "nan"], "--body-timeout nan: must be a positive number"),
+        (["--ckpt", str(tmp_path), "--body-timeout", "0"], "--body-timeout 0.0: must be a positive number"),
         # each was a traceback (OverflowError from bind) or argparse's usage block
         (["--ckpt", str(tmp_path), "--port", "70000"], "--port 70000: expected a port number from 0 to 65535"),
         (["--ckpt", str(tmp_path), "--port=-1"], "--port -1: expected a port number"),

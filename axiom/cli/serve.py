@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 from axiom.cli.args import add_inference_arguments
 from axiom.errors import AxiomError
 from axiom.infer.fast import load_for_inference
+from axiom.infer.openai_api import BODY_TIMEOUT_S
 from axiom.model.checkpoint import run_dir_of
 from axiom.text.chatml import is_chat_tuned
 
@@ -35,6 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-queue", type=int, default=64, help="requests waiting for a slot before 503 answers (default: 64)"
     )
     parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="open connections at most; a request beyond them is answered 503 (default: 256)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=BODY_TIMEOUT_S,
+        help=f"seconds a request body may take to arrive whole before a 408 answer (default: {BODY_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="decode with a static cache and a torch.compile'd step (CUDA graphs on a GPU); compiles at start",
@@ -47,6 +61,10 @@ def run(args: argparse.Namespace) -> None:
         raise AxiomError(f"--max-batch {args.max_batch}: must be at least 1")
     if args.max_queue < 0:
         raise AxiomError(f"--max-queue {args.max_queue}: must be 0 or more")
+    if args.max_connections < 1:
+        raise AxiomError(f"--max-connections {args.max_connections}: must be at least 1")
+    if not 0 < args.body_timeout < math.inf:
+        raise AxiomError(f"--body-timeout {args.body_timeout}: must be a positive number of seconds")
     try:
         import uvicorn
     except ImportError:
@@ -59,7 +77,10 @@ def run(args: argparse.Namespace) -> None:
     service = Service(model, name, is_chat_tuned(meta), args.max_batch, args.max_queue, args.compile)
     host, port = sock.getsockname()[:2]
     logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
-    config = uvicorn.Config(build_app(service), log_level="warning", timeout_graceful_shutdown=None)
+    app = build_app(service, args.body_timeout)
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=None, limit_concurrency=args.max_connections
+    )
     server = uvicorn.Server(config)
     service.start()  # with --compile, after compiling
     # uvicorn re-raises the signal it shut down for once it is done; with this handler that ends in a return.

@@ -18,6 +18,7 @@ from axiom.text.tokenizer import load_tokenizer
 # What one request may hold (docs/interop.md, "Limits"). Stop strings are matched as text is decoded; the body
 # is read, parsed and tokenized before any check can refuse it.
 MAX_BODY_BYTES = 1 << 20
+BODY_TIMEOUT_S = 30.0  # a request body arrives whole within this many seconds, or is refused (408)
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 256
 MAX_INT_DIGITS = 32  # 2**64, the largest seed, has 20

@@ -12,6 +12,9 @@ and nothing a client sends can stop the server: a body is read up to MAX_BODY_BY
 event loop every stream waits on); a request whose own row fails gets a 500 alone while the others decode on; a step
 that fails as a whole fails the requests in flight (500) and the engine starts afresh.
 
+Connections are bounded too: a body must arrive whole within BODY_TIMEOUT_S (else 408), and `axiom serve
+--max-connections` caps open connections (uvicorn answers 503 beyond it).
+
 This module imports Starlette (the `serve` extra); `axiom serve` imports it only when the server starts.
 """
 
@@ -37,6 +40,7 @@ from starlette.routing import Route
 
 from axiom.infer.engine import Engine, Request, SamplingParams
 from axiom.infer.openai_api import (
+    BODY_TIMEOUT_S,
     MAX_BODY_BYTES,
     ApiError,
     ServedModel,
@@ -273,8 +277,8 @@ class OpenAiApp:
     """The routes of `axiom serve` over one `Service`: GET /v1/models and /health, POST /v1/completions and
     /v1/chat/completions (answered whole, or streamed as server-sent events), and the chat page at GET /."""
 
-    def __init__(self, service: Service):
-        self.service = service
+    def __init__(self, service: Service, body_timeout: float = BODY_TIMEOUT_S):
+        self.service, self.body_timeout = service, body_timeout
         self.page = importlib.resources.files(__package__).joinpath("static/chat.html").read_text(encoding="utf-8")
 
     def starlette(self) -> Starlette:
@@ -309,7 +313,7 @@ class OpenAiApp:
     async def answer(self, request: HttpRequest, chat: bool) -> Response:
         try:
             check_content_type(request.headers.get("content-type"))
-            raw = await read_body(request)
+            raw = await read_body(request, self.body_timeout)
             # Parsing and tokenizing up to a MiB take a while: in a thread, so that the event loop, which every
             # client's stream and /health wait on, goes on meanwhile.
             spec = await asyncio.to_thread(lambda: check_request(parse_body(raw), self.service.served, chat))
@@ -357,24 +361,32 @@ class OpenAiApp:
         return error_response(ApiError(500, f"internal error ({type(exc).__name__})"))
 
 
-def build_app(service: Service) -> Starlette:
-    return OpenAiApp(service).starlette()
+def build_app(service: Service, body_timeout: float = BODY_TIMEOUT_S) -> Starlette:
+    return OpenAiApp(service, body_timeout).starlette()
 
 
-async def read_body(request: HttpRequest) -> bytes:
+async def read_body(request: HttpRequest, timeout: float = BODY_TIMEOUT_S) -> bytes:
     """The body, refused (413) as soon as its Content-Length or the bytes received exceed MAX_BODY_BYTES: a
-    larger one is never held in memory."""
+    larger one is never held in memory; and refused (408) when it has not arrived whole within `timeout` seconds,
+    so that a client trickling its body does not hold its connection and handler for ever."""
     declared = request.headers.get("content-length", "")
     too_large = ApiError(413, f"the body exceeds {MAX_BODY_BYTES:,} bytes", code="body_too_large")
     if declared.isdigit() and (len(declared) > 12 or int(declared) > MAX_BODY_BYTES):
         raise too_large
-    chunks, size = [], 0
-    async for piece in request.stream():
-        size += len(piece)
-        if size > MAX_BODY_BYTES:
-            raise too_large
-        chunks.append(piece)
-    return b"".join(chunks)
+
+    async def received() -> bytes:
+        chunks, size = [], 0
+        async for piece in request.stream():
+            size += len(piece)
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            chunks.append(piece)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(received(), timeout)
+    except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
+        raise ApiError(408, f"the body did not arrive within {timeout:g} s", code="body_timeout") from None
 
 
 def error_response(e: ApiError) -> JSONResponse:
