@@ -75,6 +75,19 @@ def decode_sampled(model: Axiom, ids: Tensor, cache: KVCache, rows: RowSampling)
     return pick(logits, rows, cache.positions), x
 
 
+def default_eager(device: torch.device) -> bool:
+    """Whether decoding on `device` takes the eager path unless told (`axiom generate`, `axiom chat`, `axiom bench
+    generate`): on CPU the dynamic cache's eager fast path, faster there than the compiled step and with nothing to
+    compile (docs/benchmarks.md, "The bench times what users run"); on CUDA the compiled step, one CUDA graph per
+    token, compiled on a machine's first run and loaded from `compile_cache_dir()` after."""
+    return device.type != "cuda"
+
+
+def decoding_path(eager: bool) -> str:
+    """The path a decoding command takes, in words."""
+    return "eager (dynamic cache)" if eager else "compiled (static cache; CUDA graphs on a GPU)"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request decodes. temperature 0 (or any below MIN_TEMPERATURE) is greedy; `seed` fixes the request's
