@@ -39,9 +39,9 @@ DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 @pytest.fixture
 def fresh_compiler():
-    """torch.compile's caches emptied before and after the test. Dynamo counts the recompilations of a code object
-    (an engine's decoding step, shared by every engine) over the whole process, so a worker running several tests
-    that compile engines of other shapes and sampling cut-offs would pass its limit of 8 and fail."""
+    """torch.compile's caches emptied before and after the test, so that what it compiles does not depend on the
+    tests before it: dynamo keeps the compiled variants of a code object (an engine's decoding step, shared by every
+    engine) for the whole process, and counts them against its recompile limit."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

@@ -394,6 +394,21 @@ def test_chat_an_empty_message_is_one_line(plain_ckpt, message, capsys):
     )
 
 
+@pytest.mark.slow
+def test_chat_compile_on_the_cpu_gives_the_eager_defaults_reply(plain_ckpt, capsys, fresh_compiler):
+    """--compile decodes through the engine's compiled step (the default on CUDA) and says so: the same reply, its
+    draws numbered alike (axiom/infer/sampling.py)."""
+    pytest.importorskip("torch._inductor")
+    args = ["chat", "--ckpt", str(plain_ckpt), "--message", "Hi", "--max-new-tokens", "4"]  # sampled, seed 1337
+    assert main(args) == 0
+    eager = capsys.readouterr()
+    assert main([*args, "--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == eager.out and eager.out.strip()
+    path = "axiom chat: decoding path: compiled (static cache; CUDA graphs on a GPU)"
+    assert path not in eager.err and path in compiled.err
+
+
 def chat_lines(ckpt, script: str, monkeypatch, capsys) -> tuple[list[str], list[str]]:
     """(what `axiom chat` printed, the user turns it sent) for `script` typed into its interactive loop."""
     sent = []

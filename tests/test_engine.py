@@ -241,6 +241,19 @@ def test_compiled_engine_with_requests_joining_and_leaving(model, fresh_compiler
     assert [r.tokens for r in requests] == expected
 
 
+@pytest.mark.slow
+def test_compiled_engines_of_several_models_and_shapes_pass_dynamos_recompile_limit(device, fresh_compiler):
+    """Every engine's step is one code object to dynamo, whose recompile limit (8) counts the compiled variants of
+    all engines in the process: each model, dtype and batch shape adds some. Lowered here to 2 so that three
+    variants (two batch sizes, then another model) show it quickly: the engine's calls must pass it."""
+    pytest.importorskip("torch._inductor")
+    models = [Axiom(replace(SMALL, n_layers=n)).to(device).eval() for n in (1, 2)]
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for model, batch in [(models[0], 1), (models[0], 2), (models[1], 1), (models[1], 3)]:
+            expected = generate(model, PROMPTS[:batch], 4, temperature=0.0)
+            assert generate(model, PROMPTS[:batch], 4, temperature=0.0, compile=True) == expected
+
+
 def test_temperatures_the_maths_cannot_take_are_greedy_or_refused(model):
     # Dividing float32 logits by 1e-45 (a denormal) gave inf, then NaN probabilities, and the step raised.
     for tiny in (1e-45, 1e-50, 1e-5):

@@ -6,10 +6,13 @@ from conftest import save_model
 from decode_helpers import BREAKING, text_or_one_line
 
 from axiom.cli import build_parser, main
+from axiom.cli.args import eager_decoding
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.model.transformer import Axiom
 
 TINY = ["generate", "--preset", "tiny", "--set", "max_seq_len=16", "--temperature", "0"]
+ONE_LAYER = ["--set", "n_layers=1", "--set", "d_model=32", "--set", "n_heads=2", "--set", "n_kv_heads=1"]
+COMPILED = "decoding path: compiled (static cache; CUDA graphs on a GPU)"
 NOISE = "notice: no --ckpt: sampling from randomly initialised tiny weights; the text is noise\n"
 
 
@@ -120,3 +123,43 @@ def test_a_batch_whose_last_seed_breaks_the_maths_is_one_line(capsys):
         f"axiom generate: error: --seed {top}: prompt 1 samples with seed + 1 = {top + 1}, which "
     )
     assert main([*TINY, "--prompt", "a", "--max-new-tokens", "2", "--seed", str(top)]) == 0
+
+
+@pytest.mark.parametrize("command", [["generate"], ["chat", "--ckpt", "c"], ["bench", "generate"]])
+def test_decoding_is_compiled_on_cuda_and_eager_on_cpu_unless_told(command, capsys):
+    parser = build_parser()
+    for flags, on_cpu, on_cuda in [([], True, False), (["--eager"], True, True), (["--compile"], False, False)]:
+        args = parser.parse_args([*command, *flags])
+        assert eager_decoding(args, torch.device("cpu")) is on_cpu
+        assert eager_decoding(args, torch.device("cuda")) is on_cuda
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--eager", "--compile"])
+    assert e.value.code == 2 and "argument --compile: not allowed with argument --eager" in capsys.readouterr().err
+
+
+def test_generate_compiles_where_the_device_defaults_to_it_and_says_so(monkeypatch, capsys):
+    """A CUDA device's default, simulated on the CPU: `stream` is told to compile and stderr says so."""
+    calls = []
+
+    def fake_stream(model, prompts, max_new_tokens, **kwargs):
+        calls.append(kwargs["compile"])
+        yield torch.tensor([0] * len(prompts))
+
+    monkeypatch.setattr("axiom.cli.args.default_eager", lambda device: False)
+    monkeypatch.setattr("axiom.cli.generate.stream", fake_stream)
+    assert main([*TINY, "--prompt", "Hello", "--max-new-tokens", "1"]) == 0
+    assert main([*TINY, "--prompt", "Hello", "--max-new-tokens", "1", "--eager"]) == 0
+    assert calls == [True, False]
+    assert capsys.readouterr().err.count(f"axiom generate: {COMPILED}; its first run on this machine compiles") == 1
+
+
+@pytest.mark.slow
+def test_compile_on_the_cpu_gives_the_eager_defaults_text(capsys, fresh_compiler):
+    pytest.importorskip("torch._inductor")
+    args = [*TINY, *ONE_LAYER, "--prompt", "Hello", "--prompt", "And God said", "--max-new-tokens", "4"]
+    assert main(args) == 0
+    eager = capsys.readouterr()
+    assert main([*args, "--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == eager.out and "--- sample 1\nAnd God said" in eager.out
+    assert COMPILED not in eager.err and COMPILED in compiled.err

@@ -95,7 +95,7 @@ def test_compiled_static_cache_update_writes_only_the_new_slots():
     slots = torch.tensor([[5, 6], [9, 10], [100, 101]])
 
     def update(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        cache.slots = slots
+        cache.write_at(slots)
         cache.update(0, k, v)
         return k.sum()
 

@@ -1,9 +1,9 @@
 """`axiom bench generate`: `axiom.infer.generate` decoding at temperature 0 with EOS disabled, timed, by default on
-the path that decoding on that device is meant to take (`default_eager`): on CPU the eager fast path (the dynamic
-cache and prepare_model's kernels), on CUDA the static cache and the compiled step, replayed as a CUDA graph. With
-`vs_hf`, `transformers.LlamaForCausalLM` gets the same weights, prompts and new tokens through its default `generate`
-(dynamic KV cache, SDPA attention; `hf_compile` gives it its static-cache compiled recipe); with a llama.cpp folder,
-llama-bench times the same weights too (axiom/bench/llamacpp.py)."""
+the path that decoding on that device takes (`axiom.infer.engine.default_eager`): on CPU the eager fast path (the
+dynamic cache and prepare_model's kernels), on CUDA the static cache and the compiled step, replayed as a CUDA graph.
+With `vs_hf`, `transformers.LlamaForCausalLM` gets the same weights, prompts and new tokens through its default
+`generate` (dynamic KV cache, SDPA attention; `hf_compile` gives it its static-cache compiled recipe); with a
+llama.cpp folder, llama-bench times the same weights too (axiom/bench/llamacpp.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from axiom.bench.timing import Bench, Contender, interleaved, peak_memory, reset
 from axiom.config import Config, ModelConfig
 from axiom.dtypes import BENCH_DTYPES, INFERENCE_DTYPES
 from axiom.errors import AxiomError
-from axiom.infer.engine import Engine
+from axiom.infer.engine import Engine, decoding_path
 from axiom.infer.fast import prepare_model, weight_bytes_per_token
 from axiom.infer.generate import stream
 from axiom.model.cache import KVCache
@@ -52,18 +52,6 @@ class GenerateBench:
 
 def default_dtype(device: torch.device) -> str:
     return "bfloat16" if device.type == "cuda" else "float32"
-
-
-def default_eager(device: torch.device) -> bool:
-    """Whether the bench times the eager path on `device` unless told: on CPU `axiom generate`'s eager fast path,
-    faster there than the compiled step (docs/benchmarks.md, "The bench times what users run"); on CUDA the compiled
-    step, one CUDA graph per token, the GPU's decoding path (`axiom serve --compile`)."""
-    return device.type != "cuda"
-
-
-def decoding_path(eager: bool) -> str:
-    """What `axiom bench generate` says it timed."""
-    return "eager (dynamic cache)" if eager else "compiled (static cache; CUDA graphs on a GPU)"
 
 
 def check_generate(m: ModelConfig, s: GenerateBench) -> None:

@@ -1,15 +1,18 @@
 """Flags that several commands share, each defined once: the preset, config file and overrides, the device, the
-inference dtype and the sampling settings."""
+inference dtype, the decoding path and the sampling settings."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+import torch
+
 from axiom.config import PRESETS, Config, ConfigFile, apply_overrides, get_config, read_config_file
 from axiom.dtypes import INFERENCE_DTYPES, describe, dtype_name, spellings
 from axiom.errors import AxiomError
-from axiom.infer.engine import SamplingParams
+from axiom.infer.engine import SamplingParams, decoding_path, default_eager
+from axiom.runtime import compile_cache_dir
 
 DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda when available)"
 DEFAULT_PRESET = "tiny"
@@ -95,6 +98,35 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"weights for decoding: {describe(INFERENCE_DTYPES)}; int8 is weight-only, one scale per output row; "
         "default: float32",
     )
+
+
+def add_decoding_path_arguments(parser: argparse.ArgumentParser) -> None:
+    """--eager or --compile (generate, chat, bench generate); neither: the device's default (`default_eager`)."""
+    path = parser.add_mutually_exclusive_group()
+    path.add_argument(
+        "--eager",
+        action="store_true",
+        help="decode with the dynamic cache in eager mode (the default on CPU, where it is the faster path)",
+    )
+    path.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with the static cache and the torch.compile'd step, CUDA graphs on a GPU (the default on CUDA; "
+        "the first run on a machine compiles it, later runs load it from ~/.cache/axiom/inductor)",
+    )
+
+
+def eager_decoding(args: argparse.Namespace, device: torch.device, command: str | None = None) -> bool:
+    """Whether to decode eagerly: --eager or --compile, else the default on `device`. With `command`, the compiled
+    path is said on stderr: its first run on a machine spends seconds to minutes compiling before the first token."""
+    eager = args.eager or (not args.compile and default_eager(device))
+    if command and not eager:
+        print(
+            f"{command}: decoding path: {decoding_path(eager)}; its first run on this machine compiles the step, "
+            f"later runs load it from {compile_cache_dir()} (--eager: no compiling)",
+            file=sys.stderr,
+        )
+    return eager
 
 
 class _DTypeName(argparse.Action):

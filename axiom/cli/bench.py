@@ -21,11 +21,19 @@ from typing import TypeVar
 import torch
 
 from axiom.bench import llamacpp
-from axiom.bench.generate import GenerateBench, bench_generate, check_generate, default_dtype, default_eager
+from axiom.bench.generate import GenerateBench, bench_generate, check_generate, default_dtype
 from axiom.bench.loss import LossBench, bench_loss
 from axiom.bench.timing import Bench, versions
 from axiom.bench.train import TrainBench, bench_train
-from axiom.cli.args import add_config_arguments, add_device_argument, config_file, config_from_args, preset_of
+from axiom.cli.args import (
+    add_config_arguments,
+    add_decoding_path_arguments,
+    add_device_argument,
+    config_file,
+    config_from_args,
+    eager_decoding,
+    preset_of,
+)
 from axiom.config import Config
 from axiom.dtypes import BENCH_DTYPES, describe, dtype_name
 from axiom.errors import AxiomError
@@ -82,17 +90,7 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--batch", type=int, default=1, help="prompts decoded together (default: 1)")
     gen.add_argument("--prompt-len", type=int, default=32, help="prompt tokens, prefilled (default: 32)")
     gen.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
-    path = gen.add_mutually_exclusive_group()
-    path.add_argument(
-        "--eager",
-        action="store_true",
-        help="decode with the dynamic cache in eager mode (`axiom generate`'s path; the default on CPU)",
-    )
-    path.add_argument(
-        "--compile",
-        action="store_true",
-        help="decode with the static cache and the torch.compile'd step, CUDA graphs on a GPU (the default on CUDA)",
-    )
+    add_decoding_path_arguments(gen)
     gen.add_argument(
         "--hf-compile",
         action="store_true",
@@ -158,7 +156,7 @@ def settings(cls: type[T], args: argparse.Namespace, **given) -> T:
 
 def run_generate(cfg: Config, device: torch.device, args: argparse.Namespace) -> Bench:
     """bench generate, with llama.cpp where --vs-llamacpp finds it (one line on stderr where the default is absent)."""
-    eager = args.eager or (not args.compile and default_eager(device))
+    eager = eager_decoding(args, device)
     s = settings(GenerateBench, args, dtype=args.dtype or default_dtype(device), eager=eager)
     check_generate(cfg.model, s)
     folder = llamacpp.find_llamacpp(args.llamacpp_dir) if args.vs_llamacpp else None

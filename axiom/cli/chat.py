@@ -13,7 +13,13 @@ import argparse
 import contextlib
 import sys
 
-from axiom.cli.args import add_inference_arguments, add_sampling_arguments, check_sampling_flags
+from axiom.cli.args import (
+    add_decoding_path_arguments,
+    add_inference_arguments,
+    add_sampling_arguments,
+    check_sampling_flags,
+    eager_decoding,
+)
 from axiom.errors import AxiomError
 from axiom.infer.chat import Chat
 from axiom.infer.engine import SamplingParams
@@ -27,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", help="system message at the start of the conversation")
     add_sampling_arguments(parser, 256, "longest reply", "the n-th reply samples with seed + n")
     add_inference_arguments(parser)
+    add_decoding_path_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
             "config.json); its replies will not follow the conversation",
             file=sys.stderr,
         )
+    compile = not eager_decoding(args, next(model.parameters()).device, "axiom chat")
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    chat = Chat(model, args.system, args.max_new_tokens, **sampling)
+    chat = Chat(model, args.system, args.max_new_tokens, compile=compile, **sampling)
     if args.message is not None:
         for piece in chat.reply(args.message):
             sys.stdout.write(piece)

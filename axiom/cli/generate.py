@@ -10,11 +10,13 @@ import torch
 
 from axiom.cli.args import (
     add_config_arguments,
+    add_decoding_path_arguments,
     add_inference_arguments,
     add_sampling_arguments,
     check_sampling_flags,
     config_file,
     config_from_args,
+    eager_decoding,
     preset_of,
 )
 from axiom.errors import AxiomError
@@ -33,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: EOS only)")
     add_sampling_arguments(parser, 100, "new tokens per prompt", "prompt i samples with seed + i")
     add_inference_arguments(parser)
+    add_decoding_path_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -47,12 +50,13 @@ def run(args: argparse.Namespace) -> None:
     if not args.ckpt:
         noise = f"randomly initialised {preset_of(args, config_file(args))} weights; the text is noise"
         print(f"notice: no --ckpt: sampling from {noise}", file=sys.stderr)
+    compile = not eager_decoding(args, next(model.parameters()).device, "axiom generate")
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     replies = [TextStream(stop_ids(chat=False), enc=enc) for _ in prompts]
     live = len(prompts) == 1  # one prompt streams to the terminal; a batch prints when done
     if live:
         sys.stdout.write(texts[0])
-    for step in stream(model, prompts, args.max_new_tokens, eos_id=enc.eot_token, **sampling):
+    for step in stream(model, prompts, args.max_new_tokens, eos_id=enc.eot_token, compile=compile, **sampling):
         for reply, token in zip(replies, step.tolist(), strict=True):
             piece = reply.push(token)
             if live and piece:

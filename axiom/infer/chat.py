@@ -14,7 +14,8 @@ from axiom.text.stream import TextStream, stop_ids
 class Chat:
     """A conversation with a model: the system message, the exchanges so far and how replies are sampled. When the
     conversation no longer fits the model's context, the oldest exchanges are left out of the prompt (the system
-    message stays). The n-th reply samples with seed + n."""
+    message stays). The n-th reply samples with seed + n. `compile` decodes with the engine's compiled step
+    (axiom/infer/engine.py)."""
 
     def __init__(
         self,
@@ -26,12 +27,14 @@ class Chat:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        compile: bool = False,
     ) -> None:
         self.model, self.system, self.max_new_tokens = model, system, max_new_tokens
         self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
         self.history: list[dict] = []  # user and assistant messages, alternating
         self.turns = 0
-        self.engine = Engine(model, max_batch=1)  # one cache for the whole conversation, not one per reply
+        # one cache (and compiled step) for the whole conversation, not one per reply
+        self.engine = Engine(model, max_batch=1, compile=compile)
 
     def prompt(self, user: str) -> tuple[list[int], int]:
         """Ids of the conversation plus `user` and the generation prompt, the oldest exchanges left out until

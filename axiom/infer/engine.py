@@ -24,6 +24,7 @@ inline).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import secrets
@@ -41,6 +42,9 @@ from axiom.runtime import compile_cache_dir, persistent_compile_cache
 
 SEED_RANGE = (-(2**63), 2**64)  # 64 bits, signed or unsigned; the draws take a seed modulo 2**64
 NON_FINITE = "the model's logits are not finite (NaN or inf) for this prompt"
+# Dynamo's recompile limit while an engine's step runs (see `recompile_limit`): room for the variants of ~20 engines
+# of other models, dtypes or shapes in one process, and still a stop for a step that would recompile at every call.
+RECOMPILE_LIMIT = 64
 
 
 def decode_one(model: Axiom, ids: Tensor, cache: KVCache) -> Tensor:
@@ -69,6 +73,19 @@ def decode_sampled(model: Axiom, ids: Tensor, cache: KVCache, rows: RowSampling)
     drawn token, as the eager pick numbers them."""
     logits, x = decode_one_and_hidden(model, ids, cache)
     return pick(logits, rows, cache.positions), x
+
+
+def default_eager(device: torch.device) -> bool:
+    """Whether decoding on `device` takes the eager path unless told (`axiom generate`, `axiom chat`, `axiom bench
+    generate`): on CPU the dynamic cache's eager fast path, faster there than the compiled step and with nothing to
+    compile (docs/benchmarks.md, "The bench times what users run"); on CUDA the compiled step, one CUDA graph per
+    token, compiled on a machine's first run and loaded from `compile_cache_dir()` after."""
+    return device.type != "cuda"
+
+
+def decoding_path(eager: bool) -> str:
+    """The path a decoding command takes, in words."""
+    return "eager (dynamic cache)" if eager else "compiled (static cache; CUDA graphs on a GPU)"
 
 
 @dataclass(frozen=True)
@@ -304,7 +321,7 @@ class Engine:
         the compile cache's folder around every call."""
         if step not in self._compiled:
             self._compiled[step] = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-        with persistent_compile_cache(self._compile_cache):
+        with persistent_compile_cache(self._compile_cache), recompile_limit(RECOMPILE_LIMIT):
             return self._compiled[step](*args)
 
     def _pick(self, logits: Tensor, rows: list[Request]) -> list[int | None]:
@@ -326,6 +343,20 @@ class Engine:
             rows_on_device = RowSampling.of([r.params for r in rows], [r.seed for r in rows], size, self.device)
             self._sampling = (key, rows_on_device)
         return self._sampling[1]
+
+
+def recompile_limit(at_least: int) -> contextlib.AbstractContextManager:
+    """Within the block, dynamo's recompile limit is at least `at_least`.
+
+    Dynamo counts a code object's compiled variants over the whole process and stops at the limit (8 by default).
+    Every engine steps through the same module-level functions (decode_greedy, decode_sampled), so the limit counts
+    all engines together: each model, dtype and batch shape adds a variant, decode_sampled one per cut-off, and a
+    process that builds several engines (a notebook, the tests) passed it. The limit is raised around the compiled
+    calls, where dynamo compiles, rather than giving each engine a code object of its own: later engines keep
+    reusing the compiled steps instead of tracing them again. Torch before 2.7 calls it cache_size_limit."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(getattr(config, name), at_least)})
 
 
 def _failed_rows(picked: Tensor, finite: Tensor, rows: list[Request]) -> list[int | None]:

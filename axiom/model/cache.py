@@ -30,7 +30,8 @@ class KVCache:
     values: list[Tensor]
     lengths: list[int]  # dynamic cache: slots filled per row
     positions: Tensor | None = None  # static cache: (B,) int64 slots filled per row, advanced in place
-    slots: Tensor | None = None  # (B, T) slots the current forward writes, when rows differ (set by _positions)
+    slots: Tensor | None = None  # (B, T) slots the current forward writes, when rows differ (set by `write_at`)
+    row_ids: Tensor | None = None  # (B, 1) each row's index, set with `slots`: built once per forward, not per layer
 
     @property
     def static(self) -> bool:
@@ -52,6 +53,11 @@ class KVCache:
         positions = self.positions.narrow(0, start, n) if self.static else None
         return KVCache(view(self.keys), view(self.values), self.lengths[start : start + n], positions)
 
+    def write_at(self, slots: Tensor) -> None:
+        """Have the current forward write row b's new keys at slots[b] (B, T) in every layer, until `advance`."""
+        self.slots = slots
+        self.row_ids = torch.arange(slots.shape[0], device=slots.device)[:, None]  # (B, 1) against slots (B, T)
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, n_kv, T, hd) after each row's filled slots; return the keys and values to attend over
         (the filled ones, or every slot of a static cache)."""
@@ -63,9 +69,8 @@ class KVCache:
             return self.keys[layer].narrow(2, 0, start + T), self.values[layer].narrow(2, 0, start + T)
         # Each row's own slots, as an indexed assignment: compiled, it writes the new slots in place, where a
         # scatter_ was compiled into a copy of the whole cache per layer and step (docs/benchmarks.md).
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1) against slots (B, T)
-        self.keys[layer][rows, :, self.slots] = k.transpose(1, 2)  # (B, T, n_kv, hd)
-        self.values[layer][rows, :, self.slots] = v.transpose(1, 2)
+        self.keys[layer][self.row_ids, :, self.slots] = k.transpose(1, 2)  # (B, T, n_kv, hd)
+        self.values[layer][self.row_ids, :, self.slots] = v.transpose(1, 2)
         if self.static:
             return self.keys[layer], self.values[layer]
         end = max(self.lengths) + T
@@ -77,4 +82,4 @@ class KVCache:
             self.positions.add_(T)
         else:
             self.lengths = [n + T for n in self.lengths]
-        self.slots = None
+        self.slots = self.row_ids = None

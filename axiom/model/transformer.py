@@ -243,7 +243,7 @@ class Axiom(nn.Module):
             filled = torch.tensor(cache.lengths, device=device)
             slots = torch.arange(max(cache.lengths) + T, device=device)
         pos = filled[:, None] + torch.arange(T, device=device)  # (B, T): each row's positions = the slots it writes
-        cache.slots = pos
+        cache.write_at(pos)
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, hd)
         mask = slots[None, None, :] <= pos[:, :, None]  # (B, T, S) causal within each row
         return cos, sin, mask[:, None]  # (B, 1, T, S)
