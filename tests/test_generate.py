@@ -125,7 +125,9 @@ def test_a_batch_whose_last_seed_breaks_the_maths_is_one_line(capsys):
     assert main([*TINY, "--prompt", "a", "--max-new-tokens", "2", "--seed", str(top)]) == 0
 
 
-@pytest.mark.parametrize("command", [["generate"], ["chat", "--ckpt", "c"], ["bench", "generate"]])
+@pytest.mark.parametrize(
+    "command", [["generate"], ["chat", "--ckpt", "c"], ["serve", "--ckpt", "c"], ["bench", "generate"]]
+)
 def test_decoding_is_compiled_on_cuda_and_eager_on_cpu_unless_told(command, capsys):
     parser = build_parser()
     for flags, on_cpu, on_cuda in [([], True, False), (["--eager"], True, True), (["--compile"], False, False)]:

@@ -101,7 +101,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_path_arguments(parser: argparse.ArgumentParser) -> None:
-    """--eager or --compile (generate, chat, bench generate); neither: the device's default (`default_eager`)."""
+    """--eager or --compile (generate, chat, serve, bench generate); neither: the device's default
+    (`default_eager`)."""
     path = parser.add_mutually_exclusive_group()
     path.add_argument(
         "--eager",

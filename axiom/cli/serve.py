@@ -15,7 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
-from axiom.cli.args import add_inference_arguments
+from axiom.cli.args import add_decoding_path_arguments, add_inference_arguments, eager_decoding
 from axiom.errors import AxiomError
 from axiom.infer.fast import load_for_inference
 from axiom.infer.openai_api import BODY_TIMEOUT_S
@@ -48,11 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=BODY_TIMEOUT_S,
         help=f"seconds a request body may take to arrive whole before a 408 answer (default: {BODY_TIMEOUT_S:g})",
     )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="decode with a static cache and a torch.compile'd step (CUDA graphs on a GPU); compiles at start",
-    )
+    add_decoding_path_arguments(parser)  # with the compiled step, all its graphs are compiled before the first request
     add_inference_arguments(parser)
 
 
@@ -74,7 +70,8 @@ def run(args: argparse.Namespace) -> None:
     sock = _listen(args.host, _port(args.port))
     model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
     name = args.model_name or model_name(args.ckpt)
-    service = Service(model, name, is_chat_tuned(meta), args.max_batch, args.max_queue, args.compile)
+    compile_ = not eager_decoding(args, next(model.parameters()).device, "axiom serve")
+    service = Service(model, name, is_chat_tuned(meta), args.max_batch, args.max_queue, compile_)
     host, port = sock.getsockname()[:2]
     logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
     app = build_app(service, args.body_timeout)
@@ -82,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
         app, log_level="warning", timeout_graceful_shutdown=None, limit_concurrency=args.max_connections
     )
     server = uvicorn.Server(config)
-    service.start()  # with --compile, after compiling
+    service.start()  # compiled: after compiling
     # uvicorn re-raises the signal it shut down for once it is done; with this handler that ends in a return.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     print(f"axiom serve: {name} on http://{host}:{port}/v1 (max batch {args.max_batch})", flush=True)
