@@ -11,8 +11,9 @@ smallest lead of a greedy choice over the runner-up among the expected tokens: b
 only (~1e-7, tests/test_engine.py), so a lead far above that cannot flip. Prints, per server and concurrency,
 throughput (completion tokens/s over the wall time of the level) and p50/p95 request latency (with `--stream`, or
 hostile requests, the clients stream, and the time to first token and between tokens too), then the speed-up of
-batching. Rounds alternate the two servers (ABBA) so that load from other processes falls on both; the figures are
-the medians over rounds. Bounded: every request has a timeout and both servers are stopped at the end.
+batching. Rounds alternate the servers (ABBA) so that load from other processes falls on all; the figures are
+the medians over rounds. Bounded: every request has a timeout, and every server is stopped at the end, also when
+something fails.
 
 `--device cuda --dtype bfloat16 --compile` runs the servers (and the reference decoding) that way. In bfloat16 a
 batched step rounds differently enough that a greedy choice with a small lead may flip: the printed margin says
@@ -34,7 +35,9 @@ same figures are printed for it, with the ratio of axiom's batching server's tok
 with the reference and counted ("same" in the table), not required: other numerics (another attention kernel,
 another order of sums) may flip a greedy choice where two logits nearly tie. A failed request fails the run for it
 too. Where `transformers serve` cannot run here (a missing package, a model it cannot load offline), the script
-says why in one line and exits 1.
+says why in one line and exits 1. `--transformers-serve-args '...'` passes it more flags (on a CPU,
+`--cb-max-batch-tokens 256 --cb-num-blocks 64` shorten its warm-up, which runs its largest batch); `--hostile`,
+which checks axiom serve's own answers, does not go with it.
 """
 
 from __future__ import annotations
