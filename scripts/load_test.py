@@ -11,8 +11,9 @@ smallest lead of a greedy choice over the runner-up among the expected tokens: b
 only (~1e-7, tests/test_engine.py), so a lead far above that cannot flip. Prints, per server and concurrency,
 throughput (completion tokens/s over the wall time of the level) and p50/p95 request latency (with `--stream`, or
 hostile requests, the clients stream, and the time to first token and between tokens too), then the speed-up of
-batching. Rounds alternate the two servers (ABBA) so that load from other processes falls on both; the figures are
-the medians over rounds. Bounded: every request has a timeout and both servers are stopped at the end.
+batching. Rounds alternate the servers (ABBA) so that load from other processes falls on all; the figures are
+the medians over rounds. Bounded: every request has a timeout, and every server is stopped at the end, also when
+something fails.
 
 `--device cuda --dtype bfloat16 --compile` runs the servers (and the reference decoding) that way. In bfloat16 a
 batched step rounds differently enough that a greedy choice with a small lead may flip: the printed margin says
@@ -24,15 +25,31 @@ malformed bodies (nested 100,000 deep, a 5,000-digit integer, invalid UTF-8, 2 M
 refused fields, streams dropped mid-way. Each must get its own answer (200, 400, 413 or 415; never a 500) and every
 normal stream must still give the prompt's text decoded alone, or the script exits 1. `--no-baseline` starts the
 batching server only (tests/test_serve.py runs a small hostile load that way).
+
+`--vs-transformers-serve` also starts `transformers serve --continuous-batching` (transformers >= 5.17 with its
+serving extra: `pip install 'axiom-lm[hf-serve]'`) on an `axiom export --format llama` folder of the same weights,
+offline, on the same device and dtype (and with its `--compile` where given: with continuous batching, transformers
+chooses its compilation and CUDA graphs itself, and its batch size). Its clients send the same requests to its
+/v1/completions (same prompts, max tokens, greedy, streamed or not), in the same rounds as the other servers; the
+same figures are printed for it, with the ratio of axiom's batching server's tokens/s to its. Its texts are compared
+with the reference and counted ("same" in the table), not required: other numerics (another attention kernel,
+another order of sums) may flip a greedy choice where two logits nearly tie. A failed request fails the run for it
+too. Where `transformers serve` cannot run here (a missing package, a model it cannot load offline), the script
+says why in one line and exits 1. `--transformers-serve-args '...'` passes it more flags (on a CPU,
+`--cb-max-batch-tokens 256 --cb-num-blocks 64` shorten its warm-up, which runs its largest batch); `--hostile`,
+which checks axiom serve's own answers, does not go with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import itertools
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import statistics
@@ -41,18 +58,24 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import version
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 
 from axiom.cli.args import add_device_argument
 from axiom.config import get_config
+from axiom.dtypes import FOLDER_DTYPES, describe, dtype_name
+from axiom.errors import AxiomError
 from axiom.infer.fast import load_for_inference
 from axiom.infer.generate import generate
 from axiom.model.checkpoint import save_weights
 from axiom.model.transformer import Axiom
+from axiom.runtime import pick_device
 from axiom.text.stream import token_bytes
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
@@ -99,19 +122,39 @@ def main() -> int:
         default=True,
         help="also start the --max-batch 1 server, for the speed-up (default: yes)",
     )
+    p.add_argument(
+        "--vs-transformers-serve",
+        action="store_true",
+        help="also load `transformers serve --continuous-batching` on a Llama export of the same weights, the same "
+        "way, in the same rounds",
+    )
+    p.add_argument(
+        "--transformers-serve-args",
+        default="",
+        metavar="FLAGS",
+        help="more flags for transformers serve, one string, e.g. '--cb-max-batch-tokens 256 --cb-num-blocks 64' "
+        "(on a CPU its warm-up runs a batch of the largest size it infers from memory: these keep it short)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(args.preset, Path(tmp))
-        expected, margin = expected_texts(ckpt, args)
-        servers = {"batched": args.max_batch, "one_at_a_time": 1} if args.baseline else {"batched": args.max_batch}
-        procs = {name: start_server(ckpt, batch, args) for name, batch in servers.items()}
-        try:
-            results = run_levels(procs, expected, args)
-        finally:
-            for proc, _ in procs.values():
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=60)
+    check_args(p, args)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(args.preset, Path(tmp) / "ckpt")
+            expected, margin = expected_texts(ckpt, args)
+            servers: dict[str, Server] = {}
+            try:  # each server is stopped, whatever fails after it started
+                servers["batched"] = start_axiom_serve(ckpt, args.max_batch, args)
+                if args.baseline:
+                    servers["one_at_a_time"] = start_axiom_serve(ckpt, 1, args)
+                if args.vs_transformers_serve:
+                    servers["transformers_serve"] = start_transformers_serve(ckpt, Path(tmp) / "llama", args)
+                results = run_levels(servers, expected, args)
+            finally:
+                for server in servers.values():
+                    server.stop()
+    except AxiomError as e:
+        raise SystemExit(f"load_test.py: {e}") from None
     report = {
         "ckpt": args.ckpt or f"{args.preset} preset with an untied output layer, random weights (seed 0)",
         "requests_per_client": args.requests,
@@ -122,6 +165,7 @@ def main() -> int:
         "min_greedy_margin": margin,
         "load_average": os.getloadavg(),
         "torch": torch.__version__,
+        "transformers": version("transformers") if args.vs_transformers_serve else None,
         "cpu_threads": torch.get_num_threads(),
         "levels": results,
     }
@@ -132,12 +176,52 @@ def main() -> int:
     return 0 if all(r["errors"] == 0 for level in results for r in level["servers"].values()) else 1
 
 
-def random_checkpoint(preset: str, tmp: Path) -> Path:
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, in one line each, what cannot be measured: counts below 1, and a comparison that cannot run here."""
+    for flag in ("concurrency", "requests", "max_tokens", "max_batch", "rounds"):
+        values = getattr(args, flag)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.hostile < 0:
+        p.error("--hostile must be 0 or more")
+    if not args.vs_transformers_serve:
+        if args.transformers_serve_args:
+            p.error("--transformers-serve-args goes with --vs-transformers-serve")
+        return
+    try:
+        args.transformers_serve_args = shlex.split(args.transformers_serve_args)
+    except ValueError as e:
+        p.error(f"--transformers-serve-args: {e}")
+    if args.hostile:
+        p.error("--hostile checks axiom serve's own answers; run it without --vs-transformers-serve")
+    if dtype_name(args.dtype) not in FOLDER_DTYPES:
+        p.error(f"--dtype {args.dtype}: transformers serve is compared at {describe(FOLDER_DTYPES)}")
+    missing = transformers_serve_missing()
+    if missing:
+        p.error(f"--vs-transformers-serve: transformers serve cannot run here: {missing}")
+
+
+def transformers_serve_missing() -> str | None:
+    """Why `transformers serve` with continuous batching and /v1/completions cannot start here, or None. Looks at
+    the installed files only: importing transformers takes seconds."""
+    if find_spec("transformers") is None:
+        return "transformers is not installed (pip install 'axiom-lm[hf-serve]')"
+    completions = Path(find_spec("transformers").origin).parent / "cli" / "serving" / "completion.py"
+    if not completions.is_file():
+        return f"transformers {version('transformers')} has no /v1/completions in its serve; it needs >= 5.17"
+    missing = [name for name in ("fastapi", "uvicorn", "pydantic", "openai") if find_spec(name) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed (pip install 'axiom-lm[hf-serve]')"
+    return None
+
+
+def random_checkpoint(preset: str, directory: Path) -> Path:
     # Untied output layer: a random tied model mostly repeats its last token, which would make the check weak.
     cfg = get_config(preset, ["tie_embeddings=false"])
     torch.manual_seed(0)
-    save_weights(Axiom(cfg.model).state_dict(), cfg, tmp, step=0)
-    return tmp
+    directory.mkdir()
+    save_weights(Axiom(cfg.model).state_dict(), cfg, directory, step=0)
+    return directory
 
 
 def expected_texts(ckpt: Path, args: argparse.Namespace) -> tuple[dict[str, str], float]:
@@ -158,16 +242,97 @@ def expected_texts(ckpt: Path, args: argparse.Namespace) -> tuple[dict[str, str]
     return texts, margin
 
 
-def start_server(ckpt: Path, max_batch: int, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+@dataclass
+class Server:
+    """A server under load: its process (the leader of a process group of its own), its port, the model its requests
+    name, and whether it is `axiom serve` (every text must equal the reference, every stream end with
+    `data: [DONE]`) or `transformers serve` (texts counted; its streams end with the usage event)."""
+
+    proc: subprocess.Popen
+    port: int
+    model: str = "m"
+    axiom: bool = True
+
+    def stop(self) -> None:
+        """SIGTERM to the server's group and wait for it; SIGKILL whatever is left of the group (transformers serve
+        runs its model in a child process, which must not outlive it holding the device's memory)."""
+        group = self.proc.pid
+        with contextlib.suppress(ProcessLookupError):  # it has exited
+            os.killpg(group, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):  # all of it has exited
+            os.killpg(group, signal.SIGKILL)
+        self.proc.wait()
+
+
+def start_axiom_serve(ckpt: Path, max_batch: int, args: argparse.Namespace) -> Server:
     cmd = [sys.executable, "-m", "axiom.cli", "serve", "--ckpt", str(ckpt), "--port", "0"]
     cmd += ["--max-batch", str(max_batch), "--model-name", "m", "--dtype", args.dtype]
     cmd += (["--device", args.device] if args.device else []) + (["--compile"] if args.compile else [])
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )
+    server = Server(proc, 0)
     line = proc.stdout.readline()
     if " on http://" not in line:
-        proc.kill()
+        server.stop()
         raise SystemExit(f"axiom serve did not start: {line!r}")
-    return proc, int(line.split(" on http://")[1].split(":")[1].split("/")[0])
+    server.port = int(line.split(" on http://")[1].split(":")[1].split("/")[0])
+    return server
+
+
+# Offline: no Hub look-up, no check for a newer version on PyPI at start
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception)\b")  # "OSError: ...", typer's "Error: ..."
+UVICORN_STARTED = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+
+def start_transformers_serve(ckpt: Path, folder: Path, args: argparse.Namespace) -> Server:
+    """`transformers serve --continuous-batching` on `folder`, an `axiom export --format llama` of `ckpt`, on the
+    device and in the dtype of the axiom servers; its requests name the folder. Its log is read as it comes (the
+    pipe must not fill) for the port it bound, and its last lines say why if it stops before."""
+    from axiom.interop.export import export  # imports the tokenizer converter: only for this comparison
+
+    export(ckpt, folder, "llama", "float32")  # transformers casts to --dtype as it loads, as axiom serve does
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--continuous-batching"]
+    cmd += ["--device", str(pick_device(args.device)), "--dtype", dtype_name(args.dtype)]
+    cmd += ["--host", "127.0.0.1", "--port", "0"] + (["--compile"] if args.compile else [])
+    cmd += args.transformers_serve_args
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=os.environ | OFFLINE,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+    server = Server(proc, 0, str(folder), axiom=False)
+    last_lines: deque[str] = deque(maxlen=200)
+    started = threading.Event()
+
+    def read_log() -> None:
+        for line in proc.stderr:
+            last_lines.append(line.strip())
+            if not started.is_set() and (found := UVICORN_STARTED.search(line)):
+                server.port = int(found.group(1))
+                started.set()
+
+    threading.Thread(target=read_log, daemon=True).start()
+    deadline = time.monotonic() + 600  # loading, and on a GPU the batching's warm-up and CUDA graphs
+    while not started.wait(0.5) and proc.poll() is None and time.monotonic() < deadline:
+        pass
+    if not started.is_set():
+        server.stop()
+        time.sleep(0.5)  # the log's last lines
+        lines = [line for line in last_lines if line] or ["no output"]
+        why = next((line for line in reversed(lines) if ERROR_LINE.search(line)), lines[-1])
+        state = "timed out" if proc.returncode in (-signal.SIGTERM, -signal.SIGKILL) else "stopped"
+        raise SystemExit(f"transformers serve did not start ({state}): {why}")
+    return server
 
 
 @dataclass
@@ -181,11 +346,11 @@ class Reply:
     text_arrivals_s: list[float] = field(default_factory=list)
 
 
-def request(port: int, prompt: str, max_tokens: int, stream: bool = False) -> Reply:
+def request(server: Server, prompt: str, max_tokens: int, stream: bool = False) -> Reply:
     """One greedy completion, whole or streamed (its events read as they arrive)."""
-    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
     arrivals: list[float] = []
     events: list[dict] = []
     try:
@@ -209,7 +374,8 @@ def request(port: int, prompt: str, max_tokens: int, stream: bool = False) -> Re
     if not stream:
         data = json.loads(raw)
         return Reply(data["choices"][0]["text"], time.perf_counter() - start, data["usage"]["completion_tokens"])
-    if any("error" in e for e in events) or not raw.rstrip().endswith(b"data: [DONE]"):
+    ended = raw.rstrip().endswith(b"data: [DONE]") if server.axiom else bool(events and "usage" in events[-1])
+    if any("error" in e for e in events) or not ended:
         raise RuntimeError(f"the stream broke off: {raw[-300:]!r}")
     text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
     return Reply(text, time.perf_counter() - start, events[-1]["usage"]["completion_tokens"], arrivals)
@@ -284,10 +450,10 @@ def hostile(port: int, n: int) -> list[str]:
     return unexpected
 
 
-def load(port: int, clients: int, expected: dict[str, str], args: argparse.Namespace) -> dict:
+def load(server: Server, clients: int, expected: dict[str, str], args: argparse.Namespace) -> dict:
     """`clients` threads, each sending `args.requests` requests one after another (prompts cycle through PROMPTS),
     and with `args.hostile` one more thread sending that many hostile requests meanwhile."""
-    latencies, first_tokens, gaps, tokens, errors = [], [], [], [0], []
+    latencies, first_tokens, gaps, tokens, same, errors = [], [], [], [0], [0], []
     lock = threading.Lock()
     per_client, stream = args.requests, args.stream or args.hostile > 0
 
@@ -295,7 +461,7 @@ def load(port: int, clients: int, expected: dict[str, str], args: argparse.Names
         for i in range(per_client):
             prompt = PROMPTS[(c * per_client + i) % len(PROMPTS)]
             try:
-                reply = request(port, prompt, args.max_tokens, stream)
+                reply = request(server, prompt, args.max_tokens, stream)
             except Exception as e:  # counted, reported, and the script fails
                 with lock:
                     errors.append(f"{prompt!r}: {e}")
@@ -305,11 +471,12 @@ def load(port: int, clients: int, expected: dict[str, str], args: argparse.Names
                 first_tokens.extend(reply.text_arrivals_s[:1])
                 gaps.extend(b - a for a, b in itertools.pairwise(reply.text_arrivals_s))
                 tokens[0] += reply.tokens
-                if reply.text != expected[prompt]:
+                same[0] += reply.text == expected[prompt]
+                if reply.text != expected[prompt] and server.axiom:
                     errors.append(f"{prompt!r}: text differs from the prompt decoded alone")
 
     def attacker() -> None:
-        unexpected = hostile(port, args.hostile)
+        unexpected = hostile(server.port, args.hostile)
         with lock:
             errors.extend(unexpected)
 
@@ -330,6 +497,7 @@ def load(port: int, clients: int, expected: dict[str, str], args: argparse.Names
         "itl_p50_s": percentile(gaps, 0.5),
         "itl_p95_s": percentile(gaps, 0.95),
         "completed": len(latencies),
+        "same_text": same[0],
         "errors": len(errors),
         "error_samples": errors[:3],
     }
@@ -341,31 +509,43 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
-def run_levels(procs: dict, expected: dict[str, str], args: argparse.Namespace) -> list[dict]:
-    for _, port in procs.values():  # warm-up: first-call costs are not timed
-        request(port, PROMPTS[0], 4)
+def run_levels(servers: dict[str, Server], expected: dict[str, str], args: argparse.Namespace) -> list[dict]:
+    for server in servers.values():  # warm-up: first-call costs are not timed
+        request(server, PROMPTS[0], 4)
     levels = []
     for clients in args.concurrency:
-        rounds: dict[str, list[dict]] = {name: [] for name in procs}
+        rounds: dict[str, list[dict]] = {name: [] for name in servers}
         for r in range(args.rounds):
-            order = list(procs) if r % 2 == 0 else list(reversed(procs))
+            order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for name in order:
-                rounds[name].append(load(procs[name][1], clients, expected, args))
+                rounds[name].append(load(servers[name], clients, expected, args))
         summary = {}
         for name, runs in rounds.items():
             summary[name] = {
                 "tokens_per_s": statistics.median(x["tokens_per_s"] for x in runs),
                 **{key: median_of(runs, key) for key in LATENCIES},
                 "completed": sum(x["completed"] for x in runs),
+                "same_text": sum(x["same_text"] for x in runs),
                 "errors": sum(x["errors"] for x in runs),
                 "error_samples": [e for x in runs for e in x["error_samples"]][:3],
                 "rounds_tokens_per_s": [round(x["tokens_per_s"], 1) for x in runs],
             }
-        speedup = (
-            summary["batched"]["tokens_per_s"] / summary["one_at_a_time"]["tokens_per_s"] if args.baseline else None
+        levels.append(
+            {
+                "concurrency": clients,
+                "servers": summary,
+                "batching_speedup": ratio(summary, "one_at_a_time"),
+                "axiom_vs_transformers": ratio(summary, "transformers_serve"),
+            }
         )
-        levels.append({"concurrency": clients, "servers": summary, "batching_speedup": speedup})
     return levels
+
+
+def ratio(summary: dict, other: str) -> float | None:
+    """The batching axiom server's tokens/s over `other`'s; None without `other` (or where it made none)."""
+    if other not in summary or not summary[other]["tokens_per_s"]:
+        return None
+    return summary["batched"]["tokens_per_s"] / summary[other]["tokens_per_s"]
 
 
 LATENCIES = ("p50_s", "p95_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s")
@@ -385,13 +565,18 @@ def print_table(report: dict) -> None:
     if report["hostile_per_level"]:
         print(f"{report['hostile_per_level']} hostile requests beside each level's clients, whose requests stream; ")
         print("errors count the hostile requests answered otherwise than they must be, too")
-    head = f"{'clients':>7}  {'server':<22} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7} {'done':>5} {'errors':>6}"
-    print(head + "   first token p50/p95 s, between tokens p50/p95 ms (streamed)")
+    if report["transformers"]:
+        print("same: completions whose text equals the prompt decoded alone by axiom (for transformers serve ", end="")
+        print("a count, not a requirement)")
+    head = f"{'clients':>7}  {'server':<22} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7} {'done':>5} {'same':>5}"
+    print(head + f" {'errors':>6}   first token p50/p95 s, between tokens p50/p95 ms (streamed)")
+    labels = {"batched": f"max-batch {report['max_batch']}", "one_at_a_time": "max-batch 1"}
+    labels["transformers_serve"] = "transformers serve"
     for level in report["levels"]:
         for name, r in level["servers"].items():
-            label = f"max-batch {report['max_batch']}" if name == "batched" else "max-batch 1"
-            print(f"{level['concurrency']:>7}  {label:<22} {r['tokens_per_s']:>9.1f} {r['p50_s']:>7.3f} ", end="")
-            print(f"{r['p95_s']:>7.3f} {r['completed']:>5} {r['errors']:>6}", end="")
+            print(f"{level['concurrency']:>7}  {labels[name]:<22} {r['tokens_per_s']:>9.1f} ", end="")
+            print(f"{r['p50_s']:>7.3f} ", end="")
+            print(f"{r['p95_s']:>7.3f} {r['completed']:>5} {r['same_text']:>5} {r['errors']:>6}", end="")
             if r["ttft_p50_s"] is not None:
                 print(f"   {r['ttft_p50_s']:.3f}/{r['ttft_p95_s']:.3f}", end="")
                 if r["itl_p50_s"] is not None:
@@ -401,7 +586,11 @@ def print_table(report: dict) -> None:
                 print(f"           error: {e}")
         if level["batching_speedup"] is not None:
             print(f"{'':>7}  batching speed-up {level['batching_speedup']:.2f}x")
-    print(f"load average {report['load_average'][0]:.2f}, torch {report['torch']}, {report['cpu_threads']} threads")
+        if level["axiom_vs_transformers"] is not None:
+            print(f"{'':>7}  axiom / transformers serve {level['axiom_vs_transformers']:.2f}x tokens/s")
+    transformers = f", transformers {report['transformers']}" if report["transformers"] else ""
+    print(f"load average {report['load_average'][0]:.2f}, torch {report['torch']}{transformers}, ", end="")
+    print(f"{report['cpu_threads']} threads")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import importlib.util
 import json
 import queue
 import signal
@@ -779,3 +780,34 @@ def test_load_with_hostile_requests_mixed_in(ckpt):
     # streamed: each request's first text arrives before its end, and tokens come in steps between
     assert 0 < batched["ttft_p50_s"] <= batched["ttft_p95_s"] <= batched["p95_s"]
     assert 0 < batched["itl_p50_s"] <= batched["itl_p95_s"] < batched["p95_s"]
+
+
+@pytest.mark.slow
+def test_load_compared_with_transformers_serve(ckpt, monkeypatch):
+    """scripts/load_test.py --vs-transformers-serve, bounded: 2 clients stream greedy completions from axiom serve
+    and from `transformers serve --continuous-batching` on a Llama export of the same weights, in the same round;
+    both get throughput and latency figures, the ratio is reported, and transformers' texts are compared with the
+    prompt decoded alone by axiom (counted, not required)."""
+    spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
+    load_test = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "load_test", load_test)  # its dataclasses look their module up there
+    spec.loader.exec_module(load_test)
+    if missing := load_test.transformers_serve_missing():
+        pytest.skip(f"transformers serve cannot run here: {missing}")
+    cmd = [sys.executable, "scripts/load_test.py", "--ckpt", str(ckpt), "--concurrency", "2", "--requests", "2"]
+    cmd += ["--max-tokens", "8", "--rounds", "1", "--stream", "--no-baseline", "--vs-transformers-serve", "--json"]
+    # a short warm-up: on a CPU transformers' continuous batching warms up at the largest batch it infers from memory
+    cmd += ["--transformers-serve-args=--cb-max-batch-tokens 256 --cb-num-blocks 64"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    (level,) = report["levels"]
+    assert report["transformers"] and set(level["servers"]) == {"batched", "transformers_serve"}
+    for name, server in level["servers"].items():
+        assert server["completed"] == 4 and server["errors"] == 0, name
+        assert server["tokens_per_s"] > 0 and 0 < server["p50_s"] <= server["p95_s"], name
+        assert 0 < server["ttft_p50_s"] <= server["ttft_p95_s"] <= server["p95_s"], name
+        assert 0 < server["itl_p50_s"] <= server["itl_p95_s"] < server["p95_s"], name
+    assert level["servers"]["batched"]["same_text"] == 4  # axiom's must equal the reference
+    assert 0 <= level["servers"]["transformers_serve"]["same_text"] <= 4  # transformers' were compared, and counted
+    assert level["axiom_vs_transformers"] > 0
