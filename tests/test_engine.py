@@ -10,7 +10,7 @@ import torch
 from conftest import DEVICES
 
 from axiom.config import get_config
-from axiom.infer.engine import Engine, SamplingParams, decode_one
+from axiom.infer.engine import RECOMPILE_LIMIT, Engine, SamplingParams, decode_one
 from axiom.infer.generate import generate, stream
 from axiom.model.cache import KVCache
 from axiom.model.transformer import Axiom
@@ -245,13 +245,18 @@ def test_compiled_engine_with_requests_joining_and_leaving(model, fresh_compiler
 def test_compiled_engines_of_several_models_and_shapes_pass_dynamos_recompile_limit(device, fresh_compiler):
     """Every engine's step is one code object to dynamo, whose recompile limit (8) counts the compiled variants of
     all engines in the process: each model, dtype and batch shape adds some. Lowered here to 2 so that three
-    variants (two batch sizes, then another model) show it quickly: the engine's calls must pass it."""
+    variants (two batch sizes, then another model) show it quickly: building a compiling engine raises it (once, not
+    around every step), and keeps a higher limit as it is."""
     pytest.importorskip("torch._inductor")
     models = [Axiom(replace(SMALL, n_layers=n)).to(device).eval() for n in (1, 2)]
     with torch._dynamo.config.patch(recompile_limit=2):
         for model, batch in [(models[0], 1), (models[0], 2), (models[1], 1), (models[1], 3)]:
             expected = generate(model, PROMPTS[:batch], 4, temperature=0.0)
             assert generate(model, PROMPTS[:batch], 4, temperature=0.0, compile=True) == expected
+        assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT + 1):
+        Engine(models[0], compile=True)
+        assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT + 1
 
 
 def test_temperatures_the_maths_cannot_take_are_greedy_or_refused(model):

@@ -24,7 +24,6 @@ inline).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import secrets
@@ -42,8 +41,9 @@ from axiom.runtime import compile_cache_dir, persistent_compile_cache
 
 SEED_RANGE = (-(2**63), 2**64)  # 64 bits, signed or unsigned; the draws take a seed modulo 2**64
 NON_FINITE = "the model's logits are not finite (NaN or inf) for this prompt"
-# Dynamo's recompile limit while an engine's step runs (see `recompile_limit`): room for the variants of ~20 engines
-# of other models, dtypes or shapes in one process, and still a stop for a step that would recompile at every call.
+# Dynamo's recompile limit once a compiling engine exists (see `raise_recompile_limit`): room for the variants of ~20
+# engines of other models, dtypes or shapes in one process, and still a stop for a step that would recompile at every
+# call.
 RECOMPILE_LIMIT = 64
 
 
@@ -169,6 +169,7 @@ class Engine:
         self.device = param.device
         self.cache = KVCache.empty(model.cfg, max_batch, self.max_len, self.device, param.dtype, static=self.static)
         if compile:  # a compiled step is specialised to these tensors: CUDA graphs replay their addresses
+            raise_recompile_limit(RECOMPILE_LIMIT)
             for t in (*self.cache.keys, *self.cache.values, self.cache.positions):
                 torch._dynamo.mark_static_address(t)
         self.running: list[Request] = []  # request i holds cache row i
@@ -321,7 +322,7 @@ class Engine:
         the compile cache's folder around every call."""
         if step not in self._compiled:
             self._compiled[step] = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-        with persistent_compile_cache(self._compile_cache), recompile_limit(RECOMPILE_LIMIT):
+        with persistent_compile_cache(self._compile_cache):
             return self._compiled[step](*args)
 
     def _pick(self, logits: Tensor, rows: list[Request]) -> list[int | None]:
@@ -345,18 +346,19 @@ class Engine:
         return self._sampling[1]
 
 
-def recompile_limit(at_least: int) -> contextlib.AbstractContextManager:
-    """Within the block, dynamo's recompile limit is at least `at_least`.
+def raise_recompile_limit(at_least: int) -> None:
+    """Raise dynamo's recompile limit to at least `at_least` for the process (a higher one is kept).
 
     Dynamo counts a code object's compiled variants over the whole process and stops at the limit (8 by default).
     Every engine steps through the same module-level functions (decode_greedy, decode_sampled), so the limit counts
     all engines together: each model, dtype and batch shape adds a variant, decode_sampled one per cut-off, and a
-    process that builds several engines (a notebook, the tests) passed it. The limit is raised around the compiled
-    calls, where dynamo compiles, rather than giving each engine a code object of its own: later engines keep
-    reusing the compiled steps instead of tracing them again. Torch before 2.7 calls it cache_size_limit."""
+    process that builds several engines (a notebook, the tests) passed it. One shared code object lets later engines
+    reuse the compiled steps instead of tracing them again; the limit is raised once, as an engine is built, not
+    around every step (`config.patch` costs tens of microseconds a call, against a decoding step of one or two
+    milliseconds on a GPU). Torch before 2.7 calls it cache_size_limit."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    return config.patch(**{name: max(getattr(config, name), at_least)})
+    setattr(config, name, max(getattr(config, name), at_least))
 
 
 def _failed_rows(picked: Tensor, finite: Tensor, rows: list[Request]) -> list[int | None]:
