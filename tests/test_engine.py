@@ -61,6 +61,33 @@ def alone(model, prompt, params=GREEDY):
     return request.tokens
 
 
+def test_a_static_engine_keeps_each_request_in_its_row_when_another_leaves(model):
+    """A leaving request frees its row and nothing moves: the others keep their rows and their cached keys, and a
+    newcomer takes the free row; each request still decodes what it decodes alone (sampled ones too)."""
+    engine = Engine(model, max_batch=3, static=True)
+    params = [
+        SamplingParams(max_new_tokens=2, temperature=0.0),
+        GREEDY,
+        replace(MIXED[2], seed=3),
+        replace(MIXED[4], seed=4),
+    ]
+    short, a, b = (engine.submit(p, q) for p, q in zip(PROMPTS[:3], params, strict=False))
+    engine.step()  # all three prefilled, one token each
+    assert engine.rows == [0, 1, 2]
+    engine.step()  # the short one's second token: it leaves row 0
+    assert short.done and engine.running == [a, b] and engine.rows == [1, 2]
+    filled = len(PROMPTS[2]) + 1  # b's prompt and its first token's keys
+    kept = engine.cache.keys[0][2, :, :filled].clone()
+    late = engine.submit(PROMPTS[3], params[3])
+    engine.step()
+    assert engine.running == [a, b, late] and engine.rows == [1, 2, 0]
+    assert torch.equal(engine.cache.keys[0][2, :, :filled], kept)
+    while engine.has_work():
+        engine.step()
+    for request, prompt, p in zip((short, a, b, late), PROMPTS, params, strict=False):
+        assert request.tokens == alone(model, prompt, p)
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_interleaved_static_streams_give_what_each_gives_alone(model, static):
     # Issue 12: two stream(..., static=True) generators on one model shared one module-level cache.

@@ -14,8 +14,10 @@ Two ways to run a step:
   is filled by the last one), attending over the filled slots; rows filled alike need no mask at all.
 - static (`static=True`; `compile=True` implies it): every shape fixed (all `max_batch` rows, all `max_len`
   slots under a mask), so `compile` can run the step through torch.compile, with CUDA graphs on a GPU; the idle
-  rows decode padding that nobody reads. Compiling costs seconds on first use per shape (max_batch, max_len);
-  a later engine of the same shape reuses the compiled code (on a GPU it records its CUDA graphs afresh).
+  rows decode padding that nobody reads. A request keeps its row while it runs: one that leaves frees its row and
+  nothing is copied (a GPU step had spent 48 cache copies on each leave). Compiling costs seconds on first use
+  per shape (max_batch, max_len); a later engine of the same shape reuses the compiled code (on a GPU it records
+  its CUDA graphs afresh).
 
 The caches and compiled steps belong to the engine: two engines on one model never share state, and one engine
 must be driven from one thread (axiom/infer/serve.py runs it in its own thread; axiom.infer.generate.stream steps it
@@ -28,7 +30,7 @@ import itertools
 import math
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -120,6 +122,9 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE
 
 
+PADDING = SamplingParams(temperature=0.0)  # what an idle row of a static step samples with: greedily, unread
+
+
 @dataclass(eq=False)
 class Request:
     """One prompt's decoding: its new `tokens` so far, and once finished a `finish_reason`: "stop" (a stop id,
@@ -172,14 +177,18 @@ class Engine:
             raise_recompile_limit(RECOMPILE_LIMIT)
             for t in (*self.cache.keys, *self.cache.values, self.cache.positions):
                 torch._dynamo.mark_static_address(t)
-        self.running: list[Request] = []  # request i holds cache row i
+        self.running: list[Request] = []
+        # running[i] holds cache row rows[i]: 0..n-1 in a dynamic cache (a leaving request's row is refilled by the
+        # last one), fixed for a request's life in a static one
+        self.rows: list[int] = []
         self.waiting: deque[Request] = deque()
         self._ids = itertools.count()
         self._compiled: dict[Callable, Callable] = {}
         # compiled once per machine: later engines and runs load the compiled steps from this folder
         self._compile_cache = compile_cache_dir() if compile else None
         self._views: dict[int, KVCache] = {}
-        self._sampling: tuple[tuple[int, ...], RowSampling] | None = None  # (key, parameters) of the rows last picked
+        self._sampling: tuple[tuple, RowSampling] | None = None  # (key, parameters) of the rows last picked
+        self._live: tuple[tuple[int, ...], Tensor] | None = None  # (rows, a (max_batch,) 1/0 mask of them)
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Request:
         """Queue a request; it joins the batch at the next `step()` with a free slot. ValueError for an empty
@@ -223,13 +232,14 @@ class Engine:
                 self._record(request, token, produced)
         while self.waiting and len(self.running) < self.max_batch:
             request = self.waiting.popleft()
+            self.rows.append(min(set(range(self.max_batch)) - set(self.rows)))  # the last row, if dynamic
             self.running.append(request)
             self._record(request, self._prefill(request), produced)
         return produced
 
     def _prefill(self, request: Request) -> int | None:
-        """Fill the newest running row with `request`'s prompt; its first token, or None if that failed."""
-        row = len(self.running) - 1
+        """Fill the newest running request's row with its prompt; its first token, or None if that failed."""
+        row = self.rows[-1]
         view = self.cache.rows(row, 1)
         view.lengths = [0]
         if self.static:
@@ -252,11 +262,11 @@ class Engine:
     def _fail(self, request: Request) -> None:
         """End a request whose row failed and free the row, zeroed first: a masked slot still meets a zero
         attention weight, and 0 * NaN is NaN, so NaN keys left behind would spoil the row's next request."""
-        row = self.running.index(request)
+        i = self.running.index(request)
         for t in (*self.cache.keys, *self.cache.values):
-            t[row].zero_()
+            t[self.rows[i]].zero_()
         request.finish_reason = "error"
-        self._leave(row)
+        self._leave(i)
 
     def _append(self, request: Request, token: int) -> None:
         """Record a new token; a finished request leaves its slot."""
@@ -269,24 +279,28 @@ class Engine:
             return
         self._leave(self.running.index(request))
 
-    def _leave(self, row: int) -> None:
-        """Free `row`: the last running request moves into it (its filled slots copied), so that the running
+    def _leave(self, i: int) -> None:
+        """Free the row of running request i. Static: the row is left as it is, to decode padding until a request
+        takes it. Dynamic: the last running request moves into it (its filled slots copied), so that the running
         requests stay in rows 0..n-1 and a dynamic step works on views, never on gathered copies."""
+        if self.static:
+            self.cache.lengths[self.rows.pop(i)] = 0
+            self.running.pop(i)
+            return
         last = len(self.running) - 1
-        if row != last:
+        if i != last:
             n = self.cache.lengths[last]
             for t in (*self.cache.keys, *self.cache.values):
-                t[row, :, :n].copy_(t[last, :, :n])
-            self.cache.lengths[row] = n
-            if self.static:
-                self.cache.positions[row] = n
-        self.running[row] = self.running[last]
+                t[i, :, :n].copy_(t[last, :, :n])
+            self.cache.lengths[i] = n
+        self.running[i] = self.running[last]
         self.running.pop()
+        self.rows.pop()
         self.cache.lengths[last] = 0
 
     def _decode(self, last: list[int]) -> list[int | None]:
-        """One batched decoding step of the running requests (rows 0..n-1) from their newest tokens; None for a
-        row that failed (see `_pick`)."""
+        """One batched decoding step of the running requests from their newest tokens; None for a request whose
+        row failed (see `_pick`)."""
         n = len(self.running)
         rows = self.running
         if not self.static:
@@ -298,23 +312,25 @@ class Engine:
             self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
             return self._pick(logits, rows)
         # Static: every row steps; idle ones decode token 0 at slot 0, which no running request reads.
-        ids = torch.tensor(last + [0] * (self.max_batch - n), device=self.device)
+        tokens = [0] * self.max_batch
+        for row, token in zip(self.rows, last, strict=True):
+            tokens[row] = token
+            self.cache.lengths[row] += 1
+        ids = torch.tensor(tokens, device=self.device)
         if n < self.max_batch:
-            self.cache.positions[n:].zero_()
+            self.cache.positions.mul_(self._live_rows())  # the idle rows back to slot 0
         if not self.compile:
-            logits = decode_one(self.model, ids, self.cache)
-        else:  # the pick inside the graph: only the ids leave it
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-            sampling = None if all(r.params.greedy for r in rows) else self._row_sampling(rows, self.max_batch)
-            if sampling is None:
-                picked, x = self._run_compiled(decode_greedy, self.model, ids, self.cache)
-            else:
-                picked, x = self._run_compiled(decode_sampled, self.model, ids, self.cache, sampling)
-            self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
-            # no logits leave the graph, so a row's hidden states are what is checked
-            return _failed_rows(picked[:n], torch.isfinite(x[:n]).all(dim=-1)[:, 0], rows)
-        self.cache.lengths[:n] = [length + 1 for length in self.cache.lengths[:n]]
-        return self._pick(logits[:n], rows)
+            return self._pick(decode_one(self.model, ids, self.cache)[self.rows], rows)
+        # compiled: the pick inside the graph, so only the ids leave it
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        greedy_only = all(r.params.greedy for r in rows)
+        if greedy_only:
+            picked, x = self._run_compiled(decode_greedy, self.model, ids, self.cache)
+        else:
+            sampling = self._row_sampling(rows, self.rows, self.max_batch)
+            picked, x = self._run_compiled(decode_sampled, self.model, ids, self.cache, sampling)
+        # no logits leave the graph, so a row's hidden states are what is checked
+        return _failed_rows(picked, torch.isfinite(x).all(dim=-1)[:, 0], rows, self.rows)
 
     def _run_compiled(self, step: Callable, *args) -> tuple[Tensor, Tensor]:
         """`step(*args)` through torch.compile: fused kernels, and CUDA graphs on a GPU ("reduce-overhead"), which
@@ -333,17 +349,31 @@ class Engine:
             picked = greedy(logits)
         else:
             positions = torch.tensor([len(r.prompt) + len(r.tokens) for r in rows]).to(self.device)
-            picked = pick(logits, self._row_sampling(rows, len(rows)), positions)
-        return _failed_rows(picked, torch.isfinite(logits.gather(1, picked[:, None])[:, 0]), rows)
+            picked = pick(logits, self._row_sampling(rows, range(len(rows)), len(rows)), positions)
+        finite = torch.isfinite(logits.gather(1, picked[:, None])[:, 0])
+        return _failed_rows(picked, finite, rows, range(len(rows)))
 
-    def _row_sampling(self, rows: list[Request], size: int) -> RowSampling:
-        """The sampling parameters of `rows` on the device, padded with greedy rows to `size`; built again only when
-        the rows change, not every step."""
-        key = (size, *(r.id for r in rows))
+    def _row_sampling(self, requests: list[Request], rows: Sequence[int], size: int) -> RowSampling:
+        """The sampling parameters of `requests` at `rows` of `size` rows on the device, the others greedy; built
+        again only when the requests or their rows change, not every step."""
+        key = (size, *zip(rows, (r.id for r in requests), strict=True))
         if self._sampling is None or self._sampling[0] != key:
-            rows_on_device = RowSampling.of([r.params for r in rows], [r.seed for r in rows], size, self.device)
-            self._sampling = (key, rows_on_device)
+            params: list[SamplingParams] = [PADDING] * size
+            seeds = [0] * size
+            for row, request in zip(rows, requests, strict=True):
+                params[row], seeds[row] = request.params, request.seed
+            self._sampling = (key, RowSampling.of(params, seeds, size, self.device))
         return self._sampling[1]
+
+    def _live_rows(self) -> Tensor:
+        """(max_batch,) int64 on the device: 1 at the running requests' rows, 0 at the idle ones; built again only
+        when the rows change."""
+        key = tuple(self.rows)
+        if self._live is None or self._live[0] != key:
+            live = torch.zeros(self.max_batch, dtype=torch.long)
+            live[list(key)] = 1
+            self._live = (key, live.to(self.device))
+        return self._live[1]
 
 
 def raise_recompile_limit(at_least: int) -> None:
@@ -361,10 +391,12 @@ def raise_recompile_limit(at_least: int) -> None:
     setattr(config, name, max(getattr(config, name), at_least))
 
 
-def _failed_rows(picked: Tensor, finite: Tensor, rows: list[Request]) -> list[int | None]:
-    """The picked (n,) ids as a list, None (and an `error` on its request) where `finite` is False; one sync."""
-    tokens = torch.where(finite, picked, -1).tolist()
-    for token, request in zip(tokens, rows, strict=True):
+def _failed_rows(picked: Tensor, finite: Tensor, requests: list[Request], rows: Sequence[int]) -> list[int | None]:
+    """The ids picked at `rows` for `requests` as a list, None (and an `error` on its request) where `finite` is
+    False; one sync."""
+    every = torch.where(finite, picked, -1).tolist()
+    tokens = [every[row] for row in rows]
+    for token, request in zip(tokens, requests, strict=True):
         if token < 0:
             request.error = NON_FINITE
     return [None if token < 0 else token for token in tokens]
