@@ -225,6 +225,9 @@ def test_chat_with_the_chatml_template(ckpt, tmp_path):
         )
         assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
+        as_parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+        again = s.client.chat.completions.create(model=s.name, messages=as_parts, max_tokens=20, temperature=0)
+        assert again.choices[0].message.content == reply.choices[0].message.content
     finally:
         s.stop()
 
@@ -704,6 +707,30 @@ def test_messages_are_bounded_before_they_are_tokenized():
         check_request({"model": "m", "messages": [{"role": "user", "content": "x" * 100_000}] * 16}, model, chat=True)
     assert (e.value.param, e.value.code) == ("messages", "context_length_exceeded")
     assert "16 messages take at least 4 tokens each" in e.value.message
+
+
+def test_chat_content_may_be_a_list_of_text_parts():
+    """OpenAI's clients may send a message's content as parts: text parts are joined by newlines (as vLLM does),
+    giving the prompt of the joined string; any other part is refused by name."""
+    from axiom.infer.openai_api import ApiError, ServedModel, check_request
+
+    model = ServedModel("m", context=256, chat=True)
+
+    def prompt(content) -> list[int]:
+        return check_request({"model": "m", "messages": [{"role": "user", "content": content}]}, model, True).prompt
+
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there!"}]
+    assert prompt(parts) == prompt("Hello\nthere!") and prompt(parts[:1]) == prompt("Hello")
+    for content, message in [
+        ([], "messages[0].content: an empty list of parts"),
+        ([parts[0], {"type": "image_url", "image_url": {}}], "messages[0].content[1]: type 'image_url' is not"),
+        (["Hello"], "messages[0].content[0]: expected {'type': 'text', 'text': string}"),
+        ([{"type": "text", "text": 5}], "messages[0].content[0]: expected"),
+        (5, "messages[0]: expected {'role': string, 'content': string or list of text parts}"),
+    ]:
+        with pytest.raises(ApiError) as e:
+            prompt(content)
+        assert e.value.status == 400 and e.value.param == "messages" and e.value.message.startswith(message)
 
 
 def test_request_checking_runs_off_the_event_loop(ckpt, monkeypatch):

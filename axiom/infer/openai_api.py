@@ -272,15 +272,37 @@ def _chat_prompt(body: dict, model: ServedModel) -> tuple[list[int], int | None]
             f"{len(messages)} messages take at least {MIN_TOKENS_PER_MESSAGE} tokens each", model.context, True
         )
     for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise ApiError(400, f"messages[{i}]: expected {{'role': string, 'content': string}}", "messages")
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list))):
+            raise ApiError(
+                400, f"messages[{i}]: expected {{'role': string, 'content': string or list of text parts}}", "messages"
+            )
+    messages = [{"role": m["role"], "content": _message_text(i, m["content"])} for i, m in enumerate(messages)]
     try:
         ids = list(encode_chat(messages, add_generation_prompt=True).ids)
     except ValueError as e:  # e.g. a role the template does not know
         raise ApiError(400, f"messages: {str(e)[:300]}", "messages") from None
     max_tokens = _field(body, "max_completion_tokens", (int,))
     return ids, _field(body, "max_tokens", (int,)) if max_tokens is None else max_tokens
+
+
+def _message_text(i: int, content: str | list) -> str:
+    """A message's text: its string, or its list of text parts ({"type": "text", "text": ...}, as OpenAI's clients
+    may send) joined by newlines, as vLLM joins them. Any other part (an image, audio, a file) is refused by name:
+    the model reads text only."""
+    if isinstance(content, str):
+        return content
+    if not content:
+        raise ApiError(400, f"messages[{i}].content: an empty list of parts", "messages")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        where, shape = f"messages[{i}].content[{j}]", "{'type': 'text', 'text': string}"
+        if isinstance(kind, str) and kind != "text":
+            raise ApiError(400, f"{where}: type {kind!r} is not supported: this model reads text {shape}", "messages")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"{where}: expected {shape}", "messages")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 # ---- answers
