@@ -100,7 +100,7 @@ PROMPTS = [
 ]
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", help="checkpoint to serve (default: --preset with random weights)")
     p.add_argument("--preset", default="tiny", help="without --ckpt: this preset, untied, random weights (seed 0)")
@@ -138,6 +138,11 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
     check_args(p, args)
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(args.preset, Path(tmp) / "ckpt")
