@@ -249,7 +249,8 @@ class Engine:
         except Exception as e:  # e.g. out of memory for one long prompt: that request fails, not the batch
             request.error = f"its prefill failed ({type(e).__name__}: {e})"
             return None
-        self.cache.lengths[row] = len(request.prompt)
+        if not self.static:  # a static cache's fill levels are its positions, advanced on the device
+            self.cache.lengths[row] = len(request.prompt)
         return self._pick(logits[:, -1], [request])[0]
 
     def _record(self, request: Request, token: int | None, produced: list[tuple[Request, int | None]]) -> None:
@@ -284,7 +285,7 @@ class Engine:
         takes it. Dynamic: the last running request moves into it (its filled slots copied), so that the running
         requests stay in rows 0..n-1 and a dynamic step works on views, never on gathered copies."""
         if self.static:
-            self.cache.lengths[self.rows.pop(i)] = 0
+            self.rows.pop(i)
             self.running.pop(i)
             return
         last = len(self.running) - 1
@@ -315,7 +316,6 @@ class Engine:
         tokens = [0] * self.max_batch
         for row, token in zip(self.rows, last, strict=True):
             tokens[row] = token
-            self.cache.lengths[row] += 1
         ids = torch.tensor(tokens, device=self.device)
         if n < self.max_batch:
             self.cache.positions.mul_(self._live_rows())  # the idle rows back to slot 0
