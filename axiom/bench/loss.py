@@ -91,13 +91,14 @@ def bench_loss(cfg: Config, device: torch.device, s: LossBench) -> Bench:
             call(kernel)
     contenders = [Contender(k, lambda k=k: call(k), s.rows, s.units) for k in [PLAIN, *kernels]]
     rates = interleaved(contenders, s.rounds, device)
+    plain = statistics.median(rates[PLAIN])
     for kernel, figures in measured.items():
         median = statistics.median(rates[kernel])
         figures |= {"ms": 1e3 * s.rows / median, "tokens_per_s": median, "rounds_tokens_per_s": rates[kernel]}
-        figures["speedup_vs_plain"] = median / statistics.median(rates[PLAIN])
+        figures["speedup_vs_plain"] = median / plain
     dtype = str(low).removeprefix("torch.") if low is not None else "float32"
-    figures = {"rows": s.rows, "vocab_size": m.vocab_size, "d_model": m.d_model, "dtype": dtype}
-    return Bench({**figures, "kernels": measured, "skipped": skipped})
+    shape = {"rows": s.rows, "vocab_size": m.vocab_size, "d_model": m.d_model, "dtype": dtype}
+    return Bench({**shape, "kernels": measured, "skipped": skipped})
 
 
 def agreement(values: tuple[Tensor, ...], reference: tuple[Tensor, ...]) -> dict[str, float]:
