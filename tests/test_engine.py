@@ -10,6 +10,7 @@ import torch
 from conftest import DEVICES
 
 from axiom.config import get_config
+from axiom.infer import engine as engine_module
 from axiom.infer.engine import RECOMPILE_LIMIT, Engine, SamplingParams, decode_one
 from axiom.infer.generate import generate, stream
 from axiom.model.cache import KVCache
@@ -72,20 +73,103 @@ def test_a_static_engine_keeps_each_request_in_its_row_when_another_leaves(model
         replace(MIXED[4], seed=4),
     ]
     short, a, b = (engine.submit(p, q) for p, q in zip(PROMPTS[:3], params, strict=False))
-    engine.step()  # all three prefilled, one token each
-    assert engine.rows == [0, 1, 2]
-    engine.step()  # the short one's second token: it leaves row 0
-    assert short.done and engine.running == [a, b] and engine.rows == [1, 2]
+    engine.step()  # all three prefilled together, one token each: the shortest prompt in the lowest row
+    row = dict(zip(engine.running, engine.rows, strict=True))
+    assert [row[r] for r in (a, b, short)] == [0, 1, 2]
+    engine.step()  # the short one's second token: it leaves its row
+    assert short.done and engine.running == [a, b] and engine.rows == [0, 1]
     filled = len(PROMPTS[2]) + 1  # b's prompt and its first token's keys
-    kept = engine.cache.keys[0][2, :, :filled].clone()
+    kept = engine.cache.keys[0][1, :, :filled].clone()
     late = engine.submit(PROMPTS[3], params[3])
     engine.step()
-    assert engine.running == [a, b, late] and engine.rows == [1, 2, 0]
-    assert torch.equal(engine.cache.keys[0][2, :, :filled], kept)
+    assert engine.running == [a, b, late] and engine.rows == [0, 1, 2]
+    assert torch.equal(engine.cache.keys[0][1, :, :filled], kept)
     while engine.has_work():
         engine.step()
     for request, prompt, p in zip((short, a, b, late), PROMPTS, params, strict=False):
         assert request.tokens == alone(model, prompt, p)
+
+
+def prefill_shapes(model) -> tuple[list[tuple[int, int]], torch.utils.hooks.RemovableHandle]:
+    """The (rows, tokens) of every forward of more than one token the model runs, recorded by a hook."""
+    shapes = []
+    hook = model.embed.register_forward_hook(lambda _, args, __: shapes.append(tuple(args[0].shape)))
+    return shapes, hook
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_prompts_admitted_together_are_prefilled_together_in_groups(model, static, monkeypatch):
+    """Shortest prompt first; a group of neighbouring rows ends where padding would pass a quarter of its tokens
+    (PREFILL_SLACK) or its padded tokens PREFILL_TOKENS; each prompt still decodes what it decodes alone."""
+    monkeypatch.setattr(engine_module, "PREFILL_SLACK", 0)
+    engine = Engine(model, max_batch=5, static=static)
+    shapes, hook = prefill_shapes(model)
+    try:
+        requests = [engine.submit(p, GREEDY) for p in PROMPTS]  # lengths 7, 2, 4, 1, 9
+        engine.step()
+        assert shapes[:3] == [(2, 2), (2, 7), (1, 9)]  # [1, 2] pad 1 of 4, [4, 7] 3 of 14; [.., 9] 7 of 27: too many
+        monkeypatch.setattr(engine_module, "PREFILL_SLACK", 64)
+        monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 16)
+        while engine.has_work():
+            engine.step()
+        shapes.clear()
+        later = [engine.submit(p, GREEDY) for p in PROMPTS]
+        engine.step()
+        assert shapes[:3] == [(3, 4), (1, 7), (1, 9)]  # [1, 2, 4, 7] would be 4 x 7 = 28 tokens, more than 16
+        while engine.has_work():
+            engine.step()
+    finally:
+        hook.remove()
+    for request, prompt in zip(requests + later, PROMPTS + PROMPTS, strict=True):
+        assert request.tokens == alone(model, prompt), prompt
+
+
+def test_a_static_engine_prefills_rows_apart_apart(model):
+    engine = Engine(model, max_batch=3, static=True)
+    one = SamplingParams(max_new_tokens=1, temperature=0.0)
+    first = engine.submit(PROMPTS[3], one)  # 1 token: row 0
+    middle = engine.submit(PROMPTS[1], GREEDY)  # 2 tokens: row 1
+    last = engine.submit(PROMPTS[2], one)  # 4 tokens: row 2
+    engine.step()  # the first and the last leave at once
+    assert first.done and last.done and engine.rows == [1]
+    shapes, hook = prefill_shapes(model)
+    try:
+        newcomers = [engine.submit(PROMPTS[0], GREEDY), engine.submit(PROMPTS[4], GREEDY)]
+        engine.step()
+    finally:
+        hook.remove()
+    assert shapes == [(3, 1), (1, 7), (1, 9)]  # one decoding step of every row, then rows 0 and 2 one at a time
+    while engine.has_work():
+        engine.step()
+    assert [r.tokens for r in (middle, *newcomers)] == [alone(model, p) for p in (PROMPTS[1], PROMPTS[0], PROMPTS[4])]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_prefill_that_raises_is_retried_alone_and_fails_alone(model, static, monkeypatch):
+    """A group's forward that raises (out of memory for one long prompt) is retried one prompt at a time: only the
+    prompt that fails alone fails, with the error; the padding slots of a group's shorter rows hold zeros."""
+    engine = Engine(model, max_batch=3, static=static)
+    forward = model.hidden_states
+
+    def out_of_memory_on(tokens, *args, **kwargs):
+        if (tokens == 99).any():
+            raise RuntimeError("out of memory (simulated)")
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", out_of_memory_on)
+    ok = [engine.submit(p, GREEDY) for p in PROMPTS[:2]]
+    bad = engine.submit([1, 99, 2], GREEDY)
+    assert [token is None for _, token in engine.step()] == [False, True, False]  # rows of lengths 2, 3, 7
+    assert bad.finish_reason == "error" and bad.error == "its prefill failed (RuntimeError: out of memory (simulated))"
+    monkeypatch.undo()
+    padded = Engine(model, max_batch=2, static=static)
+    short, long = padded.submit(PROMPTS[1], GREEDY), padded.submit(PROMPTS[0], GREEDY)
+    padded.step()
+    assert all(t[0, :, 2:7].eq(0).all() and t[1, :, :7].ne(0).any() for t in padded.cache.keys + padded.cache.values)
+    for engine_ in (engine, padded):
+        while engine_.has_work():
+            engine_.step()
+    assert [r.tokens for r in (*ok, short, long)] == [alone(model, p) for p in (*PROMPTS[:2], PROMPTS[1], PROMPTS[0])]
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -185,7 +269,7 @@ def test_stop_ids_budget_and_cancel_free_slots(model):
     cancelled = engine.submit(PROMPTS[1], GREEDY)
     waiting = engine.submit(PROMPTS[2], GREEDY)
     engine.step()
-    assert engine.running == [stopped, cancelled] and list(engine.waiting) == [waiting]
+    assert set(engine.running) == {stopped, cancelled} and list(engine.waiting) == [waiting]
     engine.cancel(cancelled)
     assert cancelled.finish_reason == "cancelled" and engine.running == [stopped]
     while engine.has_work():

@@ -1,13 +1,14 @@
 """The decoding engine: continuous batching over a KV cache of slots, one owner, no global state.
 
-An `Engine` holds a KV cache of `max_batch` rows (slots). A request (prompt ids + `SamplingParams`) waits in a
-queue until a slot is free, is prefilled alone into its slot (its first token comes from the prefill), and then
-decodes one token per `step()` together with every other running request; it leaves when it produces one of its
-stop ids, reaches its `max_new_tokens`, or is cancelled, and the next waiting request takes the slot at once.
-Each slot has its own fill level and positions (`KVCache`), so requests of any lengths, joined at any step, share
-one batched forward per token. Each request samples with its own parameters and seed, all rows in one batched
-pick on the device (axiom/infer/sampling.py) whose draws depend on a row's own seed and position only. The
-cache is allocated once: max_batch x max_len slots per layer for keys and values.
+An `Engine` holds a KV cache of `max_batch` rows (slots). A request (prompt ids + `SamplingParams`) waits in a queue
+until a slot is free, is prefilled into its slot (its first token comes from the prefill; requests admitted at one
+step are prefilled together, `Engine._prefill`), and then decodes one token per `step()` together with every other
+running request; it leaves when it produces one of its stop ids, reaches its `max_new_tokens`, or is cancelled, and
+the next waiting request takes the slot at once. Each slot has its own fill level and positions (`KVCache`), so
+requests of any lengths, joined at any step, share one batched forward per token. Each request samples with its own
+parameters and seed, all rows in one batched pick on the device (axiom/infer/sampling.py) whose draws depend on a
+row's own seed and position only. The cache is allocated once: max_batch x max_len slots per layer for keys and
+values.
 
 Two ways to run a step:
 - dynamic (default): eager, over the running rows only (they are kept in rows 0..n-1: a leaving request's row
@@ -47,6 +48,11 @@ NON_FINITE = "the model's logits are not finite (NaN or inf) for this prompt"
 # engines of other models, dtypes or shapes in one process, and still a stop for a step that would recompile at every
 # call.
 RECOMPILE_LIMIT = 64
+# Prompts admitted together are prefilled in one forward per group of neighbouring rows (`Engine._prefill_groups`):
+# at most this many tokens, padding included (it bounds the forward's activations) ...
+PREFILL_TOKENS = 4096
+# ... and at most a quarter of them padding, or this many padding tokens in a group this small.
+PREFILL_SLACK = 64
 
 
 def decode_one(model: Axiom, ids: Tensor, cache: KVCache) -> Tensor:
@@ -230,28 +236,75 @@ class Engine:
             last = [r.tokens[-1] for r in self.running]
             for request, token in zip(list(self.running), self._decode(last), strict=True):
                 self._record(request, token, produced)
-        while self.waiting and len(self.running) < self.max_batch:
-            request = self.waiting.popleft()
-            self.rows.append(min(set(range(self.max_batch)) - set(self.rows)))  # the last row, if dynamic
-            self.running.append(request)
-            self._record(request, self._prefill(request), produced)
+        admitted = self._admit()
+        for group in self._prefill_groups(admitted):
+            for request, token in zip(group, self._prefill(group), strict=True):
+                self._record(request, token, produced)
         return produced
 
-    def _prefill(self, request: Request) -> int | None:
-        """Fill the newest running request's row with its prompt; its first token, or None if that failed."""
-        row = self.rows[-1]
-        view = self.cache.rows(row, 1)
-        view.lengths = [0]
+    def _admit(self) -> list[Request]:
+        """Move the oldest waiting requests into the free rows, shortest prompt in the lowest row, so that prompts of
+        similar lengths lie in neighbouring rows (`_prefill_groups`). Returns them in row order."""
+        free = sorted(set(range(self.max_batch)) - set(self.rows))  # a dynamic cache's are n..max_batch-1
+        admitted = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+        admitted.sort(key=lambda r: len(r.prompt))
+        self.running += admitted
+        self.rows += free[: len(admitted)]
+        return admitted
+
+    def _prefill_groups(self, admitted: list[Request]) -> list[list[Request]]:
+        """The newly admitted requests (in row order) cut into groups that `_prefill` takes in one forward: requests
+        in neighbouring rows, at most PREFILL_TOKENS tokens once padded to the group's longest prompt, at most a
+        quarter of them padding (or PREFILL_SLACK tokens: below that a forward costs about the same either way)."""
+        groups: list[list[Request]] = []
+        row_of = dict(zip(self.running, self.rows, strict=True))
+        for request in admitted:
+            group = groups[-1] if groups else []
+            padded = len(request.prompt) * (len(group) + 1)  # shortest first: this one is the group's longest
+            padding = padded - sum(len(r.prompt) for r in group) - len(request.prompt)
+            if (
+                group
+                and row_of[request] == row_of[group[-1]] + 1
+                and padded <= PREFILL_TOKENS
+                and padding <= max(padded // 4, PREFILL_SLACK)
+            ):
+                group.append(request)
+            else:
+                groups.append([request])
+        return groups
+
+    def _prefill(self, group: list[Request]) -> list[int | None]:
+        """Fill the rows of `group` (running requests in neighbouring rows) with their prompts in one forward, each
+        padded at its end to the longest: a prompt's tokens never attend to the padding after them, and the slots
+        the padding fills lie beyond the row's fill level, where the next tokens overwrite them. Returns each
+        request's first token, or None for a request whose prefill failed (a group that fails is retried one
+        request at a time, so that one prompt too long for memory fails alone)."""
+        start, n = self.rows[self.running.index(group[0])], len(group)
+        lengths = [len(r.prompt) for r in group]
+        view = self.cache.rows(start, n)
+        view.lengths = [0] * n
         if self.static:
             view.positions.zero_()
+        longest = max(lengths)
+        ids = torch.tensor([r.prompt + [0] * (longest - len(r.prompt)) for r in group], device=self.device)
         try:
-            logits = self.model(torch.tensor([request.prompt], device=self.device), cache=view, last_only=True)
-        except Exception as e:  # e.g. out of memory for one long prompt: that request fails, not the batch
-            request.error = f"its prefill failed ({type(e).__name__}: {e})"
-            return None
-        if not self.static:  # a static cache's fill levels are its positions, advanced on the device
-            self.cache.lengths[row] = len(request.prompt)
-        return self._pick(logits[:, -1], [request])[0]
+            x = self.model.hidden_states(ids, cache=view)
+        except Exception as e:  # e.g. out of memory
+            if n > 1:
+                return [token for request in group for token in self._prefill([request])]
+            group[0].error = f"its prefill failed ({type(e).__name__}: {e})"
+            return [None]
+        last = torch.tensor(lengths, device=self.device) - 1  # each prompt's last position
+        logits = self.model.logits(x[torch.arange(n, device=self.device), last][:, None])[:, 0]
+        if self.static:  # its fill levels are on the device: the rows' own lengths, not the padded one
+            view.positions.copy_(last + 1)
+        else:
+            self.cache.lengths[start : start + n] = lengths
+        if min(lengths) < longest:  # the padding's keys zeroed: a masked slot still meets a zero weight, 0 * NaN = NaN
+            padding = torch.arange(longest, device=self.device) > last[:, None]  # (n, longest)
+            for t in (*view.keys, *view.values):
+                t.narrow(2, 0, longest).masked_fill_(padding[:, None, :, None], 0)
+        return self._pick(logits, group)
 
     def _record(self, request: Request, token: int | None, produced: list[tuple[Request, int | None]]) -> None:
         produced.append((request, token))

@@ -1,11 +1,11 @@
 """Sampling a batch of prompts in step: `stream` and `generate`, thin users of the decoding engine.
 
-How decoding works (axiom/infer/engine.py): each prompt becomes a request in an `Engine`, which prefills it alone into
-its own KV-cache slot and then decodes all running requests one token per step in one batched forward, each with
-its own sampling parameters and seed. `stream` submits every prompt, steps the engine and yields the new
-tokens row by row in step; `generate` collects them. Without an `engine` argument each call builds its own
-(nothing is kept between calls); a caller that decodes repeatedly (a chat loop, a benchmark, a server) builds
-one `Engine` and passes it, so its cache and compiled steps are reused.
+How decoding works (axiom/infer/engine.py): each prompt becomes a request in an `Engine`, which prefills it into its
+own KV-cache slot (in one forward with the prompts admitted beside it) and then decodes all running requests one
+token per step in one batched forward, each with its own sampling parameters and seed. `stream` submits every
+prompt, steps the engine and yields the new tokens row by row in step; `generate` collects them. Without an `engine`
+argument each call builds its own (nothing is kept between calls); a caller that decodes repeatedly (a chat loop, a
+benchmark, a server) builds one `Engine` and passes it, so its cache and compiled steps are reused.
 """
 
 from __future__ import annotations
