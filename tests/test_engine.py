@@ -11,7 +11,8 @@ from conftest import DEVICES
 
 from axiom.config import get_config
 from axiom.infer import engine as engine_module
-from axiom.infer.engine import RECOMPILE_LIMIT, Engine, SamplingParams, decode_one
+from axiom.infer.compiled import RECOMPILE_LIMIT
+from axiom.infer.engine import Engine, SamplingParams, decode_one
 from axiom.infer.generate import generate, stream
 from axiom.model.cache import KVCache
 from axiom.model.transformer import Axiom
@@ -335,6 +336,32 @@ def test_a_batched_step_moves_logits_by_rounding_only(model, static):
 
 
 @pytest.mark.slow
+def test_a_compiled_engine_reads_each_step_one_call_later(model, fresh_compiler):
+    """The compiled step is launched before the step before it is read, so its tokens come with the next call. A
+    request that stops on a stop id drops the token decoded in flight, one cancelled in flight gets nothing more, and
+    one whose budget fills the cache is not launched past its last token."""
+    pytest.importorskip("torch._inductor")
+    free_run, other = alone(model, PROMPTS[0]), alone(model, PROMPTS[1])
+    stop = next(t for i, t in enumerate(free_run) if i >= 3 and free_run.index(t) == i)  # first seen late
+    engine = Engine(model, max_batch=2, compile=True)
+    stopped = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=12, temperature=0.0, stop_ids=(stop,)))
+    cancelled = engine.submit(PROMPTS[1], GREEDY)
+    assert dict(engine.step()) == {stopped: free_run[0], cancelled: other[0]}  # the prefill's first tokens
+    assert engine.step() == []  # the first decoding step launched, nothing read yet
+    assert dict(engine.step()) == {stopped: free_run[1], cancelled: other[1]}  # the second launched, the first read
+    engine.cancel(cancelled)  # while its third token is in flight
+    while engine.has_work():
+        engine.step()
+    assert stopped.tokens == free_run[: free_run.index(stop) + 1] and stopped.finish_reason == "stop"
+    assert cancelled.tokens == other[:2]
+    short = Engine(model, max_batch=1, max_len=10, compile=True)
+    capped = short.submit(PROMPTS[0], GREEDY)  # 7 tokens: room for 3 new ones, the last never written
+    while short.has_work():
+        short.step()
+    assert capped.tokens == free_run[:3] and short.cache.positions.tolist() == [9]
+
+
+@pytest.mark.slow
 def test_compiled_engine_with_requests_joining_and_leaving(model, fresh_compiler):
     pytest.importorskip("torch._inductor")
     expected = [alone(model, p) for p in PROMPTS]
@@ -395,13 +422,13 @@ def poisoned(model, token: int):
     return bad
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_a_failing_row_leaves_alone_and_the_others_decode_as_alone(model, static):
+@pytest.mark.parametrize("kind", ["dynamic", "static", "compiled"])
+def test_a_failing_row_leaves_alone_and_the_others_decode_as_alone(model, kind, fresh_compiler):
     clean = [alone(model, p) for p in PROMPTS]
     # a token the first prompt generates at its third step and no other prompt reads or generates
     others = {t for p, c in zip(PROMPTS[1:], clean[1:], strict=True) for t in p + c}
     poison = next(t for t in clean[0][2:] if t not in others and t not in PROMPTS[0])
-    engine = Engine(poisoned(model, poison), max_batch=3, static=static)
+    engine = Engine(poisoned(model, poison), max_batch=3, static=kind == "static", compile=kind == "compiled")
     victim = engine.submit(PROMPTS[0], GREEDY)  # fails mid-batch, when its step reads the poison
     sampled = engine.submit([poison, *PROMPTS[1]], SamplingParams(max_new_tokens=12, temperature=0.9, seed=1))
     requests = [engine.submit(p, GREEDY) for p in PROMPTS[1:]]  # those beyond 3 wait, then take freed rows

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from axiom.cli import main
 from axiom.config import get_config
-from axiom.infer.engine import decode_one, decode_one_and_hidden
+from axiom.infer.compiled import decode_one_and_hidden
+from axiom.infer.engine import decode_one
 from axiom.infer.generate import generate
 from axiom.infer.sampling import greedy
 from axiom.model.cache import KVCache

@@ -14,11 +14,11 @@ Two ways to run a step:
 - dynamic (default): eager, over the running rows only (they are kept in rows 0..n-1: a leaving request's row
   is filled by the last one), attending over the filled slots; rows filled alike need no mask at all.
 - static (`static=True`; `compile=True` implies it): every shape fixed (all `max_batch` rows, all `max_len`
-  slots under a mask), so `compile` can run the step through torch.compile, with CUDA graphs on a GPU; the idle
-  rows decode padding that nobody reads. A request keeps its row while it runs: one that leaves frees its row and
-  nothing is copied (a GPU step had spent 48 cache copies on each leave). Compiling costs seconds on first use
-  per shape (max_batch, max_len); a later engine of the same shape reuses the compiled code (on a GPU it records
-  its CUDA graphs afresh).
+  slots under a mask), so `compile` can run the step through torch.compile, with CUDA graphs on a GPU, launched
+  one step ahead of the host (axiom/infer/compiled.py); the idle rows decode padding that nobody reads. A request
+  keeps its row while it runs: one that leaves frees its row and nothing is copied (a GPU step had spent 48 cache
+  copies on each leave). Compiling costs seconds on first use per shape (max_batch, max_len); a later engine of the
+  same shape reuses the compiled code (on a GPU it records its CUDA graphs afresh).
 
 The caches and compiled steps belong to the engine: two engines on one model never share state, and one engine
 must be driven from one thread (axiom/infer/serve.py runs it in its own thread; axiom.infer.generate.stream steps it
@@ -31,23 +31,19 @@ import itertools
 import math
 import secrets
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from axiom.infer.compiled import CompiledStep, Landing
 from axiom.infer.sampling import MIN_TEMPERATURE, RowSampling, greedy, pick
 from axiom.model.cache import KVCache
 from axiom.model.transformer import Axiom
-from axiom.runtime import compile_cache_dir, persistent_compile_cache
 
 SEED_RANGE = (-(2**63), 2**64)  # 64 bits, signed or unsigned; the draws take a seed modulo 2**64
 NON_FINITE = "the model's logits are not finite (NaN or inf) for this prompt"
-# Dynamo's recompile limit once a compiling engine exists (see `raise_recompile_limit`): room for the variants of ~20
-# engines of other models, dtypes or shapes in one process, and still a stop for a step that would recompile at every
-# call.
-RECOMPILE_LIMIT = 64
 # Prompts admitted together are prefilled in one forward per group of neighbouring rows (`Engine._prefill_groups`):
 # at most this many tokens, padding included (it bounds the forward's activations) ...
 PREFILL_TOKENS = 4096
@@ -58,29 +54,6 @@ PREFILL_SLACK = 64
 def decode_one(model: Axiom, ids: Tensor, cache: KVCache) -> Tensor:
     """(B,) newest tokens -> (B, V) logits of the next position; the cache advances by one slot."""
     return model(ids[:, None], cache=cache, last_only=True)[:, -1]
-
-
-def decode_one_and_hidden(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
-    """`decode_one`, plus the final hidden states (B, 1, d) as a second output: what gets compiled. A graph
-    output is stored once; otherwise inductor inlines the final norm into its loop over the output layer's
-    rows and recomputes it for each of the V rows (docs/benchmarks.md)."""
-    x = model.hidden_states(ids[:, None], cache=cache, last_only=True)
-    return model.logits(x)[:, -1], x
-
-
-def decode_greedy(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
-    """`decode_one_and_hidden` with the greedy pick: (B,) next ids and the hidden states. Compiled, the pick
-    runs inside the graph and only the ids leave it (docs/benchmarks.md)."""
-    logits, x = decode_one_and_hidden(model, ids, cache)
-    return greedy(logits), x
-
-
-def decode_sampled(model: Axiom, ids: Tensor, cache: KVCache, rows: RowSampling) -> tuple[Tensor, Tensor]:
-    """`decode_one_and_hidden` with each row's own pick (axiom/infer/sampling.py): (B,) next ids and the hidden
-    states. Its draws are numbered by the static cache's fill levels after the step: each row's text position of the
-    drawn token, as the eager pick numbers them."""
-    logits, x = decode_one_and_hidden(model, ids, cache)
-    return pick(logits, rows, cache.positions), x
 
 
 def default_eager(device: torch.device) -> bool:
@@ -179,19 +152,15 @@ class Engine:
         param = next(model.parameters())
         self.device = param.device
         self.cache = KVCache.empty(model.cfg, max_batch, self.max_len, self.device, param.dtype, static=self.static)
-        if compile:  # a compiled step is specialised to these tensors: CUDA graphs replay their addresses
-            raise_recompile_limit(RECOMPILE_LIMIT)
-            for t in (*self.cache.keys, *self.cache.values, self.cache.positions):
-                torch._dynamo.mark_static_address(t)
+        self._graph = CompiledStep(model, self.cache) if compile else None
+        # the step the compiled path launched and has not read: its requests, their rows, where its ids arrive
+        self._in_flight: tuple[list[Request], list[int], Landing] | None = None
         self.running: list[Request] = []
         # running[i] holds cache row rows[i]: 0..n-1 in a dynamic cache (a leaving request's row is refilled by the
         # last one), fixed for a request's life in a static one
         self.rows: list[int] = []
         self.waiting: deque[Request] = deque()
         self._ids = itertools.count()
-        self._compiled: dict[Callable, Callable] = {}
-        # compiled once per machine: later engines and runs load the compiled steps from this folder
-        self._compile_cache = compile_cache_dir() if compile else None
         self._views: dict[int, KVCache] = {}
         self._sampling: tuple[tuple, RowSampling] | None = None  # (key, parameters) of the rows last picked
         self._live: tuple[tuple[int, ...], Tensor] | None = None  # (rows, a (max_batch,) 1/0 mask of them)
@@ -230,9 +199,13 @@ class Engine:
         """One token for every running request, then prefill waiting requests into the free slots (each gets its
         first token); finished requests leave. Returns the (request, token) pairs produced, in order, and
         (request, None) for a request that failed in this step (its prefill raised, or its logits were not
-        finite): it alone leaves, with finish_reason "error" and its `error`; the other rows go on unchanged."""
+        finite): it alone leaves, with finish_reason "error" and its `error`; the other rows go on unchanged.
+        Compiled, the tokens of a decoding step come with the next call, which launches the step after it first
+        (axiom/infer/compiled.py)."""
         produced: list[tuple[Request, int | None]] = []
-        if self.running:
+        if self._graph is not None:
+            self._step_ahead(produced)
+        elif self.running:
             last = [r.tokens[-1] for r in self.running]
             for request, token in zip(list(self.running), self._decode(last), strict=True):
                 self._record(request, token, produced)
@@ -241,6 +214,31 @@ class Engine:
             for request, token in zip(group, self._prefill(group), strict=True):
                 self._record(request, token, produced)
         return produced
+
+    def _step_ahead(self, produced: list[tuple[Request, int | None]]) -> None:
+        """Launch the next compiled step of the running requests, then read the step the previous call launched and
+        record its tokens (those of requests that left meanwhile are dropped). A request whose budget ends with that
+        step is not launched again."""
+        before, self._in_flight = self._in_flight, None
+        ahead = set(before[0]) if before else set()
+        launch = [
+            (request, row)
+            for request, row in zip(self.running, self.rows, strict=True)
+            if request not in ahead or len(request.tokens) + 1 < request.max_new_tokens
+        ]
+        if launch:
+            requests, rows = [r for r, _ in launch], [row for _, row in launch]
+            if len(rows) < self.max_batch:
+                self.cache.positions.mul_(self._live_rows(rows))  # the idle rows back to slot 0
+            greedy_only = all(r.params.greedy for r in requests)
+            sampling = None if greedy_only else self._row_sampling(requests, rows, self.max_batch)
+            self._in_flight = (requests, rows, self._graph.launch(sampling))
+        if before:
+            requests, rows, landing = before
+            every = landing.read()
+            for request, row in zip(requests, rows, strict=True):
+                if not request.done:  # it may have left since: a stop id read last call, a cancel
+                    self._record(request, _checked(every[row], request), produced)
 
     def _admit(self) -> list[Request]:
         """Move the oldest waiting requests into the free rows, shortest prompt in the lowest row, so that prompts of
@@ -304,7 +302,10 @@ class Engine:
             padding = torch.arange(longest, device=self.device) > last[:, None]  # (n, longest)
             for t in (*view.keys, *view.values):
                 t.narrow(2, 0, longest).masked_fill_(padding[:, None, :, None], 0)
-        return self._pick(logits, group)
+        tokens = self._pick(logits, group)
+        if self._graph is not None:
+            self._graph.feed(start, tokens)
+        return tokens
 
     def _record(self, request: Request, token: int | None, produced: list[tuple[Request, int | None]]) -> None:
         produced.append((request, token))
@@ -371,28 +372,8 @@ class Engine:
             tokens[row] = token
         ids = torch.tensor(tokens, device=self.device)
         if n < self.max_batch:
-            self.cache.positions.mul_(self._live_rows())  # the idle rows back to slot 0
-        if not self.compile:
-            return self._pick(decode_one(self.model, ids, self.cache)[self.rows], rows)
-        # compiled: the pick inside the graph, so only the ids leave it
-        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        greedy_only = all(r.params.greedy for r in rows)
-        if greedy_only:
-            picked, x = self._run_compiled(decode_greedy, self.model, ids, self.cache)
-        else:
-            sampling = self._row_sampling(rows, self.rows, self.max_batch)
-            picked, x = self._run_compiled(decode_sampled, self.model, ids, self.cache, sampling)
-        # no logits leave the graph, so a row's hidden states are what is checked
-        return _failed_rows(picked, torch.isfinite(x).all(dim=-1)[:, 0], rows, self.rows)
-
-    def _run_compiled(self, step: Callable, *args) -> tuple[Tensor, Tensor]:
-        """`step(*args)` through torch.compile: fused kernels, and CUDA graphs on a GPU ("reduce-overhead"), which
-        replay a whole step with one launch. Compiled on first use, inside the call, as is any recompilation: hence
-        the compile cache's folder around every call."""
-        if step not in self._compiled:
-            self._compiled[step] = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-        with persistent_compile_cache(self._compile_cache):
-            return self._compiled[step](*args)
+            self.cache.positions.mul_(self._live_rows(self.rows))  # the idle rows back to slot 0
+        return self._pick(decode_one(self.model, ids, self.cache)[self.rows], rows)
 
     def _pick(self, logits: Tensor, rows: list[Request]) -> list[int | None]:
         """(n, V) logits -> the next token of each of the n requests, each with its own sampling parameters, in one
@@ -404,7 +385,8 @@ class Engine:
             positions = torch.tensor([len(r.prompt) + len(r.tokens) for r in rows]).to(self.device)
             picked = pick(logits, self._row_sampling(rows, range(len(rows)), len(rows)), positions)
         finite = torch.isfinite(logits.gather(1, picked[:, None])[:, 0])
-        return _failed_rows(picked, finite, rows, range(len(rows)))
+        every = torch.where(finite, picked, -1).tolist()
+        return [_checked(token, request) for token, request in zip(every, rows, strict=True)]
 
     def _row_sampling(self, requests: list[Request], rows: Sequence[int], size: int) -> RowSampling:
         """The sampling parameters of `requests` at `rows` of `size` rows on the device, the others greedy; built
@@ -418,10 +400,10 @@ class Engine:
             self._sampling = (key, RowSampling.of(params, seeds, size, self.device))
         return self._sampling[1]
 
-    def _live_rows(self) -> Tensor:
-        """(max_batch,) int64 on the device: 1 at the running requests' rows, 0 at the idle ones; built again only
+    def _live_rows(self, rows: list[int]) -> Tensor:
+        """(max_batch,) int64 on the device: 1 at `rows` (those a step decodes), 0 at the idle ones; built again only
         when the rows change."""
-        key = tuple(self.rows)
+        key = tuple(rows)
         if self._live is None or self._live[0] != key:
             live = torch.zeros(self.max_batch, dtype=torch.long)
             live[list(key)] = 1
@@ -429,27 +411,9 @@ class Engine:
         return self._live[1]
 
 
-def raise_recompile_limit(at_least: int) -> None:
-    """Raise dynamo's recompile limit to at least `at_least` for the process (a higher one is kept).
-
-    Dynamo counts a code object's compiled variants over the whole process and stops at the limit (8 by default).
-    Every engine steps through the same module-level functions (decode_greedy, decode_sampled), so the limit counts
-    all engines together: each model, dtype and batch shape adds a variant, decode_sampled one per cut-off, and a
-    process that builds several engines (a notebook, the tests) passed it. One shared code object lets later engines
-    reuse the compiled steps instead of tracing them again; the limit is raised once, as an engine is built, not
-    around every step (`config.patch` costs tens of microseconds a call, against a decoding step of one or two
-    milliseconds on a GPU). Torch before 2.7 calls it cache_size_limit."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), at_least))
-
-
-def _failed_rows(picked: Tensor, finite: Tensor, requests: list[Request], rows: Sequence[int]) -> list[int | None]:
-    """The ids picked at `rows` for `requests` as a list, None (and an `error` on its request) where `finite` is
-    False; one sync."""
-    every = torch.where(finite, picked, -1).tolist()
-    tokens = [every[row] for row in rows]
-    for token, request in zip(tokens, requests, strict=True):
-        if token < 0:
-            request.error = NON_FINITE
-    return [None if token < 0 else token for token in tokens]
+def _checked(token: int, request: Request) -> int | None:
+    """A row's picked id, or None (and an `error` on its request) where it is -1: the row was not finite."""
+    if token >= 0:
+        return token
+    request.error = NON_FINITE
+    return None
