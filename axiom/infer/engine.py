@@ -2,7 +2,7 @@
 
 An `Engine` holds a KV cache of `max_batch` rows (slots). A request (prompt ids + `SamplingParams`) waits in a queue
 until a slot is free, is prefilled into its slot (its first token comes from the prefill; requests admitted at one
-step are prefilled together, `Engine._prefill`), and then decodes one token per `step()` together with every other
+step are prefilled together, `prefill_rows`), and then decodes one token per `step()` together with every other
 running request; it leaves when it produces one of its stop ids, reaches its `max_new_tokens`, or is cancelled, and
 the next waiting request takes the slot at once. Each slot has its own fill level and positions (`KVCache`), so
 requests of any lengths, joined at any step, share one batched forward per token. Each request samples with its own
@@ -44,7 +44,7 @@ from axiom.model.transformer import Axiom
 
 SEED_RANGE = (-(2**63), 2**64)  # 64 bits, signed or unsigned; the draws take a seed modulo 2**64
 NON_FINITE = "the model's logits are not finite (NaN or inf) for this prompt"
-# Prompts admitted together are prefilled in one forward per group of neighbouring rows (`Engine._prefill_groups`):
+# Prompts admitted together are prefilled in one forward per group of neighbouring rows (`prefill_groups`):
 # at most this many tokens, padding included (it bounds the forward's activations) ...
 PREFILL_TOKENS = 4096
 # ... and at most a quarter of them padding, or this many padding tokens in a group this small.
@@ -209,8 +209,8 @@ class Engine:
             last = [r.tokens[-1] for r in self.running]
             for request, token in zip(list(self.running), self._decode(last), strict=True):
                 self._record(request, token, produced)
-        admitted = self._admit()
-        for group in self._prefill_groups(admitted):
+        admitted, rows = self._admit()
+        for group in prefill_groups(admitted, rows):
             for request, token in zip(group, self._prefill(group), strict=True):
                 self._record(request, token, produced)
         return produced
@@ -240,68 +240,28 @@ class Engine:
                 if not request.done:  # it may have left since: a stop id read last call, a cancel
                     self._record(request, _checked(every[row], request), produced)
 
-    def _admit(self) -> list[Request]:
+    def _admit(self) -> tuple[list[Request], list[int]]:
         """Move the oldest waiting requests into the free rows, shortest prompt in the lowest row, so that prompts of
-        similar lengths lie in neighbouring rows (`_prefill_groups`). Returns them in row order."""
+        similar lengths lie in neighbouring rows (`prefill_groups`). Returns them and their rows, in row order."""
         free = sorted(set(range(self.max_batch)) - set(self.rows))  # a dynamic cache's are n..max_batch-1
         admitted = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
         admitted.sort(key=lambda r: len(r.prompt))
         self.running += admitted
         self.rows += free[: len(admitted)]
-        return admitted
-
-    def _prefill_groups(self, admitted: list[Request]) -> list[list[Request]]:
-        """The newly admitted requests (in row order) cut into groups that `_prefill` takes in one forward: requests
-        in neighbouring rows, at most PREFILL_TOKENS tokens once padded to the group's longest prompt, at most a
-        quarter of them padding (or PREFILL_SLACK tokens: below that a forward costs about the same either way)."""
-        groups: list[list[Request]] = []
-        row_of = dict(zip(self.running, self.rows, strict=True))
-        for request in admitted:
-            group = groups[-1] if groups else []
-            padded = len(request.prompt) * (len(group) + 1)  # shortest first: this one is the group's longest
-            padding = padded - sum(len(r.prompt) for r in group) - len(request.prompt)
-            if (
-                group
-                and row_of[request] == row_of[group[-1]] + 1
-                and padded <= PREFILL_TOKENS
-                and padding <= max(padded // 4, PREFILL_SLACK)
-            ):
-                group.append(request)
-            else:
-                groups.append([request])
-        return groups
+        return admitted, free[: len(admitted)]
 
     def _prefill(self, group: list[Request]) -> list[int | None]:
-        """Fill the rows of `group` (running requests in neighbouring rows) with their prompts in one forward, each
-        padded at its end to the longest: a prompt's tokens never attend to the padding after them, and the slots
-        the padding fills lie beyond the row's fill level, where the next tokens overwrite them. Returns each
-        request's first token, or None for a request whose prefill failed (a group that fails is retried one
-        request at a time, so that one prompt too long for memory fails alone)."""
-        start, n = self.rows[self.running.index(group[0])], len(group)
-        lengths = [len(r.prompt) for r in group]
-        view = self.cache.rows(start, n)
-        view.lengths = [0] * n
-        if self.static:
-            view.positions.zero_()
-        longest = max(lengths)
-        ids = torch.tensor([r.prompt + [0] * (longest - len(r.prompt)) for r in group], device=self.device)
+        """Prefill `group` (running requests in neighbouring rows) in one forward (`prefill_rows`). Returns each
+        request's first token, or None for one whose prefill failed: a group whose forward raises (out of memory) is
+        retried one request at a time, so that a prompt too long for memory fails alone."""
+        start = self.rows[self.running.index(group[0])]
         try:
-            x = self.model.hidden_states(ids, cache=view)
-        except Exception as e:  # e.g. out of memory
-            if n > 1:
+            logits = prefill_rows(self.model, self.cache, start, [r.prompt for r in group])
+        except Exception as e:
+            if len(group) > 1:
                 return [token for request in group for token in self._prefill([request])]
             group[0].error = f"its prefill failed ({type(e).__name__}: {e})"
             return [None]
-        last = torch.tensor(lengths, device=self.device) - 1  # each prompt's last position
-        logits = self.model.logits(x[torch.arange(n, device=self.device), last][:, None])[:, 0]
-        if self.static:  # its fill levels are on the device: the rows' own lengths, not the padded one
-            view.positions.copy_(last + 1)
-        else:
-            self.cache.lengths[start : start + n] = lengths
-        if min(lengths) < longest:  # the padding's keys zeroed: a masked slot still meets a zero weight, 0 * NaN = NaN
-            padding = torch.arange(longest, device=self.device) > last[:, None]  # (n, longest)
-            for t in (*view.keys, *view.values):
-                t.narrow(2, 0, longest).masked_fill_(padding[:, None, :, None], 0)
         tokens = self._pick(logits, group)
         if self._graph is not None:
             self._graph.feed(start, tokens)
@@ -409,6 +369,54 @@ class Engine:
             live[list(key)] = 1
             self._live = (key, live.to(self.device))
         return self._live[1]
+
+
+def prefill_groups(admitted: list[Request], rows: list[int]) -> list[list[Request]]:
+    """`admitted` requests at `rows` (shortest prompt first, in row order) cut into groups that one forward prefills
+    (`prefill_rows`): requests in neighbouring rows, at most PREFILL_TOKENS tokens once padded to the group's longest
+    prompt, at most a quarter of them padding (or PREFILL_SLACK tokens: below that a forward costs about the same
+    either way)."""
+    groups: list[list[tuple[Request, int]]] = []
+    for request, row in zip(admitted, rows, strict=True):
+        group = groups[-1] if groups else []
+        padded = len(request.prompt) * (len(group) + 1)  # shortest first: this one is the group's longest
+        padding = padded - sum(len(r.prompt) for r, _ in group) - len(request.prompt)
+        if (
+            group
+            and row == group[-1][1] + 1
+            and padded <= PREFILL_TOKENS
+            and padding <= max(padded // 4, PREFILL_SLACK)
+        ):
+            group.append((request, row))
+        else:
+            groups.append([(request, row)])
+    return [[request for request, _ in group] for group in groups]
+
+
+def prefill_rows(model: Axiom, cache: KVCache, start: int, prompts: list[list[int]]) -> Tensor:
+    """Fill rows start.. of `cache` with `prompts` in one forward and return each one's next-token logits (n, V).
+    Each prompt is padded at its end to the longest: its tokens never attend to the padding after them, and the
+    padding's slots lie beyond the row's fill level (set to the prompt's own length), zeroed: a masked slot still
+    meets a zero attention weight, and 0 * NaN is NaN."""
+    n, device = len(prompts), cache.keys[0].device
+    lengths = [len(p) for p in prompts]
+    view = cache.rows(start, n)
+    view.lengths = [0] * n
+    if cache.static:
+        view.positions.zero_()
+    longest = max(lengths)
+    x = model.hidden_states(torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=device), cache=view)
+    last = torch.tensor(lengths, device=device) - 1  # each prompt's last position
+    logits = model.logits(x[torch.arange(n, device=device), last][:, None])[:, 0]
+    if cache.static:  # its fill levels are on the device
+        view.positions.copy_(last + 1)
+    else:
+        cache.lengths[start : start + n] = lengths
+    if min(lengths) < longest:
+        padding = torch.arange(longest, device=device) > last[:, None]  # (n, longest)
+        for t in (*view.keys, *view.values):
+            t.narrow(2, 0, longest).masked_fill_(padding[:, None, :, None], 0)
+    return logits
 
 
 def _checked(token: int, request: Request) -> int | None:
