@@ -401,11 +401,11 @@ def prefill_rows(model: Axiom, cache: KVCache, start: int, prompts: list[list[in
     n, device = len(prompts), cache.keys[0].device
     lengths = [len(p) for p in prompts]
     view = cache.rows(start, n)
-    view.lengths = [0] * n
-    if cache.static:
-        view.positions.zero_()
+    # the rows as a dynamic cache filled alike from slot 0: causal attention over the prompts alone, where a static
+    # cache would attend over all max_len slots under a mask
+    fresh = KVCache(view.keys, view.values, [0] * n)
     longest = max(lengths)
-    x = model.hidden_states(torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=device), cache=view)
+    x = model.hidden_states(torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=device), cache=fresh)
     last = torch.tensor(lengths, device=device) - 1  # each prompt's last position
     logits = model.logits(x[torch.arange(n, device=device), last][:, None])[:, 0]
     if cache.static:  # its fill levels are on the device
