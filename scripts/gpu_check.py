@@ -148,6 +148,7 @@ class Sizes(NamedTuple):
     sweep_compiled: list[int]
     new_tokens: int  # decoded per prompt
     profile_warmup: int
+    serve_clients: list[int]  # concurrent streaming clients of the load test, one level each
     corpus: Path | None = None  # the text of the run as shipped (--corpus)
 
 
@@ -161,6 +162,7 @@ FULL = Sizes(
     sweep_compiled=[16],
     new_tokens=256,
     profile_warmup=3,
+    serve_clients=[1, 16, 64],
 )
 SMOKE = Sizes(
     preset="tiny",
@@ -172,6 +174,7 @@ SMOKE = Sizes(
     sweep_compiled=[],
     new_tokens=8,
     profile_warmup=1,
+    serve_clients=[1, 2],
 )
 CARD_LITERAL = ["micro_batch_size=1", "gradient_checkpointing=true", "compile=false"]
 
@@ -319,6 +322,41 @@ def ttft(check: Check, sizes: Sizes) -> None:
     shutil.rmtree(cache, ignore_errors=True)
 
 
+def serve(check: Check, sizes: Sizes) -> None:
+    """`axiom serve` under load (scripts/load_test.py): streaming greedy clients at each concurrency, bf16 with the
+    compiled step (CUDA graphs) on CUDA, beside `transformers serve --continuous-batching` on a Llama export of the
+    same weights where it can run: tokens/s, time to first token and between tokens, and every text checked against
+    the prompt decoded alone (a mismatch fails the part; its log keeps the figures)."""
+    clients = [str(n) for n in sizes.serve_clients]
+    cmd = [sys.executable, "scripts/load_test.py", "--preset", sizes.preset, "--stream", "--no-baseline", "--json"]
+    cmd += ["--concurrency", *clients, "--max-batch", clients[-1], "--rounds", "1"]
+    if check.smoke:
+        cmd += ["--device", "cpu", "--requests", "1", "--max-tokens", "4"]
+    else:
+        cmd += ["--device", "cuda", "--dtype", "bfloat16", "--compile"]
+        import load_test  # beside this script, which runs with scripts/ first on sys.path
+
+        if load_test.transformers_serve_missing() is None:
+            cmd.append("--vs-transformers-serve")
+    done = check.run("serve", cmd, 300)
+    if done is None:
+        return
+    result = json.loads(done.stdout[done.stdout.index("{") :])
+    check.record("serve", {"ok": True, **result})
+    for level in result["levels"]:
+        ours = level["servers"]["batched"]
+        figure = f"{_serving(ours)}; {ours['same_text']}/{ours['completed']} texts as decoded alone"
+        if theirs := level["servers"].get("transformers_serve"):
+            figure += f"; {level['axiom_vs_transformers']:.2f}x transformers serve ({_serving(theirs)})"
+        n = level["concurrency"]
+        check.row(f"axiom serve {sizes.preset}, {n} streaming client{'s' if n > 1 else ''}", figure)
+
+
+def _serving(server: dict) -> str:
+    first, between = server["ttft_p50_s"] * 1e3, server["itl_p50_s"] * 1e3
+    return f"{server['tokens_per_s']:,.0f} tok/s, first token p50 {first:.0f} ms, between tokens p50 {between:.1f} ms"
+
+
 def kernels(check: Check, sizes: Sizes) -> None:
     """torch.profiler over one step of the preset as `axiom train` plans it (compiled on CUDA): the top kernels
     (OUT/kernels/kernels.txt), host vs device time per step."""
@@ -423,9 +461,10 @@ PARTS = {
     "decode_profile": decode_profile,
     "ttft": ttft,
     "loss": loss_kernels,
+    "serve": serve,
 }
 DEFAULT_PARTS = "shipped,kernels,memory,eager,decode_profile"  # about 6 minutes on an H200; the budget cuts the last
-SMOKE_PARTS = "shipped,kernels,memory,eager,decode,decode_profile,ttft,loss"
+SMOKE_PARTS = "shipped,kernels,memory,eager,decode,decode_profile,ttft,loss,serve"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,8 @@
 # steps on the corpus (the plan it resolves, tokens/s, MFU, peak memory), the top kernels of one compiled step
 # (scripts/profile_step.py), the card's literal settings' memory, the eager step vs transformers, and where one
 # decoding step's time goes at batch 1 and 16; --parts adds the suite's CUDA tests, a micro-batch sweep, bf16
-# decoding, and the time to first token of a fresh process, cold and warm. Writes OUT/gpu_check.json and
-# OUT/gpu_check.md.
+# decoding, the time to first token of a fresh process, cold and warm, the loss kernels, and axiom serve under
+# load. Writes OUT/gpu_check.json and OUT/gpu_check.md.
 #
 #   scripts/gpu_check.sh OUT [--corpus DIR] [--budget S] [--parts P,...]   on one H100/H200 (stops by S seconds,
 #                                                                          default 360: twice in 15 minutes)

@@ -46,7 +46,7 @@ def test_smoke_mode_runs_every_part_and_writes_its_table(tmp_path):
     results = json.loads((out / "gpu_check.json").read_text())
     parts = results["parts"]
     expected = {"prepare", "shipped", "kernels", "memory", "eager", "decode", "decode_profile_b1", "decode_profile_b16"}
-    assert set(parts) == expected | {"ttft_cold", "ttft_warm", "loss"}
+    assert set(parts) == expected | {"ttft_cold", "ttft_warm", "loss", "serve"}
     assert all(part.get("ok", True) for part in parts.values()), parts
     assert parts["memory"]["peak_mem_bytes"] > 0 and parts["eager"]["ratio_vs_hf"] > 0
     for batch in (1, 16):  # where one decoding step's time goes, on the CPU's default path
@@ -61,6 +61,9 @@ def test_smoke_mode_runs_every_part_and_writes_its_table(tmp_path):
     for when in ("cold", "warm"):  # a fresh process to its first token (scripts/ttft.py)
         ttft = parts[f"ttft_{when}"]
         assert ttft["device"] == "cpu" and 0 < ttft["process_to_first_token_s"] < ttft["process_to_second_token_s"]
+    levels = parts["serve"]["levels"]  # scripts/load_test.py: streaming clients of axiom serve
+    assert [level["concurrency"] for level in levels] == [1, 2]
+    assert all(level["servers"]["batched"]["same_text"] == level["concurrency"] for level in levels)
     shipped = parts["shipped"]
     val = shipped["val_loss"]
     assert len(val) == 3 and val[-1] < val[0] and shipped["steps"] == 4 and shipped["tokens_per_s_median"] > 0
@@ -76,6 +79,7 @@ def test_smoke_mode_runs_every_part_and_writes_its_table(tmp_path):
     assert "| decode step tiny, batch 16 (profile) | " in table
     assert "| time to first token, tiny float32, warm | process start to first token " in table
     assert "| loss chunked, 256 tokens, float32 | " in table and "| fastest loss kernel (" in table
+    assert "| axiom serve tiny, 2 streaming clients | " in table and "2/2 texts as decoded alone" in table
     assert table in done.stdout  # the table is the last thing printed (the device tool returns the output's end)
 
 
