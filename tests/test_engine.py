@@ -11,7 +11,7 @@ from conftest import DEVICES
 
 from axiom.config import get_config
 from axiom.infer import engine as engine_module
-from axiom.infer.compiled import RECOMPILE_LIMIT
+from axiom.infer.compiled import RECOMPILE_LIMIT, Landing
 from axiom.infer.engine import Engine, SamplingParams, decode_one
 from axiom.infer.generate import generate, stream
 from axiom.model.cache import KVCache
@@ -359,6 +359,40 @@ def test_a_compiled_engine_reads_each_step_one_call_later(model, fresh_compiler)
     while short.has_work():
         short.step()
     assert capped.tokens == free_run[:3] and short.cache.positions.tolist() == [9]
+
+
+class RecordedEvent:
+    """Stands for a torch.cuda.Event: what was asked of it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def record(self, stream):
+        self.calls.append(("record", stream))
+
+    def synchronize(self):
+        self.calls.append(("synchronize",))
+
+
+@pytest.mark.slow
+def test_a_launched_step_lands_behind_an_event_on_its_own_devices_stream(model, monkeypatch, fresh_compiler):
+    """On a GPU a step's ids land in host memory behind an event recorded on the stream of the engine's device (not
+    the current GPU's: `--device cuda:1`), and reading them waits for it; steps land in two buffers in turn."""
+    pytest.importorskip("torch._inductor")
+    if next(model.parameters()).device.type != "cpu":
+        pytest.skip("the events are simulated on the CPU; on CUDA the other compiled tests run the real ones")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"the stream of {device}")
+    engine = Engine(model, max_batch=1, compile=True)
+    landings = [Landing(torch.zeros(1, dtype=torch.long), RecordedEvent()) for _ in range(2)]
+    engine._graph._landings = list(landings)
+    request = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=4, temperature=0.0))
+    for _ in range(3):  # the prefill, then the first step launched, then the second launched and the first read
+        engine.step()
+    assert landings[0].ready.calls == [("record", "the stream of cpu"), ("synchronize",)]
+    assert landings[1].ready.calls == [("record", "the stream of cpu")]
+    while engine.has_work():
+        engine.step()
+    assert request.tokens == alone(model, PROMPTS[0])[:4]
 
 
 @pytest.mark.slow

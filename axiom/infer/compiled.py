@@ -105,8 +105,8 @@ class CompiledStep:
         self._landings.reverse()
         # no logits leave the graph, so a row's hidden states are what is checked
         landing.ids.copy_(torch.where(torch.isfinite(x).all(dim=-1)[:, 0], picked, -1), non_blocking=True)
-        if landing.ready is not None:
-            landing.ready.record()
+        if landing.ready is not None:  # on the stream of the ids' GPU, which need not be the current GPU
+            landing.ready.record(torch.cuda.current_stream(self.ids.device))
         return landing
 
     def _run(self, step: Callable, *args) -> tuple[Tensor, Tensor]:
