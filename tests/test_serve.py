@@ -420,6 +420,38 @@ def test_a_trickled_body_times_out_and_connections_are_capped(ckpt, tmp_path):
         s.stop()
 
 
+def closed_by_server(sock: socket.socket) -> float:
+    """Seconds until the server closes `sock` (reads nothing more)."""
+    start = time.monotonic()
+    while sock.recv(4096):  # a response still arriving
+        pass
+    return time.monotonic() - start
+
+
+def test_connections_without_a_whole_head_are_closed_after_head_timeout(ckpt, tmp_path):
+    """A client holding connections that send nothing, or a head a byte at a time, or nothing after a response, has
+    them closed after --head-timeout (uvicorn closes none of them: idle clients could hold every connection for
+    ever); while they hold all of --max-connections, requests are answered 503, and after, 200 again."""
+    s = Server(ckpt, tmp_path / "stderr.txt", "--head-timeout", "2", "--max-connections", "4")
+    body = json.dumps({"model": s.name, "prompt": "Hello", "max_tokens": 3, "temperature": 0})
+    kept = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)  # HTTP/1.1: kept alive after its response
+    held = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(2)]
+    try:
+        kept.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        assert kept.getresponse().read() and kept.sock is not None
+        held[1].sendall(b"POST /v1/completions HTTP/1.1\r\nHo")
+        wait_for(lambda: post_raw(s.port, body)[0] == 503)  # three held, and the one asking counts
+        held[1].sendall(b"s")  # a byte more of the head does not buy time
+        for sock in (kept.sock, *held):
+            assert closed_by_server(sock) < 5  # the idle one opened first, so every wait is under the limit
+        assert post_raw(s.port, body)[0] == 200
+    finally:
+        kept.close()
+        for sock in held:
+            sock.close()
+        s.stop()
+
+
 def test_sigterm_finishes_the_request_in_flight_then_exits(ckpt, tmp_path):
     s = Server(ckpt, tmp_path / "stderr.txt")
     sock, reader = raw_stream(s.port, {"model": s.name, "prompt": "Hello", "max_tokens": 1000, "temperature": 0})
@@ -511,6 +543,7 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
         (["--ckpt", str(tmp_path), "--port", port], f"--host 127.0.0.1 --port {port}: cannot listen"),
         (["--ckpt", str(tmp_path), "--max-batch", "0"], "--max-batch 0: must be at least 1"),
         (["--ckpt", str(tmp_path), "--max-connections", "0"], "--max-connections 0: must be at least 1"),
+        (["--ckpt", str(tmp_path), "--head-timeout", "inf"], "--head-timeout inf: must be a positive number"),
         (["--ckpt", str(tmp_path), "--body-timeout", "nan"], "--body-timeout nan: must be a positive number"),
         (["--ckpt", str(tmp_path), "--body-timeout", "0"], "--body-timeout 0.0: must be a positive number"),
         # each was a traceback (OverflowError from bind) or argparse's usage block

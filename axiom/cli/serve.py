@@ -18,7 +18,7 @@ from pathlib import Path
 from axiom.cli.args import add_decoding_path_arguments, add_inference_arguments, eager_decoding
 from axiom.errors import AxiomError
 from axiom.infer.fast import load_for_inference
-from axiom.infer.openai_api import BODY_TIMEOUT_S
+from axiom.infer.openai_api import BODY_TIMEOUT_S, HEAD_TIMEOUT_S
 from axiom.model.checkpoint import run_dir_of
 from axiom.text.chatml import is_chat_tuned
 
@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=BODY_TIMEOUT_S,
         help=f"seconds a request body may take to arrive whole before a 408 answer (default: {BODY_TIMEOUT_S:g})",
     )
+    parser.add_argument(
+        "--head-timeout",
+        type=float,
+        default=HEAD_TIMEOUT_S,
+        help="seconds a request's head (request line and headers) may take to arrive whole, from its connection "
+        f"opening or the previous response, before the connection is closed (default: {HEAD_TIMEOUT_S:g})",
+    )
     add_decoding_path_arguments(parser)  # with the compiled step, all its graphs are compiled before the first request
     add_inference_arguments(parser)
 
@@ -59,13 +66,14 @@ def run(args: argparse.Namespace) -> None:
         raise AxiomError(f"--max-queue {args.max_queue}: must be 0 or more")
     if args.max_connections < 1:
         raise AxiomError(f"--max-connections {args.max_connections}: must be at least 1")
-    if not 0 < args.body_timeout < math.inf:
-        raise AxiomError(f"--body-timeout {args.body_timeout}: must be a positive number of seconds")
+    for flag in ("body_timeout", "head_timeout"):
+        if not 0 < getattr(args, flag) < math.inf:
+            raise AxiomError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a positive number of seconds")
     try:
         import uvicorn
     except ImportError:
         raise AxiomError("axiom serve needs the serve extra: pip install 'axiom-lm[serve]'") from None
-    from axiom.infer.serve import Service, build_app  # Starlette: the serve extra too
+    from axiom.infer.serve import Service, build_app, with_head_timeout  # Starlette: the serve extra too
 
     sock = _listen(args.host, _port(args.port))
     model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
@@ -78,6 +86,8 @@ def run(args: argparse.Namespace) -> None:
     config = uvicorn.Config(
         app, log_level="warning", timeout_graceful_shutdown=None, limit_concurrency=args.max_connections
     )
+    config.load()  # picks uvicorn's HTTP protocol (httptools' if installed, else h11's), wrapped here
+    config.http_protocol_class = with_head_timeout(config.http_protocol_class, args.head_timeout)
     server = uvicorn.Server(config)
     service.start()  # compiled: after compiling
     # uvicorn re-raises the signal it shut down for once it is done; with this handler that ends in a return.

@@ -19,6 +19,10 @@ from axiom.text.tokenizer import load_tokenizer
 # is read, parsed and tokenized before any check can refuse it.
 MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT_S = 30.0  # a request body arrives whole within this many seconds, or is refused (408)
+# A request's head (request line and headers) arrives whole within this many seconds of its connection opening or of
+# the previous response on it, or the connection is closed: an idle or trickling client would hold one of the
+# server's connections for ever.
+HEAD_TIMEOUT_S = 30.0
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 256
 MAX_INT_DIGITS = 32  # 2**64, the largest seed, has 20

@@ -12,8 +12,9 @@ and nothing a client sends can stop the server: a body is read up to MAX_BODY_BY
 event loop every stream waits on); a request whose own row fails gets a 500 alone while the others decode on; a step
 that fails as a whole fails the requests in flight (500) and the engine starts afresh.
 
-Connections are bounded too: a body must arrive whole within BODY_TIMEOUT_S (else 408), and `axiom serve
---max-connections` caps open connections (uvicorn answers 503 beyond it).
+Connections are bounded too: a request's head must arrive whole within HEAD_TIMEOUT_S (else the connection is
+closed: `with_head_timeout`) and its body within BODY_TIMEOUT_S (else 408), and `axiom serve --max-connections` caps
+open connections (uvicorn answers 503 beyond it), so idle clients cannot hold them all.
 
 This module imports Starlette (the `serve` extra); `axiom serve` imports it only when the server starts.
 """
@@ -359,6 +360,45 @@ class OpenAiApp:
     async def failed(self, request: HttpRequest, exc: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path)
         return error_response(ApiError(500, f"internal error ({type(exc).__name__})"))
+
+
+def with_head_timeout(protocol: type, seconds: float) -> type:
+    """uvicorn's HTTP protocol class `protocol` (h11's or httptools') closing a connection whose request head has not
+    arrived whole within `seconds` of the connection opening or of its previous response. uvicorn times out neither
+    a connection that never sends a request nor a head sent a byte at a time; either would hold one of
+    `--max-connections` for as long as its client likes."""
+
+    class HeadTimeout(protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not self._waiting_after:  # a head arrived: its request is under way
+                self._head_timer.cancel()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            self._waiting_after = self.cycle  # the request before the awaited head (None: none yet)
+            if hasattr(self, "_head_timer"):
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(seconds, self._head_timed_out)
+
+        def _head_timed_out(self) -> None:
+            in_flight = self.cycle is not None and not self.cycle.response_complete
+            if self.cycle is self._waiting_after and not in_flight:
+                self.transport.close()
+
+    return HeadTimeout
 
 
 def build_app(service: Service, body_timeout: float = BODY_TIMEOUT_S) -> Starlette:
