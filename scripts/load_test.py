@@ -6,18 +6,19 @@ a server that batches (--max-batch B) and one that decodes one request at a time
     python scripts/load_test.py --ckpt runs/demo/checkpoints/best --concurrency 1 4 16 --requests 4
 
 Every response is checked against the text the engine gives the prompt alone (what `axiom generate --temperature 0`
-prints): all requests must complete and be correct, or the script exits 1. Before timing, it also measures the
-smallest lead of a greedy choice over the runner-up among the expected tokens: batching moves logits by rounding
-only (~1e-7, tests/test_engine.py), so a lead far above that cannot flip. Prints, per server and concurrency,
-throughput (completion tokens/s over the wall time of the level) and p50/p95 request latency (with `--stream`, or
-hostile requests, the clients stream, and the time to first token and between tokens too), then the speed-up of
-batching. Rounds alternate the servers (ABBA) so that load from other processes falls on all; the figures are
-the medians over rounds. Bounded: every request has a timeout, and every server is stopped at the end, also when
-something fails.
+prints, decoded through the batching server's path: its `--max-batch` rows, compiled with `--compile`, so that the
+decoding steps are the same graphs): all requests must complete and be correct, or the script exits 1. Before
+timing, it also measures the smallest lead of a greedy choice over the runner-up among the expected tokens: batching
+moves logits by rounding only (~1e-7, tests/test_engine.py), so a lead far above that cannot flip. Prints, per
+server and concurrency, throughput (completion tokens/s over the wall time of the level) and p50/p95 request latency
+(with `--stream`, or hostile requests, the clients stream, and the time to first token and between tokens too), then
+the speed-up of batching. Rounds alternate the servers (ABBA) so that load from other processes falls on all; the
+figures are the medians over rounds. Bounded: every request has a timeout, and every server is stopped at the end,
+also when something fails.
 
 `--device cuda --dtype bfloat16 --compile` runs the servers (and the reference decoding) that way. In bfloat16 a
-batched step rounds differently enough that a greedy choice with a small lead may flip: the printed margin says
-how far the reference's choices are from that.
+prefill of several prompts together rounds differently enough from one alone that a greedy choice with a small lead
+may flip: the printed margin says how far the reference's choices are from that.
 
 `--hostile N` mixes N hostile requests into every level and round, sent one after another beside the normal
 clients, whose requests then stream: numbers that break the maths (a temperature of 1e-45, a seed past 64 bits),
@@ -71,6 +72,7 @@ from axiom.cli.args import add_device_argument
 from axiom.config import get_config
 from axiom.dtypes import FOLDER_DTYPES, describe, dtype_name
 from axiom.errors import AxiomError
+from axiom.infer.engine import Engine
 from axiom.infer.fast import load_for_inference
 from axiom.infer.generate import generate
 from axiom.model.checkpoint import save_weights
@@ -230,15 +232,18 @@ def random_checkpoint(preset: str, directory: Path) -> Path:
 
 
 def expected_texts(ckpt: Path, args: argparse.Namespace) -> tuple[dict[str, str], float]:
-    """Each prompt's greedy text decoded alone (as `axiom generate --temperature 0` gives it), and the smallest
-    lead of a chosen token's logit over the runner-up along the way."""
+    """Each prompt's greedy text decoded alone (as `axiom generate --temperature 0` gives it) through an engine of
+    the batching server's shape and path (a row's decoding step does not depend on the other rows'), and the
+    smallest lead of a chosen token's logit over the runner-up along the way. Compiled, the server loads the steps
+    compiled here from the compile cache."""
     model, _ = load_for_inference(str(ckpt), args.device, args.dtype)
+    engine = Engine(model, max_batch=args.max_batch, compile=args.compile)
     n = args.max_tokens
     enc = load_tokenizer()
     texts, margin = {}, float("inf")
     for prompt in PROMPTS:
         ids = enc.encode_ordinary(prompt)
-        new = generate(model, [ids], n, temperature=0.0, eos_id=EOS_ID)[0]
+        new = generate(model, [ids], n, temperature=0.0, eos_id=EOS_ID, engine=engine)[0]
         texts[prompt] = b"".join(token_bytes(enc, t) for t in new if t != EOS_ID).decode(errors="replace")
         with torch.no_grad():
             top = model(torch.tensor([ids + new], device=model.embed.weight.device))[0, len(ids) - 1 : -1]
