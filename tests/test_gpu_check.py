@@ -153,6 +153,37 @@ def test_a_tests_part_cut_by_its_time_limit_is_summed_up(tmp_path, monkeypatch):
         assert check.rows[-1][1:] == (summary, "all pass", verdict and "missed")
 
 
+def test_the_serve_part_on_a_gpu_loads_the_card_compiled_and_reads_its_levels(tmp_path, monkeypatch):
+    """The GPU branch of the serve part, which the smoke mode does not take: the card in bf16, compiled, 1, 16 and 64
+    streaming clients at --max-batch 64, beside transformers serve where it can run; its rows from the JSON."""
+    gpu_check = _gpu_check()
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # as when the script runs: load_test beside it
+    import load_test
+
+    check = gpu_check.Check(tmp_path, smoke=False, budget=60)
+    ours = {"tokens_per_s": 25_000.0, "ttft_p50_s": 0.012, "itl_p50_s": 0.0031, "same_text": 63, "completed": 64}
+    theirs = {"tokens_per_s": 12_500.0, "ttft_p50_s": 0.02, "itl_p50_s": 0.005}
+    level = {"concurrency": 64, "servers": {"batched": ours, "transformers_serve": theirs}, "axiom_vs_transformers": 2}
+    commands = []
+
+    def run(name, cmd, timeout, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "compiling...\n" + json.dumps({"levels": [level]}), "")
+
+    monkeypatch.setattr(check, "run", run)
+    gpu_check.serve(check, gpu_check.FULL)
+    cmd = commands[0]
+    assert cmd[1:4] == ["scripts/load_test.py", "--preset", "axiom-380m"] and "--compile" in cmd
+    assert cmd[cmd.index("--concurrency") + 1 : cmd.index("--max-batch") + 2] == ["1", "16", "64", "--max-batch", "64"]
+    assert cmd[cmd.index("--device") + 1 : cmd.index("--dtype") + 2] == ["cuda", "--dtype", "bfloat16"]
+    assert ("--vs-transformers-serve" in cmd) == (load_test.transformers_serve_missing() is None)
+    assert check.rows[-1][:2] == (
+        "axiom serve axiom-380m, 64 streaming clients",
+        "25,000 tok/s, first token p50 12 ms, between tokens p50 3.1 ms; 63/64 texts as decoded alone; 2.00x "
+        "transformers serve (12,500 tok/s, first token p50 20 ms, between tokens p50 5.0 ms)",
+    )
+
+
 def test_parts_are_chosen_by_name(tmp_path, capsys):
     gpu_check = _gpu_check()
     assert gpu_check.main([str(tmp_path / "out"), "--smoke", "--parts", "memory,nope"]) == 2
