@@ -17,7 +17,6 @@ from typing import Any, Literal
 from axiom.dtypes import TRAIN_DTYPES
 from axiom.errors import AxiomError
 from axiom.files import describe_missing, read_json
-from axiom.model.fused_loss import LOSS_KERNELS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,6 +25,9 @@ else:  # the same parser, before it joined the standard library
 
 AUTO = "auto"
 Auto = Literal["auto"]  # a setting the training plan chooses for the device (axiom/train/plan.py)
+# TrainConfig.loss_kernel: chunked is ours, on every device; the others are fused Triton kernels of other projects
+# (axiom/model/fused_loss.py)
+LOSS_KERNELS = ("chunked", "liger", "cce")
 
 
 @dataclass

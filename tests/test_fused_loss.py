@@ -17,6 +17,7 @@ import torch
 from conftest import micro_args, micro_config
 
 from axiom.cli import main
+from axiom.config import LOSS_KERNELS
 from axiom.errors import AxiomError
 from axiom.model import fused_loss
 from axiom.model.fused_loss import FUSED_KERNELS, check_loss_kernel, fused_cross_entropy
@@ -109,6 +110,10 @@ def test_fused_kernels_equal_ours_on_cuda(kernel):
     assert torch.allclose(l0, l1, rtol=1e-2)
     for a, b in ((gh0, gh1), (gw0, gw1)):
         assert torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0) > 0.99
+
+
+def test_every_loss_kernel_but_ours_names_its_package():
+    assert set(FUSED_KERNELS) == set(LOSS_KERNELS) - {"chunked"}
 
 
 def test_a_fused_kernel_on_a_cpu_is_refused_in_one_line(monkeypatch):

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from axiom.bench.timing import Bench, Contender, interleaved, peak_memory, reset_peak, sync
-from axiom.config import Config
+from axiom.config import LOSS_KERNELS, Config
 from axiom.errors import AxiomError
-from axiom.model.fused_loss import LOSS_KERNELS, check_loss_kernel, fused_cross_entropy
+from axiom.model.fused_loss import check_loss_kernel, fused_cross_entropy
 from axiom.model.loss import chunked_cross_entropy
 
 PLAIN = "plain"  # the reference: logits materialised, as transformers' Llama computes its loss

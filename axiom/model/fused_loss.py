@@ -20,9 +20,8 @@ from torch import Tensor
 from axiom.errors import AxiomError
 from axiom.model.loss import IGNORE_INDEX, default_vocab_multiple, padded_vocab
 
-# loss_kernel -> (the import it needs, the PyPI project that provides it)
+# each of axiom.config.LOSS_KERNELS but ours -> (the import it needs, the PyPI project that provides it)
 FUSED_KERNELS = {"liger": ("liger_kernel", "liger-kernel"), "cce": ("cut_cross_entropy", "cut-cross-entropy")}
-LOSS_KERNELS = ("chunked", *FUSED_KERNELS)  # chunked: ours, every device
 
 
 def check_loss_kernel(kernel: str, device: torch.device) -> None:
