@@ -232,12 +232,12 @@ def random_checkpoint(preset: str, directory: Path) -> Path:
 
 
 def expected_texts(ckpt: Path, args: argparse.Namespace) -> tuple[dict[str, str], float]:
-    """Each prompt's greedy text decoded alone (as `axiom generate --temperature 0` gives it) through an engine of
-    the batching server's shape and path (a row's decoding step does not depend on the other rows'), and the
-    smallest lead of a chosen token's logit over the runner-up along the way. Compiled, the server loads the steps
-    compiled here from the compile cache."""
+    """Each prompt's greedy text decoded alone (as `axiom generate --temperature 0` gives it), and the smallest lead
+    of a chosen token's logit over the runner-up along the way. With `--compile` through an engine of the batching
+    server's shape, whose compiled steps (a row's step does not depend on the other rows') the server then loads from
+    the compile cache; eager steps work on the running rows alone, so an engine of one prompt's size serves."""
     model, _ = load_for_inference(str(ckpt), args.device, args.dtype)
-    engine = Engine(model, max_batch=args.max_batch, compile=args.compile)
+    engine = Engine(model, max_batch=args.max_batch, compile=True) if args.compile else None
     n = args.max_tokens
     enc = load_tokenizer()
     texts, margin = {}, float("inf")
