@@ -41,14 +41,17 @@ def test_output_logits_equal_linear(rows, vocab):
     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])  # compiled: as a GPU's step takes it
 @pytest.mark.parametrize("vocab", [100_277, 1000, 1031])
-def test_greedy_picks_the_first_maximum_like_argmax(vocab):
+def test_greedy_picks_the_first_maximum_like_argmax(vocab, compiled, fresh_compiler):
     torch.manual_seed(vocab)
-    logits = torch.randn(4, vocab)
+    logits = torch.randn(5, vocab)
     logits[0, 3] = logits[0, vocab - 2] = 50.0  # a tie across blocks: the first index wins
     logits[1] = 0.0  # all equal
     logits[2, vocab - 1] = 50.0  # the last entry
-    assert torch.equal(greedy(logits), logits.argmax(dim=-1))
+    logits[3, 672] = logits[3, 673] = 50.0  # a tie astride the first blocks' border (673 entries each at 100,277)
+    pick = torch.compile(greedy, fullgraph=True) if compiled else greedy
+    assert torch.equal(pick(logits), logits.argmax(dim=-1))
 
 
 def test_last_only_logits_equal_the_last_row_of_full_logits(model):

@@ -108,6 +108,74 @@ def test_compiled_static_cache_update_writes_only_the_new_slots():
     assert cache.keys[0].count_nonzero() == k.numel()  # nothing else written
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # its eager reference, meant here
+@pytest.mark.parametrize("max_len", [1024, 200])
+def test_a_decoding_steps_block_mask_lists_each_rows_blocks_up_to_its_own_slot(max_len):
+    """A compiled step's mask lists per row only the blocks of 128 slots up to the one it writes (what its attention
+    reads), and allows exactly slots 0..filled: flex_attention under it equals SDPA under the dense mask, compiled
+    (the kernel skips unlisted blocks) and eager (which reads the slot rule alone)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from axiom.model.transformer import filled_slots_mask
+
+    filled = torch.tensor([0, 127, 128, 129, 150, max_len - 1])
+    mask = filled_slots_mask(filled, max_len)
+    blocks = [1, 1, 2, 2, 2, 8] if max_len == 1024 else [1, 1, 2, 2, 2, 2]
+    assert mask.kv_num_blocks.flatten().tolist() == blocks
+    torch.manual_seed(0)
+    q = torch.randn(len(filled), 4, 1, 16)
+    k, v = torch.randn(2, len(filled), 2, max_len, 16).unbind(0)
+    k[:, :, 1:] += 5.0 * (torch.arange(max_len - 1) % 3 == 0)[:, None]  # slots beyond a row's own weigh heavily
+    dense = torch.arange(max_len)[None, None, None] <= filled[:, None, None, None]  # (B, 1, 1, S)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+
+    def attend(q, k, v, filled):
+        return flex_attention(q, k, v, block_mask=filled_slots_mask(filled, max_len), enable_gqa=True)
+
+    assert torch.allclose(attend(q, k, v, filled), expected, atol=1e-6)
+    try:
+        compiled = torch.compile(attend, fullgraph=True)(q, k, v, filled)
+    except Exception as e:  # inductor's CPU template for flex_attention does not build everywhere (see FLEX_DEVICES)
+        pytest.skip(f"inductor cannot build flex_attention's CPU kernel here: {str(e).splitlines()[0][:100]}")
+    assert torch.allclose(compiled, expected, atol=1e-6)
+
+
+def test_a_compiled_static_step_attends_through_the_block_mask_as_the_eager_step_does(cpu_model, monkeypatch):
+    """Traced as on a GPU (FLEX_DEVICES), a static cache's one-token steps attend through flex_attention under the
+    block mask, rows at different fill levels, and give the eager static step's hidden states and tokens (SDPA
+    under the dense mask) step after step."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    from axiom.infer.compiled import decode_greedy
+    from axiom.model import transformer
+    from axiom.model.cache import KVCache
+
+    monkeypatch.setattr(transformer, "FLEX_DEVICES", frozenset({"cpu"}))
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs):
+        graphs.append(gm)
+        return aot_eager(gm, inputs)
+
+    compiled = torch.compile(decode_greedy, backend=backend, fullgraph=True, dynamic=False)
+    prompts = [[5, 6, 7, 8, 9], [3], [12, 13, 14]]
+    caches = [KVCache.empty(SMALL, len(prompts), SMALL.max_seq_len, "cpu", torch.float32, static=True) for _ in "ab"]
+    with torch.no_grad():
+        for cache in caches:  # each prompt prefilled alone into its row, as the engine does
+            for row, prompt in enumerate(prompts):
+                rows = cache.rows(row, 1)
+                cpu_model(torch.tensor([prompt]), cache=KVCache(rows.keys, rows.values, [0]))
+                cache.positions[row] = len(prompt)
+        ids = torch.tensor([p[-1] for p in prompts])
+        for _ in range(6):
+            picked, hidden = compiled(cpu_model, ids, caches[0])
+            expected, expected_hidden = decode_greedy(cpu_model, ids, caches[1])
+            assert torch.equal(picked, expected) and torch.allclose(hidden, expected_hidden, atol=1e-5)
+            ids = picked
+    assert caches[0].positions.tolist() == [11, 7, 9]
+    assert any("flex_attention" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+
+
 def test_batched_prompts_of_different_lengths_match_single(model):
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [40, 41, 42, 43]]
     batched = generate(model, prompts, 6, temperature=0)

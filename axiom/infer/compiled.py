@@ -112,9 +112,11 @@ class CompiledStep:
     def _run(self, step: Callable, *args) -> tuple[Tensor, Tensor]:
         """`step(*args)` through torch.compile: fused kernels, and CUDA graphs on a GPU ("reduce-overhead"), which
         replay a whole step with one launch. Compiled on first use, inside the call, as is any recompilation: hence
-        the compile cache's folder around every call."""
+        the compile cache's folder around every call. Static shapes (`dynamic=False`): each engine shape gets kernels
+        of its own sizes, where dynamo would otherwise compile the step of a second shape once more for a symbolic
+        batch size, kept for every later engine."""
         if step not in self._compiled:
-            self._compiled[step] = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+            self._compiled[step] = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         with persistent_compile_cache(self._compile_cache):
             return self._compiled[step](*args)
 

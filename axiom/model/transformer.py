@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from axiom.config import ModelConfig
@@ -76,7 +77,7 @@ class Attention(nn.Module):
         sin: Tensor,
         cache: KVCache | None = None,
         layer: int = 0,
-        mask: Tensor | None = None,
+        mask: Tensor | BlockMask | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv_heads
@@ -86,16 +87,19 @@ class Attention(nn.Module):
         q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]  # (B, nh, T, hd), (B, nkv, T, hd) x 2
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        # Causal within a fresh sequence; a cached step brings its own mask (or none for one new token).
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        gqa = self.n_kv_heads != self.n_heads
+        if isinstance(mask, BlockMask):  # a compiled step over a static cache (`filled_slots_mask`)
+            y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+        else:  # causal within a fresh sequence; a cached step brings its own mask (or none for one new token)
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=gqa,
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -220,9 +224,10 @@ class Axiom(nn.Module):
             x = x[:, -1:]
         return self.norm(x)
 
-    def _positions(self, T: int, cache: KVCache | None, device) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _positions(self, T: int, cache: KVCache | None, device) -> tuple[Tensor, Tensor, Tensor | BlockMask | None]:
         """RoPE cos/sin for the T new tokens and the attention mask (None where SDPA's causal flag or
-        no mask at all is exact: a fresh sequence, or one new token attending to every filled slot)."""
+        no mask at all is exact: a fresh sequence, or one new token attending to every filled slot; a BlockMask for
+        a compiled step of one token over a static cache)."""
         if cache is None or (not cache.static and min(cache.lengths) == max(cache.lengths)):
             start = cache.lengths[0] if cache is not None else 0
             if start + T > self.cfg.max_seq_len:
@@ -245,8 +250,35 @@ class Axiom(nn.Module):
         pos = filled[:, None] + torch.arange(T, device=device)  # (B, T): each row's positions = the slots it writes
         cache.write_at(pos)
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, hd)
+        if cache.static and T == 1 and torch.compiler.is_compiling() and torch.device(device).type in FLEX_DEVICES:
+            return cos, sin, filled_slots_mask(filled, len(slots))
         mask = slots[None, None, :] <= pos[:, :, None]  # (B, T, S) causal within each row
         return cos, sin, mask[:, None]  # (B, 1, T, S)
+
+
+# Slots per block of `filled_slots_mask`: flex_attention's default block size.
+DECODE_BLOCK = 128
+# Where a compiled decoding step attends through `filled_slots_mask`: on a GPU flex_attention is a Triton kernel.
+# Inductor's CPU template for it failed to build for some shapes (torch 2.13: "Unsupported for `epilogue_nodes`"),
+# and a CPU decodes eagerly by default anyway; there the step keeps SDPA under a dense mask.
+FLEX_DEVICES = frozenset({"cuda"})
+
+
+def filled_slots_mask(filled: Tensor, max_len: int) -> BlockMask:
+    """The mask of one new token per row over a static cache of `max_len` slots: row b attends to slots 0..filled[b]
+    (its filled slots and the one it writes now), as a flex_attention block mask that lists, per row, only the blocks
+    of DECODE_BLOCK slots up to its own fill level. Its attention then reads those blocks alone, where SDPA under a
+    dense mask reads all max_len slots of every row (docs/benchmarks.md, "Decoding on a GPU")."""
+    blocks = -(-max_len // DECODE_BLOCK)
+    visited = (filled // DECODE_BLOCK + 1).clamp(max=blocks).to(torch.int32)[:, None, None]  # (B, 1, 1)
+    order = torch.arange(blocks, dtype=torch.int32, device=filled.device).expand(len(filled), 1, 1, blocks)
+
+    def up_to_own_slot(b: Tensor, h: Tensor, q: Tensor, slot: Tensor) -> Tensor:
+        return slot <= filled[b]
+
+    return BlockMask.from_kv_blocks(
+        visited, order, BLOCK_SIZE=DECODE_BLOCK, mask_mod=up_to_own_slot, seq_lengths=(1, max_len)
+    )
 
 
 # ---- the tied table: with tie_embeddings the output layer's weight is the token table itself, stored once
