@@ -22,8 +22,9 @@ class KVCache:
     A dynamic cache (the default) keeps the fill levels as Python ints in `lengths`, so shapes are decided without
     reading the device: when every row is filled alike (one sequence, or a batch in step) it attends over the
     filled slots with no mask at all, the fast path. A static cache (`static=True`) keeps every shape fixed:
-    attention spans all max_len slots under a mask and the fill levels are the device tensor `positions`,
-    advanced in place, so one compiled graph (or CUDA graph) serves every decoding step.
+    attention spans all max_len slots under a mask (compiled on a GPU, a block mask whose kernel reads each row's
+    filled blocks alone: `axiom.model.transformer.filled_slots_mask`) and the fill levels are the device tensor
+    `positions`, advanced in place, so one compiled graph (or CUDA graph) serves every decoding step.
     """
 
     keys: list[Tensor]  # per layer (B, n_kv_heads, max_len, head_dim)
