@@ -140,36 +140,54 @@ def test_a_decoding_steps_block_mask_lists_each_rows_blocks_up_to_its_own_slot(m
     assert torch.allclose(compiled, expected, atol=1e-6)
 
 
-def test_a_compiled_static_step_attends_through_the_block_mask_as_the_eager_step_does(cpu_model, monkeypatch):
-    """Traced as on a GPU (FLEX_DEVICES), a static cache's one-token steps attend through flex_attention under the
-    block mask, rows at different fill levels, and give the eager static step's hidden states and tokens (SDPA
-    under the dense mask) step after step."""
+def test_flex_decoding_takes_the_gpu_and_the_head_shapes_its_kernels_take():
+    from axiom.model.transformer import flex_decoding
+
+    card = get_config("axiom-380m").model
+    assert flex_decoding(card, "cuda") and flex_decoding(card, torch.device("cuda:1"))
+    assert not flex_decoding(card, "cpu")
+    assert not flex_decoding(SMALL, "cuda")  # head_dim 8: Triton's dot products need 16
+    assert not flex_decoding(ModelConfig(d_model=192, n_heads=12, n_kv_heads=4), "cuda")  # 3 query heads per key
+
+
+# head_dim 16, the least flex_attention's kernels take on a GPU
+FLEX = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_multiple_of=16, max_seq_len=64)
+
+
+def test_a_compiled_static_step_attends_through_the_block_mask_as_the_eager_step_does(device, monkeypatch):
+    """A static cache's compiled one-token steps attend through flex_attention under the block mask, rows at different
+    fill levels, and give the eager static step's hidden states and tokens (SDPA under the dense mask) step after
+    step. On a GPU inductor compiles it; on a CPU the step is traced as on a GPU (FLEX_DEVICES) and run eagerly."""
     from torch._dynamo.backends.debugging import aot_eager
+    from torch._inductor.compile_fx import compile_fx
 
     from axiom.infer.compiled import decode_greedy
     from axiom.model import transformer
     from axiom.model.cache import KVCache
 
-    monkeypatch.setattr(transformer, "FLEX_DEVICES", frozenset({"cpu"}))
+    torch.manual_seed(0)
+    model = Axiom(FLEX).to(device).eval()
+    if device.type == "cpu":
+        monkeypatch.setattr(transformer, "FLEX_DEVICES", frozenset({"cpu"}))
     graphs = []
 
     def backend(gm: torch.fx.GraphModule, inputs):
         graphs.append(gm)
-        return aot_eager(gm, inputs)
+        return (compile_fx if device.type == "cuda" else aot_eager)(gm, inputs)
 
     compiled = torch.compile(decode_greedy, backend=backend, fullgraph=True, dynamic=False)
     prompts = [[5, 6, 7, 8, 9], [3], [12, 13, 14]]
-    caches = [KVCache.empty(SMALL, len(prompts), SMALL.max_seq_len, "cpu", torch.float32, static=True) for _ in "ab"]
+    caches = [KVCache.empty(FLEX, len(prompts), FLEX.max_seq_len, device, torch.float32, static=True) for _ in "ab"]
     with torch.no_grad():
         for cache in caches:  # each prompt prefilled alone into its row, as the engine does
             for row, prompt in enumerate(prompts):
                 rows = cache.rows(row, 1)
-                cpu_model(torch.tensor([prompt]), cache=KVCache(rows.keys, rows.values, [0]))
+                model(torch.tensor([prompt], device=device), cache=KVCache(rows.keys, rows.values, [0]))
                 cache.positions[row] = len(prompt)
-        ids = torch.tensor([p[-1] for p in prompts])
+        ids = torch.tensor([p[-1] for p in prompts], device=device)
         for _ in range(6):
-            picked, hidden = compiled(cpu_model, ids, caches[0])
-            expected, expected_hidden = decode_greedy(cpu_model, ids, caches[1])
+            picked, hidden = compiled(model, ids, caches[0])
+            expected, expected_hidden = decode_greedy(model, ids, caches[1])
             assert torch.equal(picked, expected) and torch.allclose(hidden, expected_hidden, atol=1e-5)
             ids = picked
     assert caches[0].positions.tolist() == [11, 7, 9]

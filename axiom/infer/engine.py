@@ -14,11 +14,12 @@ Two ways to run a step:
 - dynamic (default): eager, over the running rows only (they are kept in rows 0..n-1: a leaving request's row
   is filled by the last one), attending over the filled slots; rows filled alike need no mask at all.
 - static (`static=True`; `compile=True` implies it): every shape fixed (all `max_batch` rows, all `max_len`
-  slots under a mask; compiled on a GPU, a block mask that reads each row's filled blocks alone), so `compile` can run the step through torch.compile, with CUDA graphs on a GPU, launched
-  one step ahead of the host (axiom/infer/compiled.py); the idle rows decode padding that nobody reads. A request
-  keeps its row while it runs: one that leaves frees its row and nothing is copied (a GPU step had spent 48 cache
-  copies on each leave). Compiling costs seconds on first use per shape (max_batch, max_len); a later engine of the
-  same shape reuses the compiled code (on a GPU it records its CUDA graphs afresh).
+  slots under a mask; compiled on a GPU, a block mask that reads each row's filled blocks alone), so `compile` can
+  run the step through torch.compile, with CUDA graphs on a GPU, launched one step ahead of the host
+  (axiom/infer/compiled.py); the idle rows decode padding that nobody reads. A request keeps its row while it runs:
+  one that leaves frees its row and nothing is copied (a GPU step had spent 48 cache copies on each leave).
+  Compiling costs seconds on first use per shape (max_batch, max_len); a later engine of the same shape reuses the
+  compiled code (on a GPU it records its CUDA graphs afresh).
 
 The caches and compiled steps belong to the engine: two engines on one model never share state, and one engine
 must be driven from one thread (axiom/infer/serve.py runs it in its own thread; axiom.infer.generate.stream steps it

@@ -250,7 +250,7 @@ class Axiom(nn.Module):
         pos = filled[:, None] + torch.arange(T, device=device)  # (B, T): each row's positions = the slots it writes
         cache.write_at(pos)
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, hd)
-        if cache.static and T == 1 and torch.compiler.is_compiling() and torch.device(device).type in FLEX_DEVICES:
+        if cache.static and T == 1 and torch.compiler.is_compiling() and flex_decoding(self.cfg, device):
             return cos, sin, filled_slots_mask(filled, len(slots))
         mask = slots[None, None, :] <= pos[:, :, None]  # (B, T, S) causal within each row
         return cos, sin, mask[:, None]  # (B, 1, T, S)
@@ -262,6 +262,14 @@ DECODE_BLOCK = 128
 # Inductor's CPU template for it failed to build for some shapes (torch 2.13: "Unsupported for `epilogue_nodes`"),
 # and a CPU decodes eagerly by default anyway; there the step keeps SDPA under a dense mask.
 FLEX_DEVICES = frozenset({"cuda"})
+
+
+def flex_decoding(cfg: ModelConfig, device: torch.device | str) -> bool:
+    """Whether a compiled one-token step over a static cache attends through `filled_slots_mask`: on FLEX_DEVICES,
+    for the head shapes flex_attention's kernels take (a head_dim of at least 16, for Triton's dot products; a
+    power-of-two number of query heads per key head, for its decoding kernel)."""
+    group = cfg.n_heads // cfg.n_kv_heads
+    return torch.device(device).type in FLEX_DEVICES and cfg.head_dim >= 16 and group & (group - 1) == 0
 
 
 def filled_slots_mask(filled: Tensor, max_len: int) -> BlockMask:
