@@ -285,7 +285,12 @@ def filled_slots_mask(filled: Tensor, max_len: int) -> BlockMask:
         return slot <= filled[b]
 
     return BlockMask.from_kv_blocks(
-        visited, order, BLOCK_SIZE=DECODE_BLOCK, mask_mod=up_to_own_slot, seq_lengths=(1, max_len)
+        visited,
+        order,
+        BLOCK_SIZE=DECODE_BLOCK,
+        mask_mod=up_to_own_slot,
+        seq_lengths=(1, max_len),
+        compute_q_blocks=False,  # what a backward pass reads: a decoding step has none
     )
 
 
