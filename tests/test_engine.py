@@ -23,7 +23,7 @@ SMALL = get_config(
     "tiny",
     [
         "vocab_size=1000",
-        "d_model=32",
+        "d_model=64",  # head_dim 16: on a GPU the compiled step attends through flex_attention
         "n_layers=2",
         "n_heads=4",
         "n_kv_heads=2",
