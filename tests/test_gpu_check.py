@@ -46,7 +46,7 @@ def test_smoke_mode_runs_every_part_and_writes_its_table(tmp_path):
     results = json.loads((out / "gpu_check.json").read_text())
     parts = results["parts"]
     expected = {"prepare", "shipped", "kernels", "memory", "eager", "decode", "decode_profile_b1", "decode_profile_b16"}
-    assert set(parts) == expected | {"ttft_cold", "ttft_warm", "loss", "serve"}
+    assert set(parts) == expected | {"prefill", "ttft_cold", "ttft_warm", "loss", "serve"}
     assert all(part.get("ok", True) for part in parts.values()), parts
     assert parts["memory"]["peak_mem_bytes"] > 0 and parts["eager"]["ratio_vs_hf"] > 0
     for batch in (1, 16):  # where one decoding step's time goes, on the CPU's default path
@@ -77,6 +77,7 @@ def test_smoke_mode_runs_every_part_and_writes_its_table(tmp_path):
     assert "| val loss of that run, AdamW (torch, fused) |" in table and "| loss falls | met |" in table
     assert "| one step of tiny, profiled |" in table and "FAILED" not in table
     assert "| decode step tiny, batch 16 (profile) | " in table
+    assert parts["prefill"]["prompt_len"] == 200 and "| prefill tiny, 200 tokens, batch 1 | " in table
     assert "| time to first token, tiny float32, warm | process start to first token " in table
     assert "| loss chunked, 256 tokens, float32 | " in table and "| fastest loss kernel (" in table
     assert "| axiom serve tiny, 2 streaming clients | " in table and "2/2 texts as decoded alone" in table
