@@ -130,7 +130,6 @@ def raise_recompile_limit(at_least: int) -> None:
     process that builds several engines (a notebook, the tests) passed it. One shared code object lets later engines
     reuse the compiled steps instead of tracing them again; the limit is raised once, as a compiled step is built,
     not around every step (`config.patch` costs tens of microseconds a call, against a decoding step of one or two
-    milliseconds on a GPU). Torch before 2.7 calls it cache_size_limit."""
+    milliseconds on a GPU)."""
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), at_least))
+    config.recompile_limit = max(config.recompile_limit, at_least)

@@ -59,10 +59,7 @@ def parallelize(model: Axiom, cfg: TrainConfig, device: torch.device, d: Dist) -
     if d.world_size == 1:
         return model
     if cfg.fsdp:
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:  # torch < 2.6
-            from torch.distributed._composable.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
