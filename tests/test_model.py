@@ -184,12 +184,12 @@ def test_a_compiled_static_step_attends_through_the_block_mask_as_the_eager_step
                 rows = cache.rows(row, 1)
                 model(torch.tensor([prompt], device=device), cache=KVCache(rows.keys, rows.values, [0]))
                 cache.positions[row] = len(prompt)
-        ids = torch.tensor([p[-1] for p in prompts], device=device)
+        ids = [torch.tensor([p[-1] for p in prompts], device=device) for _ in caches]  # each step overwrites its own
         for _ in range(6):
-            picked, hidden = compiled(model, ids, caches[0])
-            expected, expected_hidden = decode_greedy(model, ids, caches[1])
+            picked, hidden = compiled(model, ids[0], caches[0])
+            expected, expected_hidden = decode_greedy(model, ids[1], caches[1])
             assert torch.equal(picked, expected) and torch.allclose(hidden, expected_hidden, atol=1e-5)
-            ids = picked
+            assert torch.equal(ids[0], picked) and torch.equal(ids[1], picked)  # the next step's inputs
     assert caches[0].positions.tolist() == [11, 7, 9]
     assert any("flex_attention" in str(node.target) for gm in graphs for node in gm.graph.nodes)
 

@@ -39,18 +39,26 @@ def decode_one_and_hidden(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Te
 
 
 def decode_greedy(model: Axiom, ids: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
-    """`decode_one_and_hidden` with the greedy pick: (B,) next ids and the hidden states. Compiled, the pick
-    runs inside the graph and only the ids leave it (docs/benchmarks.md)."""
+    """One greedy step of every row from its next input id `ids`, which it overwrites with the picks: the (B,) ids
+    to hand out (`handed_out`) and the hidden states. Compiled, the pick, the check and the overwrite run inside
+    the graph and only the ids leave it (docs/benchmarks.md)."""
     logits, x = decode_one_and_hidden(model, ids, cache)
-    return greedy(logits), x
+    return handed_out(greedy(logits), ids, x), x
 
 
 def decode_sampled(model: Axiom, ids: Tensor, cache: KVCache, rows: RowSampling) -> tuple[Tensor, Tensor]:
-    """`decode_one_and_hidden` with each row's own pick (axiom/infer/sampling.py): (B,) next ids and the hidden
-    states. Its draws are numbered by the static cache's fill levels after the step: each row's text position of the
-    drawn token, as the eager pick numbers them."""
+    """`decode_greedy` with each row's own pick (axiom/infer/sampling.py). Its draws are numbered by the static
+    cache's fill levels after the step: each row's text position of the drawn token, as the eager pick numbers
+    them."""
     logits, x = decode_one_and_hidden(model, ids, cache)
-    return pick(logits, rows, cache.positions), x
+    return handed_out(pick(logits, rows, cache.positions), ids, x), x
+
+
+def handed_out(picked: Tensor, ids: Tensor, x: Tensor) -> Tensor:
+    """Make `picked` the rows' next input ids, in place, and return it with -1 where a row's hidden states are not
+    finite (no logits leave the graph, so they are what is checked): the next step still gets a valid id."""
+    ids.copy_(picked)
+    return torch.where(torch.isfinite(x).all(dim=-1)[:, 0], picked, -1)
 
 
 @dataclass
@@ -97,14 +105,12 @@ class CompiledStep:
         become the rows' next inputs on the device. Returns where its ids will arrive."""
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs were copied out
         if sampling is None:
-            picked, x = self._run(decode_greedy, self.model, self.ids, self.cache)
+            picked, _ = self._run(decode_greedy, self.model, self.ids, self.cache)
         else:
-            picked, x = self._run(decode_sampled, self.model, self.ids, self.cache, sampling)
-        self.ids.copy_(picked)
+            picked, _ = self._run(decode_sampled, self.model, self.ids, self.cache, sampling)
         landing = self._landings[0]
         self._landings.reverse()
-        # no logits leave the graph, so a row's hidden states are what is checked
-        landing.ids.copy_(torch.where(torch.isfinite(x).all(dim=-1)[:, 0], picked, -1), non_blocking=True)
+        landing.ids.copy_(picked, non_blocking=True)
         if landing.ready is not None:  # on the stream of the ids' GPU, which need not be the current GPU
             landing.ready.record(torch.cuda.current_stream(self.ids.device))
         return landing

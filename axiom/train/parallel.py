@@ -60,6 +60,7 @@ def parallelize(model: Axiom, cfg: TrainConfig, device: torch.device, d: Dist) -
         return model
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
+
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
