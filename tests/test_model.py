@@ -162,6 +162,7 @@ def test_a_compiled_static_step_attends_through_the_block_mask_as_the_eager_step
     from torch._inductor.compile_fx import compile_fx
 
     from axiom.infer.compiled import decode_greedy
+    from axiom.infer.engine import prefill_rows
     from axiom.model import transformer
     from axiom.model.cache import KVCache
 
@@ -179,11 +180,9 @@ def test_a_compiled_static_step_attends_through_the_block_mask_as_the_eager_step
     prompts = [[5, 6, 7, 8, 9], [3], [12, 13, 14]]
     caches = [KVCache.empty(FLEX, len(prompts), FLEX.max_seq_len, device, torch.float32, static=True) for _ in "ab"]
     with torch.no_grad():
-        for cache in caches:  # each prompt prefilled alone into its row, as the engine does
+        for cache in caches:  # each prompt prefilled alone into its row: rows at different fill levels
             for row, prompt in enumerate(prompts):
-                rows = cache.rows(row, 1)
-                model(torch.tensor([prompt], device=device), cache=KVCache(rows.keys, rows.values, [0]))
-                cache.positions[row] = len(prompt)
+                prefill_rows(model, cache, row, [prompt])
         ids = [torch.tensor([p[-1] for p in prompts], device=device) for _ in caches]  # each step overwrites its own
         for _ in range(6):
             picked, hidden = compiled(model, ids[0], caches[0])
