@@ -302,7 +302,8 @@ def decode(check: Check, sizes: Sizes) -> None:
     if result is not None:
         figure = f"{result['tokens_per_s']:,.0f} tok/s, {result['ratio_vs_hf']:.2f}x transformers; first token "
         figure += f"{result['first_token_ms']:.1f} ms warm"
-        target = 3000 if "H200" in result.get("device_name", "") else 2000  # issue targets: an H200, else an H100
+        # about half of what reading the weights once a token allows: ~6,200 tok/s on an H200, ~4,300 on an H100
+        target = 3000 if "H200" in result.get("device_name", "") else 2000
         met = None if check.smoke else result["tokens_per_s"] >= target
         check.row(f"decode {sizes.preset}, batch 1", figure, "" if check.smoke else f">= {target:,} tok/s bf16", met)
     args = ["generate", "--preset", sizes.preset, "--eager", "--prompt-len", str(sizes.long_prompt)]
