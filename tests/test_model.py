@@ -72,6 +72,35 @@ def test_gqa_attention_equals_naive_reference(model, device):
         assert torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-5)
 
 
+def test_attention_backward_joins_the_heads_gradients_without_zero_padded_copies(model, device):
+    """The gradients equal the naive reference's, and backward joins the query, key and value gradients with one cat
+    each: slicing them out of the projection instead made a zero-filled copy per slice and added them up, two passes
+    over the projection's gradient more (docs/benchmarks.md, "The second GPU check")."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    attn = model.layers[0].attn
+    x = torch.randn(2, 10, SMALL.d_model, device=device, requires_grad=True)
+    cos, sin = model.rope_cos[:10], model.rope_sin[:10]
+    weight = torch.randn(2, 10, SMALL.d_model, device=device)
+    expected = torch.autograd.grad((naive_attention(attn, x, cos, sin) * weight).sum(), (x, attn.qkv_proj.weight))
+    out = attn(x, cos, sin)
+    ops = Ops()
+    with ops:
+        got = torch.autograd.grad((out * weight).sum(), (x, attn.qkv_proj.weight))
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert "slice_backward" not in ops.names and ops.names.count("cat") == 3  # q with k, RoPE's halves, qk with v
+
+
 def test_kv_cache_greedy_equals_full_recompute(model, device):
     prompt = [5, 17, 3, 88, 42]
     cached = generate(model, [prompt], 12, temperature=0)[0]

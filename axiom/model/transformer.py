@@ -81,10 +81,11 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh+2nkv, T, hd)
-        # One RoPE call rotates query and key heads together: half the kernels of rotating them apart.
-        qk = apply_rope(qkv[:, : nh + nkv], cos, sin)
-        q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]  # (B, nh, T, hd), (B, nkv, T, hd) x 2
+        qk, v = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim).split([nh + nkv, nkv], dim=2)
+        # One RoPE call rotates query and key heads together: half the kernels of rotating them apart. Splits, not
+        # slices: backward joins the parts' gradients with one cat each, where slices add zero-padded copies.
+        q, k = apply_rope(qk.transpose(1, 2), cos, sin).split([nh, nkv], dim=1)  # (B, nh, T, hd), (B, nkv, T, hd)
+        v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         gqa = self.n_kv_heads != self.n_heads
