@@ -3,6 +3,7 @@ its own sampling parameters, seed, stop ids and budget, in the eager, static and
 generators on one model share nothing."""
 
 import copy
+import logging
 from dataclasses import replace
 
 import pytest
@@ -411,6 +412,34 @@ def test_compiled_engine_with_requests_joining_and_leaving(model, fresh_compiler
     while engine.has_work():
         engine.step()
     assert [r.tokens for r in requests] == expected
+
+
+def test_a_flex_step_that_does_not_compile_decodes_through_sdpa(model, monkeypatch, caplog, fresh_compiler):
+    """Where the step that attends through flex_attention fails to compile (its Triton kernel not yet built on that
+    GPU and torch), the engine warns once and compiles the step through SDPA: the same tokens, and later engines do
+    not try flex again. A compile failure in another part of the step is raised as it is."""
+    pytest.importorskip("torch._inductor")
+    from axiom.infer import compiled
+    from axiom.model import transformer
+
+    def uncompilable(*args, **kwargs):
+        torch._dynamo.graph_break()  # the step is compiled whole (fullgraph): its compile fails here
+
+    device = next(model.parameters()).device
+    monkeypatch.setattr(transformer, "FLEX_DEVICES", frozenset({device.type}))  # the GPU's path, on a CPU too
+    monkeypatch.setattr(transformer, "flex_attention", uncompilable)
+    expected = [generate(model, prompts, 6, temperature=0.0) for prompts in (PROMPTS[:3], PROMPTS[3:])]
+    with caplog.at_level(logging.WARNING, logger="axiom.model.transformer"):
+        assert generate(model, PROMPTS[:3], 6, temperature=0.0, compile=True) == expected[0]
+        assert generate(model, PROMPTS[3:], 6, temperature=0.0, compile=True) == expected[1]  # another shape
+        monkeypatch.setattr(compiled, "greedy", uncompilable)
+        with pytest.raises(torch._dynamo.exc.TorchDynamoException):
+            generate(model, PROMPTS[:3], 6, temperature=0.0, compile=True)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"flex_attention's decoding step did not compile on {device.type} ("
+    )
+    assert warnings[0].endswith("); decoding attends through SDPA") and not transformer.FLEX_DEVICES
 
 
 @pytest.mark.slow

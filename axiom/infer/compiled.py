@@ -21,7 +21,7 @@ from torch import Tensor
 
 from axiom.infer.sampling import RowSampling, greedy, pick
 from axiom.model.cache import KVCache
-from axiom.model.transformer import Axiom
+from axiom.model.transformer import Axiom, flex_decoding, stop_flex_decoding
 from axiom.runtime import compile_cache_dir, persistent_compile_cache
 
 # Dynamo's recompile limit once a compiled step exists (see `raise_recompile_limit`): room for the variants of ~20
@@ -120,11 +120,22 @@ class CompiledStep:
         replay a whole step with one launch. Compiled on first use, inside the call, as is any recompilation: hence
         the compile cache's folder around every call. Static shapes (`dynamic=False`): each engine shape gets kernels
         of its own sizes, where dynamo would otherwise compile the step of a second shape once more for a symbolic
-        batch size, kept for every later engine."""
+        batch size, kept for every later engine.
+
+        A compile that fails while the step attends through flex_attention (a Triton kernel first built for this
+        GPU and torch) is compiled once more through SDPA (`stop_flex_decoding`): nothing ran, as compiling comes
+        before running, so the retried step decodes the same tokens."""
         if step not in self._compiled:
             self._compiled[step] = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         with persistent_compile_cache(self._compile_cache):
-            return self._compiled[step](*args)
+            try:
+                return self._compiled[step](*args)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                device = self.ids.device
+                if not flex_decoding(self.model.cfg, device):
+                    raise
+                stop_flex_decoding(device.type, error)
+                return self._compiled[step](*args)
 
 
 def raise_recompile_limit(at_least: int) -> None:

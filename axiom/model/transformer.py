@@ -14,6 +14,7 @@ loss and logits in loss.py.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -27,6 +28,8 @@ from axiom.errors import AxiomError
 from axiom.model.cache import KVCache
 from axiom.model.fused_loss import fused_cross_entropy
 from axiom.model.loss import IGNORE_INDEX, LossWorkspace, chunked_cross_entropy, output_logits
+
+log = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -261,7 +264,8 @@ class Axiom(nn.Module):
 DECODE_BLOCK = 128
 # Where a compiled decoding step attends through `filled_slots_mask`: on a GPU flex_attention is a Triton kernel.
 # Inductor's CPU template for it failed to build for some shapes (torch 2.13: "Unsupported for `epilogue_nodes`"),
-# and a CPU decodes eagerly by default anyway; there the step keeps SDPA under a dense mask.
+# and a CPU decodes eagerly by default anyway; there the step keeps SDPA under a dense mask. A device type whose flex
+# step fails to compile leaves the set (`stop_flex_decoding`).
 FLEX_DEVICES = frozenset({"cuda"})
 
 
@@ -271,6 +275,18 @@ def flex_decoding(cfg: ModelConfig, device: torch.device | str) -> bool:
     power-of-two number of query heads per key head, for its decoding kernel)."""
     group = cfg.n_heads // cfg.n_kv_heads
     return torch.device(device).type in FLEX_DEVICES and cfg.head_dim >= 16 and group & (group - 1) == 0
+
+
+def stop_flex_decoding(device_type: str, error: Exception) -> None:
+    """Take `device_type` off FLEX_DEVICES for the rest of the process, with a warning, after a compiled step that
+    attends through flex_attention failed to compile there (`error`): its later steps keep SDPA under a dense mask,
+    the path a step took before flex_attention, so decoding goes on instead of failing."""
+    global FLEX_DEVICES
+    FLEX_DEVICES = FLEX_DEVICES - {device_type}
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    log.warning(
+        "flex_attention's decoding step did not compile on %s (%s); decoding attends through SDPA", device_type, first
+    )
 
 
 def filled_slots_mask(filled: Tensor, max_len: int) -> BlockMask:
