@@ -262,12 +262,22 @@ def decode_profile(check: Check, sizes: Sizes) -> None:
         if result is None:
             continue
         p = result["decode_step_profile"]
-        figure = f"{p['step_ms']:.3f} ms a step, {result['decoding']}; host: ops {p['host_ms']:.3f} ms, "
+        figure = (
+            f"{p['step_ms']:.3f} ms a step, {result['decoding']}{_attention(result)}; host: ops {p['host_ms']:.3f} ms, "
+        )
         figure += f"Python {p['python_ms']:.3f} ms, waits {p['wait_ms']:.3f} ms"
         if "kernels" in p:
             figure += f"; device: {p['kernel_ms']:.3f} ms in {p['kernels']:.0f} kernels, "
             figure += f"{p['kernel_launches']:.0f} kernel + {p['graph_launches']:.0f} graph launches"
         check.row(f"decode step {sizes.preset}, batch {batch} (profile)", figure)
+
+
+def _attention(result: dict) -> str:
+    """How a compiled step attended, for its row: through flex_attention, or SDPA (on a GPU: flex_attention did not
+    compile, and the part's log has the warning)."""
+    if not result["compile"]:
+        return ""
+    return ", flex_attention" if result["flex_attention"] else ", SDPA, not flex_attention"
 
 
 def loss_kernels(check: Check, sizes: Sizes) -> None:
@@ -301,7 +311,7 @@ def decode(check: Check, sizes: Sizes) -> None:
     result = check.bench("decode", args, 420)
     if result is not None:
         figure = f"{result['tokens_per_s']:,.0f} tok/s, {result['ratio_vs_hf']:.2f}x transformers; first token "
-        figure += f"{result['first_token_ms']:.1f} ms warm"
+        figure += f"{result['first_token_ms']:.1f} ms warm{_attention(result)}"
         # about half of what reading the weights once a token allows: ~6,200 tok/s on an H200, ~4,300 on an H100
         target = 3000 if "H200" in result.get("device_name", "") else 2000
         met = None if check.smoke else result["tokens_per_s"] >= target

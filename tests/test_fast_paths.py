@@ -275,7 +275,7 @@ def test_bench_generate_times_the_cpus_eager_path_by_default_and_says_so(capsys)
     args = ["bench", "generate", "--preset", "tiny", *BENCH, "--rounds", "1", "--prompt-len", "4", "--new-tokens", "4"]
     assert main([*args, "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["decoding"] == "eager (dynamic cache)" and r["compile"] is False
+    assert r["decoding"] == "eager (dynamic cache)" and r["compile"] is False and r["flex_attention"] is False
     assert main(args) == 0
     assert "  decoding      eager (dynamic cache), float32, batch 1\n" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -290,6 +290,7 @@ def test_bench_generate_compiles_when_asked(capsys):
     assert main([*args, "--compile", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["decoding"] == "compiled (static cache; CUDA graphs on a GPU)" and r["compile"] is True
+    assert r["flex_attention"] is (r["device"] == "cuda")  # on a CPU the compiled step keeps SDPA (FLEX_DEVICES)
 
 
 def test_bench_rejects_a_generation_longer_than_the_context(capsys):

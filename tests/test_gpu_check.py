@@ -185,6 +185,32 @@ def test_the_serve_part_on_a_gpu_loads_the_card_compiled_and_reads_its_levels(tm
     )
 
 
+@pytest.mark.parametrize("flex", [True, False])
+def test_the_decode_part_on_a_gpu_says_how_the_compiled_step_attended(tmp_path, monkeypatch, flex):
+    """The GPU branch of the decode part, which the smoke mode does not take: batch 1 judged against the H200's
+    target, and the row says whether the compiled step attended through flex_attention or fell back to SDPA."""
+    gpu_check = _gpu_check()
+    check = gpu_check.Check(tmp_path, smoke=False, budget=60)
+    results = {
+        "decode": {"tokens_per_s": 3100.0, "ratio_vs_hf": 40.0, "first_token_ms": 4.5, "compile": True},
+        "prefill": {"first_token_ms": 6.0, "dtype": "bfloat16", "compile": False, "flex_attention": False},
+    }
+    results["decode"] |= {"device_name": "NVIDIA H200", "flex_attention": flex}
+    monkeypatch.setattr(check, "bench", lambda name, args, timeout: results[name])
+    gpu_check.decode(check, gpu_check.FULL)
+    attention = "flex_attention" if flex else "SDPA, not flex_attention"
+    assert check.rows[-2] == (
+        "decode axiom-380m, batch 1",
+        f"3,100 tok/s, 40.00x transformers; first token 4.5 ms warm, {attention}",
+        ">= 3,000 tok/s bf16",
+        "met",
+    )
+    assert check.rows[-1][:2] == (
+        "prefill axiom-380m, 1,000 tokens, batch 1",
+        "6.0 ms to the first token, warm (bfloat16)",
+    )
+
+
 def test_parts_are_chosen_by_name(tmp_path, capsys):
     gpu_check = _gpu_check()
     assert gpu_check.main([str(tmp_path / "out"), "--smoke", "--parts", "memory,nope"]) == 2

@@ -27,7 +27,7 @@ from axiom.infer.engine import Engine, decoding_path
 from axiom.infer.fast import prepare_model, weight_bytes_per_token
 from axiom.infer.generate import stream
 from axiom.model.cache import KVCache
-from axiom.model.transformer import Axiom, flops_per_token
+from axiom.model.transformer import Axiom, flex_decoding, flops_per_token
 
 PREFILL_LENGTHS = (32, 512)
 
@@ -130,6 +130,8 @@ def bench_generate(cfg: Config, device: torch.device, s: GenerateBench, llamacpp
         "new_tokens": n,
         "compile": not s.eager,
         "decoding": decoding_path(s.eager),
+        # read after the warm-up: a flex step that did not compile has fallen back to SDPA (stop_flex_decoding)
+        "flex_attention": not s.eager and flex_decoding(m, device),
         "hf_compile": s.hf_compile,
         "dtype": s.dtype,
     }

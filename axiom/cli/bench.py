@@ -172,7 +172,8 @@ def _print_human(r: dict) -> None:
     source = f"--preset {r['preset']}" + (f" --config {r['config']}" if "config" in r else "")
     print(f"axiom bench {r['what']} {source} on {r['device']} (torch {r['torch']}), rounds of {unit}")
     if "decoding" in r:
-        print(f"  decoding      {r['decoding']}, {r['dtype']}, batch {r['batch']}")
+        attention = ", attention through flex_attention" if r["flex_attention"] else ""
+        print(f"  decoding      {r['decoding']}, {r['dtype']}, batch {r['batch']}{attention}")
     print(f"  axiom         {r['tokens_per_s']:>12,.0f} tokens/s   {r['achieved_tflops']:.4f} TFLOP/s", end="")
     print(f"   MFU {r['mfu']:.1%}" if r["mfu"] is not None else "   MFU n/a (no known peak)")
     if "hf_tokens_per_s" in r:
