@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import count_params, save_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from axiom.config import ModelConfig, get_config
 from axiom.infer.generate import generate
@@ -72,33 +73,57 @@ def test_gqa_attention_equals_naive_reference(model, device):
         assert torch.allclose(attn(x, cos, sin), naive_attention(attn, x, cos, sin), atol=1e-5)
 
 
+class DispatchedOps(TorchDispatchMode):
+    """The names of the aten ops run under it, in order (views included): what a GPU would launch as kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
 def test_attention_backward_joins_the_heads_gradients_without_zero_padded_copies(model, device):
     """The gradients equal the naive reference's, and backward joins the query, key and value gradients with one cat
     each: slicing them out of the projection instead made a zero-filled copy per slice and added them up, two passes
     over the projection's gradient more (docs/benchmarks.md, "The second GPU check")."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
-
     attn = model.layers[0].attn
     x = torch.randn(2, 10, SMALL.d_model, device=device, requires_grad=True)
     cos, sin = model.rope_cos[:10], model.rope_sin[:10]
     weight = torch.randn(2, 10, SMALL.d_model, device=device)
     expected = torch.autograd.grad((naive_attention(attn, x, cos, sin) * weight).sum(), (x, attn.qkv_proj.weight))
     out = attn(x, cos, sin)
-    ops = Ops()
+    ops = DispatchedOps()
     with ops:
         got = torch.autograd.grad((out * weight).sum(), (x, attn.qkv_proj.weight))
     for a, b in zip(got, expected, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     assert "slice_backward" not in ops.names and ops.names.count("cat") == 3  # q with k, RoPE's halves, qk with v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_backward_equals_autograds_and_writes_one_gradient_without_a_cat(device, dtype):
+    """Eager training's SwiGLU gives the plain ops' output and gradients bit for bit, and its backward writes both
+    halves' gradients into one tensor: three elementwise kernels where autograd took four, one of them a cat."""
+    from axiom.model.transformer import SwiGLU
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(SMALL).to(device, dtype)
+    x = torch.randn(2, 10, SMALL.d_model, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(2, 10, SMALL.d_model, device=device, dtype=dtype)
+    gate, up = mlp.gate_up_proj(x).split(mlp.ffn_dim, dim=-1)
+    plain = mlp.down_proj(F.silu(gate) * up)
+    expected = torch.autograd.grad((plain * weight).sum(), (x, mlp.gate_up_proj.weight))
+    out = mlp(x)
+    ops = DispatchedOps()
+    with ops:
+        got = torch.autograd.grad((out * weight).sum(), (x, mlp.gate_up_proj.weight))
+    assert torch.equal(out, plain) and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert "cat" not in ops.names and ops.names.count("mul") == 4  # the weighted sum's two, one per half
+    with torch.no_grad():  # decoding: the plain ops, no autograd function
+        assert torch.equal(mlp(x), plain)
 
 
 def test_kv_cache_greedy_equals_full_recompute(model, device):

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
@@ -115,8 +116,37 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).split(self.ffn_dim, dim=-1)
+        h = self.gate_up_proj(x)  # [gate | up]
+        if h.requires_grad and not torch.compiler.is_compiling():  # eager training; inductor fuses the plain ops
+            return self.down_proj(_SwiGLU.apply(h, self.ffn_dim))
+        gate, up = h.split(self.ffn_dim, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of h = [gate | up], with the same values and gradients as those ops under autograd, whose
+    backward writes the gradients of gate and up into one tensor shaped like h: autograd's writes them apart and
+    joins them with a cat, a pass over both halves more (docs/benchmarks.md, "The second GPU check")."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, ffn_dim: int) -> Tensor:
+        gate, up = h.split(ffn_dim, dim=-1)
+        silu = F.silu(gate)
+        ctx.save_for_backward(h, silu)  # what autograd's silu and product keep
+        ctx.ffn_dim = ffn_dim
+        return silu * up
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        h, silu = ctx.saved_tensors
+        gate, up = h.split(ctx.ffn_dim, dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_gate, grad_up = grad_h.split(ctx.ffn_dim, dim=-1)
+        torch.mul(grad, silu, out=grad_up)
+        torch.mul(grad, up, out=grad_gate)  # then through silu's derivative, in place
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        return grad_h, None
 
 
 class Block(nn.Module):
