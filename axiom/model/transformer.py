@@ -124,9 +124,9 @@ class SwiGLU(nn.Module):
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up of h = [gate | up], with the same values and gradients as those ops under autograd, whose
-    backward writes the gradients of gate and up into one tensor shaped like h: autograd's writes them apart and
-    joins them with a cat, a pass over both halves more (docs/benchmarks.md, "The second GPU check")."""
+    """silu(gate) * up of h = [gate | up], with the values and gradients those ops have under autograd. Its backward
+    writes the gradients of gate and up into one tensor shaped like h, where autograd's writes them apart and joins
+    them with a cat, a pass over both halves more (docs/benchmarks.md, "The second GPU check")."""
 
     @staticmethod
     def forward(ctx, h: Tensor, ffn_dim: int) -> Tensor:
