@@ -1,5 +1,7 @@
 import contextlib
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -317,6 +319,18 @@ def test_tied_weights_stay_tied_through_training_and_reload(cpu_model, tmp_path)
     x = torch.randint(0, 97, (1, 8))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_loading_a_checkpoint_leaves_the_compiler_unimported(cpu_model, tmp_path):
+    """The model a checkpoint fills is built on the meta device computing nothing: torch's meta kernels would import
+    torch._dynamo, seconds of the start of every command that loads a model."""
+    cfg = get_config("tiny")
+    cfg.model = SMALL
+    save_model(cpu_model, cfg, tmp_path)
+    code = "import sys; from axiom.model.checkpoint import load_model; load_model(sys.argv[1]); print(*sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "torch.nn" in done.stdout.split() and "torch._dynamo" not in done.stdout.split()
 
 
 def test_checkpoint_that_does_not_fit_its_config_is_a_clear_error(cpu_model, tmp_path):

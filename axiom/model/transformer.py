@@ -168,12 +168,19 @@ class Axiom(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Built on the meta device (names and shapes, for a checkpoint's weights: load_model), the model computes
+        # nothing: torch's meta kernels are Python that imports torch._dynamo, seconds of every command's start.
+        on_meta = torch.get_default_device().type == "meta"
+        table = torch.empty(cfg.vocab_size, cfg.d_model) if on_meta else None  # None: nn.Embedding draws it
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=table)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         tie(self)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        if on_meta:
+            cos = sin = torch.empty(cfg.max_seq_len, cfg.head_dim)
+        else:
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.gradient_checkpointing = False
@@ -186,7 +193,8 @@ class Axiom(nn.Module):
         self.loss_workspace = LossWorkspace()  # the CPU loss's block, reused from step to step
         self.compiled_loss = False  # the loss's chunks through torch.compile; set from outside (train.compile)
         self.loss_kernel = "chunked"  # the training loss's kernel; set from outside (train.loss_kernel)
-        self.reset_parameters()
+        if not on_meta:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2/Llama-style init: N(0, 0.02) everywhere, residual output projections scaled by
