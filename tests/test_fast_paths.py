@@ -205,6 +205,20 @@ def test_compiled_decoding_equals_eager(model, fresh_compiler):
     assert generate(model, PROMPTS, 10, compile=True, **kw) == generate(model, PROMPTS, 10, **kw)
 
 
+def test_batch_1_compiled_decoding_on_cuda_multiplies_in_fused_reductions(fresh_compiler):
+    """At batch 1 inductor computes the step's one-row products as fused reductions, not cuBLAS calls (the
+    coordinate-descent tuning of axiom.infer.compiled.STEP_OPTIONS), and they decode what eager decoding does."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: inductor turns one-row products into reductions on GPUs only")
+    from torch._inductor.utils import run_and_get_code
+
+    cuda_model = Axiom(SMALL).to("cuda").eval()
+    expected = generate(cuda_model, PROMPTS[:1], 10, temperature=0.0)
+    compiled, code = run_and_get_code(generate, cuda_model, PROMPTS[:1], 10, temperature=0.0, compile=True)
+    assert compiled == expected
+    assert code and not any("extern_kernels.mm(" in graph for graph in code)
+
+
 def test_hidden_states_are_forward_before_the_output_layer(model):
     # The compiled step returns the final hidden state beside the logits (so inductor stores it once).
     tokens = torch.randint(0, SMALL.vocab_size, (2, 9))
