@@ -587,7 +587,7 @@ def test_two_gloo_processes_match_one_on_chat_data(chat_dir, base_ckpt, tmp_path
     run = tmp_path / "ranks"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "axiom.cli"]
     cmd += ["train", "--data", str(chat_dir), "--out", str(run), "--device", "cpu", "--init-from", str(base_ckpt)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves its log folders there
     done = subprocess.run([*cmd, *set_args(*extra)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [float(r["loss"]) for r in read_rows(run / "train.csv")] == pytest.approx(

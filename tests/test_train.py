@@ -376,7 +376,7 @@ def test_two_gloo_processes_match_one(tiny_data, tmp_path, fsdp):
     train(micro_config(*extra), tiny_data, single)
     extra = (*extra, f"fsdp={fsdp}")
     run = tmp_path / "ranks"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves its log folders there
     cmd = [
         sys.executable,
         "-m",
