@@ -207,16 +207,18 @@ def test_compiled_decoding_equals_eager(model, fresh_compiler):
 
 def test_batch_1_compiled_decoding_on_cuda_multiplies_in_fused_reductions(fresh_compiler):
     """At batch 1 inductor computes the step's one-row products as fused reductions, not cuBLAS calls (the
-    coordinate-descent tuning of axiom.infer.compiled.STEP_OPTIONS), and they decode what eager decoding does."""
+    coordinate-descent tuning of axiom.infer.compiled.step_options), and a step of two rows keeps cuBLAS's; both
+    decode what eager decoding does."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: inductor turns one-row products into reductions on GPUs only")
     from torch._inductor.utils import run_and_get_code
 
     cuda_model = Axiom(SMALL).to("cuda").eval()
-    expected = generate(cuda_model, PROMPTS[:1], 10, temperature=0.0)
-    compiled, code = run_and_get_code(generate, cuda_model, PROMPTS[:1], 10, temperature=0.0, compile=True)
-    assert compiled == expected
-    assert code and not any("extern_kernels.mm(" in graph for graph in code)
+    for prompts, cublas in ((PROMPTS[:1], False), (PROMPTS[:2], True)):
+        expected = generate(cuda_model, prompts, 10, temperature=0.0)
+        compiled, code = run_and_get_code(generate, cuda_model, prompts, 10, temperature=0.0, compile=True)
+        assert compiled == expected
+        assert code and any("extern_kernels.mm(" in graph for graph in code) == cublas
 
 
 def test_hidden_states_are_forward_before_the_output_layer(model):

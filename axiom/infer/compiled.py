@@ -1,6 +1,6 @@
 """A static engine's compiled decoding step (axiom/infer/engine.py), launched one step ahead of the host.
 
-Compiled, a step runs through torch.compile, with CUDA graphs on a GPU (`STEP_OPTIONS`): the whole model and each
+Compiled, a step runs through torch.compile, with CUDA graphs on a GPU (`step_options`): the whole model and each
 row's pick replay as one graph launch, and only the (B,) new ids leave it. On an H200 such a step of axiom-380m at
 batch 1 held 1.16 ms of kernels, and its host spent 0.6 ms launching the graph while the GPU idled, then waited for
 the ids (docs/benchmarks.md, "The decoding step measured on an H200"). So the engine launches step n+1 before it
@@ -24,12 +24,16 @@ from axiom.model.cache import KVCache
 from axiom.model.transformer import Axiom, flex_decoding, stop_flex_decoding
 from axiom.runtime import compile_cache_dir, persistent_compile_cache
 
-# The step's inductor options: CUDA graphs (those of mode="reduce-overhead"), and coordinate-descent tuning of each
-# Triton kernel's launch settings, with which inductor also computes a one-row matrix product (batch-1 decoding) as a
-# fused reduction instead of calling cuBLAS (gpt-fast's recipe): cuBLAS ran a layer's four products at batch 1 on an
-# H200 in 24 us, ~1 TB/s of weights, a fifth of the card's bandwidth (docs/benchmarks.md). Neither option changes
-# anything on a CPU.
-STEP_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+
+def step_options(batch: int) -> dict[str, bool]:
+    """The inductor options of a step over `batch` rows: CUDA graphs (those of mode="reduce-overhead"), and at batch 1
+    coordinate-descent tuning of each Triton kernel's launch settings, with which inductor computes a product of one
+    row as a fused reduction instead of calling cuBLAS (gpt-fast's setting). cuBLAS ran a layer's four products at
+    batch 1 on an H200 in 24 us, ~1 TB/s of weights, a fifth of the card's bandwidth (docs/benchmarks.md). Tuning
+    compiles and times variants of every kernel, a longer first compile, so batches of more rows, whose products
+    stay cuBLAS's, go without it. Neither option changes anything on a CPU."""
+    return {"triton.cudagraphs": True, "coordinate_descent_tuning": batch == 1}
+
 
 # Dynamo's recompile limit once a compiled step exists (see `raise_recompile_limit`): room for the variants of ~20
 # engines of other models, dtypes or shapes in one process, and still a stop for a step that would recompile at every
@@ -123,7 +127,7 @@ class CompiledStep:
         return landing
 
     def _run(self, step: Callable, *args) -> tuple[Tensor, Tensor]:
-        """`step(*args)` through torch.compile: fused kernels, and CUDA graphs on a GPU (`STEP_OPTIONS`), which
+        """`step(*args)` through torch.compile: fused kernels, and CUDA graphs on a GPU (`step_options`), which
         replay a whole step with one launch. Compiled on first use, inside the call, as is any recompilation: hence
         the compile cache's folder around every call. Static shapes (`dynamic=False`): each engine shape gets kernels
         of its own sizes, where dynamo would otherwise compile the step of a second shape once more for a symbolic
@@ -133,7 +137,8 @@ class CompiledStep:
         GPU and torch) is compiled once more through SDPA (`stop_flex_decoding`): nothing ran, as compiling comes
         before running, so the retried step decodes the same tokens."""
         if step not in self._compiled:
-            self._compiled[step] = torch.compile(step, options=STEP_OPTIONS, fullgraph=True, dynamic=False)
+            options = step_options(self.ids.shape[0])
+            self._compiled[step] = torch.compile(step, options=options, fullgraph=True, dynamic=False)
         with persistent_compile_cache(self._compile_cache):
             try:
                 return self._compiled[step](*args)
