@@ -4,10 +4,12 @@ compiled decoding, left-padded batches, and `axiom bench` comparing like with li
 `axiom bench`."""
 
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from axiom.cli import main
 from axiom.config import get_config
@@ -105,6 +107,34 @@ def test_chunked_loss_under_autocast_follows_the_low_precision_branch():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fast = _loss_and_grads(lambda h, w, t: chunked_cross_entropy(h, w, t, 8), h, w, t)
     assert fast[1].dtype == fast[2].dtype == torch.float32
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.01)
+
+
+def test_chunked_loss_under_autocast_writes_its_gradient_in_one_pass_and_keeps_a_sure_targets_share():
+    """Under bf16 autocast the chunk's gradient is the exp of its float32 log-probabilities written in bf16 by one op
+    (no in-place exp and then a cast of the whole block), and each target's entry p - 1 is taken in float32 first: a
+    target at p = 0.9995, which rounds to 1 in bf16, keeps its -0.0005."""
+    torch.manual_seed(4)
+    n, vocab, d = 8, 200, 16
+    h, w, t = torch.randn(n, d), torch.randn(vocab, d) * 0.1, torch.randint(0, vocab, (n,))
+    h[0], w[:, 0] = 0.0, 0.0
+    h[0, 0], w[t[0], 0] = 1.0, math.log(199 / 5e-4)  # row 0: logit 12.9 at its target, 0 elsewhere
+    plain = _loss_and_grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t), h, w, t)
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and args[0].shape == (n, vocab):
+                casts.append((args[0].dtype, out.dtype))
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+        fast = _loss_and_grads(lambda h, w, t: chunked_cross_entropy(h, w, t, n), h, w, t)
+    assert casts == [(torch.bfloat16, torch.float32)]  # the logits up; the gradient is not cast down
+    sure = plain[1][0, 0].item()  # (p - 1) * 12.9 * 2.5 / n: the only share of row 0's first hidden dimension
+    assert sure < -1e-3 and fast[1][0, 0].item() == pytest.approx(sure, rel=0.05)
     for a, b in zip(fast, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.01)
 
