@@ -282,6 +282,24 @@ def test_compiled_model_gives_the_eager_loss_and_gradients():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_compiled_chunk_loss_under_autocast_gives_the_eager_values(fresh_compiler):
+    """The GPU's compiled training takes each loss chunk through torch.compile under bf16 autocast (with the padded
+    vocabulary): the loss and gradients of the eager chunks, to bf16 rounding."""
+    torch.manual_seed(5)
+    h, w = torch.randn(40, 16), torch.randn(300, 16) * 0.5
+    t = torch.randint(0, 300, (40,))
+    t[::5] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, compiled = (
+            _loss_and_grads(
+                lambda h, w, t, c=c: chunked_cross_entropy(h, w, t, 16, vocab_multiple=128, compiled=c), h, w, t
+            )
+            for c in (False, True)
+        )
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.02, atol=2e-3)
+
+
 BENCH = ["--set", "vocab_size=512", "--set", "d_model=32", "--set", "n_layers=1", "--set", "n_heads=2"]
 BENCH += ["--set", "n_kv_heads=1", "--set", "max_seq_len=32", "--set", "seq_len=16", "--set", "micro_batch_size=2"]
 
