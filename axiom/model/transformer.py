@@ -178,7 +178,7 @@ class Axiom(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         tie(self)
         if on_meta:
-            cos = sin = torch.empty(cfg.max_seq_len, cfg.head_dim)
+            cos, sin = (torch.empty(cfg.max_seq_len, cfg.head_dim) for _ in range(2))
         else:
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
