@@ -190,15 +190,15 @@ def chunk_loss(
     if w.shape[0] > vocab:
         logp[:, vocab:] = -math.inf  # padded columns: no probability, so no gradient
     torch.log_softmax(logp, dim=-1, out=logp)
-    loss = -(logp[rows, safe_t] * valid).sum()
+    target_logp = logp[rows, safe_t]  # (n,), gathered before the block is overwritten
+    loss = -(target_logp * valid).sum()
     if grad_weight is None and not want_grad_hidden:
         return loss, None
     # d(mean loss)/d logits = (softmax - one_hot) * valid / n_valid. Under autocast the softmax is written in the
     # low precision as it is computed (one pass over the float32 block, not an in-place exp and then a cast), each
     # target's entry p - 1 taken in float32 first: near p = 1 a rounded p would lose it.
-    target_p = logp[rows, safe_t].exp()
     g = logp.exp_() if logp.dtype == h.dtype else torch.exp(logp, out=torch.empty_like(logp, dtype=h.dtype))
-    g[rows, safe_t] = (target_p - 1.0).to(h.dtype)
+    g[rows, safe_t] = (target_logp.exp() - 1.0).to(h.dtype)
     del logp  # under autocast g is a low-precision copy: free the fp32 block before the matmuls
     scale = (valid / n_valid).to(h.dtype)[:, None]  # (n, 1)
     if grad_weight is not None:
