@@ -87,10 +87,11 @@ class DispatchedOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_attention_backward_joins_the_heads_gradients_without_zero_padded_copies(model, device):
-    """The gradients equal the naive reference's, and backward joins the query, key and value gradients with one cat
-    each: slicing them out of the projection instead made a zero-filled copy per slice and added them up, two passes
-    over the projection's gradient more (docs/benchmarks.md, "The second GPU check")."""
+def test_attention_backward_writes_the_heads_gradients_without_cats_or_zero_padded_copies(model, device):
+    """The gradients equal the naive reference's, and backward writes the query, key and value gradients into one
+    tensor shaped like the projection's output: slicing them out of it made a zero-filled copy per slice, and joining
+    them took a cat for RoPE's halves, one for queries with keys and one for those with values, a pass over the
+    heads each (docs/benchmarks.md, "The second GPU check")."""
     attn = model.layers[0].attn
     x = torch.randn(2, 10, SMALL.d_model, device=device, requires_grad=True)
     cos, sin = model.rope_cos[:10], model.rope_sin[:10]
@@ -102,7 +103,28 @@ def test_attention_backward_joins_the_heads_gradients_without_zero_padded_copies
         got = torch.autograd.grad((out * weight).sum(), (x, attn.qkv_proj.weight))
     for a, b in zip(got, expected, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
-    assert "slice_backward" not in ops.names and ops.names.count("cat") == 3  # q with k, RoPE's halves, qk with v
+    assert "slice_backward" not in ops.names and "cat" not in ops.names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_trainings_rope_equals_apply_rope_and_autograds_gradient_bit_for_bit(device, dtype):
+    """The rotated queries and keys and the values of eager training (`_RotaryQKV`) are `apply_rope`'s over the split
+    heads bit for bit, and so is the gradient of the heads, float32 tables with bfloat16 heads included (autocast)."""
+    from axiom.model.transformer import _RotaryQKV, apply_rope
+
+    torch.manual_seed(0)
+    B, T, nh, nkv, hd = 2, 10, 4, 2, 16
+    cos, sin = torch.randn(2, T, hd, device=device)  # any tables, not only RoPE's (whose two halves are equal)
+    heads = torch.randn(B, T, nh + 2 * nkv, hd, device=device, dtype=dtype, requires_grad=True)
+    weights = [torch.randn(B, n, T, hd, device=device, dtype=dtype) for n in (nh, nkv, nkv)]
+
+    qk, v = heads.split([nh + nkv, nkv], dim=2)
+    plain = (*apply_rope(qk.transpose(1, 2), cos, sin).split([nh, nkv], dim=1), v.transpose(1, 2))
+    ours = tuple(t.transpose(1, 2) for t in _RotaryQKV.apply(heads, cos, sin, nh, nkv))
+    assert all(a.dtype == dtype and torch.equal(a, b) for a, b in zip(ours, plain, strict=True))
+    (expected,) = torch.autograd.grad(sum((t * w).sum() for t, w in zip(plain, weights, strict=True)), heads)
+    (got,) = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ours, weights, strict=True)), heads)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -85,11 +85,14 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv_heads
-        qk, v = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim).split([nh + nkv, nkv], dim=2)
-        # One RoPE call rotates query and key heads together: half the kernels of rotating them apart. Splits, not
-        # slices: backward joins the parts' gradients with one cat each, where slices add zero-padded copies.
-        q, k = apply_rope(qk.transpose(1, 2), cos, sin).split([nh, nkv], dim=1)  # (B, nh, T, hd), (B, nkv, T, hd)
-        v = v.transpose(1, 2)
+        heads = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim)
+        if heads.requires_grad and cache is None and not torch.compiler.is_compiling():  # eager training
+            q, k, v = (t.transpose(1, 2) for t in _RotaryQKV.apply(heads, cos, sin, nh, nkv))
+        else:  # inductor fuses the plain ops; decoding has no backward
+            # One RoPE call rotates query and key heads together: half the kernels of rotating them apart.
+            qk, v = heads.split([nh + nkv, nkv], dim=2)
+            q, k = apply_rope(qk.transpose(1, 2), cos, sin).split([nh, nkv], dim=1)  # (B, nh, T, hd), (B, nkv, T, hd)
+            v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         gqa = self.n_kv_heads != self.n_heads
@@ -106,6 +109,48 @@ class Attention(nn.Module):
                 enable_gqa=gqa,
             )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class _RotaryQKV(torch.autograd.Function):
+    """The rotated queries and keys and the values, (B, T, heads, hd) each, of a fused projection's heads (B, T,
+    nh + 2 nkv, hd) under tables cos/sin (T, hd): `apply_rope`'s values and autograd's gradients bit for bit. Its
+    backward writes the three gradients straight into one tensor shaped like the heads, where autograd joined the
+    query and key gradients with a cat, then those with the values' with another, after RoPE's backward made its own
+    cat of the two halves (docs/benchmarks.md, "The second GPU check")."""
+
+    @staticmethod
+    def forward(ctx, heads: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int) -> tuple[Tensor, ...]:
+        cos, sin = cos.to(heads.dtype)[:, None], sin.to(heads.dtype)[:, None]  # (T, 1, hd)
+        n_rotated = n_heads + n_kv_heads
+        qk = heads[:, :, :n_rotated]
+        rotated = _rotate_half(qk, cos, sin.roll(sin.shape[-1] // 2, -1), qk.new_empty(qk.shape), inverse=False)
+        ctx.save_for_backward(cos, sin)
+        ctx.n_heads, ctx.n_rotated = n_heads, n_rotated
+        return rotated[:, :, :n_heads], rotated[:, :, n_heads:], heads[:, :, n_rotated:]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor) -> tuple[Tensor | None, ...]:
+        cos, sin = ctx.saved_tensors
+        nh, n_rotated = ctx.n_heads, ctx.n_rotated
+        grad = grad_q.new_empty(*grad_q.shape[:2], n_rotated + grad_v.shape[2], grad_q.shape[3])
+        _rotate_half(grad_q, cos, sin, grad[:, :, :nh], inverse=True)
+        _rotate_half(grad_k, cos, sin, grad[:, :, nh:n_rotated], inverse=True)
+        grad[:, :, n_rotated:].copy_(grad_v)
+        return grad, None, None, None, None
+
+
+def _rotate_half(x: Tensor, cos: Tensor, halves_sin: Tensor, out: Tensor, inverse: bool) -> Tensor:
+    """x rotated into `out` in four kernels: out = x * cos, then out's first half minus and second half plus the
+    other half of x * halves_sin; with halves_sin = sin with its halves swapped that is `apply_rope`'s x * cos +
+    cat(-x2, x1) * sin, rounding for rounding. `inverse` adds to the first and subtracts from the second instead,
+    with sin as is: the rotation back, RoPE's gradient."""
+    torch.mul(x, cos, out=out)
+    b1, b2 = (x * halves_sin).chunk(2, dim=-1)
+    out1, out2 = out.chunk(2, dim=-1)
+    out1.add_(b2) if inverse else out1.sub_(b2)
+    out2.sub_(b1) if inverse else out2.add_(b1)
+    return out
 
 
 class SwiGLU(nn.Module):
