@@ -220,20 +220,38 @@ def kernels_in(extensions: Path, wait_s: float = 300) -> subprocess.CompletedPro
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=wait_s + 240)
 
 
+def test_each_source_and_installation_builds_in_its_own_folder(tmp_path, monkeypatch):
+    """The build's folder follows the source's text and path: a changed source is built anew, and two checkouts used
+    in turn keep one build each (one shared folder rebuilt the kernels at every switch)."""
+    names = {}
+    for where, text in [("a", "same"), ("b", "same"), ("c", "changed")]:
+        (tmp_path / where).mkdir()
+        (source := tmp_path / where / "decode.cpp").write_text(text)
+        monkeypatch.setattr(kernels, "SOURCE", source)
+        kernels.build_name.cache_clear()
+        names[where] = kernels.build_name()
+    kernels.build_name.cache_clear()
+    assert len(set(names.values())) == 3 and all(re.fullmatch(r"axiom_decode_[0-9a-f]{16}", n) for n in names.values())
+    (tmp_path / "a" / "decode.cpp").write_text("changed")
+    monkeypatch.setattr(kernels, "SOURCE", tmp_path / "a" / "decode.cpp")
+    assert kernels.build_name() != names["a"]
+    kernels.build_name.cache_clear()
+
+
 @needs_a_build
 def test_a_killed_build_never_blocks_a_later_one(tmp_path):
     """torch's lock file of a build killed mid-way (it used to make every later generate, chat, serve and bench
     wait forever at 0% CPU) and ours of a dead process: the next process builds and loads the kernels."""
-    build = tmp_path / kernels.NAME
+    build = tmp_path / kernels.build_name()
     build.mkdir()
     (build / "lock").touch()  # torch's FileBaton, left by a kill
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     holder = {"command": kernels.BUILDER, "pid": int(gone.stdout), "host": socket.gethostname(), "since": "12:00:00"}
-    (tmp_path / f".{kernels.NAME}.lock").write_text(json.dumps(holder))
+    (tmp_path / f".{kernels.build_name()}.lock").write_text(json.dumps(holder))
     done = kernels_in(tmp_path)
     assert done.stdout == "True\n", done.stderr
     assert "left behind by a build of the decode kernels that was stopped" in done.stderr
-    assert not (build / "lock").exists() and not (tmp_path / f".{kernels.NAME}.lock").exists()
+    assert not (build / "lock").exists() and not (tmp_path / f".{kernels.build_name()}.lock").exists()
     assert kernels_in(tmp_path).stderr == ""  # built: the next process only loads
 
 
@@ -242,7 +260,7 @@ def test_a_killed_build_never_blocks_a_later_one(tmp_path):
 def test_a_build_running_elsewhere_is_awaited_then_decoding_goes_on_without_it(tmp_path, holds):
     """Another process building (under our lock, or torch's alone as an older axiom would): named while we wait,
     and after the wait decoding goes on with torch's kernels; the other build's lock is left to it."""
-    build = tmp_path / kernels.NAME
+    build = tmp_path / kernels.build_name()
     build.mkdir()
     hold = (
         f"from axiom.files import output_lock\nwith output_lock({str(build)!r}, {kernels.BUILDER!r}):\n"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -33,9 +34,8 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode.cpp")
 # AVX-512 F/BW for the loads and conversions, FMA for the products; the one bf16 x bf16 function that uses the
 # AVX512-BF16 dot product is compiled for it alone and chosen at run time where the CPU has it, so one build serves
-# every AVX-512 CPU. The name carries the version: a changed build gets a different folder.
+# every AVX-512 CPU.
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
-NAME = "axiom_decode_avx512_v10"
 BUILDER = "decode-kernels build"  # our lock's holder, as other processes name it while they wait
 BUILD_WAIT_S = 300.0  # a build takes 10-60 s; wait that long for another process's before decoding without it
 
@@ -60,6 +60,18 @@ def _build_path() -> str:
 
 
 @functools.cache
+def build_name() -> str:
+    """The build's name, and its folder's under torch's extensions folder: one per source text and path, flags, python
+    and torch. A changed source gets its own build, and so does each installation: two checkouts or environments
+    used in turn would otherwise rebuild the kernels at every switch (the build's command names the source's path)."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), str(SOURCE.resolve()), " ".join(FLAGS), sys.executable, torch.__version__):
+        key.update(part if isinstance(part, bytes) else part.encode())
+        key.update(b"\0")
+    return f"axiom_decode_{key.hexdigest()[:16]}"
+
+
+@functools.cache
 def available() -> bool:
     """Build (once) and load the kernels; False, with one warning, where they cannot be had."""
     reason = _usable_here() or _build_and_load(BUILD_WAIT_S)
@@ -78,16 +90,17 @@ def _build_and_load(wait_s: float) -> str | None:
     every later process waits for it forever. So we hold our own lock around torch's (output_lock: released by the
     kernel on any exit) and remove torch's `lock` once no process builds; a build running elsewhere is waited for
     `wait_s` seconds at most, then decoding goes on with torch's kernels."""
-    from torch.utils.cpp_extension import _get_build_directory, load  # torch's folder for NAME (a private helper)
+    from torch.utils.cpp_extension import _get_build_directory, load  # torch's folder for a name (a private helper)
 
     deadline = time.monotonic() + wait_s
     try:
-        build = Path(_get_build_directory(NAME, verbose=False))
+        name = build_name()
+        build = Path(_get_build_directory(name, verbose=False))
         with output_lock(build, BUILDER, wait_s=wait_s, on_wait=functools.partial(_announce_wait, wait_s)):
             if busy := _settle_dead_build(build, deadline, wait_s):
                 return f"still being built by pid {busy[0]} after {wait_s:g} s"
             with environment("PATH", _build_path()):  # torch's build runs `ninja` found through PATH
-                load(NAME, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+                load(name, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     except OutputBusy:
         return f"still being built by another process after {wait_s:g} s"
     except Exception as e:  # any build or load failure: fall back, never fail decoding
