@@ -211,9 +211,12 @@ class Engine:
             for request, token in zip(list(self.running), self._decode(last), strict=True):
                 self._record(request, token, produced)
         admitted, rows = self._admit()
-        for group in prefill_groups(admitted, rows):
-            for request, token in zip(group, self._prefill(group), strict=True):
-                self._record(request, token, produced)
+        # Every group is prefilled before a first token is recorded: a request that ends there leaves its row, into
+        # which a dynamic cache moves the last running request, which must have been prefilled by then.
+        groups = prefill_groups(admitted, rows)
+        firsts = [pair for group in groups for pair in zip(group, self._prefill(group), strict=True)]
+        for request, token in firsts:
+            self._record(request, token, produced)
         return produced
 
     def _step_ahead(self, produced: list[tuple[Request, int | None]]) -> None:
