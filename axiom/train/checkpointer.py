@@ -27,6 +27,7 @@ from axiom.model.checkpoint import (
 )
 from axiom.model.transformer import Axiom
 from axiom.text.chatml import TEMPLATE_NAME
+from axiom.train.optim import set_hyperparameters
 from axiom.train.parallel import Dist, full_state, load_optimizer_state, set_model_state
 from axiom.train.runlog import RunLog
 from axiom.train.state import TrainState
@@ -91,6 +92,7 @@ class Checkpointer:
         """Optimizer, loader and RNG from a checkpoint's state.pt, and its TrainState (the weights are loaded
         apart)."""
         load_optimizer_state(self.model, self.optimizer, saved["optimizer"], self.fsdp)
+        set_hyperparameters(self.optimizer, self.cfg.train)  # the run's own, where a resume changed them
         self.loader.load_state_dict(saved["loader"])
         rngs = saved["rng"]
         set_rng_state(rngs[self.d.rank] if len(rngs) == self.d.world_size else rngs[0])

@@ -49,10 +49,21 @@ def schedule_jump(saved: TrainConfig, cfg: TrainConfig, step: int) -> str | None
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on every matrix (attention, MLP, and the tied embedding/output table); none on norm gains."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied table appears once
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    matrices, gains = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+    decays = group_weight_decays(weight_decay)
+    return [{"params": group, "weight_decay": decay} for group, decay in zip((matrices, gains), decays, strict=True)]
+
+
+def group_weight_decays(weight_decay: float) -> tuple[float, float]:
+    """The weight decay of `param_groups`' two groups: the matrices', then the norm gains' (none)."""
+    return weight_decay, 0.0
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """The config's betas and weight decay in every parameter group. `load_state_dict` brings back a checkpoint's,
+    so a run resumed with other values would otherwise train on with the old ones (the LR is set at every step)."""
+    for group, decay in zip(optimizer.param_groups, group_weight_decays(cfg.weight_decay), strict=True):
+        group["betas"], group["weight_decay"] = (cfg.beta1, cfg.beta2), decay
 
 
 def _adamw8bit(groups: list[dict], cfg: TrainConfig, device: torch.device):
