@@ -74,16 +74,20 @@ class RunLog:
             w.writerows([format_value(row[c]) for c in columns] for row in rows)
 
     def truncate(self, step: int) -> None:
-        """Drop csv rows after `step`: a resumed run rewrites what the killed one logged past its checkpoint."""
+        """Drop csv rows after `step`: a resumed run rewrites what the killed one logged past its checkpoint, a
+        torn last row included (a crash of the machine can leave zero bytes or half a line at a file's end)."""
         if not self.main:
             return
         for name in ("train.csv", "eval.csv"):
             path = self.run_dir / name
             if not path.exists():
                 continue
-            with open(path, newline="") as f:
-                rows = list(csv.reader(f))
-            kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+            with open(path, newline="", errors="replace") as f:
+                rows = list(csv.reader(line.replace("\0", "") for line in f))
+            if not rows or not rows[0]:  # nothing whole, not even the header: the next row starts it anew
+                path.unlink()
+                continue
+            kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
             with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
                 csv.writer(f).writerows(kept)
 
