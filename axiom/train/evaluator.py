@@ -11,7 +11,6 @@ from axiom.eval.loss import evaluate
 from axiom.eval.tasks import evaluate_tasks, load_tasks, task_columns
 from axiom.model.transformer import Axiom
 from axiom.train.checkpointer import Checkpointer
-from axiom.train.optim import lr_at
 from axiom.train.progress import Meter
 from axiom.train.runlog import RunLog
 from axiom.train.state import TrainState
@@ -42,7 +41,7 @@ class Evaluator:
             "val_loss": res.loss,
             "val_ppl": res.ppl,
             "val_bpb": res.bpb,
-            "lr": lr_at(max(s.step - 1, 0), t),
+            "lr": s.lr(t, max(s.step - 1, 0)),  # the last step's, as train.csv has it
             "elapsed_s": round(s.elapsed_s, 3),
             "tokens_per_s": round(window.tokens_per_s, 1) if window.seconds > 0 else math.nan,
         }

@@ -18,11 +18,11 @@ from axiom.train.step import StepResult
 EVENT_COLUMNS = ("step", "tokens", "event", "from_step", "skipped_windows", "lr_scale", "reason")
 
 
-def rewind_logs(log: RunLog, state: TrainState) -> None:
-    """The csvs of a run continuing from `state` (resumed or rolled back): rows logged after its step are dropped,
-    events.csv lists its rollbacks."""
-    log.truncate(state.step)
-    log.write_rows("events.csv", EVENT_COLUMNS, state.rollbacks)
+def rewind_logs(log: RunLog, state: TrainState | None) -> None:
+    """The csvs of a run continuing from `state` (resumed or rolled back), or starting afresh (None): rows logged
+    after its step are dropped, events.csv lists its rollbacks."""
+    log.truncate(state.step if state is not None else -1)
+    log.write_rows("events.csv", EVENT_COLUMNS, state.rollbacks if state is not None else [])
 
 
 class SpikeRecovery:
@@ -100,7 +100,7 @@ class SpikeRecovery:
             raise self.stop(why, good, state)
         good_dir = good[1]
         s = self.checkpointer.load(good_dir)
-        scale = s.lr_multiplier * t.rollback_lr_factor
+        scale = s.lr_multiplier(s.step) * t.rollback_lr_factor
         s.lr_scale, s.lr_scale_until = scale, s.step + t.rollback_lr_steps
         s.best_val_loss, s.elapsed_s = state.best_val_loss, state.elapsed_s  # best/ and the wall time are not undone
         skipped = (state.step - s.step) * t.grad_accum_steps * t.micro_batch_size

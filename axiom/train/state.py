@@ -35,14 +35,14 @@ class TrainState:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in state.items() if k in known})
 
-    @property
-    def lr_multiplier(self) -> float:
-        """The rollback LR scale while it lasts, else 1."""
-        return self.lr_scale if self.step < self.lr_scale_until else 1.0
+    def lr_multiplier(self, step: int) -> float:
+        """The rollback LR scale of step `step` while it lasts, else 1."""
+        return self.lr_scale if step < self.lr_scale_until else 1.0
 
-    def lr(self, cfg: TrainConfig) -> float:
-        """The learning rate of the next step (lowered for a while after a rollback)."""
-        return lr_at(self.step, cfg) * self.lr_multiplier
+    def lr(self, cfg: TrainConfig, step: int | None = None) -> float:
+        """The learning rate of step `step` (0-based; default the next one), lowered for a while after a rollback."""
+        step = self.step if step is None else step
+        return lr_at(step, cfg) * self.lr_multiplier(step)
 
     def record(self, result: StepResult, tokens: int, seconds: float) -> None:
         """Count a step just run: a skipped one extends the streak of bad steps, a taken one ends it and enters the
