@@ -450,6 +450,13 @@ def remove_path(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def remove_contents(folder: Path, created: bool) -> None:
+    """Take back what a command wrote into `folder`, which was empty before it: the folder itself if the command
+    `created` it, else everything in it."""
+    for p in [folder] if created else list(folder.iterdir()) if folder.is_dir() else []:
+        remove_path(p)
+
+
 def fsync_dir(directory: Path) -> None:
     """Make the renames inside `directory` durable (a no-op where folders cannot be opened)."""
     with contextlib.suppress(OSError):

@@ -25,7 +25,15 @@ import torch.distributed as dist
 from axiom.config import Config, TrainConfig, changed_fields
 from axiom.data.loader import read_manifest
 from axiom.errors import AxiomError
-from axiom.files import check_no_overlap, output_lock, read_json, write_errors, write_json_atomic
+from axiom.files import (
+    check_no_overlap,
+    describe_missing,
+    output_lock,
+    read_json,
+    remove_contents,
+    write_errors,
+    write_json_atomic,
+)
 from axiom.model.checkpoint import (
     CHECKSUMS,
     CONFIG,
@@ -50,6 +58,11 @@ from axiom.train.plan import local_hardware, resolve
 from axiom.train.recovery import rewind_logs
 from axiom.train.runlog import RunLog
 from axiom.train.trainer import Trainer, TrainResult
+
+# What a run's folder holds besides config.json (docstring above), TensorBoard's and W&B's folders and `axiom plot`'s.
+RUN_FILES = frozenset(
+    {"train.log", "train.csv", "eval.csv", "events.csv", "checkpoints", "tensorboard", "wandb", "loss.png"}
+)
 
 # Reads the weights of --init-from when it is not an Axiom checkpoint (`axiom train` passes the Hugging Face folder
 # reader of axiom.interop); the model's shape is then the run's config.
@@ -120,6 +133,8 @@ def find_start(
     and whether `run_dir` already holds files; refuses a fresh start into a used directory and another run's
     checkpoint into it."""
     skipped: list[tuple[Path, str]] = []
+    if run_dir.exists() and not run_dir.is_dir():
+        raise AxiomError(f"--out {run_dir} {describe_missing(run_dir)}, not a folder; choose a folder for the run")
     if resume_from is not None:
         start = Path(resume_from)
         check_resumable(start)
@@ -131,9 +146,28 @@ def find_start(
     used = run_dir.is_dir() and any(run_dir.iterdir())
     if start is None and used and not resume:
         raise AxiomError(f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out")
+    if start is None and used:
+        check_holds_a_run(run_dir)
     if start is not None and used and not start.resolve().is_relative_to((run_dir / "checkpoints").resolve()):
         raise AxiomError(f"--resume-from {start}: not a checkpoint of {run_dir}; continue it into an empty --out")
     return start, skipped, used
+
+
+def check_holds_a_run(run_dir: Path) -> None:
+    """--resume found no checkpoint in the used folder `run_dir`, so a fresh run would start there, over its
+    config.json and csvs: refuse, in one line, a folder that is a checkpoint or holds no run of axiom train."""
+    if any((run_dir / name).exists() for name in (WEIGHTS, CHECKSUMS, STATE)):
+        raise AxiomError(
+            f"--out {run_dir} is a checkpoint, not a run's folder; --resume-from {run_dir} continues from it into "
+            f"its own run's --out, --init-from {run_dir} starts a new run (a new --out) from its weights"
+        )
+    other = f"--out {run_dir} holds files but no run of axiom train; nothing was written: choose an empty or new --out"
+    config = run_dir / "config.json"
+    if config.is_file():
+        if not {"model", "train"} <= read_json(config, other).keys():
+            raise AxiomError(f"{other} (its config.json is not a run's)")
+    elif not {p.name for p in run_dir.iterdir()} <= RUN_FILES:  # a run stopped before its config.json was written
+        raise AxiomError(f"{other} (no run's config.json)")
 
 
 def check_resumable(path: Path) -> None:
@@ -204,17 +238,24 @@ def setup(
     state = load_training_state(start) if start is not None else None  # first: a bad state.pt is refused early
     if d.world_size > 1:
         dist.barrier()  # every rank has judged the directory before rank 0 writes into it
+    created = not run_dir.exists()
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        log = RunLog(run_dir, d.main, **(log_to or {}))
+        for line in notes:
+            log.info(f"cleaned up: {line}")
+        for path, reason in skipped:
+            log.info(f"--resume: skipped {path}, which does not verify ({reason})")
+        seed_everything(cfg.train.seed)
+        model = initial_model(cfg, start, init_from, read_weights)
+        trainer = Trainer(cfg, plan, data_dir, manifest, run_dir, model, device, d, log, state)
+    except BaseException:
+        if d.main and not used:  # a new run that could not start leaves its folder as it found it: empty or absent
+            remove_contents(run_dir, created)
+        raise
+    if d.main:  # after the Trainer's checks: a refused resume leaves the run's config.json as it was
         write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    log = RunLog(run_dir, d.main, **(log_to or {}))
-    for line in notes:
-        log.info(f"cleaned up: {line}")
-    for path, reason in skipped:
-        log.info(f"--resume: skipped {path}, which does not verify ({reason})")
-    seed_everything(cfg.train.seed)
-    model = initial_model(cfg, start, init_from, read_weights)
-    trainer = Trainer(cfg, plan, data_dir, manifest, run_dir, model, device, d, log, state)
     step = trainer.state.step
     if d.main and (start is not None or skipped):  # the ones skipped too: training would overwrite them
         set_aside_newer(run_dir / "checkpoints", step if start is not None else -1, log)
@@ -223,7 +264,7 @@ def setup(
         log.info(f"resumed from {start} at step {step:,} ({trainer.state.tokens:,} tokens)")
         log_resume_changes(log, start, cfg.train, step)
     elif used:
-        log.truncate(-1)
+        rewind_logs(log, None)
         log.info(f"--resume: {run_dir} has no complete checkpoint yet; starting fresh")
     trainer.log_plan()
     return trainer
