@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MICRO_VOCAB, micro_args, micro_config
+from reliability_helpers import fails, hashes
 from safetensors.torch import load_file
 
 import axiom.train.trainer as trainer_mod
@@ -134,6 +135,8 @@ def test_poisoned_batch_rolls_back_skips_it_and_finishes(tiny_data, tmp_path, mo
     rows = {int(r["step"]): r for r in read_rows(run / "train.csv")}
     assert list(rows) == list(range(1, 31)) and all(r["skipped"] == "0" for r in rows.values())
     assert float(rows[13]["lr"]) == lr_at(12, cfg.train) * 0.5 and float(rows[21]["lr"]) == lr_at(20, cfg.train)
+    evals = {int(r["step"]): r for r in read_rows(run / "eval.csv")}
+    assert all(evals[step]["lr"] == rows[step]["lr"] for step in (16, 20, 24))  # the last step's, lowered or not
     state = load_training_state(list_checkpoints(run / "checkpoints")[-1][1])
     assert state["rollbacks"][0]["from_step"] == 16 and state["bad_steps"] == 0
     assert_all_finite(run)
@@ -200,9 +203,11 @@ def test_resume_is_idempotent_for_schedulers(tiny_data, tmp_path, capsys):
             for f in d.iterdir():
                 f.unlink()
             d.rmdir()
+    (run / "events.csv").write_text(",".join(EVENT_COLUMNS) + "\n2,256,rollback,3,4,0.5,spike\n")  # the old run's
     assert main(args) == 0
     assert "has no complete checkpoint yet; starting fresh" in capsys.readouterr().out
     assert [int(r["step"]) for r in read_rows(run / "eval.csv")] == [0, 3, 6]
+    assert (run / "events.csv").read_text() == ",".join(EVENT_COLUMNS) + "\n"  # none of this run's
     again = load_file(run / "checkpoints" / "step_000006" / "model.safetensors")
     assert all(torch.equal(again[k], reference[k]) for k in reference)
     assert main(args) == 0  # finished: resumes at the last step and does nothing more
@@ -383,3 +388,87 @@ def test_extending_a_finished_run_says_the_lr_jumps(tiny_data, tmp_path, capsys)
     assert main(["train", "--data", str(tiny_data), "--out", str(quiet), *sets, *longer, "--set", "lr_max=3e-4"]) == 0
     assert "notice: the LR jumps" not in capsys.readouterr().err
     assert float(read_rows(quiet / "train.csv")[4]["lr"]) == pytest.approx(3e-4)
+
+
+def test_resume_into_a_checkpoint_a_file_or_another_programs_folder_is_refused_and_changes_nothing(
+    tiny_data, tmp_path, capsys
+):
+    """--resume that finds no checkpoint starts a fresh run in a used folder only if that folder holds a run: a
+    checkpoint given as --out, or a folder of something else, used to get a new run's config.json over its own."""
+    run = tmp_path / "run"
+    base = ["train", "--data", str(tiny_data), *micro_args("max_steps=2", "eval_interval=2", "checkpoint_interval=2")]
+    assert main([*base, "--out", str(run)]) == 0
+    best, step = run / "checkpoints" / "best", run / "checkpoints" / "step_000002"
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "llama"}')
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    afile = tmp_path / "afile"
+    afile.write_text("hi")
+    before = hashes(tmp_path)
+    for out, message in [
+        (best, f"--out {best} is a checkpoint, not a run's folder; --resume-from {best} continues from it"),
+        (step, f"--out {step} is a checkpoint, not a run's folder"),
+        (other, f"--out {other} holds files but no run of axiom train; nothing was written"),
+        (notes, "(no run's config.json)"),
+        (afile, f"--out {afile} is a regular file, not a folder"),
+    ]:
+        fails(capsys, [*base, "--out", out, "--resume"], message)
+    fails(capsys, [*base, "--out", afile], "is a regular file, not a folder")
+    assert hashes(tmp_path) == before
+
+
+def test_a_run_that_cannot_start_leaves_its_folder_as_it_found_it(tiny_data, tmp_path, capsys):
+    """A new run whose setup fails (a bad --init-from, a micro-batch the data cannot fill) leaves no folder, or an
+    empty one, so the corrected command runs; a refused resume leaves the run's config.json as it was."""
+    run = tmp_path / "run"
+    base = ["train", "--data", str(tiny_data), *micro_args("max_steps=2", "eval_interval=2", "checkpoint_interval=2")]
+    assert main([*base, "--out", str(run)]) == 0
+    new, empty = tmp_path / "new", tmp_path / "empty"
+    empty.mkdir()
+    fails(capsys, [*base, "--out", new, "--init-from", run], "model.safetensors")  # a run, not a checkpoint
+    fails(capsys, [*base, "--out", empty, "--set", "micro_batch_size=4000"])
+    assert not new.exists() and list(empty.iterdir()) == []
+    assert main([*base, "--out", str(new), "--init-from", str(run / "checkpoints" / "best")]) == 0
+    before = hashes(run / "config.json")
+    fails(capsys, [*base, "--out", run, "--resume", "--set", "seq_len=16"], "seq_len")
+    assert hashes(run / "config.json") == before
+
+
+def test_resume_trains_with_the_betas_and_weight_decay_it_is_given(tiny_data, tmp_path):
+    """A resumed run's optimizer takes the config's betas and weight decay, not the checkpoint's (which its state
+    brings back): train.log said "changed", yet the weights were those of an unchanged resume."""
+    sets = ("eval_interval=4", "checkpoint_interval=2")
+    run = tmp_path / "run"
+    train(micro_config(*sets, "max_steps=2"), tiny_data, run)
+    same, changed = shutil.copytree(run, tmp_path / "same"), shutil.copytree(run, tmp_path / "changed")
+    train(micro_config(*sets, "max_steps=4"), tiny_data, same, resume=True)
+    other = micro_config(*sets, "max_steps=4", "weight_decay=0.0", "beta1=0.5", "beta2=0.9")
+    train(other, tiny_data, changed, resume=True)
+    assert "weight_decay 0.1 -> 0.0" in (changed / "train.log").read_text()
+    groups = load_training_state(changed / "checkpoints" / "step_000004")["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.0, (0.5, 0.9)), (0.0, (0.5, 0.9))]
+    ours = load_file(changed / "checkpoints" / "step_000004" / "model.safetensors")
+    theirs = load_file(same / "checkpoints" / "step_000004" / "model.safetensors")
+    assert not all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_resume_drops_a_torn_csv_tail(tiny_data, tmp_path):
+    """A crash of the machine can leave NUL bytes or half a row at the end of train.csv or eval.csv; --resume drops
+    them with the rest of what was logged past its checkpoint (it used to fail on them, at every retry)."""
+    cfg = micro_config("max_steps=4", "eval_interval=2", "checkpoint_interval=2")
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    train(cfg, tiny_data, reference)
+    train(cfg, tiny_data, run)
+    shutil.rmtree(run / "checkpoints" / "step_000004")
+    with open(run / "train.csv", "ab") as f:
+        f.write(bytes(64))
+    with open(run / "eval.csv", "a") as f:
+        f.write("x1,2")
+    train(cfg, tiny_data, run, resume=True)
+    evals = lambda r: [(row["step"], row["val_loss"]) for row in read_rows(r / "eval.csv")]  # noqa: E731
+    losses = lambda r: [(row["step"], row["loss"]) for row in read_rows(r / "train.csv")]  # noqa: E731
+    assert evals(run) == evals(reference) and [step for step, _ in evals(run)] == ["0", "2", "4"]
+    assert losses(run) == losses(reference)
