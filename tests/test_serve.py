@@ -299,7 +299,7 @@ def test_a_chat_reply_ends_where_the_model_starts_another_turn(tmp_path):
         ({"prompt": "hi", "stream": "yes"}, 400, "stream", None),
         ({"prompt": "hi", "n": 2}, 400, "n", None),
         ({"prompt": "hi", "seed": 2**64}, 400, "seed", None),
-        ({"prompt": "hi", "stream_options": {"include_usage": 1}}, 400, "include_usage", None),
+        ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": 1}}, 400, "include_usage", None),
         ({"prompt": "hi " * 5000}, 400, "prompt", "context_length_exceeded"),
         # malformed beyond a wrong field: each was a 500 with a traceback in the log, or a value ignored
         (b"[" * 100_000 + b"]" * 100_000, 400, None, "invalid_json"),  # RecursionError
@@ -315,6 +315,11 @@ def test_a_chat_reply_ends_where_the_model_starts_another_turn(tmp_path):
         ({"prompt": "hi", "stop": ["a"] * 5}, 400, "stop", None),
         ({"prompt": "hi", "stop": "x" * 257}, 400, "stop", None),
         ({"prompt": "hi", "temprature": 0}, 400, "temprature", "unknown_field"),  # a typo is not ignored
+        (b'{"model": "MODEL", "prompt": "hi", "\\ud800": 1}', 400, "\ud800", "unknown_field"),  # was a 500
+        (b'{"model": "MODEL", "prompt": "\xed\xa0\x80 hi"}', 400, None, "invalid_json"),  # a surrogate in UTF-8
+        ('{"model": "m", "prompt": "hi"}'.encode("utf-16"), 400, None, "invalid_json"),  # not UTF-8 either
+        ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options", None),  # no stream
+        ({"prompt": "hi", "stream": True, "stream_options": {"usage": True}}, 400, "stream_options", "unknown_field"),
         ({"prompt": "hi", "messages": []}, 400, "messages", "unknown_field"),  # a chat field on completions
     ],
 )
@@ -727,6 +732,8 @@ def test_request_size_limits(server):
     status, data = post_raw(server.port, ok, {"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 415 and json.loads(data)["error"]["code"] == "unsupported_media_type"
     assert post_raw(server.port, ok, {"Content-Type": "application/json; charset=utf-8"})[0] == 200
+    status, data = post_raw(server.port, ok, {"Content-Type": "application/json; charset=latin-1"})  # not read as such
+    assert status == 415 and "the body must be JSON in UTF-8" in json.loads(data)["error"]["message"]
     assert post_raw(server.port, ok, {})[0] == 200
     assert server.http("GET", "/health")[0] == 200
 
@@ -740,6 +747,23 @@ def test_messages_are_bounded_before_they_are_tokenized():
         check_request({"model": "m", "messages": [{"role": "user", "content": "x" * 100_000}] * 16}, model, chat=True)
     assert (e.value.param, e.value.code) == ("messages", "context_length_exceeded")
     assert "16 messages take at least 4 tokens each" in e.value.message
+
+
+def test_chat_fields_are_checked_whichever_is_read():
+    """max_tokens is type-checked beside max_completion_tokens, an error names the field that holds the value, and a
+    message field other than role and content is refused, not dropped."""
+    from axiom.infer.openai_api import ApiError, ServedModel, check_request
+
+    model, hi = ServedModel("m", context=256, chat=True), [{"role": "user", "content": "hi"}]
+    for extra, param, message in [
+        ({"max_completion_tokens": 2, "max_tokens": "abc"}, "max_tokens", "max_tokens: expected int"),
+        ({"max_completion_tokens": None, "max_tokens": 0}, "max_tokens", "max_tokens: must be at least 1"),
+        ({"messages": [{**hi[0], "name": "bob"}]}, "messages", "messages[0].name: not supported by axiom serve"),
+    ]:
+        with pytest.raises(ApiError) as e:
+            check_request({"model": "m", "messages": hi, **extra}, model, True)
+        assert (e.value.status, e.value.param) == (400, param) and e.value.message.startswith(message)
+    assert check_request({"model": "m", "messages": [{**hi[0], "name": None}], "max_tokens": 3}, model, True)
 
 
 def test_chat_content_may_be_a_list_of_text_parts():

@@ -95,17 +95,19 @@ class Spec:
 def check_content_type(value: str | None) -> None:
     """A body is JSON: Content-Type application/json (or a +json type), or none at all; 415 for anything else,
     such as the form encoding `curl -d` sends unless told otherwise."""
-    kind = (value or "application/json").split(";")[0].strip().lower()
-    if kind != "application/json" and not kind.endswith("+json"):
-        message = f"Content-Type {value[:100]!r}: the body must be JSON (curl: -H 'Content-Type: application/json')"
+    kind, *params = [part.strip().lower() for part in (value or "application/json").split(";")]
+    charset = next((p.split("=", 1)[1].strip().strip('"') for p in params if p.startswith("charset=")), "utf-8")
+    if kind != "application/json" and not kind.endswith("+json") or charset not in ("utf-8", "utf8"):
+        curl = "curl: -H 'Content-Type: application/json'"
+        message = f"Content-Type {value[:100]!r}: the body must be JSON in UTF-8 ({curl})"
         raise ApiError(415, message, code="unsupported_media_type")
 
 
 def parse_body(raw: bytes) -> dict:
     """The request's JSON object; ApiError 400 for anything else: not UTF-8, not JSON (NaN and Infinity are not),
     nested too deep to parse, an integer of more than MAX_INT_DIGITS digits, or not an object."""
-    try:
-        body = json.loads(raw, parse_constant=_refuse_constant, parse_int=_short_int)
+    try:  # decoded first: json.loads would take UTF-16 and UTF-8-encoded surrogates too
+        body = json.loads(raw.decode("utf-8-sig"), parse_constant=_refuse_constant, parse_int=_short_int)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
         raise ApiError(400, f"the body is not valid JSON ({why})", code="invalid_json") from None
@@ -152,14 +154,20 @@ def check_request(body: dict, model: ServedModel, chat: bool) -> Spec:
     prompt, max_tokens = _chat_prompt(body, model) if chat else _completion_prompt(body)
     _check_length(body, prompt, max_tokens, model.context, chat)
     params = _sampling(body, max_tokens, model.context - len(prompt), stop_ids(chat))
+    stream = _field(body, "stream", (bool,), default=False)
+    return Spec(prompt, params, stop, stream, include_usage=_include_usage(body, stream))
+
+
+def _include_usage(body: dict, stream: bool) -> bool:
+    """stream_options.include_usage, the one option there is, which only a stream can take (as OpenAI answers)."""
     options = _field(body, "stream_options", (dict,), default={})
-    return Spec(
-        prompt,
-        params,
-        stop,
-        stream=_field(body, "stream", (bool,), default=False),
-        include_usage=_field(options, "include_usage", (bool,), default=False),
-    )
+    if options and not stream:
+        raise ApiError(400, "stream_options: only with stream: true", param="stream_options")
+    for name in options:
+        if name != "include_usage":
+            message = f"stream_options: unrecognized option {name[:100]!r}; it takes include_usage"
+            raise ApiError(400, message, "stream_options", "unknown_field")
+    return _field(options, "include_usage", (bool,), default=False)
 
 
 def _check_model(body: dict, model: ServedModel) -> None:
@@ -210,7 +218,7 @@ def _check_length(body: dict, prompt: list[int], max_tokens: int | None, context
     if len(prompt) >= context:
         _context_exceeded(f"the prompt has {len(prompt)}", context, chat)
     if max_tokens is not None and max_tokens <= 0:
-        name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+        name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         raise ApiError(400, f"{name}: must be at least 1, not {max_tokens}", param=name)
 
 
@@ -280,13 +288,16 @@ def _chat_prompt(body: dict, model: ServedModel) -> tuple[list[int], int | None]
             raise ApiError(
                 400, f"messages[{i}]: expected {{'role': string, 'content': string or list of text parts}}", "messages"
             )
+        if other := [k for k, v in m.items() if k not in ("role", "content") and v is not None]:
+            field = f"messages[{i}].{str(other[0])[:100]}"
+            raise ApiError(400, f"{field}: not supported by axiom serve (a message is role and content)", "messages")
     messages = [{"role": m["role"], "content": _message_text(i, m["content"])} for i, m in enumerate(messages)]
     try:
         ids = list(encode_chat(messages, add_generation_prompt=True).ids)
     except ValueError as e:  # e.g. a role the template does not know
         raise ApiError(400, f"messages: {str(e)[:300]}", "messages") from None
-    max_tokens = _field(body, "max_completion_tokens", (int,))
-    return ids, _field(body, "max_tokens", (int,)) if max_tokens is None else max_tokens
+    newer, older = (_field(body, name, (int,)) for name in ("max_completion_tokens", "max_tokens"))  # both checked
+    return ids, older if newer is None else newer
 
 
 def _message_text(i: int, content: str | list) -> str:

@@ -429,8 +429,10 @@ async def read_body(request: HttpRequest, timeout: float = BODY_TIMEOUT_S) -> by
         raise ApiError(408, f"the body did not arrive within {timeout:g} s", code="body_timeout") from None
 
 
-def error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+def error_response(e: ApiError) -> Response:
+    """The error as JSON in ASCII: a field name or value quoted from the request may hold a lone surrogate (a JSON
+    escape such as \\ud800), which UTF-8 cannot encode."""
+    return Response(json.dumps(e.body()), status_code=e.status, media_type="application/json")
 
 
 def sse(event: dict) -> str:
