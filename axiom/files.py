@@ -180,6 +180,11 @@ def check_replaceable(out: str | Path, command: str, force: bool) -> Path:
     nor a file put into an earlier output since.
     """
     out = Path(out)
+    if out.name in ("", ".", "..") or Path(os.path.abspath(out)) in (Path.cwd(), *Path.cwd().parents):
+        raise AxiomError(
+            f"--out {out}: the current folder or one above it; axiom {command} writes its output as a new folder "
+            "that replaces the old one whole: name it, e.g. --out ./model"
+        )
     if not out.exists() and not out.is_symlink():
         return out
     if not out.is_dir():

@@ -388,6 +388,15 @@ def test_import_rejects_bad_folders_with_clear_messages(exported, tmp_path):
             r"unexpected \[model.extra.weight\]",
         ),
         "config-vs-axiom": (edit_config(intermediate_size=256), "axiom.model gives ffn_dim=192 but"),
+        "rope-not-object": (edit_config(rope_parameters=[1, 2]), "field 'rope_parameters' must be an object"),
+        "int8-weights": (  # imported as nonsense floats, before: integers are no weights
+            edit_weights(lambda s: s.update({k_proj: s[k_proj].to(torch.int8)})),
+            rf"{k_proj} holds int8; weights are float32, bfloat16, float16, float64",
+        ),
+        "float8-weights": (  # a NotImplementedError traceback (isfinite), before
+            edit_weights(lambda s: s.update({k_proj: s[k_proj].to(torch.float8_e4m3fn)})),
+            rf"{k_proj} holds float8_e4m3fn; weights are",
+        ),
     }
     for name, (mutate, message) in cases.items():
         with pytest.raises(AxiomError, match=message):
@@ -418,6 +427,35 @@ def test_export_refuses_non_empty_out_unless_forced(ckpts, tmp_path):
     export(ckpts["trained"], out2, "llama", force=True)  # an earlier export: replaced
     assert (out2 / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2"]
+
+
+def test_model_card_takes_the_best_finite_loss_and_one_line_for_an_unreadable_eval_csv(ckpts, tmp_path, capsys):
+    """A diverged evaluation (NaN) is no one's best; an eval.csv that is not UTF-8 text stops the export in one line
+    (both were a "best: nan" row and a UnicodeDecodeError traceback)."""
+    nan_first = tmp_path / "nan.csv"
+    nan_first.write_text("step,tokens,train_loss,val_loss,val_ppl,val_bpb\n5,100,6.1,nan,nan,nan\n10,200,5.1,5.0,,\n")
+    out = tmp_path / "hf"
+    assert main(["export", "--ckpt", str(ckpts["trained"]), "--out", str(out), "--eval-csv", str(nan_first)]) == 0
+    card = (out / "README.md").read_text()
+    assert f"| best | 10 | 5.0000 | {math.exp(5.0):.2f} |" in card and "nan" not in card
+    garbled = tmp_path / "garbled.csv"
+    garbled.write_bytes(b"step,val_loss\n\xff\xfe,1\n")
+    args = ["export", "--ckpt", str(ckpts["trained"]), "--out", str(tmp_path / "hf2"), "--eval-csv", str(garbled)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{garbled}: not a CSV file of UTF-8 text" in err
+
+
+def test_an_output_that_is_the_current_folder_is_one_line(ckpts, tmp_path, capsys, monkeypatch):
+    """export and import write a new folder in place of --out: `.` (the current folder) or `..` is refused in one
+    line (it was a ValueError traceback)."""
+    (work := tmp_path / "empty").mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(work)):
+        assert main(["export", "--ckpt", str(ckpts["trained"]), "--out", out, "--format", "llama"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {out}: the current folder or one above it" in err
+    assert list(work.iterdir()) == []
 
 
 def test_cli_export_import_and_one_line_errors(ckpts, tmp_path, capsys):

@@ -207,6 +207,21 @@ def test_fallback_without_kernels_gives_the_same_tokens(trained, dtype, monkeypa
     assert generate(model, PROMPTS, 12, temperature=0.0) == want
 
 
+@needs_kernels
+def test_a_head_dim_the_fused_attention_cannot_take_decodes_through_the_plain_blocks(monkeypatch):
+    """The fused decoding attention takes head dims in multiples of 16; a model of another (an import, say: head dim
+    24 here) decodes through its blocks, as without the kernels (it failed: "qkv's width must be ...")."""
+    from axiom.infer.fast import DecodeBlock
+
+    torch.manual_seed(0)
+    model = Axiom(micro_config("d_model=48").model).eval()  # 2 heads of 24
+    prepared = prepare_model(copy.deepcopy(model), "float32")
+    assert not any(isinstance(m, DecodeBlock) for m in prepared.modules())
+    got = generate(prepared, PROMPTS, 8, temperature=0.0)
+    monkeypatch.setattr(axiom.infer.fast.kernels, "available", lambda: False)
+    assert got == generate(prepare_model(copy.deepcopy(model), "float32"), PROMPTS, 8, temperature=0.0)
+
+
 # ---- the build: a killed one never blocks a later process; one running elsewhere is waited for, then given up
 
 needs_a_build = pytest.mark.skipif(kernels._usable_here() is not None, reason="decode kernels not buildable here")

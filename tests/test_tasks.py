@@ -299,6 +299,21 @@ def test_bad_task_files_are_one_line_errors(ckpt, tmp_path, capsys):
         "bad-json": ([good, "", '{"context": "a",'], ":3: not valid JSON"),
         "not-object": (["[1, 2]"], ":1: expected a JSON object"),
         "empty": (["", "  "], "empty.jsonl: no items"),
+        "emptied-ending": (  # HellaSwag's markup removed, nothing is left: a ZeroDivisionError after all the scoring
+            [
+                json.dumps(
+                    {
+                        "activity_label": "C",
+                        "ctx_a": "A man.",
+                        "ctx_b": "he",
+                        "ctx": "x",
+                        "endings": ["[h]", "b."],
+                        "label": 1,
+                    }
+                )
+            ],
+            ":1: ending 0 is empty once its bracketed WikiHow markup is removed",
+        ),
     }
     for name, (lines, message) in cases.items():
         path = write_jsonl(tmp_path / f"{name}.jsonl", lines)
@@ -307,6 +322,13 @@ def test_bad_task_files_are_one_line_errors(ckpt, tmp_path, capsys):
         assert main(["eval", "--ckpt", str(ckpt[1]), "--task-file", path]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and path in err and message.lstrip(":") in err
+    context = "a\u2028b\u2029c\x85d"  # line separators to str.splitlines, not to JSON Lines: written raw, valid
+    items = read_task_file(
+        write_jsonl(
+            tmp_path / "separators.jsonl", [json.dumps({**THREE[0], "context": context}, ensure_ascii=False), good]
+        )
+    )
+    assert [item.context for item in items] == [context, THREE[0]["context"]] and items[1].where.endswith(":2")
     (tmp_path / "latin1.jsonl").write_bytes(b'{"context": "caf\xe9"}\n')
     with pytest.raises(AxiomError, match="not UTF-8"):
         read_task_file(tmp_path / "latin1.jsonl")
@@ -392,6 +414,27 @@ def test_unreachable_task_data_names_the_offline_options(ckpt):
     hub_task = {**json_for_hub(), "task": "hub_only"}
     with pytest.raises(AxiomError, match=r"could not be fetched .* --task-file PATH.*HF_DATASETS_OFFLINE=1"):
         run_tasks(ckpt[0], [hub_task], task_manager=TaskManager(include_defaults=False))
+
+
+def test_a_local_yaml_task_runs_offline_and_too_many_shots_are_one_line(ckpt, tmp_path, capsys):
+    """An lm-eval YAML task whose data is a local file needs no Hub (it was refused as "could not be fetched" when
+    the Hub did not answer); asking it for more shots than its examples is one line (a ValueError traceback)."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
+    from axiom.eval.harness import needs_hub
+
+    data = write_jsonl(tmp_path / "three.jsonl", THREE)
+    task = tmp_path / "mytask.yaml"
+    task.write_text(
+        f"task: mytask\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        'fewshot_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'
+    )
+    assert not needs_hub(str(task)) and needs_hub("hellaswag")
+    (hub := tmp_path / "hub.yaml").write_text("task: hub\ndataset_path: Rowan/hellaswag\n")
+    assert needs_hub(str(hub))
+    assert main(["eval", "--ckpt", str(ckpt[1]), "--tasks", str(task), "--num-fewshot", "10"]) == 2
+    err = capsys.readouterr().err  # datasets' progress bars first
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("axiom eval: error: --num-fewshot 10: ")
 
 
 def json_for_hub() -> dict:

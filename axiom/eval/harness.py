@@ -17,6 +17,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
 from datasets import config as datasets_config
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import get_session
@@ -184,6 +185,12 @@ def run_tasks(
         ) from None
     except KeyError as e:  # lm-eval: "Spec 'x' is not a registered task/group/tag name or valid YAML path"
         raise AxiomError(f"--tasks {names}: {e.args[0] if e.args else e}") from None
+    except ValueError as e:  # random.sample, drawing the few-shot examples
+        if num_fewshot is None or "larger than population" not in str(e):
+            raise
+        raise AxiomError(
+            f"--num-fewshot {num_fewshot}: a task of {names} has fewer examples to draw the shots from; ask for fewer"
+        ) from None
 
 
 def task_names(tasks: list[str | dict]) -> str:
@@ -195,7 +202,14 @@ def needs_hub(task: str | dict) -> bool:
     """Whether a task's data may have to come from the Hugging Face Hub: a named task (lm-eval's own tasks load
     theirs from it), or an inline config whose dataset is not a local folder or local data files."""
     if isinstance(task, str):
-        return True
+        if not (task.endswith((".yaml", ".yml")) and Path(task).is_file()):
+            return True
+        try:  # a task's YAML file: its dataset decides, as an inline config's
+            task = yaml.safe_load(Path(task).read_text(encoding="utf-8"))
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):  # lm-eval's own tags (!function) included: ask
+            return True
+        if not isinstance(task, dict):
+            return True
     path = str(task.get("dataset_path", ""))
     return path not in LOCAL_BUILDERS and not Path(path).exists()
 

@@ -73,7 +73,7 @@ def read_task_file(path: str | Path) -> list[Item]:
     if not path.is_file():
         raise AxiomError(f"--task-file {path}: {describe_missing(path)}; a task file is a JSONL file, one item a line")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # JSON strings may hold U+2028 etc., splitlines' breaks
     except UnicodeDecodeError as e:
         raise AxiomError(f"--task-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     items = []
@@ -112,6 +112,8 @@ def parse_item(line: str, where: str) -> Item:
     if hellaswag and all(isinstance(row.get(k), str) for k in HELLASWAG_RAW):
         context = _hellaswag_text(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
         choices = [_hellaswag_text(c) for c in choices]
+        if empty := [i for i, c in enumerate(choices) if not c]:
+            raise AxiomError(f"{where}: ending {empty[0]} is empty once its bracketed WikiHow markup is removed")
     return Item(context, choices, label, where)
 
 

@@ -78,7 +78,7 @@ def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
         model.lm_head = FastLinear(model.lm_head.weight, kernels=dtype == "bfloat16")
     device = next(model.parameters()).device
     if device.type == "cpu":
-        if kernels.available():
+        if kernels.available() and model.cfg.head_dim % 16 == 0:  # the fused attention's vectors: 16 at a time
             model.layers = nn.ModuleList(DecodeBlock(block) for block in model.layers)
         pack_weights(model)
     elif device.type == "cuda" and dtype != "int8":

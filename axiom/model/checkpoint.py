@@ -289,7 +289,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str, config: str) -> None:
-    """One AxiomError naming what differs between `found` and `expected`: missing, unexpected or misshapen tensors."""
+    """One AxiomError naming what differs between `found` and `expected`: missing, unexpected or misshapen tensors,
+    or a tensor that is not floating point (WEIGHT_DTYPES)."""
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     if missing or unexpected:
         raise AxiomError(
@@ -300,6 +301,13 @@ def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tens
             raise AxiomError(
                 f"{where}: {name} has shape {tuple(tensor.shape)} but {config} implies {tuple(expected[name].shape)}"
             )
+        if tensor.dtype not in WEIGHT_DTYPES:
+            kinds = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_DTYPES)
+            raise AxiomError(f"{where}: {name} holds {str(tensor.dtype).removeprefix('torch.')}; weights are {kinds}")
+
+
+# What stored weights may hold: floating point that a float32 copy represents (float8 and integers do not).
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _first(names: list[str]) -> str:

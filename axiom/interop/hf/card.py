@@ -27,6 +27,8 @@ def eval_summary(path: Path) -> dict[str, dict] | None:
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise AxiomError(f"{path}: cannot read ({e})") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise AxiomError(f"{path}: not a CSV file of UTF-8 text ({e}); fix or move it, or pass --eval-csv") from None
     evals = []
     for line, row in enumerate(rows, start=2):
         if not row.get("val_loss"):
@@ -40,7 +42,8 @@ def eval_summary(path: Path) -> dict[str, dict] | None:
             raise AxiomError(f"{path}:{line}: expected numeric step and val_loss columns ({e})") from None
     if not evals:
         return None
-    return {"best": min(evals, key=lambda r: r["val_loss"]), "final": evals[-1]}
+    finite = [r for r in evals if math.isfinite(r["val_loss"])]  # a diverged evaluation is no one's best
+    return {"best": min(finite, key=lambda r: r["val_loss"]), "final": evals[-1]} if finite else {"final": evals[-1]}
 
 
 def _table(rows: list[tuple[str, object]]) -> str:

@@ -90,7 +90,10 @@ def model_config_from_hf(hf: dict, fmt: str, path: Path) -> ModelConfig:
             raise AxiomError(f"{path}: field {names[field]!r} is missing or not an integer")
     value = {field: hf.get(key) for field, key in names.items()}
     if fmt == "llama":
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+        rope = hf.get(key) or {}
+        if not isinstance(rope, dict):
+            raise AxiomError(f"{path}: field {key!r} must be an object (rope_type, rope_theta, ...)")
         unsupported = {
             "hidden_act": hf.get("hidden_act", "silu") not in ("silu", "swish"),
             "attention_bias": bool(hf.get("attention_bias")),
