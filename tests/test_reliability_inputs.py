@@ -64,6 +64,8 @@ def test_compressed_inputs_are_verified_complete(tmp_path, capsys):
         "no-trailer.jsonl.gz": (gz[:-4], "truncated"),
         "flipped.jsonl.gz": (bytes(flipped), "not a valid gzip file"),
         "plain.jsonl.gz": (data[:4000], "not a valid gzip file (Not a gzipped file"),
+        "empty.jsonl.gz": (b"", "truncated (empty: a compressed file holds at least a header)"),  # read as no docs
+        "empty.jsonl.zst": (b"", "truncated (empty"),
     }
     good = jsonl(tmp_path / "good.jsonl", DOCS[:50])
     for i, (name, (content, message)) in enumerate(cases.items()):
@@ -284,6 +286,15 @@ def test_misleading_inputs_are_named_for_what_they_are(run, tiny_data, tmp_path,
     ):
         task_file = ["eval", "--ckpt", run / "checkpoints" / "best", "--task-file", path]
         fails(capsys, task_file, f"--task-file {path}: {kind}", "a task file is a JSONL file")
+    # a pattern's matches too (a FIFO among them hung prepare at its first read; the others were tracebacks)
+    (matched := tmp_path / "matched").mkdir()
+    jsonl(matched / "a.jsonl", DOCS[:5])
+    os.mkfifo(matched / "f.jsonl")
+    fails(capsys, ["prepare", f"{matched}/*.jsonl", "--out", tmp_path / "o"], "f.jsonl: is a FIFO; prepare reads")
+    (matched / "f.jsonl").unlink()
+    (matched / "b.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    fails(capsys, ["prepare", f"{matched}/*.jsonl", "--out", tmp_path / "o"], "b.jsonl: a broken symbolic link")
+    assert not (tmp_path / "o").exists()
     hf = tmp_path / "hf"
     succeeds(capsys, ["export", "--ckpt", run / "checkpoints" / "best", "--out", hf])
     fails(capsys, ["eval", "--ckpt", hf, "--data", tiny_data], "is a Hugging Face model folder", "axiom import --hf")
@@ -323,3 +334,47 @@ def test_plot_refuses_empty_or_garbage_csv(tmp_path, capsys):
     succeeds(capsys, ["plot", tmp_path / "ok"])
     assert (tmp_path / "ok" / "loss.png").stat().st_size > 0
     assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["eval.csv", "loss.png"]
+
+
+def test_json_that_python_refuses_and_byte_order_marks(tmp_path, capsys):
+    """An integer of 5,000 digits or nesting 100,000 deep is invalid JSON in one line with nothing left behind (they
+    were tracebacks that left the output); a UTF-8 byte-order mark starting a .jsonl or .txt file is no part of its
+    text (one made a .jsonl file invalid JSON, and a .txt document started with U+FEFF)."""
+    good = jsonl(tmp_path / "good.jsonl", DOCS[:20])
+    for name, line, message in [
+        ("bigint.jsonl", '{"text": "x", "id": ' + "1" * 5000 + "}", "bigint.jsonl:1: invalid JSON (Exceeds the limit"),
+        ("nested.jsonl", '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested.jsonl:1: invalid JSON (nested"),
+    ]:
+        (tmp_path / name).write_text(line + "\n")
+        out = tmp_path / f"out-{name}"
+        fails(capsys, ["prepare", good, tmp_path / name, "--out", out], message)
+        assert not out.exists()
+    text = "In the beginning was the word."
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": text}).encode() + b"\n")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "plain.txt").write_text(text)
+    args = ["--val-fraction", "0.5", "--allow-empty-split"]
+    tokens = {}
+    for name in ("bom.jsonl", "bom.txt", "plain.txt"):
+        succeeds(capsys, ["prepare", tmp_path / name, "--out", tmp_path / f"p-{name}", *args])
+        tokens[name] = sorted(p.read_bytes() for p in (tmp_path / f"p-{name}").glob("*.bin"))
+    assert tokens["bom.jsonl"] == tokens["bom.txt"] == tokens["plain.txt"]
+
+
+def test_a_worker_that_dies_is_one_line_and_the_work_done_is_kept():
+    """A worker killed mid-unit (kill -9, the out-of-memory killer): a multiprocessing.Pool lost its unit and waited
+    for it forever. Here each unit's work is os._exit, so the first worker to take one dies."""
+    from axiom.data.prepare import WorkerDied, results_in_order
+
+    with pytest.raises(WorkerDied, match="a worker process ended without finishing its unit .* run the same command"):
+        list(results_in_order([3, 3, 3], 2, os._exit, ()))
+
+
+def test_a_state_file_left_beside_a_finished_manifest_is_removed(tmp_path, capsys):
+    """A kill between the manifest's rename and the state file's removal leaves both; the next run of the same
+    command finds the directory prepared and takes the state file away."""
+    good, out = jsonl(tmp_path / "good.jsonl", DOCS[:20]), tmp_path / "out"
+    succeeds(capsys, ["prepare", good, "--out", out])
+    (out / "prepare-state.json").write_text("{}")
+    succeeds(capsys, ["prepare", good, "--out", out])
+    assert not (out / "prepare-state.json").exists() and (out / "manifest.json").is_file()

@@ -20,7 +20,9 @@ import re
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -332,23 +334,45 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class WorkerDied(AxiomError):
+    """A worker process ended without finishing its unit: not the input's fault, so the work done is kept."""
+
+
 def results_in_order(units: list[Unit], workers: int, work: Callable, job: tuple) -> Iterator[UnitResult]:
-    """`work(unit, *job)` for each unit, in unit order, with at most 2 * workers units in flight (bounded memory)."""
+    """`work(unit, *job)` for each unit, in unit order, with at most 2 * workers units in flight (bounded memory).
+    A worker that dies (kill -9, the kernel's out-of-memory killer) is a WorkerDied: a multiprocessing.Pool replaced
+    it and lost its unit, and waited for that unit forever."""
     workers = min(workers, len(units))  # no idle processes (each holds a tokenizer)
     if workers <= 1:
         for unit in units:
             yield work(unit, *job)
         return
     # spawn: workers import only axiom.data.sources (no torch), and no forked copy of the parent's threads
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
-        todo: Iterable[Unit] = iter(units)
-        flight: deque = deque()
-        for unit in todo:
-            flight.append(pool.apply_async(work, (unit, *job)))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    flight: deque[Future] = deque()
+    try:
+        for unit in units:
+            flight.append(pool.submit(work, unit, *job))
             if len(flight) >= 2 * workers:
-                yield flight.popleft().get()
+                yield _result(flight.popleft())
         while flight:
-            yield flight.popleft().get()
+            yield _result(flight.popleft())
+    except BaseException:  # an error, Ctrl-C or SIGTERM: stop the workers now, not after their units
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise
+    pool.shutdown()
+
+
+def _result(future: Future) -> UnitResult:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise WorkerDied(
+            "prepare: a worker process ended without finishing its unit (killed, or out of memory?); the units done "
+            "are kept: run the same command again to continue (with fewer --workers if memory is short)"
+        ) from None
 
 
 def prepare(
@@ -398,6 +422,7 @@ def prepare(
             manifest = read_json(out / MANIFEST, f"use another --out or delete {out}")
             check_same_settings(manifest, settings, out / MANIFEST)
             check_shards(out, manifest)
+            (out / STATE).unlink(missing_ok=True)  # a kill after the manifest's rename can leave it
             progress.already_prepared(out)
             return manifest
         made_out = not out.exists()
@@ -465,6 +490,8 @@ def write_units(
             for w in writers.values():
                 w.rename_pending()
             progress.advanced(result.est_bytes, sum(state["splits"][s]["docs"] for s in SPLITS))
+    except WorkerDied:
+        raise  # the units done are recorded: the same command continues
     except AxiomError:
         for w in writers.values():
             w.close_shard()

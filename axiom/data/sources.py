@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -55,13 +56,19 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
                 raise AxiomError(f"{item}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
             found = [Path(item)]
         elif glob.has_magic(item):
-            found = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if kind_of(Path(p))]
-            if not found:
+            matched = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if kind_of(Path(p))]
+            if not matched:
                 raise AxiomError(f"{item}: the pattern matches no {', '.join(SUFFIXES)} files")
+            found = [f for p in matched for f in (data_files(p, str(p)) if p.is_dir() else [p])]
         elif Path(item).exists() or Path(item).is_symlink():
             raise AxiomError(f"{item}: {describe_missing(Path(item))}; prepare reads regular files and folders")
         else:
             raise AxiomError(f"{item}: no such file or directory")
+        for f in found:  # a pattern's matches as well: a FIFO would block the first read forever
+            if not f.is_file():
+                raise AxiomError(f"{f}: {describe_missing(f)}; prepare reads regular files and folders")
+            if not os.access(f, os.R_OK):
+                raise AxiomError(f"{f}: cannot read it (permission denied); nothing was written")
         files.extend(found)
     unique, seen = [], set()
     for f in files:
@@ -255,6 +262,7 @@ def compressed_lines(path: str, kind: str) -> Iterator[bytes]:
 
 def _gzip_chunks(path: str) -> Iterator[bytes]:
     """Decompressed data of every gzip member; Python's gzip checks each member's CRC-32 and length trailer."""
+    _not_empty(path)
     try:
         with gzip.open(path, "rb") as f:
             while chunk := f.read(COMPRESSED_CHUNK):
@@ -273,6 +281,7 @@ def _zstd_chunks(path: str) -> Iterator[bytes]:
         import zstandard
     except ImportError as e:
         raise AxiomError(f"{path}: reading .zst needs zstandard; run: pip install zstandard") from e
+    _not_empty(path)
     dctx = zstandard.ZstdDecompressor()
     frame, inside = dctx.decompressobj(), False
     try:
@@ -294,6 +303,12 @@ def _zstd_chunks(path: str) -> Iterator[bytes]:
 REFETCH = "download or compress it again (nothing was written)"
 
 
+def _not_empty(path: str) -> None:
+    """A compressed file of no bytes is a download cut off at once, not an empty corpus (the readers take it so)."""
+    if os.path.getsize(path) == 0:
+        raise AxiomError(f"{path}: truncated (empty: a compressed file holds at least a header); {REFETCH}")
+
+
 def parse_jsonl(
     lines: Iterable[bytes], path: str, first_line: int | None, offset: int
 ) -> Iterator[tuple[object, Callable[[], str]]]:
@@ -312,11 +327,14 @@ def parse_jsonl(
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw.decode("utf-8"))
+            obj = json.loads(raw.decode("utf-8-sig"))  # a file's byte-order mark is no part of its first line
         except UnicodeDecodeError as e:
             raise AxiomError(f"{where(i)}: invalid UTF-8 at byte {e.start} of the line; fix or remove it") from e
         except json.JSONDecodeError as e:
             raise AxiomError(f"{where(i)}: invalid JSON ({e.msg} at column {e.colno}); fix or remove it") from e
+        except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; nesting past Python's stack
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0][:120]
+            raise AxiomError(f"{where(i)}: invalid JSON ({why}); fix or remove it") from None
         yield obj, functools.partial(where, i)
 
 
@@ -343,8 +361,9 @@ def is_valid_text(text: str) -> bool:
 
 
 def decode(data: bytes, path: str) -> str:
+    """A .txt file's text; its byte-order mark, if any, is no part of it."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise AxiomError(f"{path}:{line}: invalid UTF-8 (byte {e.start} of the file); fix or remove it") from e
