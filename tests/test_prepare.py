@@ -244,3 +244,14 @@ def test_split_rule_is_the_documented_formula():
         assert sources.is_val(data, salt, 1.0) and not sources.is_val(data, salt, 0.0)
     with pytest.raises(AxiomError, match="val-fraction"):
         prep.prepare(["x"], "y", val_fraction=1.5)
+
+
+def test_a_parquet_units_size_is_its_text_columns_after_nested_columns(tmp_path):
+    """The progress bar's size of a row group is its text column's bytes, also after a nested column (whose leaves
+    come first in the file: the arrow field's index named another leaf)."""
+    table = pa.table({"meta": [{"a": 1, "b": "x" * 100}] * 50, "text": ["hello world " * 10] * 50})
+    pq.write_table(table, tmp_path / "a.parquet")
+    group = pq.ParquetFile(tmp_path / "a.parquet").metadata.row_group(0)
+    text = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == "text")
+    (unit,) = sources.plan_units([tmp_path / "a.parquet"], "text")
+    assert unit.est_bytes == text.total_uncompressed_size

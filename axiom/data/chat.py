@@ -119,9 +119,8 @@ def plan_chat_units(files: list[Path]) -> list[Unit]:
             raise AxiomError(
                 f"{path}: no list column 'messages' or 'conversations' (columns: {', '.join(schema.names)})"
             )
-        col = schema.get_field_index(column)
         units += [
-            Unit(".parquet", (str(path),), rg, rg + 1, meta.row_group(rg).column(col).total_uncompressed_size)
+            Unit(".parquet", (str(path),), rg, rg + 1, sources.column_bytes(meta, rg, column))
             for rg in range(meta.num_row_groups)
         ]
     return units

@@ -168,11 +168,18 @@ def plan_parquet(path: Path, text_field: str) -> list[Unit]:
     is_string_view = getattr(pa.types, "is_string_view", lambda t: False)  # pyarrow >= 16
     if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type) or is_string_view(col_type)):
         raise AxiomError(f"{path}: column '{text_field}' has type {col_type}, expected string text")
-    col = schema.get_field_index(text_field)
     return [
-        Unit(".parquet", (str(path),), rg, rg + 1, meta.row_group(rg).column(col).total_uncompressed_size)
+        Unit(".parquet", (str(path),), rg, rg + 1, column_bytes(meta, rg, text_field))
         for rg in range(meta.num_row_groups)
     ]
+
+
+def column_bytes(meta: pq.FileMetaData, row_group: int, name: str) -> int:
+    """The uncompressed bytes of top-level column `name` in a row group: the sum over its leaf columns (a list of
+    structs has several), found by path; an arrow field's index is not a leaf column's where nesting comes first."""
+    group = meta.row_group(row_group)
+    leaves = (group.column(i) for i in range(group.num_columns))
+    return sum(c.total_uncompressed_size for c in leaves if c.path_in_schema.split(".")[0] == name)
 
 
 def plan_jsonl(path: Path) -> list[Unit]:
