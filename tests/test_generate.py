@@ -165,3 +165,20 @@ def test_compile_on_the_cpu_gives_the_eager_defaults_text(capsys, fresh_compiler
     compiled = capsys.readouterr()
     assert compiled.out == eager.out and "--- sample 1\nAnd God said" in eager.out
     assert COMPILED not in eager.err and COMPILED in compiled.err
+
+
+def test_a_closed_pipe_and_bytes_the_locale_cannot_take_end_quietly(tmp_path):
+    """`axiom generate ... | head -c 5`: exit 141 without a BrokenPipeError traceback; under a strict UTF-8 locale a
+    Latin-1 byte in --prompt (a surrogate in Python's argv) is shown replaced, not a UnicodeEncodeError."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "axiom.cli", "generate", "--max-new-tokens", "40", "--temperature", "0", "--prompt"]
+    piped = subprocess.Popen([*cmd, "Hello"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert piped.stdout.read(5) == b"Hello"
+    piped.stdout.close()  # the reader goes away, as head does
+    assert piped.wait(timeout=120) == 141 and "Traceback" not in piped.stderr.read().decode()
+    done = subprocess.run([*cmd, b"caf\xe9"], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith(b"caf?") and b"Traceback" not in done.stderr

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
 from axiom import __version__
@@ -90,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdin, sys.stdout):  # bytes the locale cannot decode, or an argument's it cannot encode
+        with contextlib.suppress(AttributeError, ValueError):  # (surrogates): shown replaced, not a traceback
+            stream.reconfigure(errors="replace")
     try:
         return importlib.import_module(args.module).run(args) or 0
     except AxiomError as e:
@@ -98,3 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"axiom {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other programs do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes at exit
+        return 141

@@ -255,8 +255,9 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, x.shape[-1]).to(self.act_dtype)
         if self.kernels and few_rows(x):
             out = torch.ops.axiom_decode.linear_int8(rows, self.q, self.scale_f32)  # (rows, N)
-        elif few_rows(x) and self.act_dtype == torch.bfloat16:
-            out = torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scale)  # torch's weight-only int8 kernel
+        elif few_rows(x) and self.act_dtype == torch.bfloat16 and self.q.shape[1] % 16 == 0:
+            # torch's weight-only int8 kernel; of other widths it reads past its rows (NaN, or a segfault)
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scale)
         else:
             # prefill: the int8 values as they are (exact in bfloat16), a matrix-matrix product, then the row scales
             # on its (rows, N) output: half the passes over the N x K weight of scaling it first

@@ -36,11 +36,12 @@ def stream(
     """Yield (B,) new token ids step by step; rows that produced `eos_id` keep yielding it.
 
     Every prompt gets the same number of new tokens: `max_new_tokens`, capped so that the longest prompt and its
-    tokens fit in max_seq_len. Prompt i samples with seed `seed + i`, so a row's tokens do not depend on the
-    other rows. `static` decodes with a fixed-shape cache; `compile` runs each step compiled and implies `static`
-    (see axiom/infer/engine.py). The default, a dynamic cache in eager mode, starts at once; `compile` spends a
-    while compiling first and then decodes faster (docs/benchmarks.md), which pays over long or repeated runs with
-    one `engine`.
+    tokens fit in max_seq_len. Prompt i samples with seed `seed + i`, so a row's draws do not depend on the
+    other rows (its logits do by rounding in bfloat16 and int8, where a batch's products take other kernels than
+    one row's: a sampled token near a tie may differ). `static` decodes with a fixed-shape cache; `compile` runs
+    each step compiled and implies `static` (see axiom/infer/engine.py). The default, a dynamic cache in eager
+    mode, starts at once; `compile` spends a while compiling first and then decodes faster (docs/benchmarks.md),
+    which pays over long or repeated runs with one `engine`.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
