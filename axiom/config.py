@@ -268,6 +268,14 @@ class Config:
     def from_dict(cls, d: dict) -> Config:
         return cls(ModelConfig(**d["model"]), TrainConfig(**d["train"]))
 
+    def check_context(self) -> None:
+        """A training sequence fits the model's context."""
+        if self.train.seq_len > self.model.max_seq_len:
+            raise AxiomError(
+                f"train config: seq_len={self.train.seq_len} exceeds the model's max_seq_len={self.model.max_seq_len}; "
+                "lower it with --set seq_len=N"
+            )
+
 
 def _axiom_380m() -> Config:
     # The card's recipe (327,680 tokens a step, its schedule, AdamW8bit, bf16). How a step is split into micro-batches,
@@ -411,7 +419,10 @@ def _parse(cls: type, name: str, raw: str):
                 return False
             raise ValueError
         if hint is int:
-            value = float(raw)  # accepts 8e9 and 8_000_000_000 alike
+            try:
+                return int(raw)  # exact, however large (8_000_000_000 too)
+            except ValueError:
+                value = float(raw)  # 8e9, 1e1, 8.0
             if not value.is_integer():
                 raise ValueError
             return int(value)
@@ -492,7 +503,7 @@ def _config_file(path: Path, data: dict, strict: bool) -> ConfigFile:
             hint = f"did you mean {close[0]}? " if close else ""
             raise AxiomError(f"{path}: unknown key {key!r}; {hint}a config file holds preset, [model] and [train]")
     preset = data.get("preset")
-    if preset is not None and preset not in PRESETS:
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise AxiomError(f"{path}: preset = {preset!r}: unknown preset; choose one of: {', '.join(PRESETS)}")
     if not strict and not data.keys() & TABLES.keys():
         raise AxiomError(f"{path}: no model or train table; {CONFIG_HINT}")

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from axiom.config import get_config
+from axiom.config import PRESETS, get_config
 from axiom.dtypes import INFERENCE_DTYPES
 from axiom.infer.engine import Engine, SamplingParams
 from axiom.infer.fast import prepare_model
@@ -38,13 +38,15 @@ def decode_rate(engine: Engine, prompt: list[int], new_tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="axiom-380m")
+    parser.add_argument("--preset", default="axiom-380m", choices=list(PRESETS))
     parser.add_argument("--dtypes", default="bfloat16,int8", help="comma-separated; ratios are to the first")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if min(args.rounds, args.prompt_len, args.new_tokens) < 1:
+        parser.error("--rounds, --prompt-len and --new-tokens must be at least 1")
     dtypes = args.dtypes.split(",")
     if unknown := [d for d in dtypes if d not in INFERENCE_DTYPES]:
         parser.error(f"--dtypes {','.join(unknown)}: choose from {', '.join(INFERENCE_DTYPES)}")

@@ -489,7 +489,7 @@ SMOKE_PARTS = "shipped,kernels,memory,eager,decode,decode_profile,ttft,loss,serv
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder for gpu_check.json, gpu_check.md and one log per part")
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny preset, seconds per part")
     parser.add_argument(
@@ -511,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated, in order, from {', '.join(PARTS)} (default: {DEFAULT_PARTS}; --smoke: {SMOKE_PARTS})",
     )
     args = parser.parse_args(argv)
+    if not args.budget > 0:  # nan too: every part would run to its own limit
+        parser.error(f"--budget {args.budget:g}: a number of seconds above 0")
     parts = (args.parts or (SMOKE_PARTS if args.smoke else DEFAULT_PARTS)).split(",")
     unknown = [p for p in parts if p not in PARTS]
     if unknown:

@@ -3,7 +3,7 @@ a server that batches (--max-batch B) and one that decodes one request at a time
 
     python scripts/load_test.py                                   # tiny preset, untied, random weights
     python scripts/load_test.py --preset small
-    python scripts/load_test.py --ckpt runs/demo/checkpoints/best --concurrency 1 4 16 --requests 4
+    python scripts/load_test.py --ckpt runs/demo/run/checkpoints/best --concurrency 1 4 16 --requests 4
 
 Every response is checked against the text the engine gives the prompt alone (what `axiom generate --temperature 0`
 prints, decoded through the batching server's path: its `--max-batch` rows, compiled with `--compile`, so that the

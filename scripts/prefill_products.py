@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from axiom.config import get_config
+from axiom.config import PRESETS, get_config
 from axiom.infer import kernels
 from axiom.infer.fast import huge_page_buffer
 
@@ -30,11 +30,13 @@ PRODUCTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="axiom-380m")
+    parser.add_argument("--preset", default="axiom-380m", choices=list(PRESETS))
     parser.add_argument("--rows", default="17,32,64,128,256,512", help="comma-separated prompt lengths")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if not kernels.available():
         parser.error("the decode kernels cannot be built here (see the warning above)")
     if args.threads:

@@ -21,8 +21,10 @@ START = time.perf_counter()
 
 
 def main() -> None:
+    from axiom.config import PRESETS  # after START: the imports are part of a cold start
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="axiom-380m")
+    parser.add_argument("--preset", default="axiom-380m", choices=list(PRESETS))
     parser.add_argument("--ckpt", default=None, help="a checkpoint instead of the preset's random weights")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: a GPU if there is one)")
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
+    if min(args.prompt_len, args.new_tokens) < 1:
+        parser.error("--prompt-len and --new-tokens must be at least 1")
     if args.cache_dir:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache_dir  # read when inductor first compiles
     import torch

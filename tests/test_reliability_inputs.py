@@ -378,3 +378,59 @@ def test_a_state_file_left_beside_a_finished_manifest_is_removed(tmp_path, capsy
     (out / "prepare-state.json").write_text("{}")
     succeeds(capsys, ["prepare", good, "--out", out])
     assert not (out / "prepare-state.json").exists() and (out / "manifest.json").is_file()
+
+
+def test_settings_that_would_be_ignored_or_crash_are_one_line(run, tiny_data, tmp_path, capsys):
+    """Each was a traceback, a setting accepted and then not used, or a plan that did not say it cannot fit."""
+    from conftest import micro_args
+
+    from axiom.config import get_config
+
+    toml = tmp_path / "p.toml"
+    toml.write_text('preset = ["tiny"]\n')
+    fails(capsys, ["info", "--config", toml], "preset = ['tiny']: unknown preset")  # TypeError: unhashable
+    fails(capsys, ["info", "--config", ""], "--config .: a directory")  # "" was read as no file at all
+    fails(capsys, ["info", "--preset", "tiny", "--set", "seq_len=4096"], "seq_len=4096 exceeds the model's")
+    best = run / "checkpoints" / "best"
+    fails(capsys, ["generate", "--ckpt", best, "--set", "nonsense=1"], "a checkpoint brings its own config")
+    # a plan that cannot fit says so (4 GiB for the card)
+    out = succeeds(capsys, ["info", "--preset", "axiom-380m", "--gpu-memory-gib", "4"])
+    assert "more than fits: expect the run to run out of memory" in out
+    plan = json.loads(succeeds(capsys, ["info", "--preset", "axiom-380m", "--gpu-memory-gib", "4", "--json"]))
+    assert plan["plan"]["fits"] is False
+    # --set of a large integer is exact, as in a TOML file
+    assert get_config("tiny", ["target_tokens=9007199254740993"]).train.target_tokens == 9007199254740993
+    # the split is prepare's: a different one set for training is refused
+    data = tmp_path / "data"
+    succeeds(capsys, ["prepare", jsonl(tmp_path / "d.jsonl", DOCS[:200]), "--out", data, "--val-fraction", "0.05"])
+    train = ["train", "--data", data, *micro_args("max_steps=1", "vocab_size=100277")]
+    fails(capsys, [*train, "--out", tmp_path / "r", "--set", "val_fraction=0.5"], "split with val_fraction=0.05")
+    # plot into a folder that does not exist, or a name ending in a slash
+    fails(capsys, ["plot", run, "--out", tmp_path / "nodir" / "x.png"], "nodir: no such file or directory")
+    fails(capsys, ["plot", run, "--out", f"{tmp_path}/outdir/"], "names a folder; pass the PNG file")
+    # the notices of --set reach runs from --init-from (and --resume) too
+    args = ["train", "--data", tiny_data, "--out", tmp_path / "from-best", "--init-from", best]
+    code = main([str(a) for a in [*args, *micro_args("max_steps=1", "warmup_steps=5", "eval_interval=1")]])
+    assert code == 0 and "notice: warmup_steps=5 is more than the run's 1 steps" in capsys.readouterr().err
+
+
+def test_scripts_and_flags_refuse_what_they_would_crash_on_or_ignore(tmp_path, capsys):
+    """prepare's chat-only flags without --chat; the scripts' counts below 1, an unknown preset and gpu_check's
+    --budget nan: one line each (the scripts' were tracebacks; --budget nan ran every part to its own limit)."""
+    import subprocess
+    import sys
+
+    from reliability_helpers import REPO
+
+    fails(
+        capsys,
+        ["prepare", jsonl(tmp_path / "d.jsonl", DOCS[:5]), "--out", tmp_path / "o", "--seq-len", "64"],
+        "--seq-len and --overflow shape conversations: they go with --chat",
+    )
+    for script, args, message in [
+        ("prefill_products.py", ["--rounds", "0"], "--rounds must be at least 1"),
+        ("ttft.py", ["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
+        ("gpu_check.py", [str(tmp_path / "gc"), "--budget", "nan"], "--budget nan: a number of seconds above 0"),
+    ]:
+        done = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -11,7 +11,6 @@ import torch
 from axiom.bench.reference import llama_like
 from axiom.bench.timing import Bench, Contender, interleaved, peak_memory, profile_table, reset_peak, summary
 from axiom.config import Config, ModelConfig, TrainConfig
-from axiom.errors import AxiomError
 from axiom.model.fused_loss import check_loss_kernel
 from axiom.model.transformer import Axiom, flops_per_token, num_params
 from axiom.train.optim import build_optimizer, lr_at
@@ -49,8 +48,7 @@ def bench_train(cfg: Config, device: torch.device, s: TrainBench) -> Bench:
     cfg = resolve(cfg, local_hardware(device)).applied(cfg)  # settings left to auto, as `axiom train` plans them
     m, t = cfg.model, cfg.train
     check_loss_kernel(t.loss_kernel, device)
-    if t.seq_len > m.max_seq_len:
-        raise AxiomError(f"seq_len={t.seq_len} exceeds max_seq_len={m.max_seq_len}; lower it with --set seq_len=N")
+    cfg.check_context()
     torch.manual_seed(s.seed)
     tokens = torch.randint(0, m.vocab_size, (t.grad_accum_steps, t.micro_batch_size, t.seq_len + 1))
     batches = [(row[:, :-1].contiguous().to(device), row[:, 1:].contiguous().to(device)) for row in tokens]

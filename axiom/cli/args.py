@@ -54,7 +54,7 @@ def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def config_file(args: argparse.Namespace) -> ConfigFile | None:
-    return read_config_file(args.config) if args.config else None
+    return read_config_file(args.config) if args.config is not None else None  # "" is a file that is not there
 
 
 def preset_of(args: argparse.Namespace, file: ConfigFile | None) -> str:
@@ -66,7 +66,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """The preset, the --config file and the --set overrides; settings that probably do not do what was meant are
     named on stderr."""
     file = config_file(args)
-    cfg = apply_overrides(get_config(preset_of(args, file)), args.overrides, file)
+    return say_notices(apply_overrides(get_config(preset_of(args, file)), args.overrides, file), args, file)
+
+
+def say_notices(cfg: Config, args: argparse.Namespace, file: ConfigFile | None) -> Config:
+    """`cfg`, after naming on stderr its settings that run but probably not as meant, when --set or --config made
+    them."""
     for note in cfg.train.notices() if args.overrides or file is not None else []:
         print(f"notice: {note}", file=sys.stderr)
     return cfg

@@ -123,8 +123,9 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     for name in ("rounds", "warmup", "steps", "batch", "prompt_len", "new_tokens", "threads", "rows", "units"):
         value = getattr(args, name, None)
-        if value is not None and value < (0 if name == "warmup" else 1):
-            raise AxiomError(f"--{name.replace('_', '-')}={value} must be positive")
+        least = 0 if name == "warmup" else 1
+        if value is not None and value < least:
+            raise AxiomError(f"--{name.replace('_', '-')}={value} must be at least {least}")
     cfg = config_from_args(args)
     device = pick_device(args.device)
     if args.threads:

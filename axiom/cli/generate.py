@@ -76,6 +76,11 @@ def run(args: argparse.Namespace) -> None:
 def _model(args: argparse.Namespace) -> Axiom:
     """The --ckpt's model, or a randomly initialised --preset seeded with --seed, readied for decoding."""
     if args.ckpt:
+        if args.preset or args.config is not None or args.overrides:
+            raise AxiomError(
+                "--preset, --config and --set choose the random model of a run without --ckpt; a "
+                "checkpoint brings its own config: leave them out"
+            )
         return load_for_inference(args.ckpt, args.device, args.dtype)[0]
     device = pick_device(args.device)
     torch.manual_seed(args.seed)

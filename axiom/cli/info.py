@@ -35,7 +35,7 @@ def hardware(args: argparse.Namespace) -> Hardware:
                 f"--gpu-memory-gib plans for a GPU: it goes with --device cuda, not --device {args.device}"
             )
         if not 0 < args.gpu_memory_gib < 1e6:
-            raise AxiomError(f"--gpu-memory-gib {args.gpu_memory_gib:g}: must be a positive number of GiB")
+            raise AxiomError(f"--gpu-memory-gib {args.gpu_memory_gib:g}: must be a number of GiB above 0, below 1e6")
         return assumed_gpu(args.gpu_memory_gib)
     requested = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if requested.strip().lower().startswith("cuda") and not torch.cuda.is_available():
@@ -45,6 +45,7 @@ def hardware(args: argparse.Namespace) -> Hardware:
 
 def run(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
+    cfg.check_context()  # a training plan: train would refuse it
     plan = resolve(cfg, hardware(args))
     info = describe(cfg, plan)
     if args.json:

@@ -13,6 +13,9 @@ from axiom.config import TrainConfig
 from axiom.data import chat as chat_data
 from axiom.data.loader import SPLITS
 from axiom.data.prepare import Progress, RunStats, default_workers, prepare
+from axiom.errors import AxiomError
+
+CARD = TrainConfig()  # the split settings and context of the card's run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,12 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="output directory for shards and manifest.json")
     parser.add_argument("--workers", type=int, default=default_workers(), help="tokenizer processes (default: all)")
-    card = TrainConfig()  # the split settings of the card's run
     parser.add_argument(
-        "--val-fraction", type=float, default=card.val_fraction, help="val share of documents (default: %(default)s)"
+        "--val-fraction", type=float, default=CARD.val_fraction, help="val share of documents (default: %(default)s)"
     )
     parser.add_argument(
-        "--split-seed", type=int, default=card.split_seed, help="salt of the split hash (default: %(default)s)"
+        "--split-seed", type=int, default=CARD.split_seed, help="salt of the split hash (default: %(default)s)"
     )
     parser.add_argument(
         "--text-field", default="text", help="parquet column / JSON field holding the text (default: %(default)s)"
@@ -51,19 +53,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chat.add_argument(
         "--seq-len",
         type=int,
-        default=card.seq_len,
-        help="--chat: longest conversation in tokens, EOS included (default: the card's context, %(default)s)",
+        default=None,
+        help=f"--chat: longest conversation in tokens, EOS included (default: the card's context, {CARD.seq_len})",
     )
     chat.add_argument(
         "--overflow",
         choices=chat_data.OVERFLOW,
-        default="truncate",
+        default=None,
         help="--chat: a longer conversation keeps its longest prefix ending with an assistant turn (truncate, "
         "the default) or is skipped (skip); both are counted in the manifest",
     )
 
 
 def run(args: argparse.Namespace) -> None:
+    if not args.chat and (args.seq_len is not None or args.overflow is not None):
+        raise AxiomError("--seq-len and --overflow shape conversations: they go with --chat")
+    seq_len = CARD.seq_len if args.seq_len is None else args.seq_len
+    overflow = "truncate" if args.overflow is None else args.overflow
     prepare(
         args.inputs,
         args.out,
@@ -73,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
         text_field=args.text_field,
         shard_tokens=args.shard_tokens,
         allow_empty_split=args.allow_empty_split,
-        chat=chat_data.chat_settings(args.seq_len, args.overflow) if args.chat else None,
+        chat=chat_data.chat_settings(seq_len, overflow) if args.chat else None,
         progress=Shown(),
     )
 

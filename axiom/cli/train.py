@@ -17,8 +17,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from axiom.cli.args import add_config_arguments, add_device_argument, config_file, config_from_args, preset_of
+from axiom.cli.args import (
+    add_config_arguments,
+    add_device_argument,
+    config_file,
+    config_from_args,
+    preset_of,
+    say_notices,
+)
 from axiom.config import Config, ConfigFile, apply_overrides, changed_fields, get_config
+from axiom.data.loader import read_manifest
 from axiom.errors import AxiomError
 from axiom.interop.hf.folder import folder_config, read_folder
 from axiom.model.checkpoint import newest_valid_checkpoint, read_meta
@@ -94,12 +102,27 @@ def run_config(args: argparse.Namespace) -> Config:
     if start is None and args.resume:  # the one train() will pick (it names the ones it skips in train.log)
         start = newest_valid_checkpoint(Path(args.out) / "checkpoints")[0]
     if start is not None:
-        return _model_fixed(checkpoint_config(Path(start)), file, args.overrides, "--resume")
+        return say_notices(_model_fixed(checkpoint_config(Path(start)), file, args.overrides, "--resume"), args, file)
     if args.init_from:
         saved = checkpoint_config(Path(args.init_from))
         preset = get_config(preset_of(args, file))
-        return _model_fixed(Config(saved.model, preset.train), file, args.overrides, "--init-from")
+        cfg = _model_fixed(Config(saved.model, preset.train), file, args.overrides, "--init-from")
+        return say_notices(cfg, args, file)
     return config_from_args(args)
+
+
+def check_split_settings(args: argparse.Namespace, cfg: Config) -> None:
+    """The split is made by axiom prepare: a val_fraction or split_seed given with --set, other than the data's, is
+    refused (the run would record the data's and train on it: what was asked would not happen). A config file's are
+    a record of an earlier run's, or prepare's defaults: the run records the data's (`with_data_split`)."""
+    split = read_manifest(Path(args.data)).get("split", {})
+    for name in ("val_fraction", "split_seed"):
+        asked = any(o.partition("=")[0].strip() == name for o in args.overrides)
+        if asked and split.get(name) is not None and getattr(cfg.train, name) != split[name]:
+            raise AxiomError(
+                f"{name}={getattr(cfg.train, name):g}: the data in {args.data} was split with {name}={split[name]:g}, "
+                f"and the split is made by axiom prepare (--{name.replace('_', '-')}); leave it out, or prepare again"
+            )
 
 
 class _AboveTheBar(logging.Handler):
@@ -125,6 +148,7 @@ def _terminal_log() -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = run_config(args)
+    check_split_settings(args, cfg)
     init_from = Path(args.init_from) if args.init_from else None
     read_weights = hf_weights if init_from is not None and is_hf_folder(init_from) else None
     with _terminal_log():

@@ -21,9 +21,8 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.pool import AsyncResult, Pool
 from pathlib import Path
 
 import numpy as np
@@ -340,39 +339,43 @@ class WorkerDied(AxiomError):
 
 def results_in_order(units: list[Unit], workers: int, work: Callable, job: tuple) -> Iterator[UnitResult]:
     """`work(unit, *job)` for each unit, in unit order, with at most 2 * workers units in flight (bounded memory).
-    A worker that dies (kill -9, the kernel's out-of-memory killer) is a WorkerDied: a multiprocessing.Pool replaced
-    it and lost its unit, and waited for that unit forever."""
+    A worker that dies (kill -9, the kernel's out-of-memory killer) is a WorkerDied: the pool starts another, but the
+    unit the dead one held is lost, and waiting for it would never end."""
     workers = min(workers, len(units))  # no idle processes (each holds a tokenizer)
     if workers <= 1:
         for unit in units:
             yield work(unit, *job)
         return
     # spawn: workers import only axiom.data.sources (no torch), and no forked copy of the parent's threads
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
-    flight: deque[Future] = deque()
-    try:
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+        started = _worker_pids(pool)
+        flight: deque = deque()
         for unit in units:
-            flight.append(pool.submit(work, unit, *job))
+            flight.append(pool.apply_async(work, (unit, *job)))
             if len(flight) >= 2 * workers:
-                yield _result(flight.popleft())
+                yield _result(flight.popleft(), pool, started)
         while flight:
-            yield _result(flight.popleft())
-    except BaseException:  # an error, Ctrl-C or SIGTERM: stop the workers now, not after their units
-        pool.shutdown(wait=False, cancel_futures=True)
-        for child in multiprocessing.active_children():
-            child.terminate()
-        raise
-    pool.shutdown()
+            yield _result(flight.popleft(), pool, started)
 
 
-def _result(future: Future) -> UnitResult:
-    try:
-        return future.result()
-    except BrokenProcessPool:
-        raise WorkerDied(
-            "prepare: a worker process ended without finishing its unit (killed, or out of memory?); the units done "
-            "are kept: run the same command again to continue (with fewer --workers if memory is short)"
-        ) from None
+WORKER_CHECK_S = 1.0  # how often a wait for a unit looks for a dead worker
+
+
+def _result(pending: AsyncResult, pool: Pool, started: set[int]) -> UnitResult:
+    while True:
+        try:
+            return pending.get(timeout=WORKER_CHECK_S)
+        except multiprocessing.TimeoutError:
+            if _worker_pids(pool) != started:  # workers never end by themselves (no maxtasksperchild)
+                raise WorkerDied(
+                    "prepare: a worker process ended without finishing its unit (killed, or out of memory?); the "
+                    "units done are kept: run the same command again to continue (with fewer --workers if memory "
+                    "is short)"
+                ) from None
+
+
+def _worker_pids(pool: Pool) -> set[int]:
+    return {p.pid for p in pool._pool}  # the live workers: multiprocessing.Pool replaces one that dies
 
 
 def prepare(

@@ -14,6 +14,7 @@ the loop of axiom/train/trainer.py; the schedule and optimizer are in axiom/trai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -115,8 +116,7 @@ def train(
 def check_run_config(cfg: Config, device: torch.device, d: Dist) -> None:
     """The checks between a run's config, its device and its processes."""
     t = cfg.train
-    if t.seq_len > cfg.model.max_seq_len:
-        raise AxiomError(f"train config: seq_len={t.seq_len} exceeds the model's max_seq_len={cfg.model.max_seq_len}")
+    cfg.check_context()
     if device.type == "cuda" and t.dtype == "float16":
         raise AxiomError("train config: dtype=float16 needs loss scaling, which axiom train does not do; use bfloat16")
     if t.grad_accum_steps % d.world_size:
@@ -151,6 +151,21 @@ def find_start(
     if start is not None and used and not start.resolve().is_relative_to((run_dir / "checkpoints").resolve()):
         raise AxiomError(f"--resume-from {start}: not a checkpoint of {run_dir}; continue it into an empty --out")
     return start, skipped, used
+
+
+def with_data_split(cfg: Config, manifest: dict) -> tuple[Config, str | None]:
+    """`cfg` recording the split its data was made with (axiom prepare's --val-fraction and --split-seed: the config's
+    own values are what prepare takes by default, not used in training), and a line saying so where they differed."""
+    split = {k: manifest.get("split", {}).get(k) for k in ("val_fraction", "split_seed")}
+    asked = {k: getattr(cfg.train, k) for k in split}
+    fraction, seed = split.values()
+    if asked == split or not (isinstance(fraction, float) and 0 < fraction < 1 and isinstance(seed, int)):
+        return cfg, None  # (an empty split fails later, with its own message; data written otherwise has none)
+    note = (
+        f"data split: val_fraction {split['val_fraction']:g}, split_seed {split['split_seed']} (made by axiom "
+        f"prepare; the config's {', '.join(f'{k} {v:g}' for k, v in asked.items() if v != split[k])} applies there)"
+    )
+    return Config(cfg.model, dataclasses.replace(cfg.train, **split)), note
 
 
 def check_holds_a_run(run_dir: Path) -> None:
@@ -232,7 +247,7 @@ def setup(
     manifest = read_manifest(data_dir)
     check_run_config(cfg, device, d)
     plan = resolve(cfg, local_hardware(device), d.world_size)
-    cfg = plan.applied(cfg)
+    cfg, split_note = with_data_split(plan.applied(cfg), manifest)
     notes = clean_stale_checkpoints(run_dir / "checkpoints") if d.main else []  # a kill's leftovers, under the lock
     start, skipped, used = find_start(run_dir, resume, resume_from)
     state = load_training_state(start) if start is not None else None  # first: a bad state.pt is refused early
@@ -247,6 +262,8 @@ def setup(
             log.info(f"cleaned up: {line}")
         for path, reason in skipped:
             log.info(f"--resume: skipped {path}, which does not verify ({reason})")
+        if split_note:
+            log.info(split_note)
         seed_everything(cfg.train.seed)
         model = initial_model(cfg, start, init_from, read_weights)
         trainer = Trainer(cfg, plan, data_dir, manifest, run_dir, model, device, d, log, state)

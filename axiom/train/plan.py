@@ -89,6 +89,11 @@ class Plan:
     tokens_per_s: float | None  # predicted, all processes
     hardware: Hardware
 
+    @property
+    def fits(self) -> bool:
+        """Whether the predicted peak fits the usable memory (not even one sequence at a time may)."""
+        return self.memory["total"] <= self.usable_bytes
+
     def applied(self, cfg: Config) -> Config:
         """`cfg` with this plan's settings in place of auto: the config a run trains and stores."""
         t = dataclasses.replace(
@@ -109,6 +114,7 @@ class Plan:
             "chosen": list(self.chosen),
             "memory_bytes": self.memory,
             "usable_bytes": self.usable_bytes,
+            "fits": self.fits,
             "assumed_mfu": self.mfu,
             "predicted_tokens_per_s": self.tokens_per_s,
             "device": self.hardware.kind,
@@ -251,7 +257,8 @@ def plan_summary(cfg: Config, plan: Plan) -> list[str]:
         f"{chosen('compile', on_off[plan.compile])}, loss {chosen('loss_kernel', plan.loss_kernel)}",
         f"memory {mem['total'] / GIB:.1f} GiB predicted of {plan.usable_bytes / GIB:.1f} usable on {hw.kind} "
         f"({hw.memory_bytes / GIB:.0f} GiB, {hw.name}): "
-        + ", ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items() if k != "total" and v),
+        + ", ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items() if k != "total" and v)
+        + ("" if plan.fits else "; more than fits: expect the run to run out of memory"),
     ]
     if plan.tokens_per_s:
         run = duration(cfg.train.planned_tokens / plan.tokens_per_s)

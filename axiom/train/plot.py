@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 from axiom.errors import AxiomError
@@ -44,11 +45,15 @@ def check_paths(run_dir: Path, out: str | Path | None) -> Path:
     if not eval_csv.is_file():
         what = "not found" if not eval_csv.exists() else describe_missing(eval_csv)
         raise AxiomError(f"{eval_csv} {what}; pass a run directory written by axiom train")
+    if out and str(out).endswith(("/", os.sep)):  # Path drops the slash, and the PNG would take the folder's name
+        raise AxiomError(f"--out {out} names a folder; pass the PNG file to write")
     out = Path(out) if out else run_dir / "loss.png"
     inputs = {name: run_dir / name for name in ("eval.csv", "train.csv", "events.csv")}
     check_no_overlap(out, inputs)
     if out.is_dir():
         raise AxiomError(f"--out {out} is a folder; pass the PNG file to write")
+    if not out.parent.exists():  # (a file there is the write's own one-line error)
+        raise AxiomError(f"--out {out}: {out.parent}: {describe_missing(out.parent)}; the folder must exist")
     return out
 
 
