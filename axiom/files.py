@@ -179,8 +179,8 @@ def check_replaceable(out: str | Path, command: str, force: bool) -> Path:
     lists, so that --force never deletes a run, a checkpoint, anything else that merely happens to be at that path,
     nor a file put into an earlier output since.
     """
-    out = Path(out)
-    if out.name in ("", ".", "..") or Path(os.path.abspath(out)) in (Path.cwd(), *Path.cwd().parents):
+    out = Path(os.path.normpath(out))  # "a/b/.." is "a": the new folder is named a, not ".."
+    if Path(os.path.abspath(out)) in (Path.cwd(), *Path.cwd().parents):  # ".", "..", "x/..", "" alike
         raise AxiomError(
             f"--out {out}: the current folder or one above it; axiom {command} writes its output as a new folder "
             "that replaces the old one whole: name it, e.g. --out ./model"

@@ -402,9 +402,6 @@ def test_resume_into_a_checkpoint_a_file_or_another_programs_folder_is_refused_a
     other = tmp_path / "llama"
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "llama"}')
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    (notes / "todo.txt").write_text("keep me")
     afile = tmp_path / "afile"
     afile.write_text("hi")
     before = hashes(tmp_path)
@@ -412,12 +409,15 @@ def test_resume_into_a_checkpoint_a_file_or_another_programs_folder_is_refused_a
         (best, f"--out {best} is a checkpoint, not a run's folder; --resume-from {best} continues from it"),
         (step, f"--out {step} is a checkpoint, not a run's folder"),
         (other, f"--out {other} holds files but no run of axiom train; nothing was written"),
-        (notes, "(no run's config.json)"),
         (afile, f"--out {afile} is a regular file, not a folder"),
     ]:
         fails(capsys, [*base, "--out", out, "--resume"], message)
     fails(capsys, [*base, "--out", afile], "is a regular file, not a folder")
     assert hashes(tmp_path) == before
+    (preempted := tmp_path / "preempted").mkdir()  # a scheduler's log written there before the run starts: fresh
+    (preempted / "slurm.out").write_text("job 42 started")
+    assert main([*base, "--out", str(preempted), "--resume"]) == 0 and (preempted / "checkpoints").is_dir()
+    assert (preempted / "slurm.out").read_text() == "job 42 started"
 
 
 def test_a_run_that_cannot_start_leaves_its_folder_as_it_found_it(tiny_data, tmp_path, capsys):

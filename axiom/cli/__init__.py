@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import select
 import sys
 
 from axiom import __version__
@@ -103,6 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"axiom {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other programs do
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        # the reader of our output went away (`| head`): stop quietly, as other programs do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes at exit
         return 141
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end is closed (poll reports an error on the writing end)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    return False

@@ -288,7 +288,7 @@ def _chat_prompt(body: dict, model: ServedModel) -> tuple[list[int], int | None]
             raise ApiError(
                 400, f"messages[{i}]: expected {{'role': string, 'content': string or list of text parts}}", "messages"
             )
-        if other := [k for k, v in m.items() if k not in ("role", "content") and v is not None]:
+        if other := [k for k, v in m.items() if k not in ("role", "content") and v not in (None, "", [])]:
             field = f"messages[{i}].{str(other[0])[:100]}"
             raise ApiError(400, f"{field}: not supported by axiom serve (a message is role and content)", "messages")
     messages = [{"role": m["role"], "content": _message_text(i, m["content"])} for i, m in enumerate(messages)]

@@ -60,11 +60,6 @@ from axiom.train.recovery import rewind_logs
 from axiom.train.runlog import RunLog
 from axiom.train.trainer import Trainer, TrainResult
 
-# What a run's folder holds besides config.json (docstring above), TensorBoard's and W&B's folders and `axiom plot`'s.
-RUN_FILES = frozenset(
-    {"train.log", "train.csv", "eval.csv", "events.csv", "checkpoints", "tensorboard", "wandb", "loss.png"}
-)
-
 # Reads the weights of --init-from when it is not an Axiom checkpoint (`axiom train` passes the Hugging Face folder
 # reader of axiom.interop); the model's shape is then the run's config.
 WeightsReader = Callable[[Path], dict[str, torch.Tensor]]
@@ -170,19 +165,16 @@ def with_data_split(cfg: Config, manifest: dict) -> tuple[Config, str | None]:
 
 def check_holds_a_run(run_dir: Path) -> None:
     """--resume found no checkpoint in the used folder `run_dir`, so a fresh run would start there, over its
-    config.json and csvs: refuse, in one line, a folder that is a checkpoint or holds no run of axiom train."""
+    config.json and csvs: refuse, in one line, a folder that is a checkpoint or holds another program's config.json."""
     if any((run_dir / name).exists() for name in (WEIGHTS, CHECKSUMS, STATE)):
         raise AxiomError(
             f"--out {run_dir} is a checkpoint, not a run's folder; --resume-from {run_dir} continues from it into "
             f"its own run's --out, --init-from {run_dir} starts a new run (a new --out) from its weights"
         )
     other = f"--out {run_dir} holds files but no run of axiom train; nothing was written: choose an empty or new --out"
-    config = run_dir / "config.json"
-    if config.is_file():
-        if not {"model", "train"} <= read_json(config, other).keys():
-            raise AxiomError(f"{other} (its config.json is not a run's)")
-    elif not {p.name for p in run_dir.iterdir()} <= RUN_FILES:  # a run stopped before its config.json was written
-        raise AxiomError(f"{other} (no run's config.json)")
+    config = run_dir / "config.json"  # what a fresh run would write over (beside a scheduler's log, say: fine)
+    if config.is_file() and not {"model", "train"} <= read_json(config, other).keys():
+        raise AxiomError(f"{other} (its config.json is not a run's)")
 
 
 def check_resumable(path: Path) -> None:
