@@ -150,7 +150,7 @@ def find_start(
 
 def with_data_split(cfg: Config, manifest: dict) -> tuple[Config, str | None]:
     """`cfg` recording the split its data was made with (axiom prepare's --val-fraction and --split-seed: the config's
-    own values are what prepare takes by default, not used in training), and a line saying so where they differed."""
+    own values split nothing in training), and a line saying so where they differed."""
     split = {k: manifest.get("split", {}).get(k) for k in ("val_fraction", "split_seed")}
     asked = {k: getattr(cfg.train, k) for k in split}
     fraction, seed = split.values()
