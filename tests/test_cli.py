@@ -6,6 +6,7 @@ import pytest
 
 from axiom import __version__
 from axiom.cli import COMMANDS, build_parser, main
+from axiom.config import get_config
 
 
 def test_top_level_help(capsys):
@@ -89,3 +90,15 @@ def test_generate_from_random_init(capsys):
     assert first.startswith("Once upon a time") and len(first) > len("Once upon a time\n")
     assert main(args) == 0
     assert capsys.readouterr().out == first  # seeded init and greedy decoding are reproducible
+
+
+def test_info_names_the_file_that_sets_every_value(tmp_path, capsys):
+    run_config = tmp_path / "config.json"  # as a run writes it: every field, no preset
+    run_config.write_text(json.dumps(get_config("small").to_dict()))
+    assert main(["info", "--config", str(run_config)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith(f"config {run_config}: d_model 256") and "tiny" not in header
+    partial = tmp_path / "partial.toml"  # only some values: the rest are the default preset's
+    partial.write_text("[train]\ngrad_accum_steps = 2\n")
+    assert main(["info", "--config", str(partial)]) == 0
+    assert capsys.readouterr().out.startswith(f"preset tiny with {partial}: ")

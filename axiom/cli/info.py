@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 
 import torch
 
 from axiom.cli.args import DEVICE_HELP, add_config_arguments, config_file, config_from_args, preset_of
+from axiom.config import ConfigFile, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
 from axiom.runtime import pick_device
 from axiom.train.plan import Hardware, assumed_gpu, describe, local_hardware, plan_summary, resolve
@@ -43,6 +45,13 @@ def hardware(args: argparse.Namespace) -> Hardware:
     return local_hardware(pick_device(requested))
 
 
+def sets_every_field(file: ConfigFile) -> bool:
+    def settable(config: type) -> set[str]:
+        return {f.name for f in fields(config) if f.init}
+
+    return settable(ModelConfig) <= file.model.keys() and settable(TrainConfig) <= file.train.keys()
+
+
 def run(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     cfg.check_context()  # a training plan: train would refuse it
@@ -51,9 +60,13 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info))
         return
-    source = preset_of(args, config_file(args)) + (f" with {args.config}" if args.config else "")
+    file = config_file(args)
+    if file is not None and not args.preset and file.preset is None and sets_every_field(file):
+        source = f"config {file.path}"  # a run's config.json: no value comes from the default preset
+    else:
+        source = f"preset {preset_of(args, file)}" + (f" with {args.config}" if args.config else "")
     print(
-        f"preset {source}: d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, "
+        f"{source}: d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, "
         f"{cfg.model.n_heads} heads / {cfg.model.n_kv_heads} KV heads of {info['head_dim']}, ffn {info['ffn_dim']}"
     )
     print(f"parameters            {info['params']:>16,}")
