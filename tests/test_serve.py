@@ -340,6 +340,54 @@ def test_unknown_routes_and_methods_get_openai_errors(server):
     for method, path, status in [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405)]:
         got_status, got = server.http(method, path)
         assert got_status == status and got["error"]["message"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("DELETE", "/health")
+    response = conn.getresponse()
+    assert response.status == 405 and response.getheader("Allow") and "GET" in response.getheader("Allow")
+    conn.close()
+
+
+def request_with(port: int, method: str, path: str, headers: dict, body: dict | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    payload = json.dumps(body) if body is not None else None
+    conn.request(method, path, body=payload, headers={"Content-Type": "application/json", **headers})
+    response = conn.getresponse()
+    status, data = response.status, response.read()
+    conn.close()
+    return status, json.loads(data) if data.startswith(b"{") else {"headers": dict(response.getheaders())}
+
+
+def test_requests_a_web_page_on_another_site_could_send_are_refused(server):
+    """A page on any site can make its visitor's browser POST here (a no-cors fetch without a Content-Type is
+    sent without asking), and a site's own name resolved to 127.0.0.1 after its page loaded (DNS rebinding) makes
+    its page pass as this server's: both were answered in full."""
+    body = {"model": server.name, "prompt": "Hello", "max_tokens": 2}
+    here = f"127.0.0.1:{server.port}"
+    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{server.port + 1}", "https://127.0.0.1"):
+        status, answer = request_with(server.port, "POST", "/v1/completions", {"Origin": origin}, body)
+        assert status == 403 and answer["error"]["code"] == "cross_origin", origin
+        assert origin[:20] in answer["error"]["message"]
+    for host in (f"rebind.attacker.example:{server.port}", "192.168.1.5", "localhost.evil.example"):
+        for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/")):
+            status, answer = request_with(server.port, method, path, {"Host": host, "Origin": f"http://{host}"}, body)
+            assert status == 403 and answer["error"]["code"] == "host_not_allowed", (host, path)
+            assert f"--allow-host {host.split(':')[0]}" in answer["error"]["message"]
+    # the server's own page, loopback names, a proxy's public name, and programs (no Origin) are answered
+    for headers in (
+        {"Origin": f"http://{here}"},
+        {"Host": f"localhost:{server.port}", "Origin": f"http://localhost:{server.port}"},
+        {"Host": f"[::1]:{server.port}"},
+        {"Host": "app.localhost"},
+        {"Origin": "https://chat.example.org", "X-Forwarded-Host": "chat.example.org"},
+        {},
+    ):
+        status, answer = request_with(server.port, "POST", "/v1/completions", headers, body)
+        assert status == 200 and answer["choices"][0]["text"], headers
+    # a link from another site still opens the page (a GET changes nothing), which no site may frame
+    status, answer = request_with(server.port, "GET", "/", {"Origin": "http://evil.example"})
+    assert status == 200
+    assert "frame-ancestors 'none'" in answer["headers"]["content-security-policy"]
+    assert answer["headers"]["x-content-type-options"] == "nosniff"
 
 
 def raw_stream(port: int, body: dict, wait: bool = True) -> tuple[socket.socket, object]:
@@ -407,7 +455,7 @@ def test_a_trickled_body_times_out_and_connections_are_capped(ckpt, tmp_path):
     body = json.dumps({"model": s.name, "prompt": "Hello", "max_tokens": 3, "temperature": 0})
     try:
         slow = socket.create_connection(("127.0.0.1", s.port), timeout=30)
-        head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         slow.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n{body[:10]}".encode())
         start = time.monotonic()
         assert post_raw(s.port, body)[0] == 200  # answered while the slow body is pending
@@ -560,6 +608,14 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
         (["--ckpt", str(tmp_path), "--host", "127.0.0.1\x00", "--port", "0"], "--host '127.0.0.1\\x00' --port 0"),
         (["--ckpt", str(tmp_path), "--port", "9" * 5000], "--port 999"),
         (["--ckpt", str(tmp_path), "--host", "localhost:8000", "--port", "0"], "--host localhost:8000"),
+        (["--ckpt", str(tmp_path), "--port", "0", "--allow-host", "a\x00"], "--allow-host 'a\\x00': expected a host"),
+        (["--ckpt", str(tmp_path), "--port", "0", "--allow-host", ":80"], "--allow-host :80: expected a host name"),
+        (
+            ["--ckpt", str(tmp_path), "--host", "0.0.0.0", "--port", "0", "--allow-host", "chat.example.org"],
+            "--allow-host chat.example.org: --host 0.0.0.0 answers every name already",
+        ),
+        # a name from a folder that is not UTF-8 made /v1/models a 500 for every client
+        (["--ckpt", str(tmp_path), "--port", "0", "--model-name", "bad\udcffname"], "model name 'bad\\udcffname'"),
     ]:
         assert main(["serve", *args]) == 2
         err = capsys.readouterr().err
@@ -716,7 +772,7 @@ def test_request_size_limits(server):
     assert status == 413 and json.loads(data)["error"]["code"] == "body_too_large"
     # A declared 64 GiB: answered without a byte of the body sent.
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n")
     sock.sendall(b"Content-Length: 68719476736\r\n\r\n")
     assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 413 ")
     sock.close()

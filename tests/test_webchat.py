@@ -140,6 +140,19 @@ def test_a_model_that_is_not_chat_tuned_continues_the_typed_text(browser, server
     )
     assert reply_text(browser) == "Hello world" + expected
     # an error from the server is shown, not swallowed
-    send(browser, "Hello", max_tokens=5, temperature=-1)
+    browser.execute_script("document.getElementById('input').value = arguments[0]", "word " * 5000)
+    send(browser, "", max_tokens=5, temperature=0)  # a prompt longer than the context
     wait.until(lambda b: b.find_element(By.ID, "status").text == "error")
-    assert "temperature" in browser.find_elements(By.CSS_SELECTOR, ".msg.error")[-1].text
+    assert "context" in browser.find_elements(By.CSS_SELECTOR, ".msg.error")[-1].text
+    # a value the box does not accept is said, and nothing is sent
+    replies = len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
+    send(browser, "Hello", max_tokens=5, temperature=-1)
+    wait.until(lambda b: b.find_element(By.ID, "status").text.startswith("temperature: not a number it accepts"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == replies
+    assert browser.find_element(By.ID, "input").get_property("value") == "Hello"  # kept, to send once corrected
+    browser.find_element(By.ID, "input").clear()
+    # an emptied box leaves its field out: the server's default (OpenAI's 16 tokens), not one token
+    send(browser, "Hello", max_tokens="", temperature=0)
+    wait.until(lambda b: b.find_element(By.ID, "status").text == "ready")
+    default = server.client.completions.create(model=server.name, prompt="Hello", temperature=0).choices[0].text
+    assert reply_text(browser) == "Hello" + default

@@ -7,6 +7,7 @@ exits 130). Starlette and uvicorn (the `serve` extra) are imported only when the
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import math
 import os
@@ -27,6 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint directory to serve")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", default="8000", help="port (default: 8000; 0: any free port)")
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name besides localhost and loopback addresses that requests to a server on a loopback address may "
+        "be addressed to (their Host header), e.g. a reverse proxy's public name; repeatable. Other names are "
+        "refused: a web page could point its own name here (DNS rebinding)",
+    )
     parser.add_argument(
         "--model-name",
         help="the model id clients send and /v1/models lists (default: the checkpoint's name, as RUN-step_000400 "
@@ -76,13 +86,16 @@ def run(args: argparse.Namespace) -> None:
     from axiom.infer.serve import Service, build_app, with_head_timeout  # Starlette: the serve extra too
 
     sock = _listen(args.host, _port(args.port))
-    model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
+    local_names = _local_names(sock.getsockname()[0], args.allow_host)
     name = args.model_name or model_name(args.ckpt)
+    if not name.isprintable():  # a surrogate too: a folder's name that is not UTF-8
+        raise AxiomError(f"model name {_shown(name)}: not printable text; give one with --model-name")
+    model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
     compile_ = not eager_decoding(args, next(model.parameters()).device, "axiom serve")
     service = Service(model, name, is_chat_tuned(meta), args.max_batch, args.max_queue, compile_)
     host, port = sock.getsockname()[:2]
     logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
-    app = build_app(service, args.body_timeout)
+    app = build_app(service, args.body_timeout, local_names)
     config = uvicorn.Config(
         app, log_level="warning", timeout_graceful_shutdown=None, limit_concurrency=args.max_connections
     )
@@ -107,6 +120,21 @@ def model_name(ckpt: str) -> str:
     path = Path(os.path.realpath(ckpt))
     run = run_dir_of(path)
     return f"{run.name}-{path.name}" if run is not None else path.name or "axiom"
+
+
+def _local_names(address: str, allowed: list[str]) -> frozenset[str] | None:
+    """The names besides localhost and loopback addresses that a server listening on `address` answers, or None (any
+    name) where it listens on another address: requests from elsewhere may name it as they like."""
+    if not ipaddress.ip_address(address).is_loopback:
+        if allowed:
+            raise AxiomError(f"--allow-host {_shown(allowed[0])}: --host {address} answers every name already")
+        return None
+    from axiom.infer.serve import authority_name  # Starlette: the serve extra
+
+    for name in allowed:
+        if not (authority_name(name) and name.isprintable()):
+            raise AxiomError(f"--allow-host {_shown(name)}: expected a host name, e.g. chat.example.org")
+    return frozenset(authority_name(name) for name in allowed)
 
 
 def _port(text: str) -> int:

@@ -24,17 +24,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
+import ipaddress
 import json
 import logging
 import queue
 import threading
 import time
+import urllib.parse
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -262,6 +266,82 @@ async def decode(job: Job, spec: Spec, service: Service) -> AsyncIterator[tuple[
 
 # ---- the HTTP app
 
+# The chat page runs its own inline script and style, talks to this server only, and is never put in a frame.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def authority_name(authority: str) -> str:
+    """The host name of a Host header or an origin's authority: without its port or an IPv6 address's brackets,
+    lowercased, without a final dot."""
+    if authority.startswith("["):
+        name = authority[1 : authority.find("]")]
+    else:
+        name = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+    return name.lower().rstrip(".")
+
+
+def is_loopback_name(name: str) -> bool:
+    """localhost, a name under .localhost (browsers resolve these to this machine alone), or a loopback address."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_browser_request(method: str, headers: Headers, local_names: frozenset[str] | None) -> None:
+    """ApiError 403 for what a web page on another site can make its visitor's browser send here.
+
+    A browser sends any page's POST (a "simple" one, without asking first) and names the page in Origin: a POST
+    from a page that is not this server's own is refused, so a site cannot start generations on a user's server.
+    With `local_names` (a server listening on a loopback address: the names it answers besides localhost and
+    loopback addresses), a request addressed to another name is refused too: that name is a site's own, resolved
+    to this machine after the page loaded (DNS rebinding), whose page would pass as this server's."""
+    host = headers.get("host", "")
+    if local_names is not None and host:
+        name = authority_name(host)
+        if not is_loopback_name(name) and name not in local_names:
+            raise ApiError(
+                403,
+                f"Host {host[:100]!r}: this server listens on a loopback address and answers localhost, loopback "
+                f"addresses{' and ' + ', '.join(sorted(local_names)) if local_names else ''} only (another name that "
+                f"leads here may be a web page's); to answer {name[:100]}, pass --allow-host {name[:100]}",
+                code="host_not_allowed",
+            )
+    origin = headers.get("origin")
+    if method in ("GET", "HEAD") or origin is None:  # programs send no Origin; a GET changes nothing
+        return
+    forwarded = headers.get("x-forwarded-host", "").split(",")[0].strip()  # a proxy's public name
+    origin_authority = urllib.parse.urlsplit(origin).netloc.lower() if "://" in origin else None
+    if origin_authority is None or origin_authority not in (host.lower(), forwarded.lower()):
+        raise ApiError(
+            403,
+            f"{method} from the web page at {origin[:100]!r}, not this server's own page ({host[:100]}): refused, "
+            "as any site a user visits could send it; programs send no Origin header and are answered",
+            code="cross_origin",
+        )
+
+
+class BrowserGuard:
+    """ASGI middleware that answers what `check_browser_request` refuses with its 403, before any route runs."""
+
+    def __init__(self, app, local_names: frozenset[str] | None):
+        self.app, self.local_names = app, local_names
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            try:
+                check_browser_request(scope["method"], Headers(scope=scope), self.local_names)
+            except ApiError as e:
+                await error_response(e)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
 
 class EventStream(StreamingResponse):
     """Server-sent events whose generator is closed as soon as the response ends, also when the client went away
@@ -278,8 +358,10 @@ class OpenAiApp:
     """The routes of `axiom serve` over one `Service`: GET /v1/models and /health, POST /v1/completions and
     /v1/chat/completions (answered whole, or streamed as server-sent events), and the chat page at GET /."""
 
-    def __init__(self, service: Service, body_timeout: float = BODY_TIMEOUT_S):
-        self.service, self.body_timeout = service, body_timeout
+    def __init__(
+        self, service: Service, body_timeout: float = BODY_TIMEOUT_S, local_names: frozenset[str] | None = None
+    ):
+        self.service, self.body_timeout, self.local_names = service, body_timeout, local_names
         self.page = importlib.resources.files(__package__).joinpath("static/chat.html").read_text(encoding="utf-8")
 
     def starlette(self) -> Starlette:
@@ -290,7 +372,11 @@ class OpenAiApp:
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
         ]
-        return Starlette(routes=routes, exception_handlers={HTTPException: self.http_error, Exception: self.failed})
+        return Starlette(
+            routes=routes,
+            middleware=[Middleware(BrowserGuard, local_names=self.local_names)],
+            exception_handlers={HTTPException: self.http_error, Exception: self.failed},
+        )
 
     async def models(self, _: HttpRequest) -> JSONResponse:
         served = self.service.served
@@ -300,7 +386,7 @@ class OpenAiApp:
         return JSONResponse({"object": "list", "data": [entry]})
 
     async def chat_page(self, _: HttpRequest) -> HTMLResponse:
-        return HTMLResponse(self.page)
+        return HTMLResponse(self.page, headers=PAGE_HEADERS)
 
     async def health(self, _: HttpRequest) -> JSONResponse:
         return JSONResponse({"status": "ok", **self.service.stats()})
@@ -353,9 +439,9 @@ class OpenAiApp:
             yield sse(usage_chunk(head, usage(len(spec.prompt), count), chat))
         yield "data: [DONE]\n\n"
 
-    async def http_error(self, request: HttpRequest, exc: HTTPException) -> JSONResponse:
+    async def http_error(self, request: HttpRequest, exc: HTTPException) -> Response:
         message = f"{request.method} {request.url.path}: " + ("no such route" if exc.status_code == 404 else exc.detail)
-        return error_response(ApiError(exc.status_code, message))
+        return error_response(ApiError(exc.status_code, message), exc.headers)  # a 405's Allow
 
     async def failed(self, request: HttpRequest, exc: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path)
@@ -401,8 +487,10 @@ def with_head_timeout(protocol: type, seconds: float) -> type:
     return HeadTimeout
 
 
-def build_app(service: Service, body_timeout: float = BODY_TIMEOUT_S) -> Starlette:
-    return OpenAiApp(service, body_timeout).starlette()
+def build_app(
+    service: Service, body_timeout: float = BODY_TIMEOUT_S, local_names: frozenset[str] | None = None
+) -> Starlette:
+    return OpenAiApp(service, body_timeout, local_names).starlette()
 
 
 async def read_body(request: HttpRequest, timeout: float = BODY_TIMEOUT_S) -> bytes:
@@ -429,10 +517,10 @@ async def read_body(request: HttpRequest, timeout: float = BODY_TIMEOUT_S) -> by
         raise ApiError(408, f"the body did not arrive within {timeout:g} s", code="body_timeout") from None
 
 
-def error_response(e: ApiError) -> Response:
+def error_response(e: ApiError, headers: Mapping[str, str] | None = None) -> Response:
     """The error as JSON in ASCII: a field name or value quoted from the request may hold a lone surrogate (a JSON
     escape such as \\ud800), which UTF-8 cannot encode."""
-    return Response(json.dumps(e.body()), status_code=e.status, media_type="application/json")
+    return Response(json.dumps(e.body()), status_code=e.status, headers=headers, media_type="application/json")
 
 
 def sse(event: dict) -> str:
