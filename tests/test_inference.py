@@ -441,13 +441,17 @@ def test_padded_output_table_gives_the_same_logits_and_keeps_the_table_tied():
     model = Axiom(micro_config("vocab_size=300").model).eval()
     tokens = torch.randint(0, 300, (2, 7))
     read = weight_bytes_per_token(model)
+    targets = torch.randint(0, 300, (2, 7))
     with torch.no_grad():
-        before = model(tokens)
+        before, loss_before = model(tokens), model(tokens, targets)
         pad_output_table(model)
-        after = model(tokens)
-    assert isinstance(model.lm_head, PaddedOutput) and model.lm_head.weight.shape[0] == 384
+        after, loss_after = model(tokens), model(tokens, targets)
+    assert isinstance(model.lm_head, PaddedOutput) and model.lm_head.padded.shape[0] == 384
     assert after.shape == before.shape == (2, 7, 300)
     torch.testing.assert_close(after, before)
-    assert model.embed.weight.data_ptr() == model.lm_head.weight.data_ptr()
-    assert not model.lm_head.weight[300:].any()
+    # the loss (eval's, decode_quality's) is over the vocabulary: the zero rows' logits of 0 were in its softmax
+    assert model.lm_head.weight.shape[0] == 300
+    torch.testing.assert_close(loss_after, loss_before)
+    assert model.embed.weight.data_ptr() == model.lm_head.padded.data_ptr()
+    assert not model.lm_head.padded[300:].any()
     assert weight_bytes_per_token(model) == read + 84 * model.cfg.d_model * 4  # the bench counts the padded rows

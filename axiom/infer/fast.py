@@ -104,11 +104,16 @@ class PaddedOutput(nn.Module):
 
     def __init__(self, table: Tensor, vocab: int):
         super().__init__()
-        self.register_buffer("weight", table)
+        self.register_buffer("padded", table)
         self.vocab = vocab
 
+    @property
+    def weight(self) -> Tensor:
+        """The vocabulary's rows, which a loss or a scorer takes: a padded row's logit would be 0, not excluded."""
+        return self.padded[: self.vocab]
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)[..., : self.vocab]
+        return F.linear(x, self.padded)[..., : self.vocab]
 
 
 HUGE_PAGE = 2 << 20
@@ -164,8 +169,10 @@ def weight_bytes_per_token(model: Axiom) -> int:
     the token table's one looked-up row, the norms and the KV cache are left out (under 1% at short context)."""
     total = 0
     for m in model.modules():
-        if isinstance(m, nn.Linear | FastLinear | PaddedOutput):  # the padded table: all of it is read
+        if isinstance(m, nn.Linear | FastLinear):
             total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, PaddedOutput):  # all of the padded table is read
+            total += m.padded.numel() * m.padded.element_size()
         elif isinstance(m, Int8Linear):
             total += m.q.numel() + m.scale_f32.numel() * 4
     return total
