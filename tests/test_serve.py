@@ -400,8 +400,10 @@ def raw_stream(port: int, body: dict, wait: bool = True) -> tuple[socket.socket,
     reader = sock.makefile("rb")
     if wait:
         assert b" 200 " in reader.readline()
-        while not reader.readline().startswith(b"data: {"):  # the headers, then the first token's event
-            pass
+        headers = []
+        while not (line := reader.readline()).startswith(b"data: {"):  # the headers, then the first token's event
+            headers.append(line.strip().lower())
+        assert b"cache-control: no-cache" in headers and b"x-accel-buffering: no" in headers  # for proxies
     return sock, reader
 
 

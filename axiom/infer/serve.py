@@ -273,6 +273,9 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
 }
 
+# A proxy passes each event on as it comes (nginx buffers a response unless told not to) and caches none.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
 
 def authority_name(authority: str) -> str:
     """The host name of a Host header or an origin's authority: without its port or an IPv6 address's brackets,
@@ -413,7 +416,8 @@ class OpenAiApp:
         try:
             if spec.stream:  # the status is sent with the first token: a 503 or an error before it is still JSON
                 first = await until_disconnect(request, tokens, anext(tokens))
-                return EventStream(self.events(first, tokens, head, spec, chat), media_type="text/event-stream")
+                events = self.events(first, tokens, head, spec, chat)
+                return EventStream(events, media_type="text/event-stream", headers=STREAM_HEADERS)
             text, reason, count = await until_disconnect(request, tokens, collect(tokens))
         except ApiError as e:
             return error_response(e)
