@@ -369,6 +369,36 @@ def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
     assert [r["loss"] for r in read_rows(run / "train.csv")] == ref_losses
 
 
+def train_on_two_processes(data: Path, run: Path, tmp_path: Path, *args: str) -> None:
+    """`axiom train` under torchrun: two gloo processes on the CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves its log folders there
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd = [*torchrun, "-m", "axiom.cli", "train", "--data", str(data), "--out", str(run), "--device", "cpu", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_kills_leftover_and_a_one_process_checkpoint_resume_alike_on_every_fsdp_rank(tiny_data, tmp_path):
+    """Rank 0 puts back what a kill left (a checkpoint set aside mid-replacement) while the others chose where to
+    resume, each by itself: they could resume from different steps (data read twice and skipped, then a hang).
+    And a checkpoint of one process (or DDP) keys its optimizer state by place, which FSDP's loader matched to
+    nothing: AdamW restarted from zero moments, and the next save failed."""
+    extra = ("eval_interval=100", "checkpoint_interval=2")
+    reference = tmp_path / "reference"
+    train(micro_config("max_steps=8", *extra), tiny_data, reference)
+    run = tmp_path / "run"
+    train(micro_config("max_steps=6", *extra), tiny_data, run)
+    (run / "checkpoints" / "step_000006").rename(run / "checkpoints" / ".step_000006.old")
+    train_on_two_processes(tiny_data, run, tmp_path, "--resume", *micro_args("max_steps=8", "fsdp=true", *extra))
+    log = (run / "train.log").read_text()
+    assert "restored" in log and "resumed from" in log and "step_000006 at step 6" in log
+    losses = lambda d: [float(r["loss"]) for r in read_rows(d / "train.csv")]  # noqa: E731
+    assert losses(run) == pytest.approx(losses(reference), rel=1e-5)
+    resumed, straight = final_weights(run), final_weights(reference)
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_gloo_processes_match_one(tiny_data, tmp_path, fsdp):
     extra = ("max_steps=4", "eval_interval=4", "checkpoint_interval=4")
@@ -376,26 +406,7 @@ def test_two_gloo_processes_match_one(tiny_data, tmp_path, fsdp):
     train(micro_config(*extra), tiny_data, single)
     extra = (*extra, f"fsdp={fsdp}")
     run = tmp_path / "ranks"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves its log folders there
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "axiom.cli",
-        "train",
-        "--data",
-        str(tiny_data),
-        "--out",
-        str(run),
-        "--device",
-        "cpu",
-        *micro_args(*extra),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train_on_two_processes(tiny_data, run, tmp_path, *micro_args(*extra))
     assert "2 processes" in (run / "train.log").read_text()
     ddp = [float(r["loss"]) for r in read_rows(run / "train.csv")]
     one = [float(r["loss"]) for r in read_rows(single / "train.csv")]
@@ -405,6 +416,9 @@ def test_two_gloo_processes_match_one(tiny_data, tmp_path, fsdp):
     ddp_weights, one_weights = final_weights(run), final_weights(single)
     for k in one_weights:
         torch.testing.assert_close(ddp_weights[k], one_weights[k], rtol=1e-4, atol=1e-5)
+    # each rank draws its own dropout masks: its generator is seeded with seed + rank (all were the same)
+    rngs = load_training_state(list_checkpoints(run / "checkpoints")[-1][1])["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
 def test_init_from_starts_a_new_run_from_checkpoint_weights(tiny_data, tmp_path):

@@ -4,6 +4,7 @@ inference dtype, the decoding path and the sampling settings."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -72,7 +73,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def say_notices(cfg: Config, args: argparse.Namespace, file: ConfigFile | None) -> Config:
     """`cfg`, after naming on stderr its settings that run but probably not as meant, when --set or --config made
     them."""
-    for note in cfg.train.notices() if args.overrides or file is not None else []:
+    said = (args.overrides or file is not None) and os.environ.get("RANK", "0") == "0"  # once under torchrun
+    for note in cfg.train.notices() if said else []:
         print(f"notice: {note}", file=sys.stderr)
     return cfg
 

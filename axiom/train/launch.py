@@ -54,7 +54,7 @@ from axiom.model.transformer import Axiom
 from axiom.runtime import pick_device
 from axiom.train.checkpointer import set_aside_newer
 from axiom.train.optim import schedule_jump
-from axiom.train.parallel import Dist, init_distributed, set_model_state
+from axiom.train.parallel import Dist, from_main, init_distributed, set_model_state
 from axiom.train.plan import local_hardware, resolve
 from axiom.train.recovery import rewind_logs
 from axiom.train.runlog import RunLog
@@ -241,7 +241,7 @@ def setup(
     plan = resolve(cfg, local_hardware(device), d.world_size)
     cfg, split_note = with_data_split(plan.applied(cfg), manifest)
     notes = clean_stale_checkpoints(run_dir / "checkpoints") if d.main else []  # a kill's leftovers, under the lock
-    start, skipped, used = find_start(run_dir, resume, resume_from)
+    start, skipped, used = from_main(d, lambda: find_start(run_dir, resume, resume_from))
     state = load_training_state(start) if start is not None else None  # first: a bad state.pt is refused early
     if d.world_size > 1:
         dist.barrier()  # every rank has judged the directory before rank 0 writes into it
@@ -257,7 +257,9 @@ def setup(
         if split_note:
             log.info(split_note)
         seed_everything(cfg.train.seed)
-        model = initial_model(cfg, start, init_from, read_weights)
+        model = initial_model(cfg, start, init_from, read_weights)  # alike on every rank: FSDP does not broadcast it
+        if d.world_size > 1:
+            seed_everything(cfg.train.seed + d.rank)  # each rank its own dropout masks (nanoGPT's seed + rank)
         trainer = Trainer(cfg, plan, data_dir, manifest, run_dir, model, device, d, log, state)
     except BaseException:
         if d.main and not used:  # a new run that could not start leaves its folder as it found it: empty or absent

@@ -8,13 +8,17 @@ checkpoints and scattered back on resume.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from axiom.config import AUTO, TrainConfig
 from axiom.model.transformer import Axiom, retie
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,6 +40,24 @@ def init_distributed() -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def from_main(d: Dist, decide: Callable[[], T]) -> T:
+    """`decide()` on rank 0, its result (or the error it raised) passed to every rank: a choice every rank must make
+    alike, such as the checkpoint to resume, where rank 0 is changing what the choice reads (a kill's leftovers
+    being put back) or files may differ between ranks' views."""
+    if d.world_size == 1:
+        return decide()
+    outcome: list = [None, None]
+    if d.main:
+        try:
+            outcome[0] = decide()
+        except Exception as e:  # sent on, so that no rank waits for a result that never comes
+            outcome[1] = e
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
 
 
 def parallelize(model: Axiom, cfg: TrainConfig, device: torch.device, d: Dist) -> torch.nn.Module:
@@ -104,4 +126,19 @@ def load_optimizer_state(model: Axiom, optimizer: torch.optim.Optimizer, state: 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=keyed_by_name(model, optimizer, state), options=opts)
+
+
+def keyed_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """An optimizer state as FSDP's loader reads it: keyed by parameter name. One process and DDP save
+    `Optimizer.state_dict()`, keyed by each parameter's place in the optimizer's groups, which FSDP's loader took
+    without a word and matched to nothing (AdamW restarted from zero moments, and the next save failed)."""
+    groups = state.get("param_groups", [])
+    if not any(isinstance(i, int) for group in groups for i in group["params"]):
+        return state  # saved under FSDP
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {order[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in groups],
+    }
