@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -435,6 +436,37 @@ def test_init_from_starts_a_new_run_from_checkpoint_weights(tiny_data, tmp_path)
     rows = read_rows(run / "eval.csv")
     assert [int(r["step"]) for r in rows] == [0, 4]
     assert float(rows[0]["val_loss"]) == pytest.approx(trained_val, rel=1e-6)  # step 0 evaluates the loaded weights
+
+
+def test_a_fine_tune_killed_before_its_first_checkpoint_resumes_from_the_same_weights(tiny_data, tmp_path, capsys):
+    """A run begun with --init-from and killed before its first checkpoint: `--resume` alone started it again from
+    random weights, and `--init-from X --resume` was refused; a scheduler needs one command line that always works."""
+    from axiom.cli import main
+
+    source = tmp_path / "source"
+    train(micro_config("max_steps=12", "eval_interval=12"), tiny_data, source)
+    best = source / "checkpoints" / "best"
+    trained_val = float(read_rows(source / "eval.csv")[-1]["val_loss"])
+    run = tmp_path / "tune"
+    args = ["train", "--data", str(tiny_data), "--out", str(run), *micro_args("max_steps=4", "eval_interval=4")]
+    assert main([*args, "--init-from", str(best)]) == 0
+    for step in (run / "checkpoints").glob("step_*"):  # as if killed before its first checkpoint
+        shutil.rmtree(step)
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"began from --init-from {best.resolve()}; pass --init-from {best.resolve()} --resume" in err
+    assert main([*args, "--init-from", str(best), "--resume"]) == 0  # starts again from the same weights
+    rows = read_rows(run / "eval.csv")
+    assert [int(r["step"]) for r in rows] == [0, 4]
+    assert float(rows[0]["val_loss"]) == pytest.approx(trained_val, rel=1e-6)
+    # with a checkpoint, the same command line continues it
+    assert main([*args[:-4], *micro_args("max_steps=6", "eval_interval=4"), "--init-from", str(best), "--resume"]) == 0
+    log = (run / "train.log").read_text()
+    assert "resumed from" in log and "not read, the run continues its checkpoint" in log
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")][-1] == 6
+    assert main([*args, "--init-from", str(best), "--resume-from", str(best)]) == 2
+    assert "--resume-from excludes --resume and --init-from" in capsys.readouterr().err
 
 
 def test_train_from_config_files(tiny_data, tmp_path, capsys):

@@ -27,9 +27,10 @@ import torch
 from axiom.data.chat import to_jsonl
 from axiom.errors import AxiomError
 from axiom.infer.generate import generate
-from axiom.model.checkpoint import list_checkpoints, load_model
+from axiom.model.checkpoint import load_model
 from axiom.text.chatml import IM_END, encode_chat
-from axiom.text.tokenizer import EOS_ID, load_tokenizer
+from axiom.text.stream import TextStream, stop_ids
+from axiom.text.tokenizer import load_tokenizer
 
 SEED = 1337
 HELD_OUT = 0.05  # share of verses (and chapters) whose questions are only asked in the measurement
@@ -181,9 +182,13 @@ def exact_match(ckpt: Path, test: list[tuple[str, list[dict], str]], batch: int 
         prompts = [encode_chat(messages, add_generation_prompt=True).ids for _, messages, _ in part]
         outs = generate(model, prompts, 64, temperature=0, eos_id=IM_END)
         for (kind, _, answer), out in zip(part, outs, strict=True):
-            reply = enc.decode([t for t in out if t < EOS_ID]).strip()
+            stream = TextStream(stop_ids(chat=True), enc=enc)  # the reply axiom chat shows: up to its turn's end
+            for token in out:
+                stream.push(token)
+            stream.finish()
+            reply = stream.text.strip()
             scores[kind]["right"] += reply == answer
-            scores[kind]["in form"] += IM_END in out and in_form(kind, reply, books)
+            scores[kind]["in form"] += stream.stopped and in_form(kind, reply, books)
             scores[kind]["asked"] += 1
             replies.append(reply)
     return scores | {"replies": replies}
@@ -225,7 +230,8 @@ def run(out: Path, base: Path, call: Callable[[list[str]], None], step: Callable
 
     step(f"4/5 fine-tune: {base} -> {run_dir}")
     sets = [x for item in SFT_SETTINGS for x in ("--set", item)]
-    resume = ["--resume"] if list_checkpoints(run_dir / "checkpoints") else ["--init-from", str(base)]
+    # continues the run's newest checkpoint, else (a first run, or one killed before its first) starts from the base
+    resume = ["--init-from", str(base), "--resume"]
     call(["train", "--preset", "tiny", *sets, "--data", str(data), "--out", str(run_dir), "--device", "cpu", *resume])
 
     tuned = run_dir / "checkpoints" / "best"

@@ -93,10 +93,10 @@ def _model_fixed(base: Config, file: ConfigFile | None, overrides: list[str], fl
 
 
 def run_config(args: argparse.Namespace) -> Config:
-    """The run's config: the checkpoint's for --resume and --resume-from, the model shape of --init-from with the
-    preset's training fields, else the preset; the --config file, then --set, apply to each."""
-    if sum(bool(x) for x in (args.resume, args.resume_from, args.init_from)) > 1:
-        raise AxiomError("--resume, --resume-from and --init-from exclude each other")
+    """The run's config: the checkpoint's for --resume (when the run has one) and --resume-from, the model shape of
+    --init-from with the preset's training fields, else the preset; the --config file, then --set, apply to each."""
+    if args.resume_from and (args.resume or args.init_from):
+        raise AxiomError("--resume-from excludes --resume and --init-from")
     file = config_file(args)
     start = args.resume_from
     if start is None and args.resume:  # the one train() will pick (it names the ones it skips in train.log)

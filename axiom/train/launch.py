@@ -2,6 +2,7 @@
 the loop of axiom/train/trainer.py; the schedule and optimizer are in axiom/train/optim.py.
 
     RUN/config.json                  resolved config of the run (the plan's micro-batch, checkpointing, compile)
+    RUN/started_from.json            the --init-from the run began from (null: new weights)
     RUN/train.log                    the plan, progress lines, evaluations, notices
     RUN/train.csv                    step, tokens, loss, grad_norm, lr, tokens_per_s, skipped (every log_interval)
     RUN/eval.csv                     step, tokens, train_loss, val_loss, val_ppl, val_bpb, lr, elapsed_s, tokens_per_s
@@ -59,6 +60,8 @@ from axiom.train.plan import local_hardware, resolve
 from axiom.train.recovery import rewind_logs
 from axiom.train.runlog import RunLog
 from axiom.train.trainer import Trainer, TrainResult
+
+STARTED_FROM = "started_from.json"
 
 # Reads the weights of --init-from when it is not an Axiom checkpoint (`axiom train` passes the Hugging Face folder
 # reader of axiom.interop); the model's shape is then the run's config.
@@ -122,11 +125,11 @@ def check_run_config(cfg: Config, device: torch.device, d: Dist) -> None:
 
 
 def find_start(
-    run_dir: Path, resume: bool, resume_from: str | Path | None
+    run_dir: Path, resume: bool, resume_from: str | Path | None, init_from: str | Path | None = None
 ) -> tuple[Path | None, list[tuple[Path, str]], bool]:
     """The checkpoint a run continues from (None: a fresh start), the newer ones --resume skipped as unverifiable,
-    and whether `run_dir` already holds files; refuses a fresh start into a used directory and another run's
-    checkpoint into it."""
+    and whether `run_dir` already holds files; refuses a fresh start into a used directory, a start again from other
+    weights than the run began from, and another run's checkpoint into it."""
     skipped: list[tuple[Path, str]] = []
     if run_dir.exists() and not run_dir.is_dir():
         raise AxiomError(f"--out {run_dir} {describe_missing(run_dir)}, not a folder; choose a folder for the run")
@@ -143,6 +146,7 @@ def find_start(
         raise AxiomError(f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out")
     if start is None and used:
         check_holds_a_run(run_dir)
+        check_same_start(run_dir, init_from)
     if start is not None and used and not start.resolve().is_relative_to((run_dir / "checkpoints").resolve()):
         raise AxiomError(f"--resume-from {start}: not a checkpoint of {run_dir}; continue it into an empty --out")
     return start, skipped, used
@@ -175,6 +179,19 @@ def check_holds_a_run(run_dir: Path) -> None:
     config = run_dir / "config.json"  # what a fresh run would write over (beside a scheduler's log, say: fine)
     if config.is_file() and not {"model", "train"} <= read_json(config, other).keys():
         raise AxiomError(f"{other} (its config.json is not a run's)")
+
+
+def check_same_start(run_dir: Path, init_from: str | Path | None) -> None:
+    """--resume found no checkpoint, so the run starts again: from the weights it began from, not others. A fine-tune
+    killed before its first checkpoint would otherwise start again from random weights under `--resume` alone."""
+    path = run_dir / STARTED_FROM
+    began = read_json(path, "delete it to start the run afresh").get("init_from") if path.is_file() else None
+    given = str(Path(init_from).resolve()) if init_from is not None else None
+    if began is not None and given != began:
+        raise AxiomError(
+            f"--resume: {run_dir} has no complete checkpoint yet and began from --init-from {began}; pass "
+            f"--init-from {began} --resume to start it again from those weights"
+        )
 
 
 def check_resumable(path: Path) -> None:
@@ -241,7 +258,7 @@ def setup(
     plan = resolve(cfg, local_hardware(device), d.world_size)
     cfg, split_note = with_data_split(plan.applied(cfg), manifest)
     notes = clean_stale_checkpoints(run_dir / "checkpoints") if d.main else []  # a kill's leftovers, under the lock
-    start, skipped, used = from_main(d, lambda: find_start(run_dir, resume, resume_from))
+    start, skipped, used = from_main(d, lambda: find_start(run_dir, resume, resume_from, init_from))
     state = load_training_state(start) if start is not None else None  # first: a bad state.pt is refused early
     if d.world_size > 1:
         dist.barrier()  # every rank has judged the directory before rank 0 writes into it
@@ -267,12 +284,17 @@ def setup(
         raise
     if d.main:  # after the Trainer's checks: a refused resume leaves the run's config.json as it was
         write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        if start is None:  # what a fresh start began from, for a --resume before the first checkpoint
+            began = str(Path(init_from).resolve()) if init_from is not None else None
+            write_json_atomic(run_dir / STARTED_FROM, {"init_from": began})
     step = trainer.state.step
     if d.main and (start is not None or skipped):  # the ones skipped too: training would overwrite them
         set_aside_newer(run_dir / "checkpoints", step if start is not None else -1, log)
     if start is not None:
         rewind_logs(log, trainer.state)
         log.info(f"resumed from {start} at step {step:,} ({trainer.state.tokens:,} tokens)")
+        if init_from is not None:
+            log.info(f"--init-from {init_from}: not read, the run continues its checkpoint (it began from it)")
         log_resume_changes(log, start, cfg.train, step)
     elif used:
         rewind_logs(log, None)
