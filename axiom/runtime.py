@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 
 from axiom.errors import AxiomError
 
-# Dense bf16 tensor-core peaks (vendor datasheets, TFLOP/s); the first name contained in the device name wins.
+# Dense bf16 tensor-core peaks (vendor datasheets, TFLOP/s); the first name found in the device name as a whole word
+# wins.
 GPU_BF16_PEAK_TFLOPS = (
     ("H100 PCIe", 756),
     ("H100 NVL", 835),
@@ -21,6 +23,7 @@ GPU_BF16_PEAK_TFLOPS = (
     ("A100", 312),
     ("A800", 312),
     ("L40S", 362),
+    ("L40", 181),
     ("L4", 121),
     ("RTX 4090", 165),
     ("RTX 3090", 71),
@@ -63,7 +66,8 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in GPU_BF16_PEAK_TFLOPS if key in name), None)
+    # whole words: "L4" is not the L40's entry
+    return next((tf * 1e12 for key, tf in GPU_BF16_PEAK_TFLOPS if re.search(rf"\b{re.escape(key)}\b", name)), None)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 model (`lm_eval --model hf`, in-process), on the same items, in one process with interleaved rounds (ABBA).
 
 Also times lm-eval's own pipeline with the Axiom adapter (`AxiomLM`), to show what the harness itself costs, and
-checks that all three give the same acc and acc_norm.
+prints the acc and acc_norm each gives, to compare.
 
     python scripts/bench_tasks.py --task-file runs/demo/kjv_choices.jsonl --limit 200 --rounds 2
     python scripts/bench_tasks.py --task-file hellaswag_val.jsonl --ckpt RUN/checkpoints/best --limit 500
@@ -39,11 +39,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ckpt", help="checkpoint to score with (default: a random --preset model)")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--limit", type=int, help="first N items")
-    parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds (each times every contender twice)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, each timing every contender once (ABBA)")
     parser.add_argument("--batch-size", type=int, default=16, help="native scorer: contexts per pass")
     parser.add_argument("--hf-batch-size", type=int, default=32, help="lm-eval's HF model: requests per pass")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    for name in ("limit", "rounds", "batch_size", "hf_batch_size", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
 
 
 def contenders(args: argparse.Namespace, items: list[Item], tmp: Path) -> dict[str, Callable[[], object]]:

@@ -48,6 +48,7 @@ import contextlib
 import http.client
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -516,7 +517,7 @@ def load(server: Server, clients: int, expected: dict[str, str], args: argparse.
 def percentile(values: list[float], q: float) -> float | None:
     """The value below which a share q of `values` lies (nearest rank); None for none."""
     values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else None
+    return values[max(0, math.ceil(q * len(values)) - 1)] if values else None
 
 
 def run_levels(servers: dict[str, Server], expected: dict[str, str], args: argparse.Namespace) -> list[dict]:

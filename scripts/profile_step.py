@@ -43,14 +43,15 @@ def profiled_step(preset: str, overrides: list[str], device: torch.device, warmu
     batches = [(row[:, :-1].contiguous().to(device), row[:, 1:].contiguous().to(device)) for row in tokens]
     model = Axiom(m).to(device)
     model.ignored_targets = False  # synthetic ids, like text: as the trainer runs it
-    warmed = Warmed(parallelize(model, t, device, Dist()), t, device, batches, max(warmup, 1), since_reset=False)
+    warmed = Warmed(parallelize(model, t, device, Dist()), t, device, batches, max(warmup, 1))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
-    start = time.perf_counter()
     with profile(activities=activities) as prof:
+        start = time.perf_counter()  # inside: the profiler's own start and stop are not the step's
         warmed.step()
         sync(device)
-    return prof, time.perf_counter() - start, plan.to_dict()
+        wall_s = time.perf_counter() - start
+    return prof, wall_s, plan.to_dict()
 
 
 def summary(prof: profile, wall_s: float, plan: dict, rows: int) -> dict:

@@ -31,15 +31,16 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="decode with the compiled static-cache step")
     parser.add_argument("--cache-dir", default=None, help="TORCHINDUCTOR_CACHE_DIR for --compile")
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32, help="at least 3: the rate after the second token")
     args = parser.parse_args()
-    if min(args.prompt_len, args.new_tokens) < 1:
-        parser.error("--prompt-len and --new-tokens must be at least 1")
+    if args.prompt_len < 1 or args.new_tokens < 3:
+        parser.error("--prompt-len must be at least 1 and --new-tokens at least 3")
     if args.cache_dir:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache_dir  # read when inductor first compiles
     import torch
 
     from axiom.config import get_config
+    from axiom.errors import AxiomError
     from axiom.infer.fast import prepare_model
     from axiom.infer.generate import stream
     from axiom.model.checkpoint import load_model
@@ -48,9 +49,17 @@ def main() -> None:
 
     imported = time.perf_counter()
     torch.manual_seed(0)
-    device = pick_device(args.device)
-    model = load_model(args.ckpt, device)[0] if args.ckpt else Axiom(get_config(args.preset).model).to(device)
-    prepare_model(model, args.dtype)
+    try:
+        device = pick_device(args.device)
+        model = load_model(args.ckpt, device)[0] if args.ckpt else Axiom(get_config(args.preset).model).to(device)
+        prepare_model(model, args.dtype)
+    except AxiomError as e:
+        parser.error(str(e))
+    if args.prompt_len + args.new_tokens > model.cfg.max_seq_len:
+        parser.error(
+            f"--prompt-len + --new-tokens: {args.prompt_len + args.new_tokens} exceeds the context of "
+            f"{model.cfg.max_seq_len} tokens"
+        )
     if device.type == "cuda":
         torch.cuda.synchronize()
     ready = time.perf_counter()

@@ -21,6 +21,7 @@ from conftest import micro_config
 import axiom.bench.llamacpp
 import axiom.infer.fast
 from axiom.cli import main
+from axiom.config import get_config
 from axiom.dtypes import INFERENCE_DTYPES
 from axiom.errors import AxiomError
 from axiom.infer import kernels
@@ -376,12 +377,63 @@ def test_bench_generate_profiles_one_decoding_step(capsys):
     [
         (["--dtype", "int4"], "--dtype 'int4': choose one of float32, bfloat16, int8, float16"),
         (["--vs-llamacpp", "--llamacpp-dir", "/nonexistent"], "--llamacpp-dir /nonexistent: no bin/llama-bench"),
+        # each was taken without a word: llama-bench decodes one sequence (the ratio was ~batch times too high)
+        (["--vs-llamacpp", "--batch", "4"], "--vs-llamacpp compares one sequence's decoding (llama-bench's)"),
+        (["--hf-compile"], "--hf-compile goes with --vs-hf, which is not given"),
+        (["--llamacpp-dir", "/x"], "--llamacpp-dir goes with --vs-llamacpp, which is not given"),
+        # the requests ended before the timed steps, which timed nothing
+        (["--profile", "--prompt-len", "37"], "--profile times decoding steps after the prompt: a prompt of 37 tokens"),
     ],
 )
 def test_bench_generate_bad_values_give_one_line_errors(flags, message, capsys):
     assert main(["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "2", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_bench_generate_counts_what_a_call_does(capsys):
+    """The weights are read once a step for every row (the figure was multiplied by the batch); a call's FLOPs
+    include its prompts' prefill (a 1,000-token prefill with 2 new tokens counted 2 tokens' work)."""
+    from axiom.bench.generate import GenerateBench, call_flops
+    from axiom.model.transformer import flops_per_token
+
+    args = ["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "8", "--prompt-len", "4", "--json"]
+    assert main([*args, "--batch", "4", "--rounds", "1"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["weight_gb_per_s"] == pytest.approx(r["weight_bytes_per_token"] * r["decode_tokens_per_s"] / 4 / 1e9)
+    m = get_config("axiom-380m").model
+    settings = dict(rounds=1, warmup=1, seed=0, batch=1, dtype="bfloat16", eager=False)
+    s = GenerateBench(**settings, prompt_len=1000, new_tokens=2, vs_hf=False, hf_compile=False, profile=False)
+    prefill = 1000 * flops_per_token(m, 500) / 3
+    assert call_flops(m, s) == pytest.approx(prefill + flops_per_token(m, 1001) / 3)
+
+
+def test_bench_generate_against_transformers_without_warm_up(capsys):
+    pytest.importorskip("transformers")  # --warmup 0: our tokens were compared before any call made them
+    assert main(["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "2", "--vs-hf", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["same_tokens_as_hf"] == 1.0
+
+
+def test_a_gpus_peak_is_found_by_its_whole_name(monkeypatch):
+    from axiom.runtime import gpu_peak_flops
+
+    for name, tflops in [("NVIDIA L40", 181), ("NVIDIA L40S", 362), ("NVIDIA L4", 121), ("NVIDIA H100 80GB HBM3", 989)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert gpu_peak_flops(torch.device("cuda")) == tflops * 1e12, name  # the L40 read as an L4: MFU 1.5x
+
+
+def test_own_peak_leaves_out_what_was_held_before():
+    """The reference's peak memory counted our model, held beside it; it is now what its own work adds."""
+    from axiom.bench.timing import OwnPeak, memory_in_use
+
+    if memory_in_use(torch.device("cpu")) is None:
+        pytest.skip("no /proc/self/status here: resident memory unknown")
+    held = torch.ones(64 << 20, dtype=torch.float32)  # 256 MiB, in use before
+    with OwnPeak(torch.device("cpu")) as memory:
+        work = torch.ones(32 << 20, dtype=torch.float32)  # 128 MiB
+        del work
+    assert 100 << 20 < memory.bytes < 200 << 20
+    del held
 
 
 def test_bench_vs_llamacpp_skips_in_one_line_without_llamacpp(tmp_path, monkeypatch, capsys):

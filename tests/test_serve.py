@@ -925,6 +925,17 @@ def test_load_with_hostile_requests_mixed_in(ckpt):
 
 
 @pytest.mark.slow
+def test_load_test_percentiles_are_nearest_rank(monkeypatch):
+    """The p50 of 1..4 was 3 and the p95 of 1..20 the maximum, one rank too high."""
+    spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
+    load_test = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "load_test", load_test)
+    spec.loader.exec_module(load_test)
+    assert load_test.percentile([4, 1, 3, 2], 0.5) == 2
+    assert load_test.percentile(list(range(1, 21)), 0.95) == 19
+    assert load_test.percentile([7.0], 0.95) == 7.0 and load_test.percentile([], 0.5) is None
+
+
 def test_load_compared_with_transformers_serve(ckpt, monkeypatch):
     """scripts/load_test.py --vs-transformers-serve, bounded: 2 clients stream greedy completions from axiom serve
     and from `transformers serve --continuous-batching` on a Llama export of the same weights, in the same round;

@@ -15,6 +15,7 @@ from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from axiom.bench.timing import sync
+from axiom.errors import AxiomError
 from axiom.infer.engine import Engine, SamplingParams
 
 PROFILED_STEPS = 8
@@ -29,7 +30,12 @@ def profile_decode(engine: Engine, prompts: list[list[int]], steps: int = PROFIL
     """torch.profiler's table of `steps` greedy decoding steps of `prompts` (all running at once: the engine's
     max_batch holds them), and the per-step figures (`step_figures`). The engine is warm: compiled steps replay."""
     room = min(engine.max_len - len(p) for p in prompts) - 3
-    steps = max(1, min(steps, room // 2))
+    if room < 2:  # the requests would end before the timed steps, which would time nothing
+        raise AxiomError(
+            f"--profile times decoding steps after the prompt: a prompt of {max(map(len, prompts))} tokens leaves "
+            f"{room + 3} of the context's {engine.max_len}; give a --prompt-len at most {engine.max_len - 5}"
+        )
+    steps = min(steps, room // 2)
     requests = [engine.submit(p, SamplingParams(max_new_tokens=2 * steps + 3, temperature=0.0)) for p in prompts]
     device = engine.device
     try:

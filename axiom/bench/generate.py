@@ -18,8 +18,8 @@ import torch
 
 from axiom.bench.decode_profile import profile_decode
 from axiom.bench.llamacpp import export_gguf, vs_llamacpp
-from axiom.bench.reference import llama_like
-from axiom.bench.timing import Bench, Contender, interleaved, peak_memory, reset_peak, summary, sync
+from axiom.bench.reference import llama_like, seeded_model
+from axiom.bench.timing import Bench, Contender, OwnPeak, interleaved, peak_memory, reset_peak, summary, sync
 from axiom.config import Config, ModelConfig
 from axiom.dtypes import BENCH_DTYPES, INFERENCE_DTYPES
 from axiom.errors import AxiomError
@@ -94,21 +94,22 @@ class OurDecoding:
 def bench_generate(cfg: Config, device: torch.device, s: GenerateBench, llamacpp: Path | None = None) -> Bench:
     """Decoding tokens/s of ours (and of the references asked for); `s` as `check_generate` accepts it."""
     m, n = cfg.model, s.new_tokens
-    torch.manual_seed(s.seed)
-    prompts = torch.randint(0, m.vocab_size, (s.batch, s.prompt_len))
-    model = Axiom(m).to(device).eval()
-    weights = {k: v.clone() for k, v in model.state_dict().items()} if s.vs_hf or llamacpp else None
+    prompts = torch.randint(0, m.vocab_size, (s.batch, s.prompt_len), generator=torch.Generator().manual_seed(s.seed))
+    model = seeded_model(m, s.seed).to(device).eval()
     if s.dtype in INFERENCE_DTYPES:
         prepare_model(model, s.dtype)
     else:
         cast_weights(model, torch.float16)
     ours = OurDecoding(model, prompts, n, s.eager, device)
     reset_peak(device)
-    for _ in range(s.warmup if s.eager else max(s.warmup, 1)):  # compiling is never timed
+    compared = s.vs_hf or llamacpp is not None  # a reference compares our tokens: one call first
+    for _ in range(s.warmup if s.eager and not compared else max(s.warmup, 1)):  # compiling is never timed
         ours()
     peak = peak_memory(device)
     for times in (ours.decode_rates, ours.first_token_s):
         times.clear()
+    # the references' copy of the weights, made again from the seed once ours is measured: not in our peak
+    weights = seeded_model(m, s.seed).state_dict() if compared else None
     contenders = [Contender("axiom", ours, s.batch * n, 1)]
     extra = {}
     if s.vs_hf:
@@ -116,10 +117,9 @@ def bench_generate(cfg: Config, device: torch.device, s: GenerateBench, llamacpp
         contenders.append(theirs)
     rates = interleaved(contenders, s.rounds, device)
     table, step = profile_decode(ours.engine, prompts.tolist()) if s.profile else (None, None)
-    context = s.prompt_len + n // 2  # mean attention span of a decoded token
     decode = statistics.median(ours.decode_rates) if ours.decode_rates else None
     figures = {
-        **summary(rates, flops_per_token(m, context) / 3, device),  # forward only: a third of training's
+        **summary(rates, call_flops(m, s) / n, device),  # per counted (new) token: the prompts' prefill included
         "decode_tokens_per_s": decode,
         "first_token_ms": statistics.median(ours.first_token_s) * 1e3 if ours.first_token_s else None,
         "weight_bytes_per_token": weight_bytes_per_token(model),
@@ -137,8 +137,8 @@ def bench_generate(cfg: Config, device: torch.device, s: GenerateBench, llamacpp
     }
     if step is not None:
         figures["decode_step_profile"] = step
-    if ours.decode_rates:
-        figures["weight_gb_per_s"] = figures["weight_bytes_per_token"] * decode / 1e9
+    if ours.decode_rates:  # the weights are read once a step, for every row of the batch
+        figures["weight_gb_per_s"] = figures["weight_bytes_per_token"] * decode / s.batch / 1e9
     if llamacpp is not None:
         gguf = export_gguf(llamacpp, cfg, weights, s.dtype)
         del weights
@@ -149,31 +149,39 @@ def bench_generate(cfg: Config, device: torch.device, s: GenerateBench, llamacpp
     return Bench(figures, table)
 
 
+def call_flops(m: ModelConfig, s: GenerateBench) -> float:
+    """Forward FLOPs of one generate call per prompt (a third of training's per token): the prefill of its prompt
+    (causal: half the prompt attended on average) and the n - 1 decoding steps after the first token."""
+    prefill = s.prompt_len * flops_per_token(m, s.prompt_len // 2)
+    decoding = (s.new_tokens - 1) * flops_per_token(m, s.prompt_len + s.new_tokens // 2)
+    return (prefill + decoding) / 3
+
+
 def hf_contender(
     m: ModelConfig, device: torch.device, weights: dict, prompts: torch.Tensor, s: GenerateBench, ours: list
 ) -> tuple[Contender, dict]:
-    """transformers' Llama with our weights decoding the same prompts, warmed up; its peak memory, and the share of
-    its tokens that are `ours`."""
+    """transformers' Llama with our weights decoding the same prompts, warmed up; its own peak memory (its weights,
+    cache and activations), and the share of its tokens that are `ours`."""
     ref_dtype = torch.bfloat16 if s.dtype == "int8" else getattr(torch, s.dtype)  # the references' dtype
-    hf = cast_weights(llama_like(m, device, weights).eval(), ref_dtype)
     ids, n = prompts.to(device), s.new_tokens
     options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
-    if s.hf_compile:  # transformers' own recipe for compiled decoding
-        options["cache_implementation"] = "static"
-        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
     out: list[list[int]] = []
+    with OwnPeak(device) as memory:
+        hf = cast_weights(llama_like(m, device, weights).eval(), ref_dtype)
+        if s.hf_compile:  # transformers' own recipe for compiled decoding
+            options["cache_implementation"] = "static"
+            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
 
-    @torch.inference_mode()
-    def theirs() -> None:
-        result = hf.generate(ids, attention_mask=torch.ones_like(ids), **options)
-        out[:] = result[:, s.prompt_len :].tolist()
+        @torch.inference_mode()
+        def theirs() -> None:
+            result = hf.generate(ids, attention_mask=torch.ones_like(ids), **options)
+            out[:] = result[:, s.prompt_len :].tolist()
 
-    reset_peak(device)
-    for _ in range(max(s.warmup, 1)):
-        theirs()
+        for _ in range(max(s.warmup, 1)):
+            theirs()
     # Greedy decoding of the same weights: the tokens agree unless two logits tie within rounding.
     same = sum(a == b for x, y in zip(ours, out, strict=True) for a, b in zip(x, y, strict=True))
-    extra = {"hf_peak_mem_bytes": peak_memory(device, since_reset=True), "same_tokens_as_hf": same / (len(out) * n)}
+    extra = {"hf_peak_mem_bytes": memory.bytes, "same_tokens_as_hf": same / (len(out) * n)}
     return Contender("hf", theirs, s.batch * n, 1), extra
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from axiom.bench.timing import Bench, Contender, interleaved, peak_memory, reset_peak, sync
+from axiom.bench.timing import Bench, Contender, OwnPeak, interleaved, sync
 from axiom.config import LOSS_KERNELS, Config
 from axiom.errors import AxiomError
 from axiom.model.fused_loss import check_loss_kernel, fused_cross_entropy
@@ -74,14 +74,12 @@ def bench_loss(cfg: Config, device: torch.device, s: LossBench) -> Bench:
     reference = None
     for kernel in [PLAIN, *kernels]:  # one call each, alone: its peak memory, its values
         sync(device)
-        reset_peak(device)
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else peak_memory(device, since_reset=True)
-        values = call(kernel)
-        sync(device)
-        peak = peak_memory(device, since_reset=True)
+        with OwnPeak(device) as memory:
+            values = call(kernel)
+            sync(device)
         reference = reference or values
         measured[kernel] = {
-            "peak_extra_bytes": peak - base if peak is not None and base is not None else None,
+            "peak_extra_bytes": memory.bytes,
             "loss": values[0].item(),
             **agreement(values, reference),
         }

@@ -1,4 +1,5 @@
-"""The reference model of `axiom bench --vs-hf`: transformers' Llama with our shapes and our weights."""
+"""The reference model of `axiom bench --vs-hf`: transformers' Llama with our shapes and our weights, and the
+bench's seeded random weights."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import torch
 from axiom.config import ModelConfig
 from axiom.errors import AxiomError
 from axiom.interop.hf.names import LLAMA_CONFIG, LLAMA_NAMES, to_llama
-from axiom.model.transformer import EMBED, retie
+from axiom.model.transformer import EMBED, Axiom, retie
+
+
+def seeded_model(m: ModelConfig, seed: int) -> Axiom:
+    """The bench's random weights: the same for the same seed, so that the references' copy is made again once ours
+    is measured, not held beside ours."""
+    torch.manual_seed(seed)
+    return Axiom(m)
 
 
 def llama_like(m: ModelConfig, device: torch.device, weights: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -80,6 +80,34 @@ def peak_memory(device: torch.device, since_reset: bool = False) -> int | None:
     return kib * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
 
 
+def memory_in_use(device: torch.device) -> int | None:
+    """CUDA allocated bytes, or the process's resident memory (VmRSS, Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+class OwnPeak:
+    """`with OwnPeak(device) as memory:` the memory the work inside adds at its peak (`memory.bytes`): the peak since
+    its start less what was in use at its start, so that another contender's model, still held, does not count."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = device, None
+
+    def __enter__(self) -> OwnPeak:
+        reset_peak(self.device)
+        self._start = memory_in_use(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        peak = peak_memory(self.device, since_reset=True)
+        self.bytes = peak - self._start if peak is not None and self._start is not None else None
+
+
 def profile_table(fn: Callable[[], None]) -> str:
     """torch.profiler's table of one call of `fn`, the 20 ops with the most CPU time of their own."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])

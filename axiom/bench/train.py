@@ -8,11 +8,20 @@ from dataclasses import dataclass
 
 import torch
 
-from axiom.bench.reference import llama_like
-from axiom.bench.timing import Bench, Contender, interleaved, peak_memory, profile_table, reset_peak, summary
+from axiom.bench.reference import llama_like, seeded_model
+from axiom.bench.timing import (
+    Bench,
+    Contender,
+    OwnPeak,
+    interleaved,
+    peak_memory,
+    profile_table,
+    reset_peak,
+    summary,
+)
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.model.fused_loss import check_loss_kernel
-from axiom.model.transformer import Axiom, flops_per_token, num_params
+from axiom.model.transformer import flops_per_token, num_params
 from axiom.train.optim import build_optimizer, lr_at
 from axiom.train.parallel import Dist, parallelize
 from axiom.train.plan import local_hardware, resolve
@@ -49,25 +58,27 @@ def bench_train(cfg: Config, device: torch.device, s: TrainBench) -> Bench:
     m, t = cfg.model, cfg.train
     check_loss_kernel(t.loss_kernel, device)
     cfg.check_context()
-    torch.manual_seed(s.seed)
-    tokens = torch.randint(0, m.vocab_size, (t.grad_accum_steps, t.micro_batch_size, t.seq_len + 1))
+    shape = (t.grad_accum_steps, t.micro_batch_size, t.seq_len + 1)
+    tokens = torch.randint(0, m.vocab_size, shape, generator=torch.Generator().manual_seed(s.seed))
     batches = [(row[:, :-1].contiguous().to(device), row[:, 1:].contiguous().to(device)) for row in tokens]
 
-    model = Axiom(m).to(device)
+    model = seeded_model(m, s.seed).to(device)
     model.ignored_targets = False  # synthetic ids, like text: as the trainer runs it
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if s.vs_hf else None
     model = parallelize(model, t, device, Dist())
-    ours = Warmed(model, t, device, batches, s.warmup, since_reset=False)  # before the reference exists: ours alone
+    reset_peak(device)
+    ours = Warmed(model, t, device, batches, s.warmup)
+    peak = peak_memory(device)  # before the reference exists: ours alone
     contenders = [Contender("axiom", ours.step, t.tokens_per_step, s.steps)]
     extra = {}
     if s.vs_hf:
         model.loss_workspace.release()  # our kept loss block is not the reference's memory
+        weights = seeded_model(m, s.seed).state_dict()  # the same weights, made once ours is measured
         theirs, extra = hf_contender(m, t, device, weights, batches, s)
         contenders.append(theirs)
     rates = interleaved(contenders, s.rounds, device)
     figures = {
         **summary(rates, flops_per_token(m, t.seq_len), device),
-        "peak_mem_bytes": ours.peak,
+        "peak_mem_bytes": peak,
         "first_loss": ours.first_loss,
         "params": num_params(m),
         **extra,
@@ -88,16 +99,17 @@ def hf_contender(
     m: ModelConfig, t: TrainConfig, device: torch.device, weights: dict, batches: Batches, s: TrainBench
 ) -> tuple[Contender, dict]:
     """transformers' Llama with our weights, trained by the same `train_step`, warmed up; and its first loss,
-    parameters and peak memory."""
-    hf = LlamaLoss(llama_like(m, device, weights))
-    if t.gradient_checkpointing:  # newer transformers renamed gradient_checkpointing_enable
-        getattr(hf.hf, "activation_checkpointing_enable", hf.hf.gradient_checkpointing_enable)()
-    if t.compile:
-        hf.compile()
-    hf.train()
-    theirs = Warmed(hf, t, device, batches, s.warmup, since_reset=True)
+    parameters and own peak memory (its weights, optimizer state and activations)."""
+    with OwnPeak(device) as memory:
+        hf = LlamaLoss(llama_like(m, device, weights))
+        if t.gradient_checkpointing:  # newer transformers renamed gradient_checkpointing_enable
+            getattr(hf.hf, "activation_checkpointing_enable", hf.hf.gradient_checkpointing_enable)()
+        if t.compile:
+            hf.compile()
+        hf.train()
+        theirs = Warmed(hf, t, device, batches, s.warmup)
     extra = {
-        "hf_peak_mem_bytes": theirs.peak,
+        "hf_peak_mem_bytes": memory.bytes,
         "hf_first_loss": theirs.first_loss,
         "hf_params": sum(p.numel() for p in hf.parameters()),
     }
@@ -105,27 +117,16 @@ def hf_contender(
 
 
 class Warmed:
-    """A model trained by `train_step` for `warmup` untimed steps: `step()` then takes one more (the LR following
-    the schedule from step 0); `first_loss` is the first step's loss and `peak` the memory peak over the warmup
-    (`since_reset`: counted from its start, else over the process's life)."""
+    """A model trained by `train_step` for `warmup` untimed steps (at least one: its loss is `first_loss`);
+    `step()` then takes one more, the LR following the schedule from step 0."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        t: TrainConfig,
-        device: torch.device,
-        batches: Batches,
-        warmup: int,
-        since_reset: bool,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, t: TrainConfig, device: torch.device, batches: Batches, warmup: int):
         self.model, self.t, self.batches = model, t, batches
         self.optimizer, self.optimizer_name = build_optimizer(model, t, device)
         self.steps = 0
-        reset_peak(device)
         self.first_loss = train_step(model, self.optimizer, batches, lr_at(0, t), t).loss
         for _ in range(warmup - 1):
             self.step()
-        self.peak = peak_memory(device, since_reset=since_reset)
 
     def step(self) -> None:
         train_step(self.model, self.optimizer, self.batches, lr_at(self.steps, self.t), self.t)

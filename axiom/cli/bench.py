@@ -62,7 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "--threads", type=int, default=None, help="CPU threads of both models (default: torch's, one per core)"
         )
         p.add_argument("--json", action="store_true", help="print one JSON object")
-    train.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: 2)")
+    train.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps per model first, at least one (its loss: first_loss; default: 2)",
+    )
     train.add_argument("--steps", type=int, default=3, help="timed optimizer steps per round (default: 3)")
     _add_generate_arguments(gen)
     _add_loss_arguments(sub)
@@ -160,6 +165,11 @@ def run_generate(cfg: Config, device: torch.device, args: argparse.Namespace) ->
     eager = eager_decoding(args, device)
     s = settings(GenerateBench, args, dtype=args.dtype or default_dtype(device), eager=eager)
     check_generate(cfg.model, s)
+    for flag, partner in (("hf_compile", "vs_hf"), ("llamacpp_dir", "vs_llamacpp")):
+        if getattr(args, flag) and not getattr(args, partner):
+            raise AxiomError(f"--{flag.replace('_', '-')} goes with --{partner.replace('_', '-')}, which is not given")
+    if args.vs_llamacpp and s.batch != 1:  # llama-bench decodes one sequence
+        raise AxiomError(f"--vs-llamacpp compares one sequence's decoding (llama-bench's): --batch 1, not {s.batch}")
     folder = llamacpp.find_llamacpp(args.llamacpp_dir) if args.vs_llamacpp else None
     if args.vs_llamacpp and folder is None:
         print(
