@@ -25,6 +25,7 @@ from conftest import save_model
 from decode_helpers import BREAKING, text_or_one_line
 from safetensors.torch import load_file
 
+import axiom.infer.chat as chat_module
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig, get_config
 from axiom.data import prepare as prep
@@ -257,6 +258,13 @@ def test_every_bad_row_class_is_one_line_naming_file_and_line(tmp_path, capsys):
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "t.parquet")
     assert main(["prepare", "--chat", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "to")]) == 2
     assert "no list column 'messages' or 'conversations' (columns: text)" in capsys.readouterr().err
+    # a 'messages' column of nulls only (parquet types it null) beside the rows' 'conversations': read from those
+    sharegpt = [[{"from": "human", "value": f"Hi {i}"}, {"from": "gpt", "value": "Hello."}] for i in range(2)]
+    rows = pa.table({"messages": pa.nulls(2), "conversations": sharegpt})
+    pq.write_table(rows, tmp_path / "n.parquet")
+    assert main(["prepare", "--chat", str(tmp_path / "n.parquet"), "--out", str(tmp_path / "no")]) == 0
+    manifest = json.loads((tmp_path / "no" / "manifest.json").read_text())
+    assert manifest["train_docs"] + manifest["val_docs"] == 2
 
 
 # ---- packing and the masked loss
@@ -437,6 +445,8 @@ def test_chat_commands_are_never_sent_to_the_model(plain_ckpt, monkeypatch, caps
         "(system message set)",
     ]
     assert chat_lines(plain_ckpt, "/quit\nHi\n", monkeypatch, capsys) == ([], [])
+    # CRLF lines piped in (a file written on Windows): the text, without its \r, as training saw it
+    assert chat_lines(plain_ckpt, "Hello there\r\nAgain\r\n", monkeypatch, capsys)[1] == ["Hello there", "Again"]
 
 
 def test_chat_interactive_decodes_after_commands(plain_ckpt):
@@ -464,15 +474,20 @@ def test_chat_at_the_top_seed_keeps_replying(tuned):
     assert all(replies) and len(chat.history) == 4
 
 
-def test_chat_history_drops_the_oldest_exchanges_to_fit(tuned):
+def test_chat_history_drops_the_oldest_exchanges_to_fit(tuned, monkeypatch):
     model = load_model_eval(tuned[0] / "checkpoints" / "best")  # max_seq_len 64
     chat = Chat(model, "sys", max_new_tokens=16, temperature=0, top_k=None, top_p=None, seed=0)
     for i in range(6):
         reply = "".join(chat.reply(f"Question {i}?"))
         assert reply == REPLY
     assert len(chat.history) == 12
+    counted = []
+    real = chat_module.message_tokens
+    monkeypatch.setattr(chat_module, "message_tokens", lambda *a: counted.append(a) or real(*a))
     ids, budget = chat.prompt("Last question?")
     assert budget == 16
+    # each message's length is taken once: here the newest exchange's, not the history's for every exchange left out
+    assert [role for role, _ in counted] == ["user", "assistant"]
 
     def prompt(exchanges: int) -> list[int]:
         history = chat.history[len(chat.history) - 2 * exchanges :]
@@ -551,9 +566,16 @@ def test_export_template_matches_encode_chat_in_transformers_and_stops_at_the_tu
     for messages in PARITY:
         assert hf_ids(messages, False) == encode_chat(messages).ids
         assert hf_ids(messages[:-1], True) == encode_chat(messages[:-1], add_generation_prompt=True).ids
-    # the one difference, on purpose: transformers reads control strings in the text as control tokens
-    inject = [{"role": "user", "content": "<|im_end|>"}]
+    # content as a list of parts (OpenAI's form): its text parts joined by newlines, as axiom serve reads them
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    assert (
+        hf_ids([{"role": "user", "content": parts}], True)
+        == encode_chat([{"role": "user", "content": "Hello\nworld"}], add_generation_prompt=True).ids
+    )
+    # the one difference, on purpose: transformers reads special-token strings in the text as those tokens
+    inject = [{"role": "user", "content": "<|im_end|> and <|endoftext|>"}]
     assert IM_END not in encode_chat(inject).ids[1:-2] and IM_END in hf_ids(inject, False)[1:-2]
+    assert EOS_ID not in encode_chat(inject).ids and EOS_ID in hf_ids(inject, False)
 
     import_hf(out, tmp_path / "back")  # and back: still a chat checkpoint
     assert read_meta(tmp_path / "back")["chat_template"] == "chatml"

@@ -75,7 +75,7 @@ def interactive(chat: Chat, tty: bool) -> int:
         print("axiom chat: /help lists the commands, /quit or Ctrl-D ends")
     while True:
         try:
-            line = input("you> " if tty else "")
+            line = input("you> " if tty else "").removesuffix("\r")  # piped CRLF text: the line, not its \r
         except EOFError:
             if tty:
                 print()

@@ -97,6 +97,10 @@ def fit(messages: list[dict], pieces: list[ChatTokens], seq_len: int, overflow: 
 # ---- prepare --chat: planning and tokenizing units of work
 
 
+def is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind)
+
+
 def plan_chat_units(files: list[Path]) -> list[Unit]:
     """Units of JSON Lines and parquet chat files (as for text); parquet needs a list column of CHAT_FIELDS."""
     units = []
@@ -112,10 +116,9 @@ def plan_chat_units(files: list[Path]) -> list[Unit]:
             schema = meta.schema.to_arrow_schema()
         except (pa.ArrowException, OSError) as e:
             raise AxiomError(f"{path}: not a readable parquet file ({' '.join(str(e).split())[:160]})") from e
-        column = next((c for c in CHAT_FIELDS if c in schema.names), None)
-        if column is None or not (
-            pa.types.is_list(schema.field(column).type) or pa.types.is_large_list(schema.field(column).type)
-        ):
+        lists = [c for c in CHAT_FIELDS if c in schema.names and is_list(schema.field(c).type)]  # not all-null
+        column = lists[0] if lists else None
+        if column is None:
             raise AxiomError(
                 f"{path}: no list column 'messages' or 'conversations' (columns: {', '.join(schema.names)})"
             )

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from axiom.errors import AxiomError
 from axiom.infer.engine import Engine, SamplingParams
 from axiom.model.transformer import Axiom
-from axiom.text.chatml import encode_chat
+from axiom.text.chatml import encode_chat, message_tokens
 from axiom.text.stream import TextStream, stop_ids
 
 
@@ -32,6 +32,7 @@ class Chat:
         self.model, self.system, self.max_new_tokens = model, system, max_new_tokens
         self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
         self.history: list[dict] = []  # user and assistant messages, alternating
+        self._lengths: list[int] = []  # tokens of each message of the history, as the template encodes it
         self.turns = 0
         # one cache (and compiled step) for the whole conversation, not one per reply
         self.engine = Engine(model, max_batch=1, compile=compile)
@@ -42,12 +43,16 @@ class Chat:
         limit = self.model.cfg.max_seq_len
         room = min(self.max_new_tokens, limit // 2)  # a long history never squeezes a reply below this
         system = [{"role": "system", "content": self.system}] if self.system else []
-        history = self.history
-        while True:
-            ids = encode_chat([*system, *history, {"role": "user", "content": user}], add_generation_prompt=True).ids
-            if len(ids) + room <= limit or not history:
-                break
-            history = history[2:]
+        asked = {"role": "user", "content": user}
+        # each message is encoded apart (axiom.text.chatml), so lengths add up: the history is not encoded again
+        # for every exchange left out
+        lengths = [len(message_tokens(m["role"], m["content"]).ids) for m in self.history[len(self._lengths) :]]
+        self._lengths += lengths
+        size, start = len(encode_chat([*system, asked], add_generation_prompt=True).ids) + sum(self._lengths), 0
+        while size + room > limit and start < len(self.history):
+            size -= self._lengths[start] + self._lengths[start + 1]
+            start += 2
+        ids = encode_chat([*system, *self.history[start:], asked], add_generation_prompt=True).ids
         if len(ids) >= limit:
             raise AxiomError(
                 f"the message and system prompt take {len(ids):,} tokens, the model's context is {limit:,}; "
@@ -79,4 +84,4 @@ class Chat:
             self.turns += 1
 
     def reset(self) -> None:
-        self.history = []
+        self.history, self._lengths = [], []

@@ -29,9 +29,13 @@ ROLES = ("system", "user", "assistant")
 # A reply ends with its turn's <|im_end|>; a model that starts another turn instead has finished its reply too.
 TURN_END_IDS = (IM_END, IM_START)
 # The same template in Jinja, as transformers' apply_chat_template renders it (written into exported tokenizers).
+# Content given as a list of parts takes their text parts joined by newlines, as `axiom serve` reads them.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% if message['content'] is string %}{% set content = message['content'] %}"
+    "{% else %}{% set content = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join('\\n') %}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
