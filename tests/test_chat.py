@@ -402,6 +402,15 @@ def test_chat_an_empty_message_is_one_line(plain_ckpt, message, capsys):
     )
 
 
+def test_chat_with_a_model_whose_table_lacks_the_chat_ids_is_one_line(tmp_path, capsys):
+    m = ModelConfig(vocab_size=100260, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_multiple_of=32)
+    save_model(Axiom(m), Config(m, TrainConfig()), tmp_path)
+    assert main(["chat", "--ckpt", str(tmp_path), "--message", "Hi"]) == 2  # was an IndexError in its prefill
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # after the notice that it was not fine-tuned on chat data
+    assert last.startswith("axiom chat: error: the model's vocabulary has 100,260 ids and the chat template's")
+
+
 @pytest.mark.slow
 def test_chat_compile_on_the_cpu_gives_the_eager_defaults_reply(plain_ckpt, capsys, fresh_compiler):
     """--compile decodes through the engine's compiled step (the default on CUDA) and says so: the same reply, its

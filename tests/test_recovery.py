@@ -428,7 +428,7 @@ def test_a_run_that_cannot_start_leaves_its_folder_as_it_found_it(tiny_data, tmp
     assert main([*base, "--out", str(run)]) == 0
     new, empty = tmp_path / "new", tmp_path / "empty"
     empty.mkdir()
-    fails(capsys, [*base, "--out", new, "--init-from", run], "model.safetensors")  # a run, not a checkpoint
+    fails(capsys, [*base, "--out", new, "--init-from", run], "is a run's folder, not a checkpoint")
     fails(capsys, [*base, "--out", empty, "--set", "micro_batch_size=4000"])
     assert not new.exists() and list(empty.iterdir()) == []
     assert main([*base, "--out", str(new), "--init-from", str(run / "checkpoints" / "best")]) == 0

@@ -422,7 +422,7 @@ def test_two_gloo_processes_match_one(tiny_data, tmp_path, fsdp):
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
-def test_init_from_starts_a_new_run_from_checkpoint_weights(tiny_data, tmp_path):
+def test_init_from_starts_a_new_run_from_checkpoint_weights(tiny_data, tmp_path, capsys):
     from axiom.cli import main
 
     source = tmp_path / "source"
@@ -432,6 +432,11 @@ def test_init_from_starts_a_new_run_from_checkpoint_weights(tiny_data, tmp_path)
     args = ["train", "--data", str(tiny_data), "--out", str(run), "--init-from", str(source / "checkpoints" / "best")]
     # the model's shape comes from the checkpoint (a different d_model here is refused), training fields from --set
     assert main([*args, *micro_args("max_steps=4", "d_model=64")]) == 2
+    # a run's folder names its checkpoints (it said model.safetensors was not found, after reading the run's config)
+    assert main([*args[:-1], str(source), *micro_args("max_steps=4")]) == 2
+    assert f"{source} is a run's folder, not a checkpoint; pass one of its checkpoints: {source}/checkpoints/best" in (
+        capsys.readouterr().err
+    )
     assert main([*args, *micro_args("max_steps=4", "eval_interval=4")]) == 0
     rows = read_rows(run / "eval.csv")
     assert [int(r["step"]) for r in rows] == [0, 4]

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from axiom.errors import AxiomError
 from axiom.infer.engine import Engine, SamplingParams
 from axiom.model.transformer import Axiom
-from axiom.text.chatml import encode_chat, message_tokens
+from axiom.text.chatml import IM_END, IM_START, encode_chat, message_tokens
 from axiom.text.stream import TextStream, stop_ids
 
 
@@ -29,6 +29,12 @@ class Chat:
         seed: int | None = None,
         compile: bool = False,
     ) -> None:
+        if model.cfg.vocab_size <= max(IM_START, IM_END):  # its prefill would index past the token table
+            raise AxiomError(
+                f"the model's vocabulary has {model.cfg.vocab_size:,} ids and the chat template's <|im_start|> and "
+                f"<|im_end|> are ids {IM_START} and {IM_END}: chatting needs cl100k_base's whole table; use "
+                "axiom generate for this model"
+            )
         self.model, self.system, self.max_new_tokens = model, system, max_new_tokens
         self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
         self.history: list[dict] = []  # user and assistant messages, alternating

@@ -180,6 +180,11 @@ def read_meta(directory: str | Path) -> dict:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise AxiomError(f"checkpoint: {directory} {describe_missing(directory)}, not a checkpoint folder")
+    if (directory / "checkpoints").is_dir() and not (directory / WEIGHTS).exists():  # its config.json is the run's
+        raise AxiomError(
+            f"checkpoint: {directory} is a run's folder, not a checkpoint; pass one of its checkpoints: "
+            f"{directory / 'checkpoints' / 'best'} (the lowest val loss) or {directory / 'checkpoints'}/step_N"
+        )
     path = directory / CONFIG
     if not path.is_file():
         what = "not found" if not path.exists() else describe_missing(path)
