@@ -151,6 +151,10 @@ def test_a_model_that_is_not_chat_tuned_continues_the_typed_text(browser, server
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == replies
     assert browser.find_element(By.ID, "input").get_property("value") == "Hello"  # kept, to send once corrected
     browser.find_element(By.ID, "input").clear()
+    # a temperature between the box's arrow steps is a temperature
+    send(browser, "Hello", max_tokens=3, temperature=0.05)
+    wait.until(lambda b: b.find_element(By.ID, "status").text == "ready")
+    browser.find_element(By.ID, "input").clear()
     # an emptied box leaves its field out: the server's default (OpenAI's 16 tokens), not one token
     send(browser, "Hello", max_tokens="", temperature=0)
     wait.until(lambda b: b.find_element(By.ID, "status").text == "ready")
