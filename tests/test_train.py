@@ -4,6 +4,7 @@ and after kill -9), a crash while writing a checkpoint, non-finite steps, and 2 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -71,6 +72,9 @@ def test_lr_schedule_boundaries():
         target_tokens=200, micro_batch_size=1, seq_len=2, grad_accum_steps=1, decay_fraction=0.0, warmup_steps=0
     )
     assert lr_at(99, flat) == flat.lr_max
+    # a decay of one step (6 steps x 0.2) is that step at lr_min (it stayed at lr_max)
+    short = dataclasses.replace(cfg, target_tokens=12, warmup_steps=0)
+    assert short.steps == 6 and [lr_at(s, short) for s in (4, 5)] == [1e-3, 1e-4]
 
 
 def _model_and_opt(cfg, seed=0, device="cpu"):
@@ -139,6 +143,17 @@ def test_optimizer_is_adamw8bit_else_torch_adamw_with_notice(monkeypatch, caplog
     assert isinstance(opt, torch.optim.AdamW) and name == "AdamW (torch, fused)"
     err = caplog.text
     assert "notice: bitsandbytes is not usable (ModuleNotFoundError" in err and "using torch AdamW" in err
+
+
+def test_a_run_without_bitsandbytes_plans_and_logs_torch_adamw(tiny_data, tmp_path, monkeypatch):
+    """The plan counted 8-bit optimizer state (2 bytes a parameter, not 8) for a run that would train with torch
+    AdamW, and the reason was on stderr only."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    run = tmp_path / "run"
+    train(micro_config("optimizer=adamw8bit", "max_steps=2", "eval_interval=2"), tiny_data, run)
+    log = (run / "train.log").read_text()
+    assert "notice: bitsandbytes is not usable (ModuleNotFoundError" in log and "optimizer    AdamW (torch" in log
+    assert json.loads((run / "config.json").read_text())["train"]["optimizer"] == "adamw"  # what trained
 
 
 def test_non_finite_step_is_skipped_and_leaves_weights():

@@ -21,7 +21,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     decay_steps = round(cfg.decay_fraction * steps)
     decay_start = steps - decay_steps
     if step >= decay_start and decay_steps > 0:
-        progress = (step - decay_start) / max(decay_steps - 1, 1)
+        progress = (step - decay_start) / (decay_steps - 1) if decay_steps > 1 else 1.0  # one step: lr_min
         lr = cfg.lr_min + 0.5 * (cfg.lr_max - cfg.lr_min) * (1 + math.cos(math.pi * min(progress, 1.0)))
     else:
         lr = cfg.lr_max
@@ -66,21 +66,32 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> N
         group["betas"], group["weight_decay"] = (cfg.beta1, cfg.beta2), decay
 
 
-def _adamw8bit(groups: list[dict], cfg: TrainConfig, device: torch.device):
-    """bitsandbytes AdamW8bit, or (None, why not) when it is missing or fails a probe step on this device."""
+def adamw8bit_unusable(device: torch.device, fsdp: bool = False) -> str | None:
+    """Why bitsandbytes' AdamW8bit cannot train here (missing, failing a probe step on this device, or FSDP's
+    shards), or None when it can."""
+    if fsdp:
+        return "FSDP shards need torch AdamW"
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its warnings concern 4-bit kernels we never use
     try:
         import bitsandbytes as bnb
     except Exception as e:  # ImportError, or a broken native library
-        return None, f"bitsandbytes is not usable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+        return f"bitsandbytes is not usable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
     try:
         probe = torch.nn.Parameter(torch.zeros(4096, device=device))  # 8-bit state starts at 4096 elements
         probe.grad = torch.ones_like(probe)
         bnb.optim.AdamW8bit([probe]).step()
     except Exception as e:
-        return None, f"bitsandbytes AdamW8bit fails on {device.type} ({type(e).__name__})"
-    opt = bnb.optim.AdamW8bit(groups, lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    return opt, None
+        return f"bitsandbytes AdamW8bit fails on {device.type} ({type(e).__name__})"
+    return None
+
+
+def runnable_optimizer(cfg: TrainConfig, device: torch.device, fsdp: bool) -> tuple[TrainConfig, str | None]:
+    """`cfg` with the optimizer that will train: torch AdamW where AdamW8bit is asked for and cannot run; and the
+    notice saying so. Planned before the run, so that memory is planned for the optimizer state it will hold."""
+    why = adamw8bit_unusable(device, fsdp) if cfg.optimizer == "adamw8bit" else None
+    if why is None:
+        return cfg, None
+    return dataclasses.replace(cfg, optimizer="adamw"), f"{why}; using torch AdamW instead of AdamW8bit"
 
 
 def build_optimizer(
@@ -92,9 +103,14 @@ def build_optimizer(
     device = torch.device(device)
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "adamw8bit":
-        opt, why = _adamw8bit(groups, cfg, device) if not fsdp else (None, "FSDP shards need torch AdamW")
-        if opt is not None:
-            return opt, "AdamW8bit (bitsandbytes)"
+        why = adamw8bit_unusable(device, fsdp)
+        if why is None:
+            import bitsandbytes as bnb
+
+            betas = (cfg.beta1, cfg.beta2)
+            return bnb.optim.AdamW8bit(groups, lr=cfg.lr_max, betas=betas, weight_decay=cfg.weight_decay), (
+                "AdamW8bit (bitsandbytes)"
+            )
         logger.warning("notice: %s; using torch AdamW instead of AdamW8bit", why)
     # One fused kernel per parameter group instead of a dozen ops per tensor (docs/benchmarks.md: 9x on CPU).
     fused = device.type in ("cuda", "cpu")
