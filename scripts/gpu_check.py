@@ -485,7 +485,9 @@ PARTS = {
     "loss": loss_kernels,
     "serve": serve,
 }
-DEFAULT_PARTS = "shipped,kernels,memory,eager,decode_profile"  # about 6 minutes on an H200; the budget cuts the last
+# The preset as shipped first, then where a decoding step's time goes (its code is the newest), then the rest; the
+# budget (6 minutes) cuts what does not fit, the training profile last.
+DEFAULT_PARTS = "shipped,decode_profile,memory,eager,kernels"
 SMOKE_PARTS = "shipped,kernels,memory,eager,decode,decode_profile,ttft,loss,serve"
 
 

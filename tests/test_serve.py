@@ -367,6 +367,9 @@ def test_requests_a_web_page_on_another_site_could_send_are_refused(server):
         status, answer = request_with(server.port, "POST", "/v1/completions", {"Origin": origin}, body)
         assert status == 403 and answer["error"]["code"] == "cross_origin", origin
         assert origin[:20] in answer["error"]["message"]
+    for site in ("cross-site", "same-site"):  # what the browser says of the page (no page can set it)
+        headers = {"Origin": f"http://{here}", "Sec-Fetch-Site": site}
+        assert request_with(server.port, "POST", "/v1/completions", headers, body)[0] == 403, site
     for host in (f"rebind.attacker.example:{server.port}", "192.168.1.5", "localhost.evil.example"):
         for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/")):
             status, answer = request_with(server.port, method, path, {"Host": host, "Origin": f"http://{host}"}, body)
@@ -378,7 +381,9 @@ def test_requests_a_web_page_on_another_site_could_send_are_refused(server):
         {"Host": f"localhost:{server.port}", "Origin": f"http://localhost:{server.port}"},
         {"Host": f"[::1]:{server.port}"},
         {"Host": "app.localhost"},
-        {"Origin": "https://chat.example.org", "X-Forwarded-Host": "chat.example.org"},
+        {"Origin": "https://chat.example.org", "X-Forwarded-Host": "chat.example.org:443"},  # the scheme's port
+        # behind a proxy that sends its own address as Host (nginx's default): the browser says same-origin
+        {"Origin": "https://chat.example.org", "Sec-Fetch-Site": "same-origin"},
         {},
     ):
         status, answer = request_with(server.port, "POST", "/v1/completions", headers, body)

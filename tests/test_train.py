@@ -399,7 +399,7 @@ def test_a_kills_leftover_and_a_one_process_checkpoint_resume_alike_on_every_fsd
     resume, each by itself: they could resume from different steps (data read twice and skipped, then a hang).
     And a checkpoint of one process (or DDP) keys its optimizer state by place, which FSDP's loader matched to
     nothing: AdamW restarted from zero moments, and the next save failed."""
-    extra = ("eval_interval=100", "checkpoint_interval=2")
+    extra = ("eval_interval=100", "checkpoint_interval=2", "decay_fraction=0")  # the same LRs for 6 steps as for 8
     reference = tmp_path / "reference"
     train(micro_config("max_steps=8", *extra), tiny_data, reference)
     run = tmp_path / "run"
@@ -413,6 +413,9 @@ def test_a_kills_leftover_and_a_one_process_checkpoint_resume_alike_on_every_fsd
     resumed, straight = final_weights(run), final_weights(reference)
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-4, atol=1e-5)
+    # the one process's generators went to both ranks: each is reseeded apart (dropout masks)
+    rngs = load_training_state(list_checkpoints(run / "checkpoints")[-1][1])["rng"]
+    assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
@@ -487,6 +490,12 @@ def test_a_fine_tune_killed_before_its_first_checkpoint_resumes_from_the_same_we
     assert [s for s, _ in list_checkpoints(run / "checkpoints")][-1] == 6
     assert main([*args, "--init-from", str(best), "--resume-from", str(best)]) == 2
     assert "--resume-from excludes --resume and --init-from" in capsys.readouterr().err
+    # a base that moved since (another mount, a renamed folder) is taken from where it is now
+    for step in (run / "checkpoints").glob("step_*"):
+        shutil.rmtree(step)
+    moved = source.rename(tmp_path / "moved") / "checkpoints" / "best"
+    assert main([*args, "--init-from", str(moved), "--resume"]) == 0
+    assert json.loads((run / "started_from.json").read_text())["init_from"] == str(moved.resolve())
 
 
 def test_train_from_config_files(tiny_data, tmp_path, capsys):

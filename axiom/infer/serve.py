@@ -319,15 +319,31 @@ def check_browser_request(method: str, headers: Headers, local_names: frozenset[
     origin = headers.get("origin")
     if method in ("GET", "HEAD") or origin is None:  # programs send no Origin; a GET changes nothing
         return
-    forwarded = headers.get("x-forwarded-host", "").split(",")[0].strip()  # a proxy's public name
-    origin_authority = urllib.parse.urlsplit(origin).netloc.lower() if "://" in origin else None
-    if origin_authority is None or origin_authority not in (host.lower(), forwarded.lower()):
+    site = headers.get("sec-fetch-site")  # set by the browser alone (no page can), from 2020-23 versions on
+    if site is not None:
+        same = site in ("same-origin", "none")  # not "same-site" (a neighbouring subdomain) nor "cross-site"
+    else:  # an older browser: the page's origin against the address the request came to (a proxy may rewrite it)
+        forwarded = headers.get("x-forwarded-host", "").split(",")[0].strip()  # a proxy's public name
+        same = same_authority(origin, host) or same_authority(origin, forwarded)
+    if not same:
         raise ApiError(
             403,
             f"{method} from the web page at {origin[:100]!r}, not this server's own page ({host[:100]}): refused, "
             "as any site a user visits could send it; programs send no Origin header and are answered",
             code="cross_origin",
         )
+
+
+def same_authority(origin: str, host: str) -> bool:
+    """Whether the origin `scheme://name[:port]` names the host `name[:port]`, a port left out being the scheme's."""
+    parts = urllib.parse.urlsplit(origin)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    try:
+        theirs = (parts.hostname, parts.port or default)
+        ours = urllib.parse.urlsplit(f"//{host}")
+        return bool(host) and theirs == (ours.hostname, ours.port or default)
+    except ValueError:  # a port that is not a number
+        return False
 
 
 class BrowserGuard:

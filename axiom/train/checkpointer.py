@@ -95,7 +95,12 @@ class Checkpointer:
         set_hyperparameters(self.optimizer, self.cfg.train)  # the run's own, where a resume changed them
         self.loader.load_state_dict(saved["loader"])
         rngs = saved["rng"]
-        set_rng_state(rngs[self.d.rank] if len(rngs) == self.d.world_size else rngs[0])
+        if len(rngs) == self.d.world_size:
+            set_rng_state(rngs[self.d.rank])
+        else:  # saved by another number of processes: each rank its own generators again (dropout masks)
+            set_rng_state(rngs[0])
+            if self.d.rank:
+                torch.manual_seed(self.cfg.train.seed + self.d.rank)
         return TrainState.from_dict(saved)
 
     def load(self, path: Path) -> TrainState:

@@ -182,15 +182,17 @@ def check_holds_a_run(run_dir: Path) -> None:
 
 
 def check_same_start(run_dir: Path, init_from: str | Path | None) -> None:
-    """--resume found no checkpoint, so the run starts again: from the weights it began from, not others. A fine-tune
-    killed before its first checkpoint would otherwise start again from random weights under `--resume` alone."""
+    """--resume found no checkpoint, so the run starts again: from the weights it began from, not others (unless
+    those are no longer there: moved, they are taken from where --init-from names them now). A fine-tune killed
+    before its first checkpoint would otherwise start again from random weights under `--resume` alone."""
     path = run_dir / STARTED_FROM
     began = read_json(path, "delete it to start the run afresh").get("init_from") if path.is_file() else None
     given = str(Path(init_from).resolve()) if init_from is not None else None
-    if began is not None and given != began:
+    if began is not None and given != began and Path(began).exists():  # gone (moved): the weights given now
         raise AxiomError(
             f"--resume: {run_dir} has no complete checkpoint yet and began from --init-from {began}; pass "
-            f"--init-from {began} --resume to start it again from those weights"
+            f"--init-from {began} --resume to start it again from those weights (or delete {path} to start it "
+            "from others)"
         )
 
 
