@@ -494,6 +494,9 @@ def test_a_fine_tune_killed_before_its_first_checkpoint_resumes_from_the_same_we
     for step in (run / "checkpoints").glob("step_*"):
         shutil.rmtree(step)
     moved = source.rename(tmp_path / "moved") / "checkpoints" / "best"
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2  # not from new weights: where it went is asked for
+    assert "which is no longer there; pass --init-from ITS_NEW_PATH --resume" in capsys.readouterr().err
     assert main([*args, "--init-from", str(moved), "--resume"]) == 0
     assert json.loads((run / "started_from.json").read_text())["init_from"] == str(moved.resolve())
 

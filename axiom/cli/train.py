@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the newest complete checkpoint in OUT (its config; --set may change train fields), or "
-        "start fresh if OUT has none yet: one command line to re-run after any preemption",
+        help="continue from the newest complete checkpoint in OUT (its config; --config and --set may change training "
+        "fields), or start fresh if OUT has none yet (with --init-from: from its weights): one command line to re-run "
+        "after any preemption",
     )
     parser.add_argument(
         "--resume-from",
@@ -53,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init-from",
         metavar="CKPT",
         help="start a new run from the weights and model shape of a checkpoint or a Hugging Face folder (axiom or "
-        "Llama format, as axiom import reads it); training fields come from --preset and --set",
+        "Llama format, as axiom import reads it); training fields come from --preset, --config and --set; with "
+        "--resume, only where OUT has no checkpoint yet",
     )
     add_device_argument(parser)
     parser.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")

@@ -188,12 +188,15 @@ def check_same_start(run_dir: Path, init_from: str | Path | None) -> None:
     path = run_dir / STARTED_FROM
     began = read_json(path, "delete it to start the run afresh").get("init_from") if path.is_file() else None
     given = str(Path(init_from).resolve()) if init_from is not None else None
-    if began is not None and given != began and Path(began).exists():  # gone (moved): the weights given now
-        raise AxiomError(
-            f"--resume: {run_dir} has no complete checkpoint yet and began from --init-from {began}; pass "
-            f"--init-from {began} --resume to start it again from those weights (or delete {path} to start it "
-            "from others)"
-        )
+    if began is None or given == began or (given is not None and not Path(began).exists()):  # moved: as given now
+        return
+    there = Path(began).exists()
+    raise AxiomError(
+        f"--resume: {run_dir} has no complete checkpoint yet and began from --init-from {began}"
+        + ("" if there else ", which is no longer there")
+        + f"; pass --init-from {began if there else 'ITS_NEW_PATH'} --resume to start it again from those weights"
+        + f" (or delete {path} to start it from others)"
+    )
 
 
 def check_resumable(path: Path) -> None:
