@@ -368,8 +368,10 @@ def test_requests_a_web_page_on_another_site_could_send_are_refused(server):
         assert status == 403 and answer["error"]["code"] == "cross_origin", origin
         assert origin[:20] in answer["error"]["message"]
     for site in ("cross-site", "same-site"):  # what the browser says of the page (no page can set it)
-        headers = {"Origin": f"http://{here}", "Sec-Fetch-Site": site}
-        assert request_with(server.port, "POST", "/v1/completions", headers, body)[0] == 403, site
+        for headers in ({"Origin": f"http://{here}", "Sec-Fetch-Site": site}, {"Sec-Fetch-Site": site}):
+            assert request_with(server.port, "POST", "/v1/completions", headers, body)[0] == 403, headers
+    for origin in ("http://[::1", "ftp://127.0.0.1", f"http://127.0.0.1:0{server.port}x"):  # malformed: 403, not 500
+        assert request_with(server.port, "POST", "/v1/completions", {"Origin": origin}, body)[0] == 403, origin
     for host in (f"rebind.attacker.example:{server.port}", "192.168.1.5", "localhost.evil.example"):
         for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/")):
             status, answer = request_with(server.port, method, path, {"Host": host, "Origin": f"http://{host}"}, body)

@@ -316,19 +316,23 @@ def check_browser_request(method: str, headers: Headers, local_names: frozenset[
                 f"leads here may be a web page's); to answer {name[:100]}, pass --allow-host {name[:100]}",
                 code="host_not_allowed",
             )
-    origin = headers.get("origin")
-    if method in ("GET", "HEAD") or origin is None:  # programs send no Origin; a GET changes nothing
+    if method in ("GET", "HEAD"):  # a GET changes nothing
         return
-    site = headers.get("sec-fetch-site")  # set by the browser alone (no page can), from 2020-23 versions on
+    origin = headers.get("origin")
+    # Sec-Fetch-Site: set by browsers alone (no page can), from 2019-23 versions on, and only to https or localhost
+    site = headers.get("sec-fetch-site")
     if site is not None:
         same = site in ("same-origin", "none")  # not "same-site" (a neighbouring subdomain) nor "cross-site"
-    else:  # an older browser: the page's origin against the address the request came to (a proxy may rewrite it)
+    elif origin is None:  # a program: browsers name the page in Origin on every POST
+        return
+    else:  # an older browser, or plain http to another name: the page's origin against the address it came to
         forwarded = headers.get("x-forwarded-host", "").split(",")[0].strip()  # a proxy's public name
         same = same_authority(origin, host) or same_authority(origin, forwarded)
     if not same:
+        page = f"the web page at {origin[:100]!r}" if origin is not None else f"a web page ({site[:40]!r})"
         raise ApiError(
             403,
-            f"{method} from the web page at {origin[:100]!r}, not this server's own page ({host[:100]}): refused, "
+            f"{method} from {page}, not this server's own page ({host[:100]}): refused, "
             "as any site a user visits could send it; programs send no Origin header and are answered",
             code="cross_origin",
         )
@@ -336,13 +340,14 @@ def check_browser_request(method: str, headers: Headers, local_names: frozenset[
 
 def same_authority(origin: str, host: str) -> bool:
     """Whether the origin `scheme://name[:port]` names the host `name[:port]`, a port left out being the scheme's."""
-    parts = urllib.parse.urlsplit(origin)
-    default = {"http": 80, "https": 443}.get(parts.scheme)
     try:
-        theirs = (parts.hostname, parts.port or default)
-        ours = urllib.parse.urlsplit(f"//{host}")
-        return bool(host) and theirs == (ours.hostname, ours.port or default)
-    except ValueError:  # a port that is not a number
+        parts, ours = urllib.parse.urlsplit(origin), urllib.parse.urlsplit(f"//{host}")
+        default = {"http": 80, "https": 443}.get(parts.scheme)
+        if default is None or not parts.hostname or not ours.hostname:
+            return False
+        theirs = (parts.hostname, default if parts.port is None else parts.port)
+        return theirs == (ours.hostname, default if ours.port is None else ours.port)
+    except ValueError:  # a port that is not a number, a bracket left open
         return False
 
 
