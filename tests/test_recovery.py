@@ -107,7 +107,7 @@ def test_loss_blowup_stops_without_naming_a_broken_checkpoint(tiny_data, tmp_pat
     assert_all_finite(run)
     resumed = train(micro_config("max_steps=4", "eval_interval=4"), tiny_data, run, resume=True)
     assert resumed.step == 4 and resumed.history[-1].loss < resumed.history[0].loss
-    assert "has no complete checkpoint yet; starting fresh" in (run / "train.log").read_text()
+    assert "has no complete checkpoint yet; starting fresh from new weights" in (run / "train.log").read_text()
     assert [int(r["step"]) for r in read_rows(run / "eval.csv")] == [0, 4]  # no rows of the failed attempt
 
 

@@ -480,6 +480,7 @@ def test_a_fine_tune_killed_before_its_first_checkpoint_resumes_from_the_same_we
     err = capsys.readouterr().err
     assert f"began from --init-from {best.resolve()}; pass --init-from {best.resolve()} --resume" in err
     assert main([*args, "--init-from", str(best), "--resume"]) == 0  # starts again from the same weights
+    assert f"starting fresh from the weights of {best}" in (run / "train.log").read_text()
     rows = read_rows(run / "eval.csv")
     assert [int(r["step"]) for r in rows] == [0, 4]
     assert float(rows[0]["val_loss"]) == pytest.approx(trained_val, rel=1e-6)

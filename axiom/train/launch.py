@@ -307,7 +307,8 @@ def setup(
         log_resume_changes(log, start, cfg.train, step)
     elif used:
         rewind_logs(log, None)
-        log.info(f"--resume: {run_dir} has no complete checkpoint yet; starting fresh")
+        weights = f"the weights of {init_from}" if init_from is not None else "new weights"
+        log.info(f"--resume: {run_dir} has no complete checkpoint yet; starting fresh from {weights}")
     trainer.log_plan()
     return trainer
 
