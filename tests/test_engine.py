@@ -506,6 +506,26 @@ def poisoned(model, token: int):
     return bad
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_a_row_failing_in_a_step_another_leaves_leaves_no_nan_behind(model, static):
+    """A dynamic engine moves its last row into a freed one: when that last row is one failing in the same step
+    (its prefill not finite), its NaN keys stayed in the row it left, and a clean request taking it later failed."""
+    poison = 99
+    bad = poisoned(model, poison)
+    engine = Engine(bad, max_batch=2, static=static)
+    short = engine.submit([5], replace(GREEDY, max_new_tokens=1))  # row 0: ends at its first token
+    failing = engine.submit([1, 2, 3, poison, 4, 5, 6, 7], GREEDY)  # row 1: its prefill is not finite
+    engine.step()
+    later = [engine.submit([10, 11, 12, 13, 14, 15], GREEDY)]  # takes row 0
+    engine.step()
+    later.append(engine.submit([20], GREEDY))  # takes row 1, the failing request's until the step before
+    while engine.has_work():
+        engine.step()
+    assert short.finish_reason == "length" and failing.finish_reason == "error"
+    assert [r.tokens for r in later] == [alone(bad, [10, 11, 12, 13, 14, 15]), alone(bad, [20])]
+    assert all(r.error is None for r in later)
+
+
 @pytest.mark.parametrize("kind", ["dynamic", "static", "compiled"])
 def test_a_failing_row_leaves_alone_and_the_others_decode_as_alone(model, kind, fresh_compiler):
     clean = [alone(model, p) for p in PROMPTS]

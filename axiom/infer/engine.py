@@ -311,6 +311,9 @@ class Engine:
             n = self.cache.lengths[last]
             for t in (*self.cache.keys, *self.cache.values):
                 t[i, :, :n].copy_(t[last, :, :n])
+                # the moved row may be one failing in this same step: NaN left in the freed row would spoil the
+                # next request to take it (see `_fail`)
+                t[last, :, :n].zero_()
             self.cache.lengths[i] = n
         self.running[i] = self.running[last]
         self.running.pop()
