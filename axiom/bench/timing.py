@@ -71,11 +71,7 @@ def peak_memory(device: torch.device, since_reset: bool = False) -> int | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     if since_reset:
-        try:
-            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-            return int(line.split()[1]) * 1024
-        except (OSError, StopIteration):
-            return None
+        return process_status_bytes("VmHWM")
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
 
@@ -84,8 +80,13 @@ def memory_in_use(device: torch.device) -> int | None:
     """CUDA allocated bytes, or the process's resident memory (VmRSS, Linux)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
+    return process_status_bytes("VmRSS")
+
+
+def process_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (Linux), in bytes; None elsewhere."""
     try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(f"{field}:"))
         return int(line.split()[1]) * 1024
     except (OSError, StopIteration):
         return None

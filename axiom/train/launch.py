@@ -181,13 +181,18 @@ def check_holds_a_run(run_dir: Path) -> None:
         raise AxiomError(f"{other} (its config.json is not a run's)")
 
 
+def started_from(init_from: str | Path | None) -> str | None:
+    """What started_from.json records of --init-from: its absolute path, or None for new weights."""
+    return str(Path(init_from).resolve()) if init_from is not None else None
+
+
 def check_same_start(run_dir: Path, init_from: str | Path | None) -> None:
     """--resume found no checkpoint, so the run starts again: from the weights it began from, not others (unless
     those are no longer there: moved, they are taken from where --init-from names them now). A fine-tune killed
     before its first checkpoint would otherwise start again from random weights under `--resume` alone."""
     path = run_dir / STARTED_FROM
     began = read_json(path, "delete it to start the run afresh").get("init_from") if path.is_file() else None
-    given = str(Path(init_from).resolve()) if init_from is not None else None
+    given = started_from(init_from)
     if began is None or given == began or (given is not None and not Path(began).exists()):  # moved: as given now
         return
     there = Path(began).exists()
@@ -294,8 +299,7 @@ def setup(
     if d.main:  # after the Trainer's checks: a refused resume leaves the run's config.json as it was
         write_json_atomic(run_dir / "config.json", cfg.to_dict())
         if start is None:  # what a fresh start began from, for a --resume before the first checkpoint
-            began = str(Path(init_from).resolve()) if init_from is not None else None
-            write_json_atomic(run_dir / STARTED_FROM, {"init_from": began})
+            write_json_atomic(run_dir / STARTED_FROM, {"init_from": started_from(init_from)})
     step = trainer.state.step
     if d.main and (start is not None or skipped):  # the ones skipped too: training would overwrite them
         set_aside_newer(run_dir / "checkpoints", step if start is not None else -1, log)

@@ -102,16 +102,14 @@ def build_optimizer(
     Returns (optimizer, description); a fallback is logged as one warning, a "notice: " line."""
     device = torch.device(device)
     groups = param_groups(model, cfg.weight_decay)
+    cfg, fallback = runnable_optimizer(cfg, device, fsdp)
+    if fallback:
+        logger.warning("notice: %s", fallback)
     if cfg.optimizer == "adamw8bit":
-        why = adamw8bit_unusable(device, fsdp)
-        if why is None:
-            import bitsandbytes as bnb
+        import bitsandbytes as bnb
 
-            betas = (cfg.beta1, cfg.beta2)
-            return bnb.optim.AdamW8bit(groups, lr=cfg.lr_max, betas=betas, weight_decay=cfg.weight_decay), (
-                "AdamW8bit (bitsandbytes)"
-            )
-        logger.warning("notice: %s; using torch AdamW instead of AdamW8bit", why)
+        opt = bnb.optim.AdamW8bit(groups, lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        return opt, "AdamW8bit (bitsandbytes)"
     # One fused kernel per parameter group instead of a dozen ops per tensor (docs/benchmarks.md: 9x on CPU).
     fused = device.type in ("cuda", "cpu")
     opt = torch.optim.AdamW(groups, lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
