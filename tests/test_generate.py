@@ -23,8 +23,7 @@ NOISE = "notice: no --ckpt: sampling from randomly initialised tiny weights; the
         (["--max-new-tokens", "-1"], "--max-new-tokens -1: must be at least 1"),
         (["--top-p", "0"], "--top-p 0.0: must lie in (0, 1]"),
         (["--top-p", "2"], "--top-p 2.0: must lie in (0, 1]"),
-        (["--top-k", "0"], "--top-k 0: must be at least 1"),
-        (["--top-k", "-5"], "--top-k -5: must be at least 1"),
+        (["--top-k", "-5"], "--top-k -5: must be at least 1, or 0 or -1 for none"),
         (["--temperature", "nan"], "--temperature nan: must be 0 (greedy) or positive"),
         (["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or positive"),
         (

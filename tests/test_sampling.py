@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from axiom.infer.engine import SamplingParams
-from axiom.infer.sampling import TOP_CANDIDATES, Cut, RowSampling, gumbel_noise, pick
+from axiom.infer.sampling import TOP_CANDIDATES, Cut, RowSampling, gumbel_noise, gumbel_of, pick
 
 # Parameters of every kind in one batch: greedy, temperature only, top-k (within TOP_CANDIDATES and beyond), top-p
 # alone, and both.
@@ -142,6 +142,35 @@ def test_the_noise_is_standard_gumbel_and_each_rows_own(device):
     for i in range(4):
         assert torch.equal(gumbel_noise(seeds[i : i + 1], positions[i : i + 1], 50_000), g[i : i + 1])
     assert not torch.equal(g[0], g[1])
+
+
+@pytest.mark.parametrize("t", [10.0, 14.0, 18.0, 20.0, 21.5])
+def test_the_noise_reaches_far_into_the_gumbel_tail(t):
+    """P(g > t) over the 2**31 equally likely bits is the Gumbel's own to within one of them: a tail token t nats
+    below the top is drawn at its rate (a 23-bit uniform capped g at 16.6: never above 18)."""
+    exact = -math.expm1(-math.exp(-t)) * 2**31  # how many of the 2**31 values should give g > t
+    n = max(math.ceil(exact - 0.5), 1)  # g falls as the bits grow: the n smallest lie above t
+    g = gumbel_of(torch.tensor([n - 1, n], dtype=torch.int32)).double()
+    assert g[0] > t >= g[1] or (exact < 0.5 and g[0] <= t)
+    assert abs(n - exact) <= 1
+    assert torch.isfinite(gumbel_of(torch.tensor([0, 2**31 - 1], dtype=torch.int32))).all()
+
+
+def test_top_k_0_and_minus_1_are_none(device):
+    logits = torch.randn(64, 500, device=device)
+    none = draws(logits, [SamplingParams(temperature=1.0)] * 64, range(64), range(64))
+    for k in (0, -1):
+        assert SamplingParams(top_k=k).top_k is None
+        assert draws(logits, [SamplingParams(temperature=1.0, top_k=k)] * 64, range(64), range(64)) == none
+    assert SamplingParams(top_k=-2).problem() == ("top_k", "must be at least 1, or 0 or -1 for none")
+
+
+def test_top_p_keeps_the_tokens_tied_with_its_last(device):
+    """Values, not sort order, decide: of four equal tokens top_p 0.5 keeps all four (transformers keeps two of
+    them, which two depending on its sort)."""
+    n = 400
+    got = draws(torch.zeros(n, 4, device=device), [SamplingParams(temperature=1.0, top_p=0.5)] * n, [1] * n, range(n))
+    assert set(got) == {0, 1, 2, 3}
 
 
 @pytest.mark.slow

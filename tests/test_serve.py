@@ -685,6 +685,8 @@ HOSTILE_NUMBERS = [  # numbers that pass as JSON numbers but break the maths, or
     ('"seed": 18446744073709551616, "temperature": 1', 400),
     ('"top_p": 1e-300, "temperature": 1', 200),
     ('"top_k": 1000000000000000000000000000000, "temperature": 1', 200),
+    ('"top_k": -1, "temperature": 1', 200),  # none, as vLLM clients send it
+    ('"top_k": -2, "temperature": 1', 400),
     ('"max_tokens": ' + "9" * 5000, 400),
     ('"seed": ' + "9" * 5000, 400),
     ('"temperature": ' + "9" * 400, 400),  # an integer no float can hold

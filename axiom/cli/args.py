@@ -88,7 +88,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int,
         help=f"{what}, capped by the context (default: {max_new_tokens})",
     )
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (default: 200)")
+    parser.add_argument(
+        "--top-k", type=int, default=200, help="sample among the k most likely tokens; 0: all of them (default: 200)"
+    )
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1], e.g. 0.95")
     parser.add_argument("--seed", type=int, default=1337, help=f"{seeds} (default: 1337)")
 

@@ -44,6 +44,7 @@ from axiom.model.cache import KVCache
 from axiom.model.transformer import Axiom
 
 SEED_RANGE = (-(2**63), 2**64)  # 64 bits, signed or unsigned; the draws take a seed modulo 2**64
+NO_TOP_K = (0, -1)  # top_k values that mean none, as vLLM and transformers read them
 NON_FINITE = "the model's logits are not finite (NaN or inf) for this prompt"
 # Prompts admitted together are prefilled in one forward per group of neighbouring rows (`prefill_groups`):
 # at most this many tokens, padding included (it bounds the forward's activations) ...
@@ -72,9 +73,9 @@ def decoding_path(eager: bool) -> str:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request decodes. temperature 0 (or any below MIN_TEMPERATURE) is greedy; `seed` fixes the request's
-    draws (None: a random seed); the request stops after any of `stop_ids` (kept in its tokens) or `max_new_tokens`
-    tokens."""
+    """How one request decodes. temperature 0 (or any below MIN_TEMPERATURE) is greedy; a top_k of 0 or -1 is none
+    (as in vLLM and transformers); `seed` fixes the request's draws (None: a random seed); the request stops after
+    any of `stop_ids` (kept in its tokens) or `max_new_tokens` tokens."""
 
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -83,6 +84,10 @@ class SamplingParams:
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.top_k in NO_TOP_K:
+            object.__setattr__(self, "top_k", None)  # frozen: the one spelling of "no top-k" the rest reads
+
     def problem(self) -> tuple[str, str] | None:
         """The first parameter out of range as (field name, what is wrong), or None."""
         if self.max_new_tokens <= 0:
@@ -90,7 +95,7 @@ class SamplingParams:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             return "temperature", "must be 0 (greedy) or positive and finite"
         if self.top_k is not None and self.top_k <= 0:
-            return "top_k", "must be at least 1"
+            return "top_k", "must be at least 1, or 0 or -1 for none"
         if self.top_p is not None and not 0 < self.top_p <= 1:
             return "top_p", "must lie in (0, 1]"
         if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:

@@ -99,7 +99,8 @@ def pick(logits: Tensor, rows: RowSampling, positions: Tensor) -> Tensor:
 
 def cutoff(scaled: Tensor, rows: RowSampling) -> Tensor:
     """(B, 1): each row's smallest scaled logit kept by its top-k (the k largest, ties with the k-th kept) and then
-    its top-p (the smallest prefix of the most likely whose mass reaches top_p); -inf for a row with neither."""
+    its top-p (the smallest prefix of the most likely whose mass reaches top_p, and the tokens tied with its last);
+    -inf for a row with neither."""
     inf = float("inf")
     if rows.cut is Cut.TOP and scaled.shape[-1] > TOP_CANDIDATES:
         top = scaled.topk(TOP_CANDIDATES, dim=-1).values  # descending
@@ -128,7 +129,7 @@ def gumbel_noise(seed: Tensor, position: Tensor, vocab: int) -> Tensor:
 
     A counter-based generator in integer tensor ops (products wrap around, as in C): splitmix64 hashes each row's
     (seed, position) to a 32-bit key, and lowbias32 hashes key + v * golden ratio (distinct for every v) to the
-    entry's bits. 23 of them give a uniform u in (0, 1), never 0 or 1, and g = -log(-log u)."""
+    entry's bits, 31 of which `gumbel_of` turns into the noise."""
     z = _mix64(seed * GOLDEN64 + position)
     key = (z >> 32).to(torch.int32)  # the high half: (B,)
     x = torch.arange(vocab, dtype=torch.int32, device=seed.device) * GOLDEN32 + key[:, None]
@@ -137,8 +138,17 @@ def gumbel_noise(seed: Tensor, position: Tensor, vocab: int) -> Tensor:
     x = x ^ _shift(x, 15, 32)
     x = x * MIX32[1]
     x = x ^ _shift(x, 16, 32)
-    u = (_shift(x, 9, 32).float() + 0.5) * 2.0**-23
-    return -torch.log(-torch.log(u))
+    return gumbel_of(_shift(x, 1, 32))
+
+
+def gumbel_of(bits: Tensor) -> Tensor:
+    """Standard Gumbel noise from uniform int32 `bits` in [0, 2**31): v = (bits + 0.5) / 2**31 in (0, 1), and
+    g = -log(-log(1 - v)). The largest g is what the smallest v allows, 22.2, so a token up to ~22 nats below the top
+    is drawn at its rate (a u = 1 - v of 23 bits, all float32 holds near 1, capped g at 16.6: the far tail of a large
+    vocabulary was drawn too rarely)."""
+    # float32 holds a small v exactly; one within 2**-25 of 1 rounds to 1 (log1p(-1) = -inf), hence the clamp
+    v = ((bits.float() + 0.5) * 2.0**-31).clamp(max=1 - 2.0**-24)
+    return -torch.log(-torch.log1p(-v))
 
 
 def _mix64(z: Tensor) -> Tensor:
