@@ -30,10 +30,15 @@ GPU_BF16_PEAK_TFLOPS = (
 )
 
 
+def default_device() -> str:
+    """What --device means when not given."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def pick_device(requested: str | None, local_rank: int | None = None) -> torch.device:
     """The device for `--device` (cpu, cuda, cuda:N or mps; default cuda when available), checked to exist:
     anything else is one AxiomError. Under torchrun (`local_rank`), plain `cuda` means this process's local GPU."""
-    name = (requested or ("cuda" if torch.cuda.is_available() else "cpu")).strip().lower()
+    name = (requested or default_device()).strip().lower()
     kind, _, index = name.partition(":")
     if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
         raise AxiomError(f"--device {requested}: unknown device; use cpu, cuda, cuda:N or mps")

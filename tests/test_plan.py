@@ -5,6 +5,7 @@ memory and speed, and `axiom info --gpu-memory-gib` printing them."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -152,6 +153,21 @@ def test_info_refuses_a_plan_it_cannot_make(capsys):
     if not torch.cuda.is_available():
         assert main(["info", "--preset", "tiny", "--device", "cuda"]) == 2
         assert "no CUDA device is visible; add --gpu-memory-gib GIB to plan for one" in capsys.readouterr().err
+
+
+def test_info_plans_the_optimizer_that_would_train_here(capsys, monkeypatch):
+    """Without bitsandbytes `axiom train` plans torch AdamW's state (8 bytes a parameter, not 2): `axiom info` for
+    this machine says the same, with the notice; for an assumed GPU it plans the card's AdamW8bit."""
+    eight_bit = ["--preset", "tiny", "--set", "optimizer=adamw8bit", "--json"]
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
+    assert main(["info", *eight_bit, "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    n = json.loads(out)["params"]
+    assert json.loads(out)["plan"]["memory_bytes"]["optimizer"] == 8 * n
+    assert "notice: bitsandbytes is not usable (ModuleNotFoundError" in err and "using torch AdamW" in err
+    assert main(["info", *eight_bit, "--gpu-memory-gib", "80"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["plan"]["memory_bytes"]["optimizer"] == 2 * n and err == ""
 
 
 def test_a_cpu_plan_of_the_card_is_the_same_every_time(capsys):

@@ -24,7 +24,7 @@ from axiom.model.fused_loss import check_loss_kernel
 from axiom.model.transformer import flops_per_token, num_params
 from axiom.train.optim import build_optimizer, lr_at
 from axiom.train.parallel import Dist, parallelize
-from axiom.train.plan import local_hardware, resolve
+from axiom.train.plan import plan_here
 from axiom.train.step import Batches, train_step
 
 
@@ -54,7 +54,8 @@ class LlamaLoss(torch.nn.Module):
 
 
 def bench_train(cfg: Config, device: torch.device, s: TrainBench) -> Bench:
-    cfg = resolve(cfg, local_hardware(device)).applied(cfg)  # settings left to auto, as `axiom train` plans them
+    cfg, plan, _ = plan_here(cfg, device)
+    cfg = plan.applied(cfg)  # settings left to auto, as `axiom train` plans them
     m, t = cfg.model, cfg.train
     check_loss_kernel(t.loss_kernel, device)
     cfg.check_context()

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import fields
 
 import torch
 
 from axiom.cli.args import DEVICE_HELP, add_config_arguments, config_file, config_from_args, preset_of
-from axiom.config import ConfigFile, ModelConfig, TrainConfig
+from axiom.config import Config, ConfigFile, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
-from axiom.runtime import pick_device
-from axiom.train.plan import Hardware, assumed_gpu, describe, local_hardware, plan_summary, resolve
+from axiom.runtime import default_device, pick_device
+from axiom.train.plan import Plan, assumed_gpu, describe, plan_here, plan_summary, resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def hardware(args: argparse.Namespace) -> Hardware:
-    """What --device and --gpu-memory-gib describe: an assumed GPU, or a device of this machine."""
+def plan(args: argparse.Namespace, cfg: Config) -> tuple[Config, Plan, str | None]:
+    """The plan for what --device and --gpu-memory-gib describe: an assumed GPU, or a device of this machine (there
+    with the optimizer that would train here, as `axiom train` plans it); and a fallback's notice."""
     if args.gpu_memory_gib is not None:
         if args.device is not None and not args.device.strip().lower().startswith("cuda"):
             raise AxiomError(
@@ -38,11 +40,11 @@ def hardware(args: argparse.Namespace) -> Hardware:
             )
         if not 0 < args.gpu_memory_gib < 1e6:
             raise AxiomError(f"--gpu-memory-gib {args.gpu_memory_gib:g}: must be a number of GiB above 0, below 1e6")
-        return assumed_gpu(args.gpu_memory_gib)
-    requested = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cfg, resolve(cfg, assumed_gpu(args.gpu_memory_gib)), None
+    requested = args.device or default_device()
     if requested.strip().lower().startswith("cuda") and not torch.cuda.is_available():
         raise AxiomError(f"--device {requested}: no CUDA device is visible; add --gpu-memory-gib GIB to plan for one")
-    return local_hardware(pick_device(requested))
+    return plan_here(cfg, pick_device(requested))
 
 
 def sets_every_field(file: ConfigFile) -> bool:
@@ -55,8 +57,10 @@ def sets_every_field(file: ConfigFile) -> bool:
 def run(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     cfg.check_context()  # a training plan: train would refuse it
-    plan = resolve(cfg, hardware(args))
-    info = describe(cfg, plan)
+    cfg, resolved, fallback = plan(args, cfg)
+    if fallback:
+        print(f"notice: {fallback}", file=sys.stderr)
+    info = describe(cfg, resolved)
     if args.json:
         print(json.dumps(info))
         return
@@ -76,5 +80,5 @@ def run(args: argparse.Namespace) -> None:
     print(f"planned tokens        {info['planned_tokens']:>16,}")
     print(f"FLOPs per token       {info['flops_per_token']:>16,.4g}")
     print(f"training FLOPs        {info['train_flops']:>16,.4g}")
-    for line in plan_summary(cfg, plan):
+    for line in plan_summary(cfg, resolved):
         print(f"plan: {line}")

@@ -54,9 +54,9 @@ from axiom.model.fused_loss import check_loss_kernel
 from axiom.model.transformer import Axiom
 from axiom.runtime import pick_device
 from axiom.train.checkpointer import set_aside_newer
-from axiom.train.optim import runnable_optimizer, schedule_jump
+from axiom.train.optim import schedule_jump
 from axiom.train.parallel import Dist, from_main, init_distributed, set_model_state
-from axiom.train.plan import local_hardware, resolve
+from axiom.train.plan import plan_here
 from axiom.train.recovery import rewind_logs
 from axiom.train.runlog import RunLog
 from axiom.train.trainer import Trainer, TrainResult
@@ -265,9 +265,7 @@ def setup(
     load the model, and return its Trainer."""
     manifest = read_manifest(data_dir)
     check_run_config(cfg, device, d)
-    runnable, fallback = runnable_optimizer(cfg.train, device, cfg.train.fsdp and d.world_size > 1)
-    cfg = Config(cfg.model, runnable)  # planned with the optimizer state it will hold
-    plan = resolve(cfg, local_hardware(device), d.world_size)
+    cfg, plan, fallback = plan_here(cfg, device, d.world_size, cfg.train.fsdp and d.world_size > 1)
     cfg, split_note = with_data_split(plan.applied(cfg), manifest)
     notes = clean_stale_checkpoints(run_dir / "checkpoints") if d.main else []  # a kill's leftovers, under the lock
     start, skipped, used = from_main(d, lambda: find_start(run_dir, resume, resume_from, init_from))

@@ -27,6 +27,7 @@ from axiom.config import AUTO, Config
 from axiom.model.loss import chunk_rows, default_vocab_multiple, padded_vocab
 from axiom.model.transformer import flops_per_token, num_params
 from axiom.runtime import GPU_BF16_PEAK_TFLOPS, gpu_peak_flops
+from axiom.train.optim import runnable_optimizer
 from axiom.train.progress import duration
 
 GIB = 2**30
@@ -121,6 +122,17 @@ class Plan:
             "device_name": self.hardware.name,
             "device_memory_bytes": self.hardware.memory_bytes,
         }
+
+
+def plan_here(
+    cfg: Config, device: torch.device, world_size: int = 1, fsdp: bool = False
+) -> tuple[Config, Plan, str | None]:
+    """The plan of `cfg` on this machine's `device`, as `axiom train` runs it: `cfg` with the optimizer that will
+    train (torch AdamW where AdamW8bit cannot run here), its plan for that optimizer's state, and the notice of such
+    a fallback."""
+    train, fallback = runnable_optimizer(cfg.train, device, fsdp)
+    cfg = Config(cfg.model, train)
+    return cfg, resolve(cfg, local_hardware(device), world_size), fallback
 
 
 def resolve(cfg: Config, hardware: Hardware, world_size: int = 1) -> Plan:
