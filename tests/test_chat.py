@@ -361,6 +361,16 @@ def test_fine_tuning_learns_the_replies_and_marks_the_checkpoint(tuned, chat_dir
     assert res.tokens == sum(int((y != IGNORE_INDEX).sum()) for _, y in chat_eval_batches(chat_dir, 64, 2, 512))
 
 
+def test_eval_command_gives_the_val_loss_the_run_logged(tuned, chat_dir, capsys):
+    """`axiom eval --data` masks the documents as the run's evaluation did (it attended across the conversations
+    of a window, a different loss from eval.csv's); the model it then scores tasks with is unmasked again."""
+    run, _ = tuned
+    best = run / "checkpoints" / "best"
+    logged = {int(r["step"]): float(r["val_loss"]) for r in read_rows(run / "eval.csv")}[read_meta(best)["step"]]
+    assert main(["eval", "--ckpt", str(best), "--data", str(chat_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(logged, rel=1e-7, abs=0)
+
+
 def test_chat_command_replies_and_stops_at_the_end_of_the_turn(tuned, tmp_path):
     run, _ = tuned
     best = str(run / "checkpoints" / "best")

@@ -254,6 +254,20 @@ def _has(module: str) -> bool:
     return True
 
 
+def test_adapter_takes_lm_evals_batch_sizes(ckpt):
+    """ "auto" / "auto:N" (lm-eval's command line and simple_evaluate) take the scorer's default; a number may come
+    as a string; anything else is one line (int("auto") raised ValueError)."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
+    from axiom.eval.harness import AxiomLM
+
+    model, _ = ckpt
+    for given, taken in [("auto", 16), ("auto:4", 16), ("8", 8), (3, 3)]:
+        assert AxiomLM(model, batch_size=given).batch_size == taken
+    for bad in ("x", "0", -1):
+        with pytest.raises(AxiomError, match=f"batch_size={bad!r} must be a whole number of at least 1, or auto"):
+            AxiomLM(model, batch_size=bad)
+
+
 def test_adapter_rolling_loglikelihood_and_generation(ckpt):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
     from lm_eval.api.instance import Instance

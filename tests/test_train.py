@@ -206,6 +206,18 @@ def test_short_run_learns_and_writes_eval_csv(tiny_data, tmp_path):
     assert "optimizer    AdamW (torch, fused)" in log and "step 24/24 | loss" in log and "tok/s" in log
 
 
+def test_the_plan_says_how_many_val_tokens_an_evaluation_covers(tiny_data, tmp_path):
+    """It said eval_tokens where the val split holds fewer (8,192 planned, 1,920 evaluated)."""
+    val = read_manifest(tiny_data)["val_tokens"]
+    covered = (val - 1) // 32 * 32
+    train(micro_config("max_steps=1", "eval_tokens=100000"), tiny_data, tmp_path / "short")
+    log = (tmp_path / "short" / "train.log").read_text()
+    assert f"eval every 40 steps on {covered:,} tokens (all the val split holds of eval_tokens=100,000)," in log
+    assert f"val loss {float(read_rows(tmp_path / 'short' / 'eval.csv')[-1]['val_loss']):.4f}" in log
+    train(micro_config("max_steps=1"), tiny_data, tmp_path / "enough")
+    assert "eval every 40 steps on 256 tokens, checkpoint" in (tmp_path / "enough" / "train.log").read_text()
+
+
 def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
     cfg = micro_config("max_steps=10", "eval_interval=4", "checkpoint_interval=3", "optimizer=adamw8bit")
     full = train(cfg, tiny_data, tmp_path / "full")

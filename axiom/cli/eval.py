@@ -14,14 +14,21 @@ import torch
 
 from axiom.cli.args import add_device_argument
 from axiom.config import Config
-from axiom.data.loader import read_manifest
+from axiom.data.loader import masks_documents, read_manifest
 from axiom.errors import AxiomError
 from axiom.eval.loss import EvalResult, evaluate
-from axiom.eval.tasks import Item, choice_loglikelihoods, choice_requests, read_task_file, score, task_name
+from axiom.eval.tasks import (
+    TASK_BATCH,
+    Item,
+    choice_loglikelihoods,
+    choice_requests,
+    read_task_file,
+    score,
+    task_name,
+)
 from axiom.model.checkpoint import load_model
 from axiom.runtime import pick_device
-
-TASK_BATCH = 16  # contexts per forward pass when scoring tasks
+from axiom.text.tokenizer import EOS_ID
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,14 +134,19 @@ def val_loss(model: torch.nn.Module, cfg: Config, args: argparse.Namespace) -> E
     eval_tokens = args.eval_tokens if args.eval_tokens is not None else t.eval_tokens
     if eval_tokens < seq_len:
         raise AxiomError(f"--eval-tokens {eval_tokens}: less than one sequence of {seq_len} tokens")
-    result = evaluate(
-        model,
-        args.data,
-        seq_len=seq_len,
-        batch_size=args.batch_size or t.micro_batch_size,
-        eval_tokens=eval_tokens,
-        dtype=t.dtype,
-    )
+    if masks_documents(read_manifest(args.data), t.doc_masking):
+        model.doc_sep = EOS_ID  # as the run's own evaluation (eval.csv) saw the windows
+    try:
+        result = evaluate(
+            model,
+            args.data,
+            seq_len=seq_len,
+            batch_size=args.batch_size or t.micro_batch_size,
+            eval_tokens=eval_tokens,
+            dtype=t.dtype,
+        )
+    finally:
+        model.doc_sep = None  # task items are scored unmasked, as lm-eval scores them
     if not math.isfinite(result.loss):
         raise AxiomError(
             f"{args.ckpt}: the validation loss is {result.loss} (not finite) over {result.tokens:,} tokens; the "

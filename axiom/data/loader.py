@@ -52,6 +52,12 @@ def data_kind(manifest: dict) -> str:
     return manifest.get("kind", "text")
 
 
+def masks_documents(manifest: dict, doc_masking: bool | None) -> bool:
+    """Whether a window's tokens attend only within their own document (conversation) on this data, in training
+    and in its evaluation alike: `TrainConfig.doc_masking`, whose None means on for chat data only."""
+    return data_kind(manifest) == "chat" if doc_masking is None else doc_masking
+
+
 def read_manifest(data_dir: str | Path) -> dict:
     """The manifest of a prepared directory, checked for the keys, types, version and tokenizer this code reads;
     every shard's `file` is a name inside `data_dir`."""
@@ -315,26 +321,30 @@ class TrainLoader(WindowLoader):
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
+def eval_windows(val_tokens: int, seq_len: int, eval_tokens: int) -> int:
+    """How many windows of `seq_len` (+1 for the targets) an evaluation of `eval_tokens` covers in a val split of
+    `val_tokens`."""
+    return min(eval_tokens // seq_len, max(val_tokens - 1, 0) // seq_len)
+
+
 def eval_batches(
     data_dir: str | Path, seq_len: int, batch_size: int, eval_tokens: int, vocab_size: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first `eval_tokens` of the val split as consecutive windows, in order; the last batch may be smaller.
 
-    Covers `min(eval_tokens, val_tokens - 1) // seq_len` windows; every rank and every call sees the same batches.
-    """
+    Covers `eval_windows` windows; every rank and every call sees the same batches."""
     if seq_len <= 0 or batch_size <= 0 or eval_tokens < seq_len:
         raise AxiomError(
             f"evaluation: need seq_len > 0, batch size > 0 and eval tokens >= seq_len, got seq_len={seq_len}, "
             f"batch size {batch_size}, eval tokens {eval_tokens}"
         )
     stream = TokenStream(data_dir, "val", vocab_size=vocab_size)
-    available = max(stream.num_tokens - 1, 0) // seq_len
-    if available == 0:
+    num_windows = eval_windows(stream.num_tokens, seq_len, eval_tokens)
+    if num_windows == 0:
         raise AxiomError(
             f"{data_dir}: the val split has {stream.num_tokens:,} tokens, fewer than one window of "
             f"{seq_len}+1; prepare with a larger --val-fraction or lower seq_len"
         )
-    num_windows = min(eval_tokens // seq_len, available)
     for first in range(0, num_windows, batch_size):
         n = min(batch_size, num_windows - first)
         batch = torch.from_numpy(stream.read(first * seq_len, n * seq_len + 1))

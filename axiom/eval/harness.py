@@ -29,7 +29,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from axiom.errors import AxiomError
-from axiom.eval.tasks import loglikelihoods
+from axiom.eval.tasks import TASK_BATCH, loglikelihoods
 from axiom.infer.generate import stream
 from axiom.model.checkpoint import load_model
 from axiom.model.transformer import Axiom
@@ -45,6 +45,17 @@ HUB_PROBE_SECONDS = 5  # how long `check_hub` waits for an answer from the Hub
 LOCAL_BUILDERS = ("json", "jsonl", "csv", "parquet", "text", "arrow")  # datasets' loaders of local data files
 
 
+def _positive_int(batch_size: int | str) -> int:
+    """lm-eval's batch_size, given as an int or a string of one: at least 1, or one AxiomError."""
+    try:
+        value = int(batch_size)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise AxiomError(f"AxiomLM: batch_size={batch_size!r} must be a whole number of at least 1, or auto")
+    return value
+
+
 class AxiomLM(TemplateLM):
     """An Axiom model as an lm-eval LM. `lm_eval --model axiom --model_args ckpt=CKPT` works once `register()` ran;
     in-process, pass `AxiomLM(model=...)` to `lm_eval.simple_evaluate`."""
@@ -54,7 +65,7 @@ class AxiomLM(TemplateLM):
         model: Axiom | None = None,
         ckpt: str | None = None,
         device: str = "cpu",
-        batch_size: int | str = 16,
+        batch_size: int | str = TASK_BATCH,
         dtype: str = "float32",
     ) -> None:
         super().__init__()
@@ -64,7 +75,9 @@ class AxiomLM(TemplateLM):
             model = load_model(ckpt, device)[0]
         self.model = model.eval()
         self._device = next(model.parameters()).device
-        self.batch_size = int(batch_size)
+        # lm-eval's "auto" / "auto:N" (on its command line and in simple_evaluate) searches for the largest batch
+        # that fits; the scorer's own default fits, as its logits are taken in chunks
+        self.batch_size = TASK_BATCH if str(batch_size).startswith("auto") else _positive_int(batch_size)
         self.dtype = dtype  # autocast dtype on CUDA, as in training's evaluation
         self.enc = load_tokenizer()
 
@@ -158,7 +171,7 @@ def run_tasks(
     tasks: list[str | dict],
     limit: int | None = None,
     num_fewshot: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = TASK_BATCH,
     dtype: str = "float32",
     task_manager: TaskManager | None = None,
 ) -> dict:

@@ -39,6 +39,7 @@ from axiom.text.tokenizer import EOS_ID, NAME, VOCAB_SIZE, load_tokenizer
 
 FORMATS = '{"context", "choices", "answer"} or HellaSwag\'s {"ctx", "endings", "label"}'
 HELLASWAG_RAW = ("activity_label", "ctx_a", "ctx_b")  # the original release, as llm.c downloads it
+TASK_BATCH = 16  # contexts per forward pass when scoring tasks, by default
 LOGIT_ROWS = 256  # output-layer rows per chunk: bounds the (rows, vocab) float32 block to ~100 MB for cl100k
 
 
@@ -209,7 +210,7 @@ def _batches(groups: list[_Group], batch_size: int, max_len: int) -> list[list[_
 def loglikelihoods(
     model: Axiom,
     requests: Sequence[tuple[list[int], list[int]]],
-    batch_size: int = 16,
+    batch_size: int = TASK_BATCH,
     dtype: str = "float32",
     progress: bool = False,
     greedy: bool = True,
@@ -308,7 +309,7 @@ def choice_requests(items: Sequence[Item], max_len: int, vocab_size: int) -> lis
 def choice_loglikelihoods(
     model: Axiom,
     items: Sequence[Item],
-    batch_size: int = 16,
+    batch_size: int = TASK_BATCH,
     dtype: str = "float32",
     progress: bool = False,
     requests: list[tuple[list[int], list[int]]] | None = None,

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from axiom.config import Config
-from axiom.data.loader import TrainLoader, data_kind
+from axiom.data.loader import TrainLoader, data_kind, eval_windows, masks_documents
 from axiom.data.packing import ChatLoader
 from axiom.files import write_json_atomic
 from axiom.model.transformer import Axiom
@@ -110,7 +110,7 @@ class Trainer:
         self.raw.train()
         self.chat = data_kind(manifest) == "chat"  # conversations: masked targets, whole ones per window
         self.raw.ignored_targets = self.chat  # text has none: the model need not look (a host sync on a GPU)
-        if self.chat if t.doc_masking is None else t.doc_masking:  # in training and evaluation alike
+        if masks_documents(manifest, t.doc_masking):
             self.raw.doc_sep = EOS_ID
         self.model = parallelize(self.raw, t, device, d)
         saved_optimizer = state.get("optimizer_name") if state is not None else None
@@ -197,10 +197,15 @@ class Trainer:
         log.info(f"run          {self.run_dir}")
         for line in plan_lines(self.cfg, self.plan, self.device, self.d.world_size, self.optimizer_name):
             log.info(line)
+        val_tokens = self.manifest["val_tokens"]
+        covered = eval_windows(val_tokens, t.seq_len, t.eval_tokens) * t.seq_len
+        on = f"{t.eval_tokens:,} tokens"
+        if covered < t.eval_tokens // t.seq_len * t.seq_len and not self.chat:
+            on = f"{covered:,} tokens (all the val split holds of eval_tokens={t.eval_tokens:,})"
         log.info(
             f"data         {self.data_dir}: {self.manifest['train_tokens']:,} train tokens, "
-            f"{self.manifest['val_tokens']:,} val tokens; eval every {t.eval_interval:,} steps on "
-            f"{t.eval_tokens:,} tokens, checkpoint every {t.checkpoint_interval:,}"
+            f"{val_tokens:,} val tokens; eval every {t.eval_interval:,} steps on {on}, "
+            f"checkpoint every {t.checkpoint_interval:,}"
         )
         if self.chat:
             windows = self.loader.epoch_windows()
