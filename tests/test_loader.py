@@ -120,6 +120,32 @@ def test_resume_gives_exactly_the_next_batches(data_dir):
         TrainLoader(data_dir, SEQ + 1, micro_batch_size=2, seed=3).load_state_dict(state)
 
 
+def test_every_split_of_a_step_reads_the_same_windows_across_epochs(data_dir):
+    """An epoch ends on a step's boundary: micro-batch 6 x 1, 3 x 2, 2 x 3 and 3 ranks x 2 read the same windows in
+    every step, also after the epoch's leftover windows (fewer than a step) are passed over. An epoch ended where one
+    micro-batch no longer fitted: after the first epoch the splits read different windows."""
+    step = 6
+    n = TrainLoader(data_dir, SEQ, micro_batch_size=1, seed=4).num_windows
+    assert n % step, "the data must leave a partial step at the end of an epoch"
+
+    def steps(micro: int, world: int) -> list[list[tuple[int, ...]]]:
+        loaders = [TrainLoader(data_dir, SEQ, micro, 4, r, world, step_windows=step) for r in range(world)]
+        out = []
+        for _ in range(3 * n // step + 2):  # three epochs and more
+            rows = [
+                tuple(row)
+                for _ in range(step // (micro * world))
+                for lo in loaders
+                for row in lo.next_batch()[0].tolist()
+            ]
+            out.append(sorted(rows))
+        return out
+
+    whole = steps(6, 1)
+    assert all(steps(micro, world) == whole for micro, world in [(3, 1), (2, 1), (1, 1), (2, 3)])
+    assert all(len(set(rows)) == step for rows in whole)  # no window twice in a step
+
+
 def test_ranks_read_disjoint_slices_of_the_global_batch(data_dir):
     single = TrainLoader(data_dir, SEQ, micro_batch_size=6, seed=9)
     ranks = [TrainLoader(data_dir, SEQ, micro_batch_size=2, seed=9, rank=r, world_size=3) for r in range(3)]

@@ -216,15 +216,24 @@ class TokenStream:
 
 class WindowLoader:
     """What the training loaders share: each call returns one global micro-batch of `micro_batch_size * world_size`
-    windows, rank r taking rows [r*B, (r+1)*B) so ranks read disjoint windows; when fewer windows than one global
-    batch remain in an epoch, the next epoch starts in a new order fixed by (seed, epoch); `state_dict()` is a few ints
-    that resume on exactly the next batch. A subclass sets `size` (and `size_key`, its name in the state, which must
-    match on resume), and says how many windows an epoch has and how rows of it are read."""
+    windows, rank r taking rows [r*B, (r+1)*B) so ranks read disjoint windows; an epoch ends after its last whole
+    optimizer step of `step_windows` windows (the sequences of a step over all ranks; default one global batch), so
+    that every split of a step into micro-batches, accumulation and ranks reads the same windows, and the next epoch
+    starts in a new order fixed by (seed, epoch); `state_dict()` is a few ints that resume on exactly the next batch.
+    A subclass sets `size` (and `size_key`, its name in the state, which must match on resume), and says how many
+    windows an epoch has and how rows of it are read."""
 
     size_key = "size"
 
     def __init__(
-        self, data_dir: str | Path, seq_len: int, micro_batch_size: int, seed: int, rank: int, world_size: int
+        self,
+        data_dir: str | Path,
+        seq_len: int,
+        micro_batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        step_windows: int | None,
     ):
         if seq_len <= 0 or micro_batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
             raise AxiomError(
@@ -235,6 +244,12 @@ class WindowLoader:
         self.seq_len, self.micro_batch_size, self.seed = seq_len, micro_batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.global_batch = micro_batch_size * world_size
+        self.step_windows = step_windows or self.global_batch
+        if self.step_windows % self.global_batch:
+            raise AxiomError(
+                f"loader: a step of {self.step_windows} windows is not a whole number of global batches of "
+                f"{self.global_batch} (micro_batch_size {micro_batch_size} x world_size {world_size})"
+            )
         self.epoch = 0
         self.position = 0  # windows of this epoch's order already consumed (all ranks)
 
@@ -248,7 +263,9 @@ class WindowLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (micro_batch_size, seq_len) int64 on the CPU."""
-        if self.position + self.global_batch > self.epoch_windows():
+        windows = self.epoch_windows()
+        whole_steps = windows - windows % self.step_windows if windows >= self.step_windows else windows
+        if self.position + self.global_batch > whole_steps:
             self.epoch += 1
             self.position = 0
         first = self.position + self.rank * self.micro_batch_size
@@ -286,10 +303,11 @@ class TrainLoader(WindowLoader):
         rank: int = 0,
         world_size: int = 1,
         vocab_size: int | None = None,
+        step_windows: int | None = None,
     ) -> None:
         """`vocab_size`: the model's; a token id at or above it fails the batch that reads it (default: the
         tokenizer's vocabulary)."""
-        super().__init__(data_dir, seq_len, micro_batch_size, seed, rank, world_size)
+        super().__init__(data_dir, seq_len, micro_batch_size, seed, rank, world_size, step_windows)
         self.stream = TokenStream(data_dir, "train", vocab_size=vocab_size)
         self.size = max(self.stream.num_tokens - 1, 0) // seq_len
         if self.size < self.global_batch:

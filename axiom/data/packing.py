@@ -128,8 +128,9 @@ class ChatLoader(WindowLoader):
         rank: int = 0,
         world_size: int = 1,
         vocab_size: int | None = None,
+        step_windows: int | None = None,
     ) -> None:
-        super().__init__(data_dir, seq_len, micro_batch_size, seed, rank, world_size)
+        super().__init__(data_dir, seq_len, micro_batch_size, seed, rank, world_size, step_windows)
         self.data = Conversations(data_dir, "train", vocab_size=vocab_size)
         self.data.check_fit(seq_len, str(data_dir))
         self.size = len(self.data)

@@ -120,7 +120,14 @@ class Trainer:
         check_resumable(saved_optimizer, self.optimizer_name, str(run_dir))
         loader = ChatLoader if self.chat else TrainLoader
         self.loader = loader(
-            data_dir, t.seq_len, t.micro_batch_size, t.seed, d.rank, d.world_size, cfg.model.vocab_size
+            data_dir,
+            t.seq_len,
+            t.micro_batch_size,
+            t.seed,
+            d.rank,
+            d.world_size,
+            cfg.model.vocab_size,
+            t.sequences_per_step,
         )
         self.micro_steps = t.grad_accum_steps // d.world_size  # micro-batches read per step (a back-off splits them)
         record = checkpoint_record(data_dir, manifest)
