@@ -120,6 +120,20 @@ def test_output_is_byte_identical_for_any_worker_count(corpus, tmp_path, monkeyp
     assert prep.prepare([str(corpus)], tmp_path / "w1", workers=1, val_fraction=0.3, shard_tokens=10) == m1
 
 
+def test_a_dictionary_encoded_text_column_is_read_as_its_strings(tmp_path):
+    """pandas writes a category column dictionary-encoded: it was refused as not string text."""
+    docs = ["the same line", "another line", "the same line", None, "a third"]
+    plain, coded = tmp_path / "plain", tmp_path / "coded"
+    plain.mkdir(), coded.mkdir()
+    pq.write_table(pa.table({"text": docs}), plain / "a.parquet")
+    pq.write_table(pa.table({"text": pa.array(docs).dictionary_encode()}), coded / "a.parquet")
+    assert pq.read_schema(coded / "a.parquet").field("text").type == pa.dictionary(pa.int32(), pa.string())
+    m1 = prep.prepare([str(plain)], tmp_path / "o1", workers=1, val_fraction=0.0, allow_empty_split=True)
+    m2 = prep.prepare([str(coded)], tmp_path / "o2", workers=1, val_fraction=0.0, allow_empty_split=True)
+    assert m1["train_docs"] == m2["train_docs"] == 4
+    assert read_split(tmp_path / "o1", "train") == read_split(tmp_path / "o2", "train")
+
+
 def test_split_fraction_and_duplicates(tmp_path):
     rng = np.random.default_rng(0)
     docs = [f"doc {i} {rng.integers(1 << 30)}" for i in range(2000)] + ["same text"] * 50

@@ -165,6 +165,8 @@ def plan_parquet(path: Path, text_field: str) -> list[Unit]:
             f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)}); choose one with --text-field"
         )
     col_type = schema.field(text_field).type
+    if pa.types.is_dictionary(col_type):  # dictionary-encoded strings (pandas' category dtype) read as strings
+        col_type = col_type.value_type
     is_string_view = getattr(pa.types, "is_string_view", lambda t: False)  # pyarrow >= 16
     if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type) or is_string_view(col_type)):
         raise AxiomError(f"{path}: column '{text_field}' has type {col_type}, expected string text")
