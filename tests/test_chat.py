@@ -30,7 +30,7 @@ from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig, get_config
 from axiom.data import prepare as prep
 from axiom.data import sources
-from axiom.data.chat import chat_settings
+from axiom.data.chat import chat_settings, to_jsonl
 from axiom.data.loader import read_manifest
 from axiom.data.packing import ChatLoader, Conversations, chat_eval_batches, pack
 from axiom.errors import AxiomError
@@ -123,6 +123,24 @@ def tuned(chat_dir, base_ckpt, tmp_path_factory):
 
 
 # ---- the template
+
+
+def test_to_jsonl_writes_the_whole_file_or_none(tmp_path):
+    """make demo-chat writes its question file when absent: a kill mid-write left a short file it then trained on."""
+
+    def interrupted():
+        yield conversation(0)
+        raise KeyboardInterrupt
+
+    path = tmp_path / "chats.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        to_jsonl(interrupted(), path)
+    assert list(tmp_path.iterdir()) == []
+    to_jsonl([conversation(0), conversation(1)], path)
+    assert [json.loads(line)["messages"] for line in path.read_text().splitlines()] == [
+        conversation(0),
+        conversation(1),
+    ]
 
 
 def test_encode_chat_is_chatml_with_the_mask_on_replies():

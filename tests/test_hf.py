@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from axiom.errors import AxiomError
 from axiom.files import MARKER
 from axiom.infer.generate import generate
 from axiom.interop.export import export
+from axiom.interop.hf.card import find_eval_csv
 from axiom.interop.hf.folder import hf_config
 from axiom.interop.hf.names import from_llama, llama_names, to_llama
 from axiom.interop.importer import import_hf
@@ -444,6 +446,33 @@ def test_model_card_takes_the_best_finite_loss_and_one_line_for_an_unreadable_ev
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{garbled}: not a CSV file of UTF-8 text" in err
+
+
+@pytest.mark.parametrize("fmt", ["axiom", "llama", "gguf"])
+def test_export_without_the_hf_extra_is_one_line(ckpts, tmp_path, capsys, monkeypatch, fmt):
+    """A folder export without transformers ended in PackageNotFoundError's traceback."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # find_spec and import now find nothing
+    out = tmp_path / "out"
+    assert main(["export", "--ckpt", str(ckpts["trained"]), "--out", str(out), "--format", fmt]) == 2
+    err = capsys.readouterr().err
+    assert err == f"axiom export: error: --format {fmt} needs transformers: pip install 'axiom-lm[hf]'\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_card_reads_the_eval_csv_of_the_checkpoints_own_run(tmp_path, monkeypatch):
+    """`--ckpt best` from inside RUN/checkpoints found no eval.csv, and a standalone checkpoint took an unrelated
+    eval.csv two folders up."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "best").mkdir(parents=True)
+    (run / "eval.csv").write_text("step,val_loss\n")
+    monkeypatch.chdir(run / "checkpoints")
+    assert find_eval_csv(Path("best")) == run.resolve() / "eval.csv"
+    standalone = tmp_path / "w" / "standalone" / "ck"
+    standalone.mkdir(parents=True)
+    (tmp_path / "w" / "eval.csv").write_text("step,val_loss\n")
+    assert find_eval_csv(standalone) is None
+    (standalone / "eval.csv").write_text("step,val_loss\n")
+    assert find_eval_csv(standalone) == standalone / "eval.csv"
 
 
 def test_an_output_that_is_the_current_folder_is_one_line(ckpts, tmp_path, capsys, monkeypatch):

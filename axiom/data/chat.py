@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from axiom.data import sources
 from axiom.data.sources import Unit, UnitResult
 from axiom.errors import AxiomError
+from axiom.files import atomic_file
 from axiom.text.chatml import IM_END, IM_START, ROLES, TEMPLATE_NAME, ChatTokens, message_tokens, render
 from axiom.text.tokenizer import EOS_ID
 
@@ -196,8 +197,8 @@ def chat_settings(seq_len: int, overflow: str) -> dict:
 
 
 def to_jsonl(conversations: Sequence[Sequence[dict]], path: Path) -> None:
-    """Write conversations as `messages` rows of JSON Lines (for the demo and tests)."""
-    with open(path, "w", encoding="utf-8") as f:
+    """Write conversations as `messages` rows of JSON Lines (for the demo and tests), whole or not at all."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for messages in conversations:
             f.write(json.dumps({"messages": list(messages)}, ensure_ascii=False) + "\n")
 

@@ -8,14 +8,15 @@ from pathlib import Path
 
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
+from axiom.model.checkpoint import run_dir_of
 from axiom.model.transformer import num_params
 from axiom.text.chatml import is_chat_tuned
 
 
 def find_eval_csv(ckpt: Path) -> Path | None:
-    """The run's eval.csv: in the checkpoint folder or in one of the two folders above it (RUN/…/CKPT)."""
-    for folder in (ckpt, ckpt.parent, ckpt.parent.parent):
-        if (folder / "eval.csv").is_file():
+    """The eval.csv in the checkpoint folder, else its run's (RUN/eval.csv for RUN/checkpoints/NAME)."""
+    for folder in (ckpt, run_dir_of(ckpt)):
+        if folder is not None and (folder / "eval.csv").is_file():
             return folder / "eval.csv"
     return None
 
