@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import sys
 from pathlib import Path
 
-from axiom.data.loader import read_manifest
+from axiom.data.loader import data_kind, read_manifest
 from axiom.data.sources import is_val, plan_units, read_unit
 from axiom.errors import AxiomError
+from axiom.files import atomic_file
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 NEAREST = 10  # distractors come from this many held-out endings closest in length to the right one
@@ -34,6 +34,8 @@ NEAREST = 10  # distractors come from this many held-out endings closest in leng
 def held_out_documents(data_dir: Path) -> list[str]:
     """The validation-split documents of a prepared directory, read again from its sources."""
     manifest = read_manifest(data_dir)
+    if data_kind(manifest) == "chat":
+        raise AxiomError(f"{data_dir}: chat data (axiom prepare --chat); pass a text corpus's prepared directory")
     files = [Path(s["path"]) for s in manifest["sources"]]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -88,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sentence and distractor draw")
     args = parser.parse_args(argv)
+    for flag, value, least in [
+        ("--items", args.items, 1),
+        ("--choices", args.choices, 2),
+        ("--min-words", args.min_words, 1),
+        ("--ending-words", args.ending_words, 0),
+    ]:
+        if value < least:
+            parser.error(f"{flag} {value}: must be at least {least}")
     try:
         docs = held_out_documents(args.data)
         items = make_items(docs, args.items, args.choices, args.min_words, args.ending_words, args.seed)
@@ -96,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except AxiomError as e:
         print(f"make_choices: error: {e}", file=sys.stderr)
         return 2
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(item) + "\n" for item in items))
-    os.replace(tmp, args.out)
+    with atomic_file(args.out) as tmp:
+        tmp.write_text("".join(json.dumps(item) + "\n" for item in items))
     print(f"wrote {args.out}: {len(items)} items from {len(docs)} held-out documents, chance {1 / args.choices:.2f}")
     return 0
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +87,20 @@ def test_plot_writes_png(tmp_path):
     assert out == tmp_path / "loss.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 10_000
     assert main(["plot", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--choices", "1"], "--choices 1: must be at least 2"),  # items the scorer then refused
+        (["--choices", "0"], "--choices 0: must be at least 2"),  # a ValueError traceback
+        (["--items", "-3"], "--items -3: must be at least 1"),  # wrote items anyway
+        (["--ending-words", "-1"], "--ending-words -1: must be at least 0"),
+    ],
+)
+def test_make_choices_refuses_flags_out_of_range(tmp_path, flags, error):
+    script = Path(__file__).parents[1] / "scripts" / "make_choices.py"
+    cmd = [sys.executable, str(script), "--data", str(tmp_path), "--out", str(tmp_path / "x.jsonl"), *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.rstrip().endswith(f"error: {error}")
+    assert list(tmp_path.iterdir()) == []
