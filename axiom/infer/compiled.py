@@ -1,9 +1,9 @@
 """A static engine's compiled decoding step (axiom/infer/engine.py), launched one step ahead of the host.
 
 Compiled, a step runs through torch.compile, with CUDA graphs on a GPU (`step_options`): the whole model and each
-row's pick replay as one graph launch, and only the (B,) new ids leave it. On an H200 such a step of axiom-380m at
-batch 1 held 1.16 ms of kernels, and its host spent 0.6 ms launching the graph while the GPU idled, then waited for
-the ids (docs/benchmarks.md, "The decoding step measured on an H200"). So the engine launches step n+1 before it
+row's pick replay as one graph launch, and only the (B,) new ids leave it. On an H200 the host of such a step of
+axiom-380m at batch 1 spent about half the step's kernel time launching the graph while the GPU idled, then waited
+for the ids (docs/benchmarks.md, "The decoding step measured on an H200"). So the engine launches step n+1 before it
 reads step n's ids: a step's input ids never leave the device (each step copies its picks into the buffer the next
 one reads, and a prefill writes its first tokens there), and its ids come back through pinned memory behind an
 event, so reading them waits for that step alone while the next one runs. The host learns each token one step
@@ -28,8 +28,8 @@ from axiom.runtime import compile_cache_dir, persistent_compile_cache
 def step_options(batch: int) -> dict[str, bool]:
     """The inductor options of a step over `batch` rows: CUDA graphs (those of mode="reduce-overhead"), and at batch 1
     coordinate-descent tuning of each Triton kernel's launch settings, with which inductor computes a product of one
-    row as a fused reduction instead of calling cuBLAS (gpt-fast's setting). cuBLAS ran a layer's four products at
-    batch 1 on an H200 in 24 us, ~1 TB/s of weights, a fifth of the card's bandwidth (docs/benchmarks.md). Tuning
+    row as a fused reduction instead of calling cuBLAS (gpt-fast's setting). cuBLAS read a layer's weights at batch 1
+    on an H200 at a fifth of the card's bandwidth (docs/benchmarks.md). Tuning
     compiles and times variants of every kernel, a longer first compile, so batches of more rows, whose products
     stay cuBLAS's, go without it. Neither option changes anything on a CPU."""
     return {"triton.cudagraphs": True, "coordinate_descent_tuning": batch == 1}

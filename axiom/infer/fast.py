@@ -89,8 +89,8 @@ def prepare_model(model: Axiom, dtype: str = "float32") -> Axiom:
 def pad_output_table(model: Axiom) -> None:
     """The output layer over its table padded with zero rows to a multiple of 128 (`VOCAB_MULTIPLE`), the logits cut
     back to the vocabulary. On a GPU a product over 100,277 columns (bf16 rows of 200,554 bytes, not 16-byte aligned)
-    takes an sm75 fallback kernel: 0.21 ms of a 3.1 ms batch-16 decoding step on an H200 (docs/benchmarks.md), as
-    in training's loss. A tied table stays stored once: the token table becomes the padded one's first rows."""
+    takes an sm75 fallback kernel, a share of a batch-16 decoding step on an H200 (docs/benchmarks.md), as in
+    training's loss. A tied table stays stored once: the token table becomes the padded one's first rows."""
     weight = model.lm_head.weight.data
     vocab = weight.shape[0]
     padded = padded_table(weight, None, padded_vocab(vocab))

@@ -166,8 +166,8 @@ def _shift(x: Tensor, by: int, bits: int) -> Tensor:
 def greedy(logits: Tensor) -> Tensor:
     """(B, V) -> (B,) index of the first maximum, as `argmax`, from the maxima of blocks of the row, then one block's
     argmax: on CPU `argmax` over 100k entries is a scalar loop (the blocks take a third of its time), and compiled
-    for a GPU, inductor reduces an argmax in one thread block per row (27 us of a 1.16 ms decoding step on an H200),
-    where the block maxima spread over B x 149 (docs/benchmarks.md). Eager on a GPU torch's own argmax kernel
+    for a GPU, inductor reduces an argmax in one thread block per row (a share of a decoding step on an H200,
+    docs/benchmarks.md), where the block maxima spread over B x 149. Eager on a GPU torch's own argmax kernel
     spreads already, in one launch instead of several."""
     B, V = logits.shape
     blocks = row_blocks(V)

@@ -246,11 +246,10 @@ def verify_checkpoint(directory: str | Path, need_state: bool = False) -> Config
     the safetensors header must cover the file and state.pt must be an intact zip (CRC of every member).
     `need_state`: a training checkpoint, which must also hold state.pt."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise AxiomError(f"checkpoint: {directory} {describe_missing(directory)}, not a checkpoint folder")
+    meta = read_meta(directory)  # a missing folder, a run's folder, no config.json: each its own line
     names = [CONFIG, WEIGHTS] + ([STATE] if need_state else [])
     hashed = _check_hashes(directory, names)
-    cfg = config_of(read_meta(directory), directory / CONFIG)
+    cfg = config_of(meta, directory / CONFIG)
     _check_safetensors(directory / WEIGHTS)
     if need_state and not hashed:
         path = directory / STATE
@@ -272,11 +271,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     Refused in one line: a missing or unreadable file, a content hash mismatch, tensors that do not fit the config,
     and weights that are not all finite."""
     directory = Path(directory)
+    cfg = verify_checkpoint(directory)
     meta = read_meta(directory)
-    _check_hashes(directory, [CONFIG, WEIGHTS])
-    cfg = config_of(meta, directory / CONFIG)
     weights = directory / WEIGHTS
-    _check_safetensors(weights)
     with torch.device("meta"):
         model = Axiom(cfg.model)
     try:

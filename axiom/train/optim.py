@@ -110,7 +110,7 @@ def build_optimizer(
 
         opt = bnb.optim.AdamW8bit(groups, lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         return opt, "AdamW8bit (bitsandbytes)"
-    # One fused kernel per parameter group instead of a dozen ops per tensor (docs/benchmarks.md: 9x on CPU).
+    # One fused kernel per parameter group instead of a dozen ops per tensor.
     fused = device.type in ("cuda", "cpu")
     opt = torch.optim.AdamW(groups, lr=cfg.lr_max, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
     return opt, "AdamW (torch, fused)" if fused else "AdamW (torch)"

@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("decode.cpp")
 # every AVX-512 CPU.
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
 BUILDER = "decode-kernels build"  # our lock's holder, as other processes name it while they wait
-BUILD_WAIT_S = 300.0  # a build takes 10-60 s; wait that long for another process's before decoding without it
+BUILD_WAIT_S = 300.0  # several times a build's time; wait that long for another process's before decoding without it
 
 
 def _usable_here() -> str | None:

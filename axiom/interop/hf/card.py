@@ -11,6 +11,7 @@ from axiom.errors import AxiomError
 from axiom.model.checkpoint import run_dir_of
 from axiom.model.transformer import num_params
 from axiom.text.chatml import is_chat_tuned
+from axiom.text.tokenizer import EOS_ID
 
 
 def find_eval_csv(ckpt: Path) -> Path | None:
@@ -144,7 +145,7 @@ def _architecture(m: ModelConfig) -> str:
             ("attention heads / KV heads", f"{m.n_heads} / {m.n_kv_heads} (grouped-query)"),
             ("head dim", m.head_dim),
             ("SwiGLU width", m.ffn_dim),
-            ("vocabulary", f"{m.vocab_size:,} (tiktoken cl100k_base, EOS <\\|endoftext\\|> = 100257)"),
+            ("vocabulary", f"{m.vocab_size:,} (tiktoken cl100k_base, EOS <\\|endoftext\\|> = {EOS_ID})"),
             ("context", m.max_seq_len),
             ("positions", f"RoPE, theta {m.rope_theta:g}"),
             ("norm", f"RMSNorm, eps {m.norm_eps:g}"),
