@@ -456,6 +456,13 @@ class ConfigFile:
 
 
 TABLES = {"model": ModelConfig, "train": TrainConfig}
+
+
+def is_hf_config(data: dict) -> bool:
+    """Whether a parsed config.json is a Hugging Face model's (a Llama or an export's), not an Axiom run's."""
+    return ("architectures" in data or "model_type" in data) and not data.keys() & TABLES.keys()
+
+
 CONFIG_HINT = "pass a .toml file ([model] and [train] tables, docs/training.md) or a run's config.json"
 
 
@@ -492,7 +499,7 @@ def _read_toml(path: Path) -> dict:
 def _config_file(path: Path, data: dict, strict: bool) -> ConfigFile:
     """Check the layout of a parsed file and type its values. `strict`: unknown top-level keys are errors (TOML);
     a JSON file's are the record of a run or checkpoint."""
-    if ("architectures" in data or "model_type" in data) and not data.keys() & TABLES.keys():
+    if is_hf_config(data):
         raise AxiomError(f"{path}: a Hugging Face model config, not an Axiom one; {CONFIG_HINT}")
     for key in data:
         table = next((t for t, cls in TABLES.items() if key in _field_types(cls)), None)

@@ -25,11 +25,11 @@ from axiom.cli.args import (
     preset_of,
     say_notices,
 )
-from axiom.config import Config, ConfigFile, apply_overrides, changed_fields, get_config
+from axiom.config import Config, ConfigFile, apply_overrides, changed_fields, get_config, is_hf_config
 from axiom.data.loader import read_manifest
 from axiom.errors import AxiomError
 from axiom.interop.hf.folder import folder_config, read_folder
-from axiom.model.checkpoint import newest_valid_checkpoint, read_meta
+from axiom.model.checkpoint import CONFIG, config_of, newest_valid_checkpoint, read_meta
 from axiom.train.launch import check_resumable, train
 
 
@@ -62,11 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
 
 
-def is_hf_folder(path: Path) -> bool:
-    meta = read_meta(path)
-    return "model" not in meta and ("architectures" in meta or "model_type" in meta)
-
-
 def hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """A Hugging Face folder's weights as Axiom's state dict, read as `axiom import` reads it."""
     return read_folder(path)[2]
@@ -74,12 +69,8 @@ def hf_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def checkpoint_config(path: Path) -> Config:
     """The Config stored in a checkpoint's or a Hugging Face folder's config.json."""
-    if is_hf_folder(path):
-        return folder_config(path)[1]
-    try:
-        return Config.from_dict(read_meta(path))
-    except (KeyError, TypeError) as e:
-        raise AxiomError(f"{path / 'config.json'}: no valid model/train config ({e})") from None
+    meta = read_meta(path)
+    return folder_config(path)[1] if is_hf_config(meta) else config_of(meta, path / CONFIG)
 
 
 def _model_fixed(base: Config, file: ConfigFile | None, overrides: list[str], flag: str) -> Config:
@@ -154,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = run_config(args)
     check_split_settings(args, cfg)
     init_from = Path(args.init_from) if args.init_from else None
-    read_weights = hf_weights if init_from is not None and is_hf_folder(init_from) else None
+    read_weights = hf_weights if init_from is not None and is_hf_config(read_meta(init_from)) else None
     with _terminal_log():
         train(
             cfg,

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from axiom import __version__
-from axiom.config import Config, ModelConfig
+from axiom.config import Config, ModelConfig, is_hf_config
 from axiom.errors import AxiomError
 from axiom.files import (
     atomic_dir,
@@ -194,7 +194,7 @@ def read_meta(directory: str | Path) -> dict:
 
 def config_of(meta: dict, path: Path) -> Config:
     """The Config stored in a checkpoint's config.json, or one AxiomError naming the file."""
-    if "architectures" in meta or "model_type" in meta:
+    if is_hf_config(meta):
         raise AxiomError(
             f"checkpoint: {path.parent} is a Hugging Face model folder, not an Axiom checkpoint; convert it first: "
             f"axiom import --hf {path.parent} --out CKPT"
