@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from axiom.data import sources
+from axiom.errors import run_script
 from axiom.text.tokenizer import load_tokenizer
 
 # axiom.data.prepare is imported inside functions: spawned workers re-import this script, and prepare's import of the
@@ -116,4 +117,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

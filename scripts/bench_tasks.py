@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from axiom.config import get_config
+from axiom.errors import run_script
 from axiom.eval.tasks import Item, choice_loglikelihoods, encode_pair, read_task_file, score
 from axiom.interop.export import export
 from axiom.model.checkpoint import load_model, save_weights
@@ -133,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -21,6 +21,7 @@ import torch
 
 from axiom.config import PRESETS, get_config
 from axiom.dtypes import INFERENCE_DTYPES
+from axiom.errors import run_script
 from axiom.infer.engine import Engine, SamplingParams
 from axiom.infer.fast import prepare_model
 from axiom.model.transformer import Axiom
@@ -72,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -14,6 +14,7 @@ import argparse
 import json
 
 from axiom.dtypes import INFERENCE_DTYPES
+from axiom.errors import run_script
 from axiom.eval.loss import evaluate
 from axiom.infer.fast import prepare_model
 from axiom.model.checkpoint import load_model
@@ -39,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

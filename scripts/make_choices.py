@@ -19,12 +19,11 @@ import argparse
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 from axiom.data.loader import data_kind, read_manifest
 from axiom.data.sources import is_val, plan_units, read_unit
-from axiom.errors import AxiomError
+from axiom.errors import AxiomError, run_script
 from axiom.files import atomic_file
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -98,14 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     ]:
         if value < least:
             parser.error(f"{flag} {value}: must be at least {least}")
-    try:
-        docs = held_out_documents(args.data)
-        items = make_items(docs, args.items, args.choices, args.min_words, args.ending_words, args.seed)
-        if not items:
-            raise AxiomError(f"{args.data}: too few held-out sentences of {args.min_words}+ words; lower --min-words")
-    except AxiomError as e:
-        print(f"make_choices: error: {e}", file=sys.stderr)
-        return 2
+    docs = held_out_documents(args.data)
+    items = make_items(docs, args.items, args.choices, args.min_words, args.ending_words, args.seed)
+    if not items:
+        raise AxiomError(f"{args.data}: too few held-out sentences of {args.min_words}+ words; lower --min-words")
     with atomic_file(args.out) as tmp:
         tmp.write_text("".join(json.dumps(item) + "\n" for item in items))
     print(f"wrote {args.out}: {len(items)} items from {len(docs)} held-out documents, chance {1 / args.choices:.2f}")
@@ -113,4 +108,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

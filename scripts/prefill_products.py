@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from axiom.config import PRESETS, get_config
+from axiom.errors import run_script
 from axiom.infer import kernels
 from axiom.infer.fast import huge_page_buffer
 
@@ -74,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from axiom.bench.timing import sync
 from axiom.bench.train import Warmed
 from axiom.config import get_config
+from axiom.errors import run_script
 from axiom.model.transformer import Axiom
 from axiom.runtime import pick_device
 from axiom.train.parallel import Dist, parallelize
@@ -94,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -104,3 +104,15 @@ def test_make_choices_refuses_flags_out_of_range(tmp_path, flags, error):
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.rstrip().endswith(f"error: {error}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scripts_error_is_one_line(tmp_path):
+    """Scripts end an AxiomError as the commands do (decode_quality.py and others printed its traceback)."""
+    for script, args in [
+        ("make_choices.py", ["--out", str(tmp_path / "x.jsonl")]),
+        ("decode_quality.py", ["--ckpt", str(tmp_path)]),
+    ]:
+        cmd = [sys.executable, str(Path(__file__).parents[1] / "scripts" / script), "--data", str(tmp_path), *args]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith(f"{script}: error: ")
