@@ -44,7 +44,8 @@ def kind_of(path: Path) -> str | None:
 
 
 def resolve_inputs(inputs: list[str]) -> list[Path]:
-    """Files named by INPUT arguments (file, directory searched recursively, glob or hf:OWNER/DATASET[:FOLDER]), deduplicated."""
+    """Files named by INPUT arguments (file, directory searched recursively, glob or hf:OWNER/DATASET[:FOLDER]),
+    deduplicated."""
     files: list[Path] = []
     for item in inputs:
         if item.startswith("hf:"):
