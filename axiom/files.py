@@ -187,6 +187,11 @@ def check_replaceable(out: str | Path, command: str, force: bool) -> Path:
         )
     if not out.exists() and not out.is_symlink():
         return out
+    if os.path.ismount(out):  # a volume's root (docker's --out /output): the last step, a rename, fails with EBUSY
+        raise AxiomError(
+            f"--out {out} is a mount point; axiom {command} writes its output as a new folder that replaces the old "
+            f"one whole, which a mount point cannot be: choose a folder inside it, e.g. --out {out / 'model'}"
+        )
     if not out.is_dir():
         raise AxiomError(f"{out} exists and is {describe_missing(out).removeprefix('is ')}, not a folder")
     if not any(out.iterdir()):

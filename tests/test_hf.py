@@ -391,6 +391,10 @@ def test_import_rejects_bad_folders_with_clear_messages(exported, tmp_path):
         ),
         "config-vs-axiom": (edit_config(intermediate_size=256), "axiom.model gives ffn_dim=192 but"),
         "rope-not-object": (edit_config(rope_parameters=[1, 2]), "field 'rope_parameters' must be an object"),
+        "rope-scaled": (  # the whole dictionary was printed, past 200 characters for llama3's
+            edit_config(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
+            r"config.json: rope_parameters.rope_type 'llama3' is not supported by Axiom-Dense$",
+        ),
         "int8-weights": (  # imported as nonsense floats, before: integers are no weights
             edit_weights(lambda s: s.update({k_proj: s[k_proj].to(torch.int8)})),
             rf"{k_proj} holds int8; weights are float32, bfloat16, float16, float64",
@@ -485,6 +489,24 @@ def test_an_output_that_is_the_current_folder_is_one_line(ckpts, tmp_path, capsy
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"--out {out}: the current folder or one above it" in err
     assert list(work.iterdir()) == []
+
+
+def test_an_output_that_is_a_mount_point_is_one_line_before_any_work(ckpts, tmp_path, capsys, monkeypatch):
+    """An empty volume root (docker's --out /output) passed every check, the whole export was written, then renaming
+    the mount point failed: an OSError (EBUSY) traceback."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: os.fspath(path) == str(volume) or real_ismount(path))
+    hf = tmp_path / "hf"
+    export(ckpts["trained"], hf, "llama")
+    for args in (["export", "--ckpt", str(ckpts["trained"])], ["import", "--hf", str(hf)]):
+        assert main([*args, "--out", str(volume)]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.count("\n") == 1 and f"--out {volume} is a mount point;" in err and f"--out {volume / 'model'}" in err
+        )
+    assert list(volume.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "volume"]
 
 
 def test_cli_export_import_and_one_line_errors(ckpts, tmp_path, capsys):

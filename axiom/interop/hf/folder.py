@@ -94,15 +94,15 @@ def model_config_from_hf(hf: dict, fmt: str, path: Path) -> ModelConfig:
         rope = hf.get(key) or {}
         if not isinstance(rope, dict):
             raise AxiomError(f"{path}: field {key!r} must be an object (rope_type, rope_theta, ...)")
-        unsupported = {
-            "hidden_act": hf.get("hidden_act", "silu") not in ("silu", "swish"),
-            "attention_bias": bool(hf.get("attention_bias")),
-            "mlp_bias": bool(hf.get("mlp_bias")),
-            "rope type": rope.get("rope_type", rope.get("type", "default")) != "default",
+        found = {  # field: (its value, whether Axiom-Dense can represent it)
+            "hidden_act": (act := hf.get("hidden_act", "silu"), act in ("silu", "swish")),
+            "attention_bias": (hf.get("attention_bias"), not hf.get("attention_bias")),
+            "mlp_bias": (hf.get("mlp_bias"), not hf.get("mlp_bias")),
+            f"{key}.rope_type": (kind := rope.get("rope_type", rope.get("type", "default")), kind == "default"),
         }
-        for name, bad in unsupported.items():
-            if bad:
-                raise AxiomError(f"{path}: {name} {hf.get(name, rope)!r} is not supported by Axiom-Dense")
+        for name, (value_found, supported) in found.items():
+            if not supported:
+                raise AxiomError(f"{path}: {name} {value_found!r} is not supported by Axiom-Dense")
         value["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
         value["tie_embeddings"] = bool(hf.get("tie_word_embeddings", False))  # Llama's default
     d_model, n_heads = value["d_model"], value["n_heads"]
