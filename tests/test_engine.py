@@ -319,7 +319,7 @@ def test_bad_requests_are_refused(model):
         (SamplingParams(max_new_tokens=0), "max_new_tokens 0: must be at least 1"),
         (SamplingParams(temperature=float("nan")), "temperature nan"),
         (SamplingParams(temperature=-1.0), "temperature -1.0"),
-        (SamplingParams(top_k=0), "top_k 0"),
+        (SamplingParams(top_k=-2), r"top_k -2: must be at least 1, or 0 or -1 for none"),
         (SamplingParams(top_p=0.0), r"top_p 0.0: must lie in \(0, 1\]"),
         (SamplingParams(top_p=1.5), "top_p 1.5"),
     ]:
