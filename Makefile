@@ -47,4 +47,4 @@ demo-chat: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m axiom.cli.demo --out runs/demo --chat
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache build dist *.egg-info

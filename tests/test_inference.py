@@ -256,6 +256,20 @@ def test_each_source_and_installation_builds_in_its_own_folder(tmp_path, monkeyp
     kernels.build_name.cache_clear()
 
 
+def test_one_installation_has_one_build_whichever_launcher_runs_it(monkeypatch):
+    """`axiom` runs the venv's python3, `python -m axiom.cli` its python: they built the kernels twice."""
+    kernels.build_name.cache_clear()
+    names = set()
+    for launcher in ("/venv/bin/python", "/venv/bin/python3"):
+        monkeypatch.setattr(sys, "executable", launcher)
+        names.add(kernels.build_name())
+        kernels.build_name.cache_clear()
+    monkeypatch.setattr(sys, "prefix", "/another/venv")
+    names.add(kernels.build_name())
+    kernels.build_name.cache_clear()
+    assert len(names) == 2  # one per installation
+
+
 @needs_a_build
 def test_a_killed_build_never_blocks_a_later_one(tmp_path):
     """torch's lock file of a build killed mid-way (it used to make every later generate, chat, serve and bench

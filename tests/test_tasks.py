@@ -6,6 +6,7 @@ CPU and offline; lm-eval runs in-process on inline JSON tasks (no task index, no
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -252,6 +253,23 @@ def _has(module: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_tasks_without_a_usable_lm_eval_is_one_line(ckpt, tmp_path, capsys, monkeypatch):
+    """Absent: the extra to install. Present but too old to import what the adapter needs (lm-eval 0.4.9 satisfied
+    the extra's old floor): not the same advice again, which pip answers with "already satisfied"."""
+    args = ["eval", "--ckpt", str(tmp_path), "--tasks", "hellaswag"]
+    monkeypatch.setitem(sys.modules, "axiom.eval.harness", None)  # its import now fails
+    if importlib.util.find_spec("lm_eval") is not None:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "lm-evaluation-harness is installed but does not import as axiom needs it" in err
+        assert err.rstrip().endswith("pip install -U 'lm-eval[hf]>=0.4.10'") and err.count("\n") == 1
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        "axiom eval: error: --tasks needs lm-evaluation-harness: pip install 'axiom-lm[eval]'\n"
+    )
 
 
 def test_adapter_takes_lm_evals_batch_sizes(ckpt):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 from typing import TypeVar
@@ -131,6 +132,8 @@ def run(args: argparse.Namespace) -> None:
         least = 0 if name == "warmup" else 1
         if value is not None and value < least:
             raise AxiomError(f"--{name.replace('_', '-')}={value} must be at least {least}")
+    if getattr(args, "vs_hf", False) and importlib.util.find_spec("transformers") is None:  # before ours is timed
+        raise AxiomError("--vs-hf needs transformers: pip install 'axiom-lm[hf]'")
     cfg = config_from_args(args)
     device = pick_device(args.device)
     if args.threads:

@@ -22,6 +22,7 @@ from pathlib import Path
 from axiom.cli import demo_chat as chat_demo
 from axiom.cli import main as axiom
 from axiom.config import get_config
+from axiom.errors import run_script
 from axiom.files import atomic_file
 
 PROMPTS = ("In the beginning", "And Jesus said unto them,", "The LORD is my shepherd;")
@@ -114,4 +115,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "python -m axiom.cli.demo")

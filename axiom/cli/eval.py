@@ -6,6 +6,7 @@ files scored natively (`--task-file`, axiom/eval/tasks.py); docs/evaluation.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 from dataclasses import asdict
@@ -91,8 +92,13 @@ def run(args: argparse.Namespace) -> None:
     if tasks:
         try:
             from axiom.eval.harness import check_hub, run_tasks  # lm-eval: the optional eval extra
-        except ImportError:
-            raise AxiomError("--tasks needs lm-evaluation-harness: pip install 'axiom-lm[eval]'") from None
+        except ImportError as e:
+            if importlib.util.find_spec("lm_eval") is None:
+                raise AxiomError("--tasks needs lm-evaluation-harness: pip install 'axiom-lm[eval]'") from None
+            raise AxiomError(
+                f"--tasks: lm-evaluation-harness is installed but does not import as axiom needs it ({e}); it needs "
+                "lm-eval 0.4.10 or later: pip install -U 'lm-eval[hf]>=0.4.10'"
+            ) from None
         check_hub(tasks)  # offline: one line now, not after the model loads and the other evaluations ran
     model, cfg, meta = load_model(args.ckpt, device)
     t = cfg.train

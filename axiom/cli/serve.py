@@ -81,9 +81,10 @@ def run(args: argparse.Namespace) -> None:
             raise AxiomError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a positive number of seconds")
     try:
         import uvicorn
+
+        from axiom.infer.serve import Service, build_app, with_head_timeout  # Starlette: the serve extra too
     except ImportError:
         raise AxiomError("axiom serve needs the serve extra: pip install 'axiom-lm[serve]'") from None
-    from axiom.infer.serve import Service, build_app, with_head_timeout  # Starlette: the serve extra too
 
     sock = _listen(args.host, _port(args.port))
     local_names = _local_names(sock.getsockname()[0], args.allow_host)

@@ -65,7 +65,8 @@ def build_name() -> str:
     and torch. A changed source gets its own build, and so does each installation: two checkouts or environments
     used in turn would otherwise rebuild the kernels at every switch (the build's command names the source's path)."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), str(SOURCE.resolve()), " ".join(FLAGS), sys.executable, torch.__version__):
+    # sys.prefix, not sys.executable: the venv's `python` and `python3` (axiom's own launcher) are one installation
+    for part in (SOURCE.read_bytes(), str(SOURCE.resolve()), " ".join(FLAGS), sys.prefix, torch.__version__):
         key.update(part if isinstance(part, bytes) else part.encode())
         key.update(b"\0")
     return f"axiom_decode_{key.hexdigest()[:16]}"
