@@ -120,6 +120,34 @@ def test_output_is_byte_identical_for_any_worker_count(corpus, tmp_path, monkeyp
     assert prep.prepare([str(corpus)], tmp_path / "w1", workers=1, val_fraction=0.3, shard_tokens=10) == m1
 
 
+@pytest.mark.parametrize("planted", ["../victim.txt", "/victim.txt", "notes.txt", "train_00000.bin.tmp", 7])
+def test_a_state_naming_files_that_are_not_shards_deletes_nothing(corpus, tmp_path, monkeypatch, planted):
+    """Restoring a state deletes the files it lists as created: a state that named ../victim.txt deleted it."""
+    kwargs = dict(workers=1, val_fraction=0.3, shard_tokens=10)
+    out = tmp_path / "out"
+    real_write = prep.write_json_atomic
+
+    def interrupting_write(path, obj):
+        real_write(path, obj)
+        if obj.get("units_done") == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "write_json_atomic", interrupting_write)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare([str(corpus)], out, **kwargs)
+    monkeypatch.setattr(prep, "write_json_atomic", real_write)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    (out / "notes.txt").write_text("mine")
+    state = json.loads((out / prep.STATE).read_text())
+    name = str(victim) if planted == "/victim.txt" else planted
+    real_write(out / prep.STATE, {**state, "created": [*state["created"], name]})
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(AxiomError, match=f"{prep.STATE}: {name!r} is not a shard's name"):
+        prep.prepare([str(corpus)], out, **kwargs)
+    assert victim.read_text() == "mine" and sorted(p.name for p in out.iterdir()) == before
+
+
 def test_a_dictionary_encoded_text_column_is_read_as_its_strings(tmp_path):
     """pandas writes a category column dictionary-encoded: it was refused as not string text."""
     docs = ["the same line", "another line", "the same line", None, "a third"]

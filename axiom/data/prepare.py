@@ -231,6 +231,23 @@ def created_files(state: dict) -> list[str]:
     return names + [shard_name(split, len(st["shards"])) for split, st in state["splits"].items()]
 
 
+def check_state_names(state: dict, path: Path) -> None:
+    """Every file a saved state names is a shard's, in its folder: restoring the state deletes and truncates them,
+    so a name such as ../notes.txt or /home/x (a state edited by hand or by another program) is refused."""
+    try:
+        names = [*state["created"], *(sh["file"] for st in state["splits"].values() for sh in st["shards"])]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise AxiomError(
+            f"{path}: not a prepare state ({type(e).__name__}: {e}); delete {path.parent} and run this command again"
+        ) from None
+    for name in names:
+        if not (isinstance(name, str) and SHARD_FILE.match(name) and not name.endswith(".tmp")):
+            raise AxiomError(
+                f"{path}: {name!r} is not a shard's name, and prepare deletes the files its state names; delete "
+                f"{path.parent} and run this command again"
+            )
+
+
 def check_out_is_ours(out: Path) -> None:
     """An existing `out` must be empty or prepare's own earlier output (its state or manifest is there), so that
     shards never land beside a training run, a checkpoint or anyone's files. Shard-named files are left to
@@ -446,6 +463,7 @@ def load_state(out: Path, settings: dict) -> dict:
         state = read_json(out / STATE, f"use another --out or delete {out}")
         check_same_settings(state.get("settings", {}), settings, out / STATE)
         state["created"] = created_files(state)
+        check_state_names(state, out / STATE)
     else:
         state = {
             "settings": settings,
