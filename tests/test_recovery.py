@@ -321,6 +321,7 @@ def test_resume_sets_aside_a_checkpoint_missing_a_file(tiny_data, tmp_path, miss
     for d in damaged:
         (d / missing).unlink()
     kept = {p.relative_to(run): p.read_bytes() for d in damaged for p in d.iterdir()}
+    best = {p.name: p.read_bytes() for p in (run / "checkpoints" / "best").iterdir()}
     assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, "--resume"]) == 0
     log = (run / "train.log").read_text()
     for d in damaged:
@@ -329,6 +330,9 @@ def test_resume_sets_aside_a_checkpoint_missing_a_file(tiny_data, tmp_path, miss
     aside = {p.relative_to(run): p.read_bytes() for d in damaged for p in d.with_name(f"abandoned-{d.name}").iterdir()}
     assert aside == {Path(str(k).replace("step_", "abandoned-step_")): v for k, v in kept.items()}
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2, 4]  # written anew beside them
+    if missing == "model.safetensors":  # the fresh start's first evaluation replaced the old run's best
+        assert {p.name: p.read_bytes() for p in (run / "checkpoints" / "abandoned-best").iterdir()} == best
+        assert f"set aside {run / 'checkpoints' / 'best'} (--resume starts fresh) as abandoned-best" in log
 
 
 def test_resume_from_best_says_what_it_holds_and_what_to_pass(tiny_data, tmp_path, capsys):
