@@ -30,6 +30,22 @@ Auto = Literal["auto"]  # a setting the training plan chooses for the device (ax
 LOSS_KERNELS = ("chunked", "liger", "cce")
 
 
+# Upper bounds of the model's sizes, well past the largest models trained (d_model 16,384 and 126 layers for a 405B
+# model, 128k-token contexts, 256k-id vocabularies): a config.json from elsewhere that asks for more is refused before
+# anything is allocated (a max_seq_len of 10**9 filled the memory with RoPE tables, 10**6 layers took minutes to
+# build on the meta device).
+MAX_SIZES = {
+    "vocab_size": 2**21,
+    "d_model": 2**16,
+    "n_layers": 2**10,
+    "n_heads": 2**12,
+    "n_kv_heads": 2**12,
+    "ffn_multiple_of": 2**16,
+    "max_seq_len": 2**18,
+}
+MAX_FFN_DIM = 2**20
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 100_277  # cl100k_base, EOS 100257 included
@@ -49,17 +65,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "model config")
-        for name in (
-            "vocab_size",
-            "d_model",
-            "n_layers",
-            "n_heads",
-            "n_kv_heads",
-            "ffn_multiple_of",
-            "max_seq_len",
-        ):
+        for name, most in MAX_SIZES.items():
             if getattr(self, name) <= 0:
                 raise AxiomError(f"model config: {name}={getattr(self, name)} must be positive")
+            if getattr(self, name) > most:
+                raise AxiomError(f"model config: {name}={_shown(getattr(self, name))} is more than {most:,}")
         if self.d_model % self.n_heads:
             raise AxiomError(f"model config: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -73,6 +83,11 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise AxiomError(f"model config: dropout={self.dropout} must be in [0, 1)")
         m = self.ffn_multiple_of
+        if self.ffn_multiplier * self.d_model > MAX_FFN_DIM:  # before the rounding, which overflows at inf
+            raise AxiomError(
+                f"model config: ffn_multiplier={self.ffn_multiplier} x d_model={self.d_model} is more than "
+                f"{MAX_FFN_DIM:,} (the SwiGLU width)"
+            )
         self.ffn_dim = m * math.ceil(self.ffn_multiplier * self.d_model / m)
 
 
@@ -219,7 +234,14 @@ def _check_types(obj, what: str) -> None:
         value = getattr(obj, name)
         ok = any(_holds(t, value, exact=False) for t in allowed)
         if not ok or (isinstance(value, bool) and bool not in allowed):
-            raise AxiomError(f"{what}: {name}={value!r} must be of type {_type_names(allowed)}")
+            raise AxiomError(f"{what}: {name}={_shown(value)} must be of type {_type_names(allowed)}")
+
+
+def _shown(value: object) -> str:
+    """A value for a message; an integer too long to read as its number of digits (str() refuses past 4,300)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"<an integer of {int(value.bit_length() * math.log10(2)) + 1:,} digits>"
+    return repr(value)
 
 
 def _holds(t: Any, value: Any, exact: bool) -> bool:
@@ -493,10 +515,10 @@ def read_config_file(path: str | Path) -> ConfigFile:
 def _read_toml(path: Path) -> dict:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark some editors write
-    except tomllib.TOMLDecodeError as e:
-        raise AxiomError(f"{path}: not valid TOML ({e})") from None
     except UnicodeDecodeError:
         raise AxiomError(f"{path}: not UTF-8 text, so not a TOML file; {CONFIG_HINT}") from None
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError; an int past 4,300 digits; nesting past the depth
+        raise AxiomError(f"{path}: not valid TOML ({type(e).__name__}: {str(e)[:120]})") from None
     except OSError as e:
         raise AxiomError(f"{path}: cannot read ({e.strerror})") from None
 

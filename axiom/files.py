@@ -53,12 +53,23 @@ except ImportError:  # Windows: output_lock falls back to its PID file
 MARKER = ".axiom-output.json"
 
 
+# The largest JSON file read (configs, manifests, checksums, states, a sharded model's index: kilobytes to a few
+# megabytes); a larger one is no file of ours, and is not read whole into memory.
+MAX_JSON_BYTES = 64 * 2**20
+
+
 def read_json(path: Path, hint: str) -> dict:
-    """The JSON object in `path`; invalid JSON or another JSON type is an AxiomError ending with `hint`."""
+    """The JSON object in `path`; anything else (not a regular file, over MAX_JSON_BYTES, invalid JSON, nested past
+    the parser's depth, another JSON type) is an AxiomError ending with `hint`."""
+    path = Path(path)
     try:
-        obj = json.loads(Path(path).read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AxiomError(f"{path}: not valid JSON ({e}); {hint}") from None
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever
+            raise AxiomError(f"{path} {describe_missing(path)}, not a JSON file; {hint}")
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise AxiomError(f"{path}: {path.stat().st_size:,} bytes, too large for a JSON file of axiom's; {hint}")
+        obj = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AxiomError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:120]}); {hint}") from None
     except OSError as e:
         raise AxiomError(f"{path}: cannot read ({e.strerror}); {hint}") from None
     if not isinstance(obj, dict):
@@ -153,8 +164,8 @@ def write_marker(directory: str | Path, command: str, **info) -> None:
 def read_marker(directory: str | Path) -> dict | None:
     """The marker of a folder written by an axiom command, or None (no marker, or not a readable one)."""
     try:
-        obj = json.loads((Path(directory) / MARKER).read_text())
-    except (OSError, ValueError):
+        obj = read_json(Path(directory) / MARKER, "")
+    except AxiomError:
         return None
     return obj if isinstance(obj, dict) and isinstance(obj.get("command"), str) else None
 

@@ -10,6 +10,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -434,3 +435,35 @@ def test_scripts_and_flags_refuse_what_they_would_crash_on_or_ignore(tmp_path, c
     ]:
         done = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_hostile_configs_are_one_line_before_anything_is_allocated(run, tmp_path, capsys):
+    """A checkpoint from elsewhere asking for sizes no model has (max_seq_len 10**9 filled the memory with RoPE
+    tables, 10**6 layers took minutes to build, a d_model of 4,000 digits was an OverflowError), or JSON and TOML
+    past Python's limits (RecursionError, ValueError tracebacks); a FIFO where a JSON file belongs blocked forever."""
+    best = run / "checkpoints" / "best"
+    meta = json.loads((best / "config.json").read_text())
+    for field, value, message in [
+        ("max_seq_len", 10**9, "max_seq_len=1000000000 is more than 262,144"),
+        ("n_layers", 10**6, "n_layers=1000000 is more than 1,024"),
+        ("d_model", 10**4000, "d_model=<an integer of 4,001 digits> is more than 65,536"),
+        ("ffn_multiplier", 1e300, "ffn_multiplier=1e+300 x d_model=32 is more than 1,048,576"),
+    ]:
+        ckpt = tmp_path / f"ckpt-{field}"
+        shutil.copytree(best, ckpt)
+        (ckpt / "config.json").write_text(json.dumps({**meta, "model": {**meta["model"], field: value}}))
+        (ckpt / "checksums.json").unlink(missing_ok=True)
+        fails(capsys, ["generate", "--ckpt", ckpt, "--prompt", "x"], f"{ckpt / 'config.json'}", message)
+    (tmp_path / "deep.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    (tmp_path / "big.toml").write_text("[model]\nd_model = " + "9" * 5000 + "\n")
+    (tmp_path / "deep.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    fails(capsys, ["info", "--config", tmp_path / "deep.json"], "deep.json: not valid JSON (RecursionError")
+    fails(capsys, ["info", "--config", tmp_path / "big.toml"], "big.toml: not valid TOML (ValueError: Exceeds the")
+    fails(capsys, ["info", "--config", tmp_path / "deep.toml"], "deep.toml: not valid TOML (RecursionError")
+    (tmp_path / "deep.jsonl").write_text('{"context": ' * 100_000 + "1" + "}" * 100_000 + "\n")
+    fails(capsys, ["eval", "--ckpt", best, "--task-file", tmp_path / "deep.jsonl"], "deep.jsonl:1: not valid JSON")
+    fifo = tmp_path / "fifo-ckpt"
+    shutil.copytree(best, fifo)
+    (fifo / "config.json").unlink()
+    os.mkfifo(fifo / "config.json")
+    fails(capsys, ["generate", "--ckpt", fifo, "--prompt", "x"], f"{fifo / 'config.json'}", "FIFO")

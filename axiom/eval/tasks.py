@@ -92,6 +92,8 @@ def parse_item(line: str, where: str) -> Item:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise AxiomError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # a number past int()'s 4,300 digits, nesting past the parser's depth
+        raise AxiomError(f"{where}: not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(row, dict):
         raise AxiomError(f"{where}: expected a JSON object with {FORMATS}")
     hellaswag = "ctx" in row or "endings" in row
