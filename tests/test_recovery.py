@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import axiom.train.trainer as trainer_mod
 from axiom.cli import main
 from axiom.errors import AxiomError
-from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state
+from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state, write_checksums
 from axiom.train.launch import train
 from axiom.train.optim import build_optimizer, lr_at
 from axiom.train.plot import plot_run
@@ -476,3 +476,28 @@ def test_resume_drops_a_torn_csv_tail(tiny_data, tmp_path):
     losses = lambda r: [(row["step"], row["loss"]) for row in read_rows(r / "train.csv")]  # noqa: E731
     assert evals(run) == evals(reference) and [step for step, _ in evals(run)] == ["0", "2", "4"]
     assert losses(run) == losses(reference)
+
+
+@pytest.mark.parametrize("kind", ["empty", "wrong-types", "no-groups"])
+def test_a_state_pt_of_another_shape_is_one_line(tiny_data, tmp_path, capsys, kind):
+    """A state.pt that loads (weights only) but holds something else, its checksums written to match: KeyError,
+    AttributeError and ValueError tracebacks on --resume-from."""
+    run = tmp_path / "run"
+    sets = micro_args("max_steps=2", "eval_interval=2", "checkpoint_interval=2")
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets]) == 0
+    ckpt = run / "checkpoints" / "step_000002"
+    state = load_training_state(ckpt)
+    crafted = {
+        "empty": {},
+        "wrong-types": {**state, "loader": "garbage", "rng": 5},
+        "no-groups": {**state, "optimizer": {"state": {}, "param_groups": []}},
+    }[kind]
+    torch.save(crafted, ckpt / "state.pt")
+    write_checksums(ckpt)
+    message = {
+        "empty": "state.pt is not a training state of axiom train (optimizer, loader, rng, step, tokens missing",
+        "wrong-types": "state.pt is not a training state of axiom train (loader, rng missing or of another type)",
+        "no-groups": "the checkpoint's optimizer state does not fit this model's parameters (ValueError",
+    }[kind]
+    args = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "more"), *sets, "--resume-from", str(ckpt)]
+    fails(capsys, args, message)

@@ -209,6 +209,7 @@ def test_bad_manifests_and_paths_outside_their_folder_are_refused(run, tiny_data
         "eos": ({"eos_id": 0}, "eos_id 0, but cl100k_base's end-of-text id is 100257"),
         "tokenizer": ({"tokenizer": {"name": "gpt2"}}, "is not this code's cl100k_base"),
         "shards": ({"shards": {"a": 1}}, "shards is dict, expected a list"),
+        "split-object": ({"split": "x"}, "split is 'x', expected an object"),  # train: an AttributeError traceback
     }
     for name, (changes, message) in cases.items():
         data = write_manifest(tiny_data, tmp_path / name, **changes)

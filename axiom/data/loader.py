@@ -100,6 +100,8 @@ def _check_manifest(m: dict, path: Path, data_dir: Path) -> None:
         raise AxiomError(f"{path}: tokenizer {tok!r} is not this code's {NAME} (sha256 {SHA256[:12]}...); {fix}")
     if m["eos_id"] != EOS_ID:
         raise AxiomError(f"{path}: eos_id {m['eos_id']!r}, but {NAME}'s end-of-text id is {EOS_ID}; {fix}")
+    if "split" in m and not isinstance(m["split"], dict):
+        raise AxiomError(f"{path}: split is {m['split']!r}, expected an object (val_fraction, split_seed); {fix}")
     shards = m["shards"]
     if not isinstance(shards, list):
         raise AxiomError(f"{path}: shards is {type(shards).__name__}, expected a list; {fix}")

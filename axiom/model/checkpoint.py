@@ -348,6 +348,24 @@ def load_training_state(directory: str | Path) -> dict:
         ) from e
 
 
+def check_training_state(state: object, directory: str | Path) -> None:
+    """One AxiomError where a state.pt that loaded does not hold what axiom train writes: its optimizer state,
+    loader position and RNG states (a file of another program's, or edited, made --resume fail with a traceback)."""
+    shapes = {"optimizer": dict, "loader": dict, "rng": list, "step": int, "tokens": int}
+    wrong = (
+        [key for key, kind in shapes.items() if not isinstance(state.get(key), kind)]
+        if isinstance(state, dict)
+        else ["the whole file"]
+    )
+    if not wrong and not (state["rng"] and all(isinstance(r, dict) for r in state["rng"])):
+        wrong = ["rng"]
+    if wrong:
+        raise AxiomError(
+            f"checkpoint: {Path(directory) / STATE} is not a training state of axiom train ({', '.join(wrong)} "
+            "missing or of another type); resume from another checkpoint with --resume-from CKPT"
+        )
+
+
 def rng_state() -> dict:
     """Python, NumPy and PyTorch (CPU and CUDA) generator states as tensors and plain values."""
     version, py_state, gauss = random.getstate()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from axiom.config import Config
 from axiom.data.loader import TrainLoader, data_kind
 from axiom.data.packing import ChatLoader
+from axiom.errors import AxiomError
 from axiom.model.checkpoint import (
     WEIGHTS,
     list_checkpoints,
@@ -94,7 +95,13 @@ class Checkpointer:
     def restore(self, saved: dict) -> TrainState:
         """Optimizer, loader and RNG from a checkpoint's state.pt, and its TrainState (the weights are loaded
         apart)."""
-        load_optimizer_state(self.model, self.optimizer, saved["optimizer"], self.fsdp)
+        try:
+            load_optimizer_state(self.model, self.optimizer, saved["optimizer"], self.fsdp)
+        except (KeyError, ValueError, TypeError) as e:  # torch's own checks of the groups and their sizes
+            raise AxiomError(
+                f"the checkpoint's optimizer state does not fit this model's parameters ({type(e).__name__}: "
+                f"{str(e)[:160]}); resume from another checkpoint with --resume-from CKPT"
+            ) from None
         set_hyperparameters(self.optimizer, self.cfg.train)  # the run's own, where a resume changed them
         self.loader.load_state_dict(saved["loader"])
         rngs = saved["rng"]

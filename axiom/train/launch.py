@@ -41,6 +41,7 @@ from axiom.model.checkpoint import (
     CONFIG,
     STATE,
     WEIGHTS,
+    check_training_state,
     clean_stale_checkpoints,
     config_of,
     load_model,
@@ -270,6 +271,8 @@ def setup(
     notes = clean_stale_checkpoints(run_dir / "checkpoints") if d.main else []  # a kill's leftovers, under the lock
     start, skipped, used = from_main(d, lambda: find_start(run_dir, resume, resume_from, init_from))
     state = load_training_state(start) if start is not None else None  # first: a bad state.pt is refused early
+    if state is not None:
+        check_training_state(state, start)
     if d.world_size > 1:
         dist.barrier()  # every rank has judged the directory before rank 0 writes into it
     created = not run_dir.exists()
