@@ -52,14 +52,14 @@ def checkpoint_record(data_dir: Path, manifest: dict) -> dict:
     return {"data": data_record(data_dir, manifest), **({"chat_template": TEMPLATE_NAME} if chat else {})}
 
 
-def set_aside_newer(ckpt_root: Path, step: int, log: RunLog) -> None:
-    """Rename the run's step folders after `step` to abandoned-step_N, so that --resume never picks them again (a
-    rollback, a stop for bad steps, --resume-from an older checkpoint or --resume past ones that do not verify,
-    complete or not, leaves them behind); `step` -1, a fresh start: all of them, and best as abandoned-best. Nothing
-    is deleted."""
+def set_aside_newer(ckpt_root: Path, step: int, log: RunLog, fresh: bool = False) -> None:
+    """Rename the run's step folders after `step` (-1: all of them) to abandoned-step_N, so that --resume never
+    picks them again (a rollback, a stop for bad steps, --resume-from an older checkpoint or --resume past ones that
+    do not verify, complete or not, leaves them behind); `fresh`, a run starting again from step 0: best too, as
+    abandoned-best, which its first evaluation would replace. Nothing is deleted."""
     why = "after the checkpoint training continues from" if step >= 0 else "--resume starts fresh"
     newer = [path for newer_step, path in list_checkpoints(ckpt_root, complete=False) if newer_step > step]
-    if step < 0 and (ckpt_root / "best").is_dir():  # a fresh start's first evaluation would replace it
+    if fresh and (ckpt_root / "best").is_dir():
         newer.append(ckpt_root / "best")
     for path in newer:
         target = path.with_name(f"abandoned-{path.name}")

@@ -303,7 +303,7 @@ def setup(
             write_json_atomic(run_dir / STARTED_FROM, {"init_from": started_from(init_from)})
     step = trainer.state.step
     if d.main and (start is not None or skipped):  # the ones skipped too: training would overwrite them
-        set_aside_newer(run_dir / "checkpoints", step if start is not None else -1, log)
+        set_aside_newer(run_dir / "checkpoints", step if start is not None else -1, log, fresh=start is None)
     if start is not None:
         rewind_logs(log, trainer.state)
         log.info(f"resumed from {start} at step {step:,} ({trainer.state.tokens:,} tokens)")
