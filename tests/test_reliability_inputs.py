@@ -164,6 +164,11 @@ def test_damaged_prepared_data_is_reported_with_the_fix(run, tmp_path, capsys, m
         shard.write_bytes(good)
     shard.write_bytes(good[:-8])
     fails(capsys, ["eval", "--ckpt", best, "--data", out, "--device", "cpu"], "val_00000.bin", fix)
+    # a new run refused for its val split leaves no folder behind (it was found at the first evaluation, after the
+    # run's files were written, and the corrected command was then refused: "already holds a run")
+    new_run = tmp_path / "new-run"
+    fails(capsys, ["train", "--preset", "tiny", "--data", out, "--out", new_run, "--device", "cpu"], "val_00000.bin")
+    assert not new_run.exists()
     shard.write_bytes(good)
     # ids the model cannot embed: the message says which vocabulary is wrong
     fails(capsys, ["eval", "--ckpt", best, "--data", out], "val_00000.bin: token id", "the model's vocab_size is 512")

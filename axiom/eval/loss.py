@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,14 @@ def token_byte_lengths() -> torch.Tensor:
 
 
 @torch.no_grad()
+def val_batches(
+    data_dir: str | Path, seq_len: int, batch_size: int, eval_tokens: int, vocab_size: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (inputs, targets) batches an evaluation reads: `eval_batches`, or on chat data `chat_eval_batches`."""
+    chat = data_kind(read_manifest(data_dir)) == "chat"
+    return (chat_eval_batches if chat else eval_batches)(data_dir, seq_len, batch_size, eval_tokens, vocab_size)
+
+
 def evaluate(
     model: torch.nn.Module,
     data_dir: str | Path,
@@ -60,7 +69,6 @@ def evaluate(
     On chat data (axiom.data.packing) only the trained tokens count: loss, tokens and bytes are those of the targets
     that are not -100 (assistant replies and their <|im_end|>)."""
     device = next(model.parameters()).device
-    chat = data_kind(read_manifest(data_dir)) == "chat"
     lengths = token_byte_lengths()
     was_training = model.training
     model.eval()
@@ -68,8 +76,7 @@ def evaluate(
     tokens = nbytes = 0
     vocab_size = getattr(getattr(model, "cfg", None), "vocab_size", None)  # ids past it fail in eval_batches
     try:
-        batches = chat_eval_batches if chat else eval_batches
-        for x, y in batches(data_dir, seq_len, batch_size, eval_tokens, vocab_size):
+        for x, y in val_batches(data_dir, seq_len, batch_size, eval_tokens, vocab_size):
             with autocast(device, dtype):
                 loss = model(x.to(device), y.to(device))
             targets = y[y != IGNORE_INDEX]  # all of y for text data

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from axiom.config import TrainConfig
-from axiom.eval.loss import evaluate
+from axiom.eval.loss import evaluate, val_batches
 from axiom.eval.tasks import evaluate_tasks, load_tasks, task_columns
 from axiom.model.transformer import Axiom
 from axiom.train.checkpointer import Checkpointer
@@ -24,6 +24,8 @@ class Evaluator:
     def __init__(self, cfg: TrainConfig, data_dir: Path, model: Axiom, checkpointer: Checkpointer, log: RunLog) -> None:
         self.cfg, self.data_dir, self.model, self.checkpointer, self.log = cfg, data_dir, model, checkpointer, log
         self.tasks = load_tasks(cfg.task_files)  # read now, so that a bad file fails before step 1
+        # the val split's first batch too: damaged or empty, it fails while a new run's folder can still be removed
+        next(val_batches(data_dir, cfg.seq_len, cfg.micro_batch_size, cfg.eval_tokens, model.cfg.vocab_size), None)
         self.window = Meter()
 
     def due(self, state: TrainState) -> bool:
