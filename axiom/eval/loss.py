@@ -47,7 +47,6 @@ def token_byte_lengths() -> torch.Tensor:
     return torch.from_numpy(lengths)
 
 
-@torch.no_grad()
 def val_batches(
     data_dir: str | Path, seq_len: int, batch_size: int, eval_tokens: int, vocab_size: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -56,6 +55,7 @@ def val_batches(
     return (chat_eval_batches if chat else eval_batches)(data_dir, seq_len, batch_size, eval_tokens, vocab_size)
 
 
+@torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     data_dir: str | Path,
