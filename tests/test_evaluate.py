@@ -55,6 +55,11 @@ def test_evaluate_matches_plain_cross_entropy(micro_ckpt, tiny_data):
     assert result.ppl == pytest.approx(math.exp(ref / 192), rel=1e-5)
     assert result.bpb == pytest.approx(ref / math.log(2) / nbytes, rel=1e-5)
     assert model.training  # evaluate restores the mode it found
+    grad = []
+    hook = model.register_forward_pre_hook(lambda *_: grad.append(torch.is_grad_enabled()))
+    evaluate(model, tiny_data, seq_len=32, batch_size=3, eval_tokens=200)
+    hook.remove()
+    assert grad == [False, False]  # no autograd graph kept for an evaluation
 
 
 def test_eval_command_json(micro_ckpt, tiny_data, capsys):
