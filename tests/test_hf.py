@@ -345,6 +345,30 @@ def test_model_card_reports_config_and_eval_csv(exported):
     assert "No eval.csv was found" in llama_card and "trust_remote_code" not in llama_card
 
 
+def split_shards(folder: Path, twice: str) -> None:
+    """model.safetensors as two shards and their index, the tensor `twice` stored in both."""
+    state = load_file(folder / "model.safetensors")
+    names = sorted(state)
+    first, second = names[: len(names) // 2], names[len(names) // 2 :]
+    save_file({k: state[k] for k in {*first, twice}}, folder / "model-00001-of-00002.safetensors")
+    save_file({k: state[k] for k in {*second, twice}}, folder / "model-00002-of-00002.safetensors")
+    weight_map = {k: f"model-0000{1 if k in first else 2}-of-00002.safetensors" for k in names}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "model.safetensors").unlink()
+
+
+def test_import_keeps_only_a_checkpoints_record_from_the_axiom_entry(exported, tmp_path):
+    """Keys named like save_weights' parameters (directory, cfg) were passed on to it: a TypeError traceback."""
+    src = tmp_path / "src"
+    shutil.copytree(exported("trained", "llama"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["axiom"] |= {"directory": "/elsewhere", "cfg": 1, "anything": [1]}
+    (src / "config.json").write_text(json.dumps(config))
+    import_hf(src, tmp_path / "ckpt")
+    meta = read_meta(tmp_path / "ckpt")
+    assert not meta.keys() & {"directory", "cfg", "anything"} and meta["step"] == config["axiom"]["step"]
+
+
 def test_import_rejects_bad_folders_with_clear_messages(exported, tmp_path):
     src = exported("trained", "llama")
 
@@ -394,6 +418,19 @@ def test_import_rejects_bad_folders_with_clear_messages(exported, tmp_path):
         "rope-scaled": (  # the whole dictionary was printed, past 200 characters for llama3's
             edit_config(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
             r"config.json: rope_parameters.rope_type 'llama3' is not supported by Axiom-Dense$",
+        ),
+        "tie-string": (  # bool("false") is True: imported as tied
+            edit_config(tie_word_embeddings="false"),
+            "tie_word_embeddings is 'false', expected true or false",
+        ),
+        "head-dim-string": (edit_config(head_dim="16"), "head_dim is '16', expected an integer"),
+        "record-type": (
+            lambda d: edit_config(axiom={**json.loads((d / "config.json").read_text())["axiom"], "step": "x"})(d),
+            "axiom.step is 'x', not what a checkpoint records",
+        ),
+        "shards-overlap": (  # the norm in both shards: the last file read won, whatever weight_map said
+            lambda d: split_shards(d, twice="model.norm.weight"),
+            "model.norm.weight is in another shard too",
         ),
         "int8-weights": (  # imported as nonsense floats, before: integers are no weights
             edit_weights(lambda s: s.update({k_proj: s[k_proj].to(torch.int8)})),

@@ -104,9 +104,14 @@ def model_config_from_hf(hf: dict, fmt: str, path: Path) -> ModelConfig:
             if not supported:
                 raise AxiomError(f"{path}: {name} {value_found!r} is not supported by Axiom-Dense")
         value["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-        value["tie_embeddings"] = bool(hf.get("tie_word_embeddings", False))  # Llama's default
+        tied = hf.get("tie_word_embeddings", False)  # Llama's default
+        if not isinstance(tied, bool):  # bool("false") is True
+            raise AxiomError(f"{path}: tie_word_embeddings is {tied!r}, expected true or false")
+        value["tie_embeddings"] = tied
     d_model, n_heads = value["d_model"], value["n_heads"]
     head_dim = value.pop("head_dim") or d_model // n_heads
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool):
+        raise AxiomError(f"{path}: head_dim is {head_dim!r}, expected an integer")
     if head_dim * n_heads != d_model:
         raise AxiomError(
             f"{path}: head_dim={head_dim} with {n_heads} heads != hidden size {d_model}; "
@@ -141,7 +146,20 @@ def _config_with_provenance(hf: dict, m: ModelConfig, path: Path) -> tuple[Confi
                 f"{path}: axiom.model gives {field}={getattr(cfg.model, field)} but the Hugging Face fields "
                 f"give {getattr(m, field)}; fix or remove the 'axiom' entry"
             )
-    return cfg, {k: v for k, v in meta.items() if k not in ("model", "train")}
+    return cfg, _record(meta, path)
+
+
+# What an export's 'axiom' entry carries besides the config, as its checkpoint recorded it; the import keeps these
+# (a key of any other name, such as one of save_weights' parameters, is not a checkpoint's record).
+RECORD_TYPES = {"step": int, "tokens": int, "val_loss": (int, float), "data": dict, "chat_template": str}
+
+
+def _record(meta: dict, path: Path) -> dict:
+    record = {k: v for k, v in meta.items() if k in RECORD_TYPES}
+    for key, value in record.items():
+        if not isinstance(value, RECORD_TYPES[key]) or isinstance(value, bool):
+            raise AxiomError(f"{path}: axiom.{key} is {value!r}, not what a checkpoint records; fix or remove it")
+    return record
 
 
 def load_weights(directory: Path) -> dict[str, Tensor]:
@@ -165,9 +183,13 @@ def load_weights(directory: Path) -> dict[str, Tensor]:
         if not file.is_file():
             raise AxiomError(f"{file} not found (listed in {INDEX})")
         try:
-            state.update(load_file(file))
+            part = load_file(file)
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             raise AxiomError(f"{file} is not a readable safetensors file ({e})") from None
+        twice = sorted(state.keys() & part.keys())
+        if twice:  # which copy counts would depend on the order of the files
+            raise AxiomError(f"{file}: {twice[0]} is in another shard too; a tensor belongs to one file")
+        state.update(part)
     return state
 
 
