@@ -110,7 +110,8 @@ def test_a_missing_extra_is_one_line_before_any_work(tmp_path, capsys, monkeypat
     monkeypatch.setitem(sys.modules, "transformers", None)
     assert main(["bench", "generate", "--preset", "tiny", "--vs-hf"]) == 2
     assert capsys.readouterr().err == "axiom bench: error: --vs-hf needs transformers: pip install 'axiom-lm[hf]'\n"
-    monkeypatch.setitem(sys.modules, "starlette", None)
+    for name in ["starlette", *(m for m in sys.modules if m.startswith("starlette."))]:  # also those imported
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "axiom.infer.serve", raising=False)
     assert main(["serve", "--ckpt", str(tmp_path)]) == 2
     assert (

@@ -8,6 +8,7 @@ from decode_helpers import BREAKING, text_or_one_line
 from axiom.cli import build_parser, main
 from axiom.cli.args import eager_decoding
 from axiom.config import Config, ModelConfig, TrainConfig
+from axiom.infer.engine import Engine, SamplingParams
 from axiom.model.transformer import Axiom
 
 TINY = ["generate", "--preset", "tiny", "--set", "max_seq_len=16", "--temperature", "0"]
@@ -106,6 +107,21 @@ def test_sampling_random_weights_is_said_once_a_checkpoint_is_not(tmp_path, caps
     save_model(Axiom(small), Config(small, TrainConfig()), tmp_path)
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_prompt_beyond_the_models_vocabulary_is_one_line(tmp_path, capsys):
+    """A model of another vocabulary (an imported 32,000-id Llama): its prefill failed with an IndexError."""
+    small = ModelConfig(vocab_size=1000, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_multiple_of=32)
+    save_model(Axiom(small), Config(small, TrainConfig()), tmp_path)
+    assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "Hello world", "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "axiom generate: error: --prompt: token id 9,906 is beyond the model's vocab_size 1,000: use a model with "
+        "cl100k_base's 100,277 ids\n"
+    )
+    engine = Engine(Axiom(small), max_batch=1)
+    with pytest.raises(ValueError, match="token id 9,906 is not in the model's vocabulary of 1,000 ids"):
+        engine.submit([9906, 1917], SamplingParams())
+    assert not engine.has_work()
 
 
 @pytest.mark.parametrize("flags", BREAKING, ids=" ".join)
