@@ -3,13 +3,14 @@
 import pytest
 import torch
 from conftest import save_model
-from decode_helpers import BREAKING, text_or_one_line
+from decode_helpers import BREAKING, scripted_chat_checkpoint, text_or_one_line
 
 from axiom.cli import build_parser, main
 from axiom.cli.args import eager_decoding
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.infer.engine import Engine, SamplingParams
 from axiom.model.transformer import Axiom
+from axiom.text.tokenizer import load_tokenizer
 
 TINY = ["generate", "--preset", "tiny", "--set", "max_seq_len=16", "--temperature", "0"]
 ONE_LAYER = ["--set", "n_layers=1", "--set", "d_model=32", "--set", "n_heads=2", "--set", "n_kv_heads=1"]
@@ -107,6 +108,21 @@ def test_sampling_random_weights_is_said_once_a_checkpoint_is_not(tmp_path, caps
     save_model(Axiom(small), Config(small, TrainConfig()), tmp_path)
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_chat_tuned_models_text_ends_at_the_end_of_its_turn(tmp_path, capsys):
+    """As its export, GGUF and axiom serve end it: the text ran on through <|im_end|> and <|im_start|>, shown as
+    U+FFFD."""
+    import axiom.text.chatml as chat
+
+    enc = load_tokenizer()
+    hi, there, user = (enc.encode_ordinary(t)[0] for t in ("Hi", " there", "user"))
+    ckpt = scripted_chat_checkpoint(tmp_path / "ckpt", {hi: there, there: chat.IM_END, chat.IM_END: user, user: hi})
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == "Hi there\n"
+    assert main([*args, "--prompt", "Hi"]) == 0  # a batch: every row ended
+    assert capsys.readouterr().out == "--- sample 0\nHi there\n--- sample 1\nHi there\n"
 
 
 def test_a_prompt_beyond_the_models_vocabulary_is_one_line(tmp_path, capsys):

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_model
+from decode_helpers import scripted_chat_checkpoint
 
 from axiom.cli import main
 from axiom.config import get_config
@@ -232,31 +233,10 @@ def test_chat_with_the_chatml_template(ckpt, tmp_path):
         s.stop()
 
 
-def scripted_chat_checkpoint(path: Path, chain: dict[int, int]) -> Path:
-    """A chat-tuned checkpoint whose greedy next token after token a is chain[a]: the blocks add nothing (zero
-    output projections), so the last hidden state is the newest token's embedding, here a basis vector, and only
-    the output row of the token that follows it points along that vector."""
-    cfg = get_config("tiny", [*MICRO, "tie_embeddings=false"])
-    torch.manual_seed(0)
-    model = Axiom(cfg.model)
-    with torch.no_grad():
-        for block in model.layers:
-            block.attn.o_proj.weight.zero_()
-            block.mlp.down_proj.weight.zero_()
-        model.lm_head.weight.zero_()
-        for i, (token, after) in enumerate(chain.items()):
-            model.embed.weight[token] = torch.nn.functional.one_hot(torch.tensor(i), cfg.model.d_model)
-            model.lm_head.weight[after, i] = 1.0
-    path.mkdir()
-    save_model(model, cfg, path, step=0)
-    meta = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**meta, "chat_template": "chatml"}))
-    return path
-
-
 def test_a_chat_reply_ends_where_the_model_starts_another_turn(tmp_path):
-    """The one stop rule: a chat reply ends at <|im_start|> too (the model's invented next turn is not sent);
-    plain completions end at EOS only, so the same model's text runs on through it."""
+    """The one stop rule: a chat reply ends at <|im_start|> too (the model's invented next turn is not sent); so
+    does a plain completion of a chat-tuned model, as its export's generation_config and llama.cpp end it (its
+    text ran on through the turn's end, shown as U+FFFD)."""
     import axiom.text.chatml as chat
 
     enc = load_tokenizer()
@@ -274,7 +254,7 @@ def test_a_chat_reply_ends_where_the_model_starts_another_turn(tmp_path):
         )
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hi there"
         plain = s.client.completions.create(model=s.name, prompt=[newline], max_tokens=6, temperature=0)
-        assert plain.choices[0].text == "Hi there\ufffduser\nHi" and plain.choices[0].finish_reason == "length"
+        assert plain.choices[0].text == "Hi there" and plain.choices[0].finish_reason == "stop"
     finally:
         s.stop()
 

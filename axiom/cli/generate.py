@@ -25,6 +25,7 @@ from axiom.infer.fast import load_for_inference, prepare_model
 from axiom.infer.generate import stream
 from axiom.model.transformer import Axiom
 from axiom.runtime import pick_device
+from axiom.text.chatml import is_chat_tuned
 from axiom.text.stream import TextStream, stop_ids
 from axiom.text.tokenizer import NAME, VOCAB_SIZE, load_tokenizer
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
     check_sampling_flags(params)
     _check_row_seeds(params, len(args.prompt or [""]))
     enc = load_tokenizer()
-    model = _model(args)
+    model, meta = _model(args)
     texts = args.prompt or [""]
     prompts = [enc.encode_ordinary(t) if t else [enc.eot_token] for t in texts]
     _check_context(prompts, model.cfg.max_seq_len, args.max_new_tokens)
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"notice: no --ckpt: sampling from {noise}", file=sys.stderr)
     compile = not eager_decoding(args, next(model.parameters()).device, "axiom generate")
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    replies = [TextStream(stop_ids(chat=False), enc=enc) for _ in prompts]
+    # a chat-tuned model's text ends at the end of its turn too, as in export, GGUF and serving
+    replies = [TextStream(stop_ids(chat=is_chat_tuned(meta)), enc=enc) for _ in prompts]
     live = len(prompts) == 1  # one prompt streams to the terminal; a batch prints when done
     if live:
         sys.stdout.write(texts[0])
@@ -68,6 +70,8 @@ def run(args: argparse.Namespace) -> None:
             if live and piece:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+        if all(reply.stopped for reply in replies):  # e.g. at <|im_end|>, which the decoding does not stop at
+            break
     for reply in replies:  # bytes of a character cut off by the end: U+FFFD, as mid-text
         piece = reply.finish()
         if live:
@@ -79,18 +83,19 @@ def run(args: argparse.Namespace) -> None:
         print(f"--- sample {i}\n{text}{reply.text}")
 
 
-def _model(args: argparse.Namespace) -> Axiom:
-    """The --ckpt's model, or a randomly initialised --preset seeded with --seed, readied for decoding."""
+def _model(args: argparse.Namespace) -> tuple[Axiom, dict]:
+    """The --ckpt's model and its config.json, or a randomly initialised --preset seeded with --seed (and no
+    config.json), readied for decoding."""
     if args.ckpt:
         if args.preset or args.config is not None or args.overrides:
             raise AxiomError(
                 "--preset, --config and --set choose the random model of a run without --ckpt; a "
                 "checkpoint brings its own config: leave them out"
             )
-        return load_for_inference(args.ckpt, args.device, args.dtype)[0]
+        return load_for_inference(args.ckpt, args.device, args.dtype)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    return prepare_model(Axiom(config_from_args(args).model).to(device), args.dtype)
+    return prepare_model(Axiom(config_from_args(args).model).to(device), args.dtype), {}
 
 
 def _check_row_seeds(params: SamplingParams, rows: int) -> None:

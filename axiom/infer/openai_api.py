@@ -153,7 +153,8 @@ def check_request(body: dict, model: ServedModel, chat: bool) -> Spec:
     stop = _stop_strings(body)
     prompt, max_tokens = _chat_prompt(body, model) if chat else _completion_prompt(body)
     _check_length(body, prompt, max_tokens, model.context, chat)
-    params = _sampling(body, max_tokens, model.context - len(prompt), stop_ids(chat))
+    # a chat-tuned model's completion ends at the end of its turn too (<|im_end|>), as its export's and GGUF's do
+    params = _sampling(body, max_tokens, model.context - len(prompt), stop_ids(chat or model.chat))
     stream = _field(body, "stream", (bool,), default=False)
     return Spec(prompt, params, stop, stream, include_usage=_include_usage(body, stream))
 
