@@ -105,10 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         print()
 
     print(f"\ndone. outputs in {out}/:")
-    print(f"  {run}/eval.csv          validation loss, perplexity and bits per byte over training")
-    print(f"  {run}/loss.png          train and val loss against tokens")
-    print(f"  {run}/train.log         the plan and progress lines")
-    print(f"  {best}/    the best checkpoint: axiom generate --ckpt {best} --prompt '...'")
+    rows = [
+        (corpus, "the corpus: one KJV chapter per line of JSON"),
+        (f"{data}/", "its token shards, split into train and val"),
+        (run / "eval.csv", "validation loss, perplexity and bits per byte over training"),
+        (run / "loss.png", "train and val loss against tokens"),
+        (run / "train.log", "the plan and progress lines"),
+        (f"{best}/", f"the best checkpoint: axiom generate --ckpt {best} --prompt '...'"),
+    ]
+    width = max(len(str(path)) for path, _ in rows)
+    for path, what in rows:
+        print(f"  {str(path):{width}}  {what}")
     if args.chat:
         chat_demo.run(out / "chat", best, _call, _step)
     return 0

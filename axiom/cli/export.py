@@ -7,6 +7,8 @@ import argparse
 
 from axiom.dtypes import FOLDER_DTYPES, GGUF_DTYPES, describe, spellings
 from axiom.interop.export import FORMAT_DTYPES, GGUF_ONLY, export, long_name, resolve_dtype
+from axiom.model.checkpoint import read_meta
+from axiom.text.chatml import is_chat_tuned
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +48,9 @@ def run(args: argparse.Namespace) -> None:
     dtype = resolve_dtype(args.format, args.dtype)
     print(f"exported {args.ckpt} -> {out} ({args.format}, {long_name(dtype)})")
     if args.format == "gguf":
-        print(f"run with: llama-completion -m {out} -p 'The meaning of life is' -n 40 -no-cnv")
+        chat = is_chat_tuned(read_meta(args.ckpt))  # a chat model talks through its template
+        how = "-cnv --jinja" if chat else "-p 'The meaning of life is' -n 40 -no-cnv"
+        print(f"run with: llama-completion -m {out} {how}")
         return
     remote = ", trust_remote_code=True" if args.format == "axiom" else ""
     print(f"load with: AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})")

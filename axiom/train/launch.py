@@ -162,8 +162,9 @@ def with_data_split(cfg: Config, manifest: dict) -> tuple[Config, str | None]:
     if asked == split or not (isinstance(fraction, float) and 0 < fraction < 1 and isinstance(seed, int)):
         return cfg, None  # (an empty split fails later, with its own message; data written otherwise has none)
     note = (
-        f"data split: val_fraction {split['val_fraction']:g}, split_seed {split['split_seed']} (made by axiom "
-        f"prepare; the config's {', '.join(f'{k} {v:g}' for k, v in asked.items() if v != split[k])} applies there)"
+        f"data split: val_fraction {split['val_fraction']:g}, split_seed {split['split_seed']}, as axiom prepare "
+        f"split the data (recorded in config.json in place of the config's "
+        f"{', '.join(f'{k} {v:g}' for k, v in asked.items() if v != split[k])}, which only axiom prepare reads)"
     )
     return Config(cfg.model, dataclasses.replace(cfg.train, **split)), note
 

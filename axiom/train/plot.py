@@ -89,7 +89,10 @@ def pyplot():
 def plot_losses(ax, evals: list[dict[str, float]], train: list[dict[str, float]], events: list[dict[str, float]]):
     """Train loss (train.csv's, else eval.csv's), val loss with its best marked, and rollbacks as dashed lines."""
     if train:
-        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.7, label="train loss")
+        marker = "o" if len(train) == 1 else None  # one point makes no line
+        ax.plot(
+            [r["tokens"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.7, marker=marker, label="train loss"
+        )
     elif any(math.isfinite(r.get("train_loss", math.nan)) for r in evals):
         ax.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "-", label="train loss")
     ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
