@@ -30,10 +30,10 @@ Auto = Literal["auto"]  # a setting the training plan chooses for the device (ax
 LOSS_KERNELS = ("chunked", "liger", "cce")
 
 
-# Upper bounds of the model's sizes, well past the largest models trained (d_model 16,384 and 126 layers for a 405B
-# model, 128k-token contexts, 256k-id vocabularies): a config.json from elsewhere that asks for more is refused before
-# anything is allocated (a max_seq_len of 10**9 filled the memory with RoPE tables, 10**6 layers took minutes to
-# build on the meta device).
+# Upper bounds of the model's sizes, past the largest models trained (d_model 16,384 and 126 layers for a 405B
+# model, Llama-architecture models of 1,048,576-token contexts, 256k-id vocabularies): a config.json from elsewhere
+# that asks for more is refused before anything is allocated (a max_seq_len of 10**9 filled the memory with RoPE
+# tables, 10**6 layers took minutes to build on the meta device).
 MAX_SIZES = {
     "vocab_size": 2**21,
     "d_model": 2**16,
@@ -41,7 +41,7 @@ MAX_SIZES = {
     "n_heads": 2**12,
     "n_kv_heads": 2**12,
     "ffn_multiple_of": 2**16,
-    "max_seq_len": 2**18,
+    "max_seq_len": 2**21,
 }
 MAX_FFN_DIM = 2**20
 

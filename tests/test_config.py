@@ -161,3 +161,13 @@ def test_what_is_not_a_config_file(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"step": 3}))
     with pytest.raises(AxiomError, match="other.json: no model or train table"):
         read_config_file(tmp_path / "other.json")
+
+
+def test_the_size_bounds_take_the_largest_real_models():
+    """Llama 3.1 405B's shape, a 1,048,576-token context (Gradient's Llama-3 1048k imported before the bounds came)
+    and Gemma's 256k-id vocabulary are models; ten times those sizes are not."""
+    ModelConfig(d_model=16_384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_multiplier=3.25, max_seq_len=131_072)
+    ModelConfig(d_model=4096, n_heads=32, max_seq_len=1_048_576, vocab_size=262_144)
+    for field, value in [("max_seq_len", 10_485_760), ("n_layers", 1260), ("vocab_size", 2_621_440)]:
+        with pytest.raises(AxiomError, match=f"model config: {field}={value} is more than"):
+            ModelConfig(**{field: value})

@@ -450,7 +450,7 @@ def test_hostile_configs_are_one_line_before_anything_is_allocated(run, tmp_path
     best = run / "checkpoints" / "best"
     meta = json.loads((best / "config.json").read_text())
     for field, value, message in [
-        ("max_seq_len", 10**9, "max_seq_len=1000000000 is more than 262,144"),
+        ("max_seq_len", 10**9, "max_seq_len=1000000000 is more than 2,097,152"),
         ("n_layers", 10**6, "n_layers=1000000 is more than 1,024"),
         ("d_model", 10**4000, "d_model=<an integer of 4,001 digits> is more than 65,536"),
         ("ffn_multiplier", 1e300, "ffn_multiplier=1e+300 x d_model=32 is more than 1,048,576"),
