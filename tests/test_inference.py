@@ -455,7 +455,13 @@ def test_bench_vs_llamacpp_skips_in_one_line_without_llamacpp(tmp_path, monkeypa
     assert main(["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "2", "--vs-llamacpp", "--json"]) == 0
     out, err = capsys.readouterr()
     assert "llamacpp" not in json.loads(out)
-    assert err == f"axiom bench: llama.cpp not found at {tmp_path / 'absent'}: --vs-llamacpp skipped\n"
+    skipped = "--vs-llamacpp skipped (--llamacpp-dir DIR names one)\n"
+    assert err == f"axiom bench: llama.cpp not found at {tmp_path / 'absent'}: {skipped}"
+    # installed from a wheel there is no checkout to look beside (its default was a path inside site-packages)
+    monkeypatch.setattr(axiom.bench.llamacpp, "DEFAULT_LLAMACPP", None)
+    assert axiom.bench.llamacpp.find_llamacpp(None) is None
+    assert main(["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "2", "--vs-llamacpp", "--json"]) == 0
+    assert capsys.readouterr().err == f"axiom bench: llama.cpp not found at ../shared beside a checkout: {skipped}"
 
 
 @pytest.mark.slow

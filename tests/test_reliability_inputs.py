@@ -473,3 +473,14 @@ def test_hostile_configs_are_one_line_before_anything_is_allocated(run, tmp_path
     (fifo / "config.json").unlink()
     os.mkfifo(fifo / "config.json")
     fails(capsys, ["generate", "--ckpt", fifo, "--prompt", "x"], f"{fifo / 'config.json'}", "FIFO")
+
+
+def test_a_shard_that_is_no_regular_file_is_named_for_what_it_is(run, tiny_data, tmp_path, capsys):
+    """A FIFO (or a broken link) in a shard's place was reported as "missing"."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shard = next(data.glob("val_*.bin"))
+    shard.unlink()
+    os.mkfifo(shard)
+    best = run / "checkpoints" / "best"
+    fails(capsys, ["eval", "--ckpt", best, "--data", data], f"{shard}: is a FIFO, manifest says")

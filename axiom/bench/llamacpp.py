@@ -20,14 +20,20 @@ from axiom.errors import AxiomError
 from axiom.interop.export import export
 from axiom.model.checkpoint import save_weights
 
-# prebuilt llama.cpp beside the repository (../shared/tools/llama.cpp, see its README), absent on a fresh clone
-DEFAULT_LLAMACPP = Path(__file__).resolve().parents[3] / "shared" / "tools" / "llama.cpp"
+# prebuilt llama.cpp beside a checkout of the repository (../shared/tools/llama.cpp, see its README), absent on a
+# fresh clone; an installed package (no pyproject.toml above it) has no such place
+_CHECKOUT = Path(__file__).resolve().parents[2]
+DEFAULT_LLAMACPP = (
+    _CHECKOUT.parent / "shared" / "tools" / "llama.cpp" if (_CHECKOUT / "pyproject.toml").is_file() else None
+)
 
 
 def find_llamacpp(folder: str | None) -> Path | None:
     """The llama.cpp folder (bin/llama-bench and convert): `folder`, or DEFAULT_LLAMACPP when it is None; None where
     the default is absent (an absent `folder` is an error)."""
     root = Path(folder) if folder else DEFAULT_LLAMACPP
+    if root is None:
+        return None
     if (root / "bin" / "llama-bench").is_file() and (root / "convert").is_file():
         return root
     if folder:

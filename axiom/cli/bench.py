@@ -122,7 +122,8 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--llamacpp-dir",
         default=None,
-        help=f"llama.cpp folder with bin/llama-bench and convert (default: {llamacpp.DEFAULT_LLAMACPP})",
+        help="llama.cpp folder with bin/llama-bench and convert (default: "
+        f"{llamacpp.DEFAULT_LLAMACPP or '../shared/tools/llama.cpp beside a checkout'})",
     )
 
 
@@ -176,7 +177,9 @@ def run_generate(cfg: Config, device: torch.device, args: argparse.Namespace) ->
     folder = llamacpp.find_llamacpp(args.llamacpp_dir) if args.vs_llamacpp else None
     if args.vs_llamacpp and folder is None:
         print(
-            f"axiom bench: llama.cpp not found at {llamacpp.DEFAULT_LLAMACPP}: --vs-llamacpp skipped", file=sys.stderr
+            f"axiom bench: llama.cpp not found at {llamacpp.DEFAULT_LLAMACPP or '../shared beside a checkout'}: "
+            "--vs-llamacpp skipped (--llamacpp-dir DIR names one)",
+            file=sys.stderr,
         )
     return bench_generate(cfg, device, s, folder)
 

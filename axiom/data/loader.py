@@ -127,11 +127,12 @@ def _check_manifest(m: dict, path: Path, data_dir: Path) -> None:
 
 
 def size_mismatch(path: Path, expected: int) -> str | None:
-    """What a shard file is ("missing" or "N bytes") when it is not the `expected` bytes its manifest records."""
-    actual = path.stat().st_size if path.is_file() else None
-    if actual == expected:
-        return None
-    return "missing" if actual is None else f"{actual:,} bytes"
+    """What a shard file is ("N bytes", or what stands in its place: "no such file or directory", "is a FIFO", ...)
+    when it is not the `expected` bytes its manifest records."""
+    if not path.is_file():
+        return describe_missing(path)
+    actual = path.stat().st_size
+    return None if actual == expected else f"{actual:,} bytes"
 
 
 class TokenStream:
