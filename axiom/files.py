@@ -63,10 +63,11 @@ def read_json(path: Path, hint: str) -> dict:
     the parser's depth, another JSON type) is an AxiomError ending with `hint`."""
     path = Path(path)
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever
+        found = path.stat()
+        if not stat.S_ISREG(found.st_mode):  # a FIFO would block the read forever
             raise AxiomError(f"{path} {describe_missing(path)}, not a JSON file; {hint}")
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise AxiomError(f"{path}: {path.stat().st_size:,} bytes, too large for a JSON file of axiom's; {hint}")
+        if found.st_size > MAX_JSON_BYTES:
+            raise AxiomError(f"{path}: {found.st_size:,} bytes, too large for a JSON file of axiom's; {hint}")
         obj = json.loads(path.read_bytes())
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise AxiomError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:120]}); {hint}") from None

@@ -181,9 +181,10 @@ class Engine:
             raise ValueError("the prompt needs at least one token")
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under max_len={self.max_len}")
-        if not 0 <= min(prompt) <= max(prompt) < self.model.cfg.vocab_size:
-            bad = next(t for t in prompt if not 0 <= t < self.model.cfg.vocab_size)
-            raise ValueError(f"token id {bad:,} is not in the model's vocabulary of {self.model.cfg.vocab_size:,} ids")
+        vocab = self.model.cfg.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad:,} is not in the model's vocabulary of {vocab:,} ids")
         budget = min(params.max_new_tokens, self.max_len - len(prompt))  # the text stays within max_len
         seed = secrets.randbits(63) if params.seed is None else params.seed
         request = Request(next(self._ids), list(prompt), params, budget, seed=seed)
