@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import axiom.train.trainer as trainer_mod
 from axiom.cli import main
 from axiom.errors import AxiomError
-from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state, write_checksums
+from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state, read_meta, write_checksums
 from axiom.train.launch import train
 from axiom.train.optim import build_optimizer, lr_at
 from axiom.train.plot import plot_run
@@ -241,6 +241,24 @@ def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(tiny_data, tmp_pa
     assert main([*base, *sets, "--resume-from", str(other / "checkpoints" / "step_000002")]) == 2
     assert "not a checkpoint of" in capsys.readouterr().err
     assert main([*base, *sets, "--resume", "--init-from", str(older)]) == 2
+
+
+def test_a_best_written_after_the_resumed_checkpoint_is_replaced_only_by_a_lower_loss(tiny_data, tmp_path):
+    """best/ of steps after the checkpoint a run continues from (a kill between an evaluation and the next
+    checkpoint, --resume-from an older one) is the run's lowest loss so far: a worse branch never replaces it."""
+    run = tmp_path / "run"
+    base = ["train", "--data", str(tiny_data), "--out", str(run)]
+    sets = micro_args("max_steps=8", "eval_interval=4", "checkpoint_interval=4", "keep_checkpoints=10")
+    assert main([*base, *sets]) == 0
+    best = run / "checkpoints" / "best"
+    kept = {p.name: p.read_bytes() for p in best.iterdir()}
+    low = float(read_rows(run / "eval.csv")[-1]["val_loss"])
+    assert read_meta(best)["step"] == 8
+    older = run / "checkpoints" / "step_000004"
+    assert main([*base, *sets, "--set", "lr_max=0.5", "--resume-from", str(older)]) == 0  # a worse branch
+    assert float(read_rows(run / "eval.csv")[-1]["val_loss"]) > low
+    assert {p.name: p.read_bytes() for p in best.iterdir()} == kept
+    assert f"best/ (step 8, val loss {low:.4f}) stays until an evaluation is lower" in (run / "train.log").read_text()
 
 
 def test_init_from_a_hugging_face_folder(tiny_data, tmp_path):

@@ -4,6 +4,7 @@ can continue from; a checkpoint of this run can be loaded back in process (a rol
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from axiom.model.checkpoint import (
     list_checkpoints,
     load_training_state,
     prune_checkpoints,
+    read_meta,
     rng_state,
     save_training_state,
     save_weights,
@@ -69,6 +71,18 @@ def set_aside_newer(ckpt_root: Path, step: int, log: RunLog, fresh: bool = False
             target = path.with_name(f"abandoned{n}-{path.name}")
         path.rename(target)
         log.info(f"set aside {path} ({why}) as {target.name}")
+
+
+def recorded_best(ckpt_root: Path) -> tuple[int, float] | None:
+    """The step and val loss that best/ records; None where there is no readable best/."""
+    try:
+        meta = read_meta(ckpt_root / "best")
+    except AxiomError:
+        return None
+    step, loss = meta.get("step"), meta.get("val_loss")
+    if isinstance(step, int) and isinstance(loss, float) and math.isfinite(loss):
+        return step, loss
+    return None
 
 
 class Checkpointer:

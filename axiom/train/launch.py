@@ -54,7 +54,7 @@ from axiom.model.checkpoint import (
 from axiom.model.fused_loss import check_loss_kernel
 from axiom.model.transformer import Axiom
 from axiom.runtime import pick_device
-from axiom.train.checkpointer import set_aside_newer
+from axiom.train.checkpointer import recorded_best, set_aside_newer
 from axiom.train.optim import schedule_jump
 from axiom.train.parallel import Dist, from_main, init_distributed, set_model_state
 from axiom.train.plan import plan_here
@@ -303,6 +303,10 @@ def setup(
         if start is None:  # what a fresh start began from, for a --resume before the first checkpoint
             write_json_atomic(run_dir / STARTED_FROM, {"init_from": started_from(init_from)})
     step = trainer.state.step
+    best = from_main(d, lambda: recorded_best(run_dir / "checkpoints")) if start is not None else None
+    if best is not None and best[1] < trainer.state.best_val_loss:  # written after the checkpoint: kept until beaten
+        trainer.state.best_val_loss = best[1]
+        log.info(f"best/ (step {best[0]:,}, val loss {best[1]:.4f}) stays until an evaluation is lower")
     if d.main and (start is not None or skipped):  # the ones skipped too: training would overwrite them
         set_aside_newer(run_dir / "checkpoints", step if start is not None else -1, log, fresh=start is None)
     if start is not None:
