@@ -131,11 +131,11 @@ def test_a_prompt_beyond_the_models_vocabulary_is_one_line(tmp_path, capsys):
     save_model(Axiom(small), Config(small, TrainConfig()), tmp_path)
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "Hello world", "--max-new-tokens", "2"]) == 2
     assert capsys.readouterr().err == (
-        "axiom generate: error: --prompt: token id 9,906 is beyond the model's vocab_size 1,000: use a model with "
+        "axiom generate: error: --prompt: token id 9,906 is outside the model's vocab_size 1,000: use a model with "
         "cl100k_base's 100,277 ids\n"
     )
     engine = Engine(Axiom(small), max_batch=1)
-    with pytest.raises(ValueError, match="token id 9,906 is not in the model's vocabulary of 1,000 ids"):
+    with pytest.raises(ValueError, match="token id 9,906 is outside the model's vocab_size 1,000: use a model with"):
         engine.submit([9906, 1917], SamplingParams())
     assert not engine.has_work()
 

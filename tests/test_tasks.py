@@ -398,7 +398,7 @@ def test_items_that_do_not_fit_the_model(ckpt, tmp_path, capsys, monkeypatch):
     assert main(["eval", "--ckpt", str(tmp_path / "small"), "--task-file", file]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{file}:1: choice 0: token id " in err
-    assert "beyond the model's vocab_size 512: use a model with cl100k_base's 100,277 ids" in err
+    assert "outside the model's vocab_size 512: use a model with cl100k_base's 100,277 ids" in err
     assert not scored  # refused before the first file was scored
     with pytest.raises(AxiomError, match="loglikelihood request 2 of 2: the continuation is 129 tokens"):
         loglikelihoods(model, [([1], [2]), ([1], list(range(129)))])  # as lm-eval's requests reach the adapter

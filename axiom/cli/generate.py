@@ -27,7 +27,7 @@ from axiom.model.transformer import Axiom
 from axiom.runtime import pick_device
 from axiom.text.chatml import is_chat_tuned
 from axiom.text.stream import TextStream, stop_ids
-from axiom.text.tokenizer import NAME, VOCAB_SIZE, load_tokenizer
+from axiom.text.tokenizer import load_tokenizer, outside_vocabulary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,12 +48,8 @@ def run(args: argparse.Namespace) -> None:
     texts = args.prompt or [""]
     prompts = [enc.encode_ordinary(t) if t else [enc.eot_token] for t in texts]
     _check_context(prompts, model.cfg.max_seq_len, args.max_new_tokens)
-    top = max(max(p) for p in prompts)
-    if top >= model.cfg.vocab_size:  # an imported model of another vocabulary (its prefill's IndexError, before)
-        raise AxiomError(
-            f"--prompt: token id {top:,} is beyond the model's vocab_size {model.cfg.vocab_size:,}: use a model "
-            f"with {NAME}'s {VOCAB_SIZE:,} ids"
-        )
+    if problem := outside_vocabulary([t for p in prompts for t in p], model.cfg.vocab_size):
+        raise AxiomError(f"--prompt: {problem}")
     if not args.ckpt:
         noise = f"randomly initialised {preset_of(args, config_file(args))} weights; the text is noise"
         print(f"notice: no --ckpt: sampling from {noise}", file=sys.stderr)

@@ -35,7 +35,7 @@ from axiom.model.cache import KVCache
 from axiom.model.loss import output_logits
 from axiom.model.transformer import Axiom
 from axiom.runtime import autocast
-from axiom.text.tokenizer import EOS_ID, NAME, VOCAB_SIZE, load_tokenizer
+from axiom.text.tokenizer import EOS_ID, load_tokenizer, outside_vocabulary
 
 FORMATS = '{"context", "choices", "answer"} or HellaSwag\'s {"ctx", "endings", "label"}'
 HELLASWAG_RAW = ("activity_label", "ctx_a", "ctx_b")  # the original release, as llm.c downloads it
@@ -167,13 +167,7 @@ def misfit(context: list[int], continuation: list[int], max_len: int, vocab_size
             f"the continuation is {len(continuation)} tokens, more than the model's context of {max_len} (only a "
             "context is cut to fit, on the left); shorten it or leave the item out"
         )
-    top = max(max(context, default=0), max(continuation, default=0))
-    if top >= vocab_size:
-        return (
-            f"token id {top:,} is beyond the model's vocab_size {vocab_size:,}: use a model with {NAME}'s "
-            f"{VOCAB_SIZE:,} ids"
-        )
-    return None
+    return outside_vocabulary([*context, *continuation], vocab_size)
 
 
 def _groups(requests: Sequence[tuple[list[int], list[int]]], max_len: int, vocab_size: int) -> list[_Group]:

@@ -42,6 +42,7 @@ from axiom.infer.compiled import CompiledStep, Landing
 from axiom.infer.sampling import MIN_TEMPERATURE, RowSampling, greedy, pick
 from axiom.model.cache import KVCache
 from axiom.model.transformer import Axiom
+from axiom.text.tokenizer import outside_vocabulary
 
 SEED_RANGE = (-(2**63), 2**64)  # 64 bits, signed or unsigned; the draws take a seed modulo 2**64
 NO_TOP_K = (0, -1)  # top_k values that mean none, as vLLM and transformers read them
@@ -181,10 +182,8 @@ class Engine:
             raise ValueError("the prompt needs at least one token")
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room under max_len={self.max_len}")
-        vocab = self.model.cfg.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad:,} is not in the model's vocabulary of {vocab:,} ids")
+        if problem := outside_vocabulary(prompt, self.model.cfg.vocab_size):
+            raise ValueError(problem)
         budget = min(params.max_new_tokens, self.max_len - len(prompt))  # the text stays within max_len
         seed = secrets.randbits(63) if params.seed is None else params.seed
         request = Request(next(self._ids), list(prompt), params, budget, seed=seed)

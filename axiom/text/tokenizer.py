@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
@@ -60,3 +61,13 @@ def load_tokenizer(path: str | Path | None = None) -> tiktoken.Encoding:
     enc = tiktoken.Encoding(name=NAME, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=SPECIAL_TOKENS)
     assert enc.n_vocab == VOCAB_SIZE and enc.eot_token == EOS_ID
     return enc
+
+
+def outside_vocabulary(ids: Iterable[int], vocab_size: int) -> str | None:
+    """Why a model of `vocab_size` ids cannot take `ids` (an imported model of another vocabulary: its embedding
+    lookup would fail), in words; None if it can."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is None:
+        return None
+    advice = f"use a model with {NAME}'s {VOCAB_SIZE:,} ids"
+    return f"token id {bad:,} is outside the model's vocab_size {vocab_size:,}: {advice}"
