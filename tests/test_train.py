@@ -30,7 +30,7 @@ from axiom.model.checkpoint import list_checkpoints, load_model, load_training_s
 from axiom.model.transformer import Axiom, Block
 from axiom.train.evaluator import EVAL_COLUMNS
 from axiom.train.launch import train
-from axiom.train.optim import build_optimizer, lr_at
+from axiom.train.optim import _adamw8bit_step_fails, build_optimizer, lr_at
 from axiom.train.step import train_step
 
 
@@ -154,6 +154,17 @@ def test_a_run_without_bitsandbytes_plans_and_logs_torch_adamw(tiny_data, tmp_pa
     log = (run / "train.log").read_text()
     assert "notice: bitsandbytes is not usable (ModuleNotFoundError" in log and "optimizer    AdamW (torch" in log
     assert json.loads((run / "config.json").read_text())["train"]["optimizer"] == "adamw"  # what trained
+
+
+def test_adamw8bit_is_probed_once_a_process(tiny_data, tmp_path, monkeypatch):
+    """Planning the run and building its optimizer both ask whether AdamW8bit runs here: one probe step."""
+    bnb = pytest.importorskip("bitsandbytes")
+    made, real = [], bnb.optim.AdamW8bit
+    monkeypatch.setattr(bnb.optim, "AdamW8bit", lambda *a, **k: made.append(1) or real(*a, **k))
+    _adamw8bit_step_fails.cache_clear()
+    train(micro_config("optimizer=adamw8bit", "max_steps=1", "eval_interval=1"), tiny_data, tmp_path / "run")
+    assert len(made) == 2  # the probe's and the run's
+    assert "AdamW8bit (bitsandbytes)" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_non_finite_step_is_skipped_and_leaves_weights():

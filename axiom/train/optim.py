@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 
@@ -73,9 +74,16 @@ def adamw8bit_unusable(device: torch.device, fsdp: bool = False) -> str | None:
         return "FSDP shards need torch AdamW"
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its warnings concern 4-bit kernels we never use
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes  # noqa: F401
     except Exception as e:  # ImportError, or a broken native library
         return f"bitsandbytes is not usable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    return _adamw8bit_step_fails(device)
+
+
+@functools.cache  # once a process: planning and building the optimizer both ask
+def _adamw8bit_step_fails(device: torch.device) -> str | None:
+    import bitsandbytes as bnb
+
     try:
         probe = torch.nn.Parameter(torch.zeros(4096, device=device))  # 8-bit state starts at 4096 elements
         probe.grad = torch.ones_like(probe)
