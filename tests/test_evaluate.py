@@ -15,7 +15,7 @@ from conftest import micro_config, save_model
 
 from axiom.cli import main
 from axiom.data.loader import eval_batches
-from axiom.eval.loss import evaluate, token_byte_lengths
+from axiom.eval.loss import evaluate, perplexity, token_byte_lengths
 from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 from axiom.train.plot import plot_run
@@ -38,6 +38,13 @@ def test_token_byte_lengths_match_the_tokenizer():
     for text in ["Hello, world!", "naïve café — 日本語", "def f(x):\n    return x"]:
         ids = enc.encode_ordinary(text)
         assert int(lengths[torch.tensor(ids)].sum()) == len(text.encode("utf-8"))
+
+
+def test_perplexity_is_exp_of_the_loss_up_to_inf():
+    """A diverged model's perplexity is inf, not exp(700) for every loss past 700 nats (eval.csv, axiom eval)."""
+    assert perplexity(2.5) == math.exp(2.5) and perplexity(709.0) == math.exp(709.0)
+    assert perplexity(709.8) == math.inf and perplexity(4269.5) == math.inf
+    assert math.isnan(perplexity(math.nan))
 
 
 def test_evaluate_matches_plain_cross_entropy(micro_ckpt, tiny_data):

@@ -47,6 +47,14 @@ def token_byte_lengths() -> torch.Tensor:
     return torch.from_numpy(lengths)
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss); inf where that overflows a float (a loss past ~709.8 nats: a diverged model)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def val_batches(
     data_dir: str | Path, seq_len: int, batch_size: int, eval_tokens: int, vocab_size: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -88,7 +96,7 @@ def evaluate(
     loss = total_nats.item() / tokens
     return EvalResult(
         loss=loss,
-        ppl=math.exp(min(loss, 700.0)),  # exp overflows a float past ~709
+        ppl=perplexity(loss),
         bpb=total_nats.item() / math.log(2) / max(nbytes, 1),
         tokens=tokens,
         bytes=nbytes,

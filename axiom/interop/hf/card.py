@@ -8,6 +8,7 @@ from pathlib import Path
 
 from axiom.config import Config, ModelConfig, TrainConfig
 from axiom.errors import AxiomError
+from axiom.eval.loss import perplexity
 from axiom.model.checkpoint import run_dir_of
 from axiom.model.transformer import num_params
 from axiom.text.chatml import is_chat_tuned
@@ -37,7 +38,7 @@ def eval_summary(path: Path) -> dict[str, dict] | None:
             continue
         try:
             loss = float(row["val_loss"])
-            ppl = float(row["val_ppl"]) if row.get("val_ppl") else math.exp(loss)
+            ppl = float(row["val_ppl"]) if row.get("val_ppl") else perplexity(loss)
             bpb = float(row["val_bpb"]) if row.get("val_bpb") else None
             evals.append({"step": int(float(row["step"])), "val_loss": loss, "val_ppl": ppl, "val_bpb": bpb})
         except (KeyError, ValueError) as e:
