@@ -546,11 +546,17 @@ def test_an_output_that_is_a_mount_point_is_one_line_before_any_work(ckpts, tmp_
     assert list(volume.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "volume"]
 
 
-def test_cli_export_import_and_one_line_errors(ckpts, tmp_path, capsys):
+def test_cli_export_import_and_one_line_errors(ckpts, tmp_path, capsys, caplog):
     hf, ckpt = str(tmp_path / "hf"), str(tmp_path / "ckpt")
     assert main(["export", "--ckpt", str(ckpts["trained"]), "--out", hf, "--format", "llama"]) == 0
     assert main(["import", "--hf", hf, "--out", ckpt, "--set", "lr_max=1e-4"]) == 0
     assert read_meta(ckpt)["train"]["lr_max"] == 1e-4
+    # a model of 512 ids was trained with another tokenizer than the one axiom's commands use
+    assert f"notice: {hf} has 512 token ids where cl100k_base has 100,277: it was trained with another" in caplog.text
+    caplog.clear()
+    assert main(["export", "--ckpt", str(ckpts["random"]), "--out", str(tmp_path / "full"), "--format", "llama"]) == 0
+    assert main(["import", "--hf", str(tmp_path / "full"), "--out", str(tmp_path / "full-ckpt")]) == 0
+    assert "notice" not in caplog.text
     capsys.readouterr()
     assert main(["export", "--ckpt", str(ckpts["trained"]), "--out", hf]) == 2
     err = capsys.readouterr().err

@@ -7,6 +7,7 @@ these weights. A folder written by `axiom export` carries the original config.js
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from axiom.config import apply_overrides
@@ -14,6 +15,9 @@ from axiom.errors import AxiomError
 from axiom.files import check_no_overlap, check_replaceable, staged_output
 from axiom.interop.hf.folder import read_folder
 from axiom.model.checkpoint import save_weights, write_checksums
+from axiom.text.tokenizer import NAME, VOCAB_SIZE
+
+logger = logging.getLogger(__name__)
 
 
 def import_hf(src: str | Path, out: str | Path, force: bool = False, overrides: list[str] | None = None) -> Path:
@@ -27,4 +31,8 @@ def import_hf(src: str | Path, out: str | Path, force: bool = False, overrides: 
             raise AxiomError("--set may change training fields only; the model's shape comes from the weights")
         save_weights(state, new, tmp, **{**progress, "imported_from": str(src), "imported_format": fmt})
         write_checksums(tmp)
+    if cfg.model.vocab_size != VOCAB_SIZE:
+        theirs, ours = f"{cfg.model.vocab_size:,}", f"{VOCAB_SIZE:,}"
+        why = f"it was trained with another tokenizer, and axiom's commands read and write text with {NAME}"
+        logger.warning("notice: %s", f"{src} has {theirs} token ids where {NAME} has {ours}: {why}, wrongly for it")
     return out
