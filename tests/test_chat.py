@@ -255,6 +255,7 @@ BAD_ROWS = [
     ({"messages": [user(), system(), assistant()]}, "roles out of order: message 1 is system after user"),
     ({"messages": []}, "'messages' must be a non-empty list"),
     ({"text": "plain"}, "no field 'messages' or 'conversations' (found: text)"),
+    ({"messages": None}, "'messages' is null; expected a non-empty list of messages"),
     ({"messages": ["hi"]}, "message 0 is str, expected an object"),
 ]
 

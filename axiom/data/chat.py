@@ -35,6 +35,8 @@ def conversation(row: object) -> list[dict]:
     """A data row as [{"role", "content"}, ...]: `messages` (role system|user|assistant, content) or ShareGPT
     `conversations` (from system|human|gpt, value). Raises ValueError saying what is wrong with the row."""
     if not isinstance(row, dict) or not any(row.get(f) is not None for f in CHAT_FIELDS):
+        if null := [f for f in CHAT_FIELDS if isinstance(row, dict) and f in row]:  # parquet: a null cell
+            raise ValueError(f"'{null[0]}' is null; expected a non-empty list of messages")
         found = ", ".join(row) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
         raise ValueError(f"no field 'messages' or 'conversations' (found: {found})")
     sharegpt = row.get("messages") is None
