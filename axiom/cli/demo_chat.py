@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,10 +115,14 @@ def next_word(v: Verse, rng: random.Random) -> tuple[str, str] | None:
     return f"Which word comes next? {' '.join(w[:i])}", re.match(r"[A-Za-z]+", w[i]).group()
 
 
+def opening(v: Verse) -> str:
+    return " ".join(v.text.split()[:8])
+
+
 def chapter(v: Verse, rng: random.Random) -> tuple[str, str] | None:
     if v.verse != 1:
         return None
-    return f"Which book and chapter begin with: {' '.join(v.text.split()[:8])} ...?", f"{v.book} {v.chapter}"
+    return f"Which book and chapter begin with: {opening(v)} ...?", f"{v.book} {v.chapter}"
 
 
 def quote(v: Verse, rng: random.Random) -> tuple[str, str]:
@@ -137,10 +142,13 @@ TRAIN_SHARE = {"book": 1.0, "last word": 1.0, "next word": 1.0, "chapter": 0.5, 
 def questions() -> tuple[list[list[dict]], list[tuple[str, list[dict], str]]]:
     """(train conversations, held-out (kind, messages without the reply, answer)): TRAIN_PER_KIND (times the
     kind's TRAIN_SHARE) and TEST_PER_KIND of each kind; held-out questions come only from held-out verses
-    (chapters, for `chapter`). A third of them start with the system message."""
+    (chapters, for `chapter`). A third of them start with the system message. Each question is asked once (a
+    verse's text can recur under other references), and chapters that open with the same words as another are
+    not asked about: every question has one exact answer."""
     rng = random.Random(SEED)
     verses = [v for v in kjv_verses() if len(v.text.split()) <= MAX_WORDS or v.verse == 1]
-    train, test = [], []
+    openings = Counter(opening(v) for v in verses if v.verse == 1)
+    train, test, asked = [], [], set()
     for kind, make in KINDS.items():
         pool = verses[:]
         rng.shuffle(pool)
@@ -150,8 +158,9 @@ def questions() -> tuple[list[list[dict]], list[tuple[str, list[dict], str]]]:
                 break
             is_test = held_out(f"{v.book} {v.chapter}" if kind == "chapter" else v.ref)
             qa = make(v, rng) if quota[is_test] and (kind == "chapter" or len(v.text.split()) <= MAX_WORDS) else None
-            if qa is None:
+            if qa is None or qa[0] in asked or (kind == "chapter" and openings[opening(v)] > 1):
                 continue
+            asked.add(qa[0])
             quota[is_test] -= 1
             messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 1 / 3 else []
             messages.append({"role": "user", "content": qa[0]})
