@@ -148,7 +148,7 @@ def main() -> int:
     args = parse_args()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(args.preset, Path(tmp) / "ckpt")
+            ckpt = Path(args.ckpt).resolve() if args.ckpt else random_checkpoint(args.preset, Path(tmp) / "ckpt")
             expected, margin = expected_texts(ckpt, args)
             servers: dict[str, Server] = {}
             try:  # each server is stopped, whatever fails after it started
@@ -281,14 +281,15 @@ def start_axiom_serve(ckpt: Path, max_batch: int, args: argparse.Namespace) -> S
     cmd = [sys.executable, "-m", "axiom.cli", "serve", "--ckpt", str(ckpt), "--port", "0"]
     cmd += ["--max-batch", str(max_batch), "--model-name", "m", "--dtype", args.dtype]
     cmd += (["--device", args.device] if args.device else []) + (["--compile"] if args.compile else [])
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
-    )
+    errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 (open while the server runs; read if it does not start)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=errors, text=True, start_new_session=True)
     server = Server(proc, 0)
     line = proc.stdout.readline()
     if " on http://" not in line:
         server.stop()
-        raise SystemExit(f"axiom serve did not start: {line!r}")
+        errors.seek(0)
+        said = errors.read().strip().splitlines() or [repr(line)]
+        raise SystemExit(f"axiom serve did not start: {said[-1]}")
     server.port = int(line.split(" on http://")[1].split(":")[1].split("/")[0])
     return server
 

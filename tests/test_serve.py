@@ -437,15 +437,28 @@ def test_full_queue_answers_503_and_disconnects_free_their_slots(ckpt, tmp_path)
         s.stop()
 
 
+def trickled_body(port: int, body: str) -> socket.socket:
+    """A connection that sent its request's head and, once the server reads the body (its 100 Continue), the first
+    10 bytes of it: a request in flight."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"{head}Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+    reply = b""
+    while not reply.endswith(b"\r\n\r\n"):
+        reply += sock.recv(1)
+    assert reply.startswith(b"HTTP/1.1 100 "), reply
+    sock.sendall(body[:10].encode())
+    return sock
+
+
 def test_a_trickled_body_times_out_and_connections_are_capped(ckpt, tmp_path):
     """A client that sends its headers and then stops sending its body gets 408 after --body-timeout, while another
-    client is answered meanwhile; with --max-connections open, a request is answered 503 until they close."""
+    client is answered meanwhile; with a request in flight on each of --max-connections, a request is answered 503
+    until they end."""
     s = Server(ckpt, tmp_path / "stderr.txt", "--body-timeout", "1.5", "--max-connections", "4")
     body = json.dumps({"model": s.name, "prompt": "Hello", "max_tokens": 3, "temperature": 0})
     try:
-        slow = socket.create_connection(("127.0.0.1", s.port), timeout=30)
-        head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        slow.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n{body[:10]}".encode())
+        slow = trickled_body(s.port, body)
         start = time.monotonic()
         assert post_raw(s.port, body)[0] == 200  # answered while the slow body is pending
         reply = http.client.HTTPResponse(slow)
@@ -453,12 +466,39 @@ def test_a_trickled_body_times_out_and_connections_are_capped(ckpt, tmp_path):
         assert reply.status == 408 and json.loads(reply.read())["error"]["code"] == "body_timeout"
         assert 1.4 < time.monotonic() - start < 20
         slow.close()
-        idle = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(4)]
-        wait_for(lambda: post_raw(s.port, body)[0] == 503)  # once the server has taken the idle connections
-        for sock in idle:
+        busy = [trickled_body(s.port, body) for _ in range(4)]
+        wait_for(lambda: post_raw(s.port, body)[0] == 503)  # once the server has read their heads
+        for sock in busy:
             sock.close()
         wait_for(lambda: post_raw(s.port, body)[0] == 200)
     finally:
+        s.stop()
+
+
+def test_idle_connections_never_shut_a_request_out(ckpt, tmp_path):
+    """Connections beyond --max-connections close those that have waited longest for a request (a client holding
+    idle ones locked every other out, 503, until --head-timeout), never one with a request in flight."""
+    s = Server(ckpt, tmp_path / "stderr.txt", "--body-timeout", "3", "--max-connections", "4")
+    body = json.dumps({"model": s.name, "prompt": "Hello", "max_tokens": 3, "temperature": 0})
+    idle = []
+    slow = trickled_body(s.port, body)
+    try:
+        for _ in range(8):
+            idle.append(socket.create_connection(("127.0.0.1", s.port), timeout=30))
+            time.sleep(0.05)  # accepted in this order
+        assert post_raw(s.port, body)[0] == 200
+        for sock in idle[:6]:  # the four kept open: the slow one, the two newest idle ones and the request
+            assert closed_by_server(sock) < 5
+        for sock in idle[6:]:
+            sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                sock.recv(1)
+        reply = http.client.HTTPResponse(slow)
+        reply.begin()
+        assert reply.status == 408  # its request went on to its own end
+    finally:
+        for sock in (slow, *idle):
+            sock.close()
         s.stop()
 
 
@@ -473,8 +513,8 @@ def closed_by_server(sock: socket.socket) -> float:
 def test_connections_without_a_whole_head_are_closed_after_head_timeout(ckpt, tmp_path):
     """A client holding connections that send nothing, or a head a byte at a time, or nothing after a response, has
     them closed after --head-timeout (uvicorn closes none of them: idle clients could hold every connection for
-    ever); while they hold all of --max-connections, requests are answered 503, and after, 200 again."""
-    s = Server(ckpt, tmp_path / "stderr.txt", "--head-timeout", "2", "--max-connections", "4")
+    ever)."""
+    s = Server(ckpt, tmp_path / "stderr.txt", "--head-timeout", "2")
     body = json.dumps({"model": s.name, "prompt": "Hello", "max_tokens": 3, "temperature": 0})
     kept = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)  # HTTP/1.1: kept alive after its response
     held = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(2)]
@@ -482,7 +522,7 @@ def test_connections_without_a_whole_head_are_closed_after_head_timeout(ckpt, tm
         kept.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
         assert kept.getresponse().read() and kept.sock is not None
         held[1].sendall(b"POST /v1/completions HTTP/1.1\r\nHo")
-        wait_for(lambda: post_raw(s.port, body)[0] == 503)  # three held, and the one asking counts
+        time.sleep(0.5)
         held[1].sendall(b"s")  # a byte more of the head does not buy time
         for sock in (kept.sock, *held):
             assert closed_by_server(sock) < 5  # the idle one opened first, so every wait is under the limit
@@ -495,9 +535,18 @@ def test_connections_without_a_whole_head_are_closed_after_head_timeout(ckpt, tm
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits(ckpt, tmp_path):
+    """The request decoding goes on to its end; one whose body is still arriving is answered 503 at once (it held
+    the shutdown for --body-timeout)."""
     s = Server(ckpt, tmp_path / "stderr.txt")
     sock, reader = raw_stream(s.port, {"model": s.name, "prompt": "Hello", "max_tokens": 1000, "temperature": 0})
+    slow = trickled_body(s.port, json.dumps({"model": s.name, "prompt": "Hello"}))
+    start = time.monotonic()
     s.proc.send_signal(signal.SIGTERM)
+    reply = http.client.HTTPResponse(slow)
+    reply.begin()
+    assert reply.status == 503 and json.loads(reply.read())["error"]["code"] == "shutting_down"
+    assert time.monotonic() - start < 10  # not the 30 s of --body-timeout
+    slow.close()
 
     def refused() -> bool:
         try:
@@ -898,10 +947,10 @@ def test_the_model_is_named_after_its_checkpoint_not_its_path(server, ckpt, tmp_
 def test_load_with_hostile_requests_mixed_in(ckpt):
     """scripts/load_test.py, bounded: 4 clients stream greedy completions while 26 hostile requests (two of each
     kind) arrive beside them; every stream gives its prompt's text decoded alone, every hostile request its own
-    answer (the script exits 1 otherwise)."""
-    cmd = [sys.executable, "scripts/load_test.py", "--ckpt", str(ckpt), "--concurrency", "4", "--requests", "6"]
-    cmd += ["--max-tokens", "16", "--rounds", "1", "--hostile", "26", "--no-baseline", "--json"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    answer (the script exits 1 otherwise). Run from elsewhere, with the checkpoint's path relative to there."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "load_test.py"), "--ckpt", ckpt.name, "--concurrency", "4"]
+    cmd += ["--requests", "6", "--max-tokens", "16", "--rounds", "1", "--hostile", "26", "--no-baseline", "--json"]
+    done = subprocess.run(cmd, cwd=ckpt.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout)
     (level,) = report["levels"]

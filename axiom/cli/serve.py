@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-connections",
         type=int,
         default=256,
-        help="open connections at most; a request beyond them is answered 503 (default: 256)",
+        help="open connections at most: a new one beyond them closes the one waiting longest for a request, and a "
+        "request finding every other one busy is answered 503 (default: 256)",
     )
     parser.add_argument(
         "--body-timeout",
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from axiom.infer.serve import Service, build_app, with_head_timeout  # Starlette: the serve extra too
+        from axiom.infer.serve import Service, build_app, with_connection_limits  # Starlette: the serve extra too
     except ImportError:
         raise AxiomError("axiom serve needs the serve extra: pip install 'axiom-lm[serve]'") from None
 
@@ -98,11 +99,19 @@ def run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
     app = build_app(service, args.body_timeout, local_names)
     config = uvicorn.Config(
-        app, log_level="warning", timeout_graceful_shutdown=None, limit_concurrency=args.max_connections
+        app, log_level="warning", timeout_graceful_shutdown=None, limit_concurrency=args.max_connections + 1
     )
     config.load()  # picks uvicorn's HTTP protocol (httptools' if installed, else h11's), wrapped here
-    config.http_protocol_class = with_head_timeout(config.http_protocol_class, args.head_timeout)
-    server = uvicorn.Server(config)
+    config.http_protocol_class = with_connection_limits(
+        config.http_protocol_class, args.head_timeout, args.max_connections
+    )
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list | None = None) -> None:
+            service.closing.set()  # a request whose body is still arriving is answered 503, not awaited
+            await super().shutdown(sockets)
+
+    server = Server(config)
     service.start()  # compiled: after compiling
     # uvicorn re-raises the signal it shut down for once it is done; with this handler that ends in a return.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

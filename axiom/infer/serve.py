@@ -12,9 +12,10 @@ and nothing a client sends can stop the server: a body is read up to MAX_BODY_BY
 event loop every stream waits on); a request whose own row fails gets a 500 alone while the others decode on; a step
 that fails as a whole fails the requests in flight (500) and the engine starts afresh.
 
-Connections are bounded too: a request's head must arrive whole within HEAD_TIMEOUT_S (else the connection is
-closed: `with_head_timeout`) and its body within BODY_TIMEOUT_S (else 408), and `axiom serve --max-connections` caps
-open connections (uvicorn answers 503 beyond it), so idle clients cannot hold them all.
+Connections are bounded too (`with_connection_limits`): a request's head must arrive whole within HEAD_TIMEOUT_S
+(else the connection is closed) and its body within BODY_TIMEOUT_S (else 408), and `axiom serve --max-connections`
+caps open connections: a new one beyond it closes those waiting longest for a head, so idle clients cannot hold
+them all (uvicorn answers 503 only while every other connection has a request in flight).
 
 This module imports Starlette (the `serve` extra); `axiom serve` imports it only when the server starts.
 """
@@ -116,6 +117,7 @@ class Service:
         self._accepted = 0  # submitted and not yet finished
         self._jobs: dict[int, Job] = {}
         self._stopping = False
+        self.closing = asyncio.Event()  # set on the event loop when the server shuts down: no body is awaited more
         self._ready = threading.Event()
         self._warm_up_error: Exception | None = None
         self._thread = threading.Thread(target=self._loop, name="axiom-engine", daemon=True)
@@ -424,7 +426,7 @@ class OpenAiApp:
     async def answer(self, request: HttpRequest, chat: bool) -> Response:
         try:
             check_content_type(request.headers.get("content-type"))
-            raw = await read_body(request, self.body_timeout)
+            raw = await read_body(request, self.body_timeout, self.service.closing)
             # Parsing and tokenizing up to a MiB take a while: in a thread, so that the event loop, which every
             # client's stream and /health wait on, goes on meanwhile.
             spec = await asyncio.to_thread(lambda: check_request(parse_body(raw), self.service.served, chat))
@@ -473,16 +475,26 @@ class OpenAiApp:
         return error_response(ApiError(500, f"internal error ({type(exc).__name__})"))
 
 
-def with_head_timeout(protocol: type, seconds: float) -> type:
-    """uvicorn's HTTP protocol class `protocol` (h11's or httptools') closing a connection whose request head has not
-    arrived whole within `seconds` of the connection opening or of its previous response. uvicorn times out neither
-    a connection that never sends a request nor a head sent a byte at a time; either would hold one of
-    `--max-connections` for as long as its client likes."""
+def with_connection_limits(protocol: type, head_seconds: float, max_connections: int) -> type:
+    """uvicorn's HTTP protocol class `protocol` (h11's or httptools') with two limits uvicorn lacks, so that idle
+    clients cannot hold every one of `max_connections` (uvicorn's `limit_concurrency` must be one more: it answers
+    503 to a request while that many connections are open, the one asking included):
+    - a connection whose request head has not arrived whole within `head_seconds` of the connection opening or of
+      its previous response is closed (uvicorn times out neither a connection that never sends a request nor a
+      head sent a byte at a time);
+    - a new connection beyond the limit closes the connections that have waited longest for a head, so that only
+      requests in flight on every other connection make a request wait (503)."""
 
-    class HeadTimeout(protocol):
+    class Limited(protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm_head_timer()
+            excess = len(self.connections) - max_connections
+            if excess > 0:
+                idle = sorted((c for c in self.connections if c is not self and c._awaiting_head()), key=_since)
+                for other in idle[:excess]:
+                    other.transport.close()
+                    self.connections.discard(other)  # now: its connection_lost comes a loop turn later
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -500,16 +512,23 @@ def with_head_timeout(protocol: type, seconds: float) -> type:
 
         def _arm_head_timer(self) -> None:
             self._waiting_after = self.cycle  # the request before the awaited head (None: none yet)
+            self._waiting_since = self.loop.time()
             if hasattr(self, "_head_timer"):
                 self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(seconds, self._head_timed_out)
+            self._head_timer = self.loop.call_later(head_seconds, self._head_timed_out)
+
+        def _awaiting_head(self) -> bool:
+            in_flight = self.cycle is not None and not self.cycle.response_complete
+            return self.cycle is self._waiting_after and not in_flight
 
         def _head_timed_out(self) -> None:
-            in_flight = self.cycle is not None and not self.cycle.response_complete
-            if self.cycle is self._waiting_after and not in_flight:
+            if self._awaiting_head():
                 self.transport.close()
 
-    return HeadTimeout
+    def _since(connection: Limited) -> float:
+        return connection._waiting_since
+
+    return Limited
 
 
 def build_app(
@@ -518,10 +537,13 @@ def build_app(
     return OpenAiApp(service, body_timeout, local_names).starlette()
 
 
-async def read_body(request: HttpRequest, timeout: float = BODY_TIMEOUT_S) -> bytes:
+async def read_body(
+    request: HttpRequest, timeout: float = BODY_TIMEOUT_S, closing: asyncio.Event | None = None
+) -> bytes:
     """The body, refused (413) as soon as its Content-Length or the bytes received exceed MAX_BODY_BYTES: a
-    larger one is never held in memory; and refused (408) when it has not arrived whole within `timeout` seconds,
-    so that a client trickling its body does not hold its connection and handler for ever."""
+    larger one is never held in memory; refused (408) when it has not arrived whole within `timeout` seconds, so
+    that a client trickling its body does not hold its connection and handler for ever; and refused (503) once
+    `closing` is set, so that it does not hold the server's shutdown either."""
     declared = request.headers.get("content-length", "")
     too_large = ApiError(413, f"the body exceeds {MAX_BODY_BYTES:,} bytes", code="body_too_large")
     if declared.isdigit() and (len(declared) > 12 or int(declared) > MAX_BODY_BYTES):
@@ -536,10 +558,18 @@ async def read_body(request: HttpRequest, timeout: float = BODY_TIMEOUT_S) -> by
             chunks.append(piece)
         return b"".join(chunks)
 
+    body = asyncio.ensure_future(received())
+    waits = {body, asyncio.ensure_future((closing or asyncio.Event()).wait())}
     try:
-        return await asyncio.wait_for(received(), timeout)
-    except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
-        raise ApiError(408, f"the body did not arrive within {timeout:g} s", code="body_timeout") from None
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    if body.done() and not body.cancelled():
+        return body.result()  # or its ApiError
+    if closing is not None and closing.is_set():
+        raise ApiError(503, "the server is shutting down", code="shutting_down")
+    raise ApiError(408, f"the body did not arrive within {timeout:g} s", code="body_timeout")
 
 
 def error_response(e: ApiError, headers: Mapping[str, str] | None = None) -> Response:
