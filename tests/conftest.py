@@ -94,17 +94,21 @@ def _patterned_docs(n: int, seed: int) -> list[list[int]]:
     return docs
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    """A prepared directory of ~16k train and ~2k val tokens (see _patterned_docs), all ids below MICRO_VOCAB:
-    EOS is stored as id 0 instead of 100257."""
-    path = tmp_path_factory.mktemp("tiny_data")
-    manifest = write_dataset(path, _patterned_docs(400, seed=0), _patterned_docs(50, seed=1))
+def write_micro_dataset(path: Path, train: list[list[int]], val: list[list[int]]) -> Path:
+    """`write_dataset` for the micro model: all ids below MICRO_VOCAB, EOS stored as id 0 instead of 100257."""
+    manifest = write_dataset(path, train, val)
     for shard in manifest["shards"]:
         tokens = np.fromfile(path / shard["file"], dtype=TOKEN_DTYPE)
         tokens[tokens == EOS_ID] = 0
         tokens.tofile(path / shard["file"])
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A prepared directory of ~16k train and ~2k val tokens (see _patterned_docs) for the micro model."""
+    path = tmp_path_factory.mktemp("tiny_data")
+    return write_micro_dataset(path, _patterned_docs(400, seed=0), _patterned_docs(50, seed=1))
 
 
 def save_model(model: Axiom, cfg: Config, directory: str | Path, **progress) -> None:

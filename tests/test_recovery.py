@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO_VOCAB, micro_args, micro_config
+from conftest import MICRO_VOCAB, micro_args, micro_config, write_micro_dataset
 from reliability_helpers import fails, hashes
 from safetensors.torch import load_file
 
@@ -326,31 +326,57 @@ def test_data_ids_beyond_the_model_vocabulary(tiny_data, tmp_path, capsys):
     assert "\n" not in err and "the model's vocab_size is 100" in err
 
 
-@pytest.mark.parametrize("missing", ["state.pt", "model.safetensors"], ids=["newest-without-state", "no-weights"])
-def test_resume_sets_aside_a_checkpoint_missing_a_file(tiny_data, tmp_path, missing):
+def test_resume_sets_aside_a_checkpoint_missing_a_file(tiny_data, tmp_path):
     """A step folder that lacks a file is skipped like a corrupt one and set aside the same way: training reaching
     its step again writes a new one beside it, never over it."""
     run = tmp_path / "run"
     sets = micro_args("max_steps=4", "eval_interval=4", "checkpoint_interval=2", "keep_checkpoints=4")
     assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets]) == 0
-    damaged = [run / "checkpoints" / "step_000004"]
-    if missing == "model.safetensors":  # no checkpoint verifies: --resume starts fresh
-        damaged.append(run / "checkpoints" / "step_000002")
-    for d in damaged:
-        (d / missing).unlink()
-    kept = {p.relative_to(run): p.read_bytes() for d in damaged for p in d.iterdir()}
-    best = {p.name: p.read_bytes() for p in (run / "checkpoints" / "best").iterdir()}
+    damaged = run / "checkpoints" / "step_000004"
+    (damaged / "state.pt").unlink()
+    kept = {p.name: p.read_bytes() for p in damaged.iterdir()}
     assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, "--resume"]) == 0
     log = (run / "train.log").read_text()
-    for d in damaged:
-        assert f"--resume: skipped {d}, which does not verify" in log
-        assert f"set aside {d} (" in log and f") as abandoned-{d.name}" in log
-    aside = {p.relative_to(run): p.read_bytes() for d in damaged for p in d.with_name(f"abandoned-{d.name}").iterdir()}
-    assert aside == {Path(str(k).replace("step_", "abandoned-step_")): v for k, v in kept.items()}
+    assert f"--resume: skipped {damaged}, which does not verify" in log
+    assert f"set aside {damaged} (after the checkpoint training continues from) as abandoned-step_000004" in log
+    assert {p.name: p.read_bytes() for p in damaged.with_name("abandoned-step_000004").iterdir()} == kept
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2, 4]  # written anew beside them
-    if missing == "model.safetensors":  # the fresh start's first evaluation replaced the old run's best
-        assert {p.name: p.read_bytes() for p in (run / "checkpoints" / "abandoned-best").iterdir()} == best
-        assert f"set aside {run / 'checkpoints' / 'best'} (--resume starts fresh) as abandoned-best" in log
+
+
+def test_resume_where_no_checkpoint_verifies_changes_nothing(tiny_data, tmp_path, capsys):
+    """Every checkpoint damaged (a bad copy, a deleted file): --resume started the run again from step 0 and cleared
+    its csvs, exit 0; it stops in one line instead, everything as it was."""
+    run = tmp_path / "run"
+    sets = micro_args("max_steps=4", "eval_interval=2", "checkpoint_interval=2", "keep_checkpoints=4")
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets]) == 0
+    for step in ("step_000002", "step_000004"):
+        (run / "checkpoints" / step / "model.safetensors").unlink()
+    before = hashes(run)
+    capsys.readouterr()
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"axiom train: error: --resume: none of the 2 checkpoints of {run} verifies (the newest, ")
+    assert f"--init-from {run / 'checkpoints' / 'best'} and a new --out" in err and "\n" not in err
+    assert hashes(run) == before
+
+
+def test_resume_on_data_prepared_again_is_refused(tmp_path, capsys):
+    """Data prepared again between a stop and --resume (a source edited: 5 more tokens, the same number of windows)
+    was trained on at the old positions without a word."""
+    docs = [[(7 * d + i) % 500 + 1 for i in range(40)] for d in range(24)]
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_micro_dataset(data, docs, docs[:4])
+    args = ["train", "--data", str(data), "--out", str(run), *micro_args("max_steps=4", "checkpoint_interval=2")]
+    assert main([*args, "--set", "max_steps=2"]) == 0
+    shutil.rmtree(data)
+    write_micro_dataset(data, [*docs[:-1], docs[-1] + list(range(1, 6))], docs[:4])
+    before = hashes(run)
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"axiom train: error: {data} is not the data {run / 'checkpoints' / 'step_000002'} was")
+    assert "(train_tokens " in err and "\n" not in err
+    assert hashes(run) == before
 
 
 def test_resume_from_best_says_what_it_holds_and_what_to_pass(tiny_data, tmp_path, capsys):

@@ -35,6 +35,9 @@ from axiom.train.parallel import Dist, full_state, load_optimizer_state, set_mod
 from axiom.train.runlog import RunLog
 from axiom.train.state import TrainState
 
+# The fields of `data_record` that a run's data keeps from its first step to its last (its folder may move)
+DATA_IDENTITY = ("kind", "train_tokens", "val_tokens", "train_docs", "val_docs", "val_fraction", "split_seed")
+
 
 def data_record(data_dir: Path, manifest: dict) -> dict:
     """What a checkpoint says about its data, so a model card can name it without the run's command line."""
@@ -54,15 +57,12 @@ def checkpoint_record(data_dir: Path, manifest: dict) -> dict:
     return {"data": data_record(data_dir, manifest), **({"chat_template": TEMPLATE_NAME} if chat else {})}
 
 
-def set_aside_newer(ckpt_root: Path, step: int, log: RunLog, fresh: bool = False) -> None:
+def set_aside_newer(ckpt_root: Path, step: int, log: RunLog) -> None:
     """Rename the run's step folders after `step` (-1: all of them) to abandoned-step_N, so that --resume never
     picks them again (a rollback, a stop for bad steps, --resume-from an older checkpoint or --resume past ones that
-    do not verify, complete or not, leaves them behind); `fresh`, a run starting again from step 0: best too, as
-    abandoned-best, which its first evaluation would replace. Nothing is deleted."""
+    do not verify, complete or not, leaves them behind). Nothing is deleted."""
     why = "after the checkpoint training continues from" if step >= 0 else "--resume starts fresh"
     newer = [path for newer_step, path in list_checkpoints(ckpt_root, complete=False) if newer_step > step]
-    if fresh and (ckpt_root / "best").is_dir():
-        newer.append(ckpt_root / "best")
     for path in newer:
         target = path.with_name(f"abandoned-{path.name}")
         n = 1

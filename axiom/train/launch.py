@@ -54,7 +54,7 @@ from axiom.model.checkpoint import (
 from axiom.model.fused_loss import check_loss_kernel
 from axiom.model.transformer import Axiom
 from axiom.runtime import pick_device
-from axiom.train.checkpointer import recorded_best, set_aside_newer
+from axiom.train.checkpointer import DATA_IDENTITY, data_record, recorded_best, set_aside_newer
 from axiom.train.optim import schedule_jump
 from axiom.train.parallel import Dist, from_main, init_distributed, set_model_state
 from axiom.train.plan import plan_here
@@ -140,6 +140,8 @@ def find_start(
         verify_checkpoint(start, need_state=True)
     elif resume:
         start, skipped = newest_valid_checkpoint(run_dir / "checkpoints")
+        if start is None and skipped:  # hours of training, not a run killed before its first checkpoint
+            raise AxiomError(no_checkpoint_verifies(run_dir, skipped))
     else:
         start = None
     used = run_dir.is_dir() and any(run_dir.iterdir())
@@ -151,6 +153,35 @@ def find_start(
     if start is not None and used and not start.resolve().is_relative_to((run_dir / "checkpoints").resolve()):
         raise AxiomError(f"--resume-from {start}: not a checkpoint of {run_dir}; continue it into an empty --out")
     return start, skipped, used
+
+
+def no_checkpoint_verifies(run_dir: Path, skipped: list[tuple[Path, str]]) -> str:
+    """Why --resume does not start a run whose every checkpoint fails to verify afresh, and the ways on."""
+    newest, reason = skipped[0]
+    best = run_dir / "checkpoints" / "best"
+    weights = best if best.is_dir() else newest
+    return (
+        f"--resume: none of the {len(skipped)} checkpoints of {run_dir} verifies (the newest, {newest.name}: "
+        f"{reason}); nothing was changed: restore one and --resume again, start a new run from weights with "
+        f"--init-from {weights} and a new --out, or move {run_dir} away to start this run again"
+    )
+
+
+def check_same_data(start: Path, data_dir: Path, manifest: dict) -> None:
+    """Refuse to continue checkpoint `start` on other data than it trained on (prepared again from an edited source,
+    or split otherwise): the loader's position counts windows of that data. A checkpoint that records no data (an
+    older axiom's) is not checked."""
+    saved = read_meta(start).get("data")
+    if not isinstance(saved, dict):
+        return
+    now = data_record(data_dir, manifest)
+    differ = [k for k in DATA_IDENTITY if k in saved and saved[k] != now[k]]
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in differ]
+    if changed:
+        raise AxiomError(
+            f"{data_dir} is not the data {start} was trained on ({', '.join(changed)}); continue on that data, "
+            f"or start a new run (a new --out) from its weights with --init-from {start}"
+        )
 
 
 def with_data_split(cfg: Config, manifest: dict) -> tuple[Config, str | None]:
@@ -274,6 +305,7 @@ def setup(
     state = load_training_state(start) if start is not None else None  # first: a bad state.pt is refused early
     if state is not None:
         check_training_state(state, start)
+        check_same_data(start, data_dir, manifest)
     if d.world_size > 1:
         dist.barrier()  # every rank has judged the directory before rank 0 writes into it
     created = not run_dir.exists()
@@ -307,8 +339,8 @@ def setup(
     if best is not None and best[1] < trainer.state.best_val_loss:  # written after the checkpoint: kept until beaten
         trainer.state.best_val_loss = best[1]
         log.info(f"best/ (step {best[0]:,}, val loss {best[1]:.4f}) stays until an evaluation is lower")
-    if d.main and (start is not None or skipped):  # the ones skipped too: training would overwrite them
-        set_aside_newer(run_dir / "checkpoints", step if start is not None else -1, log, fresh=start is None)
+    if d.main and start is not None:  # the ones skipped too: training would overwrite them
+        set_aside_newer(run_dir / "checkpoints", step, log)
     if start is not None:
         rewind_logs(log, trainer.state)
         log.info(f"resumed from {start} at step {step:,} ({trainer.state.tokens:,} tokens)")
