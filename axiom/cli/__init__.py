@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # imports every command's module: torch, seconds
+    except KeyboardInterrupt:
+        print("axiom: interrupted", file=sys.stderr)
+        return 130
     for stream in (sys.stdin, sys.stdout):  # bytes the locale cannot decode, or an argument's it cannot encode
         with contextlib.suppress(AttributeError, ValueError):  # (surrogates): shown replaced, not a traceback
             stream.reconfigure(errors="replace")

@@ -178,7 +178,12 @@ def write_dir_atomic(final: str | Path, write: Callable[[Path], None]) -> Path:
 def read_meta(directory: str | Path) -> dict:
     """config.json of a checkpoint, as a dict (one AxiomError if it is missing or not JSON)."""
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
+    if not directory.exists():  # a mistyped path, or a step checkpoint a run pruned meanwhile
+        raise AxiomError(
+            f"checkpoint: {directory} {describe_missing(directory)}; pass a checkpoint directory written by axiom "
+            "train (a run keeps best/ and its newest keep_checkpoints step_N)"
+        )
+    if not directory.is_dir():
         raise AxiomError(f"checkpoint: {directory} {describe_missing(directory)}, not a checkpoint folder")
     if (directory / "checkpoints").is_dir() and not (directory / WEIGHTS).exists():  # its config.json is the run's
         raise AxiomError(
