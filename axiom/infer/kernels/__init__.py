@@ -91,6 +91,9 @@ def _build_and_load(wait_s: float) -> str | None:
     every later process waits for it forever. So we hold our own lock around torch's (output_lock: released by the
     kernel on any exit) and remove torch's `lock` once no process builds; a build running elsewhere is waited for
     `wait_s` seconds at most, then decoding goes on with torch's kernels."""
+    # A CUDA build of torch on a machine without CUDA warns as the module loads that it found no CUDA runtime: these
+    # kernels are CPU ones, so that line is noise on every first decode.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.cpp_extension import _get_build_directory, load  # torch's folder for a name (a private helper)
 
     deadline = time.monotonic() + wait_s
