@@ -1,6 +1,8 @@
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -142,3 +144,14 @@ def test_ctrl_c_while_the_commands_load_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(importlib, "import_module", interrupted)
     assert main(["train", "--help"]) == 130
     assert capsys.readouterr().err == "axiom: interrupted\n"
+
+
+def test_ctrl_c_at_any_moment_of_the_start_is_one_line():
+    """SIGINT while torch imports broke the import half-way: a traceback, an ImportError or an abort."""
+    cmd = [sys.executable, "-m", "axiom.cli", "info", "--preset", "tiny"]
+    for delay in (0.1, 0.3, 0.6):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+        assert (proc.returncode, err) in {(130, "axiom: interrupted\n"), (130, "axiom info: interrupted\n"), (0, "")}

@@ -81,6 +81,20 @@ def test_eval_command_json(micro_ckpt, tiny_data, capsys):
     assert f"val loss {expected.loss:.4f}" in capsys.readouterr().out
 
 
+def test_eval_json_of_a_diverged_model_is_json(micro_ckpt, tiny_data, tmp_path, capsys):
+    """A finite loss past ~709.8 nats has an infinite perplexity: null in --json (Python wrote Infinity, which JSON
+    readers refuse)."""
+    model, cfg, _ = micro_ckpt
+    diverged = Axiom(cfg.model)
+    diverged.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        diverged.embed.weight.mul_(3000.0)  # the tied output layer: logits in the tens of thousands
+    save_model(diverged, cfg, tmp_path, step=7)
+    assert main(["eval", "--ckpt", str(tmp_path), "--data", str(tiny_data), "--json", "--eval-tokens", "200"]) == 0
+    out = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"not JSON: {name}"))
+    assert math.isfinite(out["loss"]) and out["loss"] > 710 and out["ppl"] is None
+
+
 def test_eval_command_bad_data_is_one_line_error(micro_ckpt, tmp_path, capsys):
     _, _, path = micro_ckpt
     assert main(["eval", "--ckpt", str(path), "--data", str(tmp_path)]) == 2

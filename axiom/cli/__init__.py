@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import os
 import select
+import signal
 import sys
 
 from axiom import __version__
@@ -91,9 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with SIGINT held while the command modules import (torch: seconds): Ctrl-C inside a C
+    extension's import broke it half-way (an ImportError, or an abort), so it is answered once they have."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        return build_parser().parse_args(argv)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return build_parser().parse_args(argv)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a Ctrl-C meanwhile: KeyboardInterrupt now
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)  # imports every command's module: torch, seconds
+        args = parse(argv)
     except KeyboardInterrupt:
         print("axiom: interrupted", file=sys.stderr)
         return 130

@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> None:
     if args.data:
         result = val_loss(model, cfg, args)
         out |= asdict(result)
+        if math.isinf(result.ppl):  # a loss past ~709.8 nats: JSON has no inf
+            out["ppl"] = None
         lines.append(
             f"{args.ckpt} (step {out['step']}): val loss {result.loss:.4f}, ppl {result.ppl:.2f}, "
             f"bpb {result.bpb:.4f} over {result.tokens:,} tokens ({result.bytes:,} bytes)"

@@ -475,6 +475,10 @@ class OpenAiApp:
         return error_response(ApiError(500, f"internal error ({type(exc).__name__})"))
 
 
+# A new connection beyond --max-connections closes one that has waited at least this long for a request head.
+IDLE_BEFORE_CLOSED_S = 1.0
+
+
 def with_connection_limits(protocol: type, head_seconds: float, max_connections: int) -> type:
     """uvicorn's HTTP protocol class `protocol` (h11's or httptools') with two limits uvicorn lacks, so that idle
     clients cannot hold every one of `max_connections` (uvicorn's `limit_concurrency` must be one more: it answers
@@ -482,8 +486,10 @@ def with_connection_limits(protocol: type, head_seconds: float, max_connections:
     - a connection whose request head has not arrived whole within `head_seconds` of the connection opening or of
       its previous response is closed (uvicorn times out neither a connection that never sends a request nor a
       head sent a byte at a time);
-    - a new connection beyond the limit closes the connections that have waited longest for a head, so that only
-      requests in flight on every other connection make a request wait (503)."""
+    - a new connection beyond the limit closes the connections that have waited longest for a head, at least
+      IDLE_BEFORE_CLOSED_S (one that has just sent its request may not have been read yet: closing it would drop that
+      request unanswered), so that only requests in flight, or connections that opened together, make a request
+      wait (503)."""
 
     class Limited(protocol):
         def connection_made(self, transport) -> None:
@@ -491,7 +497,9 @@ def with_connection_limits(protocol: type, head_seconds: float, max_connections:
             self._arm_head_timer()
             excess = len(self.connections) - max_connections
             if excess > 0:
-                idle = sorted((c for c in self.connections if c is not self and c._awaiting_head()), key=_since)
+                waited = self.loop.time() - IDLE_BEFORE_CLOSED_S
+                idle = [c for c in self.connections if c._awaiting_head() and c._waiting_since <= waited]
+                idle.sort(key=_since)
                 for other in idle[:excess]:
                     other.transport.close()
                     self.connections.discard(other)  # now: its connection_lost comes a loop turn later
