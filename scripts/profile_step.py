@@ -25,7 +25,7 @@ from axiom.errors import run_script
 from axiom.model.transformer import Axiom
 from axiom.runtime import pick_device
 from axiom.train.parallel import Dist, parallelize
-from axiom.train.plan import local_hardware, resolve
+from axiom.train.plan import plan_here
 
 # CUDA runtime calls in which the host waits for the device (a device-to-host copy into pageable memory waits too)
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
@@ -34,8 +34,7 @@ LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaun
 
 def profiled_step(preset: str, overrides: list[str], device: torch.device, warmup: int) -> tuple[profile, float, dict]:
     """One optimizer step under torch.profiler after `warmup` steps: the profile, its wall seconds, the plan."""
-    cfg = get_config(preset, overrides)
-    plan = resolve(cfg, local_hardware(device))
+    cfg, plan, _ = plan_here(get_config(preset, overrides), device)  # the optimizer that will run here
     cfg = plan.applied(cfg)
     m, t = cfg.model, cfg.train
     torch.manual_seed(0)

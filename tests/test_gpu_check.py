@@ -248,3 +248,20 @@ def gpu_check_has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_the_profiled_step_plans_the_optimizer_that_runs_here(monkeypatch):
+    """scripts/profile_step.py planned AdamW8bit's state (2 bytes a parameter) where the step ran torch AdamW (8):
+    it plans as `axiom train` does."""
+    import torch
+
+    from axiom.config import get_config
+    from axiom.model.transformer import num_params
+
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "scripts" / "profile_step.py")
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
+    overrides = ["optimizer=adamw8bit", "n_layers=1", "seq_len=32", "micro_batch_size=1", "grad_accum_steps=1"]
+    _, _, plan = profile_step.profiled_step("tiny", overrides, torch.device("cpu"), warmup=1)
+    assert plan["memory_bytes"]["optimizer"] == 8 * num_params(get_config("tiny", overrides).model)

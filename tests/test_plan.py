@@ -140,7 +140,7 @@ def test_info_prints_the_plan_for_a_gpu_that_is_not_here(capsys):
         "plan: micro-batch 64 x 5 accumulation (auto), activation checkpointing off (auto), compile on (auto)" in text
     )
     assert "GiB predicted of 72.0 usable on cuda (80 GiB, H100-class, assumed)" in text
-    assert "tokens/s predicted at 42% MFU (assumed): the run's 7,999,979,520 tokens in about" in text
+    assert "tokens/s predicted at 42.0% MFU (assumed): the run's 7,999,979,520 tokens in about" in text
     assert main(["info", "--preset", "axiom-380m", "--gpu-memory-gib", "80", "--json"]) == 0  # implies cuda
     assert json.loads(capsys.readouterr().out)["plan"] == plan
 

@@ -151,8 +151,10 @@ def bench_generate(cfg: Config, device: torch.device, s: GenerateBench, llamacpp
 
 def call_flops(m: ModelConfig, s: GenerateBench) -> float:
     """Forward FLOPs of one generate call per prompt (a third of training's per token): the prefill of its prompt
-    (causal: half the prompt attended on average) and the n - 1 decoding steps after the first token."""
-    prefill = s.prompt_len * flops_per_token(m, s.prompt_len // 2)
+    (causal: half the prompt attended on average; the output layer for its last position only) and the n - 1
+    decoding steps after the first token."""
+    unscored = (s.prompt_len - 1) * 6 * m.vocab_size * m.d_model  # prompt positions whose logits are not computed
+    prefill = s.prompt_len * flops_per_token(m, s.prompt_len // 2) - unscored
     decoding = (s.new_tokens - 1) * flops_per_token(m, s.prompt_len + s.new_tokens // 2)
     return (prefill + decoding) / 3
 

@@ -198,7 +198,8 @@ def _print_human(r: dict) -> None:
     if r.get("decode_tokens_per_s"):
         gbs = r.get("weight_gb_per_s")
         print(f"  decode only   {r['decode_tokens_per_s']:>12,.1f} tokens/s   {r['dtype']}", end="")
-        print(f"   {r['weight_bytes_per_token'] / 1e9:.2f} GB of weights per token, {gbs:.1f} GB/s" if gbs else "")
+        weights = r["weight_bytes_per_token"] / 1e9
+        print(f"   {weights:.2f} GB of weights per decoding step, {gbs:.1f} GB/s" if gbs else "")
     if r.get("first_token_ms") is not None:
         print(f"  first tokens  {r['first_token_ms']:>12,.1f} ms (prefill of {r['batch']} x {r['prompt_len']}, warm)")
     if "ratio_vs_llamacpp" in r:

@@ -275,7 +275,7 @@ def plan_summary(cfg: Config, plan: Plan) -> list[str]:
     if plan.tokens_per_s:
         run = duration(cfg.train.planned_tokens / plan.tokens_per_s)
         lines.append(
-            f"speed {plan.tokens_per_s:,.0f} tokens/s predicted at {plan.mfu:.0%} MFU (assumed): the run's "
+            f"speed {plan.tokens_per_s:,.0f} tokens/s predicted at {plan.mfu:.1%} MFU (assumed): the run's "
             f"{cfg.train.planned_tokens:,} tokens in about {run}"
         )
     return lines
