@@ -80,7 +80,7 @@ from axiom.model.checkpoint import save_weights
 from axiom.model.transformer import Axiom
 from axiom.runtime import pick_device
 from axiom.text.stream import token_bytes
-from axiom.text.tokenizer import EOS_ID, load_tokenizer
+from axiom.text.tokenizer import EOS_ID, load_tokenizer, outside_vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -244,6 +244,8 @@ def expected_texts(ckpt: Path, args: argparse.Namespace) -> tuple[dict[str, str]
     texts, margin = {}, float("inf")
     for prompt in PROMPTS:
         ids = enc.encode_ordinary(prompt)
+        if problem := outside_vocabulary(ids, model.cfg.vocab_size):
+            raise AxiomError(f"{ckpt}: prompt {prompt!r}: {problem}")
         new = generate(model, [ids], n, temperature=0.0, eos_id=EOS_ID, engine=engine)[0]
         texts[prompt] = b"".join(token_bytes(enc, t) for t in new if t != EOS_ID).decode(errors="replace")
         with torch.no_grad():

@@ -987,6 +987,16 @@ def test_load_with_hostile_requests_mixed_in(ckpt):
     assert 0 < batched["itl_p50_s"] <= batched["itl_p95_s"] < batched["p95_s"]
 
 
+def test_load_test_on_a_model_of_another_vocabulary_is_one_line(tmp_path):
+    """Its reference texts went through `generate`, whose ValueError ended the script in a traceback."""
+    cfg = get_config("tiny", [*MICRO, "vocab_size=512"])
+    save_model(Axiom(cfg.model), cfg, tmp_path, step=0)
+    cmd = [sys.executable, str(ROOT / "scripts" / "load_test.py"), "--ckpt", str(tmp_path), "--no-baseline"]
+    done = subprocess.run([*cmd, "--rounds", "1", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "is outside the model's vocab_size 512: use a model with cl100k_base's 100,277 ids" in done.stderr
+
+
 @pytest.mark.slow
 def test_load_test_percentiles_are_nearest_rank(monkeypatch):
     """The p50 of 1..4 was 3 and the p95 of 1..20 the maximum, one rank too high."""
