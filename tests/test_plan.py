@@ -13,6 +13,7 @@ import torch
 from axiom.cli import main
 from axiom.config import get_config
 from axiom.errors import AxiomError
+from axiom.model.transformer import num_params
 from axiom.train.parallel import Dist, parallelize
 from axiom.train.plan import (
     BUSY_TOKENS,
@@ -179,3 +180,20 @@ def test_a_cpu_plan_of_the_card_is_the_same_every_time(capsys):
     assert outputs[0] == outputs[1] and outputs[0]["plan"]["compile"] is False
     with pytest.raises(AxiomError):
         get_config("axiom-380m", ["micro_batch_size=0"])
+
+
+def test_fsdp_plans_each_process_its_share():
+    """Under FSDP every rank holds 1/world_size of the weights, gradients and optimizer state, and gathers the table
+    and one block whole: the plan predicted them whole on every rank (6.8 GiB on 8 GPUs of 6 GiB: 'more than fits')."""
+    cfg = get_config("axiom-380m")
+    n = num_params(cfg.model)
+    whole = resolve(cfg, assumed_gpu(6), world_size=8)
+    sharded = resolve(get_config("axiom-380m", ["fsdp=true"]), assumed_gpu(6), world_size=8)
+    assert whole.memory["weights"] == 4 * n and whole.memory["gathered"] == 0
+    assert sharded.memory["weights"] == sharded.memory["grads"] == 4 * n // 8
+    assert sharded.memory["optimizer"] == 2 * n // 8  # AdamW8bit's bytes a parameter, as planned (launch falls back)
+    block = (num_params(cfg.model, non_embedding=True) - cfg.model.d_model) // cfg.model.n_layers
+    assert sharded.memory["gathered"] == 8 * (cfg.model.vocab_size * cfg.model.d_model + block)
+    assert sharded.micro_batch_size >= whole.micro_batch_size and sharded.fits
+    one = resolve(get_config("axiom-380m", ["fsdp=true"]), assumed_gpu(6))
+    assert one.memory == resolve(cfg, assumed_gpu(6)).memory  # one process: nothing to shard

@@ -30,7 +30,7 @@ from axiom.model.checkpoint import list_checkpoints, load_model, load_training_s
 from axiom.model.transformer import Axiom, Block
 from axiom.train.evaluator import EVAL_COLUMNS
 from axiom.train.launch import train
-from axiom.train.optim import _adamw8bit_step_fails, build_optimizer, lr_at
+from axiom.train.optim import _adamw8bit_step_fails, build_optimizer, check_resumable, lr_at
 from axiom.train.step import train_step
 
 
@@ -165,6 +165,16 @@ def test_adamw8bit_is_probed_once_a_process(tiny_data, tmp_path, monkeypatch):
     train(micro_config("optimizer=adamw8bit", "max_steps=1", "eval_interval=1"), tiny_data, tmp_path / "run")
     assert len(made) == 2  # the probe's and the run's
     assert "AdamW8bit (bitsandbytes)" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_an_adamw8bit_checkpoint_under_fsdp_names_fsdp_as_the_reason():
+    """FSDP builds torch AdamW whether or not bitsandbytes works: the message blamed bitsandbytes and advised
+    installing it."""
+    with pytest.raises(AxiomError, match=r"run: .*and FSDP shards need torch AdamW; resume it without FSDP"):
+        check_resumable("AdamW8bit (bitsandbytes)", "AdamW (torch, fused)", "run", fsdp=True)
+    with pytest.raises(AxiomError, match="bitsandbytes is not usable here"):
+        check_resumable("AdamW8bit (bitsandbytes)", "AdamW (torch, fused)", "run")
+    check_resumable("AdamW (torch, fused)", "AdamW (torch, fused)", "run", fsdp=True)  # nothing to say
 
 
 def test_non_finite_step_is_skipped_and_leaves_weights():

@@ -136,11 +136,15 @@ def resumable_config(cfg: TrainConfig, saved_optimizer: str | None) -> TrainConf
     return cfg
 
 
-def check_resumable(saved_optimizer: str | None, built: str, where: str) -> None:
+def check_resumable(saved_optimizer: str | None, built: str, where: str, fsdp: bool = False) -> None:
     """A checkpoint of AdamW8bit's 8-bit state cannot continue in torch AdamW: a clear error, not a KeyError."""
-    if saved_optimizer is not None and saved_optimizer.startswith("AdamW8bit") and not built.startswith("AdamW8bit"):
-        raise AxiomError(
-            f"{where}: the run was trained with {saved_optimizer}, whose state torch AdamW cannot take, and "
-            "bitsandbytes is not usable here (see the notice above); install it (pip install 'axiom-lm[bnb]') to "
-            "resume, or start a new run from these weights with --init-from"
-        )
+    if saved_optimizer is None or not saved_optimizer.startswith("AdamW8bit") or built.startswith("AdamW8bit"):
+        return
+    if fsdp:
+        way = "FSDP shards need torch AdamW; resume it without FSDP (--set fsdp=false: DDP or one process)"
+    else:
+        way = "bitsandbytes is not usable here (see the notice above); install it (pip install 'axiom-lm[bnb]')"
+    raise AxiomError(
+        f"{where}: the run was trained with {saved_optimizer}, whose state torch AdamW cannot take, and {way} to "
+        "resume, or start a new run from these weights with --init-from"
+    )

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from axiom.config import AUTO, Config
+from axiom.config import AUTO, Config, TrainConfig
 from axiom.model.loss import chunk_rows, default_vocab_multiple, padded_vocab
 from axiom.model.transformer import flops_per_token, num_params
 from axiom.runtime import GPU_BF16_PEAK_TFLOPS, gpu_peak_flops
@@ -159,7 +159,7 @@ def resolve(cfg: Config, hardware: Hardware, world_size: int = 1) -> Plan:
         compile=compile_,
         loss_kernel=AUTO_LOSS_KERNEL if t.loss_kernel == AUTO else t.loss_kernel,
         chosen=chosen,
-        memory=training_memory_bytes(cfg, micro, checkpointing, hardware.kind, compile_),
+        memory=training_memory_bytes(cfg, micro, checkpointing, hardware.kind, compile_, _shards(t, world_size)),
         usable_bytes=int(hardware.memory_bytes * MEMORY_HEADROOM),
         mfu=mfu,
         tokens_per_s=tokens_per_s,
@@ -173,7 +173,8 @@ def _split(cfg: Config, hardware: Hardware, world_size: int, compiled: bool) -> 
     usable = hardware.memory_bytes * MEMORY_HEADROOM
 
     def fits(micro: int, checkpointing: bool) -> bool:
-        return training_memory_bytes(cfg, micro, checkpointing, hardware.kind, compiled)["total"] <= usable
+        shards = _shards(t, world_size)
+        return training_memory_bytes(cfg, micro, checkpointing, hardware.kind, compiled, shards)["total"] <= usable
 
     if t.micro_batch_size != AUTO:
         given = t.gradient_checkpointing
@@ -196,6 +197,11 @@ def _split(cfg: Config, hardware: Hardware, world_size: int, compiled: bool) -> 
     return plain or 1, plain is None  # nothing larger fits either way: the one that fits, or 1 checkpointed
 
 
+def _shards(t: TrainConfig, world_size: int) -> int:
+    """How many ways FSDP splits the weights, gradients and optimizer state (1: every process holds them whole)."""
+    return world_size if t.fsdp and world_size > 1 else 1
+
+
 def smaller_micro_batch(micro_batch_size: int) -> int | None:
     """The micro-batch after an out-of-memory: the largest divisor of `micro_batch_size` up to half of it (so the
     micro-batches read still split evenly: 16 -> 8, 40 -> 20, 5 -> 1); None at 1."""
@@ -203,7 +209,7 @@ def smaller_micro_batch(micro_batch_size: int) -> int | None:
 
 
 def training_memory_bytes(
-    cfg: Config, micro_batch_size: int, checkpointing: bool, device_type: str, compiled: bool = False
+    cfg: Config, micro_batch_size: int, checkpointing: bool, device_type: str, compiled: bool = False, shards: int = 1
 ) -> dict[str, int]:
     """Predicted peak training memory per device, by part, as it stands in the forward of a step's second
     micro-batch (the gradients of the first are held): fp32 weights and grads, optimizer state, the bf16 copies of
@@ -213,7 +219,9 @@ def training_memory_bytes(
     recomputed; SDPA keeps no attention scores), and the chunked loss (a chunk's fp32 logits block over the
     padded vocabulary, its low-precision gradient under autocast, and the fp32 gradient of the table). A step of
     one micro-batch peaks lower: its gradients appear as the activations go. The fused loss kernels are predicted as
-    ours (`axiom bench loss` measures their memory)."""
+    ours (`axiom bench loss` measures their memory). Under FSDP (`shards` > 1) each process holds its share of the
+    weights, gradients and optimizer state, and gathers whole the ones in use: the token table (the root's) and one
+    block, with their gradients."""
     m, t = cfg.model, cfg.train
     low = device_type == "cuda" and t.dtype != "float32"  # autocast runs on CUDA only
     n = num_params(m)
@@ -223,10 +231,12 @@ def training_memory_bytes(
     columns = padded_vocab(m.vocab_size, default_vocab_multiple(device_type))
     rows = min(tokens, chunk_rows(device_type))
     loss = rows * columns * (6 if low else 4) + 4 * m.vocab_size * m.d_model
+    in_use = m.vocab_size * m.d_model + (num_params(m, non_embedding=True) - m.d_model) // m.n_layers
     parts = {
-        "weights": 4 * n,
-        "grads": 4 * n,
-        "optimizer": OPTIMIZER_STATE_BYTES[t.optimizer] * n,
+        "weights": 4 * n // shards,
+        "grads": 4 * n // shards,
+        "optimizer": OPTIMIZER_STATE_BYTES[t.optimizer] * n // shards,
+        "gathered": 8 * in_use if shards > 1 else 0,
         "casts": 2 * num_params(m, non_embedding=True) if low and not checkpointing else 0,
         "activations": activations,
         "loss": loss,

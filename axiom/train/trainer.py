@@ -117,7 +117,7 @@ class Trainer:
         self.optimizer, self.optimizer_name = build_optimizer(
             self.raw, resumable_config(t, saved_optimizer), device, fsdp=fsdp
         )
-        check_resumable(saved_optimizer, self.optimizer_name, str(run_dir))
+        check_resumable(saved_optimizer, self.optimizer_name, str(run_dir), fsdp)
         loader = ChatLoader if self.chat else TrainLoader
         self.loader = loader(
             data_dir,
