@@ -496,20 +496,24 @@ def test_idle_connections_never_shut_a_request_out(ckpt, tmp_path):
     body = json.dumps({"model": s.name, "prompt": "Hello", "max_tokens": 3, "temperature": 0})
     head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     request = f"{head}Content-Length: {len(body)}\r\n\r\n{body}".encode()
-    for _ in range(3):
-        burst = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(6)]
-        for sock in burst:
-            sock.sendall(request)
-        statuses = [answer_status(sock) for sock in burst]
-        for sock in burst:
-            sock.close()
-        assert None not in statuses and set(statuses) <= {200, 503}, statuses
-    idle = []
-    slow = trickled_body(s.port, body)
+    sockets: list[socket.socket] = []  # closed at the end, whatever fails
     try:
+        for _ in range(3):
+            burst = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(6)]
+            sockets += burst
+            for sock in burst:
+                sock.sendall(request)
+            statuses = [answer_status(sock) for sock in burst]
+            assert None not in statuses and set(statuses) <= {200, 503}, statuses
+            for sock in burst:
+                sock.close()
+        slow = trickled_body(s.port, body)
+        sockets.append(slow)
+        idle = []
         for _ in range(8):
             idle.append(socket.create_connection(("127.0.0.1", s.port), timeout=30))
             time.sleep(0.05)  # accepted in this order
+        sockets += idle
         time.sleep(IDLE_BEFORE_CLOSED_S)  # younger ones may hold a request not read yet: they are not closed
         assert post_raw(s.port, body)[0] == 200
         for sock in idle[:6]:  # the four kept open: the slow one, the two newest idle ones and the request
@@ -522,7 +526,7 @@ def test_idle_connections_never_shut_a_request_out(ckpt, tmp_path):
         reply.begin()
         assert reply.status == 408  # its request went on to its own end
     finally:
-        for sock in (slow, *idle):
+        for sock in sockets:
             sock.close()
         s.stop()
 
