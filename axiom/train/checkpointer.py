@@ -60,17 +60,17 @@ def checkpoint_record(data_dir: Path, manifest: dict) -> dict:
 def set_aside_newer(ckpt_root: Path, step: int, log: RunLog) -> None:
     """Rename the run's step folders after `step` (-1: all of them) to abandoned-step_N, so that --resume never
     picks them again (a rollback, a stop for bad steps, --resume-from an older checkpoint or --resume past ones that
-    do not verify, complete or not, leaves them behind). Nothing is deleted."""
+    do not verify, complete or not, leaves them behind); nothing is deleted."""
     why = "after the checkpoint training continues from" if step >= 0 else "--resume starts fresh"
-    newer = [path for newer_step, path in list_checkpoints(ckpt_root, complete=False) if newer_step > step]
-    for path in newer:
-        target = path.with_name(f"abandoned-{path.name}")
-        n = 1
-        while target.exists():
-            n += 1
-            target = path.with_name(f"abandoned{n}-{path.name}")
-        path.rename(target)
-        log.info(f"set aside {path} ({why}) as {target.name}")
+    for newer_step, path in list_checkpoints(ckpt_root, complete=False):
+        if newer_step > step:
+            target = path.with_name(f"abandoned-{path.name}")
+            n = 1
+            while target.exists():
+                n += 1
+                target = path.with_name(f"abandoned{n}-{path.name}")
+            path.rename(target)
+            log.info(f"set aside {path} ({why}) as {target.name}")
 
 
 def recorded_best(ckpt_root: Path) -> tuple[int, float] | None:

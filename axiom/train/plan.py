@@ -171,9 +171,9 @@ def _split(cfg: Config, hardware: Hardware, world_size: int, compiled: bool) -> 
     """The micro-batch and activation checkpointing: as given, or chosen where auto."""
     t = cfg.train
     usable = hardware.memory_bytes * MEMORY_HEADROOM
+    shards = _shards(t, world_size)
 
     def fits(micro: int, checkpointing: bool) -> bool:
-        shards = _shards(t, world_size)
         return training_memory_bytes(cfg, micro, checkpointing, hardware.kind, compiled, shards)["total"] <= usable
 
     if t.micro_batch_size != AUTO:
@@ -231,13 +231,14 @@ def training_memory_bytes(
     columns = padded_vocab(m.vocab_size, default_vocab_multiple(device_type))
     rows = min(tokens, chunk_rows(device_type))
     loss = rows * columns * (6 if low else 4) + 4 * m.vocab_size * m.d_model
-    in_use = m.vocab_size * m.d_model + (num_params(m, non_embedding=True) - m.d_model) // m.n_layers
+    body = num_params(m, non_embedding=True)
+    gathered = m.vocab_size * m.d_model + (body - m.d_model) // m.n_layers if shards > 1 else 0  # table, one block
     parts = {
         "weights": 4 * n // shards,
         "grads": 4 * n // shards,
         "optimizer": OPTIMIZER_STATE_BYTES[t.optimizer] * n // shards,
-        "gathered": 8 * in_use if shards > 1 else 0,
-        "casts": 2 * num_params(m, non_embedding=True) if low and not checkpointing else 0,
+        "gathered": 8 * gathered,
+        "casts": 2 * body if low and not checkpointing else 0,
         "activations": activations,
         "loss": loss,
     }
