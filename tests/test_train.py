@@ -170,7 +170,8 @@ def test_adamw8bit_is_probed_once_a_process(tiny_data, tmp_path, monkeypatch):
 def test_an_adamw8bit_checkpoint_under_fsdp_names_fsdp_as_the_reason():
     """FSDP builds torch AdamW whether or not bitsandbytes works: the message blamed bitsandbytes and advised
     installing it."""
-    with pytest.raises(AxiomError, match=r"run: .*and FSDP shards need torch AdamW; resume it without FSDP"):
+    fsdp = r"run: .*and FSDP shards need torch AdamW: leave FSDP out \(--set fsdp=false: DDP or one process\) to resume"
+    with pytest.raises(AxiomError, match=fsdp):
         check_resumable("AdamW8bit (bitsandbytes)", "AdamW (torch, fused)", "run", fsdp=True)
     with pytest.raises(AxiomError, match="bitsandbytes is not usable here"):
         check_resumable("AdamW8bit (bitsandbytes)", "AdamW (torch, fused)", "run")

@@ -141,7 +141,7 @@ def check_resumable(saved_optimizer: str | None, built: str, where: str, fsdp: b
     if saved_optimizer is None or not saved_optimizer.startswith("AdamW8bit") or built.startswith("AdamW8bit"):
         return
     if fsdp:
-        way = "FSDP shards need torch AdamW; resume it without FSDP (--set fsdp=false: DDP or one process)"
+        way = "FSDP shards need torch AdamW: leave FSDP out (--set fsdp=false: DDP or one process)"
     else:
         way = "bitsandbytes is not usable here (see the notice above); install it (pip install 'axiom-lm[bnb]')"
     raise AxiomError(
