@@ -454,7 +454,7 @@ def trickled_body(port: int, body: str) -> socket.socket:
 def test_a_trickled_body_times_out_and_connections_are_capped(ckpt, tmp_path):
     """A client that sends its headers and then stops sending its body gets 408 after --body-timeout, while another
     client is answered meanwhile; with a request in flight on each of --max-connections, a request is answered 503
-    until they end."""
+    (JSON, `busy`) until they end."""
     s = Server(ckpt, tmp_path / "stderr.txt", "--body-timeout", "1.5", "--max-connections", "4")
     body = json.dumps({"model": s.name, "prompt": "Hello", "max_tokens": 3, "temperature": 0})
     try:
@@ -468,11 +468,14 @@ def test_a_trickled_body_times_out_and_connections_are_capped(ckpt, tmp_path):
         slow.close()
         busy = [trickled_body(s.port, body) for _ in range(4)]
         wait_for(lambda: post_raw(s.port, body)[0] == 503)  # once the server has read their heads
+        refused = post_raw(s.port, body)
+        assert refused[0] == 503 and json.loads(refused[1])["error"]["code"] == "busy"  # OpenAI's shape, as others
         for sock in busy:
             sock.close()
         wait_for(lambda: post_raw(s.port, body)[0] == 200)
     finally:
         s.stop()
+    assert "concurrency" not in (tmp_path / "stderr.txt").read_text()  # no warning per refusal
 
 
 def answer_status(sock: socket.socket) -> int | None:
@@ -593,6 +596,33 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(ckpt, tmp_path):
     assert s.proc.wait(timeout=30) == 0
     assert "stopped after 1 requests" in s.proc.stdout.read()
     s.proc.stdout.close()
+
+
+def test_a_second_ctrl_c_answers_what_still_decodes_and_exits(ckpt, tmp_path):
+    """The first Ctrl-C waits for the requests in flight; a second answers them now: 503 `shutting_down` (JSON)
+    to those not yet streaming, an error event and [DONE] to the one streaming, and exits 130 without a traceback
+    (they were cancelled unanswered: plain-text 500s and uvicorn's "Exception in ASGI application" per request)."""
+    s = Server(ckpt, tmp_path / "stderr.txt", "--max-batch", "1")
+    body = {"model": s.name, "prompt": "Hello", "max_tokens": 4000, "temperature": 0}
+    streaming = raw_stream(s.port, body)
+    queued = [raw_stream(s.port, body, wait=False) for _ in range(3)]  # behind it: the status comes with a token
+    try:
+        s.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(timeout=30) == 130
+        events = [e.strip() for e in streaming[1].read().split(b"\n\n") if e.strip()]
+        error = json.loads(events[-3].removeprefix(b"data: "))
+        assert error["error"]["code"] == "shutting_down" and events[-1] == b"data: [DONE]"
+        for _, reader in queued:
+            head, _, answer = reader.read().partition(b"\r\n\r\n")
+            assert b" 503 " in head.split(b"\r\n")[0] and json.loads(answer)["error"]["code"] == "shutting_down"
+    finally:
+        for sock, _ in [streaming, *queued]:
+            sock.close()
+        s.stop()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in stderr and stderr.rstrip().endswith("axiom serve: interrupted"), stderr
 
 
 async def job_events(service, job) -> list:

@@ -1,12 +1,14 @@
 """`axiom serve`: a checkpoint over the OpenAI API (axiom/infer/serve.py), on one port until SIGTERM or Ctrl-C.
 
 SIGTERM stops accepting connections, lets the requests in flight finish, then exits 0 (Ctrl-C does the same and
-exits 130). Starlette and uvicorn (the `serve` extra) are imported only when the server starts.
+exits 130; a second Ctrl-C answers the requests still decoding 503 and exits at once). Starlette and uvicorn (the
+`serve` extra) are imported only when the server starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import logging
 import math
@@ -22,6 +24,8 @@ from axiom.infer.fast import load_for_inference
 from axiom.infer.openai_api import BODY_TIMEOUT_S, HEAD_TIMEOUT_S
 from axiom.model.checkpoint import run_dir_of
 from axiom.text.chatml import is_chat_tuned
+
+ABANDON_WAIT_S = 1.0  # a forced stop waits this long for the handlers to send their 503s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,9 +102,8 @@ def run(args: argparse.Namespace) -> None:
     host, port = sock.getsockname()[:2]
     logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
     app = build_app(service, args.body_timeout, local_names)
-    config = uvicorn.Config(
-        app, log_level="warning", timeout_graceful_shutdown=None, limit_concurrency=args.max_connections + 1
-    )
+    # No lifespan: the app has no start-up or shutdown hooks, and a forced stop would log its task's cancellation.
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None, lifespan="off")
     config.load()  # picks uvicorn's HTTP protocol (httptools' if installed, else h11's), wrapped here
     config.http_protocol_class = with_connection_limits(
         config.http_protocol_class, args.head_timeout, args.max_connections
@@ -110,6 +113,10 @@ def run(args: argparse.Namespace) -> None:
         async def shutdown(self, sockets: list | None = None) -> None:
             service.closing.set()  # a request whose body is still arriving is answered 503, not awaited
             await super().shutdown(sockets)
+            if self.force_exit:  # a second Ctrl-C: what still decodes is answered 503 now, not cut off unanswered
+                service.abandon()
+                if self.server_state.tasks:
+                    await asyncio.wait(self.server_state.tasks, timeout=ABANDON_WAIT_S)
 
     server = Server(config)
     service.start()  # compiled: after compiling

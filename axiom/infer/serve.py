@@ -15,7 +15,7 @@ that fails as a whole fails the requests in flight (500) and the engine starts a
 Connections are bounded too (`with_connection_limits`): a request's head must arrive whole within HEAD_TIMEOUT_S
 (else the connection is closed) and its body within BODY_TIMEOUT_S (else 408), and `axiom serve --max-connections`
 caps open connections: a new one beyond it closes those waiting longest for a head, so idle clients cannot hold
-them all (uvicorn answers 503 only while every other connection has a request in flight).
+them all (a request is answered 503 only while every other connection has a request in flight).
 
 This module imports Starlette (the `serve` extra); `axiom serve` imports it only when the server starts.
 """
@@ -35,6 +35,7 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -64,6 +65,11 @@ from axiom.text.chatml import TEMPLATE_NAME
 from axiom.text.stream import TextStream
 
 log = logging.getLogger(__name__)
+
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", code="shutting_down")
 
 
 # ---- the engine thread
@@ -111,12 +117,13 @@ class Service:
         self.capacity = max_batch + max_queue
         self.engine = Engine(model, max_batch=max_batch, compile=compile)
         self.finished = 0
-        self._inbox: queue.SimpleQueue[tuple[str, Job]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[str, Job | None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._accepted = 0  # submitted and not yet finished
         self._jobs: dict[int, Job] = {}
         self._stopping = False
+        self._abandoned = False
         self.closing = asyncio.Event()  # set on the event loop when the server shuts down: no body is awaited more
         self._ready = threading.Event()
         self._warm_up_error: Exception | None = None
@@ -149,6 +156,8 @@ class Service:
 
     def submit(self, job: Job) -> None:
         """Hand a job to the engine thread; 503 when max_batch + max_queue requests are already accepted."""
+        if self._abandoned:
+            raise shutting_down()
         with self._lock:
             if self._accepted >= self.capacity:
                 raise ApiError(503, "the server is busy: all slots and the queue are full; retry later", code="busy")
@@ -158,6 +167,14 @@ class Service:
 
     def cancel(self, job: Job) -> None:
         self._inbox.put(("cancel", job))
+        self._wake.set()
+
+    def abandon(self) -> None:
+        """Answer every request accepted 503 and stop decoding it (the server is made to stop now: a second
+        Ctrl-C), so that its handler ends with an answer rather than being cancelled mid-request. On the event loop,
+        as `submit`: a request submitted before this is in the inbox before it, one after is refused."""
+        self._abandoned = True
+        self._inbox.put(("abandon", None))
         self._wake.set()
 
     def _loop(self) -> None:
@@ -215,6 +232,11 @@ class Service:
                     self._finish(job)
                     continue
                 self._jobs[job.request.id] = job
+            elif kind == "abandon":
+                for held in list(self._jobs.values()):
+                    self.engine.cancel(held.request)
+                    held.post(shutting_down())
+                    self._finish(held)
             elif job.request is not None and not job.request.done:
                 self.engine.cancel(job.request)
                 log.info("request %d cancelled after %d tokens", job.request.id, len(job.request.tokens))
@@ -480,20 +502,21 @@ IDLE_BEFORE_CLOSED_S = 1.0
 
 
 def with_connection_limits(protocol: type, head_seconds: float, max_connections: int) -> type:
-    """uvicorn's HTTP protocol class `protocol` (h11's or httptools') with two limits uvicorn lacks, so that idle
-    clients cannot hold every one of `max_connections` (uvicorn's `limit_concurrency` must be one more: it answers
-    503 to a request while that many connections are open, the one asking included):
+    """uvicorn's HTTP protocol class `protocol` (h11's or httptools') with limits uvicorn lacks, so that idle
+    clients cannot hold every one of `max_connections` (uvicorn's own `limit_concurrency` is left unset: its 503 is
+    plain text, and it logs a warning per refusal):
     - a connection whose request head has not arrived whole within `head_seconds` of the connection opening or of
       its previous response is closed (uvicorn times out neither a connection that never sends a request nor a
       head sent a byte at a time);
     - a new connection beyond the limit closes the connections that have waited longest for a head, at least
       IDLE_BEFORE_CLOSED_S (one that has just sent its request may not have been read yet: closing it would drop that
       request unanswered), so that only requests in flight, or connections that opened together, make a request
-      wait (503)."""
+      wait: it is answered 503 (`code: "busy"`, in OpenAI's shape) and its connection closed."""
 
     class Limited(protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            self.app = partial(_within_limit, self.app, self.connections)
             self._arm_head_timer()
             excess = len(self.connections) - max_connections
             if excess > 0:
@@ -536,6 +559,13 @@ def with_connection_limits(protocol: type, head_seconds: float, max_connections:
     def _since(connection: Limited) -> float:
         return connection._waiting_since
 
+    async def _within_limit(app, connections: set, scope, receive, send) -> None:
+        if len(connections) <= max_connections:  # the asking one counted
+            await app(scope, receive, send)
+            return
+        busy = ApiError(503, "the server is busy: every connection has a request in flight; retry later", code="busy")
+        await error_response(busy, {"connection": "close"})(scope, receive, send)
+
     return Limited
 
 
@@ -576,7 +606,7 @@ async def read_body(
     if body.done() and not body.cancelled():
         return body.result()  # or its ApiError
     if closing is not None and closing.is_set():
-        raise ApiError(503, "the server is shutting down", code="shutting_down")
+        raise shutting_down()
     raise ApiError(408, f"the body did not arrive within {timeout:g} s", code="body_timeout")
 
 
