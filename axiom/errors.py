@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import NoReturn
 
 
 class AxiomError(Exception):
     """A user-facing error: bad input, config or file, with what to do about it."""
+
+
+def require(module: str, what: str, install: str, or_else: str | None = None) -> ModuleType:
+    """`module`, imported now for `what` (a command or option, as the user wrote it); where it or a package it
+    imports is not installed, one AxiomError naming `module` instead. `install` is what pip should install:
+    "axiom-lm[EXTRA]" for a package in one of pyproject.toml's extras, else the package itself."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:  # an installed package that fails otherwise says why in its own traceback
+        raise _not_installed(module, what, install, or_else) from None
+
+
+def require_installed(module: str, what: str, install: str, or_else: str | None = None) -> None:
+    """`require` without the import: where importing takes seconds, or would add to the memory a benchmark measures,
+    before the module is needed."""
+    if importlib.util.find_spec(module) is None:
+        raise _not_installed(module, what, install, or_else)
+
+
+def _not_installed(name: str, what: str, install: str, or_else: str | None = None) -> AxiomError:
+    """The one line for a missing optional package; `or_else`: another way that needs none."""
+    alternative = f", or {or_else}" if or_else else ""
+    return AxiomError(f"{what} needs {name}, which is not installed: pip install {shlex.quote(install)}{alternative}")
 
 
 def run_script(main: Callable[[], int | None], prog: str | None = None) -> NoReturn:

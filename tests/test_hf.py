@@ -497,7 +497,9 @@ def test_export_without_the_hf_extra_is_one_line(ckpts, tmp_path, capsys, monkey
     out = tmp_path / "out"
     assert main(["export", "--ckpt", str(ckpts["trained"]), "--out", str(out), "--format", fmt]) == 2
     err = capsys.readouterr().err
-    assert err == f"axiom export: error: --format {fmt} needs transformers: pip install 'axiom-lm[hf]'\n"
+    assert err == (
+        f"axiom export: error: --format {fmt} needs transformers, which is not installed: pip install 'axiom-lm[hf]'\n"
+    )
     assert list(tmp_path.iterdir()) == []
 
 

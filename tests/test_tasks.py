@@ -268,7 +268,7 @@ def test_tasks_without_a_usable_lm_eval_is_one_line(ckpt, tmp_path, capsys, monk
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     assert main(args) == 2
     assert capsys.readouterr().err == (
-        "axiom eval: error: --tasks needs lm-evaluation-harness: pip install 'axiom-lm[eval]'\n"
+        "axiom eval: error: --tasks needs lm_eval, which is not installed: pip install 'axiom-lm[eval]'\n"
     )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import sys
 from typing import TypeVar
@@ -37,7 +36,7 @@ from axiom.cli.args import (
 )
 from axiom.config import Config
 from axiom.dtypes import BENCH_DTYPES, describe, dtype_name
-from axiom.errors import AxiomError
+from axiom.errors import AxiomError, require_installed
 from axiom.runtime import pick_device
 
 T = TypeVar("T")
@@ -133,8 +132,8 @@ def run(args: argparse.Namespace) -> None:
         least = 0 if name == "warmup" else 1
         if value is not None and value < least:
             raise AxiomError(f"--{name.replace('_', '-')}={value} must be at least {least}")
-    if getattr(args, "vs_hf", False) and importlib.util.find_spec("transformers") is None:  # before ours is timed
-        raise AxiomError("--vs-hf needs transformers: pip install 'axiom-lm[hf]'")
+    if getattr(args, "vs_hf", False):  # before ours is timed; imported after, not to count in our peak memory
+        require_installed("transformers", "--vs-hf", "axiom-lm[hf]")
     cfg = config_from_args(args)
     device = pick_device(args.device)
     if args.threads:

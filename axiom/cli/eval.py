@@ -6,7 +6,6 @@ files scored natively (`--task-file`, axiom/eval/tasks.py); docs/evaluation.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 from dataclasses import asdict
@@ -16,7 +15,7 @@ import torch
 from axiom.cli.args import add_device_argument
 from axiom.config import Config
 from axiom.data.loader import masks_documents, read_manifest
-from axiom.errors import AxiomError
+from axiom.errors import AxiomError, require
 from axiom.eval.loss import EvalResult, evaluate
 from axiom.eval.tasks import (
     TASK_BATCH,
@@ -90,11 +89,10 @@ def run(args: argparse.Namespace) -> None:
         read_manifest(args.data)  # clear errors before the model loads
     task_items = {path: read_task_file(path)[: args.limit] for path in args.task_file}
     if tasks:
+        require("lm_eval", "--tasks", "axiom-lm[eval]")
         try:
-            from axiom.eval.harness import check_hub, run_tasks  # lm-eval: the optional eval extra
+            from axiom.eval.harness import check_hub, run_tasks
         except ImportError as e:
-            if importlib.util.find_spec("lm_eval") is None:
-                raise AxiomError("--tasks needs lm-evaluation-harness: pip install 'axiom-lm[eval]'") from None
             raise AxiomError(
                 f"--tasks: lm-evaluation-harness is installed but does not import as axiom needs it ({e}); it needs "
                 "lm-eval 0.4.10 or later: pip install -U 'lm-eval[hf]>=0.4.10'"

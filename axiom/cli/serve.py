@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from axiom.cli.args import add_decoding_path_arguments, add_inference_arguments, eager_decoding
-from axiom.errors import AxiomError
+from axiom.errors import AxiomError, require
 from axiom.infer.fast import load_for_inference
 from axiom.infer.openai_api import BODY_TIMEOUT_S, HEAD_TIMEOUT_S
 from axiom.model.checkpoint import run_dir_of
@@ -84,12 +84,9 @@ def run(args: argparse.Namespace) -> None:
     for flag in ("body_timeout", "head_timeout"):
         if not 0 < getattr(args, flag) < math.inf:
             raise AxiomError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a positive number of seconds")
-    try:
-        import uvicorn
-
-        from axiom.infer.serve import Service, build_app, with_connection_limits  # Starlette: the serve extra too
-    except ImportError:
-        raise AxiomError("axiom serve needs the serve extra: pip install 'axiom-lm[serve]'") from None
+    uvicorn = require("uvicorn", "axiom serve", "axiom-lm[serve]")
+    require("starlette", "axiom serve", "axiom-lm[serve]")  # uvicorn does not need it; axiom.infer.serve does
+    from axiom.infer.serve import Service, build_app, with_connection_limits
 
     sock = _listen(args.host, _port(args.port))
     local_names = _local_names(sock.getsockname()[0], args.allow_host)

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from axiom.errors import AxiomError
+from axiom.errors import AxiomError, require
 from axiom.files import describe_missing
 from axiom.text.tokenizer import EOS_ID, load_tokenizer
 
@@ -91,10 +91,7 @@ def download_hf(source: str) -> Path:
     repo, _, subdir = source[3:].partition(":")
     if not repo:
         raise AxiomError(f"{source}: expected hf:OWNER/DATASET[:FOLDER], e.g. hf:HuggingFaceFW/fineweb-edu:sample/10BT")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise AxiomError(f"{source}: hf: sources need huggingface_hub; run: pip install huggingface_hub") from e
+    snapshot_download = require("huggingface_hub", source, "axiom-lm[hf]").snapshot_download
     prefix = f"{subdir.strip('/')}/" if subdir else ""
     patterns = [f"{prefix}*{s}" for s in SUFFIXES]  # fnmatch: * also crosses folders
     try:
@@ -287,10 +284,7 @@ def _zstd_chunks(path: str) -> Iterator[bytes]:
     """Decompressed data of every zstd frame (a file may hold several); a frame's content checksum, when it has
     one, is checked by zstd. Python-zstandard's stream reader accepts a file cut between two blocks of a frame
     as complete, so frames are followed here and the file must end at a frame's end."""
-    try:
-        import zstandard
-    except ImportError as e:
-        raise AxiomError(f"{path}: reading .zst needs zstandard; run: pip install zstandard") from e
+    zstandard = require("zstandard", f"reading {path}", "zstandard")  # in no extra but dev
     _not_empty(path)
     dctx = zstandard.ZstdDecompressor()
     frame, inside = dctx.decompressobj(), False

@@ -16,14 +16,13 @@ float16 = f16, int8 = q8_0 (llama.cpp's 8-bit blocks of 32). The folders hold fl
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from importlib.metadata import version
 from pathlib import Path
 
 from axiom.dtypes import FOLDER_DTYPES, GGUF_DTYPES, SPELLINGS, describe, torch_dtype
-from axiom.errors import AxiomError
+from axiom.errors import AxiomError, require_installed
 from axiom.files import (
     check_no_overlap,
     check_replaceable,
@@ -79,9 +78,8 @@ def export(
 ) -> Path:
     """Write the Hugging Face folder (or, for `gguf`, the file) `out` for checkpoint `ckpt`; returns `out`."""
     dtype = resolve_dtype(fmt, dtype)
-    missing = [name for name in ("transformers", "tokenizers") if importlib.util.find_spec(name) is None]
-    if missing:  # every format writes the tokenizer through them
-        raise AxiomError(f"--format {fmt} needs {' and '.join(missing)}: pip install 'axiom-lm[hf]'")
+    for name in ("transformers", "tokenizers"):  # every format writes the tokenizer through them
+        require_installed(name, f"--format {fmt}", "axiom-lm[hf]")
     if fmt == "gguf":
         return _export_gguf(Path(ckpt), out, dtype, force)
     return _export_folder(Path(ckpt), out, fmt, long_name(dtype), force, eval_csv)

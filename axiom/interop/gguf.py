@@ -28,7 +28,7 @@ import torch
 from axiom import __version__
 from axiom.config import ModelConfig
 from axiom.dtypes import GGUF_DTYPES, short_name
-from axiom.errors import AxiomError
+from axiom.errors import AxiomError, require
 from axiom.files import atomic_file, describe_missing
 from axiom.interop.hf.names import to_llama
 from axiom.interop.hf.tokenizer import tokenizer_json
@@ -84,11 +84,7 @@ def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise AxiomError("--format gguf needs the gguf package: pip install 'axiom-lm[gguf]'") from None
-    return gguf
+    return require("gguf", "--format gguf", "axiom-lm[gguf]")
 
 
 def gguf_tensors(state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:

@@ -9,7 +9,6 @@ kernel `auto` picks per device is `axiom.train.plan.AUTO_LOSS_KERNEL`, from `axi
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
@@ -17,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from axiom.errors import AxiomError
+from axiom.errors import AxiomError, require_installed
 from axiom.model.loss import IGNORE_INDEX, default_vocab_multiple, padded_vocab
 
-# each of axiom.config.LOSS_KERNELS but ours -> (the import it needs, the PyPI project that provides it)
-FUSED_KERNELS = {"liger": ("liger_kernel", "liger-kernel"), "cce": ("cut_cross_entropy", "cut-cross-entropy")}
+# each of axiom.config.LOSS_KERNELS but ours -> the module it imports (the kernels extra installs both)
+FUSED_KERNELS = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
 
 
 def check_loss_kernel(kernel: str, device: torch.device) -> None:
@@ -29,12 +28,8 @@ def check_loss_kernel(kernel: str, device: torch.device) -> None:
     device is not a GPU (and Triton's interpreter is not asked for). Ours runs everywhere."""
     if kernel not in FUSED_KERNELS:
         return
-    module, project = FUSED_KERNELS[kernel]
-    if importlib.util.find_spec(module) is None:
-        raise AxiomError(
-            f"loss_kernel={kernel} needs {project}, which is not installed: pip install 'axiom-lm[kernels]' "
-            "(Linux), or --set loss_kernel=chunked"
-        )
+    # found, not imported: the loss imports it (and Triton) when it first runs
+    require_installed(FUSED_KERNELS[kernel], f"loss_kernel={kernel}", "axiom-lm[kernels]", "--set loss_kernel=chunked")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise AxiomError(
             f"loss_kernel={kernel} runs Triton kernels on CUDA only; on {device.type} use --set loss_kernel=chunked "

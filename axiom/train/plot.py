@@ -8,7 +8,7 @@ import math
 import os
 from pathlib import Path
 
-from axiom.errors import AxiomError
+from axiom.errors import AxiomError, require
 from axiom.files import atomic_file, check_no_overlap, describe_missing, remove_stale_temps, write_errors
 
 
@@ -76,13 +76,9 @@ def read_curves(run_dir: Path) -> tuple[list[dict[str, float]], list[dict[str, f
 
 def pyplot():
     """matplotlib's pyplot, drawing to files only (no display needed)."""
-    try:
-        import matplotlib
+    require("matplotlib", "axiom plot", "axiom-lm[plot]").use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise AxiomError("axiom plot needs matplotlib: pip install 'axiom-lm[plot]'") from None
     return plt
 
 

@@ -9,7 +9,7 @@ import logging
 import math
 from pathlib import Path
 
-from axiom.errors import AxiomError
+from axiom.errors import require
 from axiom.files import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -24,16 +24,12 @@ class RunLog:
         if not main:
             return
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise AxiomError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            require("tensorboard", "--tensorboard", "tensorboard")  # in no extra
+            from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise AxiomError("--wandb needs the wandb package: pip install wandb") from None
+            wandb = require("wandb", "--wandb", "wandb")  # in no extra
             self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), resume="allow")
 
     def info(self, message: str, level: int = logging.INFO) -> None:
