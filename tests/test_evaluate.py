@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import micro_config, save_model
 
 from axiom.cli import main
+from axiom.data import loader
 from axiom.data.loader import eval_batches
 from axiom.eval.loss import evaluate, perplexity, token_byte_lengths
 from axiom.model.transformer import Axiom
@@ -79,6 +80,16 @@ def test_eval_command_json(micro_ckpt, tiny_data, capsys):
     assert out["bpb"] == pytest.approx(expected.bpb, rel=1e-6)
     assert main(["eval", "--ckpt", str(path), "--data", str(tiny_data), "--eval-tokens", "200"]) == 0
     assert f"val loss {expected.loss:.4f}" in capsys.readouterr().out
+
+
+def test_eval_reads_the_data_manifest_once(micro_ckpt, tiny_data, monkeypatch, capsys):
+    """`axiom eval --data` read manifest.json four times: to check it, for document masking, for the kind of data
+    and for the val split."""
+    reads = []
+    read_json = loader.read_json
+    monkeypatch.setattr(loader, "read_json", lambda path, *a: reads.append(path) or read_json(path, *a))
+    assert main(["eval", "--ckpt", str(micro_ckpt[2]), "--data", str(tiny_data), "--eval-tokens", "200"]) == 0
+    assert reads == [tiny_data / "manifest.json"]
 
 
 def test_eval_json_of_a_diverged_model_is_json(micro_ckpt, tiny_data, tmp_path, capsys):

@@ -85,8 +85,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> None:
     tasks = check_args(args)
     device = pick_device(args.device)
-    if args.data:
-        read_manifest(args.data)  # clear errors before the model loads
+    manifest = read_manifest(args.data) if args.data else None  # clear errors before the model loads
     task_items = {path: read_task_file(path)[: args.limit] for path in args.task_file}
     if tasks:
         require("lm_eval", "--tasks", "axiom-lm[eval]")
@@ -106,8 +105,8 @@ def run(args: argparse.Namespace) -> None:
     }
     out = {"ckpt": str(args.ckpt), "step": meta.get("step"), "tokens_seen": meta.get("tokens")}
     lines = []
-    if args.data:
-        result = val_loss(model, cfg, args)
+    if manifest is not None:
+        result = val_loss(model, cfg, args, manifest)
         out |= asdict(result)
         if math.isinf(result.ppl):  # a loss past ~709.8 nats: JSON has no inf
             out["ppl"] = None
@@ -133,14 +132,15 @@ def run(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
-def val_loss(model: torch.nn.Module, cfg: Config, args: argparse.Namespace) -> EvalResult:
-    """`evaluate` on --data with the checkpoint's sequence length and dtype; a loss that is not finite is an error."""
+def val_loss(model: torch.nn.Module, cfg: Config, args: argparse.Namespace, manifest: dict) -> EvalResult:
+    """`evaluate` on --data (`manifest`: its) with the checkpoint's sequence length and dtype; a loss that is not
+    finite is an error."""
     t = cfg.train
     seq_len = cfg.eval_seq_len
     eval_tokens = args.eval_tokens if args.eval_tokens is not None else t.eval_tokens
     if eval_tokens < seq_len:
         raise AxiomError(f"--eval-tokens {eval_tokens}: less than one sequence of {seq_len} tokens")
-    if masks_documents(read_manifest(args.data), t.doc_masking):
+    if masks_documents(manifest, t.doc_masking):
         model.doc_sep = EOS_ID  # as the run's own evaluation (eval.csv) saw the windows
     try:
         result = evaluate(
@@ -150,6 +150,7 @@ def val_loss(model: torch.nn.Module, cfg: Config, args: argparse.Namespace) -> E
             batch_size=args.batch_size or t.micro_batch_size,
             eval_tokens=eval_tokens,
             dtype=t.dtype,
+            manifest=manifest,
         )
     finally:
         model.doc_sep = None  # task items are scored unmasked, as lm-eval scores them

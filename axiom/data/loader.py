@@ -349,17 +349,23 @@ def eval_windows(val_tokens: int, seq_len: int, eval_tokens: int) -> int:
 
 
 def eval_batches(
-    data_dir: str | Path, seq_len: int, batch_size: int, eval_tokens: int, vocab_size: int | None = None
+    data_dir: str | Path,
+    seq_len: int,
+    batch_size: int,
+    eval_tokens: int,
+    vocab_size: int | None = None,
+    manifest: dict | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first `eval_tokens` of the val split as consecutive windows, in order; the last batch may be smaller.
 
-    Covers `eval_windows` windows; every rank and every call sees the same batches."""
+    Covers `eval_windows` windows; every rank and every call sees the same batches. `manifest`: the data's, where
+    the caller has read it."""
     if seq_len <= 0 or batch_size <= 0 or eval_tokens < seq_len:
         raise AxiomError(
             f"evaluation: need seq_len > 0, batch size > 0 and eval tokens >= seq_len, got seq_len={seq_len}, "
             f"batch size {batch_size}, eval tokens {eval_tokens}"
         )
-    stream = TokenStream(data_dir, "val", vocab_size=vocab_size)
+    stream = TokenStream(data_dir, "val", manifest, vocab_size)
     num_windows = eval_windows(stream.num_tokens, seq_len, eval_tokens)
     if num_windows == 0:
         raise AxiomError(

@@ -165,11 +165,17 @@ class ChatLoader(WindowLoader):
 
 
 def chat_eval_batches(
-    data_dir: str | Path, seq_len: int, batch_size: int, eval_tokens: int, vocab_size: int | None = None
+    data_dir: str | Path,
+    seq_len: int,
+    batch_size: int,
+    eval_tokens: int,
+    vocab_size: int | None = None,
+    manifest: dict | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The val split's conversations packed in stream order: the first `eval_tokens // seq_len` windows (at least
-    one), in batches of `batch_size` (the last may be smaller); the same on every rank and call."""
-    data = Conversations(data_dir, "val", vocab_size=vocab_size)
+    one), in batches of `batch_size` (the last may be smaller); the same on every rank and call. `manifest` as in
+    `eval_batches`."""
+    data = Conversations(data_dir, "val", manifest, vocab_size)
     if len(data) == 0:
         raise AxiomError(f"{data_dir}: the val split has no conversations; prepare with a larger --val-fraction")
     data.check_fit(seq_len, str(data_dir))

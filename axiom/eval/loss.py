@@ -56,11 +56,18 @@ def perplexity(loss: float) -> float:
 
 
 def val_batches(
-    data_dir: str | Path, seq_len: int, batch_size: int, eval_tokens: int, vocab_size: int | None = None
+    data_dir: str | Path,
+    seq_len: int,
+    batch_size: int,
+    eval_tokens: int,
+    vocab_size: int | None = None,
+    manifest: dict | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The (inputs, targets) batches an evaluation reads: `eval_batches`, or on chat data `chat_eval_batches`."""
-    chat = data_kind(read_manifest(data_dir)) == "chat"
-    return (chat_eval_batches if chat else eval_batches)(data_dir, seq_len, batch_size, eval_tokens, vocab_size)
+    """The (inputs, targets) batches an evaluation reads: `eval_batches`, or on chat data `chat_eval_batches`;
+    `manifest`: the data's, where the caller has read it."""
+    manifest = manifest if manifest is not None else read_manifest(data_dir)
+    batches = chat_eval_batches if data_kind(manifest) == "chat" else eval_batches
+    return batches(data_dir, seq_len, batch_size, eval_tokens, vocab_size, manifest)
 
 
 @torch.no_grad()
@@ -71,8 +78,10 @@ def evaluate(
     batch_size: int,
     eval_tokens: int,
     dtype: str = "float32",
+    manifest: dict | None = None,
 ) -> EvalResult:
-    """Loss over the first `eval_tokens` tokens of the val split (fixed windows, the same on every call).
+    """Loss over the first `eval_tokens` tokens of the val split (fixed windows, the same on every call);
+    `manifest` as in `val_batches`.
 
     On chat data (axiom.data.packing) only the trained tokens count: loss, tokens and bytes are those of the targets
     that are not -100 (assistant replies and their <|im_end|>)."""
@@ -84,7 +93,7 @@ def evaluate(
     tokens = nbytes = 0
     vocab_size = getattr(getattr(model, "cfg", None), "vocab_size", None)  # ids past it fail in eval_batches
     try:
-        for x, y in val_batches(data_dir, seq_len, batch_size, eval_tokens, vocab_size):
+        for x, y in val_batches(data_dir, seq_len, batch_size, eval_tokens, vocab_size, manifest):
             with autocast(device, dtype):
                 loss = model(x.to(device), y.to(device))
             targets = y[y != IGNORE_INDEX]  # all of y for text data
