@@ -19,6 +19,7 @@ from conftest import MICRO_VOCAB, micro_args, micro_config, write_micro_dataset
 from reliability_helpers import fails, hashes
 from safetensors.torch import load_file
 
+import axiom.train.launch as launch
 import axiom.train.trainer as trainer_mod
 from axiom.cli import main
 from axiom.errors import AxiomError
@@ -404,6 +405,19 @@ def test_resume_from_best_says_what_it_holds_and_what_to_pass(tiny_data, tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"axiom train: error: --resume-from {run}: a run directory, not a checkpoint; --resume")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_reads_its_checkpoints_config_once_for_its_checks(tiny_data, tmp_path, monkeypatch):
+    """The data check and the changed-fields line each read the checkpoint's config.json (loading the model
+    verifies its own copy against checksums.json)."""
+    run = tmp_path / "run"
+    sets = micro_args("max_steps=2", "eval_interval=2", "checkpoint_interval=2")
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets]) == 0
+    reads = []
+    monkeypatch.setattr(launch, "read_meta", lambda path: reads.append(path) or read_meta(path))
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, "--resume", "--set", "max_steps=3"]) == 0
+    assert reads == [run / "checkpoints" / "step_000002"]
+    assert "training fields changed from the checkpoint's: max_steps 2 -> 3" in (run / "train.log").read_text()
 
 
 def test_extending_a_finished_run_says_the_lr_jumps(tiny_data, tmp_path, capsys):

@@ -167,11 +167,11 @@ def no_checkpoint_verifies(run_dir: Path, skipped: list[tuple[Path, str]]) -> st
     )
 
 
-def check_same_data(start: Path, data_dir: Path, manifest: dict) -> None:
-    """Refuse to continue checkpoint `start` on other data than it trained on (prepared again from an edited source,
-    or split otherwise): the loader's position counts windows of that data. A checkpoint that records no data (an
-    older axiom's) is not checked."""
-    saved = read_meta(start).get("data")
+def check_same_data(start: Path, meta: dict, data_dir: Path, manifest: dict) -> None:
+    """Refuse to continue checkpoint `start` (`meta`: its config.json) on other data than it trained on (prepared
+    again from an edited source, or split otherwise): the loader's position counts windows of that data. A
+    checkpoint that records no data (an older axiom's) is not checked."""
+    saved = meta.get("data")
     if not isinstance(saved, dict):
         return
     now = data_record(data_dir, manifest)
@@ -302,10 +302,12 @@ def setup(
     cfg, split_note = with_data_split(plan.applied(cfg), manifest)
     notes = clean_stale_checkpoints(run_dir / "checkpoints") if d.main else []  # a kill's leftovers, under the lock
     start, skipped, used = from_main(d, lambda: find_start(run_dir, resume, resume_from, init_from))
-    state = load_training_state(start) if start is not None else None  # first: a bad state.pt is refused early
-    if state is not None:
+    state = meta = None
+    if start is not None:
+        state = load_training_state(start)  # first: a bad state.pt is refused early
         check_training_state(state, start)
-        check_same_data(start, data_dir, manifest)
+        meta = read_meta(start)  # its config.json, read once: the data it trained on, its training fields
+        check_same_data(start, meta, data_dir, manifest)
     if d.world_size > 1:
         dist.barrier()  # every rank has judged the directory before rank 0 writes into it
     created = not run_dir.exists()
@@ -346,7 +348,7 @@ def setup(
         log.info(f"resumed from {start} at step {step:,} ({trainer.state.tokens:,} tokens)")
         if init_from is not None:
             log.info(f"--init-from {init_from}: not read, the run continues its checkpoint (it began from it)")
-        log_resume_changes(log, start, cfg.train, step)
+        log_resume_changes(log, config_of(meta, start / CONFIG).train, cfg.train, step)
     elif used:
         rewind_logs(log, None)
         weights = f"the weights of {init_from}" if init_from is not None else "new weights"
@@ -355,10 +357,9 @@ def setup(
     return trainer
 
 
-def log_resume_changes(log: RunLog, start: Path, cfg: TrainConfig, step: int) -> None:
-    """Name the training fields changed since the checkpoint `start`, and as a notice an LR that jumps or a run
-    shortened to before the checkpoint's step."""
-    saved = config_of(read_meta(start), start / CONFIG).train
+def log_resume_changes(log: RunLog, saved: TrainConfig, cfg: TrainConfig, step: int) -> None:
+    """Name the training fields changed since the checkpoint (whose were `saved`), and as a notice an LR that jumps
+    or a run shortened to before the checkpoint's step."""
     changed = changed_fields(saved, cfg)
     if changed:
         log.info(f"--resume: training fields changed from the checkpoint's: {', '.join(changed)}")
