@@ -18,12 +18,17 @@ class AxiomError(Exception):
 
 def require(module: str, what: str, install: str, or_else: str | None = None) -> ModuleType:
     """`module`, imported now for `what` (a command or option, as the user wrote it); where it or a package it
-    imports is not installed, one AxiomError naming `module` instead. `install` is what pip should install:
-    "axiom-lm[EXTRA]" for a package in one of pyproject.toml's extras, else the package itself."""
+    imports is not installed, or it fails to import, one AxiomError naming `module` instead. `install` is what pip
+    should install: "axiom-lm[EXTRA]" for a package in one of pyproject.toml's extras, else the package itself."""
     try:
         return importlib.import_module(module)
-    except ModuleNotFoundError:  # an installed package that fails otherwise says why in its own traceback
+    except ModuleNotFoundError:
         raise _not_installed(module, what, install, or_else) from None
+    except ImportError as e:  # installed but broken (a C extension built for another Python or torch): say why
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AxiomError(
+            f"{what} needs {module}, which is installed but does not import ({why}): reinstall it"
+        ) from None
 
 
 def require_installed(module: str, what: str, install: str, or_else: str | None = None) -> None:

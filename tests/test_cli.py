@@ -146,6 +146,14 @@ def test_a_missing_optional_package_is_one_line(tmp_path, monkeypatch):
     )
     with pytest.raises(AxiomError, match="^--tensorboard needs tensorboard, which is not installed: pip install"):
         RunLog(tmp_path, main=True, tensorboard=True)
+    (tmp_path / "broken_extension.py").write_text("raise ImportError('undefined symbol: _ZN3c10')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(AxiomError) as e:  # installed but broken: why, in one line, rather than "not installed"
+        require("broken_extension", "--format gguf", "axiom-lm[gguf]")
+    assert str(e.value) == (
+        "--format gguf needs broken_extension, which is installed but does not import (undefined symbol: _ZN3c10): "
+        "reinstall it"
+    )
 
 
 def test_every_install_named_for_a_missing_package_exists():

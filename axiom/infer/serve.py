@@ -67,7 +67,6 @@ from axiom.text.stream import TextStream
 log = logging.getLogger(__name__)
 
 
-
 def shutting_down() -> ApiError:
     return ApiError(503, "the server is shutting down", code="shutting_down")
 
