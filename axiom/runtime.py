@@ -38,9 +38,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def pick_device(requested: str | None, local_rank: int | None = None) -> torch.device:
+def pick_device(requested: str | None, local_rank: int | None = None, local_processes: int = 1) -> torch.device:
     """The device for `--device` (cpu, cuda, cuda:N or mps; default cuda when available), checked to exist:
-    anything else is one AxiomError. Under torchrun (`local_rank`), plain `cuda` means this process's local GPU."""
+    anything else is one AxiomError. Under torchrun (`local_rank` of `local_processes` on this machine), plain `cuda`
+    means this process's local GPU, and a machine with fewer GPUs than processes is refused by every process alike
+    (only the first process of a machine prints an error)."""
     name = (requested or default_device()).strip().lower()
     kind, _, index = name.partition(":")
     if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
@@ -50,6 +52,11 @@ def pick_device(requested: str | None, local_rank: int | None = None) -> torch.d
             raise AxiomError(f"--device {requested}: no CUDA device is visible; use --device cpu")
         n = torch.cuda.device_count()
         i = int(index) if index else (local_rank if local_rank is not None else torch.cuda.current_device())
+        if not index and local_rank is not None and local_processes > n:
+            raise AxiomError(
+                f"--device {name}: torchrun starts {local_processes} processes on this machine, which has {n} "
+                f"CUDA device(s); start at most {n} (--nproc-per-node {n})"
+            )
         if i >= n:
             raise AxiomError(f"--device {requested}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
         torch.cuda.set_device(i)

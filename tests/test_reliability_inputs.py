@@ -22,6 +22,7 @@ from axiom.cli import main
 from axiom.data import prepare as prep
 from axiom.data.loader import MANIFEST, TokenStream, TrainLoader
 from axiom.errors import AxiomError
+from axiom.runtime import pick_device
 
 DOCS = [f"document {i}: " + " ".join(f"w{(i * 7 + j) % 101}" for j in range(40 + i % 30)) for i in range(400)]
 
@@ -276,6 +277,16 @@ def test_command_values_out_of_range_are_refused(run, tiny_data, tmp_path, capsy
         fails(capsys, ["prepare", corpus, "--out", out, *args], f"leaves the {empty} split empty")
         assert not out.exists()
         succeeds(capsys, ["prepare", corpus, "--out", out, *args, "--allow-empty-split"])
+
+
+def test_more_processes_than_gpus_are_refused_by_every_process(monkeypatch):
+    """torchrun --nproc-per-node 4 on a machine of 2 GPUs: processes 2 and 3 had no GPU and failed alone, and only
+    the first process of a machine prints an error, so nothing said why."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for local_rank in range(4):
+        with pytest.raises(AxiomError, match=r"^--device cuda: torchrun starts 4 processes on this machine, which"):
+            pick_device("cuda", local_rank, 4)
 
 
 def test_misleading_inputs_are_named_for_what_they_are(run, tiny_data, tmp_path, capsys):

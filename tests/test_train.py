@@ -419,13 +419,26 @@ def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
     assert [r["loss"] for r in read_rows(run / "train.csv")] == ref_losses
 
 
-def train_on_two_processes(data: Path, run: Path, tmp_path: Path, *args: str) -> None:
+def torchrun_train(data: Path, run: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     """`axiom train` under torchrun: two gloo processes on the CPU."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves its log folders there
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     cmd = [*torchrun, "-m", "axiom.cli", "train", "--data", str(data), "--out", str(run), "--device", "cpu", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def train_on_two_processes(data: Path, run: Path, tmp_path: Path, *args: str) -> None:
+    done = torchrun_train(data, run, tmp_path, *args)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_an_error_under_torchrun_is_said_once(tiny_data, tmp_path):
+    """Every process meets a bad --set (or a missing --data) alike, and each printed it: one line per GPU."""
+    done = torchrun_train(tiny_data, tmp_path / "run", tmp_path, *micro_args("lr_max=fast"))
+    assert done.returncode != 0
+    error = "axiom train: error: --set lr_max=fast: expected float"
+    assert done.stderr.count(error) == 1, done.stderr[-3000:]
+    assert "exitcode  : 2" in done.stderr  # the others exit alike, or are stopped by torchrun: none succeeds
 
 
 def test_a_kills_leftover_and_a_one_process_checkpoint_resume_alike_on_every_fsdp_rank(tiny_data, tmp_path):

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return importlib.import_module(args.module).run(args) or 0
     except AxiomError as e:
-        print(f"axiom {args.command}: error: {e}", file=sys.stderr)
+        if _says_errors():
+            print(f"axiom {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"axiom {args.command}: interrupted", file=sys.stderr)
@@ -127,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         # the reader of our output went away (`| head`): stop quietly, as other programs do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes at exit
         return 141
+
+
+def _says_errors() -> bool:
+    """Whether this process prints a command's error. Under torchrun every process of a machine meets the same one
+    (the same arguments and files; a device each process could not have is refused on all of them alike), so its
+    first process says it and the others exit with the same status silently. Once per machine, not per run: a file
+    missing on one machine is said there."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def _stdout_reader_gone() -> bool:

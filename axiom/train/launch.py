@@ -100,7 +100,7 @@ def train(
         inputs = [("--data", data_dir), ("--init-from", init_from), *(("eval_tasks", f) for f in cfg.train.task_files)]
         check_no_overlap(run_dir, inputs)
         log_to = {"tensorboard": tensorboard, "wandb_project": wandb_project}
-        device = pick_device(device, d.local_rank)
+        device = pick_device(device, d.local_rank, d.local_world_size)
         with contextlib.ExitStack() as held:
             if d.main:  # one writer per run directory; a full disk or read-only target is one line
                 held.enter_context(write_errors(run_dir, "the checkpoints written so far are intact; then --resume"))

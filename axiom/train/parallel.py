@@ -26,6 +26,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # the processes on this machine
 
     @property
     def main(self) -> bool:
@@ -39,7 +40,8 @@ def init_distributed() -> Dist:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    local = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return Dist(dist.get_rank(), dist.get_world_size(), *local)
 
 
 def from_main(d: Dist, decide: Callable[[], T]) -> T:
