@@ -29,7 +29,7 @@ from axiom.errors import AxiomError
 from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state
 from axiom.model.transformer import Axiom, Block
 from axiom.train.evaluator import EVAL_COLUMNS
-from axiom.train.launch import train
+from axiom.train.launch import train, uneven_split
 from axiom.train.optim import _adamw8bit_step_fails, build_optimizer, check_resumable, lr_at
 from axiom.train.step import train_step
 
@@ -463,6 +463,37 @@ def test_a_kills_leftover_and_a_one_process_checkpoint_resume_alike_on_every_fsd
     # the one process's generators went to both ranks: each is reseeded apart (dropout masks)
     rngs = load_training_state(list_checkpoints(run / "checkpoints")[-1][1])["rng"]
     assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+
+
+def test_an_auto_micro_batch_run_resumes_on_another_process_count_the_way_its_refusal_says(tiny_data, tmp_path):
+    """One process's plan records its split (4 sequences: micro-batch 4 x 1), which 2 processes cannot share: the
+    refusal named no way on. The one it names now continues the run, equal to one never stopped within rounding."""
+    extra = ("micro_batch_size=auto", "grad_accum_steps=4", "eval_interval=100", "checkpoint_interval=2")
+    extra = (*extra, "decay_fraction=0")  # the same LRs for 4 steps as for 6
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    train(micro_config("max_steps=6", *extra), tiny_data, reference)
+    train(micro_config("max_steps=4", *extra), tiny_data, run)
+    assert json.loads((run / "config.json").read_text())["train"]["grad_accum_steps"] == 1
+    files = lambda: {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    refused = torchrun_train(tiny_data, run, tmp_path, "--resume", "--set", "max_steps=6")
+    assert files() == before
+    way = "; to keep the step's 4 sequences: --set micro_batch_size=auto --set grad_accum_steps=4 (the plan splits"
+    assert "grad_accum_steps=1 is not divisible by the 2 processes" + way in refused.stderr, refused.stderr[-3000:]
+    flags = way.split(": ", 1)[1].split(" (")[0].split()
+    train_on_two_processes(tiny_data, run, tmp_path, "--resume", "--set", "max_steps=6", *flags)
+    assert "micro-batch 2 x 2 accumulation (auto)" in (run / "train.log").read_text()
+    losses = lambda d: [float(r["loss"]) for r in read_rows(d / "train.csv")]  # noqa: E731
+    assert losses(run) == pytest.approx(losses(reference), rel=1e-5)  # summed in another order: not bit for bit
+    resumed, straight = final_weights(run), final_weights(reference)
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-4, atol=1e-5)
+    # a step that no split over 2 processes keeps
+    odd = uneven_split(micro_config("micro_batch_size=auto", "grad_accum_steps=3").train, 2)
+    assert odd.endswith(
+        "by the 2 processes, nor are the step's 3 sequences; run on a process count that divides 3, "
+        "or change the step (grad_accum_steps: tokens per step change)"
+    )
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])

@@ -119,10 +119,25 @@ def check_run_config(cfg: Config, device: torch.device, d: Dist) -> None:
     if device.type == "cuda" and t.dtype == "float16":
         raise AxiomError("train config: dtype=float16 needs loss scaling, which axiom train does not do; use bfloat16")
     if t.grad_accum_steps % d.world_size:
-        raise AxiomError(
-            f"train config: grad_accum_steps={t.grad_accum_steps} is not divisible by the {d.world_size} processes"
-        )
+        raise AxiomError(uneven_split(t, d.world_size))
     check_loss_kernel(t.loss_kernel, device)
+
+
+def uneven_split(t: TrainConfig, world_size: int) -> str:
+    """Why `t`'s accumulation does not split over `world_size` processes, and the way on. A checkpoint records the
+    split its plan chose for its own process count (auto's 4 x 1 on one process), so the way to resume it on
+    another count is to let the plan split the same sequences again."""
+    problem = f"train config: grad_accum_steps={t.grad_accum_steps} is not divisible by the {world_size} processes"
+    sequences = t.sequences_per_step
+    if sequences % world_size:  # (always, with an auto micro-batch: grad_accum_steps counts the sequences)
+        return (
+            f"{problem}, nor are the step's {sequences} sequences; run on a process count that divides {sequences}, "
+            "or change the step (grad_accum_steps: tokens per step change)"
+        )
+    return (
+        f"{problem}; to keep the step's {sequences} sequences: --set micro_batch_size=auto --set "
+        f"grad_accum_steps={sequences} (the plan splits them into micro-batches for each process)"
+    )
 
 
 def find_start(
