@@ -30,7 +30,7 @@ from axiom.model.checkpoint import list_checkpoints, load_model, load_training_s
 from axiom.model.transformer import Axiom, Block
 from axiom.train.evaluator import EVAL_COLUMNS
 from axiom.train.launch import train, uneven_split
-from axiom.train.optim import _adamw8bit_step_fails, build_optimizer, check_resumable, lr_at
+from axiom.train.optim import _adamw8bit_step_fails, build_optimizer, check_optimizer_state_loads, lr_at
 from axiom.train.step import train_step
 
 
@@ -172,10 +172,10 @@ def test_an_adamw8bit_checkpoint_under_fsdp_names_fsdp_as_the_reason():
     installing it."""
     fsdp = r"run: .*and FSDP shards need torch AdamW: leave FSDP out \(--set fsdp=false: DDP or one process\) to resume"
     with pytest.raises(AxiomError, match=fsdp):
-        check_resumable("AdamW8bit (bitsandbytes)", "AdamW (torch, fused)", "run", fsdp=True)
+        check_optimizer_state_loads("AdamW8bit (bitsandbytes)", "AdamW (torch, fused)", "run", fsdp=True)
     with pytest.raises(AxiomError, match="bitsandbytes is not usable here"):
-        check_resumable("AdamW8bit (bitsandbytes)", "AdamW (torch, fused)", "run")
-    check_resumable("AdamW (torch, fused)", "AdamW (torch, fused)", "run", fsdp=True)  # nothing to say
+        check_optimizer_state_loads("AdamW8bit (bitsandbytes)", "AdamW (torch, fused)", "run")
+    check_optimizer_state_loads("AdamW (torch, fused)", "AdamW (torch, fused)", "run", fsdp=True)  # nothing to say
 
 
 def test_non_finite_step_is_skipped_and_leaves_weights():

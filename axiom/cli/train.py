@@ -30,7 +30,7 @@ from axiom.data.loader import read_manifest
 from axiom.errors import AxiomError
 from axiom.interop.hf.folder import folder_config, read_folder
 from axiom.model.checkpoint import CONFIG, config_of, newest_valid_checkpoint, read_meta
-from axiom.train.launch import check_resumable, train
+from axiom.train.launch import check_resume_from_folder, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +93,7 @@ def run_config(args: argparse.Namespace) -> Config:
     file = config_file(args)
     start = args.resume_from
     if start is not None:
-        check_resumable(Path(start))  # what to pass instead of a run's folder or of weights without state
+        check_resume_from_folder(Path(start))  # what to pass instead of a run's folder or of weights without state
     if start is None and args.resume:  # the one train() will pick (it names the ones it skips in train.log)
         start = newest_valid_checkpoint(Path(args.out) / "checkpoints")[0]
     if start is not None:

@@ -151,7 +151,7 @@ def find_start(
         raise AxiomError(f"--out {run_dir} {describe_missing(run_dir)}, not a folder; choose a folder for the run")
     if resume_from is not None:
         start = Path(resume_from)
-        check_resumable(start)
+        check_resume_from_folder(start)
         verify_checkpoint(start, need_state=True)
     elif resume:
         start, skipped = newest_valid_checkpoint(run_dir / "checkpoints")
@@ -252,7 +252,7 @@ def check_same_start(run_dir: Path, init_from: str | Path | None) -> None:
     )
 
 
-def check_resumable(path: Path) -> None:
+def check_resume_from_folder(path: Path) -> None:
     """Refuse in one line, with what to pass instead, a folder that is whole but not a training checkpoint: a run
     directory, or weights without training state (best/, an import), as opposed to a damaged step checkpoint."""
     if (path / "checkpoints").is_dir():

@@ -136,7 +136,7 @@ def resumable_config(cfg: TrainConfig, saved_optimizer: str | None) -> TrainConf
     return cfg
 
 
-def check_resumable(saved_optimizer: str | None, built: str, where: str, fsdp: bool = False) -> None:
+def check_optimizer_state_loads(saved_optimizer: str | None, built: str, where: str, fsdp: bool = False) -> None:
     """A checkpoint of AdamW8bit's 8-bit state cannot continue in torch AdamW: a clear error, not a KeyError."""
     if saved_optimizer is None or not saved_optimizer.startswith("AdamW8bit") or built.startswith("AdamW8bit"):
         return

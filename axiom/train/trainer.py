@@ -27,7 +27,7 @@ from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID
 from axiom.train.checkpointer import Checkpointer, checkpoint_record
 from axiom.train.evaluator import Evaluator
-from axiom.train.optim import build_optimizer, check_resumable, resumable_config
+from axiom.train.optim import build_optimizer, check_optimizer_state_loads, resumable_config
 from axiom.train.parallel import Dist, parallelize
 from axiom.train.plan import Plan, plan_lines, smaller_micro_batch
 from axiom.train.progress import Progress, duration
@@ -117,7 +117,7 @@ class Trainer:
         self.optimizer, self.optimizer_name = build_optimizer(
             self.raw, resumable_config(t, saved_optimizer), device, fsdp=fsdp
         )
-        check_resumable(saved_optimizer, self.optimizer_name, str(run_dir), fsdp)
+        check_optimizer_state_loads(saved_optimizer, self.optimizer_name, str(run_dir), fsdp)
         loader = ChatLoader if self.chat else TrainLoader
         self.loader = loader(
             data_dir,
