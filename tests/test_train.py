@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -28,9 +29,10 @@ from axiom.data.loader import read_manifest
 from axiom.errors import AxiomError
 from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state
 from axiom.model.transformer import Axiom, Block
-from axiom.train.evaluator import EVAL_COLUMNS
+from axiom.train.evaluator import EVAL_COLUMNS, Evaluator
 from axiom.train.launch import train, uneven_split
 from axiom.train.optim import _adamw8bit_step_fails, build_optimizer, check_optimizer_state_loads, lr_at
+from axiom.train.progress import periodic, periodic_after
 from axiom.train.step import train_step
 
 
@@ -226,6 +228,43 @@ def test_short_run_learns_and_writes_eval_csv(tiny_data, tmp_path):
     )
     log = (run / "train.log").read_text()
     assert "optimizer    AdamW (torch, fused)" in log and "step 24/24 | loss" in log and "tok/s" in log
+
+
+def test_periodic_after_counts_the_evaluations_and_checkpoints_still_due():
+    for steps, interval in ((24, 8), (25, 8), (7, 10), (1, 1)):
+        for step in range(steps + 1):
+            due = sum(periodic(s, steps, interval) for s in range(step + 1, steps + 1))
+            assert periodic_after(step, steps, interval) == due, (steps, interval, step)
+
+
+def test_the_eta_counts_the_evaluations_and_checkpoints_still_to_come(tiny_data, tmp_path, monkeypatch):
+    """The ETA counted the steps left at their speed and no evaluation or checkpoint, and "done" their time as all:
+    with evaluations every N steps that can be most of a run. Here each evaluation takes 30 s and each checkpoint
+    12 s on a fake clock; the steps themselves are milliseconds."""
+    now = [0.0]
+
+    def taking(seconds, original):
+        def call(*args):
+            now[0] += seconds
+            return original(*args)
+
+        return call
+
+    monkeypatch.setattr(Evaluator, "evaluate", taking(30.0, Evaluator.evaluate))
+    saving = checkpointer_mod.Checkpointer.save_if_healthy
+    monkeypatch.setattr(checkpointer_mod.Checkpointer, "save_if_healthy", taking(12.0, saving))
+    monkeypatch.setattr(trainer_mod, "Progress", functools.partial(trainer_mod.Progress, clock=lambda: now[0]))
+    cfg = micro_config("max_steps=8", "eval_interval=4", "checkpoint_interval=4", "log_interval=2")
+    train(cfg, tiny_data, tmp_path / "run")
+    log = (tmp_path / "run" / "train.log").read_text()
+    etas = [int(m) * 60 + int(s) for m, s in re.findall(r"^step \d/8 .* \| eta (\d+)m(\d\d)s$", log, re.M)]
+    # at steps 2 and 4: the evaluations of steps 4 and 8 (no checkpoint timed yet); at 6 and 8: step 8's of each
+    expected = [60, 60, 42, 42]
+    assert len(etas) == 4 and all(e <= eta <= e + 1 for eta, e in zip(etas, expected, strict=True)), etas
+    # 3 evaluations (steps 0, 4 and 8) and 2 checkpoints: 1m54s
+    assert re.search(
+        r"tokens in 0m0\ds of training steps \(all sessions\) and 1m54s of evaluations and checkpoints", log
+    )
 
 
 def test_the_plan_says_how_many_val_tokens_an_evaluation_covers(tiny_data, tmp_path):

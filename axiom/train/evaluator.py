@@ -11,7 +11,7 @@ from axiom.eval.loss import evaluate, val_batches
 from axiom.eval.tasks import evaluate_tasks, load_tasks, task_columns
 from axiom.model.transformer import Axiom
 from axiom.train.checkpointer import Checkpointer
-from axiom.train.progress import Meter
+from axiom.train.progress import Meter, periodic
 from axiom.train.runlog import RunLog
 from axiom.train.state import TrainState
 
@@ -29,7 +29,7 @@ class Evaluator:
         self.window = Meter()
 
     def due(self, state: TrainState) -> bool:
-        return state.step % self.cfg.eval_interval == 0 or state.step == self.cfg.steps
+        return periodic(state.step, self.cfg.steps, self.cfg.eval_interval)
 
     def evaluate(self, state: TrainState) -> dict:
         """One evaluation of the weights at `state`: its row of eval.csv, which is also logged."""

@@ -3,7 +3,10 @@ a row of train.csv (loss, LR, gradient norm, throughput, MFU on known GPUs, peak
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -22,6 +25,19 @@ def duration(seconds: float) -> str:
     seconds = int(seconds)
     h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def periodic(step: int, steps: int, interval: int) -> bool:
+    """Whether what a run does every `interval` steps and after its last one (an evaluation, a checkpoint) is due
+    after step `step` of `steps`."""
+    return step % interval == 0 or step == steps
+
+
+def periodic_after(step: int, steps: int, interval: int) -> int:
+    """How many of the steps after `step`, up to `steps`, are `periodic`: the evaluations (or checkpoints) to come."""
+    if step >= steps:
+        return 0
+    return steps // interval - step // interval + (steps % interval != 0)
 
 
 class Meter:
@@ -44,14 +60,51 @@ class Meter:
 
 
 class Progress:
-    """The bar and the progress lines; `meter` counts the steps since the last line."""
+    """The bar and the progress lines; `meter` counts the steps since the last line, `timed` the evaluations and
+    checkpoints between steps (`clock`: seconds)."""
 
-    def __init__(self, cfg: Config, log: RunLog, device: torch.device, world_size: int, main: bool) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        log: RunLog,
+        device: torch.device,
+        world_size: int,
+        main: bool,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.cfg, self.log, self.device, self.world_size, self.main = cfg.train, log, device, world_size, main
         self.peak_flops = gpu_peak_flops(device)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         self.meter = Meter()
         self.bar: tqdm | None = None
+        self.clock = clock
+        self.intervals = {"evaluation": cfg.train.eval_interval, "checkpoint": cfg.train.checkpoint_interval}
+        self.spent = dict.fromkeys(self.intervals, 0.0)  # this session's seconds of each kind ...
+        self.times = dict.fromkeys(self.intervals, 0)  # ... over this many
+
+    @contextlib.contextmanager
+    def timed(self, kind: str) -> Iterator[None]:
+        """Time an evaluation or a checkpoint (`kind`): the ETA counts one still to come at their mean."""
+        start = self.clock()
+        yield
+        self.spent[kind] += self.clock() - start
+        self.times[kind] += 1
+
+    @property
+    def between_steps_s(self) -> float:
+        """Seconds of this session's evaluations and checkpoints."""
+        return sum(self.spent.values())
+
+    def eta(self, step: int) -> float:
+        """Seconds to the end of a run at the line of step `step`: the steps left at the mean step time since the
+        last line, and the evaluations and checkpoints still due (step `step`'s own included: they follow its line)
+        at the mean time this session's took (one not yet timed: none)."""
+        t, m = self.cfg, self.meter
+        left = (t.steps - step) * m.seconds / m.steps
+        for kind, interval in self.intervals.items():
+            if self.times[kind]:
+                left += self.spent[kind] / self.times[kind] * periodic_after(step - 1, t.steps, interval)
+        return left
 
     def mfu(self, tokens_per_s: float) -> str:
         if not self.peak_flops:
@@ -85,7 +138,7 @@ class Progress:
     def log_line(self, result: StepResult, lr: float, state: TrainState) -> None:
         """A progress line in train.log and a row of train.csv."""
         t, s, m = self.cfg, state, self.meter
-        eta = (t.steps - s.step) * m.seconds / m.steps
+        eta = self.eta(s.step)
         mean = sum(m.losses) / len(m.losses) if m.losses else math.nan
         mfu = self.mfu(m.tokens_per_s)
         memory = ""

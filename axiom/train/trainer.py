@@ -30,7 +30,7 @@ from axiom.train.evaluator import Evaluator
 from axiom.train.optim import build_optimizer, check_optimizer_state_loads, resumable_config
 from axiom.train.parallel import Dist, parallelize
 from axiom.train.plan import Plan, plan_lines, smaller_micro_batch
-from axiom.train.progress import Progress, duration
+from axiom.train.progress import Progress, duration, periodic
 from axiom.train.recovery import SpikeRecovery
 from axiom.train.runlog import RunLog
 from axiom.train.state import TrainState
@@ -229,7 +229,10 @@ class Trainer:
         t = self.cfg.train
         history: list[StepResult] = []
         # the untrained baseline: the first point of the curve
-        last_eval = self.evaluator.evaluate(self.state) if self.state.step == 0 else None
+        last_eval = None
+        if self.state.step == 0:
+            with self.progress.timed("evaluation"):
+                last_eval = self.evaluator.evaluate(self.state)
         stopped = None
         self.progress.start(self.state.step)
         with StopFlag() as stop:
@@ -244,10 +247,12 @@ class Trainer:
                     continue
                 s = self.state
                 if self.evaluator.due(s):
-                    last_eval = self.evaluator.evaluate(s)
+                    with self.progress.timed("evaluation"):
+                        last_eval = self.evaluator.evaluate(s)
                 stopping = stop.requested(self.d, self.device)
-                if stopping or s.step % t.checkpoint_interval == 0 or s.step == t.steps or self.checkpointer.pending:
-                    path = self.checkpointer.save_if_healthy(s)
+                if stopping or periodic(s.step, t.steps, t.checkpoint_interval) or self.checkpointer.pending:
+                    with self.progress.timed("checkpoint"):
+                        path = self.checkpointer.save_if_healthy(s)
                 if stopping:
                     stopped = stop.signal
                     saved = f"saved {path}" if path else "no checkpoint is written during a streak of bad steps"
@@ -256,8 +261,10 @@ class Trainer:
         self.progress.close()
         s = self.state
         if not stopped:
+            between = duration(self.progress.between_steps_s)
             self.log.info(
-                f"done: {s.step:,} steps, {s.tokens:,} tokens in {duration(s.elapsed_s)}; "
+                f"done: {s.step:,} steps, {s.tokens:,} tokens in {duration(s.elapsed_s)} of training steps (all "
+                f"sessions) and {between} of evaluations and checkpoints (this session); "
                 f"best val loss {s.best_val_loss:.4f}"
             )
         self.log.close()
