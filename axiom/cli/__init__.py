@@ -135,7 +135,8 @@ def _says_errors() -> bool:
     (the same arguments and files; a device each process could not have is refused on all of them alike), so its
     first process says it and the others exit with the same status silently. Once per machine, not per run: a file
     missing on one machine is said there."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # as axiom.train.parallel.init_distributed judges
+    return not under_torchrun or os.environ.get("LOCAL_RANK", "0") == "0"  # a LOCAL_RANK set by another tool alone
 
 
 def _stdout_reader_gone() -> bool:
