@@ -58,7 +58,7 @@ def pick_device(requested: str | None, local_rank: int | None = None, local_proc
                 f"CUDA device(s); start at most {n} (--nproc-per-node {n})"
             )
         if i >= n:
-            raise AxiomError(f"--device {requested}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
+            raise AxiomError(f"--device {name}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
         torch.cuda.set_device(i)
         return torch.device("cuda", i)
     if kind == "mps" and not torch.backends.mps.is_available():

@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"axiom {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"axiom {args.command}: interrupted", file=sys.stderr)
+        if _says_errors():  # Ctrl-C reaches every process torchrun started
+            print(f"axiom {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         if not _stdout_reader_gone():
