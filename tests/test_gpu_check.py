@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -265,3 +267,69 @@ def test_the_profiled_step_plans_the_optimizer_that_runs_here(monkeypatch):
     overrides = ["optimizer=adamw8bit", "n_layers=1", "seq_len=32", "micro_batch_size=1", "grad_accum_steps=1"]
     _, _, plan = profile_step.profiled_step("tiny", overrides, torch.device("cpu"), warmup=1)
     assert plan["memory_bytes"]["optimizer"] == 8 * num_params(get_config("tiny", overrides).model)
+
+
+def _gpu_carry():
+    spec = importlib.util.spec_from_file_location("gpu_carry", ROOT / "scripts" / "gpu_carry.py")
+    gpu_carry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_carry)
+    return gpu_carry
+
+
+def test_carry_keeps_only_the_cpu_and_cu13_libraries_of_bitsandbytes(tmp_path):
+    """bitsandbytes' wheel holds a library per CUDA, ROCm and XPU release (129 MB unpacked): the carried one keeps
+    the CPU and CUDA 13 ones (torch 2.11+cu130 loads libbitsandbytes_cuda130.so) and a RECORD without the others."""
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    libraries = ["cpu", "cuda118", "cuda128", "cuda130", "cuda132", "rocm72", "xpu2026"]
+    members = ["bitsandbytes/__init__.py", *(f"bitsandbytes/libbitsandbytes_{lib}.so" for lib in libraries)]
+    record = "bitsandbytes-0.50.2.dist-info/RECORD"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name in members:
+            z.writestr(name, name.encode() * 1000)
+        z.writestr(record, "".join(f"{name},sha256=x,{len(name) * 1000}\n" for name in members) + f"{record},,\n")
+    assert _gpu_carry().strip_libraries(wheel) > 0
+    kept = ["bitsandbytes/__init__.py", *(f"bitsandbytes/libbitsandbytes_{lib}.so" for lib in ("cpu", "cuda130"))]
+    kept.append("bitsandbytes/libbitsandbytes_cuda132.so")
+    with zipfile.ZipFile(wheel) as z:
+        assert sorted(z.namelist()) == sorted([*kept, record])
+        assert [line.split(",")[0] for line in z.read(record).decode().splitlines()] == [*sorted(kept), record]
+        assert z.read("bitsandbytes/libbitsandbytes_cuda130.so") == b"bitsandbytes/libbitsandbytes_cuda130.so" * 1000
+
+
+def _pypi_reachable() -> bool:
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_carry_builds_what_travels_to_a_gpu_under_its_limit_and_it_installs_for_python_3_12(tmp_path):
+    """scripts/gpu_carry.py: .whl/ with the pinned wheels for the GPU image's Python 3.12, .corpus/NAME with the
+    text, under the 64 MiB a device command carries; the wheels install as gpu_check.sh installs them (for 3.12)."""
+    if not _pypi_reachable():
+        pytest.skip("pypi.org is not reachable from here: gpu_carry downloads wheels")
+    corpus = _corpus(tmp_path / "c.jsonl")
+    root = tmp_path / "repo"
+    root.mkdir()
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_carry.py"), "--root", str(root), "--corpus", str(corpus)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (
+        done.stdout.splitlines()[-1] == "carry .whl and .corpus; run: scripts/gpu_check.sh OUT --corpus .corpus/c.jsonl"
+    )
+    wheels = sorted(p.name.split("-")[0] for p in (root / ".whl").glob("*.whl"))
+    assert wheels == sorted(w.split("==")[0].replace("-", "_") for w in _gpu_carry().WHEELS) and "zstandard" in wheels
+    assert (root / ".corpus" / "c.jsonl").read_bytes() == corpus.read_bytes()
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    assert size < 20 * 2**20  # bitsandbytes alone is 43 MB packed before its other libraries go
+    site = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target"]
+    install += [str(site), "--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:"]
+    install += [arg for p in _gpu_carry().PLATFORMS for arg in ("--platform", p)]
+    subprocess.run([*install, *map(str, (root / ".whl").glob("*.whl"))], check=True, capture_output=True)
+    libraries = sorted(p.name for p in (site / "bitsandbytes").glob("*.so"))
+    assert libraries == ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so", "libbitsandbytes_cuda132.so"]
+    assert (site / "tiktoken_ext" / "data" / "cl100k_base.tiktoken").is_file()
+    assert (site / "zstandard").is_dir()
