@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -333,3 +334,16 @@ def test_carry_builds_what_travels_to_a_gpu_under_its_limit_and_it_installs_for_
     assert libraries == ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so", "libbitsandbytes_cuda132.so"]
     assert (site / "tiktoken_ext" / "data" / "cl100k_base.tiktoken").is_file()
     assert (site / "zstandard").is_dir()
+
+
+def test_carried_wheels_leave_an_environment_with_the_package_as_it_is(tmp_path):
+    """.whl/ holds wheels for the GPU image's Python 3.12 (scripts/gpu_carry.py): a checkout that built them still runs
+    gpu_check.sh with its own environment, which has the package's dependencies, instead of failing to install them."""
+    (tmp_path / "scripts").mkdir()
+    for name in ("gpu_check.sh", "gpu_check.py"):
+        shutil.copy(ROOT / "scripts" / name, tmp_path / "scripts" / name)
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "zstandard-0.25.0-cp399-cp399-manylinux2014_x86_64.whl").write_bytes(b"not for this Python")
+    cmd = ["bash", str(tmp_path / "scripts" / "gpu_check.sh"), "--help"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: gpu_check.py"), done.stderr
