@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -534,6 +535,40 @@ def test_resume_drops_a_torn_csv_tail(tiny_data, tmp_path):
     losses = lambda r: [(row["step"], row["loss"]) for row in read_rows(r / "train.csv")]  # noqa: E731
     assert evals(run) == evals(reference) and [step for step, _ in evals(run)] == ["0", "2", "4"]
     assert losses(run) == losses(reference)
+
+
+class TensorBoardView:
+    """torch's SummaryWriter, keeping the scalars as TensorBoard shows a run's folder: a writer opened with
+    `purge_step` (TensorBoard's restart marker) discards what earlier writers logged at that step and after."""
+
+    scalars: list[tuple[str, int, float]] = []
+
+    def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
+        if purge_step is not None:
+            self.scalars[:] = [(tag, step, v) for tag, step, v in self.scalars if step < purge_step]
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, step, value))
+
+    def close(self) -> None:
+        pass
+
+
+def test_tensorboard_shows_each_step_once_after_a_rollback_and_a_resume(tiny_data, tmp_path, monkeypatch):
+    """TensorBoard kept the rows of the abandoned branch (a NaN loss at steps 14-16) beside the ones logged again
+    after a rollback or a resume: steps shown twice, with different values. It must show what the csvs hold."""
+    monkeypatch.setitem(sys.modules, "tensorboard", types.ModuleType("tensorboard"))  # installed, as far as axiom looks
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=TensorBoardView))
+    monkeypatch.setattr(TensorBoardView, "scalars", [])
+    monkeypatch.setattr(trainer_mod.Trainer, "step", poisoned_step(trainer_mod.Trainer.step))
+    cfg, run = micro_config(*RECOVERY, "max_steps=24"), tmp_path / "run"
+    train(cfg, tiny_data, run, tensorboard=True)  # rolls back from step 16 to 12
+    train(cfg, tiny_data, run, resume_from=run / "checkpoints" / "step_000020", tensorboard=True)
+    for csv_name, column in (("train.csv", "loss"), ("eval.csv", "val_loss")):
+        tag = f"{csv_name.removesuffix('.csv')}/{column}"
+        shown = [(step, v) for name, step, v in TensorBoardView.scalars if name == tag]
+        assert shown == [(int(r["step"]), float(r[column])) for r in read_rows(run / csv_name)]
+    assert [step for step, _ in shown] == [0, 4, 8, 12, 16, 20, 24]
 
 
 @pytest.mark.parametrize("kind", ["empty", "wrong-types", "no-groups"])

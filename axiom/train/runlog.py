@@ -24,10 +24,7 @@ class RunLog:
         if not main:
             return
         if tensorboard:
-            require("tensorboard", "--tensorboard", "tensorboard")  # in no extra
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.tb = tensorboard_writer(run_dir)
         if wandb_project:
             wandb = require("wandb", "--wandb", "wandb")  # in no extra
             self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), resume="allow")
@@ -71,9 +68,13 @@ class RunLog:
 
     def truncate(self, step: int) -> None:
         """Drop csv rows after `step`: a resumed run rewrites what the killed one logged past its checkpoint, a
-        torn last row included (a crash of the machine can leave zero bytes or half a line at a file's end)."""
+        torn last row included (a crash of the machine can leave zero bytes or half a line at a file's end).
+        TensorBoard's events after `step` are dropped too, so that its charts show each step once, as the csvs do."""
         if not self.main:
             return
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = tensorboard_writer(self.run_dir, purge_step=step + 1)
         for name in ("train.csv", "eval.csv"):
             path = self.run_dir / name
             if not path.exists():
@@ -92,6 +93,15 @@ class RunLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def tensorboard_writer(run_dir: Path, purge_step: int | None = None):
+    """A SummaryWriter into RUN/tensorboard. With `purge_step`, TensorBoard discards what earlier writers logged at
+    that step and after (its marker for a restart): the steps a resumed or rolled-back run logs again."""
+    require("tensorboard", "--tensorboard", "tensorboard")  # in no extra
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
 def format_value(v) -> str:
