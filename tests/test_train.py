@@ -267,6 +267,26 @@ def test_the_eta_counts_the_evaluations_and_checkpoints_still_to_come(tiny_data,
     )
 
 
+def test_progress_lines_give_the_figures_train_csv_holds(tiny_data, tmp_path):
+    """A progress line's "loss" was the mean of the steps since the last line, train.csv's the step's: two figures
+    named alike for one step. Now the line gives the step's, as the csv and the bar do, and names its mean."""
+    run = tmp_path / "run"
+    result = train(micro_config("max_steps=9", "log_interval=3"), tiny_data, run)
+    line = re.compile(
+        r"step (\d+)/9 \| loss ([\d.]+) \(mean ([\d.]+) over 3 steps\) \| lr ([\d.e+-]+) \| grad norm ([\d.]+) "
+        r"\| ([\d,]+) tok/s \| eta "
+    )
+    shown = [m.groups() for m in map(line.match, (run / "train.log").read_text().splitlines()) if m]
+    rows = read_rows(run / "train.csv")
+    assert [int(step) for step, *_ in shown] == [int(r["step"]) for r in rows] == [3, 6, 9]
+    for (step, loss, mean, lr, grad_norm, rate), row in zip(shown, rows, strict=True):
+        assert float(loss) == round(float(row["loss"]), 4) and float(lr) == float(f"{float(row['lr']):.3e}")
+        assert float(grad_norm) == round(float(row["grad_norm"]), 3)
+        assert int(rate.replace(",", "")) == round(float(row["tokens_per_s"]))
+        losses = [s.loss for s in result.history[int(step) - 3 : int(step)]]
+        assert float(mean) == round(sum(losses) / 3, 4)
+
+
 def test_the_plan_says_how_many_val_tokens_an_evaluation_covers(tiny_data, tmp_path):
     """It said eval_tokens where the val split holds fewer (8,192 planned, 1,920 evaluated)."""
     val = read_manifest(tiny_data)["val_tokens"]

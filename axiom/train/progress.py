@@ -4,7 +4,6 @@ a row of train.csv (loss, LR, gradient norm, throughput, MFU on known GPUs, peak
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -139,14 +138,16 @@ class Progress:
         """A progress line in train.log and a row of train.csv."""
         t, s, m = self.cfg, state, self.meter
         eta = self.eta(s.step)
-        mean = sum(m.losses) / len(m.losses) if m.losses else math.nan
+        # the step's loss, as train.csv and the bar have it; the mean of the line's steps beside it, named
+        mean = f" (mean {sum(m.losses) / len(m.losses):.4f} over {len(m.losses)} steps)" if len(m.losses) > 1 else ""
         mfu = self.mfu(m.tokens_per_s)
         memory = ""
         if self.device.type == "cuda":  # the run's peak so far: what the plan predicted, measured
             memory = f" | peak mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB"
         self.log.info(
-            f"step {s.step:,}/{t.steps:,} | loss {mean:.4f} | lr {lr:.3e} | grad norm {result.grad_norm:.3f} "
-            f"| {m.tokens_per_s:,.0f} tok/s{' |' + mfu if mfu else ''}{memory} | eta {duration(eta)}"
+            f"step {s.step:,}/{t.steps:,} | loss {result.loss:.4f}{mean} | lr {lr:.3e} "
+            f"| grad norm {result.grad_norm:.3f} | {m.tokens_per_s:,.0f} tok/s{' |' + mfu if mfu else ''}{memory} "
+            f"| eta {duration(eta)}"
         )
         row = {
             "step": s.step,
