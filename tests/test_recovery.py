@@ -571,6 +571,54 @@ def test_tensorboard_shows_each_step_once_after_a_rollback_and_a_resume(tiny_dat
     assert [step for step, _ in shown] == [0, 4, 8, 12, 16, 20, 24]
 
 
+class WandbView:
+    """wandb as it keeps a project's runs: a run id's history outlives the process (`init` with the same id and
+    resume="allow" continues it), and `log(..., step=N)` below the run's step is dropped, as wandb drops it."""
+
+    runs: dict[str, list[dict]] = {}
+
+    def __init__(self, id: str | None = None) -> None:
+        self.id = id or f"new{len(self.runs)}"
+        self.history = self.runs.setdefault(self.id, [])
+        self.step = len(self.history)
+
+    @classmethod
+    def init(cls, project: str, dir: str, id: str | None = None, resume: str | None = None) -> WandbView:
+        return cls(id)
+
+    def define_metric(self, name: str, step_metric: str | None = None) -> None:
+        pass
+
+    def log(self, data: dict, step: int | None = None) -> None:
+        if step is not None and step < self.step:
+            return
+        self.step = step if step is not None else self.step + 1
+        self.history.append(data if step is None else {"step": step, **data})
+
+    def finish(self) -> None:
+        pass
+
+
+def test_wandb_continues_its_run_and_keeps_the_values_logged_again(tiny_data, tmp_path, monkeypatch):
+    """A resumed run started a new W&B run (its history split, and the steps the killed one logged past the
+    checkpoint in neither), and after a rollback W&B refused the steps logged again (lower than its step): it kept
+    the abandoned branch's NaN losses. One W&B run per run folder now, and each step's last value is the csv's."""
+    monkeypatch.setitem(sys.modules, "wandb", WandbView)
+    monkeypatch.setattr(WandbView, "runs", {})
+    monkeypatch.setattr(trainer_mod.Trainer, "step", poisoned_step(trainer_mod.Trainer.step))
+    cfg, run = micro_config(*RECOVERY, "max_steps=24"), tmp_path / "run"
+    train(cfg, tiny_data, run, wandb_project="p")  # rolls back from step 16 to 12
+    train(cfg, tiny_data, run, resume_from=run / "checkpoints" / "step_000020", wandb_project="p")
+    assert list(WandbView.runs) == [(run / "wandb_run_id").read_text().strip()]
+    for csv_name, column in (("train.csv", "loss"), ("eval.csv", "val_loss")):
+        key = f"{csv_name.removesuffix('.csv')}/{column}"
+        last = {row["step"]: row[key] for row in next(iter(WandbView.runs.values())) if key in row}
+        rows = read_rows(run / csv_name)
+        assert last == {int(r["step"]): float(r[column]) for r in rows}
+    train(micro_config("max_steps=2"), tiny_data, tmp_path / "other", wandb_project="p")  # another run: its own
+    assert len(WandbView.runs) == 2
+
+
 @pytest.mark.parametrize("kind", ["empty", "wrong-types", "no-groups"])
 def test_a_state_pt_of_another_shape_is_one_line(tiny_data, tmp_path, capsys, kind):
     """A state.pt that loads (weights only) but holds something else, its checksums written to match: KeyError,

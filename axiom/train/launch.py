@@ -329,7 +329,7 @@ def setup(
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        log = RunLog(run_dir, d.main, **(log_to or {}))
+        log = RunLog(run_dir, d.main, **(log_to or {}), continuing=start is not None)
         for line in notes:
             log.info(f"cleaned up: {line}")
         if fallback:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
+import uuid
 from pathlib import Path
 
 from axiom.errors import require
@@ -14,11 +16,21 @@ from axiom.files import atomic_file
 
 logger = logging.getLogger(__name__)
 
+WANDB_RUN_ID = "wandb_run_id"  # in the run folder: the W&B run that a resumed run continues
+
 
 class RunLog:
     """train.log, train.csv and eval.csv of rank 0, plus TensorBoard / W&B when asked for."""
 
-    def __init__(self, run_dir: Path, main: bool, tensorboard: bool = False, wandb_project: str | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        main: bool,
+        tensorboard: bool = False,
+        wandb_project: str | None = None,
+        continuing: bool = False,
+    ):
+        """`continuing`: the run resumes from one of its checkpoints, so its W&B run is continued (not a new one)."""
         self.run_dir, self.main = run_dir, main
         self.tb = self.wandb = None
         if not main:
@@ -27,7 +39,13 @@ class RunLog:
             self.tb = tensorboard_writer(run_dir)
         if wandb_project:
             wandb = require("wandb", "--wandb", "wandb")  # in no extra
-            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), resume="allow")
+            run_id = wandb_run_id(run_dir, continuing)
+            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), id=run_id, resume="allow")
+            # Steps as a metric, not wandb.log's step=, which must only grow: a resumed or rolled-back run logs the
+            # steps past its checkpoint again, and W&B dropped those (keeping the abandoned values).
+            self.wandb.define_metric("step")
+            for kind in ("train", "eval"):
+                self.wandb.define_metric(f"{kind}/*", step_metric="step")
 
     def info(self, message: str, level: int = logging.INFO) -> None:
         if not self.main:
@@ -55,7 +73,7 @@ class RunLog:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, float(v), values["step"])
         if self.wandb is not None:
-            self.wandb.log(metrics, step=values["step"])
+            self.wandb.log({"step": values["step"], **metrics})
 
     def write_rows(self, name: str, columns: tuple[str, ...], rows: list[dict]) -> None:
         """Replace the csv `name` with these rows (a small file rendered whole from the run's state)."""
@@ -93,6 +111,19 @@ class RunLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_run_id(run_dir: Path, continuing: bool) -> str:
+    """The W&B run id of the run in `run_dir`: the one it recorded, when continuing; else a new one, recorded."""
+    path = run_dir / WANDB_RUN_ID
+    if continuing and path.is_file():
+        recorded = path.read_text(errors="replace").strip()
+        if re.fullmatch(r"[a-z0-9]{1,64}", recorded):
+            return recorded
+    run_id = uuid.uuid4().hex[:16]
+    with atomic_file(path) as tmp:
+        tmp.write_text(run_id + "\n")
+    return run_id
 
 
 def tensorboard_writer(run_dir: Path, purge_step: int | None = None):
