@@ -373,6 +373,7 @@ def test_fine_tuning_learns_the_replies_and_marks_the_checkpoint(tuned, chat_dir
     log = (run / "train.log").read_text()
     assert f"chat data    {read_manifest(chat_dir)['train_docs']} conversations" in log
     assert "attention    within each document" in log
+    assert "on at most 8 windows of packed conversations (their replies scored)" in log  # 512 // 64 of them
     # eval.csv's val loss is the masked loss over the replies of the val split, with the documents masked
     model = load_model_eval(run / "checkpoints" / "best")
     model.doc_sep = EOS_ID

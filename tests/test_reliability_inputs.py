@@ -344,6 +344,9 @@ def test_plot_refuses_empty_or_garbage_csv(tmp_path, capsys):
         (tmp_path / name / "eval.csv").write_bytes(content)
         fails(capsys, ["plot", tmp_path / name], message)
         assert not (tmp_path / name / "loss.png").exists()
+    (tmp_path / "started").mkdir()  # a run moments old: train.log, no evaluation yet
+    (tmp_path / "started" / "train.log").write_text("run started\n")
+    fails(capsys, ["plot", tmp_path / "started"], "started: no evaluation yet (eval.csv is written after the first)")
     (tmp_path / "ok").mkdir()
     (tmp_path / "ok" / "eval.csv").write_text(
         "step,tokens,train_loss,val_loss\n0,0,,6.0\n2,256,nan,5.0\n4,512,4.8,nan\n"

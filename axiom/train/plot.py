@@ -43,6 +43,8 @@ def check_paths(run_dir: Path, out: str | Path | None) -> Path:
     none of the run's csvs."""
     eval_csv = run_dir / "eval.csv"
     if not eval_csv.is_file():
+        if not eval_csv.exists() and (run_dir / "train.log").is_file():  # a run started moments ago
+            raise AxiomError(f"{run_dir}: no evaluation yet (eval.csv is written after the first); plot again then")
         what = "not found" if not eval_csv.exists() else describe_missing(eval_csv)
         raise AxiomError(f"{eval_csv} {what}; pass a run directory written by axiom train")
     if out and str(out).endswith(("/", os.sep)):  # Path drops the slash, and the PNG would take the folder's name

@@ -207,7 +207,10 @@ class Trainer:
         val_tokens = self.manifest["val_tokens"]
         covered = eval_windows(val_tokens, t.seq_len, t.eval_tokens) * t.seq_len
         on = f"{t.eval_tokens:,} tokens"
-        if covered < t.eval_tokens // t.seq_len * t.seq_len and not self.chat:
+        if self.chat:  # packed conversations, of which only the assistants' tokens are scored
+            windows = max(t.eval_tokens // t.seq_len, 1)
+            on = f"at most {windows:,} windows of packed conversations (their replies scored)"
+        elif covered < t.eval_tokens // t.seq_len * t.seq_len:
             on = f"{covered:,} tokens (all the val split holds of eval_tokens={t.eval_tokens:,})"
         log.info(
             f"data         {self.data_dir}: {self.manifest['train_tokens']:,} train tokens, "
