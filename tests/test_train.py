@@ -417,11 +417,45 @@ def test_out_of_memory_halves_the_planned_micro_batch_and_redoes_the_step(tiny_d
 
 
 def test_out_of_memory_at_a_given_micro_batch_is_raised(tiny_data, tmp_path, monkeypatch):
-    """A micro-batch set by hand is the user's choice: its out-of-memory is not hidden by a smaller one."""
+    """A micro-batch set by hand is the user's choice: its out-of-memory is not hidden by a smaller one. It is one
+    line with the ways on (it was torch's traceback and allocator statistics)."""
     failures = _fail_once_at(monkeypatch, 4)
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(AxiomError) as e:
         train(micro_config("micro_batch_size=4", "grad_accum_steps=1", "max_steps=2"), tiny_data, tmp_path / "run")
     assert failures == [4]
+    assert str(e.value) == (
+        "out of memory at micro-batch 4 (step 1: CUDA out of memory. Tried to allocate 2.00 GiB (simulated)); try "
+        "--set gradient_checkpointing=true, or --set micro_batch_size=2 --set grad_accum_steps=2"
+    )
+
+
+def test_out_of_memory_in_the_update_is_never_run_again(tiny_data, tmp_path, monkeypatch):
+    """An out-of-memory inside optimizer.step() (its state allocated parameter by parameter) may come after some
+    parameters were updated: backing off and running the step again would update those twice. It is an error, with
+    the ways on that can help (a smaller micro-batch does not), even where the plan chose the micro-batch."""
+    real = trainer_mod.build_optimizer
+
+    def build_failing(*args, **kwargs):
+        optimizer, name = real(*args, **kwargs)
+        first = optimizer.param_groups[0]["params"][0]
+
+        def step(*_, **__):
+            with torch.no_grad():
+                first.add_(1.0)  # one parameter updated, then the allocator fails
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB (simulated)\nstats")
+
+        optimizer.step = step
+        return optimizer, name
+
+    monkeypatch.setattr(trainer_mod, "build_optimizer", build_failing)
+    auto = micro_config("micro_batch_size=auto", "grad_accum_steps=4", "max_steps=2")
+    with pytest.raises(
+        AxiomError,
+        match=r"^out of memory in the optimizer's update \(CUDA out of memory\. Tried to "
+        r"allocate 64\.00 MiB \(simulated\)\): .* whatever the micro-batch; shard them",
+    ):
+        train(auto, tiny_data, tmp_path / "run")
+    assert "out of memory at micro-batch" not in (tmp_path / "run" / "train.log").read_text()  # no back-off
 
 
 def test_crash_while_writing_checkpoint_leaves_previous_loadable(tiny_data, tmp_path, monkeypatch):

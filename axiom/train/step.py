@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from axiom.config import TrainConfig
+from axiom.errors import AxiomError
 from axiom.model.loss import IGNORE_INDEX
 from axiom.runtime import autocast
 
@@ -83,6 +84,18 @@ def train_step(
         return StepResult(loss_value, norm_value, skipped=True)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.step()
+    try:
+        optimizer.step()
+    except torch.OutOfMemoryError as e:  # some parameters may be updated already: the step cannot be run again
+        raise AxiomError(
+            f"out of memory in the optimizer's update ({first_line(e)}): the weights, their gradients and the "
+            "optimizer state do not fit together, whatever the micro-batch; shard them over several GPUs (torchrun, "
+            "--set fsdp=true) or use a device with more memory"
+        ) from None
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_value, norm_value, skipped=False)
+
+
+def first_line(error: Exception) -> str:
+    """An error's first line: torch's out-of-memory message goes on with the allocator's statistics."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from axiom.config import Config
 from axiom.data.loader import TrainLoader, data_kind, eval_windows, masks_documents
 from axiom.data.packing import ChatLoader
+from axiom.errors import AxiomError
 from axiom.files import write_json_atomic
 from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID
@@ -34,7 +35,7 @@ from axiom.train.progress import Progress, duration, periodic
 from axiom.train.recovery import SpikeRecovery
 from axiom.train.runlog import RunLog
 from axiom.train.state import TrainState
-from axiom.train.step import Batches, StepResult, train_step
+from axiom.train.step import Batches, StepResult, first_line, train_step
 
 
 @dataclass
@@ -170,15 +171,25 @@ class Trainer:
 
     def _train_step(self, batches: Batches, lr: float, max_loss: float) -> StepResult:
         """`train_step` over the step's micro-batches. Out of memory at a micro-batch the plan chose (one process):
-        the next smaller one, and the step again from the same data; nothing was updated by the failed try."""
+        the next smaller one, and the step again from the same data; nothing was updated by the failed try (an
+        out-of-memory in the update itself is an error of train_step's, never run again)."""
         while True:
             t = self.cfg.train
             try:
                 return train_step(self.model, self.optimizer, regroup(batches, t.micro_batch_size), lr, t, max_loss)
-            except torch.OutOfMemoryError:
+            except torch.OutOfMemoryError as e:
                 smaller = smaller_micro_batch(t.micro_batch_size)
                 if "micro_batch_size" not in self.plan.chosen or self.d.world_size > 1 or smaller is None:
-                    raise
+                    accumulation = t.grad_accum_steps * t.micro_batch_size // (smaller or 1)
+                    way = (  # the same tokens per step
+                        f"--set micro_batch_size={smaller} --set grad_accum_steps={accumulation}"
+                        if smaller is not None
+                        else "a device with more memory"
+                    )
+                    raise AxiomError(
+                        f"out of memory at micro-batch {t.micro_batch_size} (step {self.state.step + 1:,}: "
+                        f"{first_line(e)}); try --set gradient_checkpointing=true, or {way}"
+                    ) from None
             self._back_off(smaller)  # outside the except block: its traceback, and the tensors it holds, are gone
 
     def _back_off(self, micro_batch_size: int) -> None:
