@@ -109,11 +109,23 @@ def run(args: argparse.Namespace) -> None:
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: list | None = None) -> None:
             service.closing.set()  # a request whose body is still arriving is answered 503, not awaited
-            await super().shutdown(sockets)
-            if self.force_exit:  # a second Ctrl-C: what still decodes is answered 503 now, not cut off unanswered
-                service.abandon()
+            # A second Ctrl-C (force_exit) answers what still decodes 503 now, not cut off unanswered. Watched while
+            # uvicorn shuts down: from Python 3.12 on, its shutdown waits for every connection to close
+            # (asyncio.Server.wait_closed), force_exit or not, so a stream left decoding would hold it to its end.
+            forced = asyncio.ensure_future(self._abandon_when_forced())
+            try:
+                await super().shutdown(sockets)
+            finally:
+                forced.cancel()
+            if self.force_exit:
+                service.abandon()  # where the watcher had not yet seen force_exit (Python 3.11 returns at once)
                 if self.server_state.tasks:
                     await asyncio.wait(self.server_state.tasks, timeout=ABANDON_WAIT_S)
+
+        async def _abandon_when_forced(self) -> None:
+            while not self.force_exit:  # set by uvicorn's signal handler; uvicorn polls it alike
+                await asyncio.sleep(0.1)
+            service.abandon()
 
     server = Server(config)
     service.start()  # compiled: after compiling

@@ -171,7 +171,9 @@ class Service:
     def abandon(self) -> None:
         """Answer every request accepted 503 and stop decoding it (the server is made to stop now: a second
         Ctrl-C), so that its handler ends with an answer rather than being cancelled mid-request. On the event loop,
-        as `submit`: a request submitted before this is in the inbox before it, one after is refused."""
+        as `submit`: a request submitted before this is in the inbox before it, one after is refused. Once only."""
+        if self._abandoned:
+            return
         self._abandoned = True
         self._inbox.put(("abandon", None))
         self._wake.set()
