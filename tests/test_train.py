@@ -427,6 +427,13 @@ def test_out_of_memory_at_a_given_micro_batch_is_raised(tiny_data, tmp_path, mon
         "out of memory at micro-batch 4 (step 1: CUDA out of memory. Tried to allocate 2.00 GiB (simulated)); try "
         "--set gradient_checkpointing=true, or --set micro_batch_size=2 --set grad_accum_steps=2"
     )
+    # checkpointing on already: not named as a way on (it was, whatever the run's setting)
+    failures = _fail_once_at(monkeypatch, 1)
+    checkpointed = micro_config("micro_batch_size=1", "gradient_checkpointing=true", "max_steps=2")
+    with pytest.raises(AxiomError) as e:
+        train(checkpointed, tiny_data, tmp_path / "checkpointed")
+    assert failures == [1]
+    assert str(e.value).endswith("(simulated)); try a device with more memory")
 
 
 def test_out_of_memory_in_the_update_is_never_run_again(tiny_data, tmp_path, monkeypatch):

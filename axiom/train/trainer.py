@@ -180,15 +180,15 @@ class Trainer:
             except torch.OutOfMemoryError as e:
                 smaller = smaller_micro_batch(t.micro_batch_size)
                 if "micro_batch_size" not in self.plan.chosen or self.d.world_size > 1 or smaller is None:
-                    accumulation = t.grad_accum_steps * t.micro_batch_size // (smaller or 1)
-                    way = (  # the same tokens per step
-                        f"--set micro_batch_size={smaller} --set grad_accum_steps={accumulation}"
-                        if smaller is not None
-                        else "a device with more memory"
-                    )
+                    ways = [] if t.gradient_checkpointing else ["--set gradient_checkpointing=true"]
+                    if smaller is not None:  # the same tokens per step
+                        accumulation = t.grad_accum_steps * t.micro_batch_size // smaller
+                        ways.append(f"--set micro_batch_size={smaller} --set grad_accum_steps={accumulation}")
+                    else:
+                        ways.append("a device with more memory")
                     raise AxiomError(
                         f"out of memory at micro-batch {t.micro_batch_size} (step {self.state.step + 1:,}: "
-                        f"{first_line(e)}); try --set gradient_checkpointing=true, or {way}"
+                        f"{first_line(e)}); try {', or '.join(ways)}"
                     ) from None
             self._back_off(smaller)  # outside the except block: its traceback, and the tensors it holds, are gone
 
