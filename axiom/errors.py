@@ -18,12 +18,14 @@ class AxiomError(Exception):
 
 def require(module: str, what: str, install: str, or_else: str | None = None) -> ModuleType:
     """`module`, imported now for `what` (a command or option, as the user wrote it); where it or a package it
-    imports is not installed, or it fails to import, one AxiomError naming `module` instead. `install` is what pip
-    should install: "axiom-lm[EXTRA]" for a package in one of pyproject.toml's extras, else the package itself."""
+    imports is not installed, or it fails to import, one AxiomError naming `module` (and the package it lacks)
+    instead. `install` is what pip should install: "axiom-lm[EXTRA]" for a package in one of pyproject.toml's
+    extras, else the package itself (pip installs what an installed package lacks of its dependencies)."""
     try:
         return importlib.import_module(module)
-    except ModuleNotFoundError:
-        raise _not_installed(module, what, install, or_else) from None
+    except ModuleNotFoundError as e:
+        itself = e.name is None or module == e.name or module.startswith(f"{e.name}.")
+        raise _not_installed(module, what, install, or_else, None if itself else e.name) from None
     except ImportError as e:  # installed but broken (a C extension built for another Python or torch): say why
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise AxiomError(
@@ -38,10 +40,14 @@ def require_installed(module: str, what: str, install: str, or_else: str | None 
         raise _not_installed(module, what, install, or_else)
 
 
-def _not_installed(name: str, what: str, install: str, or_else: str | None = None) -> AxiomError:
-    """The one line for a missing optional package; `or_else`: another way that needs none."""
+def _not_installed(
+    name: str, what: str, install: str, or_else: str | None = None, dependency: str | None = None
+) -> AxiomError:
+    """The one line for a missing optional package, or for the `dependency` it imports; `or_else`: another way that
+    needs none."""
+    missing = f"whose dependency {dependency} is not installed" if dependency else "which is not installed"
     alternative = f", or {or_else}" if or_else else ""
-    return AxiomError(f"{what} needs {name}, which is not installed: pip install {shlex.quote(install)}{alternative}")
+    return AxiomError(f"{what} needs {name}, {missing}: pip install {shlex.quote(install)}{alternative}")
 
 
 def run_script(main: Callable[[], int | None], prog: str | None = None) -> NoReturn:

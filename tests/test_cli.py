@@ -147,7 +147,13 @@ def test_a_missing_optional_package_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(AxiomError, match="^--tensorboard needs tensorboard, which is not installed: pip install"):
         RunLog(tmp_path, main=True, tensorboard=True)
     (tmp_path / "broken_extension.py").write_text("raise ImportError('undefined symbol: _ZN3c10')\n")
+    (tmp_path / "plotlib.py").write_text("import kiwi\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(AxiomError) as e:  # installed: what it imports is missing (it said the former was)
+        require("plotlib", "axiom plot", "axiom-lm[plot]")
+    assert (
+        str(e.value) == "axiom plot needs plotlib, whose dependency kiwi is not installed: pip install 'axiom-lm[plot]'"
+    )
     with pytest.raises(AxiomError) as e:  # installed but broken: why, in one line, rather than "not installed"
         require("broken_extension", "--format gguf", "axiom-lm[gguf]")
     assert str(e.value) == (
