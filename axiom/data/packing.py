@@ -164,6 +164,12 @@ class ChatLoader(WindowLoader):
         return to_batch([self.data.window(packing.window(w), self.seq_len) for w in windows])
 
 
+def chat_eval_windows(seq_len: int, eval_tokens: int) -> int:
+    """The windows of packed conversations an evaluation reads at most (fewer where the val split packs into fewer):
+    `eval_tokens // seq_len`, at least one. Only their replies are scored, so the tokens counted are fewer still."""
+    return max(eval_tokens // seq_len, 1)
+
+
 def chat_eval_batches(
     data_dir: str | Path,
     seq_len: int,
@@ -180,7 +186,7 @@ def chat_eval_batches(
         raise AxiomError(f"{data_dir}: the val split has no conversations; prepare with a larger --val-fraction")
     data.check_fit(seq_len, str(data_dir))
     packing = pack(data.lengths, np.arange(len(data)), seq_len + 1)
-    num_windows = min(max(eval_tokens // seq_len, 1), len(packing))
+    num_windows = min(chat_eval_windows(seq_len, eval_tokens), len(packing))
     for first in range(0, num_windows, batch_size):
         windows = range(first, min(first + batch_size, num_windows))
         yield to_batch([data.window(packing.window(w), seq_len) for w in windows])

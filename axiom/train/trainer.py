@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from axiom.config import Config
 from axiom.data.loader import TrainLoader, data_kind, eval_windows, masks_documents
-from axiom.data.packing import ChatLoader
+from axiom.data.packing import ChatLoader, chat_eval_windows
 from axiom.errors import AxiomError
 from axiom.files import write_json_atomic
 from axiom.model.transformer import Axiom
@@ -219,7 +219,7 @@ class Trainer:
         covered = eval_windows(val_tokens, t.seq_len, t.eval_tokens) * t.seq_len
         on = f"{t.eval_tokens:,} tokens"
         if self.chat:  # packed conversations, of which only the assistants' tokens are scored
-            windows = max(t.eval_tokens // t.seq_len, 1)
+            windows = chat_eval_windows(t.seq_len, t.eval_tokens)
             on = f"at most {windows:,} windows of packed conversations (their replies scored)"
         elif covered < t.eval_tokens // t.seq_len * t.seq_len:
             on = f"{covered:,} tokens (all the val split holds of eval_tokens={t.eval_tokens:,})"
