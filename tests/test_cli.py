@@ -131,6 +131,15 @@ def test_a_missing_extra_is_one_line_before_any_work(tmp_path, capsys, monkeypat
     )
 
 
+def test_an_error_is_said_whatever_world_size_holds(monkeypatch, capsys):
+    """Whether a process is one of torchrun's is judged from WORLD_SIZE when an error is to be said: one that is no
+    number (another tool's) made the error a ValueError traceback."""
+    for world in ("auto", "1", ""):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert main(["eval", "--ckpt", "missing"]) == 2
+        assert capsys.readouterr().err.startswith("axiom eval: error: nothing to evaluate"), world
+
+
 def test_a_missing_optional_package_is_one_line(tmp_path, monkeypatch):
     """Each guarded import had its own wording ("needs X: pip install ...", "...; run: pip install X", "needs the
     X package"); now one line names what asked, the missing module and what to install."""
