@@ -79,7 +79,7 @@ class Progress:
         self.clock = clock
         self.intervals = {"evaluation": cfg.train.eval_interval, "checkpoint": cfg.train.checkpoint_interval}
         self.spent = dict.fromkeys(self.intervals, 0.0)  # this session's seconds of each kind ...
-        self.times = dict.fromkeys(self.intervals, 0)  # ... over this many
+        self.timed_count = dict.fromkeys(self.intervals, 0)  # ... over this many of them
 
     @contextlib.contextmanager
     def timed(self, kind: str) -> Iterator[None]:
@@ -87,7 +87,7 @@ class Progress:
         start = self.clock()
         yield
         self.spent[kind] += self.clock() - start
-        self.times[kind] += 1
+        self.timed_count[kind] += 1
 
     @property
     def between_steps_s(self) -> float:
@@ -101,8 +101,8 @@ class Progress:
         t, m = self.cfg, self.meter
         left = (t.steps - step) * m.seconds / m.steps
         for kind, interval in self.intervals.items():
-            if self.times[kind]:
-                left += self.spent[kind] / self.times[kind] * periodic_after(step - 1, t.steps, interval)
+            if self.timed_count[kind]:
+                left += self.spent[kind] / self.timed_count[kind] * periodic_after(step - 1, t.steps, interval)
         return left
 
     def mfu(self, tokens_per_s: float) -> str:
