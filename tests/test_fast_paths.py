@@ -83,6 +83,27 @@ def test_chunked_loss_value_and_grads_equal_plain_cross_entropy(chunk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_chunked_loss_without_gradients_computes_the_loss_alone():
+    """Evaluation runs under no_grad with the table still a parameter that requires grad: the loss is the plain one,
+    and each chunk's one product is its logits (the table's and the hidden states' gradient products were computed
+    as in training, then dropped: over half of an evaluation's time at cl100k's vocabulary)."""
+    torch.manual_seed(3)
+    h, w = torch.randn(40, 16), torch.nn.Parameter(torch.randn(300, 16) * 0.5)
+    t = torch.randint(0, 300, (40,))
+    products = []
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                products.append(func._overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Products():
+        loss = chunked_cross_entropy(h, w, t, 16, workspace=LossWorkspace())
+    assert products == ["mm"] * 3  # 40 rows in chunks of 16: the logits of each
+    torch.testing.assert_close(loss, F.cross_entropy(h @ w.detach().t(), t), rtol=1e-5, atol=1e-6)
+
+
 def test_chunked_loss_reuses_its_cpu_block_without_carrying_state():
     workspace = LossWorkspace()
     torch.manual_seed(2)

@@ -233,9 +233,12 @@ def chunked_cross_entropy(
     where a float32 CPU call keeps its (n, V) block for the next (eager mode only); without, each call makes its
     own. `vocab_multiple`: the product runs over the vocabulary padded to a multiple of it (default:
     `default_vocab_multiple` of the device); the result is the same up to rounding. `chunk`: rows per chunk
-    (default: `chunk_rows` of the device). `compiled`: each chunk through `compiled_chunk_loss`."""
+    (default: `chunk_rows` of the device). `compiled`: each chunk through `compiled_chunk_loss`. With gradients
+    off (evaluation) the loss alone: no gradient is computed for a backward that cannot come."""
     if vocab_multiple is None:
         vocab_multiple = default_vocab_multiple(hidden.device.type)
     if chunk is None:
         chunk = chunk_rows(hidden.device.type)
+    if not torch.is_grad_enabled():  # evaluation: the table still requires grad, but no backward will come
+        hidden, weight = hidden.detach(), weight.detach()
     return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index, workspace, vocab_multiple, compiled)
