@@ -145,22 +145,39 @@ def test_poisoned_batch_rolls_back_skips_it_and_finishes(tiny_data, tmp_path, mo
     assert plot_run(run).stat().st_size > 0  # the rollback is drawn from events.csv
 
 
+POISON_ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@pytest.fixture(scope="module")
+def poisoned_train(tiny_data, tmp_path_factory):
+    """(the command of a poisoned run into a folder, the run of it without a kill): one reference for every kill."""
+    script = tmp_path_factory.mktemp("poisoned") / "poisoned_train.py"
+    script.write_text(POISON_SCRIPT)
+
+    def cmd(run: Path) -> list[str]:
+        return [
+            sys.executable,
+            str(script),
+            "train",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(run),
+            *micro_args(*RECOVERY),
+        ]
+
+    reference = script.parent / "reference"
+    done = subprocess.run(cmd(reference), capture_output=True, text=True, env=POISON_ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return cmd, reference
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after", ["skipped (1 in a row", "rolled back to"], ids=["in-streak", "after-rollback"])
-def test_kill_9_during_recovery_resumes_exactly(tiny_data, tmp_path, kill_after):
-    script = tmp_path / "poisoned_train.py"
-    script.write_text(POISON_SCRIPT)
-    sets = micro_args(*RECOVERY)
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-
-    def cmd(run):
-        return [sys.executable, str(script), "train", "--data", str(tiny_data), "--out", str(run), *sets]
-
-    reference = tmp_path / "reference"
-    done = subprocess.run(cmd(reference), capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_kill_9_during_recovery_resumes_exactly(poisoned_train, tmp_path, kill_after):
+    cmd, reference = poisoned_train
     run = tmp_path / "run"
-    proc = subprocess.Popen(cmd(run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd(run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=POISON_ENV)
     log = run / "train.log"
     try:
         while not (log.is_file() and kill_after in log.read_text()):
@@ -170,7 +187,7 @@ def test_kill_9_during_recovery_resumes_exactly(tiny_data, tmp_path, kill_after)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (run / "checkpoints" / "step_000060").exists()
-    done = subprocess.run([*cmd(run), "--resume"], capture_output=True, text=True, env=env)
+    done = subprocess.run([*cmd(run), "--resume"], capture_output=True, text=True, env=POISON_ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     final = lambda r: load_file(list_checkpoints(r / "checkpoints")[-1][1] / "model.safetensors")  # noqa: E731
     ours, theirs = final(run), final(reference)
