@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import os
 import re
-import signal
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.pool import AsyncResult, Pool
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +36,7 @@ from axiom.data.loader import (
     size_mismatch,
 )
 from axiom.data.sources import SPLIT_FORMULA, Unit, UnitResult
+from axiom.data.workers import WorkerDied, results_in_order
 from axiom.errors import AxiomError
 from axiom.files import (
     check_no_overlap,
@@ -343,56 +340,6 @@ def check_shards(out: Path, manifest: dict) -> None:
                     f"{path}: {found}, but {out / MANIFEST} records {expected:,} bytes: this prepared directory is "
                     f"damaged; delete {out} and run this command again"
                 )
-
-
-def _worker_init() -> None:
-    # Ctrl-C reaches the whole process group: only the main process handles it (and stops the pool).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class WorkerDied(AxiomError):
-    """A worker process ended without finishing its unit: not the input's fault, so the work done is kept."""
-
-
-def results_in_order(units: list[Unit], workers: int, work: Callable, job: tuple) -> Iterator[UnitResult]:
-    """`work(unit, *job)` for each unit, in unit order, with at most 2 * workers units in flight (bounded memory).
-    A worker that dies (kill -9, the kernel's out-of-memory killer) is a WorkerDied: the pool starts another, but the
-    unit the dead one held is lost, and waiting for it would never end."""
-    workers = min(workers, len(units))  # no idle processes (each holds a tokenizer)
-    if workers <= 1:
-        for unit in units:
-            yield work(unit, *job)
-        return
-    # spawn: workers import only axiom.data.sources (no torch), and no forked copy of the parent's threads
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
-        started = _worker_pids(pool)
-        flight: deque = deque()
-        for unit in units:
-            flight.append(pool.apply_async(work, (unit, *job)))
-            if len(flight) >= 2 * workers:
-                yield _result(flight.popleft(), pool, started)
-        while flight:
-            yield _result(flight.popleft(), pool, started)
-
-
-WORKER_CHECK_S = 1.0  # how often a wait for a unit looks for a dead worker
-
-
-def _result(pending: AsyncResult, pool: Pool, started: set[int]) -> UnitResult:
-    while True:
-        try:
-            return pending.get(timeout=WORKER_CHECK_S)
-        except multiprocessing.TimeoutError:
-            if _worker_pids(pool) != started:  # workers never end by themselves (no maxtasksperchild)
-                raise WorkerDied(
-                    "prepare: a worker process ended without finishing its unit (killed, or out of memory?); the "
-                    "units done are kept: run the same command again to continue (with fewer --workers if memory "
-                    "is short)"
-                ) from None
-
-
-def _worker_pids(pool: Pool) -> set[int]:
-    return {p.pid for p in pool._pool}  # the live workers: multiprocessing.Pool replaces one that dies
 
 
 def prepare(
