@@ -41,8 +41,9 @@ def results_in_order(units: list, workers: int, work: Callable, job: tuple) -> I
         for _ in range(workers):
             ours, theirs = context.Pipe()
             pipes.append(ours)
-            procs.append(context.Process(target=_serve, args=(theirs, work, job), daemon=True))
-            procs[-1].start()
+            process = context.Process(target=_serve, args=(theirs, work, job), daemon=True)
+            process.start()
+            procs.append(process)  # started: Ctrl-C inside start() leaves nothing to kill
             theirs.close()  # the worker's end is the worker's alone: its death ends our pipe
         owners: deque[int] = deque()  # the worker of each unit in flight, in unit order
         for unit in units:
