@@ -76,7 +76,7 @@ from axiom.errors import AxiomError
 from axiom.infer.engine import Engine
 from axiom.infer.fast import load_for_inference
 from axiom.infer.generate import generate
-from axiom.model.checkpoint import save_weights
+from axiom.model.checkpoint import CONFIG, config_of, read_meta, save_weights
 from axiom.model.transformer import Axiom
 from axiom.runtime import pick_device
 from axiom.text.stream import token_bytes
@@ -237,15 +237,17 @@ def expected_texts(ckpt: Path, args: argparse.Namespace) -> tuple[dict[str, str]
     of a chosen token's logit over the runner-up along the way. With `--compile` through an engine of the batching
     server's shape, whose compiled steps (a row's step does not depend on the other rows') the server then loads from
     the compile cache; eager steps work on the running rows alone, so an engine of one prompt's size serves."""
+    enc = load_tokenizer()
+    prompts = {prompt: enc.encode_ordinary(prompt) for prompt in PROMPTS}
+    vocab_size = config_of(read_meta(ckpt), ckpt / CONFIG).model.vocab_size  # checked before the model is readied
+    for prompt, ids in prompts.items():
+        if problem := outside_vocabulary(ids, vocab_size):
+            raise AxiomError(f"{ckpt}: prompt {prompt!r}: {problem}")
     model, _ = load_for_inference(str(ckpt), args.device, args.dtype)
     engine = Engine(model, max_batch=args.max_batch, compile=True) if args.compile else None
     n = args.max_tokens
-    enc = load_tokenizer()
     texts, margin = {}, float("inf")
-    for prompt in PROMPTS:
-        ids = enc.encode_ordinary(prompt)
-        if problem := outside_vocabulary(ids, model.cfg.vocab_size):
-            raise AxiomError(f"{ckpt}: prompt {prompt!r}: {problem}")
+    for prompt, ids in prompts.items():
         new = generate(model, [ids], n, temperature=0.0, eos_id=EOS_ID, engine=engine)[0]
         texts[prompt] = b"".join(token_bytes(enc, t) for t in new if t != EOS_ID).decode(errors="replace")
         with torch.no_grad():

@@ -1039,7 +1039,8 @@ def test_load_with_hostile_requests_mixed_in(ckpt):
 
 
 def test_load_test_on_a_model_of_another_vocabulary_is_one_line(tmp_path):
-    """Its reference texts went through `generate`, whose ValueError ended the script in a traceback."""
+    """Its reference texts went through `generate`, whose ValueError ended the script in a traceback. Said before
+    the model is readied: a decode-kernel build running in another process printed its notice first."""
     cfg = get_config("tiny", [*MICRO, "vocab_size=512"])
     save_model(Axiom(cfg.model), cfg, tmp_path, step=0)
     cmd = [sys.executable, str(ROOT / "scripts" / "load_test.py"), "--ckpt", str(tmp_path), "--no-baseline"]
