@@ -282,7 +282,8 @@ def test_progress_lines_give_the_figures_train_csv_holds(tiny_data, tmp_path):
     for (step, loss, mean, lr, grad_norm, rate), row in zip(shown, rows, strict=True):
         assert float(loss) == round(float(row["loss"]), 4) and float(lr) == float(f"{float(row['lr']):.3e}")
         assert float(grad_norm) == round(float(row["grad_norm"]), 3)
-        assert int(rate.replace(",", "")) == round(float(row["tokens_per_s"]))
+        # the csv keeps the rate to 0.1, the line to 1: both from one figure (24,549 beside 24549.5 is that)
+        assert abs(int(rate.replace(",", "")) - float(row["tokens_per_s"])) <= 0.55
         losses = [s.loss for s in result.history[int(step) - 3 : int(step)]]
         assert float(mean) == round(sum(losses) / 3, 4)
 
