@@ -27,10 +27,16 @@ def require(module: str, what: str, install: str, or_else: str | None = None) ->
         itself = e.name is None or module == e.name or module.startswith(f"{e.name}.")
         raise _not_installed(module, what, install, or_else, None if itself else e.name) from None
     except ImportError as e:  # installed but broken (a C extension built for another Python or torch): say why
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise AxiomError(
-            f"{what} needs {module}, which is installed but does not import ({why}): reinstall it"
+            f"{what} needs {module}, which is installed but does not import ({first_line(e)}): reinstall it"
         ) from None
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line, for a one-line message (torch's out-of-memory goes on with the allocator's statistics);
+    its type's name where it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def require_installed(module: str, what: str, install: str, or_else: str | None = None) -> None:

@@ -10,7 +10,7 @@ import math
 import torch
 
 from axiom.config import TrainConfig
-from axiom.errors import AxiomError
+from axiom.errors import AxiomError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def adamw8bit_unusable(device: torch.device, fsdp: bool = False) -> str | None:
     try:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # ImportError, or a broken native library
-        return f"bitsandbytes is not usable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+        return f"bitsandbytes is not usable ({type(e).__name__}: {first_line(e)[:80]})"
     return _adamw8bit_step_fails(device)
 
 

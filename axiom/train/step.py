@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from axiom.config import TrainConfig
-from axiom.errors import AxiomError
+from axiom.errors import AxiomError, first_line
 from axiom.model.loss import IGNORE_INDEX
 from axiom.runtime import autocast
 
@@ -94,8 +94,3 @@ def train_step(
         ) from None
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_value, norm_value, skipped=False)
-
-
-def first_line(error: Exception) -> str:
-    """An error's first line: torch's out-of-memory message goes on with the allocator's statistics."""
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from axiom.config import Config
 from axiom.data.loader import TrainLoader, data_kind, eval_windows, masks_documents
 from axiom.data.packing import ChatLoader, chat_eval_windows
-from axiom.errors import AxiomError
+from axiom.errors import AxiomError, first_line
 from axiom.files import write_json_atomic
 from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID
@@ -35,7 +35,7 @@ from axiom.train.progress import Progress, duration, periodic
 from axiom.train.recovery import SpikeRecovery
 from axiom.train.runlog import RunLog
 from axiom.train.state import TrainState
-from axiom.train.step import Batches, StepResult, first_line, train_step
+from axiom.train.step import Batches, StepResult, train_step
 
 
 @dataclass
