@@ -208,6 +208,12 @@ def smaller_micro_batch(micro_batch_size: int) -> int | None:
     return next((n for n in range(micro_batch_size // 2, 0, -1) if micro_batch_size % n == 0), None)
 
 
+def accumulation_at(t: TrainConfig, micro_batch_size: int) -> int:
+    """The accumulation that keeps `t`'s sequences per process and step at `micro_batch_size` (one of
+    `smaller_micro_batch`'s: it divides them)."""
+    return t.grad_accum_steps * t.micro_batch_size // micro_batch_size
+
+
 def training_memory_bytes(
     cfg: Config, micro_batch_size: int, checkpointing: bool, device_type: str, compiled: bool = False, shards: int = 1
 ) -> dict[str, int]:

@@ -30,7 +30,7 @@ from axiom.train.checkpointer import Checkpointer, checkpoint_record
 from axiom.train.evaluator import Evaluator
 from axiom.train.optim import build_optimizer, check_optimizer_state_loads, resumable_config
 from axiom.train.parallel import Dist, parallelize
-from axiom.train.plan import Plan, plan_lines, smaller_micro_batch
+from axiom.train.plan import Plan, accumulation_at, plan_lines, smaller_micro_batch
 from axiom.train.progress import Progress, duration, periodic
 from axiom.train.recovery import SpikeRecovery
 from axiom.train.runlog import RunLog
@@ -182,8 +182,9 @@ class Trainer:
                 if "micro_batch_size" not in self.plan.chosen or self.d.world_size > 1 or smaller is None:
                     ways = [] if t.gradient_checkpointing else ["--set gradient_checkpointing=true"]
                     if smaller is not None:  # the same tokens per step
-                        accumulation = t.grad_accum_steps * t.micro_batch_size // smaller
-                        ways.append(f"--set micro_batch_size={smaller} --set grad_accum_steps={accumulation}")
+                        ways.append(
+                            f"--set micro_batch_size={smaller} --set grad_accum_steps={accumulation_at(t, smaller)}"
+                        )
                     else:
                         ways.append("a device with more memory")
                     raise AxiomError(
@@ -200,7 +201,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         before = t.micro_batch_size
-        t.micro_batch_size, t.grad_accum_steps = micro_batch_size, t.grad_accum_steps * before // micro_batch_size
+        t.micro_batch_size, t.grad_accum_steps = micro_batch_size, accumulation_at(t, micro_batch_size)
         self.log.notice(
             f"out of memory at micro-batch {before} (step {self.state.step + 1:,}): micro-batch {t.micro_batch_size} "
             f"x {t.grad_accum_steps} accumulation from now on, the same {t.tokens_per_step:,} tokens per step; the "
