@@ -34,16 +34,15 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 
 from axiom import __version__
 from axiom.errors import AxiomError
+from axiom.signals import sigterm_as_interrupt
 
 try:
     import fcntl
@@ -338,7 +337,7 @@ def output_lock(
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps(info).encode())
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             yield lock
     finally:
         with contextlib.suppress(OSError):
@@ -377,22 +376,6 @@ def _try_pidfile(lock: Path) -> int | None:
                 return None
             lock.unlink(missing_ok=True)
     return None
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ---- failed writes as one line

@@ -7,11 +7,11 @@ import contextlib
 import importlib
 import os
 import select
-import signal
 import sys
 
 from axiom import __version__
 from axiom.errors import AxiomError
+from axiom.signals import sigint_held
 
 # name -> (module, one-line help). Modules are imported only to build their own parser.
 COMMANDS = {
@@ -95,13 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line, with SIGINT held while the command modules import (torch: seconds): Ctrl-C inside a C
     extension's import broke it half-way (an ImportError, or an abort), so it is answered once they have."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
+    with sigint_held():
         return build_parser().parse_args(argv)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        return build_parser().parse_args(argv)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a Ctrl-C meanwhile: KeyboardInterrupt now
 
 
 def main(argv: list[str] | None = None) -> int:

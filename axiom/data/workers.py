@@ -9,15 +9,16 @@ of its own and no lock is shared: stopping is killing the workers, and a worker'
 from __future__ import annotations
 
 import multiprocessing
-import signal
 from collections import deque
 from collections.abc import Callable, Iterator
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.pool import ExceptionWithTraceback
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from axiom.errors import AxiomError
+from axiom.signals import sigint_held
 
 
 class WorkerDied(AxiomError):
@@ -38,13 +39,19 @@ def results_in_order(units: list, workers: int, work: Callable, job: tuple) -> I
     procs: list[BaseProcess] = []
     pipes: list[Connection] = []
     try:
-        for _ in range(workers):
-            ours, theirs = context.Pipe()
-            pipes.append(ours)
-            process = context.Process(target=_serve, args=(theirs, work, job), daemon=True)
-            process.start()
-            procs.append(process)  # started: Ctrl-C inside start() leaves nothing to kill
-            theirs.close()  # the worker's end is the worker's alone: its death ends our pipe
+        # Ctrl-C reaches the whole process group, and prepare answers it: the workers inherit SIGINT blocked, so
+        # none prints a KeyboardInterrupt traceback (one cut while its interpreter started did), and a Ctrl-C while
+        # they are started reaches prepare once they are. The first spawn starts multiprocessing's resource
+        # tracker, which unblocks SIGINT after starting it: it is started before the block.
+        resource_tracker.ensure_running()
+        with sigint_held():
+            for _ in range(workers):
+                ours, theirs = context.Pipe()
+                pipes.append(ours)
+                process = context.Process(target=_serve, args=(theirs, work, job), daemon=True)
+                process.start()
+                procs.append(process)
+                theirs.close()  # the worker's end is the worker's alone: its death ends our pipe
         owners: deque[int] = deque()  # the worker of each unit in flight, in unit order
         for unit in units:
             worker = min(range(workers), key=owners.count)  # a worker's units are done in the order it got them
@@ -65,7 +72,6 @@ def results_in_order(units: list, workers: int, work: Callable, job: tuple) -> I
 
 def _serve(pipe: Connection, work: Callable, job: tuple) -> None:
     """A worker: the result of each unit its pipe brings (or the error, with its traceback), until the pipe ends."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: prepare answers it
     try:
         while True:
             unit = pipe.recv()
