@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from axiom import __version__
 from axiom.cli import COMMANDS, build_parser, main
 from axiom.config import get_config, tomllib
 from axiom.errors import AxiomError, require, require_installed
+from axiom.train.parallel import init_distributed
 from axiom.train.runlog import RunLog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +140,23 @@ def test_an_error_is_said_whatever_world_size_holds(monkeypatch, capsys):
         monkeypatch.setenv("WORLD_SIZE", world)
         assert main(["eval", "--ckpt", "missing"]) == 2
         assert capsys.readouterr().err.startswith("axiom eval: error: nothing to evaluate"), world
+
+
+def test_a_torchrun_variable_that_is_no_count_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE are torchrun's counts: another value was a ValueError traceback."""
+    monkeypatch.setenv("WORLD_SIZE", "auto")
+    assert main(["train", "--preset", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (
+        "axiom train: error: WORLD_SIZE='auto' in the environment is no count: torchrun sets it; launch with "
+        "torchrun, or unset WORLD_SIZE to train in one process\n"
+    )
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "first")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: None)  # the counts alone
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    with pytest.raises(AxiomError, match="^LOCAL_RANK='first' in the environment is no count: torchrun sets it"):
+        init_distributed()
 
 
 def test_a_missing_optional_package_is_one_line(tmp_path, monkeypatch):

@@ -159,6 +159,6 @@ def run(args: argparse.Namespace) -> int:
             args.resume_from,
             read_weights,
         )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
         print(f"outputs in {args.out}: eval.csv, train.log, checkpoints/ (best: {args.out}/checkpoints/best)")
     return 0

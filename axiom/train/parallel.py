@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from axiom.config import AUTO, TrainConfig
+from axiom.errors import AxiomError
 from axiom.model.transformer import Axiom, retie
 
 T = TypeVar("T")
@@ -35,13 +36,22 @@ class Dist:
 
 def init_distributed() -> Dist:
     """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if _count_from_torchrun("WORLD_SIZE", "1") == 1:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local = _count_from_torchrun("LOCAL_RANK", "0"), _count_from_torchrun("LOCAL_WORLD_SIZE", "1")
     return Dist(dist.get_rank(), dist.get_world_size(), *local)
+
+
+def _count_from_torchrun(name: str, default: str) -> int:
+    value = os.environ.get(name, default)
+    if not value.strip().isdigit():
+        raise AxiomError(
+            f"{name}={value!r} in the environment is no count: torchrun sets it; launch with torchrun, or unset "
+            f"{name} to train in one process"
+        )
+    return int(value)
 
 
 def from_main(d: Dist, decide: Callable[[], T]) -> T:
