@@ -334,10 +334,13 @@ def test_plot_refuses_empty_or_garbage_csv(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     cases = {
         "empty": (b"", "no column tokens, val_loss"),
-        "header": (b"step,tokens,train_loss,val_loss\n", "no evaluation with a finite val_loss yet"),
+        "header": (b"step,tokens,train_loss,val_loss\n", "header/eval.csv: no evaluation yet; plot again after"),
         "words": (b"step,tokens,val_loss\n1,abc,2.0\n", "not a csv of numbers"),
         "binary": (os.urandom(64) + b"\xff\xfe", "not a text file"),
-        "nan": (b"step,tokens,val_loss\n1,10,nan\n", "no evaluation with a finite val_loss"),
+        "nan": (
+            b"step,tokens,val_loss\n1,10,nan\n2,20,inf\n",
+            "of its 2 evaluation(s) is NaN or inf (the run diverged)",
+        ),
     }
     for name, (content, message) in cases.items():
         (tmp_path / name).mkdir()

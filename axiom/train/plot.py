@@ -69,8 +69,13 @@ def read_curves(run_dir: Path) -> tuple[list[dict[str, float]], list[dict[str, f
         header = []  # read_csv says what is wrong with the file
     scores = tuple(c for c in header if c.endswith(("_acc", "_acc_norm")))  # in-loop task files (eval_tasks)
     evals = read_csv(eval_csv, ("tokens", "val_loss"), optional=("train_loss", *scores))
+    if not evals:
+        raise AxiomError(f"{eval_csv}: no evaluation yet; plot again after the first one")
     if not any(math.isfinite(r["val_loss"]) for r in evals):
-        raise AxiomError(f"{eval_csv}: no evaluation with a finite val_loss yet; plot again after the first one")
+        raise AxiomError(
+            f"{eval_csv}: every val_loss of its {len(evals)} evaluation(s) is NaN or inf (the run diverged); "
+            "nothing to plot"
+        )
     train = read_csv(train_csv, ("tokens", "loss")) if train_csv.is_file() else []
     events = read_csv(events_csv, ("tokens",)) if events_csv.is_file() else []
     return evals, train, events
