@@ -115,6 +115,13 @@ def test_info_names_the_file_that_sets_every_value(tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"preset tiny with {partial}: ")
 
 
+def test_bench_train_refuses_no_warm_up_step(capsys):
+    """bench train's first warm-up step gives first_loss, so its --help says at least one: --warmup 0 ran one
+    anyway, silently."""
+    assert main(["bench", "train", "--preset", "tiny", "--warmup", "0"]) == 2
+    assert capsys.readouterr().err == "axiom bench: error: --warmup=0 must be at least 1\n"
+
+
 def test_a_missing_extra_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     """`bench --vs-hf` without transformers timed our side, then failed with ModuleNotFoundError; `serve` with
     uvicorn but no Starlette (uvicorn does not need it) failed the same way."""
