@@ -95,7 +95,7 @@ def quality(demo: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", default="runs/demo", type=Path, help="the demo's folder (after make demo-chat)")
     parser.add_argument("--rounds", type=int, default=8, help="ABBA rounds of 10 steps each")
     parser.add_argument("--quality", action="store_true", help="also fine-tune with each and compare (minutes)")

@@ -64,7 +64,7 @@ def prepare_rate(inputs: list[str], out: Path, workers: int, text_field: str) ->
 def main(argv: list[str] | None = None) -> None:
     from axiom.data.prepare import default_workers
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="corpus files or directories (as for axiom prepare)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="N (default: all cores)")
     parser.add_argument("--text-field", default="text")

@@ -35,7 +35,7 @@ from axiom.model.transformer import Axiom
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task-file", required=True, type=Path, help="multiple-choice JSONL (either format)")
     parser.add_argument("--ckpt", help="checkpoint to score with (default: a random --preset model)")
     parser.add_argument("--preset", default="tiny")

@@ -38,7 +38,7 @@ def decode_rate(engine: Engine, prompt: list[int], new_tokens: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="axiom-380m", choices=list(PRESETS))
     parser.add_argument("--dtypes", default="bfloat16,int8", help="comma-separated; ratios are to the first")
     parser.add_argument("--rounds", type=int, default=6)

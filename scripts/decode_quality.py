@@ -21,7 +21,7 @@ from axiom.model.checkpoint import load_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint directory")
     parser.add_argument("--data", required=True, help="prepared data directory (its val split is evaluated)")
     parser.add_argument("--eval-tokens", type=int, default=65_536, help="val tokens (default: 65,536)")

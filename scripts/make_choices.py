@@ -78,7 +78,7 @@ def make_items(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, type=Path, help="prepared data directory (from axiom prepare)")
     parser.add_argument("--out", required=True, type=Path, help="JSONL task file to write")
     parser.add_argument("--items", type=int, default=500, help="at most this many items (default: %(default)s)")

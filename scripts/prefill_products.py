@@ -30,7 +30,7 @@ PRODUCTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="axiom-380m", choices=list(PRESETS))
     parser.add_argument("--rows", default="17,32,64,128,256,512", help="comma-separated prompt lengths")
     parser.add_argument("--rounds", type=int, default=3)

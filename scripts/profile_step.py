@@ -74,7 +74,7 @@ def summary(prof: profile, wall_s: float, plan: dict, rows: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder for kernels.txt")
     parser.add_argument("--preset", default="axiom-380m")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE")

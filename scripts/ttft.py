@@ -23,7 +23,7 @@ START = time.perf_counter()
 def main() -> None:
     from axiom.config import PRESETS  # after START: the imports are part of a cold start
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="axiom-380m", choices=list(PRESETS))
     parser.add_argument("--ckpt", default=None, help="a checkpoint instead of the preset's random weights")
     parser.add_argument("--dtype", default="float32")

@@ -1,6 +1,7 @@
 import ast
 import json
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -34,6 +35,23 @@ def test_every_subcommand_help(command, capsys):
         main([command, "--help"])
     assert e.value.code == 0
     assert f"usage: axiom {command}" in capsys.readouterr().out
+
+
+SCRIPTS = sorted(p.name for p in (ROOT / "scripts").glob("*.py") if "argparse" in p.read_text())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_help_describes_it_in_whole_sentences(script, monkeypatch, capsys):
+    """A script's --help begins with its docstring's first paragraph, whole: six printed the first line only,
+    cut mid-sentence ("... on the `axiom export` of the same")."""
+    path = ROOT / "scripts" / script
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(path), run_name="__main__")
+    assert e.value.code == 0
+    description = capsys.readouterr().out.split("\n\n")[1]
+    first_paragraph = ast.get_docstring(ast.parse(path.read_text())).split("\n\n")[0]
+    assert "".join(description.split()) == "".join(first_paragraph.split())  # argparse wraps at hyphens too
 
 
 def test_info_json_reports_the_card(capsys):
