@@ -13,10 +13,12 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import micro_config, save_model
@@ -62,29 +64,51 @@ def dead_pid() -> int:
 def test_outputs_never_overlap_inputs(run, corpus, tmp_path, capsys):
     best = run / "checkpoints" / "best"
     (tmp_path / "link").symlink_to(run)
-    before = hashes(run)
-    overlap = "an output must not overlap an input"
-    for out in (run / "hf", tmp_path / "link" / "hf", run / "checkpoints" / "new"):
-        fails(capsys, ["export", "--ckpt", best, "--out", out], "lies inside the run of --ckpt", overlap)
-    fails(capsys, ["export", "--ckpt", tmp_path / "link/checkpoints/best", "--out", run / "x"], "lies inside", overlap)
     empty = tmp_path / "empty"
     (empty / "ckpt").mkdir(parents=True)
     save_model(*ckpt_mod.load_model(best)[:2], empty / "ckpt")
-    fails(capsys, ["export", "--ckpt", empty / "ckpt", "--out", empty, "--force"], "--force replaces only")
-    fails(capsys, ["import", "--hf", best, "--out", best / "sub"], "lies inside --hf", overlap)
-    fails(capsys, ["plot", run, "--out", run / "eval.csv"], "is eval.csv", overlap)
-    # prepare: the output is an input folder, lies inside one, or contains an input file (also through a link)
     data = tmp_path / "corpus"
     data.mkdir()
     jsonl(data / "a.jsonl", ["some text"] * 3)
     (tmp_path / "corpus-link").symlink_to(data)
+    before, tree = hashes(run), paths(run, tmp_path)
+    overlap = "an output must not overlap an input; choose an --out outside it"
+    for out in (run / "hf", tmp_path / "link" / "hf", run / "checkpoints" / ".." / "hf", run / "checkpoints" / "new"):
+        fails(capsys, ["export", "--ckpt", best, "--out", out], "lies inside the run of --ckpt", overlap)
+    fails(capsys, ["export", "--ckpt", tmp_path / "link/checkpoints/best", "--out", run / "x"], "lies inside", overlap)
+    fails(capsys, ["export", "--ckpt", empty / "ckpt", "--out", empty, "--force"], "--force replaces only")
+    fails(capsys, ["import", "--hf", best, "--out", best / "sub"], "lies inside --hf", overlap)
+    fails(capsys, ["plot", run, "--out", run / "eval.csv"], "is eval.csv", overlap)
+    # prepare: the output is an input folder, lies inside one, or contains an input file (also through a link)
     fails(capsys, ["prepare", data, "--out", data], "is the input", overlap)
     fails(capsys, ["prepare", data, "--out", tmp_path / "corpus-link" / "out"], "lies inside the input", overlap)
     fails(capsys, ["prepare", data / "a.jsonl", "--out", tmp_path], "contains the input", overlap)
-    assert hashes(run) == before
-    assert sorted(p.name for p in data.iterdir()) == ["a.jsonl"]
+    assert hashes(run) == before and paths(run, tmp_path) == tree  # not even an empty folder or a lock is left
     with pytest.raises(AxiomError, match="contains the run"):
         check_no_overlap(run.parent, [("the run", run)])
+
+
+def paths(*roots: Path) -> list[Path]:
+    """Every file and folder under `roots`, empty ones included (hashes() sees files only)."""
+    return sorted(p for root in roots for p in root.rglob("*"))
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")
+def test_a_bind_mount_of_an_input_overlaps_it(run, tmp_path):
+    """A bind mount shows the same folder under another path, which no resolving of links reveals: the overlap is
+    found by file identity. Mounted in a user namespace of its own (no root needed where the kernel allows it)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    check = (
+        "import sys; from axiom.files import check_no_overlap; check_no_overlap(sys.argv[2], {'the run': sys.argv[1]})"
+    )
+    script = 'mount --bind "$1" "$2" || exit 99; exec "$3" -c "$4" "$1" "$2/hf"'
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = ["unshare", "-rm", "sh", "-c", script, "sh", run, mnt, sys.executable, check]
+    done = subprocess.run(list(map(str, argv)), env=env, capture_output=True, text=True)
+    if done.returncode == 99 or "unshare failed" in done.stderr:
+        pytest.skip(f"no bind mount in a user namespace here: {done.stderr.strip()}")
+    assert f"AxiomError: --out {mnt / 'hf'} lies inside the run {run}: an output must not overlap" in done.stderr
 
 
 def test_force_replaces_only_an_earlier_output_of_the_same_command(run, tmp_path, capsys):
