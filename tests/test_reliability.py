@@ -121,6 +121,10 @@ def test_force_replaces_only_an_earlier_output_of_the_same_command(run, tmp_path
         fails(capsys, [*cmd, "--out", mine], "exists and is not empty; choose another --out")
         fails(capsys, [*cmd, "--out", mine, "--force"], "--force replaces only a folder written by", "left alone")
     fails(capsys, ["export", "--ckpt", best, "--out", run / "checkpoints" / "step_000002", "--force"], "left alone")
+    whole = (
+        f"{run}: --force replaces only a folder written by axiom export, and it holds no {MARKER}; it is left alone: "
+    )
+    fails(capsys, ["export", "--ckpt", best, "--out", run, "--force"], whole + "choose another --out")
     (tmp_path / "file.txt").write_text("x")
     fails(capsys, ["export", "--ckpt", best, "--out", tmp_path / "file.txt", "--force"], "exists and is a regular file")
     assert hashes(run, mine) == before
