@@ -5,6 +5,7 @@ back from disk with the gguf package's reader (slow: it parses 330k token and me
 tests/test_llamacpp.py runs the files in llama.cpp itself.
 """
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -337,6 +338,25 @@ def test_force_replaces_only_a_gguf_file_that_axiom_wrote(ckpt, tmp_path, capsys
     assert code == 2 and "is a GGUF file changed since axiom wrote it (its size is not the one recorded" in err
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["renamed.gguf", "changed.gguf", *(p.name for p in why)])  # and no temporary file
+
+
+def test_a_gguf_file_written_while_we_waited_for_the_lock_is_checked_again(ckpt, tmp_path, monkeypatch, capsys):
+    """Another program writes --out between the first check and the lock: the check under the lock refuses it."""
+    import axiom.interop.export as export_mod
+
+    out = tmp_path / "m.gguf"
+    real_lock = export_mod.output_lock
+
+    @contextlib.contextmanager
+    def written_meanwhile(path, command):
+        write_foreign_gguf(out)
+        with real_lock(path, command):
+            yield
+
+    monkeypatch.setattr(export_mod, "output_lock", written_meanwhile)
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(out), "--format", "gguf", "--force"]) == 2
+    assert "is a GGUF file without axiom's record" in capsys.readouterr().err
+    assert out.read_bytes() == write_foreign_gguf(tmp_path / "same.gguf")
 
 
 def test_read_only_file_system_fails_in_one_line(ckpt, tmp_path, monkeypatch):
