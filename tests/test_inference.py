@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -285,6 +286,25 @@ def test_a_killed_build_never_blocks_a_later_one(tmp_path):
     assert "left behind by a build of the decode kernels that was stopped" in done.stderr
     assert not (build / "lock").exists() and not (tmp_path / f".{kernels.build_name()}.lock").exists()
     assert kernels_in(tmp_path).stderr == ""  # built: the next process only loads
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="reads Linux /proc")
+def test_a_compiler_left_working_in_the_build_folder_counts_as_a_build_and_a_shell_there_does_not(tmp_path):
+    """A killed build's ninja runs on in the build folder (a build started at once compiled into the same files);
+    a process that merely sits there, as a shell would, must not make decoding wait."""
+    build = tmp_path / "build"
+    build.mkdir()
+    ninja = tmp_path / "ninja"  # a program named as the build tool: `comm` is the executable's name
+    ninja.write_bytes(Path(shutil.which("sleep")).read_bytes())
+    ninja.chmod(0o755)
+    procs = [subprocess.Popen([str(program), "30"], cwd=build) for program in (ninja, shutil.which("sleep"))]
+    try:
+        assert kernels._builders(build, build / "lock") == [procs[0].pid]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert kernels._builders(build, build / "lock") == []
 
 
 @needs_a_build
