@@ -457,8 +457,9 @@ def test_chat_compile_on_the_cpu_gives_the_eager_defaults_reply(plain_ckpt, caps
     assert path not in eager.err and path in compiled.err
 
 
-def chat_lines(ckpt, script: str, monkeypatch, capsys) -> tuple[list[str], list[str]]:
-    """(what `axiom chat` printed, the user turns it sent) for `script` typed into its interactive loop."""
+def chat_lines(ckpt, script: str | bytes, monkeypatch, capsys) -> tuple[list[str], list[str]]:
+    """(what `axiom chat` printed, the user turns it sent) for `script` typed into its interactive loop (bytes: read
+    as a strict UTF-8 locale's stdin would be)."""
     sent = []
 
     def reply(self, user):
@@ -466,7 +467,8 @@ def chat_lines(ckpt, script: str, monkeypatch, capsys) -> tuple[list[str], list[
         yield f"reply {len(sent)}"
 
     monkeypatch.setattr(Chat, "reply", reply)
-    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    stdin = io.TextIOWrapper(io.BytesIO(script), "utf-8") if isinstance(script, bytes) else io.StringIO(script)
+    monkeypatch.setattr("sys.stdin", stdin)
     assert main(["chat", "--ckpt", str(ckpt)]) == 0
     return capsys.readouterr().out.splitlines(), sent
 
@@ -487,6 +489,20 @@ def test_chat_commands_are_never_sent_to_the_model(plain_ckpt, monkeypatch, caps
     assert chat_lines(plain_ckpt, "/quit\nHi\n", monkeypatch, capsys) == ([], [])
     # CRLF lines piped in (a file written on Windows): the text, without its \r, as training saw it
     assert chat_lines(plain_ckpt, "Hello there\r\nAgain\r\n", monkeypatch, capsys)[1] == ["Hello there", "Again"]
+
+
+def test_chat_a_byte_the_locale_cannot_decode_is_sent_replaced(plain_ckpt, monkeypatch, capsys):
+    """A Latin-1 byte piped into chat under a strict UTF-8 locale: U+FFFD, not a UnicodeDecodeError traceback."""
+    assert chat_lines(plain_ckpt, b"caf\xe9\nok\n", monkeypatch, capsys)[1] == ["caf\ufffd", "ok"]
+
+
+def test_chat_into_a_closed_pipe_ends_quietly(plain_ckpt):
+    """`axiom chat --message ... | head -c 1`: exit 141 as other programs, without a BrokenPipeError traceback."""
+    cmd = [sys.executable, "-m", "axiom.cli", "chat", "--ckpt", str(plain_ckpt), "--message", "Hi"]
+    piped = subprocess.Popen([*cmd, "--max-new-tokens", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(piped.stdout.read(1)) == 1
+    piped.stdout.close()  # the reader goes away, as head does
+    assert piped.wait(timeout=120) == 141 and b"Traceback" not in piped.stderr.read()
 
 
 def test_chat_interactive_decodes_after_commands(plain_ckpt):
