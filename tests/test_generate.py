@@ -104,6 +104,8 @@ def test_llama_cpp_spellings_decode_as_torchs(capsys):
 def test_sampling_random_weights_is_said_once_a_checkpoint_is_not(tmp_path, capsys):
     assert main([*TINY, "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().err == NOISE
+    assert main([*TINY, "--prompt", "word " * 20]) == 2  # refused once the model is known: one line, no notice
+    assert capsys.readouterr().err.startswith("axiom generate: error: ")
     small = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_multiple_of=32, max_seq_len=16)
     save_model(Axiom(small), Config(small, TrainConfig()), tmp_path)
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
@@ -154,6 +156,11 @@ def test_a_batch_whose_last_seed_breaks_the_maths_is_one_line(capsys):
         f"axiom generate: error: --seed {top}: prompt 1 samples with seed + 1 = {top + 1}, which "
     )
     assert main([*TINY, "--prompt", "a", "--max-new-tokens", "2", "--seed", str(top)]) == 0
+    capsys.readouterr()
+    assert main([*TINY, "--prompt", "a", "--seed", str(2**70)]) == 2
+    assert (
+        capsys.readouterr().err == f"axiom generate: error: --seed {2**70}: must fit in 64 bits (-2**63 to 2**64 - 1)\n"
+    )
 
 
 @pytest.mark.parametrize(
