@@ -229,13 +229,15 @@ def test_second_writer_is_refused_and_a_dead_holder_frees_the_output(run, corpus
     try:
         assert holder.stdout.readline().strip() == "locked"
         named = f"is being written by axiom prepare (pid {holder.pid} on "
-        fails(capsys, ["prepare", corpus, "--out", out, "--workers", "1"], named, "wait for it")
-        fails(capsys, ["export", "--ckpt", run / "checkpoints" / "best", "--out", out], named)
+        line = fails(capsys, ["prepare", corpus, "--out", out, "--workers", "1"], named, "then run axiom prepare again")
+        assert re.search(r", since \d\d:\d\d:\d\d\); wait for it to finish or stop it, then", line), line
+        fails(capsys, ["export", "--ckpt", run / "checkpoints" / "best", "--out", out], named, "run axiom export again")
         fails(capsys, ["import", "--hf", tmp_path / "nowhere", "--out", out], named)
         assert not out.exists()
         out.mkdir()
         (tmp_path / "alias").symlink_to(out)  # another spelling of the same output shares its lock
         fails(capsys, ["prepare", corpus, "--out", tmp_path / "alias", "--workers", "1"], named)
+        assert holder.poll() is None and f'"pid": {holder.pid}' in (tmp_path / ".out.lock").read_text()  # undisturbed
     finally:
         holder.kill()  # kill -9: the kernel releases the lock; the file it leaves behind means nothing
         holder.wait()
@@ -283,9 +285,10 @@ def test_crash_leftovers_are_hidden_and_cleaned_on_the_next_run(run, tmp_path, c
     # a kill inside write_dir_atomic: a temporary folder, and `best` moved aside before its replacement arrived
     (root / f".step_000006.tmp-{dead_pid()}").mkdir()
     os.replace(root / "best", root / ".best.old")
+    shutil.copytree(root / "step_000004", root / ".step_000004.old")  # a kill after the new one took its place
     done = clean_stale_checkpoints(root)
     assert sorted(p.name for p in root.iterdir()) == ["best", "step_000004"]
-    assert len(done) == 3 and any("restored" in line for line in done)
+    assert len(done) == 4 and sum(line.startswith(("restored", "removed the replaced")) for line in done) == 2
     assert ckpt_mod.load_model(root / "best")[2]["step"] == 4
     # export: a killed export's `.NAME.tmp-PID` goes when its PID is dead, not while it lives
     out = tmp_path / "hf"
@@ -325,7 +328,8 @@ def test_failed_writes_are_one_line_and_the_rerun_recovers(run, corpus, tmp_path
         real_write(self, tokens)
 
     monkeypatch.setattr(prep.SplitWriter, "write", full_after_a_while)
-    fails(capsys, ["prepare", corpus, "--out", out, *args], "no space left on the device", "run the same command again")
+    kept = f"{out}: cannot write (no space left on the device); the work recorded in {out / prep.STATE} is kept; "
+    fails(capsys, ["prepare", corpus, "--out", out, *args], kept + "fix that, then run the same command again")
     assert json.loads((out / prep.STATE).read_text())["units_done"] == 3
     monkeypatch.setattr(prep.SplitWriter, "write", real_write)
     succeeds(capsys, ["prepare", corpus, "--out", out, *args])
@@ -345,16 +349,20 @@ def test_failed_writes_are_one_line_and_the_rerun_recovers(run, corpus, tmp_path
         for argv in (["prepare", corpus], ["export", "--ckpt", best], ["import", "--hf", tmp_path / "x"]):
             fails(capsys, [*argv, "--out", tmp_path / "ro"], "read-only file system", "nothing was")
     (tmp_path / "afile").write_text("a file where a folder is expected")
-    fails(capsys, ["prepare", corpus, "--out", tmp_path / "afile" / "out"], "cannot write", "is a regular file")
+    for argv in (["prepare", corpus], ["export", "--ckpt", best], ["import", "--hf", run / "nowhere"]):
+        fails(capsys, [*argv, "--out", tmp_path / "afile" / "out"], "cannot write", "afile is a regular file")
     fails(capsys, ["plot", run, "--out", tmp_path / "afile" / "loss.png"], "cannot write", "is unchanged")
 
     # a full disk during an export or a checkpoint: the previous folder is left as it was, no temporary remains
     hf = tmp_path / "hf"
+    imported = tmp_path / "imported"
     succeeds(capsys, ["export", "--ckpt", best, "--out", hf])
-    before = hashes(hf, run)
+    succeeds(capsys, ["import", "--hf", hf, "--out", imported])
+    before = hashes(hf, imported, run)
     with monkeypatch.context() as m:
         m.setattr(ckpt_mod, "save_file", safetensors_disk_full)
         fails(capsys, ["export", "--ckpt", best, "--out", hf, "--force"], "no space left", "nothing was replaced")
+        fails(capsys, ["import", "--hf", hf, "--out", imported, "--force"], "no space left", "nothing was replaced")
         m.setattr(ckpt_mod._WholeWrites, "write", enospc)
         model, cfg, _ = ckpt_mod.load_model(best)
 
@@ -364,7 +372,7 @@ def test_failed_writes_are_one_line_and_the_rerun_recovers(run, corpus, tmp_path
 
         with pytest.raises(AxiomError, match="cannot write .*no space left.* earlier checkpoints are intact"):
             write_dir_atomic(run / "checkpoints" / "step_000004", write)
-    assert hashes(hf, run) == before
+    assert hashes(hf, imported, run) == before
     assert not [p.name for p in [*tmp_path.iterdir(), *(run / "checkpoints").iterdir()] if ".tmp" in p.name]
 
 
