@@ -74,7 +74,8 @@ def test_compressed_inputs_are_verified_complete(tmp_path, capsys):
         (tmp_path / name).write_bytes(content)
         out = tmp_path / f"out{i}"
         workers = "2" if name == "block-boundary.jsonl.zst" else "1"  # raised in a worker process
-        fails(capsys, ["prepare", good, tmp_path / name, "--out", out, "--workers", workers], name, message)
+        argv = ["prepare", good, tmp_path / name, "--out", out, "--workers", workers]
+        fails(capsys, argv, name, message, "; download or compress it again (nothing was written)")
         assert not out.exists()  # nothing left behind: no shards, no state, no folder
     # complete files, one of them several frames, are read in full
     two = zstandard.ZstdCompressor(write_checksum=True)
@@ -135,6 +136,7 @@ def test_prepare_writes_only_into_a_new_or_empty_folder_or_its_own_output(run, t
         (mixed / name).write_text("mine")
     cases = {
         copy_run(run, tmp_path / "run"): "holds checkpoints, eval.csv, train.log, which axiom prepare did not write",
+        copy_run(run / "checkpoints" / "best", tmp_path / "ckpt"): "holds checksums.json, config.json, model.safet",
         notes: "holds README.md, which",
         mixed: "holds a.txt, b.txt, c.txt and 1 more, which",
     }
