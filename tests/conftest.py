@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,18 @@ def count_params(model: torch.nn.Module, non_embedding: bool = False) -> int:
     """Parameters of a built model, a tied table once; `non_embedding` leaves out the token table."""
     n = sum(p.numel() for p in model.parameters())
     return n - model.embed.weight.numel() if non_embedding else n
+
+
+def when_the_reader_leaves(cmd: list, after: int, env: dict | None = None) -> tuple[int, str, bytes]:
+    """(exit status, stderr, the bytes read) of `cmd` whose reader goes away after `after` bytes, as in
+    `cmd | head -c N`. A run that wrote all its output into the pipe before the reader left (this process
+    descheduled meanwhile on a loaded machine) exits 0 and is run again, up to twice: only a run that met the closed
+    pipe tells."""
+    for _ in range(3):
+        piped = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        head = piped.stdout.read(after)
+        piped.stdout.close()
+        status, err = piped.wait(timeout=120), piped.stderr.read().decode()
+        if status != 0:
+            break
+    return status, err, head

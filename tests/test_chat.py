@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zstandard
-from conftest import save_model
+from conftest import save_model, when_the_reader_leaves
 from decode_helpers import BREAKING, text_or_one_line
 from safetensors.torch import load_file
 
@@ -499,10 +499,8 @@ def test_chat_a_byte_the_locale_cannot_decode_is_sent_replaced(plain_ckpt, monke
 def test_chat_into_a_closed_pipe_ends_quietly(plain_ckpt):
     """`axiom chat --message ... | head -c 1`: exit 141 as other programs, without a BrokenPipeError traceback."""
     cmd = [sys.executable, "-m", "axiom.cli", "chat", "--ckpt", str(plain_ckpt), "--message", "Hi"]
-    piped = subprocess.Popen([*cmd, "--max-new-tokens", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert len(piped.stdout.read(1)) == 1
-    piped.stdout.close()  # the reader goes away, as head does
-    assert piped.wait(timeout=120) == 141 and b"Traceback" not in piped.stderr.read()
+    status, err, head = when_the_reader_leaves([*cmd, "--max-new-tokens", "60"], 1)
+    assert status == 141 and len(head) == 1 and "Traceback" not in err, err
 
 
 def test_chat_interactive_decodes_after_commands(plain_ckpt):

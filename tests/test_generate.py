@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import save_model
+from conftest import save_model, when_the_reader_leaves
 from decode_helpers import BREAKING, scripted_chat_checkpoint, text_or_one_line
 
 from axiom.cli import build_parser, main
@@ -214,9 +214,7 @@ def test_a_closed_pipe_and_bytes_the_locale_cannot_take_end_quietly(tmp_path):
 
     env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [sys.executable, "-m", "axiom.cli", "generate", "--max-new-tokens", "40", "--temperature", "0", "--prompt"]
-    piped = subprocess.Popen([*cmd, "Hello"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    assert piped.stdout.read(5) == b"Hello"
-    piped.stdout.close()  # the reader goes away, as head does
-    assert piped.wait(timeout=120) == 141 and "Traceback" not in piped.stderr.read().decode()
+    status, err, head = when_the_reader_leaves([*cmd, "Hello"], 5, env)
+    assert (status, head) == (141, b"Hello") and "Traceback" not in err, err
     done = subprocess.run([*cmd, b"caf\xe9"], capture_output=True, env=env, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith(b"caf?") and b"Traceback" not in done.stderr
