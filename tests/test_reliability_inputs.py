@@ -162,8 +162,10 @@ def test_damaged_prepared_data_is_reported_with_the_fix(run, tmp_path, capsys, m
     fix = f"delete {out} and run"
     for shard in (out / "train_00001.bin", out / "val_00000.bin"):
         good = shard.read_bytes()
-        shard.write_bytes(good[:-8])  # e.g. a full disk or a partial copy
-        fails(capsys, ["prepare", corpus, "--out", out, *args], shard.name, "damaged", fix)  # not "nothing to do"
+        for damaged in (good[:-8], good + bytes(8)):  # a full disk or a partial copy; bytes appended
+            shard.write_bytes(damaged)
+            found = f"{shard}: {len(damaged):,} bytes, but {out / MANIFEST} records {len(good):,} bytes"
+            fails(capsys, ["prepare", corpus, "--out", out, *args], found, "damaged", fix)  # not "nothing to do"
         shard.write_bytes(good)
     shard.write_bytes(good[:-8])
     fails(capsys, ["eval", "--ckpt", best, "--data", out, "--device", "cpu"], "val_00000.bin", fix)
@@ -255,6 +257,26 @@ def test_config_values_out_of_range_are_refused(override, message, capsys):
     fails(capsys, ["info", "--preset", "tiny", "--set", override], message)
 
 
+def test_a_config_json_with_a_wrong_typed_field_names_the_field(run, tmp_path, capsys):
+    """A checkpoint's config.json edited by hand or written by another program: the field, not a TypeError."""
+    best = run / "checkpoints" / "best"
+    meta = json.loads((best / "config.json").read_text())
+    for table, field, value, message in [
+        ("model", "d_model", "32", "model config: d_model='32' must be of type int"),
+        ("train", "lr_max", "fast", "train config: lr_max='fast' must be of type float"),
+    ]:
+        ckpt = tmp_path / table
+        shutil.copytree(best, ckpt)
+        (ckpt / "config.json").write_text(json.dumps({**meta, table: {**meta[table], field: value}}))
+        (ckpt / "checksums.json").unlink()  # edited after it was written: the hashes would say so first
+        config = ckpt / "config.json"
+        fails(
+            capsys,
+            ["generate", "--ckpt", ckpt, "--prompt", "x"],
+            f"{config} has no valid model/train config ({message})",
+        )
+
+
 def test_a_warmup_longer_than_the_run_is_reported(capsys):
     assert main(["info", "--preset", "tiny", "--set", "max_steps=5"]) == 0  # a smoke run of a preset: allowed
     note = "notice: warmup_steps=20 is more than the run's 5 steps: the LR only reaches 25% of lr_max"
@@ -315,6 +337,11 @@ def test_misleading_inputs_are_named_for_what_they_are(run, tiny_data, tmp_path,
     (matched / "b.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
     fails(capsys, ["prepare", f"{matched}/*.jsonl", "--out", tmp_path / "o"], "b.jsonl: a broken symbolic link")
     assert not (tmp_path / "o").exists()
+    (matched / "b.jsonl").unlink()
+    (matched / "more.jsonl").mkdir()  # a folder it matches is read as a folder named on the command line is
+    jsonl(matched / "more.jsonl" / "c.jsonl", DOCS[5:8])
+    manifest = prep.prepare([f"{matched}/*.jsonl"], tmp_path / "o", workers=1, val_fraction=0.5)
+    assert manifest["train_docs"] + manifest["val_docs"] == 8
     hf = tmp_path / "hf"
     succeeds(capsys, ["export", "--ckpt", run / "checkpoints" / "best", "--out", hf])
     fails(capsys, ["eval", "--ckpt", hf, "--data", tiny_data], "is a Hugging Face model folder", "axiom import --hf")
@@ -418,7 +445,9 @@ def test_settings_that_would_be_ignored_or_crash_are_one_line(run, tiny_data, tm
     fails(capsys, ["info", "--config", ""], "--config .: a directory")  # "" was read as no file at all
     fails(capsys, ["info", "--preset", "tiny", "--set", "seq_len=4096"], "seq_len=4096 exceeds the model's")
     best = run / "checkpoints" / "best"
-    fails(capsys, ["generate", "--ckpt", best, "--set", "nonsense=1"], "a checkpoint brings its own config")
+    brings = "--preset, --config and --set choose the random model of a run without --ckpt; a checkpoint brings its"
+    for chosen in (["--set", "nonsense=1"], ["--preset", "tiny"], ["--config", best / "config.json"]):
+        fails(capsys, ["generate", "--ckpt", best, *chosen], brings, "own config: leave them out")
     # a plan that cannot fit says so (4 GiB for the card)
     out = succeeds(capsys, ["info", "--preset", "axiom-380m", "--gpu-memory-gib", "4"])
     assert "more than fits: expect the run to run out of memory" in out
@@ -431,6 +460,15 @@ def test_settings_that_would_be_ignored_or_crash_are_one_line(run, tiny_data, tm
     succeeds(capsys, ["prepare", jsonl(tmp_path / "d.jsonl", DOCS[:200]), "--out", data, "--val-fraction", "0.05"])
     train = ["train", "--data", data, *micro_args("max_steps=1", "vocab_size=100277")]
     fails(capsys, [*train, "--out", tmp_path / "r", "--set", "val_fraction=0.5"], "split with val_fraction=0.05")
+    fails(capsys, [*train, "--out", tmp_path / "r", "--set", "split_seed=7"], f"{data} was split with split_seed=1337")
+    assert not (tmp_path / "r").exists()
+    # a config file's split (an earlier run's record) is not refused: the run records its data's, and says so
+    (old_run := tmp_path / "old.toml").write_text("[train]\nval_fraction = 0.5\nsplit_seed = 7\n")
+    succeeds(capsys, [*train, "--out", tmp_path / "r", "--config", old_run])
+    recorded = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert (recorded["val_fraction"], recorded["split_seed"]) == (0.05, 1337)
+    note = "data split: val_fraction 0.05, split_seed 1337, as axiom prepare split the data (recorded in config.json in"
+    assert f"{note} place of the config's val_fraction 0.5, split_seed 7," in (tmp_path / "r" / "train.log").read_text()
     # plot into a folder that does not exist, or a name ending in a slash
     fails(capsys, ["plot", run, "--out", tmp_path / "nodir" / "x.png"], "nodir: no such file or directory")
     fails(capsys, ["plot", run, "--out", f"{tmp_path}/outdir/"], "names a folder; pass the PNG file")
@@ -453,6 +491,12 @@ def test_scripts_and_flags_refuse_what_they_would_crash_on_or_ignore(tmp_path, c
         ["prepare", jsonl(tmp_path / "d.jsonl", DOCS[:5]), "--out", tmp_path / "o", "--seq-len", "64"],
         "--seq-len and --overflow shape conversations: they go with --chat",
     )
+    fails(
+        capsys,
+        ["prepare", tmp_path / "d.jsonl", "--out", tmp_path / "o", "--overflow", "skip"],
+        "--seq-len and --overflow shape conversations: they go with --chat",
+    )
+    assert not (tmp_path / "o").exists()
     for script, args, message in [
         ("prefill_products.py", ["--rounds", "0"], "--rounds must be at least 1"),
         ("ttft.py", ["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
