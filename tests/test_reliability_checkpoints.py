@@ -101,10 +101,16 @@ def test_corrupt_or_non_finite_weights_fail_in_one_line_on_every_load_path(run, 
 
     cases = {
         "truncated": (case("truncated", truncate), "records"),
-        "garbage": (case("garbage", garble), "content differs from its SHA-256"),
+        "garbage": (
+            case("garbage", garble),
+            "content differs from its SHA-256 in checksums.json (corrupt); use another checkpoint",
+        ),
         "old-truncated": (case("old-truncated", truncate, True), "not a readable safetensors file"),
         "old-garbage": (case("old-garbage", garble, True), "not a readable safetensors file"),
-        "nan": (case("nan", nan_weights, True), "norm.weight holds 1 non-finite values"),
+        "nan": (
+            case("nan", nan_weights, True),
+            "norm.weight holds 1 non-finite values (NaN or inf); these weights are unusable (from a diverged run?)",
+        ),
         # a step checkpoint the run pruned meanwhile (it said config.json was not found)
         "gone": (tmp_path / "step_000003", "step_000003 no such file or directory; pass a checkpoint directory"),
     }
