@@ -440,6 +440,11 @@ def test_import_rejects_bad_folders_with_clear_messages(exported, tmp_path):
             edit_weights(lambda s: s.update({k_proj: s[k_proj].to(torch.float8_e4m3fn)})),
             rf"{k_proj} holds float8_e4m3fn; weights are",
         ),
+        "bool-weights": (edit_weights(lambda s: s.update({k_proj: s[k_proj] > 0})), rf"{k_proj} holds bool; weights"),
+        "complex-weights": (
+            edit_weights(lambda s: s.update({k_proj: s[k_proj].to(torch.complex64)})),
+            rf"{k_proj} holds complex64; weights are",
+        ),
     }
     for name, (mutate, message) in cases.items():
         with pytest.raises(AxiomError, match=message):
@@ -488,6 +493,7 @@ def test_model_card_takes_the_best_finite_loss_and_one_line_for_an_unreadable_ev
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{garbled}: not a CSV file of UTF-8 text" in err
+    assert not (tmp_path / "hf2").exists()
 
 
 @pytest.mark.parametrize("fmt", ["axiom", "llama", "gguf"])
@@ -524,11 +530,17 @@ def test_an_output_that_is_the_current_folder_is_one_line(ckpts, tmp_path, capsy
     line (it was a ValueError traceback)."""
     (work := tmp_path / "empty").mkdir()
     monkeypatch.chdir(work)
+    hf = tmp_path / "hf"
+    export(ckpts["trained"], hf, "llama")
     for out in (".", "..", str(work)):
-        assert main(["export", "--ckpt", str(ckpts["trained"]), "--out", out, "--format", "llama"]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"--out {out}: the current folder or one above it" in err
-    assert list(work.iterdir()) == []
+        for args in (["export", "--ckpt", str(ckpts["trained"]), "--format", "llama"], ["import", "--hf", str(hf)]):
+            assert main([*args, "--out", out]) == 2
+            err = capsys.readouterr().err
+            whole = (
+                f"--out {out}: the current folder or one above it; axiom {args[0]} writes its output as a new folder"
+            )
+            assert err.count("\n") == 1 and whole in err and "name it, e.g. --out ./model" in err
+    assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["empty", "hf"]
 
 
 def test_an_output_that_is_a_mount_point_is_one_line_before_any_work(ckpts, tmp_path, capsys, monkeypatch):

@@ -99,6 +99,11 @@ def test_corrupt_or_non_finite_weights_fail_in_one_line_on_every_load_path(run, 
         state["norm.weight"][3] = float("nan")
         save_file(state, path)
 
+    def int8_weights(path):
+        state = load_file(path)
+        state["norm.weight"] = state["norm.weight"].to(torch.int8)
+        save_file(state, path)
+
     cases = {
         "truncated": (case("truncated", truncate), "records"),
         "garbage": (
@@ -111,6 +116,7 @@ def test_corrupt_or_non_finite_weights_fail_in_one_line_on_every_load_path(run, 
             case("nan", nan_weights, True),
             "norm.weight holds 1 non-finite values (NaN or inf); these weights are unusable (from a diverged run?)",
         ),
+        "int8": (case("int8", int8_weights, True), "norm.weight holds int8; weights are float32, bfloat16"),
         # a step checkpoint the run pruned meanwhile (it said config.json was not found)
         "gone": (tmp_path / "step_000003", "step_000003 no such file or directory; pass a checkpoint directory"),
     }
