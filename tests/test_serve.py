@@ -576,7 +576,8 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(ckpt, tmp_path):
     s.proc.send_signal(signal.SIGTERM)
     reply = http.client.HTTPResponse(slow)
     reply.begin()
-    assert reply.status == 503 and json.loads(reply.read())["error"]["code"] == "shutting_down"
+    error = json.loads(reply.read())["error"]
+    assert reply.status == 503 and (error["code"], error["message"]) == ("shutting_down", "the server is shutting down")
     assert time.monotonic() - start < 10  # not the 30 s of --body-timeout
     slow.close()
 
@@ -886,6 +887,7 @@ def test_request_size_limits(server):
     big = json.dumps({"model": server.name, "prompt": "x" * MAX_BODY_BYTES})
     status, data = post_raw(server.port, big)
     assert status == 413 and json.loads(data)["error"]["code"] == "body_too_large"
+    assert json.loads(data)["error"]["message"] == "the body exceeds 1,048,576 bytes"
     # A declared 64 GiB: answered without a byte of the body sent.
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n")
@@ -899,6 +901,10 @@ def test_request_size_limits(server):
     assert conn.getresponse().status == 413
     conn.close()
     assert time.monotonic() - start < 10
+    # Stop strings of 100,000 characters: each would cost every token its length
+    status, data = post_raw(server.port, json.dumps({"model": server.name, "prompt": "hi", "stop": ["x" * 100_000]}))
+    stop = "stop: expected up to 4 non-empty strings of at most 256 characters"
+    assert status == 400 and json.loads(data)["error"]["message"] == stop
     # Only JSON: curl -d sends a form type unless told otherwise; a missing type is taken as JSON.
     ok = json.dumps({"model": server.name, "prompt": "hi", "max_tokens": 2})
     status, data = post_raw(server.port, ok, {"Content-Type": "application/x-www-form-urlencoded"})
