@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from axiom.errors import AxiomError
 from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state, read_meta, write_checksums
 from axiom.train.launch import train
 from axiom.train.optim import build_optimizer, lr_at
-from axiom.train.plot import plot_run
+from axiom.train.plot import plot_losses, plot_run, pyplot, read_curves
 from axiom.train.recovery import EVENT_COLUMNS
 from axiom.train.step import train_step
 
@@ -99,13 +100,20 @@ def test_loss_blowup_stops_without_naming_a_broken_checkpoint(tiny_data, tmp_pat
         train(cfg, tiny_data, run)
     msg = str(e.value)
     assert msg.startswith("training stopped at step 11: 10 steps in a row were skipped (the last: loss ")
-    assert "> spike_factor 2 x average" in msg and "no checkpoint precedes the bad steps" in msg
+    assert "> spike_factor 2 x average" in msg
+    assert msg.endswith(
+        "; no checkpoint precedes the bad steps; lower lr_max or check the data, then start again "
+        "(--resume starts fresh)"
+    )
     # step 1 was written (it looked healthy), then proved broken by step 2: set aside, so --resume starts fresh
     assert list_checkpoints(run / "checkpoints") == []
     assert (run / "checkpoints" / "abandoned-step_000001" / "model.safetensors").is_file()
     assert load_model(run / "checkpoints" / "best")[2]["step"] == 0  # best/ still holds the untrained baseline
     log = (run / "train.log").read_text()
-    assert "step 2: loss " in log and "checkpoint postponed until the bad steps end" in log
+    assert re.search(
+        r"^step 2: loss \S+ > spike_factor 2 x average \S+; skipped \(1 in a row, limit max_bad_steps=10\)$", log, re.M
+    )
+    assert "checkpoint postponed until the bad steps end" in log
     assert_all_finite(run)
     resumed = train(micro_config("max_steps=4", "eval_interval=4"), tiny_data, run, resume=True)
     assert resumed.step == 4 and resumed.history[-1].loss < resumed.history[0].loss
@@ -121,8 +129,12 @@ def test_poisoned_batch_rolls_back_skips_it_and_finishes(tiny_data, tmp_path, mo
     assert result.step == 30 and result.stopped is None
     # step 13 broke the weights (its own loss was fine), steps 14-16 were skipped, then back to step 12
     log = (run / "train.log").read_text()
-    assert "step 14: non-finite loss nan" in log and "(3 in a row, limit max_bad_steps=3)" in log
-    assert f"rolled back to {run / 'checkpoints' / 'step_000012'} (rollback 1 of at most 3)" in log
+    assert "step 14: non-finite loss nan or grad norm nan; skipped (1 in a row, limit max_bad_steps=3)" in log
+    assert (
+        "step 16: 3 steps in a row were skipped (the last: non-finite loss nan or grad norm nan); rolled back to "
+        f"{run / 'checkpoints' / 'step_000012'} (rollback 1 of at most 3), skipping the 16 windows read since; "
+        "lr x 0.5 until step 20"
+    ) in log
     events = read_rows(run / "events.csv")
     assert tuple(events[0]) == EVENT_COLUMNS and len(events) == 1
     assert {k: events[0][k] for k in ("step", "event", "from_step", "skipped_windows", "lr_scale")} == {
@@ -142,7 +154,37 @@ def test_poisoned_batch_rolls_back_skips_it_and_finishes(tiny_data, tmp_path, mo
     state = load_training_state(list_checkpoints(run / "checkpoints")[-1][1])
     assert state["rollbacks"][0]["from_step"] == 16 and state["bad_steps"] == 0
     assert_all_finite(run)
-    assert plot_run(run).stat().st_size > 0  # the rollback is drawn from events.csv
+    assert plot_run(run).stat().st_size > 0
+    figure = pyplot().figure()
+    plot_losses(figure.add_subplot(), *read_curves(run))  # the rollback: dashed where the run continued (step 12)
+    assert [line.get_xdata()[0] for line in figure.axes[0].get_lines() if line.get_linestyle() == "--"] == [12 * 128]
+    pyplot().close(figure)
+
+
+def test_a_run_out_of_rollbacks_stops_naming_the_last_checkpoint_that_verifies(tiny_data, tmp_path, monkeypatch):
+    """max_rollbacks spent (0 here): training stops naming the checkpoint --resume continues from, the newest that a
+    later step proved healthy and whose files verify: step 12's were damaged as the bad step ran, so step 8."""
+    poisoned = poisoned_step(trainer_mod.Trainer.step)
+
+    def step(self):
+        if self.loader.epoch == 0 and self.loader.position == POISON_AT:
+            weights = tmp_path / "run" / "checkpoints" / "step_000012" / "model.safetensors"
+            weights.write_bytes(bytes(weights.stat().st_size))  # same size, other bytes: only its hash can tell
+        return poisoned(self)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "step", step)
+    run = tmp_path / "run"
+    with pytest.raises(AxiomError) as e:
+        train(micro_config(*RECOVERY, "max_steps=24", "max_rollbacks=0", "keep_checkpoints=4"), tiny_data, run)
+    step_8, step_12 = run / "checkpoints" / "step_000008", run / "checkpoints" / "step_000012"
+    assert str(e.value) == (
+        "training stopped at step 16: 3 steps in a row were skipped (the last: non-finite loss nan or grad norm nan), "
+        f"after 0 rollbacks (max_rollbacks=0); the last good checkpoint is {step_8}; lower lr_max or check the data, "
+        "then --resume"
+    )
+    assert f"{step_12} does not verify, so it is not rolled back to: " in (run / "train.log").read_text()
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4, 8]  # step 12 set aside: --resume takes 8
+    assert (run / "checkpoints" / "abandoned-step_000012" / "model.safetensors").is_file()
 
 
 POISON_ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
