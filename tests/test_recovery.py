@@ -187,6 +187,31 @@ def test_a_run_out_of_rollbacks_stops_naming_the_last_checkpoint_that_verifies(t
     assert (run / "checkpoints" / "abandoned-step_000012" / "model.safetensors").is_file()
 
 
+def test_ctrl_c_in_a_streak_of_bad_steps_writes_no_checkpoint(tiny_data, tmp_path, monkeypatch):
+    """Ctrl-C (SIGINT) during step 14, inside the streak of bad steps the poisoned batch begins: the stop writes no
+    checkpoint of the broken weights and says so (--resume continues from step 12: as after a kill -9 in the streak,
+    test_kill_9_during_recovery_resumes_exactly)."""
+    monkeypatch.setattr(trainer_mod.Trainer, "step", poisoned_step(trainer_mod.Trainer.step))
+    real_step, calls = trainer_mod.train_step, []
+
+    def step_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 14:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "train_step", step_then_ctrl_c)
+    run = tmp_path / "run"
+    result = train(micro_config(*RECOVERY, "max_steps=20"), tiny_data, run)
+    assert (result.stopped, result.step) == ("SIGINT", 14)
+    stopped = (
+        "stopped by SIGINT at step 14: no checkpoint is written during a streak of bad steps; continue with --resume"
+    )
+    assert stopped in (run / "train.log").read_text()
+    assert [s for s, _ in list_checkpoints(run / "checkpoints", complete=False)] == [4, 8, 12]
+    assert_all_finite(run)
+
+
 POISON_ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
 

@@ -317,7 +317,8 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypa
     part = tmp_path / "part"
     first = train(cfg, tiny_data, part)
     assert first.stopped == "SIGTERM" and first.step == 5
-    assert "stopped by SIGTERM at step 5" in (part / "train.log").read_text()
+    saved = part / "checkpoints" / "step_000005"
+    assert f"stopped by SIGTERM at step 5: saved {saved}; continue with --resume" in (part / "train.log").read_text()
     monkeypatch.setattr(trainer_mod, "train_step", real_step)
     with pytest.raises(AxiomError, match="already holds a run; pass --resume"):
         train(cfg, tiny_data, part)
