@@ -4,6 +4,7 @@ runs into used directories, --resume / --resume-from / --init-from. Checkpoints 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -291,7 +292,7 @@ def test_resume_is_idempotent_for_schedulers(tiny_data, tmp_path, capsys):
             d.rmdir()
     (run / "events.csv").write_text(",".join(EVENT_COLUMNS) + "\n2,256,rollback,3,4,0.5,spike\n")  # the old run's
     assert main(args) == 0
-    assert "has no complete checkpoint yet; starting fresh" in capsys.readouterr().out
+    assert f"--resume: {run} has no complete checkpoint yet; starting fresh from new weights" in capsys.readouterr().out
     assert [int(r["step"]) for r in read_rows(run / "eval.csv")] == [0, 3, 6]
     assert (run / "events.csv").read_text() == ",".join(EVENT_COLUMNS) + "\n"  # none of this run's
     again = load_file(run / "checkpoints" / "step_000006" / "model.safetensors")
@@ -321,11 +322,19 @@ def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(tiny_data, tmp_pa
     redone = load_file(run / "checkpoints" / "step_000008" / "model.safetensors")
     assert all(torch.equal(redone[k], original[k]) for k in original)  # resume is exact, so the branch repeats
     assert [int(r["step"]) for r in read_rows(run / "eval.csv")] == [0, 4, 8]
+    log = (run / "train.log").read_text()
+    for step in ("step_000006", "step_000008"):
+        newer = run / "checkpoints" / step
+        assert f"set aside {newer} (after the checkpoint training continues from) as abandoned-{step}" in log
     other = tmp_path / "other"
     assert main(["train", "--data", str(tiny_data), "--out", str(other), *sets]) == 0
     capsys.readouterr()
-    assert main([*base, *sets, "--resume-from", str(other / "checkpoints" / "step_000002")]) == 2
-    assert "not a checkpoint of" in capsys.readouterr().err
+    theirs = other / "checkpoints" / "step_000002"
+    fails(
+        capsys,
+        [*base, *sets, "--resume-from", theirs],
+        f"--resume-from {theirs}: not a checkpoint of {run}; continue it into an empty --out",
+    )
     assert main([*base, *sets, "--resume", "--init-from", str(older)]) == 2
 
 
@@ -373,7 +382,8 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tiny_data, tmp_path):
     newest.write_bytes(data)
     assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, "--resume"]) == 0
     log = (run / "train.log").read_text()
-    assert f"--resume: skipped {newest.parent}, which does not verify ({newest}: content differs" in log
+    corrupt = f"({newest}: content differs from its SHA-256 in checksums.json (corrupt); use another checkpoint)"
+    assert f"--resume: skipped {newest.parent}, which does not verify {corrupt}" in log
     assert f"resumed from {run / 'checkpoints' / 'step_000004'} at step 4" in log
     assert (run / "checkpoints" / "abandoned-step_000006" / "model.safetensors").read_bytes() == bytes(data)
     ours = load_file(run / "checkpoints" / "step_000008" / "model.safetensors")
@@ -423,7 +433,8 @@ def test_resume_sets_aside_a_checkpoint_missing_a_file(tiny_data, tmp_path):
     kept = {p.name: p.read_bytes() for p in damaged.iterdir()}
     assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, "--resume"]) == 0
     log = (run / "train.log").read_text()
-    assert f"--resume: skipped {damaged}, which does not verify" in log
+    missing = f"({damaged / 'state.pt'}: no such file or directory (listed in checksums.json); use another checkpoint)"
+    assert f"--resume: skipped {damaged}, which does not verify {missing}" in log
     assert f"set aside {damaged} (after the checkpoint training continues from) as abandoned-step_000004" in log
     assert {p.name: p.read_bytes() for p in damaged.with_name("abandoned-step_000004").iterdir()} == kept
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2, 4]  # written anew beside them
@@ -442,7 +453,11 @@ def test_resume_where_no_checkpoint_verifies_changes_nothing(tiny_data, tmp_path
     assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"axiom train: error: --resume: none of the 2 checkpoints of {run} verifies (the newest, ")
-    assert f"--init-from {run / 'checkpoints' / 'best'} and a new --out" in err and "\n" not in err
+    assert err.endswith(
+        "; nothing was changed: restore one and --resume again, start a new run from weights with --init-from "
+        f"{run / 'checkpoints' / 'best'} and a new --out, or move {run} away to start this run again"
+    )
+    assert "\n" not in err
     assert hashes(run) == before
 
 
@@ -461,7 +476,21 @@ def test_resume_on_data_prepared_again_is_refused(tmp_path, capsys):
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"axiom train: error: {data} is not the data {run / 'checkpoints' / 'step_000002'} was")
+    ckpt = run / "checkpoints" / "step_000002"
     assert "(train_tokens " in err and "\n" not in err
+    assert err.endswith(
+        f"; continue on that data, or start a new run (a new --out) from its weights with --init-from {ckpt}"
+    )
+    assert hashes(run) == before
+    # the same tokens, split otherwise (another fraction or seed), or cut into other documents: refused alike
+    shutil.rmtree(data)
+    write_micro_dataset(data, docs, docs[:4])
+    manifest = json.loads((data / "manifest.json").read_text())
+    for key, value in (("val_fraction", 0.1), ("split_seed", 7), ("train_docs", 23)):
+        changed = json.loads(json.dumps(manifest))
+        (changed["split"] if key in changed["split"] else changed)[key] = value
+        (data / "manifest.json").write_text(json.dumps(changed))
+        fails(capsys, [*args, "--resume"], f"was trained on ({key} ")
     assert hashes(run) == before
 
 
@@ -553,10 +582,18 @@ def test_resume_into_a_checkpoint_a_file_or_another_programs_folder_is_refused_a
     afile.write_text("hi")
     before = hashes(tmp_path)
     for out, message in [
-        (best, f"--out {best} is a checkpoint, not a run's folder; --resume-from {best} continues from it"),
+        (
+            best,
+            f"--out {best} is a checkpoint, not a run's folder; --resume-from {best} continues from it into its own "
+            f"run's --out, --init-from {best} starts a new run (a new --out) from its weights",
+        ),
         (step, f"--out {step} is a checkpoint, not a run's folder"),
-        (other, f"--out {other} holds files but no run of axiom train; nothing was written"),
-        (afile, f"--out {afile} is a regular file, not a folder"),
+        (
+            other,
+            f"--out {other} holds files but no run of axiom train; nothing was written: choose an empty or new --out "
+            "(its config.json is not a run's)",
+        ),
+        (afile, f"--out {afile} is a regular file, not a folder; choose a folder for the run"),
     ]:
         fails(capsys, [*base, "--out", out, "--resume"], message)
     fails(capsys, [*base, "--out", afile], "is a regular file, not a folder")
