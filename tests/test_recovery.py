@@ -18,15 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO_VOCAB, micro_args, micro_config, write_micro_dataset
+from conftest import MICRO_VOCAB, micro_args, micro_config, save_model, write_micro_dataset
 from reliability_helpers import fails, hashes
 from safetensors.torch import load_file
 
 import axiom.train.launch as launch
 import axiom.train.trainer as trainer_mod
 from axiom.cli import main
+from axiom.data.loader import TokenStream
 from axiom.errors import AxiomError
+from axiom.files import output_lock
 from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state, read_meta, write_checksums
+from axiom.model.transformer import Axiom
 from axiom.train.launch import train
 from axiom.train.optim import build_optimizer, lr_at
 from axiom.train.plot import plot_losses, plot_run, pyplot, read_curves
@@ -403,23 +406,63 @@ def test_two_runs_into_one_directory_and_outputs_over_inputs(tiny_data, tmp_path
         assert main(["train", "--data", str(tiny_data), "--out", str(run), *sets, "--resume"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"axiom train: error: {run} is being written by axiom train (pid {proc.pid} on ")
+        assert re.search(r", since \d\d:\d\d:\d\d\); wait for it to finish or stop it, then run axiom train again", err)
         assert "\n" not in err
+        # the first undisturbed: its lock and its run as they were
+        assert f'"pid": {proc.pid}' in (tmp_path / ".run.lock").read_text()
+        assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 400
     finally:
-        proc.kill()
+        proc.kill()  # kill -9: the kernel releases the lock
         proc.wait()
-    # the run directory may not be, contain or lie inside the data
-    for out in (tiny_data, tiny_data / "run", tiny_data.parent):
-        before = {p: p.read_bytes() for p in tiny_data.iterdir()}
-        assert main(["train", "--data", str(tiny_data), "--out", str(out), *sets]) == 2
-        assert "an output must not overlap an input" in capsys.readouterr().err
-        assert {p: p.read_bytes() for p in tiny_data.iterdir()} == before
+    with output_lock(run, "train"):
+        pass
+    # the run directory may not be, contain or lie inside the data, --init-from or an eval_tasks file
+    for out, how in ((tiny_data, "is"), (tiny_data / "run", "lies inside"), (tiny_data.parent, "contains")):
+        before = hashes(tiny_data)
+        message = (
+            f"--out {out} {how} --data {tiny_data}: an output must not overlap an input; choose an --out outside it"
+        )
+        fails(capsys, ["train", "--data", tiny_data, "--out", out, *sets], message)
+        assert hashes(tiny_data) == before
+    base = tmp_path / "base"  # a checkpoint to start from
+    base.mkdir()
+    save_model(Axiom(micro_config().model), micro_config(), base)
+    fails(
+        capsys,
+        ["train", "--data", tiny_data, "--out", base / "run", "--init-from", base, *sets],
+        f"lies inside --init-from {base}: ",
+    )
+    (tasks := tmp_path / "tasks").mkdir()
+    (tasks / "t.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "answer": 0}\n')
+    overlap = f"--out {tasks} contains eval_tasks {tasks / 't.jsonl'}: an output must not overlap an input"
+    fails(
+        capsys,
+        ["train", "--data", tiny_data, "--out", tasks, *sets, "--set", f"eval_tasks={tasks / 't.jsonl'}"],
+        overlap,
+    )
+    assert not (base / "run").exists() and [p.name for p in tasks.iterdir()] == ["t.jsonl"]
 
 
 def test_data_ids_beyond_the_model_vocabulary(tiny_data, tmp_path, capsys):
-    sets = micro_args("max_steps=2", "vocab_size=100")  # tiny_data's ids reach 440
-    assert main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), *sets]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "the model's vocab_size is 100" in err
+    """Refused where the id is read, before any update: in a shard's first tokens (checked as it opens), else by the
+    first batch, evaluation's (step 0's) or training's, that reads one."""
+    sets = micro_args("max_steps=2", "vocab_size=100", "eval_tokens=8192")  # tiny_data's ids reach 440
+    why = "; the model's vocab_size is 100: use a model with cl100k_base's 100,277 ids"
+    line = fails(capsys, ["train", "--data", tiny_data, "--out", tmp_path / "run", *sets], why)
+    assert f"error: {tiny_data / 'train_00000.bin'}: token id " in line
+    head = TokenStream.HEAD_CHECK
+    clean = [[(7 * d + i) % 90 + 1 for i in range(39)] for d in range(300)]  # 40 tokens each, EOS (0) included
+    past_head = [doc if d * 40 < head else [440, *doc[1:]] for d, doc in enumerate(clean)]
+    for split, train_docs, val_docs in (("val", clean[:20], past_head), ("train", past_head, clean[:20])):
+        data, run = tmp_path / f"{split}_data", tmp_path / f"{split}_run"
+        write_micro_dataset(data, train_docs, val_docs)
+        line = fails(capsys, ["train", "--data", data, "--out", run, *sets], why)
+        found = re.search(
+            rf"error: {re.escape(str(data / f'{split}_00000.bin'))}: token id 440 at token ([\d,]+);", line
+        )
+        assert found and int(found[1].replace(",", "")) >= head, line
+        assert not (run / "train.csv").is_file() or read_rows(run / "train.csv") == []  # no step done
+        assert list_checkpoints(run / "checkpoints") == []
 
 
 def test_resume_sets_aside_a_checkpoint_missing_a_file(tiny_data, tmp_path):
