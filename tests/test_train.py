@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MICRO, MICRO_VOCAB, count_params, micro_args, micro_config
+from reliability_helpers import hashes
 from safetensors.torch import load_file
 
 import axiom.train.checkpointer as checkpointer_mod
@@ -364,8 +366,20 @@ def test_a_run_that_fell_back_to_torch_adamw_resumes_with_it_and_an_8bit_one_nee
     train(cfg, tiny_data, tmp_path / "8bit")
     monkeypatch.setattr(trainer_mod, "train_step", real_step)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(AxiomError, match=r"trained with AdamW8bit \(bitsandbytes\), whose state torch AdamW cannot"):
+    log = tmp_path / "8bit" / "train.log"
+    before, logged = hashes(tmp_path / "8bit"), log.read_text()
+    with pytest.raises(AxiomError) as e:
         train(cfg, tiny_data, tmp_path / "8bit", resume=True)
+    assert str(e.value) == (
+        f"{tmp_path / '8bit'}: the run was trained with AdamW8bit (bitsandbytes), whose state torch AdamW cannot take, "
+        "and bitsandbytes is not usable here (see the notice above); install it (pip install 'axiom-lm[bnb]') to "
+        "resume, or start a new run from these weights with --init-from"
+    )
+    appended = log.read_text().removeprefix(logged)  # the notice the error points to, and nothing else
+    assert appended.startswith("notice: bitsandbytes is not usable (") and appended.count("\n") == 1
+    assert {k: v for k, v in hashes(tmp_path / "8bit").items() if k != str(log)} == {
+        k: v for k, v in before.items() if k != str(log)
+    }
 
 
 class _OutOfMemoryInBackward(torch.autograd.Function):
@@ -484,6 +498,22 @@ def test_crash_while_writing_checkpoint_leaves_previous_loadable(tiny_data, tmp_
     assert not list((run / "checkpoints").glob(".step_000004.tmp*"))  # an interrupted write removes its temporary
     model, _, meta = load_model(run / "checkpoints" / "step_000002")
     assert meta["step"] == 2
+
+    def disk_full_on_second(state, directory):
+        if state["step"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory / "state.pt"))
+        real_save(state, directory)
+
+    monkeypatch.setattr(checkpointer_mod, "save_training_state", disk_full_on_second)
+    with pytest.raises(AxiomError) as e:  # the resumed run meets a full disk at the same checkpoint: one line
+        train(cfg, tiny_data, run, resume=True)
+    assert re.fullmatch(
+        rf"{re.escape(str(run / 'checkpoints' / 'step_000004'))}: cannot write \S+/state\.pt \(no space left on the "
+        r"device\); the folder was not replaced and earlier checkpoints are intact; free space and resume",
+        str(e.value),
+    )
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2]
+    assert not list((run / "checkpoints").glob(".step_000004.tmp*"))
     monkeypatch.setattr(checkpointer_mod, "save_training_state", real_save)
     resumed = train(cfg, tiny_data, run, resume=True)
     assert resumed.step == 6 and [s for s, _ in list_checkpoints(run / "checkpoints")] == [2, 4, 6]
@@ -706,6 +736,7 @@ def test_train_from_config_files(tiny_data, tmp_path, capsys):
     assert saved == micro_config("max_steps=4", "eval_interval=4").to_dict()
     resume = ["train", "--data", str(tiny_data), "--out", str(run), "--resume"]
     assert main([*resume, "--config", str(run / "config.json")]) == 0
+    assert main([*resume, "--config", str(micro), "--set", "max_steps=4", "--set", "eval_interval=4"]) == 0  # re-run
     assert "training fields changed" not in (run / "train.log").read_text()
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**saved, "model": {**saved["model"], "d_model": 64}}))
