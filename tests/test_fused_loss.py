@@ -4,12 +4,14 @@ starts; the plan resolves `loss_kernel=auto`."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import types
 from importlib import metadata
 from pathlib import Path
 
@@ -152,13 +154,26 @@ def test_a_missing_kernel_package_names_the_install(monkeypatch):
 
 
 def test_train_refuses_an_unrunnable_kernel_before_writing(tiny_data, tmp_path, monkeypatch, capsys):
+    """cce on a CPU (its package installed, as far as axiom looks), liger without its package: one line, exit 2,
+    before the run directory is made."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    installed = types.ModuleType("cut_cross_entropy")
+    installed.__spec__ = importlib.machinery.ModuleSpec("cut_cross_entropy", None)  # what find_spec finds
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", installed)
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # as if not installed
     out = tmp_path / "run"
-    argv = ["train", "--data", str(tiny_data), "--out", str(out), "--device", "cpu", *micro_args("loss_kernel=cce")]
-    assert main(argv) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "loss_kernel=cce" in err[0], err
-    assert not out.exists()
+    for kernel, message in (
+        ("cce", "loss_kernel=cce runs Triton kernels on CUDA only; on cpu use --set loss_kernel=chunked (or auto)"),
+        (
+            "liger",
+            "loss_kernel=liger needs liger_kernel, which is not installed: pip install 'axiom-lm[kernels]', or --set "
+            "loss_kernel=chunked",
+        ),
+    ):
+        argv = ["train", "--data", tiny_data, "--out", out, "--device", "cpu", *micro_args(f"loss_kernel={kernel}")]
+        assert main([str(a) for a in argv]) == 2
+        assert capsys.readouterr().err == f"axiom train: error: {message}\n"
+        assert not out.exists()
 
 
 def test_the_plan_resolves_the_loss_kernel():
