@@ -160,11 +160,17 @@ def test_a_missing_extra_is_one_line_before_any_work(tmp_path, capsys, monkeypat
 
 def test_an_error_is_said_whatever_world_size_holds(monkeypatch, capsys):
     """Whether a process is one of torchrun's is judged from WORLD_SIZE when an error is to be said: one that is no
-    number (another tool's) made the error a ValueError traceback."""
+    number (another tool's) made the error a ValueError traceback. Under torchrun only the first process of a
+    machine says it; the others exit with the same status, silently."""
     for world in ("auto", "1", ""):
         monkeypatch.setenv("WORLD_SIZE", world)
         assert main(["eval", "--ckpt", "missing"]) == 2
         assert capsys.readouterr().err.startswith("axiom eval: error: nothing to evaluate"), world
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for local_rank, said in (("0", "axiom train: error: --set lr_max=fast: expected float\n"), ("1", "")):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert main(["train", "--data", "d", "--out", "r", "--set", "lr_max=fast"]) == 2  # refused before any work
+        assert capsys.readouterr().err == said
 
 
 def test_a_torchrun_variable_that_is_no_count_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
@@ -181,6 +187,10 @@ def test_a_torchrun_variable_that_is_no_count_is_one_line(tiny_data, tmp_path, m
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: None)  # the counts alone
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     with pytest.raises(AxiomError, match="^LOCAL_RANK='first' in the environment is no count: torchrun sets it"):
+        init_distributed()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "all")
+    with pytest.raises(AxiomError, match="^LOCAL_WORLD_SIZE='all' in the environment is no count: torchrun sets it"):
         init_distributed()
 
 

@@ -571,6 +571,7 @@ def test_an_error_under_torchrun_is_said_once(tiny_data, tmp_path):
     error = "axiom train: error: --set lr_max=fast: expected float"
     assert done.stderr.count(error) == 1, done.stderr[-3000:]
     assert "exitcode  : 2" in done.stderr  # the others exit alike, or are stopped by torchrun: none succeeds
+    assert "ChildFailedError" in done.stderr  # then torchrun's own report
     # one process with a LOCAL_RANK another tool set (a scheduler's): it is the only one, and says its error
     alone = {**os.environ, "LOCAL_RANK": "1"}
     cmd = [sys.executable, "-m", "axiom.cli", "train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "r")]
