@@ -352,11 +352,18 @@ def test_a_best_written_after_the_resumed_checkpoint_is_replaced_only_by_a_lower
     kept = {p.name: p.read_bytes() for p in best.iterdir()}
     low = float(read_rows(run / "eval.csv")[-1]["val_loss"])
     assert read_meta(best)["step"] == 8
+    longer = shutil.copytree(run, tmp_path / "longer")
     older = run / "checkpoints" / "step_000004"
     assert main([*base, *sets, "--set", "lr_max=0.5", "--resume-from", str(older)]) == 0  # a worse branch
     assert float(read_rows(run / "eval.csv")[-1]["val_loss"]) > low
     assert {p.name: p.read_bytes() for p in best.iterdir()} == kept
     assert f"best/ (step 8, val loss {low:.4f}) stays until an evaluation is lower" in (run / "train.log").read_text()
+    # a branch that goes lower replaces it, at its lowest evaluation
+    more = ["--set", "max_steps=16", "--resume-from", str(longer / "checkpoints" / "step_000004")]
+    assert main(["train", "--data", str(tiny_data), "--out", str(longer), *sets, *more]) == 0
+    evals = {int(r["step"]): float(r["val_loss"]) for r in read_rows(longer / "eval.csv")}
+    lowest = min(evals, key=evals.get)
+    assert evals[lowest] < low and read_meta(longer / "checkpoints" / "best")["step"] == lowest
 
 
 def test_init_from_a_hugging_face_folder(tiny_data, tmp_path):
@@ -366,12 +373,13 @@ def test_init_from_a_hugging_face_folder(tiny_data, tmp_path):
     source = tmp_path / "source"
     train(micro_config("max_steps=6", "eval_interval=6"), tiny_data, source)
     trained_val = float(read_rows(source / "eval.csv")[-1]["val_loss"])
-    hf = export(source / "checkpoints" / "best", tmp_path / "hf", fmt="llama")
-    run = tmp_path / "continued"
-    args = ["train", "--data", str(tiny_data), "--out", str(run), "--init-from", str(hf)]
-    assert main([*args, *micro_args("max_steps=2", "eval_interval=2")]) == 0
-    rows = read_rows(run / "eval.csv")
-    assert float(rows[0]["val_loss"]) == pytest.approx(trained_val, rel=1e-6)
+    for fmt in ("llama", "axiom"):  # either export format
+        hf = export(source / "checkpoints" / "best", tmp_path / fmt, fmt=fmt)
+        run = tmp_path / f"continued_{fmt}"
+        args = ["train", "--data", str(tiny_data), "--out", str(run), "--init-from", str(hf)]
+        assert main([*args, *micro_args("max_steps=1", "eval_interval=1")]) == 0
+        rows = read_rows(run / "eval.csv")
+        assert float(rows[0]["val_loss"]) == pytest.approx(trained_val, rel=1e-6), fmt
 
 
 def test_resume_skips_a_corrupt_newest_checkpoint(tiny_data, tmp_path):
