@@ -345,6 +345,28 @@ def test_model_card_reports_config_and_eval_csv(exported):
     assert "No eval.csv was found" in llama_card and "trust_remote_code" not in llama_card
 
 
+@pytest.mark.parametrize(
+    ("shape", "attention", "vocabulary"),
+    [
+        (dict(n_kv_heads=4), "4 / 4 (multi-head)", "100,277 (tiktoken cl100k_base, EOS <\\|endoftext\\|> = 100257) |"),
+        (dict(n_kv_heads=1, vocab_size=100_352), "4 / 1 (multi-query)", "100,352 (tiktoken cl100k_base, EOS"),
+        (dict(vocab_size=512), "4 / 2 (grouped-query)", "512 (the first 512 ids of tiktoken cl100k_base"),
+    ],
+    ids=["mha", "mqa-padded-vocab", "gqa-test-vocab"],
+)
+def test_model_card_names_the_attention_and_vocabulary_of_the_shape(shape, attention, vocabulary):
+    """A card said "grouped-query" of every model, and "cl100k_base, EOS = 100257" of any vocabulary."""
+    from axiom.interop.hf.card import model_card
+
+    m = dataclasses.replace(FULL, **shape)
+    card = model_card(Config(m, TrainConfig()), {}, "llama", "float32", None, name="x")
+    kind = attention.split("(")[1].rstrip(")")
+    assert f"| attention heads / KV heads | {attention} |" in card and f"RoPE, {kind} attention, SwiGLU" in card
+    assert f"| vocabulary | {vocabulary}" in card
+    assert ("75 more rows, unused" in card) == (m.vocab_size == 100_352)
+    assert ("100257" in card) == (m.vocab_size > EOS_ID)
+
+
 def split_shards(folder: Path, twice: str) -> None:
     """model.safetensors as two shards and their index, the tensor `twice` stored in both."""
     state = load_file(folder / "model.safetensors")

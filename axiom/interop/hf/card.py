@@ -12,7 +12,7 @@ from axiom.eval.loss import perplexity
 from axiom.model.checkpoint import run_dir_of
 from axiom.model.transformer import num_params
 from axiom.text.chatml import is_chat_tuned
-from axiom.text.tokenizer import EOS_ID
+from axiom.text.tokenizer import EOS_ID, VOCAB_SIZE
 
 
 def find_eval_csv(ckpt: Path) -> Path | None:
@@ -69,7 +69,7 @@ tags: [axiom, axiom-dense, {"custom_code" if fmt == "axiom" else "llama"}]
 
 # {name}
 
-An Axiom-Dense decoder-only language model (Llama-style: RMSNorm, RoPE, grouped-query attention, SwiGLU),
+An Axiom-Dense decoder-only language model (Llama-style: RMSNorm, RoPE, {attention_kind(m)} attention, SwiGLU),
 exported by `axiom export --format {fmt} --dtype {dtype}` from a checkpoint written by Axiom
 {meta.get("axiom_version", "")}.
 
@@ -143,10 +143,10 @@ def _architecture(m: ModelConfig) -> str:
             ("parameters", f"{num_params(m):,} ({num_params(m, non_embedding=True):,} non-embedding)"),
             ("layers", m.n_layers),
             ("hidden size", m.d_model),
-            ("attention heads / KV heads", f"{m.n_heads} / {m.n_kv_heads} (grouped-query)"),
+            ("attention heads / KV heads", f"{m.n_heads} / {m.n_kv_heads} ({attention_kind(m)})"),
             ("head dim", m.head_dim),
             ("SwiGLU width", m.ffn_dim),
-            ("vocabulary", f"{m.vocab_size:,} (tiktoken cl100k_base, EOS <\\|endoftext\\|> = {EOS_ID})"),
+            ("vocabulary", _vocabulary(m.vocab_size)),
             ("context", m.max_seq_len),
             ("positions", f"RoPE, theta {m.rope_theta:g}"),
             ("norm", f"RMSNorm, eps {m.norm_eps:g}"),
@@ -154,6 +154,24 @@ def _architecture(m: ModelConfig) -> str:
             ("biases", "none"),
         ]
     )
+
+
+def attention_kind(m: ModelConfig) -> str:
+    """What the KV heads make of the attention: one per query head, one in all, or one per group of query heads."""
+    if m.n_kv_heads == m.n_heads:
+        return "multi-head"
+    return "multi-query" if m.n_kv_heads == 1 else "grouped-query"
+
+
+def _vocabulary(size: int) -> str:
+    """The vocabulary row: cl100k_base's ids as the model covers them (a test model may cover fewer, a padded
+    table more), and EOS where the model has it."""
+    eos = f"EOS <\\|endoftext\\|> = {EOS_ID}"
+    if size < VOCAB_SIZE:
+        has_eos = f"; {eos}" if size > EOS_ID else "; no EOS"
+        return f"{size:,} (the first {size:,} ids of tiktoken cl100k_base: text with others cannot be read{has_eos})"
+    unused = f"; {size - VOCAB_SIZE:,} more rows, unused" if size > VOCAB_SIZE else ""
+    return f"{size:,} (tiktoken cl100k_base, {eos}{unused})"
 
 
 def _training(t: TrainConfig, meta: dict) -> str:
