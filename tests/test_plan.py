@@ -4,6 +4,7 @@ memory and speed, and `axiom info --gpu-memory-gib` printing them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -13,7 +14,7 @@ import torch
 from axiom.cli import main
 from axiom.config import get_config
 from axiom.errors import AxiomError
-from axiom.model.transformer import num_params
+from axiom.model.transformer import Axiom, Block, num_params
 from axiom.train.parallel import Dist, parallelize
 from axiom.train.plan import (
     BUSY_TOKENS,
@@ -192,8 +193,14 @@ def test_fsdp_plans_each_process_its_share():
     assert whole.memory["weights"] == 4 * n and whole.memory["gathered"] == 0
     assert sharded.memory["weights"] == sharded.memory["grads"] == 4 * n // 8
     assert sharded.memory["optimizer"] == 2 * n // 8  # AdamW8bit's bytes a parameter, as planned (launch falls back)
-    block = (num_params(cfg.model, non_embedding=True) - cfg.model.d_model) // cfg.model.n_layers
-    assert sharded.memory["gathered"] == 8 * (cfg.model.vocab_size * cfg.model.d_model + block)
+    with torch.device("meta"):  # what FSDP gathers, counted on the modules: one block, the root's own parameters
+        block = sum(p.numel() for p in Block(cfg.model).parameters())
+        for tied in (True, False):  # an untied output table is the root's too (one block's share was predicted)
+            m = dataclasses.replace(cfg.model, tie_embeddings=tied)
+            root = Axiom(m)
+            root_params = sum(p.numel() for p in root.parameters()) - m.n_layers * block
+            plan = resolve(get_config("axiom-380m", ["fsdp=true", f"tie_embeddings={tied}"]), assumed_gpu(6), 8)
+            assert plan.memory["gathered"] == 8 * (root_params + block), tied
     assert sharded.micro_batch_size >= whole.micro_batch_size and sharded.fits
     one = resolve(get_config("axiom-380m", ["fsdp=true"]), assumed_gpu(6))
     assert one.memory == resolve(cfg, assumed_gpu(6)).memory  # one process: nothing to shard

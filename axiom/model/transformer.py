@@ -442,13 +442,17 @@ def document_mask(tokens: Tensor, sep: int) -> Tensor:
     return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
+def block_params(cfg: ModelConfig) -> int:
+    """Parameters of one block: attention, SwiGLU and the two norms."""
+    attn = cfg.d_model * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.d_model
+    return attn + 3 * cfg.d_model * cfg.ffn_dim + 2 * cfg.d_model
+
+
 def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
     """Parameter count without building the model."""
-    attn = cfg.d_model * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.d_model
-    per_layer = attn + 3 * cfg.d_model * cfg.ffn_dim + 2 * cfg.d_model
     embed = cfg.vocab_size * cfg.d_model
     head = 0 if cfg.tie_embeddings else embed
-    n = cfg.n_layers * per_layer + cfg.d_model + head
+    n = cfg.n_layers * block_params(cfg) + cfg.d_model + head
     return n if non_embedding else n + embed
 
 

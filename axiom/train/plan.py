@@ -25,7 +25,7 @@ import torch
 
 from axiom.config import AUTO, Config, TrainConfig
 from axiom.model.loss import chunk_rows, default_vocab_multiple, padded_vocab
-from axiom.model.transformer import flops_per_token, num_params
+from axiom.model.transformer import block_params, flops_per_token, num_params
 from axiom.runtime import GPU_BF16_PEAK_TFLOPS, gpu_peak_flops
 from axiom.train.optim import runnable_optimizer
 from axiom.train.progress import duration
@@ -226,8 +226,8 @@ def training_memory_bytes(
     padded vocabulary, its low-precision gradient under autocast, and the fp32 gradient of the table). A step of
     one micro-batch peaks lower: its gradients appear as the activations go. The fused loss kernels are predicted as
     ours (`axiom bench loss` measures their memory). Under FSDP (`shards` > 1) each process holds its share of the
-    weights, gradients and optimizer state, and gathers whole the ones in use: the token table (the root's) and one
-    block, with their gradients."""
+    weights, gradients and optimizer state, and gathers whole the ones in use: the root's (the token table, an
+    untied output table and the final norm) and one block's, with their gradients."""
     m, t = cfg.model, cfg.train
     low = device_type == "cuda" and t.dtype != "float32"  # autocast runs on CUDA only
     n = num_params(m)
@@ -238,7 +238,8 @@ def training_memory_bytes(
     rows = min(tokens, chunk_rows(device_type))
     loss = rows * columns * (6 if low else 4) + 4 * m.vocab_size * m.d_model
     body = num_params(m, non_embedding=True)
-    gathered = m.vocab_size * m.d_model + (body - m.d_model) // m.n_layers if shards > 1 else 0  # table, one block
+    # the root's parameters (the table, an untied output table, the final norm) and one block
+    gathered = n - (m.n_layers - 1) * block_params(m) if shards > 1 else 0
     parts = {
         "weights": 4 * n // shards,
         "grads": 4 * n // shards,
