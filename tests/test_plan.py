@@ -183,6 +183,21 @@ def test_a_cpu_plan_of_the_card_is_the_same_every_time(capsys):
         get_config("axiom-380m", ["micro_batch_size=0"])
 
 
+def test_an_untied_output_table_adds_its_weights_grads_and_optimizer_state_only():
+    """The loss casts the output table itself, tied or not: the blocks' casts were predicted with an untied table
+    among them (0.2 GiB more for axiom-380m)."""
+    memory = {}
+    for tied in (True, False):
+        cfg = get_config("axiom-380m", [f"tie_embeddings={tied}"])
+        memory[tied] = training_memory_bytes(cfg, 4, checkpointing=False, device_type="cuda")
+    table = cfg.model.vocab_size * cfg.model.d_model
+    more = {part: memory[False][part] - memory[True][part] for part in memory[True]}
+    state = 2 * table  # AdamW8bit's bytes a parameter
+    want = {"weights": 4 * table, "grads": 4 * table, "optimizer": state, "total": 10 * table}
+    assert more == {**dict.fromkeys(memory[True], 0), **want}
+    assert memory[True]["casts"] > 0
+
+
 def test_fsdp_plans_each_process_its_share():
     """Under FSDP every rank holds 1/world_size of the weights, gradients and optimizer state, and gathers the table
     and one block whole: the plan predicted them whole on every rank (6.8 GiB on 8 GPUs of 6 GiB: 'more than fits')."""

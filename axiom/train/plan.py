@@ -237,7 +237,6 @@ def training_memory_bytes(
     columns = padded_vocab(m.vocab_size, default_vocab_multiple(device_type))
     rows = min(tokens, chunk_rows(device_type))
     loss = rows * columns * (6 if low else 4) + 4 * m.vocab_size * m.d_model
-    body = num_params(m, non_embedding=True)
     # the root's parameters (the table, an untied output table, the final norm) and one block
     gathered = n - (m.n_layers - 1) * block_params(m) if shards > 1 else 0
     parts = {
@@ -245,7 +244,8 @@ def training_memory_bytes(
         "grads": 4 * n // shards,
         "optimizer": OPTIMIZER_STATE_BYTES[t.optimizer] * n // shards,
         "gathered": 8 * gathered,
-        "casts": 2 * body if low and not checkpointing else 0,
+        # the blocks' matrices: the output table's low-precision copy is the loss's own, tied or not (loss.py)
+        "casts": 2 * m.n_layers * block_params(m) if low and not checkpointing else 0,
         "activations": activations,
         "loss": loss,
     }
