@@ -14,7 +14,7 @@ import torch
 from axiom.cli import main
 from axiom.config import get_config
 from axiom.errors import AxiomError
-from axiom.model.transformer import Axiom, Block, num_params
+from axiom.model.transformer import Axiom, Block, num_params, rope_tables
 from axiom.train.parallel import Dist, parallelize
 from axiom.train.plan import (
     BUSY_TOKENS,
@@ -196,6 +196,48 @@ def test_an_untied_output_table_adds_its_weights_grads_and_optimizer_state_only(
     want = {"weights": 4 * table, "grads": 4 * table, "optimizer": state, "total": 10 * table}
     assert more == {**dict.fromkeys(memory[True], 0), **want}
     assert memory[True]["casts"] > 0
+
+
+def saved_values_per_token(m) -> float:
+    """The values one eager block of shape `m` keeps for backward per token (each storage once, weights left out)."""
+    T = 64
+    block = Block(m)
+    x = torch.randn(1, T, m.d_model, requires_grad=True)
+    cos, sin = rope_tables(m.head_dim, T, m.rope_theta)
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    storages = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        block(x, cos, sin)
+    return sum(n for ptr, n in storages.items() if ptr not in weights) / T
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        ["ffn_multiplier=8"],
+        ["ffn_multiplier=1"],
+        ["n_kv_heads=16"],
+        ["n_kv_heads=1"],
+        ["d_model=256", "n_heads=4", "n_kv_heads=2"],
+    ],
+    ids=["wide-ffn", "narrow-ffn", "mha", "mqa", "d256"],
+)
+def test_predicted_activations_follow_the_widths_a_block_saves(shape):
+    """Activations were predicted from d_model alone, fitted at the card's shape: a 4x wider FFN keeps twice the
+    values, which the plan did not see (nor MHA's larger keys and values)."""
+    torch.manual_seed(0)
+    card, other = get_config("axiom-380m", CARD_LITERAL), get_config("axiom-380m", [*CARD_LITERAL, *shape])
+
+    def predicted(cfg) -> float:
+        return training_memory_bytes(cfg, 1, checkpointing=False, device_type="cpu")["activations"] / cfg.model.n_layers
+
+    measured = saved_values_per_token(other.model) / saved_values_per_token(card.model)
+    assert predicted(other) / predicted(card) == pytest.approx(measured, rel=0.03)
 
 
 def test_fsdp_plans_each_process_its_share():

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from axiom.config import AUTO, Config, TrainConfig
+from axiom.config import AUTO, Config, ModelConfig, TrainConfig
 from axiom.model.loss import chunk_rows, default_vocab_multiple, padded_vocab
 from axiom.model.transformer import block_params, flops_per_token, num_params
 from axiom.runtime import GPU_BF16_PEAK_TFLOPS, gpu_peak_flops
@@ -32,9 +32,21 @@ from axiom.train.progress import duration
 
 GIB = 2**30
 OPTIMIZER_STATE_BYTES = {"adamw8bit": 2, "adamw": 8}  # per parameter: two moments, 8-bit or fp32
-# Values per token and d_model unit one block keeps for backward, eager and compiled (fitted to the H200 peaks of
-# docs/benchmarks.md: inductor's fused kernels keep fewer). Checkpointing keeps only each block's fp32 input.
+# Values per token and d_model unit one block of the card's shape keeps for backward, eager and compiled (fitted to
+# the H200 peaks of docs/benchmarks.md: inductor's fused kernels keep fewer); other shapes scale them by
+# `block_saved_width`. Checkpointing keeps only each block's fp32 input.
 BLOCK_ACTIVATION_VALUES = {False: 26, True: 18}
+
+
+def block_saved_width(m: ModelConfig) -> int:
+    """The values per token one block's eager forward saves for backward (counted with saved-tensor hooks,
+    tests/test_plan.py): 9 x d_model (the norms' inputs and outputs, attention's output and its reshaped copy), 1.5 x
+    the keys' and values' width (the projected heads, which SDPA's values are a view of, and the rotated queries and
+    keys) and 4 x ffn_dim ([gate | up], silu(gate) and the product)."""
+    return 9 * m.d_model + 3 * m.n_kv_heads * m.head_dim + 4 * m.ffn_dim
+
+
+CARD_SAVED_PER_D_MODEL = block_saved_width(ModelConfig()) / ModelConfig().d_model  # 21.5
 # The loss kernel auto runs: ours on every device, until `axiom bench loss` on a GPU measures one of the fused
 # kernels (axiom/model/fused_loss.py) faster there (docs/benchmarks.md, "The loss kernels").
 AUTO_LOSS_KERNEL = "chunked"
@@ -220,19 +232,21 @@ def training_memory_bytes(
     """Predicted peak training memory per device, by part, as it stands in the forward of a step's second
     micro-batch (the gradients of the first are held): fp32 weights and grads, optimizer state, the bf16 copies of
     the matrices that the matmuls keep for backward (`low`, without checkpointing: with it, each block's copies go
-    with the block), activations (BLOCK_ACTIVATION_VALUES per token and d_model in each block, eager or `compiled`,
-    bf16 under autocast and fp32 otherwise; with checkpointing only each block's fp32 input and one block being
-    recomputed; SDPA keeps no attention scores), and the chunked loss (a chunk's fp32 logits block over the
-    padded vocabulary, its low-precision gradient under autocast, and the fp32 gradient of the table). A step of
-    one micro-batch peaks lower: its gradients appear as the activations go. The fused loss kernels are predicted as
-    ours (`axiom bench loss` measures their memory). Under FSDP (`shards` > 1) each process holds its share of the
-    weights, gradients and optimizer state, and gathers whole the ones in use: the root's (the token table, an
-    untied output table and the final norm) and one block's, with their gradients."""
+    with the block), activations (BLOCK_ACTIVATION_VALUES per token and d_model in each block of the card's shape,
+    eager or `compiled`, other shapes in proportion to `block_saved_width`; bf16 under autocast and fp32 otherwise;
+    with checkpointing only each block's fp32 input and one block being recomputed; SDPA keeps no attention scores),
+    and the chunked loss (a chunk's fp32 logits block over the padded vocabulary, its low-precision gradient under
+    autocast, and the fp32 gradient of the table). A step of one micro-batch peaks lower: its gradients appear as the
+    activations go. The fused loss kernels are predicted as ours (`axiom bench loss` measures their memory). Under
+    FSDP (`shards` > 1) each process holds its share of the weights, gradients and optimizer state, and gathers whole
+    the ones in use: the root's (the token table, an untied output table and the final norm) and one block's, with
+    their gradients."""
     m, t = cfg.model, cfg.train
     low = device_type == "cuda" and t.dtype != "float32"  # autocast runs on CUDA only
     n = num_params(m)
     tokens = micro_batch_size * t.seq_len
-    block = BLOCK_ACTIVATION_VALUES[compiled] * (2 if low else 4) * tokens * m.d_model
+    per_token = BLOCK_ACTIVATION_VALUES[compiled] * block_saved_width(m) / CARD_SAVED_PER_D_MODEL
+    block = round(per_token * (2 if low else 4) * tokens)
     activations = m.n_layers * 4 * tokens * m.d_model + block if checkpointing else m.n_layers * block
     columns = padded_vocab(m.vocab_size, default_vocab_multiple(device_type))
     rows = min(tokens, chunk_rows(device_type))
