@@ -76,7 +76,10 @@ class ModelConfig:
             raise AxiomError(f"model config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         self.head_dim = self.d_model // self.n_heads
         if self.head_dim % 2:
-            raise AxiomError(f"model config: head_dim={self.head_dim} must be even for RoPE")
+            raise AxiomError(
+                f"model config: head_dim = d_model / n_heads = {self.d_model} / {self.n_heads} = {self.head_dim} must "
+                "be even for RoPE; change d_model or n_heads"
+            )
         for name in ("ffn_multiplier", "norm_eps", "rope_theta"):
             if not 0 < getattr(self, name) < math.inf:
                 raise AxiomError(f"model config: {name}={getattr(self, name)} must be a positive finite number")

@@ -63,7 +63,10 @@ def test_unknown_preset():
     [
         (dict(d_model=1000, n_heads=16), "d_model=1000 is not divisible by n_heads=16"),
         (dict(n_heads=16, n_kv_heads=5), "n_heads=16 is not a multiple of n_kv_heads=5"),
-        (dict(d_model=48, n_heads=16, n_kv_heads=8), "head_dim=3 must be even"),
+        (
+            dict(d_model=48, n_heads=16, n_kv_heads=8),
+            r"head_dim = d_model / n_heads = 48 / 16 = 3 must be even for RoPE; change",
+        ),
         (dict(n_layers=0), "n_layers=0 must be positive"),
         (dict(dropout=1.0), "dropout=1.0"),
     ],
