@@ -29,7 +29,7 @@ import axiom.train.trainer as trainer_mod
 from axiom.config import ModelConfig, TrainConfig
 from axiom.data.loader import read_manifest
 from axiom.errors import AxiomError
-from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state
+from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state, verify_checkpoint
 from axiom.model.transformer import Axiom, Block
 from axiom.train.evaluator import EVAL_COLUMNS, Evaluator
 from axiom.train.launch import train, uneven_split
@@ -394,16 +394,20 @@ class _OutOfMemoryInBackward(torch.autograd.Function):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
 
-def _fail_once_at(monkeypatch, micro_batch_size: int) -> list[int]:
-    """The first training forward over `micro_batch_size` sequences fails in its backward at the first block, the
-    gradients of the layers above (and of the tied table) already in; returns the failures."""
-    failures, real = [], Block.forward
+def _fail_once_at(monkeypatch, micro_batch_size: int, nth: int = 1, at_failure=lambda: None) -> list[int]:
+    """The `nth` training forward over `micro_batch_size` sequences (step `nth` where a step is one micro-batch)
+    fails in its backward at the first block, the gradients of the layers above (and of the tied table) already in,
+    after calling `at_failure()`; returns the failures."""
+    failures, forwards, real = [], [], Block.forward
 
     def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
         y = real(self, x, cos, sin, cache, layer, mask)
         if torch.is_grad_enabled() and x.shape[0] == micro_batch_size and layer == 0 and not failures:
-            failures.append(micro_batch_size)
-            return _OutOfMemoryInBackward.apply(y)
+            forwards.append(1)
+            if len(forwards) == nth:
+                at_failure()
+                failures.append(micro_batch_size)
+                return _OutOfMemoryInBackward.apply(y)
         return y
 
     monkeypatch.setattr(Block, "forward", forward)
@@ -479,6 +483,58 @@ def test_out_of_memory_in_the_update_is_never_run_again(tiny_data, tmp_path, mon
     ):
         train(auto, tiny_data, tmp_path / "run")
     assert "out of memory at micro-batch" not in (tmp_path / "run" / "train.log").read_text()  # no back-off
+
+
+@pytest.mark.parametrize("where", ["planned", "given", "update"])
+def test_out_of_memory_after_a_checkpoint_leaves_it_as_it_was(where, tiny_data, tmp_path, monkeypatch):
+    """An out-of-memory at step 3, after the checkpoint of step 2: backed off (a micro-batch the plan chose), or an
+    error (one set by hand, or in the update, some parameters updated already). The checkpoint is byte-identical to
+    what it was when the allocator failed, it verifies, and no checkpoint holds the failed step's weights."""
+    run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    settings = ("max_steps=4", "eval_interval=4", "checkpoint_interval=2")
+    before: dict[str, str] = {}
+
+    def snapshot():
+        assert [step for step, _ in list_checkpoints(checkpoints)] == [2]
+        before.update(hashes(checkpoints / "step_000002"))
+
+    if where == "update":
+        real, steps = trainer_mod.build_optimizer, []
+
+        def build_failing(*args, **kwargs):
+            optimizer, name = real(*args, **kwargs)
+            real_step, first = optimizer.step, optimizer.param_groups[0]["params"][0]
+
+            def step(*a, **kw):
+                steps.append(1)
+                if len(steps) < 3:
+                    return real_step(*a, **kw)
+                snapshot()
+                with torch.no_grad():
+                    first.add_(1.0)  # one parameter updated, then the allocator fails
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB (simulated)")
+
+            optimizer.step = step
+            return optimizer, name
+
+        monkeypatch.setattr(trainer_mod, "build_optimizer", build_failing)
+    else:
+        failures = _fail_once_at(monkeypatch, 4, nth=3, at_failure=snapshot)
+    batch = "micro_batch_size=auto" if where == "planned" else "micro_batch_size=4"
+    cfg = micro_config(batch, "grad_accum_steps=4" if where == "planned" else "grad_accum_steps=1", *settings)
+    if where == "planned":
+        assert train(cfg, tiny_data, run).step == 4
+        assert "notice: out of memory at micro-batch 4 (step 3): micro-batch 2" in (run / "train.log").read_text()
+    else:
+        with pytest.raises(AxiomError, match=r"^out of memory (at micro-batch 4 \(step 3: |in the optimizer's upd)"):
+            train(cfg, tiny_data, run)
+        assert [step for step, _ in list_checkpoints(checkpoints)] == [2]
+    assert before and hashes(checkpoints / "step_000002") == before
+    verify_checkpoint(checkpoints / "step_000002", need_state=True)
+    if where == "given":
+        assert failures == [4]
+        monkeypatch.undo()
+        assert train(cfg, tiny_data, run, resume=True).step == 4  # the run goes on from it
 
 
 def test_crash_while_writing_checkpoint_leaves_previous_loadable(tiny_data, tmp_path, monkeypatch):
