@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -404,16 +405,19 @@ def test_items_that_do_not_fit_the_model(ckpt, tmp_path, capsys, monkeypatch):
         loglikelihoods(model, [([1], [2]), ([1], list(range(129)))])  # as lm-eval's requests reach the adapter
 
 
-def test_tasks_offline_stop_within_seconds(ckpt):
+def test_tasks_offline_stop_within_seconds(ckpt, tmp_path):
     """--tasks with a Hub that does not answer: one line naming the tasks within seconds, not after the Hub client's
-    retries (half a minute or more); the offline variables unset, so that the client would try."""
+    retries (half a minute or more), and before the model loads (its weights here are garbage, which loading would
+    report); the offline variables unset, so that the client would try."""
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
+    unloadable = Path(shutil.copytree(ckpt[1], tmp_path / "ckpt"))
+    (unloadable / "model.safetensors").write_bytes(b"garbage")
     with socket.socket() as s:  # a port nobody listens on: connections are refused, as on a machine offline
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
     env |= {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    argv = [sys.executable, "-m", "axiom.cli", "eval", "--ckpt", str(ckpt[1]), "--tasks", "hellaswag,arc_easy"]
+    argv = [sys.executable, "-m", "axiom.cli", "eval", "--ckpt", str(unloadable), "--tasks", "hellaswag,arc_easy"]
     start = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.perf_counter() - start
@@ -448,25 +452,103 @@ def test_unreachable_task_data_names_the_offline_options(ckpt):
         run_tasks(ckpt[0], [hub_task], task_manager=TaskManager(include_defaults=False))
 
 
-def test_a_local_yaml_task_runs_offline_and_too_many_shots_are_one_line(ckpt, tmp_path, capsys):
-    """An lm-eval YAML task whose data is a local file needs no Hub (it was refused as "could not be fetched" when
-    the Hub did not answer); asking it for more shots than its examples is one line (a ValueError traceback)."""
+def yaml_task(path: Path, name: str, dataset: str) -> Path:
+    """An lm-eval YAML task scoring THREE's fields (context, choices, answer) in its test split, given a
+    `dataset` line such as `dataset_path: json` and the data files."""
+    path.write_text(
+        f"task: {name}\n{dataset}\ntest_split: test\nfewshot_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    return path
+
+
+@pytest.fixture
+def unanswered_hub(monkeypatch):
+    """The Hub's address a socket that listens but never answers; returns a function saying whether anything
+    connected to it (a connection waits in the socket's backlog, accepted or not: no race)."""
+    from datasets import config as datasets_config
+    from huggingface_hub import constants as hub_constants
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(datasets_config, "HF_ENDPOINT", endpoint)
+
+    def asked() -> bool:
+        try:
+            listener.accept()[0].close()
+        except BlockingIOError:
+            return False
+        return True
+
+    yield asked
+    listener.close()
+
+
+def test_a_local_yaml_task_runs_offline_and_too_many_shots_are_one_line(ckpt, tmp_path, capsys, unanswered_hub):
+    """An lm-eval YAML task whose data is a local file needs no Hub: it runs while the Hub does not answer (it was
+    refused as "could not be fetched"); asking it for more shots than its examples is one line (a ValueError
+    traceback)."""
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
+    from datasets import config as datasets_config
+
     from axiom.eval.harness import needs_hub
 
     data = write_jsonl(tmp_path / "three.jsonl", THREE)
-    task = tmp_path / "mytask.yaml"
-    task.write_text(
-        f"task: mytask\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
-        'fewshot_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
-        'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'
+    task = yaml_task(
+        tmp_path / "mytask.yaml", "mytask", f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}"
     )
     assert not needs_hub(str(task)) and needs_hub("hellaswag")
     (hub := tmp_path / "hub.yaml").write_text("task: hub\ndataset_path: Rowan/hellaswag\n")
     assert needs_hub(str(hub))
+    with pytest.MonkeyPatch.context() as online:  # the Hub is asked where a task needs it: this one does not
+        online.setattr(datasets_config, "HF_HUB_OFFLINE", False)
+        assert run_yaml_task(ckpt[0], task)["acc,none"] in (0, 1 / 3, 2 / 3, 1) and not unanswered_hub()
     assert main(["eval", "--ckpt", str(ckpt[1]), "--tasks", str(task), "--num-fewshot", "10"]) == 2
     err = capsys.readouterr().err  # datasets' progress bars first
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("axiom eval: error: --num-fewshot 10: ")
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"axiom eval: error: --num-fewshot 10: a task of {task} has fewer examples to draw the shots from; ask for "
+        "fewer"
+    )
+
+
+def test_offline_tasks_ask_nothing_and_read_the_cache(ckpt, tmp_path, monkeypatch, unanswered_hub):
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set: a task whose data lives on the Hub is read from the datasets cache
+    as `datasets` left it, and nothing asks the Hub (its unanswered address would stop the run for seconds)."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
+    import pyarrow as pa
+    from datasets import DatasetInfo, Features, SplitDict, SplitInfo
+    from datasets import config as datasets_config
+
+    cache = tmp_path / "datasets"
+    cached = cache / "axiomtest___three" / "default" / "0.0.0" / "0123456789abcdef"
+    cached.mkdir(parents=True)
+    table = pa.Table.from_pylist(THREE)
+    with pa.OSFile(str(cached / "three-test.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+        writer.write_table(table)
+    splits = SplitDict({"test": SplitInfo("test", num_examples=len(THREE), dataset_name="three")})
+    info = DatasetInfo(features=Features.from_arrow_schema(table.schema), splits=splits)
+    info.config_name, info.dataset_name = "default", "three"
+    info.write_to_directory(str(cached))
+    monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", True)  # what either variable sets
+    monkeypatch.setattr(datasets_config, "HF_DATASETS_CACHE", cache)
+    task = yaml_task(tmp_path / "hubtask.yaml", "hubtask", "dataset_path: axiomtest/three")
+    assert run_yaml_task(ckpt[0], task)["acc,none"] in (0, 1 / 3, 2 / 3, 1) and not unanswered_hub()
+
+
+def run_yaml_task(model: Axiom, task: Path) -> dict:
+    """`run_tasks` on a YAML task as `axiom eval --tasks PATH` runs it, with a task index of its folder alone (the
+    whole of lm-eval's takes seconds to build): the task's results."""
+    from lm_eval.tasks import TaskManager
+
+    from axiom.eval.harness import run_tasks
+
+    index = TaskManager(include_defaults=False, include_path=str(task.parent))
+    return run_tasks(model, [str(task)], task_manager=index)["results"][task.stem]
 
 
 def json_for_hub() -> dict:
