@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -96,16 +97,27 @@ def _gpu_check():
 
 def test_the_budget_cuts_a_part_short_and_skips_the_rest(tmp_path, monkeypatch):
     """The whole check fits its budget (the device tool's 10 minutes a command): a part runs for what is left of
-    it at most, and once too little is left the remaining parts are reported as not run."""
+    it at most, its row is in the table as it ends (a check killed later keeps it), once too little is left the
+    remaining parts are reported as not run, and the check exits 1."""
     gpu_check = _gpu_check()
     monkeypatch.setattr(gpu_check.Check, "MIN_PART_SECONDS", 0.5)
-    check = gpu_check.Check(tmp_path, smoke=True, budget=1.5)
+    monkeypatch.setattr(gpu_check, "environment", lambda check: None)  # torch's versions: not what is timed here
+    table_after_slow = []
+
+    def slow(check, sizes):
+        assert check.run("slow", [sys.executable, "-c", "import time; time.sleep(60)"], timeout=300) is None
+        table_after_slow.append((tmp_path / "gpu_check.md").read_text())
+
+    def after(check, sizes):
+        assert check.run("next", [sys.executable, "-c", "print('never')"], timeout=300) is None
+
+    monkeypatch.setattr(gpu_check, "PARTS", {"slow": slow, "next": after})
     start = time.monotonic()
-    assert check.run("slow", [sys.executable, "-c", "import time; time.sleep(60)"], timeout=300) is None
-    assert check.run("next", [sys.executable, "-c", "print('never')"], timeout=300) is None
+    assert gpu_check.main([str(tmp_path), "--smoke", "--parts", "slow,next", "--budget", "1.5"]) == 1
     assert time.monotonic() - start < 10
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
     assert parts["slow"]["error"].startswith("timed out after") and "TIMEOUT" in (tmp_path / "slow.log").read_text()
+    assert re.search(r"^\| slow \| timed out after \d s \|  \| FAILED \|$", table_after_slow[0], re.M)
     assert parts["next"]["error"] == "not run: the check's 1.5 s budget was spent"
     assert not (tmp_path / "next.log").exists()
     table = (tmp_path / "gpu_check.md").read_text()
