@@ -13,6 +13,7 @@ import torch
 from conftest import DEVICES
 
 from axiom.config import get_config
+from axiom.errors import AxiomError
 from axiom.infer import engine as engine_module
 from axiom.infer.compiled import RECOMPILE_LIMIT, Landing
 from axiom.infer.engine import Engine, SamplingParams, decode_one
@@ -547,6 +548,21 @@ def test_a_failing_row_leaves_alone_and_the_others_decode_as_alone(model, kind, 
     # the others, including those that took the failed rows (zeroed: no NaN left in a masked slot), as alone
     assert [r.tokens for r in requests] == clean[1:]
     assert all(r.finish_reason == "length" and r.error is None for r in requests)
+
+
+def test_a_failing_row_is_one_line_in_generate_and_chat(model):
+    """`axiom generate` and `chat` end a row that fails with the line `axiom serve` answers its client with."""
+    from axiom.infer.chat import Chat
+    from axiom.text.chatml import IM_START
+
+    line = "decoding failed: the model's logits are not finite (NaN or inf) for this prompt"
+    with pytest.raises(AxiomError) as e:
+        generate(poisoned(model, 99), [[5, 99, 6]], 4)
+    assert str(e.value) == line
+    chat_model = Axiom(replace(SMALL, vocab_size=IM_START + 16)).to(next(model.parameters()).device).eval()
+    with pytest.raises(AxiomError) as e:
+        list(Chat(poisoned(chat_model, IM_START), None, 4).reply("hi"))  # every chat prompt reads <|im_start|>
+    assert str(e.value) == line
 
 
 def sharp_model(vocab: int, context: int, poison: int) -> Axiom:

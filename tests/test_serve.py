@@ -765,7 +765,8 @@ def test_a_row_that_fails_fails_its_request_alone(ckpt):
 
     normal, *failed = asyncio.run(main())
     service.stop()
-    assert all(len(f) == 1 and f[0].status == 500 and "not finite" in f[0].message for f in failed)
+    line = "decoding failed: the model's logits are not finite (NaN or inf) for this prompt"
+    assert all(len(f) == 1 and (f[0].status, f[0].message) == (500, line) for f in failed)
     assert [t for t, _ in normal] == expected and normal[-1][1] == "length"
     assert service.engine is engine and service.stats()["accepted"] == 0  # no restart
 
