@@ -130,22 +130,26 @@ def test_prompts_admitted_together_are_prefilled_together_in_groups(model, stati
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_a_request_that_ends_at_its_first_token_leaves_the_later_groups_rows_alone(model, static, monkeypatch):
-    """The shortest prompt, prefilled first, ends at its first token and leaves its row before the other two are
-    prefilled together: the last of them, whose row a dynamic cache then moves into the freed one, still decodes
-    from its own prompt's keys (it used to be prefilled into its old row and to decode from the freed one)."""
+@pytest.mark.parametrize("ends_by", ["length", "stop"])
+def test_a_request_that_ends_at_its_first_token_leaves_the_later_groups_rows_alone(model, static, ends_by, monkeypatch):
+    """The shortest prompt, prefilled first, ends at its first token (max_tokens 1, or a stop id such as EOS) and
+    leaves its row before the other two are prefilled together: the last of them, whose row a dynamic cache then
+    moves into the freed one, still decodes from its own prompt's keys (it used to be prefilled into its old row and
+    to decode from the freed one)."""
     monkeypatch.setattr(engine_module, "PREFILL_SLACK", 0)  # groups by the quarter rule alone: [1], [7, 9]
     engine = Engine(model, max_batch=3, static=static)
+    first = alone(model, PROMPTS[3])[0]
+    ends = replace(GREEDY, max_new_tokens=1) if ends_by == "length" else replace(GREEDY, stop_ids=(first,))
     shapes, hook = prefill_shapes(model)
     try:
-        done_at_once = engine.submit(PROMPTS[3], replace(GREEDY, max_new_tokens=1))
+        done_at_once = engine.submit(PROMPTS[3], ends)
         pair = [engine.submit(p, GREEDY) for p in (PROMPTS[0], PROMPTS[4])]
         while engine.has_work():
             engine.step()
     finally:
         hook.remove()
     assert shapes[:2] == [(1, 1), (2, 9)]  # the short prompt alone, then the pair as one group
-    assert done_at_once.tokens == alone(model, PROMPTS[3])[:1]
+    assert done_at_once.tokens == [first] and done_at_once.finish_reason == ends_by
     for request, prompt in zip(pair, (PROMPTS[0], PROMPTS[4]), strict=True):
         assert request.tokens == alone(model, prompt), prompt
 
