@@ -316,6 +316,35 @@ def test_bad_requests_get_openai_errors_and_the_server_lives_on(server, body, st
     assert server.http("GET", "/v1/models")[0] == 200
 
 
+def test_malformed_bodies_are_named_and_every_error_is_ascii_json():
+    """The lines the malformed-request row shows, word for word, and an error naming a lone surrogate (a field
+    name `\\ud800`) is ASCII JSON that reads back as sent (it was a 500: UTF-8 cannot encode it)."""
+    from axiom.infer.openai_api import ApiError, check_content_type, parse_body
+    from axiom.infer.serve import error_response
+
+    for raw, why in [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "an integer of 5,000 digits; at most 32 are read"),
+    ]:
+        with pytest.raises(ApiError) as e:
+            parse_body(raw)
+        assert (e.value.status, e.value.code, e.value.message) == (
+            400,
+            "invalid_json",
+            f"the body is not valid JSON ({why})",
+        )
+    with pytest.raises(ApiError) as e:
+        check_content_type("application/x-www-form-urlencoded")
+    assert (e.value.status, e.value.message) == (
+        415,
+        "Content-Type 'application/x-www-form-urlencoded': the body must be JSON in UTF-8 (curl: -H 'Content-Type: "
+        "application/json')",
+    )
+    surrogate = ApiError(400, "unrecognized request argument '\ud800'", param="\ud800", code="unknown_field")
+    sent = error_response(surrogate).body
+    assert sent.isascii() and json.loads(sent) == surrogate.body()
+
+
 def test_unknown_routes_and_methods_get_openai_errors(server):
     for method, path, status in [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405)]:
         got_status, got = server.http(method, path)
@@ -346,7 +375,9 @@ def test_requests_a_web_page_on_another_site_could_send_are_refused(server):
     for origin in ("http://evil.example", "null", f"http://127.0.0.1:{server.port + 1}", "https://127.0.0.1"):
         status, answer = request_with(server.port, "POST", "/v1/completions", {"Origin": origin}, body)
         assert status == 403 and answer["error"]["code"] == "cross_origin", origin
-        assert origin[:20] in answer["error"]["message"]
+        assert answer["error"]["message"].startswith(
+            f"POST from the web page at {origin!r}, not this server's own page ({here}): refused, "
+        )
     for site in ("cross-site", "same-site"):  # what the browser says of the page (no page can set it)
         for headers in ({"Origin": f"http://{here}", "Sec-Fetch-Site": site}, {"Sec-Fetch-Site": site}):
             assert request_with(server.port, "POST", "/v1/completions", headers, body)[0] == 403, headers
@@ -356,7 +387,12 @@ def test_requests_a_web_page_on_another_site_could_send_are_refused(server):
         for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/")):
             status, answer = request_with(server.port, method, path, {"Host": host, "Origin": f"http://{host}"}, body)
             assert status == 403 and answer["error"]["code"] == "host_not_allowed", (host, path)
-            assert f"--allow-host {host.split(':')[0]}" in answer["error"]["message"]
+            name = host.split(":")[0]
+            assert answer["error"]["message"] == (
+                f"Host {host!r}: this server listens on a loopback address and answers localhost, loopback "
+                f"addresses only (another name that leads here may be a web page's); to answer {name}, pass "
+                f"--allow-host {name}"
+            )
     # the server's own page, loopback names, a proxy's public name, and programs (no Origin) are answered
     for headers in (
         {"Origin": f"http://{here}"},
@@ -375,6 +411,14 @@ def test_requests_a_web_page_on_another_site_could_send_are_refused(server):
     assert status == 200
     assert "frame-ancestors 'none'" in answer["headers"]["content-security-policy"]
     assert answer["headers"]["x-content-type-options"] == "nosniff"
+    # no CORS header lets another site's page read an answer (a GET is answered, to the browser alone)
+    for method, path, payload in (("GET", "/v1/models", None), ("POST", "/v1/completions", body), ("GET", "/", None)):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request(method, path, body=payload and json.dumps(payload), headers={"Origin": "http://evil.example"})
+        response = conn.getresponse()
+        response.read()
+        assert not [h for h, _ in response.getheaders() if h.lower().startswith("access-control-")], path
+        conn.close()
 
 
 def raw_stream(port: int, body: dict, wait: bool = True) -> tuple[socket.socket, object]:
@@ -461,9 +505,15 @@ def test_a_trickled_body_times_out_and_connections_are_capped(ckpt, tmp_path):
         slow = trickled_body(s.port, body)
         start = time.monotonic()
         assert post_raw(s.port, body)[0] == 200  # answered while the slow body is pending
+        assert s.http("GET", "/health")[1]["accepted"] == 0  # the slow body holds no engine slot
         reply = http.client.HTTPResponse(slow)
         reply.begin()
-        assert reply.status == 408 and json.loads(reply.read())["error"]["code"] == "body_timeout"
+        error = json.loads(reply.read())["error"]
+        assert (reply.status, error["code"], error["message"]) == (
+            408,
+            "body_timeout",
+            "the body did not arrive within 1.5 s",
+        )
         assert 1.4 < time.monotonic() - start < 20
         slow.close()
         busy = [trickled_body(s.port, body) for _ in range(4)]
@@ -550,13 +600,15 @@ def test_connections_without_a_whole_head_are_closed_after_head_timeout(ckpt, tm
     body = json.dumps({"model": s.name, "prompt": "Hello", "max_tokens": 3, "temperature": 0})
     kept = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)  # HTTP/1.1: kept alive after its response
     held = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(2)]
+    opened = time.monotonic()
     try:
         kept.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
         assert kept.getresponse().read() and kept.sock is not None
         held[1].sendall(b"POST /v1/completions HTTP/1.1\r\nHo")
         time.sleep(0.5)
         held[1].sendall(b"s")  # a byte more of the head does not buy time
-        for sock in (kept.sock, *held):
+        assert closed_by_server(held[0]) < 5 and time.monotonic() - opened > 1.9  # after the timeout, not before
+        for sock in (kept.sock, held[1]):
             assert closed_by_server(sock) < 5  # the idle one opened first, so every wait is under the limit
         assert post_raw(s.port, body)[0] == 200
     finally:
@@ -715,10 +767,16 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
         (["--ckpt", str(tmp_path), "--body-timeout", "nan"], "--body-timeout nan: must be a positive number"),
         (["--ckpt", str(tmp_path), "--body-timeout", "0"], "--body-timeout 0.0: must be a positive number"),
         # each was a traceback (OverflowError from bind) or argparse's usage block
-        (["--ckpt", str(tmp_path), "--port", "70000"], "--port 70000: expected a port number from 0 to 65535"),
+        (
+            ["--ckpt", str(tmp_path), "--port", "70000"],
+            "--port 70000: expected a port number from 0 to 65535 (0: any free port)\n",
+        ),
         (["--ckpt", str(tmp_path), "--port=-1"], "--port -1: expected a port number"),
         (["--ckpt", str(tmp_path), "--port", "http"], "--port http: expected a port number"),
-        (["--ckpt", str(tmp_path), "--host", "", "--port", "0"], "--host '': empty"),
+        (
+            ["--ckpt", str(tmp_path), "--host", "", "--port", "0"],
+            "--host '': empty; 127.0.0.1 listens on this machine only, 0.0.0.0 on every interface\n",
+        ),
         (["--ckpt", str(tmp_path), "--host", "no such host.invalid", "--port", "0"], "--host no such host.invalid"),
         (["--ckpt", str(tmp_path), "--host", "127.0.0.1\x00", "--port", "0"], "--host '127.0.0.1\\x00' --port 0"),
         (["--ckpt", str(tmp_path), "--port", "9" * 5000], "--port 999"),
@@ -779,17 +837,23 @@ def read_events(reader) -> tuple[str, list[dict]]:
     return "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")), chunks
 
 
-HOSTILE_NUMBERS = [  # numbers that pass as JSON numbers but break the maths, or are not JSON numbers at all
+HOSTILE_NUMBERS = [  # numbers that pass as JSON numbers but break the maths, or are not JSON numbers at all; the
+    # status, and for some the error's message
     ('"temperature": 1e-45', 200),  # greedy: below the floor (was inf / NaN probabilities and a failed step)
     ('"temperature": 1e-50, "stream": true', 200),
-    ('"temperature": 1e400', 400),  # Python reads it as inf
+    # 1e400: inf, as Python reads it
+    ('"temperature": 1e400', 400, "temperature: must be 0 (greedy) or positive and finite, not inf"),
     ('"temperature": Infinity', 400),  # not JSON
     ('"temperature": NaN', 400),
     ('"temperature": -0.0', 200),
     ('"temperature": 1e300', 200),  # finite: a uniform draw
     ('"seed": 18446744073709551615, "temperature": 1', 200),
     ('"seed": -9223372036854775808, "temperature": 1', 200),
-    ('"seed": 18446744073709551616, "temperature": 1', 400),
+    (
+        '"seed": 18446744073709551616, "temperature": 1',
+        400,
+        "seed: must fit in 64 bits (-2**63 to 2**64 - 1), not 18446744073709551616",
+    ),
     ('"top_p": 1e-300, "temperature": 1', 200),
     ('"top_k": 1000000000000000000000000000000, "temperature": 1', 200),
     ('"top_k": -1, "temperature": 1', 200),  # none, as vLLM clients send it
@@ -820,11 +884,12 @@ def test_hostile_numbers_beside_a_normal_stream(server):
     while reader.readline().strip():  # the headers
         pass
     first = json.loads(reader.readline().removeprefix(b"data: "))  # the first token's event: it is decoding
-    for fields, status in HOSTILE_NUMBERS:  # a later "max_tokens" replaces the first
+    for fields, status, *message in HOSTILE_NUMBERS:  # a later "max_tokens" replaces the first
         got, data = post_raw(server.port, f'{{"model": "{server.name}", "prompt": "Hello", "max_tokens": 8, {fields}}}')
         assert got == status, (fields, data[:300])
         if status == 400:
             assert json.loads(data)["error"]["type"] == "invalid_request_error"
+            assert [json.loads(data)["error"]["message"]] == message or not message
     assert server.http("GET", "/health")[1]["running"] == 1  # the normal stream is still decoding
     text, _ = read_events(reader)
     sock.close()
@@ -943,6 +1008,17 @@ def test_chat_fields_are_checked_whichever_is_read():
             check_request({"model": "m", "messages": hi, **extra}, model, True)
         assert (e.value.status, e.value.param) == (400, param) and e.value.message.startswith(message)
     assert check_request({"model": "m", "messages": [{**hi[0], "name": None}], "max_tokens": 3}, model, True)
+    for extra, message in [  # on /v1/completions, the lines the row shows
+        ({"presence_penalty": 0.5}, "presence_penalty: not supported by axiom serve (leave it out, or 0)"),
+        (
+            {"temprature": 0},
+            "unrecognized request argument 'temprature'; /v1/completions takes max_tokens, model, prompt, seed, "
+            "stop, stream, stream_options, temperature, top_k, top_p, user",
+        ),
+    ]:
+        with pytest.raises(ApiError) as e:
+            check_request({"model": "m", "prompt": "hi", **extra}, ServedModel("m", context=256, chat=False), False)
+        assert e.value.message == message
 
 
 def test_chat_content_may_be_a_list_of_text_parts():

@@ -160,3 +160,33 @@ def test_a_model_that_is_not_chat_tuned_continues_the_typed_text(browser, server
     wait.until(lambda b: b.find_element(By.ID, "status").text == "ready")
     default = server.client.completions.create(model=server.name, prompt="Hello", temperature=0).choices[0].text
     assert reply_text(browser) == "Hello" + default
+
+
+def test_a_failed_model_list_and_a_stream_cut_short_are_said(browser, servers):
+    """The page says what went wrong where the server fails its /v1/models, and where a stream ends without its
+    [DONE] (a proxy or the server cut it): the text so far stays, marked as an error, not as a whole reply."""
+    server = servers["base"]
+    failing = """const real = window.fetch;
+window.fetch = (path, ...rest) => String(path).endsWith("v1/models")
+  ? Promise.resolve(new Response('{"error": {"message": "no model (simulated)"}}', {status: 500}))
+  : real(path, ...rest);"""
+    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": failing})
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        wait = WebDriverWait(browser, 20, poll_frequency=0.02)
+        wait.until(lambda b: b.find_element(By.ID, "status").text.startswith("cannot reach"))
+        assert browser.find_element(By.ID, "status").text == "cannot reach the server: Error: no model (simulated)"
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
+    wait = open_page(browser, server)
+    browser.execute_script(  # one event of the stream, then its end: no [DONE]
+        """window.fetch = () => Promise.resolve(new Response(new ReadableStream({start(c) {
+  c.enqueue(new TextEncoder().encode('data: {"choices": [{"text": " cut", "finish_reason": null}]}\\n\\n'));
+  c.close();
+}})));"""
+    )
+    send(browser, "Hello", max_tokens=5, temperature=0)
+    wait.until(lambda b: b.find_element(By.ID, "status").text == "error")
+    assert reply_text(browser) == "Hello cut"
+    note = browser.find_elements(By.CSS_SELECTOR, ".msg.error .note")[-1].text
+    assert note == "error: the stream ended before the server finished it"
