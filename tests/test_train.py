@@ -648,7 +648,8 @@ def test_a_kills_leftover_and_a_one_process_checkpoint_resume_alike_on_every_fsd
     (run / "checkpoints" / "step_000006").rename(run / "checkpoints" / ".step_000006.old")
     train_on_two_processes(tiny_data, run, tmp_path, "--resume", *micro_args("max_steps=8", "fsdp=true", *extra))
     log = (run / "train.log").read_text()
-    assert "restored" in log and "resumed from" in log and "step_000006 at step 6" in log
+    assert re.search(r"cleaned up: restored \S+/checkpoints/step_000006 from \S+/checkpoints/\.step_000006\.old\n", log)
+    assert re.search(r"resumed from \S+/checkpoints/step_000006 at step 6 \(", log), log
     losses = lambda d: [float(r["loss"]) for r in read_rows(d / "train.csv")]  # noqa: E731
     assert losses(run) == pytest.approx(losses(reference), rel=1e-5)
     resumed, straight = final_weights(run), final_weights(reference)
@@ -750,7 +751,12 @@ def test_a_fine_tune_killed_before_its_first_checkpoint_resumes_from_the_same_we
     capsys.readouterr()
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err
-    assert f"began from --init-from {best.resolve()}; pass --init-from {best.resolve()} --resume" in err
+    began = best.resolve()
+    assert err == (
+        f"axiom train: error: --resume: {run} has no complete checkpoint yet and began from --init-from {began}; pass "
+        f"--init-from {began} --resume to start it again from those weights (or delete {run}/started_from.json to "
+        "start it from others)\n"
+    )
     assert main([*args, "--init-from", str(best), "--resume"]) == 0  # starts again from the same weights
     assert f"starting fresh from the weights of {best}" in (run / "train.log").read_text()
     rows = read_rows(run / "eval.csv")
@@ -769,7 +775,11 @@ def test_a_fine_tune_killed_before_its_first_checkpoint_resumes_from_the_same_we
     moved = source.rename(tmp_path / "moved") / "checkpoints" / "best"
     capsys.readouterr()
     assert main([*args, "--resume"]) == 2  # not from new weights: where it went is asked for
-    assert "which is no longer there; pass --init-from ITS_NEW_PATH --resume" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"axiom train: error: --resume: {run} has no complete checkpoint yet and began from --init-from {began}, "
+        f"which is no longer there; pass --init-from ITS_NEW_PATH --resume to start it again from those weights (or "
+        f"delete {run}/started_from.json to start it from others)\n"
+    )
     assert main([*args, "--init-from", str(moved), "--resume"]) == 0
     assert json.loads((run / "started_from.json").read_text())["init_from"] == str(moved.resolve())
 
