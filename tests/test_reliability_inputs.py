@@ -504,6 +504,17 @@ def test_scripts_and_flags_refuse_what_they_would_crash_on_or_ignore(tmp_path, c
     for script, args, message in [
         ("prefill_products.py", ["--rounds", "0"], "--rounds must be at least 1"),
         ("ttft.py", ["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
+        # a rate after the second token needs a third; no round times nothing
+        (
+            "ttft.py",
+            ["--new-tokens", "1"],
+            "ttft.py: error: --prompt-len must be at least 1 and --new-tokens at least 3\n",
+        ),
+        (
+            "bench_tasks.py",
+            ["--task-file", "x", "--rounds", "0"],
+            "bench_tasks.py: error: --rounds must be at least 1\n",
+        ),
         ("gpu_check.py", [str(tmp_path / "gc"), "--budget", "nan"], "--budget nan: a number of seconds above 0"),
     ]:
         done = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True)
