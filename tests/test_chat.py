@@ -439,7 +439,11 @@ def test_chat_with_a_model_whose_table_lacks_the_chat_ids_is_one_line(tmp_path, 
     assert main(["chat", "--ckpt", str(tmp_path), "--message", "Hi"]) == 2  # was an IndexError in its prefill
     err = capsys.readouterr().err
     last = err.splitlines()[-1]  # after the notice that it was not fine-tuned on chat data
-    assert last.startswith("axiom chat: error: the model's vocabulary has 100,260 ids and the chat template's")
+    assert last == (
+        "axiom chat: error: the model's vocabulary has 100,260 ids and the chat template's <|im_start|> and "
+        "<|im_end|> are ids 100264 and 100265: chatting needs cl100k_base's whole table; use axiom generate for "
+        "this model"
+    )
 
 
 @pytest.mark.slow

@@ -562,3 +562,23 @@ def test_a_shard_that_is_no_regular_file_is_named_for_what_it_is(run, tiny_data,
     os.mkfifo(shard)
     best = run / "checkpoints" / "best"
     fails(capsys, ["eval", "--ckpt", best, "--data", data], f"{shard}: is a FIFO, manifest says")
+
+
+def test_every_checkpoint_flag_given_a_runs_folder_names_its_checkpoints(run, tmp_path, capsys):
+    """A run's folder where a checkpoint belongs (its config.json is the run's, and its weights are in
+    checkpoints/): every command says which to pass, before anything is written."""
+    line = (
+        f"checkpoint: {run} is a run's folder, not a checkpoint; pass one of its checkpoints: {run}/checkpoints/best "
+        f"(the lowest val loss) or {run}/checkpoints/step_N"
+    )
+    before = hashes(run)
+    (task := tmp_path / "t.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "answer": 0}\n')
+    for argv in [
+        ["generate", "--ckpt", run, "--prompt", "x"],
+        ["chat", "--ckpt", run, "--message", "hi"],
+        ["eval", "--ckpt", run, "--task-file", task],
+        ["export", "--ckpt", run, "--out", tmp_path / "hf"],
+        ["serve", "--ckpt", run, "--port", "0"],
+    ]:
+        assert fails(capsys, argv) == f"axiom {argv[0]}: error: {line}"
+    assert hashes(run) == before and not (tmp_path / "hf").exists()
