@@ -16,7 +16,7 @@ class AxiomError(Exception):
     """A user-facing error: bad input, config or file, with what to do about it."""
 
 
-def require(module: str, what: str, install: str, or_else: str | None = None) -> ModuleType:
+def require(module: str, what: str, install: str) -> ModuleType:
     """`module`, imported now for `what` (a command or option, as the user wrote it); where it or a package it
     imports is not installed, or it fails to import, one AxiomError naming `module` (and the package it lacks)
     instead. `install` is what pip should install: "axiom-lm[EXTRA]" for a package in one of pyproject.toml's
@@ -25,7 +25,7 @@ def require(module: str, what: str, install: str, or_else: str | None = None) ->
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
         itself = e.name is None or module == e.name or module.startswith(f"{e.name}.")
-        raise _not_installed(module, what, install, or_else, None if itself else e.name) from None
+        raise _not_installed(module, what, install, dependency=None if itself else e.name) from None
     except ImportError as e:  # installed but broken (a C extension built for another Python or torch): say why
         raise AxiomError(
             f"{what} needs {module}, which is installed but does not import ({first_line(e)}): reinstall it"
@@ -41,7 +41,7 @@ def first_line(error: BaseException) -> str:
 
 def require_installed(module: str, what: str, install: str, or_else: str | None = None) -> None:
     """`require` without the import: where importing takes seconds, or would add to the memory a benchmark measures,
-    before the module is needed."""
+    before the module is needed. `or_else`: another way that needs none, named in the message."""
     if importlib.util.find_spec(module) is None:
         raise _not_installed(module, what, install, or_else)
 
@@ -49,8 +49,7 @@ def require_installed(module: str, what: str, install: str, or_else: str | None 
 def _not_installed(
     name: str, what: str, install: str, or_else: str | None = None, dependency: str | None = None
 ) -> AxiomError:
-    """The one line for a missing optional package, or for the `dependency` it imports; `or_else`: another way that
-    needs none."""
+    """The one line for a missing optional package, or for the `dependency` it imports."""
     missing = f"whose dependency {dependency} is not installed" if dependency else "which is not installed"
     alternative = f", or {or_else}" if or_else else ""
     return AxiomError(f"{what} needs {name}, {missing}: pip install {shlex.quote(install)}{alternative}")

@@ -117,9 +117,8 @@ def _chain(path: Path) -> list[tuple[int, int]]:
 def check_no_overlap(
     out: str | Path,
     inputs: Mapping[str, str | Path | None] | Iterable[tuple[str, str | Path | None]],
-    flag: str = "--out",
 ) -> None:
-    """Refuse an output that is, contains or lies inside any of `inputs`.
+    """Refuse an output (`--out`, in every command) that is, contains or lies inside any of `inputs`.
 
     `inputs` maps a label for the message (e.g. "--ckpt", "the run of --ckpt") to a path, or is a sequence of
     (label, path) pairs where labels repeat (e.g. ("the input", f) for every source file); None paths are
@@ -146,7 +145,7 @@ def check_no_overlap(
         else:
             continue
         raise AxiomError(
-            f"{flag} {out} {how} {label} {path}: an output must not overlap an input; choose an {flag} outside it"
+            f"--out {out} {how} {label} {path}: an output must not overlap an input; choose an --out outside it"
         )
 
 

@@ -54,12 +54,12 @@ def download(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.whl"))
 
 
-def strip_libraries(wheel: Path, keep: re.Pattern = KEPT_LIBRARY) -> int:
-    """Rewrite `wheel` without the native libraries of bitsandbytes that `keep` does not match, their lines of its
+def strip_libraries(wheel: Path) -> int:
+    """Rewrite `wheel` without the native libraries of bitsandbytes that KEPT_LIBRARY does not match, their lines of its
     RECORD too (pip installs what the archive holds); returns the bytes saved."""
     before = wheel.stat().st_size
     with zipfile.ZipFile(wheel) as src:
-        dropped = {n for n in src.namelist() if NATIVE_LIBRARY.match(n) and not keep.match(n)}
+        dropped = {n for n in src.namelist() if NATIVE_LIBRARY.match(n) and not KEPT_LIBRARY.match(n)}
         if not dropped:
             return 0
         stripped = wheel.with_suffix(".tmp")

@@ -26,16 +26,17 @@ GRAPH_LAUNCHES = frozenset({"cudaGraphLaunch", "cuGraphLaunch"})
 WAITS = frozenset({"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"})
 
 
-def profile_decode(engine: Engine, prompts: list[list[int]], steps: int = PROFILED_STEPS) -> tuple[str, dict]:
-    """torch.profiler's table of `steps` greedy decoding steps of `prompts` (all running at once: the engine's
-    max_batch holds them), and the per-step figures (`step_figures`). The engine is warm: compiled steps replay."""
+def profile_decode(engine: Engine, prompts: list[list[int]]) -> tuple[str, dict]:
+    """torch.profiler's table of PROFILED_STEPS greedy decoding steps of `prompts` (fewer where the context leaves
+    no room; all running at once: the engine's max_batch holds them), and the per-step figures (`step_figures`). The
+    engine is warm: compiled steps replay."""
     room = min(engine.max_len - len(p) for p in prompts) - 3
     if room < 2:  # the requests would end before the timed steps, which would time nothing
         raise AxiomError(
             f"--profile times decoding steps after the prompt: a prompt of {max(map(len, prompts))} tokens leaves "
             f"{room + 3} of the context's {engine.max_len}; give a --prompt-len at most {engine.max_len - 5}"
         )
-    steps = min(steps, room // 2)
+    steps = min(PROFILED_STEPS, room // 2)
     requests = [engine.submit(p, SamplingParams(max_new_tokens=2 * steps + 3, temperature=0.0)) for p in prompts]
     device = engine.device
     try:

@@ -39,6 +39,7 @@ HELD_OUT = 0.05  # share of verses (and chapters) whose questions are only asked
 TRAIN_PER_KIND = 1000
 TEST_PER_KIND = 40
 MAX_WORDS = 16  # verses longer than this are left out: replies fit the context and the time
+REPLY_BATCH = 64  # test questions answered at once
 SYSTEM = "You answer questions about the King James Bible."
 # The demo's fine-tuning recipe (docs/finetuning.md): tiny's batch of 4 windows of 128 tokens, its peak lr.
 SFT_SETTINGS = (
@@ -190,15 +191,15 @@ def in_form(kind: str, reply: str, books: set[str]) -> bool:
 
 
 @torch.no_grad()
-def exact_match(ckpt: Path, test: list[tuple[str, list[dict], str]], batch: int = 64) -> dict:
+def exact_match(ckpt: Path, test: list[tuple[str, list[dict], str]]) -> dict:
     """{kind: {"right", "in form", "asked"}} over greedy replies (at most 64 tokens), and "replies". A reply is in
     form when it ended with <|im_end|> and has the shape its question asks for (`in_form`)."""
     model = load_model(ckpt, "cpu")[0].eval()
     enc, books = load_tokenizer(), book_titles()
     scores = {kind: {"right": 0, "in form": 0, "asked": 0} for kind in KINDS}
     replies = []
-    for lo in range(0, len(test), batch):
-        part = test[lo : lo + batch]
+    for lo in range(0, len(test), REPLY_BATCH):
+        part = test[lo : lo + REPLY_BATCH]
         prompts = [encode_chat(messages, add_generation_prompt=True).ids for _, messages, _ in part]
         outs = generate(model, prompts, 64, temperature=0, eos_id=IM_END)
         for (kind, _, answer), out in zip(part, outs, strict=True):

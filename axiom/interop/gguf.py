@@ -43,6 +43,7 @@ DTYPES = tuple(map(short_name, GGUF_DTYPES))  # --dtype: f32, bf16, f16, q8_0
 # file that another tool rewrote from ours, keeping the metadata as llama-quantize does, is not taken for ours).
 AXIOM_KEY = "axiom.version"
 SIZE_KEY = "axiom.file_size"
+LEADING_FIELDS = 8  # how many of a file's first fields are read to find our record
 # GGUF's value types of fixed size (gguf.GGUFValueType) as struct formats; type 8 is a string, 9 an array
 SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 STRING_TYPE = 8
@@ -168,16 +169,16 @@ def not_ours(path: Path) -> str | None:
     return None
 
 
-def leading_fields(f, limit: int = 8) -> dict[str, tuple[int, object]]:
+def leading_fields(f) -> dict[str, tuple[int, object]]:
     """The first metadata fields of the (little-endian) GGUF file `f` that are numbers or strings, up to the first
-    array or `limit` fields, as {key: (offset of the value, value)}: where axiom's record is, read in microseconds
-    (gguf's reader parses all 330k token strings first)."""
+    array or LEADING_FIELDS fields, as {key: (offset of the value, value)}: where axiom's record is, read in
+    microseconds (gguf's reader parses all 330k token strings first)."""
     f.seek(0)
     magic, version, _, count = struct.unpack("<4sIQQ", f.read(24))
     if magic != b"GGUF" or version < 2:  # version 1 counted in 32 bits
         return {}
     fields = {}
-    for _ in range(min(count, limit)):
+    for _ in range(min(count, LEADING_FIELDS)):
         key = _read_string(f)
         (kind,) = struct.unpack("<I", f.read(4))
         offset = f.tell()
