@@ -1,6 +1,6 @@
 // Decoding on x86-64 CPUs with AVX-512: few-row linear products, y (M, N) = x (M, K) @ W (N, K)^T with M small (and
 // float32 prompts of a few dozen rows), and the rest of a one-token step as single calls (decode_attention, rms_norm,
-// silu_mul; axiom.inference.DecodeBlock).
+// silu_mul; axiom.infer.fast.DecodeBlock).
 //
 // Decoding reads every weight once per token, so a token costs bytes / bandwidth. Each thread takes a contiguous
 // band of W's rows and streams it once, row by row, so both cores read at once; x (M rows of K) stays in L1.
@@ -33,7 +33,8 @@ inline __m512 load_w(const int8_t* r, int64_t k) {
 
 // One band [n0, n1) of output columns for M input rows (x already float32, contiguous (M, K); K % 16 == 0). Row by
 // row, so each thread reads its band as one sequential stream (as ggml's dot products do): with 4 rows interleaved
-// the bf16 product streamed 1.6x slower from DRAM (docs/benchmarks.md); 4 accumulators hide the FMA latency.
+// every dtype streamed slower from DRAM (docs/benchmarks.md, "The kernels, per thread"); 4 accumulators hide the
+// FMA latency.
 template <typename W, typename Y>
 void band(const float* x, const W* w, const float* scale, Y* y, int64_t M, int64_t K, int64_t N, int64_t n0,
           int64_t n1) {
@@ -82,9 +83,9 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void band_dpbf16(const at
 
 // int8 weights x 16-bit activations with the AVX512-VNNI word dot product (vpdpwssd: 32 products per instruction,
 // int32 sums), where the CPU has it: converting int8 weights to float costs 3 instructions per 16 weights and made the
-// int8 product compute-bound (11.7 GB/s per thread vs bf16's 20). Each x row is rounded to int16 with its own scale
-// (max |x| / 32767): an error below 1/65534 of the row's largest entry, far under the bfloat16 rounding the
-// activations already carry. Each int32 lane sums K / 32 products of at most 127 x 32767: no overflow for K <= 16384.
+// int8 product compute-bound, slower than bf16's (docs/benchmarks.md, "The kernels, per thread"). Each x row is
+// rounded to int16 with its own scale (max |x| / 32767): an error below 1/65534 of the row's largest entry, far under
+// the bfloat16 rounding the activations already carry. Each int32 lane sums K / 32 products of at most 127 x 32767: no overflow for K <= 16384.
 template <typename Y>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void band_int8_vnni(const int16_t* xq, const float* xs,
                                                                            const int8_t* w, const float* scale, Y* y,
@@ -107,12 +108,13 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void band_int8_vnni(const
   }
 }
 
-// float32 products of more rows than decoding's (a prompt of 17 to 96 rows, axiom.inference.TILE_ROWS) are
+// float32 products of more rows than decoding's (a prompt of 17 to 96 rows, axiom.infer.fast.TILE_ROWS) are
 // compute-bound: each step of 16 columns loads 6 weight rows and 4 x rows into registers and makes 24 fused
 // multiply-adds, one per pair (a 4 x 6 tile of dot products over K, summed across lanes once at the end). oneDNN's
 // linear on the plain (N, K) weight copies each block into its own layout first; the tiles read the weight as it lies:
-// 1.16x oneDNN at 32 rows on the 2-core VM (scripts/prefill_products.py). While a tile's first 4 x rows pass over its
-// weight rows, the next tile's rows are prefetched into L2, so that its first rows do not wait on memory.
+// faster than oneDNN up to 96 rows (docs/benchmarks.md, "Float32 prompts in register tiles"). While a tile's first
+// 4 x rows pass over its weight rows, the next tile's rows are prefetched into L2, so that its first rows do not wait
+// on memory.
 template <int MR, int NR, bool PREFETCH = false>
 inline void tile(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t m, int64_t n) {
   __m512 acc[MR][NR];
@@ -358,8 +360,8 @@ at::Tensor decode_attention(const at::Tensor& qkv_in, at::Tensor keys, at::Tenso
   return out;
 }
 
-// RMSNorm of x (M, d) with gain w (d,), as axiom.model.RMSNorm rounds it: normalised in float32, cast to x's dtype,
-// then scaled by the gain. One call instead of the module's eight.
+// RMSNorm of x (M, d) with gain w (d,), as axiom.model.transformer.RMSNorm rounds it: normalised in float32, cast to
+// x's dtype, then scaled by the gain. One call instead of the module's eight.
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w, double eps) {
   const at::Tensor x = x_in.contiguous();
   TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && w.size(0) == x.size(1) && x.device().is_cpu() &&
