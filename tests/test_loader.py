@@ -98,7 +98,7 @@ def test_order_fixed_by_seed_and_differs_across_epochs(data_dir):
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
     assert not all(torch.equal(p, q) for p, q in zip(a, c, strict=True))
     loader = TrainLoader(data_dir, SEQ, micro_batch_size=1, seed=5)
-    n = loader.num_windows
+    n = loader.epoch_windows()
     epoch0 = [loader.next_batch()[0] for _ in range(n)]
     epoch1 = [loader.next_batch()[0] for _ in range(n)]
     assert not all(torch.equal(p, q) for p, q in zip(epoch0, epoch1, strict=True))
@@ -125,7 +125,7 @@ def test_every_split_of_a_step_reads_the_same_windows_across_epochs(data_dir):
     every step, also after the epoch's leftover windows (fewer than a step) are passed over. An epoch ended where one
     micro-batch no longer fitted: after the first epoch the splits read different windows."""
     step = 6
-    n = TrainLoader(data_dir, SEQ, micro_batch_size=1, seed=4).num_windows
+    n = TrainLoader(data_dir, SEQ, micro_batch_size=1, seed=4).epoch_windows()
     assert n % step, "the data must leave a partial step at the end of an epoch"
 
     def steps(micro: int, world: int) -> list[list[tuple[int, ...]]]:

@@ -437,7 +437,7 @@ def test_ctrl_c_while_prepare_workers_start_is_answered_by_prepare_alone():
 
 STOP_WHILE_SENDING = """
 import multiprocessing
-from axiom.data.prepare import results_in_order
+from axiom.data.workers import results_in_order
 for _ in range(10):
     results = results_in_order([4_000_000] * 8, 2, bytes, ())  # each unit: a result of 4 MB, more than a pipe holds
     assert next(results) == bytes(4_000_000)

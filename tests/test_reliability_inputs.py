@@ -421,7 +421,7 @@ def test_json_that_python_refuses_and_byte_order_marks(tmp_path, capsys):
 def test_a_worker_that_dies_is_one_line_and_the_work_done_is_kept():
     """A worker killed mid-unit (kill -9, the out-of-memory killer): a multiprocessing.Pool lost its unit and waited
     for it forever. Here each unit's work is os._exit, so the first worker to take one dies."""
-    from axiom.data.prepare import WorkerDied, results_in_order
+    from axiom.data.workers import WorkerDied, results_in_order
 
     with pytest.raises(WorkerDied, match="a worker process ended without finishing its unit .* run the same command"):
         list(results_in_order([3, 3, 3], 2, os._exit, ()))

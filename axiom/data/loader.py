@@ -322,10 +322,6 @@ class TrainLoader(WindowLoader):
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
 
-    @property
-    def num_windows(self) -> int:
-        return self.size
-
     def _permutation(self) -> np.ndarray:
         if self._perm_epoch != self.epoch:
             self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
