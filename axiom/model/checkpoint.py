@@ -285,7 +285,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         state = load_file(weights, device=str(device))
     except Exception as e:  # SafetensorError, or a device error
         raise AxiomError(f"{weights}: cannot be loaded ({e})") from None
-    check_tensors(state, stored_tensors(model), f"checkpoint: {weights}", CONFIG)
+    check_tensors(state, stored_tensors(model), f"checkpoint: {weights}")
     check_finite(state, f"checkpoint: {weights}")
     model.load_state_dict(retie(state, cfg.model.tie_embeddings), assign=True)
     tie(model)  # assign=True put two Parameters in place
@@ -295,18 +295,18 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     return model, cfg, meta
 
 
-def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str, config: str) -> None:
-    """One AxiomError naming what differs between `found` and `expected`: missing, unexpected or misshapen tensors,
-    or a tensor that is not floating point (WEIGHT_DTYPES)."""
+def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    """One AxiomError naming what differs between `found` and the `expected` tensors of the folder's config.json:
+    missing, unexpected or misshapen tensors, or a tensor that is not floating point (WEIGHT_DTYPES)."""
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     if missing or unexpected:
         raise AxiomError(
-            f"{where}: weights do not match {config}: missing [{_first(missing)}], unexpected [{_first(unexpected)}]"
+            f"{where}: weights do not match {CONFIG}: missing [{_first(missing)}], unexpected [{_first(unexpected)}]"
         )
     for name, tensor in found.items():
         if tensor.shape != expected[name].shape:
             raise AxiomError(
-                f"{where}: {name} has shape {tuple(tensor.shape)} but {config} implies {tuple(expected[name].shape)}"
+                f"{where}: {name} has shape {tuple(tensor.shape)} but {CONFIG} implies {tuple(expected[name].shape)}"
             )
         if tensor.dtype not in WEIGHT_DTYPES:
             kinds = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_DTYPES)

@@ -214,7 +214,7 @@ def read_folder(directory: str | Path) -> tuple[str, Config, dict[str, Tensor], 
     raw = {k: v for k, v in load_weights(directory).items() if not k.endswith("rotary_emb.inv_freq")}
     embed = LLAMA_NAMES[EMBED][0] if fmt == "llama" else EMBED
     raw = untie(raw, m.tie_embeddings, embed, where=str(directory))  # some writers store the tied table twice
-    check_tensors(raw, expected, f"{directory} ({ARCHITECTURES[fmt]})", CONFIG)
+    check_tensors(raw, expected, f"{directory} ({ARCHITECTURES[fmt]})")
     check_finite(raw, str(directory))
     state = from_llama(raw, m)[0] if fmt == "llama" else raw
     return fmt, cfg, {k: v.float() for k, v in state.items()}, progress
