@@ -27,6 +27,8 @@ MARKER = re.compile(r"^\s*<!--\s*not run by tests:(.*?)-->\s*$")
 HEREDOC = re.compile(r"<<-?\s*['\"]?(\w+)['\"]?")
 # Programs that serve until they are stopped: the line they print once they accept connections, their default port.
 SERVERS = {"axiom serve": (r"axiom serve: .+ on http://", 8000), "llama-server": (r"listening on http://", 8080)}
+COMMAND_TIMEOUT_S = 600  # a documented command's longest run
+SERVER_READY_S = 120  # how long a server may take to print its ready line
 LLAMA_CPP_PROGRAMS = ("llama-completion", "llama-server", "llama-perplexity", "llama-tokenize", "llama-bench")
 # A resumed run appends to these, so each checkout gets its own copy; every other file of runs/ is a hard link.
 APPENDED = (".csv", ".log")
@@ -182,15 +184,17 @@ def command_env(repo: Path) -> dict[str, str]:
     return {**os.environ, "PATH": os.pathsep.join(path), "PYTHONPATH": pythonpath, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def run_command(command: str, cwd: Path, env: dict[str, str], timeout: float = 600) -> Result:
+def run_command(command: str, cwd: Path, env: dict[str, str]) -> Result:
     """The command with bash in `cwd`, stdin closed (an interactive command sees the end of its input). A server
     is started, must print its ready line, and is then stopped with SIGTERM, after which it must exit 0."""
     if server := server_of(command):
         return run_server(command, server[0], cwd, env)
     try:
-        done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", command], **_io(cwd, env), timeout=timeout)
+        done = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", command], **_io(cwd, env), timeout=COMMAND_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired as e:
-        return Result(command, -1, f"{e.output or ''}\n(still running after {timeout:.0f} s)")
+        return Result(command, -1, f"{e.output or ''}\n(still running after {COMMAND_TIMEOUT_S} s)")
     return Result(command, done.returncode, done.stdout)
 
 
@@ -206,7 +210,7 @@ def _io(cwd: Path, env: dict[str, str]) -> dict:
     }
 
 
-def run_server(command: str, ready: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> Result:
+def run_server(command: str, ready: str, cwd: Path, env: dict[str, str]) -> Result:
     proc = subprocess.Popen(["bash", "-c", f"exec {command}"], **_io(cwd, env), start_new_session=True)
     lines: list[str] = []  # appended by the reader thread as the server prints them
 
@@ -216,7 +220,7 @@ def run_server(command: str, ready: str, cwd: Path, env: dict[str, str], timeout
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + SERVER_READY_S
     while proc.poll() is None and time.monotonic() < deadline and not any(re.search(ready, x) for x in lines):
         time.sleep(0.2)
     up = any(re.search(ready, line) for line in lines)
@@ -228,7 +232,7 @@ def run_server(command: str, ready: str, cwd: Path, env: dict[str, str], timeout
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     reader.join(timeout=10)
-    output = "".join(lines) + ("" if up else f"\n(no line matching {ready!r} within {timeout:.0f} s)")
+    output = "".join(lines) + ("" if up else f"\n(no line matching {ready!r} within {SERVER_READY_S} s)")
     return Result(command, proc.returncode if up else (proc.returncode or -1), output)
 
 
