@@ -1,15 +1,6 @@
 """Start or continue a run: `train` checks it against its data and directory, builds or loads the model and runs
-the loop of axiom/train/trainer.py; the schedule and optimizer are in axiom/train/optim.py.
-
-    RUN/config.json                  resolved config of the run (the plan's micro-batch, checkpointing, compile)
-    RUN/started_from.json            the --init-from the run began from (null: new weights)
-    RUN/train.log                    the plan, progress lines, evaluations, notices
-    RUN/train.csv                    step, tokens, loss, grad_norm, lr, tokens_per_s, skipped (every log_interval)
-    RUN/eval.csv                     step, tokens, train_loss, val_loss, val_ppl, val_bpb, lr, elapsed_s, tokens_per_s
-                                     (+ NAME_acc, NAME_acc_norm per eval_tasks file)
-    RUN/events.csv                   every rollback of the run
-    RUN/checkpoints/step_000200/     model.safetensors + config.json + state.pt (the newest keep_checkpoints)
-    RUN/checkpoints/best/            weights and config.json of the lowest val loss so far
+the loop of axiom/train/trainer.py; the schedule and optimizer are in axiom/train/optim.py. What a run writes into
+its folder (config.json, train.log, the csvs, checkpoints/, best/) is listed once, in docs/training.md ("Outputs").
 """
 
 from __future__ import annotations
