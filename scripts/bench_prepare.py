@@ -28,7 +28,7 @@ from axiom.text.tokenizer import load_tokenizer
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (the pool's workers once joined)."""
+    """User + system CPU time of this process and its finished children (prepare's workers once joined)."""
     return sum(
         r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     )

@@ -1,13 +1,13 @@
 """Text corpora to tokenized shards (train/val) plus manifest.json, in parallel and restartable: what `axiom prepare`
 (axiom/cli/prepare.py) runs.
 
-Units of work (see axiom/data/sources.py) are tokenized by a process pool and their results consumed in unit order, so
-the token stream of each split, and thus every shard boundary, is the same for any number of workers. Shards are
-cut every `shard_tokens` tokens (documents may straddle two shards; the loader reads one stream). After each unit,
-`prepare-state.json` records the completed shards and the length of the shard being written; a re-run after an
-interruption truncates that shard to the recorded length and continues with the next unit. The state also lists
-every shard file prepare created (`Ledger`): only those are ever truncated or deleted. `--out` is locked while
-prepare runs, must not overlap an input, and must be new, empty or prepare's own output (docs/reliability.md).
+Units of work (see axiom/data/sources.py) are tokenized by worker processes (axiom/data/workers.py) and their results
+consumed in unit order, so the token stream of each split, and thus every shard boundary, is the same for any number of
+workers. Shards are cut every `shard_tokens` tokens (documents may straddle two shards; the loader reads one stream).
+After each unit, `prepare-state.json` records the completed shards and the length of the shard being written; a re-run
+after an interruption truncates that shard to the recorded length and continues with the next unit. The state also lists
+every shard file prepare created (`Ledger`): only those are ever truncated or deleted. `--out` is locked while prepare
+runs, must not overlap an input, and must be new, empty or prepare's own output (docs/reliability.md).
 """
 
 from __future__ import annotations
