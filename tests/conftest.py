@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 import subprocess
@@ -116,6 +117,12 @@ def save_model(model: Axiom, cfg: Config, directory: str | Path, **progress) -> 
     """Write `model`'s weights and config.json into `directory` (which must exist), as a checkpoint;
     `progress`: step, tokens, ...."""
     save_weights(model.state_dict(), cfg, directory, **progress)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a csv the run writes (train.csv, eval.csv, events.csv), as strings by column."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def count_params(model: torch.nn.Module, non_embedding: bool = False) -> int:

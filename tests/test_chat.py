@@ -4,7 +4,6 @@ exports whose tokenizer reproduces encode_chat in transformers."""
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import json
@@ -22,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zstandard
-from conftest import save_model, when_the_reader_leaves
+from conftest import read_rows, save_model, when_the_reader_leaves
 from decode_helpers import BREAKING, text_or_one_line
 from safetensors.torch import load_file
 
@@ -352,11 +351,6 @@ def test_masked_loss_equals_hand_computed_cross_entropy():
 
 
 # ---- fine-tuning
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def load_model_eval(path):

@@ -3,7 +3,6 @@ runs into used directories, --resume / --resume-from / --init-from. Checkpoints 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO_VOCAB, micro_args, micro_config, save_model, write_micro_dataset
+from conftest import MICRO_VOCAB, micro_args, micro_config, read_rows, save_model, write_micro_dataset
 from reliability_helpers import fails, hashes
 from safetensors.torch import load_file
 
@@ -37,11 +36,6 @@ from axiom.train.recovery import EVENT_COLUMNS
 from axiom.train.step import train_step
 
 POISON_AT = 48  # loader position (windows) of the poisoned batch: read by step 13 (4 windows a step)
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def weight_dirs(run: Path) -> list[Path]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import micro_config, save_model
+from conftest import micro_config, read_rows, save_model
 
 from axiom.cli import main
 from axiom.config import Config, ModelConfig, TrainConfig
@@ -596,7 +596,6 @@ def test_plot_draws_a_task_panel(tmp_path):
 
 
 def test_training_logs_task_columns_in_eval_csv(tiny_data, tmp_path):
-    import csv
 
     from axiom.eval.tasks import evaluate_tasks, load_tasks
     from axiom.model.checkpoint import list_checkpoints, load_model
@@ -607,8 +606,7 @@ def test_training_logs_task_columns_in_eval_csv(tiny_data, tmp_path):
     sets = ["vocab_size=100277", "max_steps=4", "eval_interval=2", "checkpoint_interval=4", f"eval_tasks={file}"]
     run = tmp_path / "run"
     train(micro_config(*sets), tiny_data, run)
-    with open(run / "eval.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(run / "eval.csv")
     assert tuple(rows[0]) == (*EVAL_COLUMNS, "three_acc", "three_acc_norm")
     assert [int(r["step"]) for r in rows] == [0, 2, 4]
     model = load_model(list_checkpoints(run / "checkpoints")[-1][1])[0]  # step 4

@@ -3,7 +3,6 @@ and after kill -9), a crash while writing a checkpoint, non-finite steps, and 2 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import errno
 import functools
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO, MICRO_VOCAB, count_params, micro_args, micro_config
+from conftest import MICRO, MICRO_VOCAB, count_params, micro_args, micro_config, read_rows
 from reliability_helpers import hashes
 from safetensors.torch import load_file
 
@@ -36,11 +35,6 @@ from axiom.train.launch import train, uneven_split
 from axiom.train.optim import _adamw8bit_step_fails, build_optimizer, check_optimizer_state_loads, lr_at
 from axiom.train.progress import periodic, periodic_after
 from axiom.train.step import train_step
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def final_weights(run):
