@@ -24,6 +24,12 @@ from axiom.text.tokenizer import EOS_ID
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+# A CUDA build of torch on a machine without a GPU (PyPI's Linux wheel; seen with 2.11) makes the first thread to enter
+# FakeTensorMode, as every torch.compile does, the owner of the fake CUDA device guard that all threads then use. When
+# that thread ends (a compiled Service's engine thread, test_serve.py), the next compile in this process reads the
+# freed guard and segfaults now and then (pytorch/pytorch#178950). Set here, the guard belongs to the main thread.
+if torch.version.cuda and not torch.cuda.is_available():
+    torch._C._ensureCUDADeviceGuardSet()
 # The longest files first: `--dist loadfile` hands whole files to the workers in order, so a long one started last
 # would run on alone.
 LONGEST_FIRST = ("test_docs.py", "test_gpu_check.py", "test_chat.py", "test_serve.py")
