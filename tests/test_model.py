@@ -211,8 +211,6 @@ def test_a_decoding_steps_block_mask_lists_each_rows_blocks_up_to_its_own_slot(m
         return flex_attention(q, k, v, block_mask=filled_slots_mask(filled, max_len), enable_gqa=True)
 
     assert torch.allclose(attend(q, k, v, filled), expected, atol=1e-6)
-    if torch.__version__ < (2, 13):  # decoding never compiles flex_attention on a CPU (FLEX_DEVICES); tests do
-        pytest.skip("torch 2.11's inductor CPU kernel for flex_attention crashes the process at max_len 1024")
     try:
         compiled = torch.compile(attend, fullgraph=True)(q, k, v, filled)
     except Exception as e:  # inductor's CPU template for flex_attention does not build everywhere (see FLEX_DEVICES)
