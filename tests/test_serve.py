@@ -11,6 +11,7 @@ wins by more than 1e-4, so no rounding can flip one, and then demands identical 
 from __future__ import annotations
 
 import asyncio
+import gc
 import http.client
 import importlib.util
 import json
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -790,9 +792,14 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
         # a name from a folder that is not UTF-8 made /v1/models a 500 for every client
         (["--ckpt", str(tmp_path), "--port", "0", "--model-name", "bad\udcffname"], "model name 'bad\\udcffname'"),
     ]:
-        assert main(["serve", *args]) == 2
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            assert main(["serve", *args]) == 2
+            gc.collect()
         err = capsys.readouterr().err
         assert err.startswith(f"axiom serve: error: {message}") and err.count("\n") == 1
+        # a refusal after the socket was bound closes it (it was left to the garbage collector)
+        assert not [w for w in caught if "socket" in str(w.message)], args
     busy.close()
 
 

@@ -89,55 +89,56 @@ def run(args: argparse.Namespace) -> None:
     from axiom.infer.serve import Service, build_app, with_connection_limits
 
     sock = _listen(args.host, _port(args.port))
-    local_names = _local_names(sock.getsockname()[0], args.allow_host)
-    name = args.model_name or model_name(args.ckpt)
-    if not name.isprintable():  # a surrogate too: a folder's name that is not UTF-8
-        raise AxiomError(f"model name {_shown(name)}: not printable text; give one with --model-name")
-    model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
-    compile_ = not eager_decoding(args, next(model.parameters()).device, "axiom serve")
-    service = Service(model, name, is_chat_tuned(meta), args.max_batch, args.max_queue, compile_)
-    host, port = sock.getsockname()[:2]
-    logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
-    app = build_app(service, args.body_timeout, local_names)
-    # No lifespan: the app has no start-up or shutdown hooks, and a forced stop would log its task's cancellation.
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None, lifespan="off")
-    config.load()  # picks uvicorn's HTTP protocol (httptools' if installed, else h11's), wrapped here
-    config.http_protocol_class = with_connection_limits(
-        config.http_protocol_class, args.head_timeout, args.max_connections
-    )
+    with sock:  # closed when a check below refuses, or the model fails to load
+        local_names = _local_names(sock.getsockname()[0], args.allow_host)
+        name = args.model_name or model_name(args.ckpt)
+        if not name.isprintable():  # a surrogate too: a folder's name that is not UTF-8
+            raise AxiomError(f"model name {_shown(name)}: not printable text; give one with --model-name")
+        model, meta = load_for_inference(args.ckpt, args.device, args.dtype)
+        compile_ = not eager_decoding(args, next(model.parameters()).device, "axiom serve")
+        service = Service(model, name, is_chat_tuned(meta), args.max_batch, args.max_queue, compile_)
+        host, port = sock.getsockname()[:2]
+        logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
+        app = build_app(service, args.body_timeout, local_names)
+        # No lifespan: the app has no start-up or shutdown hooks, and a forced stop would log its task's cancellation.
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None, lifespan="off")
+        config.load()  # picks uvicorn's HTTP protocol (httptools' if installed, else h11's), wrapped here
+        config.http_protocol_class = with_connection_limits(
+            config.http_protocol_class, args.head_timeout, args.max_connections
+        )
 
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets: list | None = None) -> None:
-            service.closing.set()  # a request whose body is still arriving is answered 503, not awaited
-            # A second Ctrl-C (force_exit) answers what still decodes 503 now, not cut off unanswered. Watched while
-            # uvicorn shuts down: from Python 3.12 on, its shutdown waits for every connection to close
-            # (asyncio.Server.wait_closed), force_exit or not, so a stream left decoding would hold it to its end.
-            forced = asyncio.ensure_future(self._abandon_when_forced())
-            try:
-                await super().shutdown(sockets)
-            finally:
-                forced.cancel()
-            if self.force_exit:
-                service.abandon()  # where the watcher had not yet seen force_exit (Python 3.11 returns at once)
-                if self.server_state.tasks:
-                    await asyncio.wait(self.server_state.tasks, timeout=ABANDON_WAIT_S)
+        class Server(uvicorn.Server):
+            async def shutdown(self, sockets: list | None = None) -> None:
+                service.closing.set()  # a request whose body is still arriving is answered 503, not awaited
+                # A second Ctrl-C (force_exit) answers what still decodes 503 now, not cut off unanswered. Watched while
+                # uvicorn shuts down: from Python 3.12 on, its shutdown waits for every connection to close
+                # (asyncio.Server.wait_closed), force_exit or not, so a stream left decoding would hold it to its end.
+                forced = asyncio.ensure_future(self._abandon_when_forced())
+                try:
+                    await super().shutdown(sockets)
+                finally:
+                    forced.cancel()
+                if self.force_exit:
+                    service.abandon()  # where the watcher had not yet seen force_exit (Python 3.11 returns at once)
+                    if self.server_state.tasks:
+                        await asyncio.wait(self.server_state.tasks, timeout=ABANDON_WAIT_S)
 
-        async def _abandon_when_forced(self) -> None:
-            while not self.force_exit:  # set by uvicorn's signal handler; uvicorn polls it alike
-                await asyncio.sleep(0.1)
-            service.abandon()
+            async def _abandon_when_forced(self) -> None:
+                while not self.force_exit:  # set by uvicorn's signal handler; uvicorn polls it alike
+                    await asyncio.sleep(0.1)
+                service.abandon()
 
-    server = Server(config)
-    service.start()  # compiled: after compiling
-    # uvicorn re-raises the signal it shut down for once it is done; with this handler that ends in a return.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    print(f"axiom serve: {name} on http://{host}:{port}/v1 (max batch {args.max_batch})", flush=True)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        service.stop()
-    print(f"axiom serve: stopped after {service.finished} requests", flush=True)
+        server = Server(config)
+        service.start()  # compiled: after compiling
+        # uvicorn re-raises the signal it shut down for once it is done; with this handler that ends in a return.
+        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        print(f"axiom serve: {name} on http://{host}:{port}/v1 (max batch {args.max_batch})", flush=True)
+        try:
+            server.run(sockets=[sock])
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            service.stop()
+        print(f"axiom serve: stopped after {service.finished} requests", flush=True)
 
 
 def model_name(ckpt: str) -> str:
@@ -176,8 +177,10 @@ def _listen(host: str, port: int) -> socket.socket:
         raise AxiomError(f"--host {host!r}: empty; 127.0.0.1 listens on this machine only, 0.0.0.0 on every interface")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
+        if "\x00" in host:  # create_server would leave its socket open (it closes it on an OSError only)
+            raise ValueError("host name must not contain null character")
         return socket.create_server((host, port), family=family)
-    except (OSError, ValueError, TypeError) as e:  # in use, not an address here, a privileged port, a NUL byte
+    except (OSError, ValueError) as e:  # in use, not an address here, a privileged port, a NUL byte
         why = getattr(e, "strerror", None) or e
         raise AxiomError(
             f"--host {_shown(host)} --port {port}: cannot listen ({why}); try another --host or --port"
