@@ -72,7 +72,8 @@ class Server:
     def __init__(self, ckpt: Path, log: Path, *args: str, launcher: tuple[str, ...] = ("-m", "axiom.cli")):
         self.log = log
         cmd = [sys.executable, *launcher, "serve", "--ckpt", str(ckpt), "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        with log.open("w") as stderr:  # the child holds its own copy
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
         first = lines.get(timeout=120)
