@@ -15,6 +15,7 @@ from data_helpers import write_dataset
 
 from axiom.config import Config, get_config
 from axiom.data.loader import TOKEN_DTYPE
+from axiom.infer import kernels
 from axiom.model.checkpoint import save_weights
 from axiom.model.transformer import Axiom
 from axiom.text.tokenizer import EOS_ID
@@ -33,6 +34,16 @@ if torch.version.cuda and not torch.cuda.is_available():
 # The longest files first: `--dist loadfile` hands whole files to the workers in order, so a long one started last
 # would run on alone.
 LONGEST_FIRST = ("test_docs.py", "test_gpu_check.py", "test_chat.py", "test_serve.py")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The CPU decode kernels built (or loaded) before any test runs. A fresh clone's first build takes from 30 s to
+    over 150 s on a loaded 2-core machine; left to the first test that decodes, every other process decoding meanwhile
+    (a worker, a command a test starts) waited for it inside its test: a server missed its 120 s to start, a command
+    printed the wait notice into the output its test checks. Under xdist this runs in the controller before any
+    worker starts (xdist's own hook, which starts them, runs last)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        kernels.available()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
