@@ -76,9 +76,13 @@ class Server:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
-        first = lines.get(timeout=120)
+        try:
+            first = lines.get(timeout=120)
+        except queue.Empty:  # killed below, not left serving past its test; its stderr says how far it got
+            first = "(no line within 120 s)"
         if " on http://" not in first:
             self.proc.kill()
+            self.proc.wait()
             raise RuntimeError(f"axiom serve did not start: {first!r} {log.read_text()[-2000:]}")
         self.url = first.split(" on ")[1].split()[0]  # http://127.0.0.1:PORT/v1
         self.port = int(self.url.split(":")[2].split("/")[0])
