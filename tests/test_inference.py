@@ -284,6 +284,7 @@ def test_a_killed_build_never_blocks_a_later_one(tmp_path):
     done = kernels_in(tmp_path)
     assert done.stdout == "True\n", done.stderr
     assert "left behind by a build of the decode kernels that was stopped" in done.stderr
+    assert f"building the decode kernels for this installation, once (up to a few minutes): {build}\n" in done.stderr
     assert not (build / "lock").exists() and not (tmp_path / f".{kernels.build_name()}.lock").exists()
     assert kernels_in(tmp_path).stderr == ""  # built: the next process only loads
 

@@ -103,6 +103,10 @@ def _build_and_load(wait_s: float) -> str | None:
         with output_lock(build, BUILDER, wait_s=wait_s, on_wait=functools.partial(_announce_wait, wait_s)):
             if busy := _settle_dead_build(build, deadline, wait_s):
                 return f"still being built by pid {busy[0]} after {wait_s:g} s"
+            if not (build / f"{name}.so").exists():  # the first decode of an installation: seconds to minutes
+                logger.warning(
+                    "building the decode kernels for this installation, once (up to a few minutes): %s", build
+                )
             with environment("PATH", _build_path()):  # torch's build runs `ninja` found through PATH
                 load(name, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     except OutputBusy:
