@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import zstandard
 from conftest import read_rows, save_model, when_the_reader_leaves
+from data_helpers import write_dataset
 from decode_helpers import BREAKING, text_or_one_line
 from safetensors.torch import load_file
 
@@ -383,6 +384,25 @@ def test_eval_command_gives_the_val_loss_the_run_logged(tuned, chat_dir, capsys)
     best = run / "checkpoints" / "best"
     logged = {int(r["step"]): float(r["val_loss"]) for r in read_rows(run / "eval.csv")}[read_meta(best)["step"]]
     assert main(["eval", "--ckpt", str(best), "--data", str(chat_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(logged, rel=1e-7, abs=0)
+
+
+@pytest.mark.parametrize("kind", ["chat, doc_masking=false", "text, doc_masking=true"])
+def test_eval_command_masks_documents_where_the_run_did_whatever_its_data(kind, chat_dir, tmp_path, capsys):
+    """doc_masking set by hand, against its default for the data: `axiom eval --data` follows the run's setting, not
+    the data's kind (several documents per window, so masking them or not gives another loss)."""
+    if kind.startswith("text"):
+        docs = [[3 + (7 * i + j) % 500 for j in range(5 + i % 9)] for i in range(400)]  # 5 to 13 ids each
+        data = tmp_path / "text"
+        write_dataset(data, docs[:360], docs[360:])
+    else:
+        data = chat_dir
+    run = tmp_path / "run"
+    masking = kind.endswith("true")
+    train(chat_config("max_steps=4", "eval_interval=4", f"doc_masking={str(masking).lower()}"), data, run)
+    best = run / "checkpoints" / "best"
+    logged = {int(r["step"]): float(r["val_loss"]) for r in read_rows(run / "eval.csv")}[read_meta(best)["step"]]
+    assert main(["eval", "--ckpt", str(best), "--data", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(logged, rel=1e-7, abs=0)
 
 
