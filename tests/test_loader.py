@@ -122,28 +122,37 @@ def test_resume_gives_exactly_the_next_batches(data_dir):
 
 def test_every_split_of_a_step_reads_the_same_windows_across_epochs(data_dir):
     """An epoch ends on a step's boundary: micro-batch 6 x 1, 3 x 2, 2 x 3 and 3 ranks x 2 read the same windows in
-    every step, also after the epoch's leftover windows (fewer than a step) are passed over. An epoch ended where one
+    every step, also after the epoch's leftover windows (fewer than a step) are passed over, and so does a run
+    resumed at another split (after an out-of-memory back-off halved the micro-batch). An epoch ended where one
     micro-batch no longer fitted: after the first epoch the splits read different windows."""
     step = 6
     n = TrainLoader(data_dir, SEQ, micro_batch_size=1, seed=4).epoch_windows()
     assert n % step, "the data must leave a partial step at the end of an epoch"
+    count = 3 * n // step + 2  # three epochs and more
 
-    def steps(micro: int, world: int) -> list[list[tuple[int, ...]]]:
-        loaders = [TrainLoader(data_dir, SEQ, micro, 4, r, world, step_windows=step) for r in range(world)]
+    def loaders(micro: int, world: int) -> list[TrainLoader]:
+        return [TrainLoader(data_dir, SEQ, micro, 4, r, world, step_windows=step) for r in range(world)]
+
+    def steps(readers: list[TrainLoader], count: int) -> list[list[tuple[int, ...]]]:
         out = []
-        for _ in range(3 * n // step + 2):  # three epochs and more
-            rows = [
-                tuple(row)
-                for _ in range(step // (micro * world))
-                for lo in loaders
-                for row in lo.next_batch()[0].tolist()
-            ]
+        for _ in range(count):
+            rows, epochs = [], set()
+            for _ in range(step // (readers[0].micro_batch_size * len(readers))):
+                for lo in readers:
+                    rows += [tuple(row) for row in lo.next_batch()[0].tolist()]
+                    epochs.add(lo.epoch)
+            assert len(epochs) == 1, "a step took windows of two epochs"
             out.append(sorted(rows))
         return out
 
-    whole = steps(6, 1)
-    assert all(steps(micro, world) == whole for micro, world in [(3, 1), (2, 1), (1, 1), (2, 3)])
+    whole = steps(loaders(6, 1), count)
+    assert all(steps(loaders(micro, world), count) == whole for micro, world in [(3, 1), (2, 1), (1, 1), (2, 3)])
     assert all(len(set(rows)) == step for rows in whole)  # no window twice in a step
+    before = loaders(6, 1)
+    first = steps(before, n // step + 1)  # into the second epoch
+    (after,) = loaders(3, 1)
+    after.load_state_dict(before[0].state_dict())
+    assert first + steps([after], count - len(first)) == whole
 
 
 def test_ranks_read_disjoint_slices_of_the_global_batch(data_dir):
