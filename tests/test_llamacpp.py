@@ -93,9 +93,10 @@ def chat_ids(question: str, answer: str | None = None) -> list[int]:
 def trained(tmp_path_factory):
     """A checkpoint of MODEL that memorised Genesis 1-2 and one ChatML exchange; Genesis 3 as held-out text."""
     from axiom.cli.demo import kjv_chapters
+    from axiom.cli.demo_chat import kjv
 
     enc = load_tokenizer()
-    chapters = iter(kjv_chapters())
+    chapters = kjv_chapters(kjv())
     text = [next(chapters) for _ in range(3)]
     paragraphs = [p for chapter in text[:2] for p in chapter.split("\n")[2:] if p.strip()]
     docs = [[*enc.encode_ordinary(p), EOS_ID] for p in paragraphs] + [[*chat_ids(QUESTION, ANSWER), EOS_ID]] * 3

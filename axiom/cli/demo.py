@@ -18,6 +18,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from axiom.cli import demo_chat as chat_demo
 from axiom.cli import main as axiom
@@ -28,9 +29,9 @@ from axiom.files import atomic_file
 PROMPTS = ("In the beginning", "And Jesus said unto them,", "The LORD is my shepherd;")
 
 
-def kjv_chapters() -> Iterator[str]:
-    """Each chapter of the KJV as one document: 'Genesis 1' then its verses, one per line."""
-    bible = chat_demo.kjv()
+def kjv_chapters(bible: Any) -> Iterator[str]:
+    """Each chapter of the KJV (`bible`: demo_chat.kjv()'s reader) as one document: 'Genesis 1' then its verses, one
+    per line."""
     for book, chapters in bible.max_verses.items():
         title = bible.short_titles[book]
         for chapter, last_verse in chapters.items():
@@ -41,10 +42,11 @@ def kjv_chapters() -> Iterator[str]:
 
 def write_corpus(path: Path) -> int:
     """The KJV as JSON Lines (written under a temporary name); returns the number of documents."""
+    chapters = kjv_chapters(chat_demo.kjv())  # the package first: without it, nothing is written (its folder was)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with atomic_file(path) as tmp, open(tmp, "w") as f:
-        for doc in kjv_chapters():
+        for doc in chapters:
             f.write(json.dumps({"text": doc}) + "\n")
             n += 1
     return n
