@@ -143,7 +143,10 @@ def test_bench_train_refuses_no_warm_up_step(capsys):
 def test_a_missing_extra_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     """`bench --vs-hf` without transformers timed our side, then failed with ModuleNotFoundError; `serve` with
     uvicorn but no Starlette (uvicorn does not need it) failed the same way."""
+    import axiom.cli.bench as bench
+
     monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setattr(bench, "run_generate", lambda *args: pytest.fail("ours was timed before the check"))
     assert main(["bench", "generate", "--preset", "tiny", "--vs-hf"]) == 2
     assert capsys.readouterr().err == (
         "axiom bench: error: --vs-hf needs transformers, which is not installed: pip install 'axiom-lm[hf]'\n"
