@@ -1144,13 +1144,75 @@ def test_load_test_on_a_model_of_another_vocabulary_is_one_line(tmp_path):
     assert "is outside the model's vocab_size 512: use a model with cl100k_base's 100,277 ids" in done.stderr
 
 
-@pytest.mark.slow
-def test_load_test_percentiles_are_nearest_rank(monkeypatch):
-    """The p50 of 1..4 was 3 and the p95 of 1..20 the maximum, one rank too high."""
+def load_test_script(monkeypatch):
+    """scripts/load_test.py as a module."""
     spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
     load_test = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "load_test", load_test)
     spec.loader.exec_module(load_test)
+    return load_test
+
+
+@pytest.mark.parametrize(
+    "misbehaves, error",
+    [
+        (None, None),
+        ("a hostile request gets a 500", "hostile temperature 1e-45: got 500, not 200"),
+        ("a stream's text differs", "'The history of the city begins': text differs from the prompt decoded alone"),
+    ],
+    ids=["as_it_must", "hostile_500", "text_differs"],
+)
+def test_load_test_exits_1_when_the_server_misbehaves(misbehaves, error, monkeypatch, tmp_path, capsys):
+    """`--hostile` fails the run for a hostile request answered otherwise than it must be, or a normal stream whose
+    text is not its prompt's decoded alone; here against a stub of axiom serve that does one or the other."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    load_test = load_test_script(monkeypatch)
+    text = "wrong" if misbehaves == "a stream's text differs" else "right"
+
+    class Stub(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            request = json.loads(body) if body.startswith(b"{") else {}
+            if request.get("temperature") != 0:  # the hostile request: temperature 1e-45, a greedy 200 from axiom
+                self.answer(500 if misbehaves == "a hostile request gets a 500" else 200, b"{}")
+            elif request.get("stream"):
+                chunks = [{"choices": [{"text": text}]}, {"choices": [], "usage": {"completion_tokens": 1}}]
+                events = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+                self.answer(200, events.encode())
+            else:  # the warm-up
+                self.answer(200, json.dumps({"choices": [{"text": text}], "usage": {"completion_tokens": 1}}).encode())
+
+        def answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=stub.serve_forever, args=(0.01,), daemon=True).start()
+    monkeypatch.setattr(load_test, "expected_texts", lambda ckpt, args: (dict.fromkeys(load_test.PROMPTS, "right"), 1))
+    monkeypatch.setattr(
+        load_test, "start_axiom_serve", lambda ckpt, batch, args: load_test.Server(None, stub.server_port)
+    )
+    monkeypatch.setattr(load_test.Server, "stop", lambda self: None)
+    argv = ["load_test.py", "--ckpt", str(tmp_path), "--concurrency", "1", "--requests", "1", "--rounds", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--hostile", "1", "--no-baseline", "--json"])
+    try:
+        code = load_test.main()
+    finally:
+        stub.shutdown()
+    batched = json.loads(capsys.readouterr().out)["levels"][0]["servers"]["batched"]
+    assert (code, batched["error_samples"]) == ((1, [error]) if error else (0, []))
+
+
+@pytest.mark.slow
+def test_load_test_percentiles_are_nearest_rank(monkeypatch):
+    """The p50 of 1..4 was 3 and the p95 of 1..20 the maximum, one rank too high."""
+    load_test = load_test_script(monkeypatch)
     assert load_test.percentile([4, 1, 3, 2], 0.5) == 2
     assert load_test.percentile(list(range(1, 21)), 0.95) == 19
     assert load_test.percentile([7.0], 0.95) == 7.0 and load_test.percentile([], 0.5) is None
