@@ -11,6 +11,7 @@ wins by more than 1e-4, so no rounding can flip one, and then demands identical 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import http.client
 import importlib.util
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -458,6 +460,28 @@ def wait_for(predicate, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+@contextlib.contextmanager
+def serving(service) -> Iterator[int]:
+    """An in-process Service (axiom.infer.serve) started and answering HTTP on a free port, which is yielded; both
+    stopped on leaving."""
+    import uvicorn
+
+    from axiom.infer.serve import build_app
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(build_app(service), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    service.start()
+    thread.start()
+    try:
+        wait_for(lambda: server.started)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join()
+        service.stop()
+
+
 def test_full_queue_answers_503_and_disconnects_free_their_slots(ckpt, tmp_path):
     s = Server(ckpt, tmp_path / "stderr.txt", "--max-batch", "1", "--max-queue", "2")
 
@@ -841,6 +865,32 @@ def test_a_row_that_fails_fails_its_request_alone(ckpt):
     assert service.engine is engine and service.stats()["accepted"] == 0  # no restart
 
 
+def test_a_row_that_fails_after_its_stream_started_ends_the_stream_with_the_error(ckpt):
+    """A row whose logits turn non-finite after some tokens (here the third token it chooses has a NaN embedding,
+    read in the next step): its stream, whose 200 was sent with the first token, carries the error as its last event
+    and then `[DONE]`; not streamed, the same request is a 500 with that message."""
+    from axiom.infer.serve import Service
+
+    model = load_model(ckpt)[0].eval()
+    prompt = [7, 8, 9]
+    chosen = generate(model, [prompt], 3, temperature=0)[0]
+    assert chosen[2] not in prompt + chosen[:2]
+    with torch.no_grad():
+        model.embed.weight[chosen[2]] = float("nan")
+    line = "decoding failed: the model's logits are not finite (NaN or inf) for this prompt"
+    with serving(Service(model, "m", False, max_batch=2, max_queue=0, compile=False)) as port:
+        body = {"model": "m", "prompt": prompt, "max_tokens": 20, "temperature": 0}
+        status, raw = post_raw(port, json.dumps({**body, "stream": True}))
+        assert status == 200
+        *chunks, error, done = [e.strip() for e in raw.split(b"\n\n") if e.strip()]
+        assert done == b"data: [DONE]" and json.loads(error.removeprefix(b"data: "))["error"]["message"] == line
+        text = "".join(json.loads(c.removeprefix(b"data: "))["choices"][0]["text"] for c in chunks)
+        whole = b"".join(token_bytes(load_tokenizer(), t) for t in chosen).decode(errors="replace")
+        assert chunks and whole.startswith(text)  # what came before the failing step
+        status, raw = post_raw(port, json.dumps(body))
+        assert (status, json.loads(raw)["error"]["message"]) == (500, line)
+
+
 def read_events(reader) -> tuple[str, list[dict]]:
     """The text and the events of a raw completion stream, read to its end."""
     events = [e.strip() for e in reader.read().split(b"\n\n") if e.strip()]
@@ -1061,8 +1111,6 @@ def test_request_checking_runs_off_the_event_loop(ckpt, monkeypatch):
     """Parsing and tokenizing a large body take a while; on the event loop they held up every stream and /health.
     Here checking a 1 MiB prompt (legal in size, too long for the context) takes 3 s more, and /health still answers
     at once meanwhile."""
-    import uvicorn
-
     import axiom.infer.serve as serve
 
     real = serve.check_request
@@ -1073,17 +1121,10 @@ def test_request_checking_runs_off_the_event_loop(ckpt, monkeypatch):
 
     monkeypatch.setattr(serve, "check_request", slow_check)
     service = serve.Service(load_model(ckpt)[0].eval(), "m", False, max_batch=1, max_queue=0, compile=False)
-    sock = socket.create_server(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(serve.build_app(service), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    service.start()
-    thread.start()
-    try:
+    with serving(service) as port:
         answers = []
         big = json.dumps({"model": "m", "prompt": "word " * 200_000})
         slow = threading.Thread(target=lambda: answers.append(post_raw(port, big)))
-        wait_for(lambda: server.started)
         slow.start()
         time.sleep(0.5)  # the slow request is being checked
         start = time.monotonic()
@@ -1093,10 +1134,6 @@ def test_request_checking_runs_off_the_event_loop(ckpt, monkeypatch):
         slow.join()
         ((status, data),) = answers
         assert status == 400 and json.loads(data)["error"]["code"] == "context_length_exceeded"
-    finally:
-        server.should_exit = True
-        thread.join()
-        service.stop()
 
 
 def test_the_model_is_named_after_its_checkpoint_not_its_path(server, ckpt, tmp_path):
