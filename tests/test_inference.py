@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import micro_config
+from conftest import micro_config, save_model
 
 import axiom.bench.llamacpp
 import axiom.infer.fast
 from axiom.cli import main
-from axiom.config import get_config
+from axiom.config import Config, ModelConfig, TrainConfig, get_config
 from axiom.dtypes import INFERENCE_DTYPES
 from axiom.errors import AxiomError
 from axiom.infer import kernels
@@ -224,6 +224,28 @@ def test_a_head_dim_the_fused_attention_cannot_take_decodes_through_the_plain_bl
     got = generate(prepared, PROMPTS, 8, temperature=0.0)
     monkeypatch.setattr(axiom.infer.fast.kernels, "available", lambda: False)
     assert got == generate(prepare_model(copy.deepcopy(model), "float32"), PROMPTS, 8, temperature=0.0)
+
+
+@needs_kernels
+def test_generate_and_chat_decode_a_head_dim_the_fused_attention_cannot_take(tmp_path, capsys, monkeypatch):
+    """The commands (and serve, which loads alike: `load_for_inference`) give the text they give without the kernels;
+    they failed: `its prefill failed (RuntimeError: qkv's width must be ...)`."""
+    m = ModelConfig(d_model=48, n_layers=1, n_heads=2, n_kv_heads=1, ffn_multiple_of=32, max_seq_len=64)  # 2 x 24
+    torch.manual_seed(0)
+    save_model(Axiom(m), Config(m, TrainConfig()), tmp_path)
+    commands = [["generate", "--prompt", "Hello"], ["chat", "--message", "Hello"]]
+    args = ["--ckpt", str(tmp_path), "--temperature", "0", "--max-new-tokens", "6"]
+
+    def texts() -> list[str]:
+        out = []
+        for command in commands:
+            assert main([*command, *args]) == 0
+            out.append(capsys.readouterr().out)
+        return out
+
+    with_kernels = texts()
+    monkeypatch.setattr(axiom.infer.fast.kernels, "available", lambda: False)
+    assert texts() == with_kernels and all(with_kernels)
 
 
 # ---- the build: a killed one never blocks a later process; one running elsewhere is waited for, then given up
