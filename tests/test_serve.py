@@ -789,6 +789,7 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_starts_afres
 def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
     busy = socket.create_server(("127.0.0.1", 0))
     port = str(busy.getsockname()[1])
+    long_label = "\u00fc" * 64  # an IDNA label holds 63 characters at most
     for args, message in [
         (["--ckpt", str(tmp_path), "--port", "0"], "checkpoint: "),
         (["--ckpt", str(tmp_path), "--port", port], f"--host 127.0.0.1 --port {port}: cannot listen"),
@@ -810,6 +811,15 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
         ),
         (["--ckpt", str(tmp_path), "--host", "no such host.invalid", "--port", "0"], "--host no such host.invalid"),
         (["--ckpt", str(tmp_path), "--host", "127.0.0.1\x00", "--port", "0"], "--host '127.0.0.1\\x00' --port 0"),
+        # names socket cannot encode (a byte that is not UTF-8, an IDNA label over 63 characters) were TypeErrors
+        (
+            ["--ckpt", str(tmp_path), "--host", "h\udcff", "--port", "0"],
+            "--host 'h\\udcff' --port 0: cannot listen (encoding of hostname failed); try another --host or --port\n",
+        ),
+        (
+            ["--ckpt", str(tmp_path), "--host", long_label, "--port", "0"],
+            f"--host {long_label} --port 0: cannot listen",
+        ),
         (["--ckpt", str(tmp_path), "--port", "9" * 5000], "--port 999"),
         (["--ckpt", str(tmp_path), "--host", "localhost:8000", "--port", "0"], "--host localhost:8000"),
         (["--ckpt", str(tmp_path), "--port", "0", "--allow-host", "a\x00"], "--allow-host 'a\\x00': expected a host"),

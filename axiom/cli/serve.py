@@ -177,14 +177,25 @@ def _listen(host: str, port: int) -> socket.socket:
         raise AxiomError(f"--host {host!r}: empty; 127.0.0.1 listens on this machine only, 0.0.0.0 on every interface")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        if "\x00" in host:  # create_server would leave its socket open (it closes it on an OSError only)
-            raise ValueError("host name must not contain null character")
+        _check_encodable(host)
         return socket.create_server((host, port), family=family)
-    except (OSError, ValueError) as e:  # in use, not an address here, a privileged port, a NUL byte
+    except (OSError, ValueError) as e:  # in use, not an address here, a privileged port, not a host name at all
         why = getattr(e, "strerror", None) or e
         raise AxiomError(
             f"--host {_shown(host)} --port {port}: cannot listen ({why}); try another --host or --port"
         ) from None
+
+
+def _check_encodable(host: str) -> None:
+    """A ValueError, in bind's words, for a host that the socket module cannot encode: bind raises a TypeError for it
+    after create_server made its socket, which create_server then leaves open (it closes it on an OSError only)."""
+    if "\x00" in host:
+        raise ValueError("host name must not contain null character")
+    try:
+        if not host.isascii():  # encoded as IDNA: a byte that is not UTF-8 (a surrogate), a label over 63 characters
+            host.encode("idna")
+    except UnicodeError:
+        raise ValueError("encoding of hostname failed") from None
 
 
 def _shown(value: str) -> str:
