@@ -435,6 +435,22 @@ def test_ctrl_c_while_prepare_workers_start_is_answered_by_prepare_alone():
         assert (child.returncode, err) == (1, "interrupted\n"), f"Ctrl-C after {delay:.2f} s: {err}"
 
 
+def test_workers_start_where_multiprocessing_has_no_resource_tracker(monkeypatch):
+    """Windows has no resource tracker: starting one there, as POSIX needs before SIGINT is held, raised
+    ModuleNotFoundError (_posixsubprocess) and no prepare with workers ran. Simulated: os.name 'nt' as the module
+    sees it, and the tracker's start failing as it does there."""
+    import types
+
+    from axiom.data import workers
+
+    def no_tracker() -> None:
+        raise ModuleNotFoundError("No module named '_posixsubprocess'")
+
+    monkeypatch.setattr(workers, "os", types.SimpleNamespace(name="nt"))
+    monkeypatch.setattr(workers.resource_tracker, "ensure_running", no_tracker)
+    assert list(workers.results_in_order([1, 2, 3, 4], 2, abs, ())) == [1, 2, 3, 4]
+
+
 STOP_WHILE_SENDING = """
 import multiprocessing
 from axiom.data.workers import results_in_order

@@ -9,6 +9,7 @@ of its own and no lock is shared: stopping is killing the workers, and a worker'
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from multiprocessing import resource_tracker
@@ -42,8 +43,10 @@ def results_in_order(units: list, workers: int, work: Callable, job: tuple) -> I
         # Ctrl-C reaches the whole process group, and prepare answers it: the workers inherit SIGINT blocked, so
         # none prints a KeyboardInterrupt traceback (one cut while its interpreter started did), and a Ctrl-C while
         # they are started reaches prepare once they are. The first spawn starts multiprocessing's resource
-        # tracker, which unblocks SIGINT after starting it: it is started before the block.
-        resource_tracker.ensure_running()
+        # tracker, which unblocks SIGINT after starting it: it is started before the block (on POSIX: Windows has
+        # none, and cannot start one).
+        if os.name == "posix":
+            resource_tracker.ensure_running()
         with sigint_held():
             for _ in range(workers):
                 ours, theirs = context.Pipe()
