@@ -481,7 +481,8 @@ def yaml_task(path: Path, name: str, dataset: str) -> Path:
 def unanswered_hub(monkeypatch):
     """The Hub's address a socket that listens but never answers; returns a function saying whether anything
     connected to it (a connection waits in the socket's backlog, accepted or not: no race)."""
-    from datasets import config as datasets_config
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
+    from datasets import config as datasets_config  # lm-eval's dependency
     from huggingface_hub import constants as hub_constants
 
     listener = socket.socket()
@@ -507,7 +508,6 @@ def test_a_local_yaml_task_runs_offline_and_too_many_shots_are_one_line(ckpt, tm
     """An lm-eval YAML task whose data is a local file needs no Hub: it runs while the Hub does not answer (it was
     refused as "could not be fetched"); asking it for more shots than its examples is one line (a ValueError
     traceback)."""
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
     from datasets import config as datasets_config
 
     from axiom.eval.harness import needs_hub
@@ -533,7 +533,6 @@ def test_a_local_yaml_task_runs_offline_and_too_many_shots_are_one_line(ckpt, tm
 def test_offline_tasks_ask_nothing_and_read_the_cache(ckpt, tmp_path, monkeypatch, unanswered_hub):
     """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set: a task whose data lives on the Hub is read from the datasets cache
     as `datasets` left it, and nothing asks the Hub (its unanswered address would stop the run for seconds)."""
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
     import pyarrow as pa
     from datasets import DatasetInfo, Features, SplitDict, SplitInfo
     from datasets import config as datasets_config
