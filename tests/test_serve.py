@@ -1252,6 +1252,7 @@ def test_load_test_exits_1_when_the_server_misbehaves(misbehaves, error, monkeyp
         code = load_test.main()
     finally:
         stub.shutdown()
+        stub.server_close()
     batched = json.loads(capsys.readouterr().out)["levels"][0]["servers"]["batched"]
     assert (code, batched["error_samples"]) == ((1, [error]) if error else (0, []))
 
