@@ -178,12 +178,13 @@ def test_an_error_is_said_whatever_world_size_holds(monkeypatch, capsys):
 
 def test_a_torchrun_variable_that_is_no_count_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
     """WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE are torchrun's counts: another value was a ValueError traceback."""
-    monkeypatch.setenv("WORLD_SIZE", "auto")
-    assert main(["train", "--preset", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "run")]) == 2
-    assert capsys.readouterr().err == (
-        "axiom train: error: WORLD_SIZE='auto' in the environment is no count: torchrun sets it; launch with "
-        "torchrun, or unset WORLD_SIZE to train in one process\n"
-    )
+    for world in ("auto", "\u00b2"):  # "²" is a digit to str.isdigit(), not to int()
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert main(["train", "--preset", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "run")]) == 2
+        assert capsys.readouterr().err == (
+            f"axiom train: error: WORLD_SIZE={world!r} in the environment is no count: torchrun sets it; launch with "
+            "torchrun, or unset WORLD_SIZE to train in one process\n"
+        )
     assert not (tmp_path / "run").exists()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "first")

@@ -134,7 +134,7 @@ def _says_errors() -> bool:
     # as axiom.train.parallel.init_distributed judges; a WORLD_SIZE that is no count is not torchrun's, and must not
     # turn the error being said into a ValueError's traceback
     world = os.environ.get("WORLD_SIZE", "1").strip()
-    under_torchrun = world.isdigit() and int(world) > 1
+    under_torchrun = world.isdecimal() and int(world) > 1  # isdigit() takes "²", which int() does not
     return not under_torchrun or os.environ.get("LOCAL_RANK", "0") == "0"  # a LOCAL_RANK set by another tool alone
 
 

@@ -46,7 +46,7 @@ def init_distributed() -> Dist:
 
 def _count_from_torchrun(name: str, default: str) -> int:
     value = os.environ.get(name, default)
-    if not value.strip().isdigit():
+    if not value.strip().isdecimal():  # isdigit() takes "²", which int() does not
         raise AxiomError(
             f"{name}={value!r} in the environment is no count: torchrun sets it; launch with torchrun, or unset "
             f"{name} to train in one process"
