@@ -630,8 +630,8 @@ def test_connections_without_a_whole_head_are_closed_after_head_timeout(ckpt, tm
     s = Server(ckpt, tmp_path / "stderr.txt", "--head-timeout", "2")
     body = json.dumps({"model": s.name, "prompt": "Hello", "max_tokens": 3, "temperature": 0})
     kept = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)  # HTTP/1.1: kept alive after its response
+    opened = time.monotonic()  # before either connects: the server's timer of each starts later
     held = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(2)]
-    opened = time.monotonic()
     try:
         kept.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
         assert kept.getresponse().read() and kept.sock is not None
