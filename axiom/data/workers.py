@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterator
 from multiprocessing import resource_tracker
@@ -75,6 +76,7 @@ def results_in_order(units: list, workers: int, work: Callable, job: tuple) -> I
 
 def _serve(pipe: Connection, work: Callable, job: tuple) -> None:
     """A worker: the result of each unit its pipe brings (or the error, with its traceback), until the pipe ends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # where no blocked SIGINT was inherited (Windows): prepare answers
     try:
         while True:
             unit = pipe.recv()
