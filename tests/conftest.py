@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import os
 import random
+import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +163,19 @@ def when_the_reader_leaves(cmd: list, after: int, env: dict | None = None) -> tu
         if status != 0:
             break
     return status, err, head
+
+
+def signalled_train_step(at_call: int, signum: int) -> Callable:
+    """The trainer's train_step, raising `signum` in this process during its `at_call`-th call, as a kill would
+    arrive mid-step (the run stops at that step's end)."""
+    import axiom.train.trainer as trainer_mod
+
+    real_step, calls = trainer_mod.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            signal.raise_signal(signum)
+        return real_step(*args, **kwargs)
+
+    return step

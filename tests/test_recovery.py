@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO_VOCAB, micro_args, micro_config, read_rows, save_model, write_micro_dataset
+from conftest import (
+    MICRO_VOCAB,
+    micro_args,
+    micro_config,
+    read_rows,
+    save_model,
+    signalled_train_step,
+    write_micro_dataset,
+)
 from reliability_helpers import fails, hashes
 from safetensors.torch import load_file
 
@@ -190,15 +198,7 @@ def test_ctrl_c_in_a_streak_of_bad_steps_writes_no_checkpoint(tiny_data, tmp_pat
     checkpoint of the broken weights and says so (--resume continues from step 12: as after a kill -9 in the streak,
     test_kill_9_during_recovery_resumes_exactly)."""
     monkeypatch.setattr(trainer_mod.Trainer, "step", poisoned_step(trainer_mod.Trainer.step))
-    real_step, calls = trainer_mod.train_step, []
-
-    def step_then_ctrl_c(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 14:
-            signal.raise_signal(signal.SIGINT)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_mod, "train_step", step_then_ctrl_c)
+    monkeypatch.setattr(trainer_mod, "train_step", signalled_train_step(14, signal.SIGINT))
     run = tmp_path / "run"
     result = train(micro_config(*RECOVERY, "max_steps=20"), tiny_data, run)
     assert (result.stopped, result.step) == ("SIGINT", 14)

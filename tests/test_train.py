@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO, MICRO_VOCAB, count_params, micro_args, micro_config, read_rows
+from conftest import (
+    MICRO,
+    MICRO_VOCAB,
+    count_params,
+    micro_args,
+    micro_config,
+    read_rows,
+    signalled_train_step,
+)
 from reliability_helpers import hashes
 from safetensors.torch import load_file
 
@@ -300,16 +308,9 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, monkeypa
     cfg = micro_config("max_steps=10", "eval_interval=4", "checkpoint_interval=3", "optimizer=adamw8bit")
     full = train(cfg, tiny_data, tmp_path / "full")
 
-    calls = []
     real_step = trainer_mod.train_step
-
-    def step_then_signal(*args, **kwargs):  # SIGTERM arrives during step 5: a checkpoint at its end, then exit
-        calls.append(1)
-        if len(calls) == 5:
-            signal.raise_signal(signal.SIGTERM)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_mod, "train_step", step_then_signal)
+    # SIGTERM arrives during step 5: a checkpoint at its end, then exit
+    monkeypatch.setattr(trainer_mod, "train_step", signalled_train_step(5, signal.SIGTERM))
     part = tmp_path / "part"
     first = train(cfg, tiny_data, part)
     assert first.stopped == "SIGTERM" and first.step == 5
@@ -337,26 +338,18 @@ def test_a_run_that_fell_back_to_torch_adamw_resumes_with_it_and_an_8bit_one_nee
     checkpoint of AdamW8bit's state without bitsandbytes is a one-line error naming the way out."""
     cfg = micro_config("max_steps=6", "checkpoint_interval=3", "optimizer=adamw8bit")
     real_step = trainer_mod.train_step
-    calls = []
-
-    def step_then_signal(*args, **kwargs):  # SIGTERM during step 3: a checkpoint at its end, then exit
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGTERM)
-        return real_step(*args, **kwargs)
-
     with monkeypatch.context() as without_bnb:
         without_bnb.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
         full = train(cfg, tiny_data, tmp_path / "full")
-        without_bnb.setattr(trainer_mod, "train_step", step_then_signal)
+        # SIGTERM during step 3: a checkpoint at its end, then exit
+        without_bnb.setattr(trainer_mod, "train_step", signalled_train_step(3, signal.SIGTERM))
         first = train(cfg, tiny_data, tmp_path / "part")
     assert first.step == 3
     second = train(cfg, tiny_data, tmp_path / "part", resume=True)
     assert "holds AdamW (torch, fused)'s state (the run fell back to it); continuing with it" in caplog.text
     assert [s.loss for s in first.history + second.history] == [s.loss for s in full.history]
 
-    calls.clear()
-    monkeypatch.setattr(trainer_mod, "train_step", step_then_signal)
+    monkeypatch.setattr(trainer_mod, "train_step", signalled_train_step(3, signal.SIGTERM))
     train(cfg, tiny_data, tmp_path / "8bit")
     monkeypatch.setattr(trainer_mod, "train_step", real_step)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
