@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -511,6 +512,26 @@ def test_bench_vs_llamacpp_skips_in_one_line_without_llamacpp(tmp_path, monkeypa
     assert axiom.bench.llamacpp.find_llamacpp(None) is None
     assert main(["bench", "generate", "--preset", "tiny", *BENCH, "--new-tokens", "2", "--vs-llamacpp", "--json"]) == 0
     assert capsys.readouterr().err == f"axiom bench: llama.cpp not found at ../shared beside a checkout: {skipped}"
+
+
+def test_a_failed_llamacpp_conversion_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """A converter that dies halfway through its file: one AxiomError with its last line, and the temporary folder
+    (the checkpoint, the llama export, the partial GGUF) removed; it was left behind, the error an OSError from
+    rmdir."""
+    llamacpp = tmp_path / "llama.cpp"
+    (llamacpp / "bin").mkdir(parents=True)
+    (llamacpp / "bin" / "llama-bench").touch()
+    convert = llamacpp / "convert"
+    convert.write_text('#!/bin/sh\nprintf GGUF > "$3"\necho "out of memory" >&2\nexit 1\n')
+    convert.chmod(0o755)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    cfg = micro_config()
+    weights = Axiom(cfg.model).state_dict()
+    with pytest.raises(AxiomError, match=r"^llama.cpp's converter failed \(out of memory\);"):
+        axiom.bench.llamacpp.export_gguf(llamacpp, cfg, weights, "float32")
+    assert list(temp.iterdir()) == []
 
 
 @pytest.mark.slow

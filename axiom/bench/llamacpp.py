@@ -43,20 +43,25 @@ def find_llamacpp(folder: str | None) -> Path | None:
 
 def export_gguf(llamacpp: Path, cfg: Config, weights: dict[str, torch.Tensor], dtype_name: str) -> Path:
     """`weights` as a GGUF file of llama.cpp's type nearest `dtype_name`, through our `--format llama` export and
-    llama.cpp's own converter; returned in a temporary folder (the caller removes the file)."""
-    out = Path(tempfile.mkdtemp(prefix="axiom-bench-")) / f"model-{short_name(dtype_name)}.gguf"
-    with tempfile.TemporaryDirectory(prefix="axiom-bench-") as tmp:
-        ckpt = Path(tmp) / "ckpt"
+    llama.cpp's own converter; returned alone in a temporary folder (the caller removes the folder). On any failure
+    the folder is removed here."""
+    folder = Path(tempfile.mkdtemp(prefix="axiom-bench-"))
+    out = folder / f"model-{short_name(dtype_name)}.gguf"
+    try:
+        ckpt, hf = folder / "ckpt", folder / "hf"
         ckpt.mkdir()
         save_weights(weights, cfg, ckpt)
-        hf = export(ckpt, Path(tmp) / "hf", fmt="llama", dtype="bfloat16" if dtype_name == "bfloat16" else "float32")
+        export(ckpt, hf, fmt="llama", dtype="bfloat16" if dtype_name == "bfloat16" else "float32")
         shutil.rmtree(ckpt)
         cmd = [str(llamacpp / "convert"), sys.executable, str(hf), str(out), short_name(dtype_name)]
         done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        out.parent.rmdir()
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise AxiomError(f"llama.cpp's converter failed ({last}); it needs transformers and sentencepiece")
+        shutil.rmtree(hf)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise AxiomError(f"llama.cpp's converter failed ({last}); it needs transformers and sentencepiece")
+    except BaseException:  # a converter that failed halfway leaves part of a file: rmdir alone would fail on it
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return out
 
 
