@@ -333,9 +333,9 @@ def output_lock(
             on_wait = None
         time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
     info = {"command": command, "pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%H:%M:%S")}
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps(info).encode())
-    try:
+    try:  # a failed write of our name (a full disk) releases the lock too: a leaked descriptor would hold it
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
         with sigterm_as_interrupt():
             yield lock
     finally:

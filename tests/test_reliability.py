@@ -264,6 +264,26 @@ def test_lock_without_flock_falls_back_to_a_pid_file(tmp_path, monkeypatch):
         pass
 
 
+def test_a_lock_whose_holder_line_cannot_be_written_is_released(tmp_path, monkeypatch):
+    """A full disk as the lock file gets our name: the error, and the lock released with its descriptor. The
+    descriptor was left open, holding the flock, so that every later write of the same output in this process (a
+    notebook, a server) was refused as "being written by" itself."""
+    real_write = os.write
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OSError, match="No space left"), output_lock(out, "prepare"):
+        pass
+    monkeypatch.setattr(os, "write", real_write)
+    assert len(os.listdir("/proc/self/fd")) == before
+    with output_lock(out, "prepare"):
+        assert json.loads((tmp_path / ".out.lock").read_text())["pid"] == os.getpid()
+
+
 # ---- 6. crash leftovers: pruning is crash-safe; each command removes its own stale temporaries
 
 
