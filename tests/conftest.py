@@ -156,10 +156,10 @@ def when_the_reader_leaves(cmd: list, after: int, env: dict | None = None) -> tu
     descheduled meanwhile on a loaded machine) exits 0 and is run again, up to twice: only a run that met the closed
     pipe tells."""
     for _ in range(3):
-        piped = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        head = piped.stdout.read(after)
-        piped.stdout.close()
-        status, err = piped.wait(timeout=120), piped.stderr.read().decode()
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as piped:
+            head = piped.stdout.read(after)
+            piped.stdout.close()
+            status, err = piped.wait(timeout=120), piped.stderr.read().decode()
         if status != 0:
             break
     return status, err, head
