@@ -343,24 +343,23 @@ def test_a_build_running_elsewhere_is_awaited_then_decoding_goes_on_without_it(t
         if holds == "our lock"
         else f"with open({str(build / 'lock')!r}, 'x'):\n"
     )
-    holder = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", f"import time\n{hold}    print('held', flush=True); time.sleep(120)"],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert holder.stdout.readline() == "held\n"
-        start = time.monotonic()
-        done = kernels_in(tmp_path, wait_s=1)
-        assert time.monotonic() - start < 60
-        assert done.stdout == "False\n", done.stderr
-        assert f"waiting for the decode kernels being built by pid {holder.pid}; after 1 s" in done.stderr
-        assert re.search(r"unavailable \(still being built by .+ after 1 s\); using torch's kernels", done.stderr)
-        assert holds == "our lock" or (build / "lock").exists()
-    finally:
-        holder.kill()
-        holder.wait()
+    ) as holder:  # leaving waits for it and closes its pipe
+        try:
+            assert holder.stdout.readline() == "held\n"
+            start = time.monotonic()
+            done = kernels_in(tmp_path, wait_s=1)
+            assert time.monotonic() - start < 60
+            assert done.stdout == "False\n", done.stderr
+            assert f"waiting for the decode kernels being built by pid {holder.pid}; after 1 s" in done.stderr
+            assert re.search(r"unavailable \(still being built by .+ after 1 s\); using torch's kernels", done.stderr)
+            assert holds == "our lock" or (build / "lock").exists()
+        finally:
+            holder.kill()
 
 
 @pytest.mark.slow
