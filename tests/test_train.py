@@ -401,6 +401,30 @@ def _fail_once_at(monkeypatch, micro_batch_size: int, nth: int = 1, at_failure=l
     return failures
 
 
+def _fail_in_the_update(monkeypatch, nth: int = 1, at_failure=lambda: None) -> None:
+    """The optimizer's `nth` update fails, after calling `at_failure()`, with one parameter already updated: as
+    AdamW8bit allocating its state parameter by parameter meets a full device."""
+    real, steps = trainer_mod.build_optimizer, []
+
+    def build_failing(*args, **kwargs):
+        optimizer, name = real(*args, **kwargs)
+        real_step, first = optimizer.step, optimizer.param_groups[0]["params"][0]
+
+        def step(*a, **kw):
+            steps.append(1)
+            if len(steps) < nth:
+                return real_step(*a, **kw)
+            at_failure()
+            with torch.no_grad():
+                first.add_(1.0)  # one parameter updated, then the allocator fails
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB (simulated)\nstats")
+
+        optimizer.step = step
+        return optimizer, name
+
+    monkeypatch.setattr(trainer_mod, "build_optimizer", build_failing)
+
+
 def test_out_of_memory_halves_the_planned_micro_batch_and_redoes_the_step(tiny_data, tmp_path, monkeypatch):
     """micro_batch_size=auto: an out-of-memory in the first step (its backward half done) halves the micro-batch,
     doubles the accumulation and runs the step again from the same data: the run equals one started at the smaller
@@ -447,21 +471,7 @@ def test_out_of_memory_in_the_update_is_never_run_again(tiny_data, tmp_path, mon
     """An out-of-memory inside optimizer.step() (its state allocated parameter by parameter) may come after some
     parameters were updated: backing off and running the step again would update those twice. It is an error, with
     the ways on that can help (a smaller micro-batch does not), even where the plan chose the micro-batch."""
-    real = trainer_mod.build_optimizer
-
-    def build_failing(*args, **kwargs):
-        optimizer, name = real(*args, **kwargs)
-        first = optimizer.param_groups[0]["params"][0]
-
-        def step(*_, **__):
-            with torch.no_grad():
-                first.add_(1.0)  # one parameter updated, then the allocator fails
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB (simulated)\nstats")
-
-        optimizer.step = step
-        return optimizer, name
-
-    monkeypatch.setattr(trainer_mod, "build_optimizer", build_failing)
+    _fail_in_the_update(monkeypatch)
     auto = micro_config("micro_batch_size=auto", "grad_accum_steps=4", "max_steps=2")
     with pytest.raises(
         AxiomError,
@@ -486,25 +496,7 @@ def test_out_of_memory_after_a_checkpoint_leaves_it_as_it_was(where, tiny_data, 
         before.update(hashes(checkpoints / "step_000002"))
 
     if where == "update":
-        real, steps = trainer_mod.build_optimizer, []
-
-        def build_failing(*args, **kwargs):
-            optimizer, name = real(*args, **kwargs)
-            real_step, first = optimizer.step, optimizer.param_groups[0]["params"][0]
-
-            def step(*a, **kw):
-                steps.append(1)
-                if len(steps) < 3:
-                    return real_step(*a, **kw)
-                snapshot()
-                with torch.no_grad():
-                    first.add_(1.0)  # one parameter updated, then the allocator fails
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB (simulated)")
-
-            optimizer.step = step
-            return optimizer, name
-
-        monkeypatch.setattr(trainer_mod, "build_optimizer", build_failing)
+        _fail_in_the_update(monkeypatch, nth=3, at_failure=snapshot)
     else:
         failures = _fail_once_at(monkeypatch, 4, nth=3, at_failure=snapshot)
     batch = "micro_batch_size=auto" if where == "planned" else "micro_batch_size=4"
