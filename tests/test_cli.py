@@ -170,10 +170,22 @@ def test_an_error_is_said_whatever_world_size_holds(monkeypatch, capsys):
         assert main(["eval", "--ckpt", "missing"]) == 2
         assert capsys.readouterr().err.startswith("axiom eval: error: nothing to evaluate"), world
     monkeypatch.setenv("WORLD_SIZE", "4")
-    for local_rank, said in (("0", "axiom train: error: --set lr_max=fast: expected float\n"), ("1", "")):
+    error = "axiom train: error: --set lr_max=fast: expected float\n"
+    for local_rank, said in (("0", error), ("1", ""), ("first", error)):  # a LOCAL_RANK that is no count is said
         monkeypatch.setenv("LOCAL_RANK", local_rank)
         assert main(["train", "--data", "d", "--out", "r", "--set", "lr_max=fast"]) == 2  # refused before any work
         assert capsys.readouterr().err == said
+
+
+def test_notices_are_said_once_per_run_and_by_any_process_torchrun_did_not_start(monkeypatch, capsys):
+    """A --set notice is said by rank 0 alone under torchrun (WORLD_SIZE > 1); a process torchrun did not start
+    says it whatever RANK another tool left in the environment (it was silent where RANK was not "0")."""
+    note = "notice: warmup_steps=5 is more than the run's 1 steps"
+    for world, rank, said in (("1", "3", True), ("", "3", True), ("2", "0", True), ("2", "1", False), ("2", "x", True)):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        monkeypatch.setenv("RANK", rank)
+        assert main(["info", "--preset", "tiny", "--set", "max_steps=1", "--set", "warmup_steps=5"]) == 0
+        assert (note in capsys.readouterr().err) == said, (world, rank)
 
 
 def test_a_torchrun_variable_that_is_no_count_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):

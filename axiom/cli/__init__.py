@@ -9,7 +9,7 @@ import os
 import select
 import sys
 
-from axiom import __version__
+from axiom import __version__, torchrun
 from axiom.errors import AxiomError
 from axiom.signals import sigint_held
 
@@ -131,11 +131,7 @@ def _says_errors() -> bool:
     (the same arguments and files; a device each process could not have is refused on all of them alike), so its
     first process says it and the others exit with the same status silently. Once per machine, not per run: a file
     missing on one machine is said there."""
-    # as axiom.train.parallel.init_distributed judges; a WORLD_SIZE that is no count is not torchrun's, and must not
-    # turn the error being said into a ValueError's traceback
-    world = os.environ.get("WORLD_SIZE", "1").strip()
-    under_torchrun = world.isdecimal() and int(world) > 1  # isdigit() takes "²", which int() does not
-    return not under_torchrun or os.environ.get("LOCAL_RANK", "0") == "0"  # a LOCAL_RANK set by another tool alone
+    return torchrun.is_first("LOCAL_RANK")
 
 
 def _stdout_reader_gone() -> bool:

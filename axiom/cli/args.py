@@ -4,11 +4,11 @@ inference dtype, the decoding path and the sampling settings."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
+from axiom import torchrun
 from axiom.config import PRESETS, Config, ConfigFile, apply_overrides, get_config, read_config_file
 from axiom.dtypes import INFERENCE_DTYPES, describe, dtype_name, spellings
 from axiom.errors import AxiomError
@@ -73,7 +73,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def say_notices(cfg: Config, args: argparse.Namespace, file: ConfigFile | None) -> Config:
     """`cfg`, after naming on stderr its settings that run but probably not as meant, when --set or --config made
     them."""
-    said = (args.overrides or file is not None) and os.environ.get("RANK", "0") == "0"  # once under torchrun
+    said = (args.overrides or file is not None) and torchrun.is_first("RANK")  # once under torchrun
     for note in cfg.train.notices() if said else []:
         print(f"notice: {note}", file=sys.stderr)
     return cfg

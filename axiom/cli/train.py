@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from axiom import torchrun
 from axiom.cli.args import (
     add_config_arguments,
     add_device_argument,
@@ -159,6 +159,6 @@ def run(args: argparse.Namespace) -> int:
             args.resume_from,
             read_weights,
         )
-    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+    if torchrun.is_first("RANK"):  # once under torchrun
         print(f"outputs in {args.out}: eval.csv, train.log, checkpoints/ (best: {args.out}/checkpoints/best)")
     return 0

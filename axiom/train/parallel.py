@@ -7,7 +7,6 @@ checkpoints and scattered back on resume.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -15,8 +14,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from axiom import torchrun
 from axiom.config import AUTO, TrainConfig
-from axiom.errors import AxiomError
 from axiom.model.transformer import Axiom, retie
 
 T = TypeVar("T")
@@ -36,22 +35,12 @@ class Dist:
 
 def init_distributed() -> Dist:
     """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
-    if _count_from_torchrun("WORLD_SIZE", "1") == 1:
+    if torchrun.count("WORLD_SIZE", "1") == 1:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = _count_from_torchrun("LOCAL_RANK", "0"), _count_from_torchrun("LOCAL_WORLD_SIZE", "1")
+    local = torchrun.count("LOCAL_RANK", "0"), torchrun.count("LOCAL_WORLD_SIZE", "1")
     return Dist(dist.get_rank(), dist.get_world_size(), *local)
-
-
-def _count_from_torchrun(name: str, default: str) -> int:
-    value = os.environ.get(name, default)
-    if not value.strip().isdecimal():  # isdigit() takes "²", which int() does not
-        raise AxiomError(
-            f"{name}={value!r} in the environment is no count: torchrun sets it; launch with torchrun, or unset "
-            f"{name} to train in one process"
-        )
-    return int(value)
 
 
 def from_main(d: Dist, decide: Callable[[], T]) -> T:
