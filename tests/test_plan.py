@@ -7,13 +7,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from axiom.cli import main
 from axiom.config import get_config
 from axiom.errors import AxiomError
+from axiom.model.loss import chunked_cross_entropy
 from axiom.model.transformer import Axiom, Block, num_params, rope_tables
 from axiom.train.parallel import Dist, parallelize
 from axiom.train.plan import (
@@ -22,6 +25,7 @@ from axiom.train.plan import (
     Hardware,
     assumed_gpu,
     local_hardware,
+    loss_memory_bytes,
     resolve,
     smaller_micro_batch,
     training_memory_bytes,
@@ -261,3 +265,49 @@ def test_fsdp_plans_each_process_its_share():
     assert sharded.micro_batch_size >= whole.micro_batch_size and sharded.fits
     one = resolve(get_config("axiom-380m", ["fsdp=true"]), assumed_gpu(6))
     assert one.memory == resolve(cfg, assumed_gpu(6)).memory  # one process: nothing to shard
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak bytes of the storages the operations inside make, each counted while any tensor on it lives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict[int, int] = {}
+        self.holders: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in self.sizes:
+                    self.sizes[ptr] = t.untyped_storage().nbytes()
+                    self.now += self.sizes[ptr]
+                    self.peak = max(self.peak, self.now)
+                self.holders[ptr] = self.holders.get(ptr, 0) + 1
+                weakref.finalize(t, self._released, ptr)
+        return out
+
+    def _released(self, ptr: int) -> None:
+        self.holders[ptr] -= 1
+        if not self.holders[ptr]:
+            self.now -= self.sizes.pop(ptr)
+
+
+@pytest.mark.parametrize("low", [True, False], ids=["bf16-autocast", "fp32"])
+def test_the_predicted_loss_memory_is_what_the_loss_holds(low):
+    """The plan's loss term against the peak of the tensors the chunked loss makes, on a padded vocabulary (as on a
+    GPU): it left out the table's bf16 (or padded) copy, live beside the table's fp32 gradient while the loss runs
+    (0.19 GiB at the card's size), and, at shapes like these (few rows, where the card's chunk of 4,096 rows peaks
+    at its logits), the table-sized product added into that gradient. What remains is (N, d)-sized: the hidden
+    states' gradient, a chunk's products."""
+    m = dataclasses.replace(get_config("tiny").model, vocab_size=4000, d_model=64)
+    rows, tokens = 32, 96
+    weight = torch.randn(m.vocab_size, m.d_model, requires_grad=True)
+    hidden = torch.randn(tokens, m.d_model, requires_grad=True)
+    targets = torch.randint(0, m.vocab_size, (tokens,))
+    with torch.autocast("cpu", torch.bfloat16, enabled=low), LiveBytes() as held:
+        chunked_cross_entropy(hidden, weight, targets, chunk=rows, vocab_multiple=128)
+    predicted = loss_memory_bytes(m, rows, 128, low)
+    assert predicted <= held.peak <= predicted + 4 * tokens * m.d_model * 4

@@ -235,8 +235,7 @@ def training_memory_bytes(
     with the block), activations (BLOCK_ACTIVATION_VALUES per token and d_model in each block of the card's shape,
     eager or `compiled`, other shapes in proportion to `block_saved_width`; bf16 under autocast and fp32 otherwise;
     with checkpointing only each block's fp32 input and one block being recomputed; SDPA keeps no attention scores),
-    and the chunked loss (a chunk's fp32 logits block over the padded vocabulary, its low-precision gradient under
-    autocast, and the fp32 gradient of the table). A step of one micro-batch peaks lower: its gradients appear as the
+    and the chunked loss (`loss_memory_bytes`). A step of one micro-batch peaks lower: its gradients appear as the
     activations go. The fused loss kernels are predicted as ours (`axiom bench loss` measures their memory). Under
     FSDP (`shards` > 1) each process holds its share of the weights, gradients and optimizer state, and gathers whole
     the ones in use: the root's (the token table, an untied output table and the final norm) and one block's, with
@@ -248,9 +247,7 @@ def training_memory_bytes(
     per_token = BLOCK_ACTIVATION_VALUES[compiled] * block_saved_width(m) / CARD_SAVED_PER_D_MODEL
     block = round(per_token * (2 if low else 4) * tokens)
     activations = m.n_layers * 4 * tokens * m.d_model + block if checkpointing else m.n_layers * block
-    columns = padded_vocab(m.vocab_size, default_vocab_multiple(device_type))
-    rows = min(tokens, chunk_rows(device_type))
-    loss = rows * columns * (6 if low else 4) + 4 * m.vocab_size * m.d_model
+    loss = loss_memory_bytes(m, min(tokens, chunk_rows(device_type)), default_vocab_multiple(device_type), low)
     # the root's parameters (the table, an untied output table, the final norm) and one block
     gathered = n - (m.n_layers - 1) * block_params(m) if shards > 1 else 0
     parts = {
@@ -265,6 +262,17 @@ def training_memory_bytes(
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def loss_memory_bytes(m: ModelConfig, rows: int, vocab_multiple: int, low: bool) -> int:
+    """What the chunked loss (axiom/model/loss.py) holds at its peak, for chunks of `rows`: the table it multiplies
+    by, cast to low precision or padded (one copy per call), and the fp32 gradient of the padded table; then a
+    chunk's fp32 logits block over the padded vocabulary and, `low` (under autocast), the low-precision gradient
+    written from it, or later that gradient with the low-precision product added into the table's gradient."""
+    columns = padded_vocab(m.vocab_size, vocab_multiple)
+    table_copy = 2 * columns * m.d_model if low else 4 * columns * m.d_model * (columns != m.vocab_size)
+    chunk = max(rows * columns * 6, rows * columns * 2 + 2 * columns * m.d_model) if low else rows * columns * 4
+    return table_copy + 4 * columns * m.d_model + chunk
 
 
 def describe(cfg: Config, plan: Plan) -> dict:
