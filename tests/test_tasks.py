@@ -443,6 +443,29 @@ def test_tasks_offline_stop_within_seconds(ckpt, tmp_path):
     assert len(asked) == 1 and ended - asked[0] < 20, (asked, ended)  # asked once, then the line at once
 
 
+def test_a_hub_that_refuses_is_one_line_at_once(monkeypatch):
+    """The commonest offline case, nothing listening at the Hub's address (a refused connection), is the same one
+    line as a Hub that does not answer, without the client's retries."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip install 'axiom-lm[eval]'")
+    from datasets import config as datasets_config
+    from huggingface_hub import constants as hub_constants
+
+    from axiom.eval.harness import check_hub, json_task
+
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"  # nothing listens there once closed
+    monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", False)
+    started = time.monotonic()
+    with pytest.raises(AxiomError) as refused:
+        check_hub(["hellaswag"])
+    assert str(refused.value).startswith(
+        f"--tasks hellaswag: the task data could not be fetched from the Hugging Face Hub ({endpoint} does not answer:"
+    )
+    assert "--task-file PATH" in str(refused.value) and time.monotonic() - started < 5
+    check_hub([json_task("local", "three.jsonl")])  # a task of local data asks nothing
+
+
 def test_eval_flags(ckpt, tmp_path, capsys):
     path = str(ckpt[1])
     file = write_jsonl(tmp_path / "three.jsonl", THREE)
