@@ -398,7 +398,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tiny_data, tmp_path):
 
 def test_two_runs_into_one_directory_and_outputs_over_inputs(tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    sets = micro_args("max_steps=400", "eval_interval=400", "checkpoint_interval=400")
+    sets = micro_args("max_steps=100000", "eval_interval=400", "checkpoint_interval=400")  # killed long before
     cmd = [sys.executable, "-m", "axiom.cli", "train", "--data", str(tiny_data), "--out", str(run), *sets]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -412,7 +412,8 @@ def test_two_runs_into_one_directory_and_outputs_over_inputs(tiny_data, tmp_path
         assert "\n" not in err
         # the first undisturbed: its lock and its run as they were
         assert f'"pid": {proc.pid}' in (tmp_path / ".run.lock").read_text()
-        assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 400
+        assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 100000
+        assert proc.poll() is None
     finally:
         proc.kill()  # kill -9: the kernel releases the lock
         proc.wait()
