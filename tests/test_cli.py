@@ -133,10 +133,11 @@ def test_info_names_the_file_that_sets_every_value(tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"preset tiny with {partial}: ")
 
 
-def test_bench_train_refuses_no_warm_up_step(capsys):
-    """bench train's first warm-up step gives first_loss, so its --help says at least one: --warmup 0 ran one
-    anyway, silently."""
-    assert main(["bench", "train", "--preset", "tiny", "--warmup", "0"]) == 2
+@pytest.mark.parametrize("what", ["train", "loss"])
+def test_bench_refuses_no_warm_up_step(what, capsys):
+    """bench train's first warm-up step gives first_loss, and bench loss's first call of each kernel its peak
+    memory and values, so their --help says at least one: --warmup 0 ran one anyway, silently."""
+    assert main(["bench", what, "--preset", "tiny", "--warmup", "0"]) == 2
     assert capsys.readouterr().err == "axiom bench: error: --warmup=0 must be at least 1\n"
 
 

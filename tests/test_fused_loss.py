@@ -20,6 +20,7 @@ import torch
 from conftest import micro_args, micro_config
 from packaging.version import Version
 
+from axiom.bench import loss as bench_loss
 from axiom.cli import main
 from axiom.config import LOSS_KERNELS
 from axiom.errors import AxiomError
@@ -192,10 +193,16 @@ def test_the_plan_resolves_the_loss_kernel():
 
 def test_bench_loss_times_each_runnable_kernel_beside_the_plain_loss(monkeypatch, capsys):
     """On a CPU: ours and the plain loss, agreeing, ours holding far less than the (N, V) logits; the fused kernels
-    listed as skipped with the reason."""
+    listed as skipped with the reason. Each kernel runs its one warm-up call (alone, measured) and its one timed
+    call: the warm-up ran once more after the measured call, the loss computed twice before any timing."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    calls = []
+    monkeypatch.setattr(
+        bench_loss, "loss_fn", lambda kernel, made=bench_loss.loss_fn: calls.append(kernel) or made(kernel)
+    )
     argv = ["bench", "loss", "--preset", "tiny", "--rows", "256", "--rounds", "1", "--units", "1", "--json"]
     assert main(argv) == 0
+    assert calls == ["plain", "chunked"] * 2
     r = json.loads(capsys.readouterr().out)
     assert (r["rows"], r["vocab_size"], r["dtype"]) == (256, 100_277, "float32")
     plain, ours = r["kernels"]["plain"], r["kernels"]["chunked"]

@@ -24,7 +24,8 @@ PLAIN = "plain"  # the reference: logits materialised, as transformers' Llama co
 
 @dataclass
 class LossBench:
-    """What to time: `units` forward-and-backward calls per contender and round, `rounds` rounds, after `warmup`."""
+    """What to time: `units` forward-and-backward calls per contender and round, `rounds` rounds, after `warmup`
+    untimed calls (at least one: the first, alone, gives the peak memory, loss and agreement)."""
 
     rows: int  # hidden states (tokens) per call: a micro-batch's tokens
     rounds: int
@@ -72,7 +73,7 @@ def bench_loss(cfg: Config, device: torch.device, s: LossBench) -> Bench:
 
     measured = {}
     reference = None
-    for kernel in [PLAIN, *kernels]:  # one call each, alone: its peak memory, its values
+    for kernel in [PLAIN, *kernels]:  # the first warm-up call of each, alone: its peak memory, its values
         sync(device)
         with OwnPeak(device) as memory:
             values = call(kernel)
@@ -84,7 +85,7 @@ def bench_loss(cfg: Config, device: torch.device, s: LossBench) -> Bench:
             **agreement(values, reference),
         }
         del values
-    for _ in range(s.warmup):
+    for _ in range(s.warmup - 1):
         for kernel in [PLAIN, *kernels]:
             call(kernel)
     contenders = [Contender(k, lambda k=k: call(k), s.rows, s.units) for k in [PLAIN, *kernels]]

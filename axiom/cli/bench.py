@@ -83,7 +83,12 @@ def _add_loss_arguments(sub: argparse._SubParsersAction) -> None:
         "--rows", type=int, default=None, help="tokens per call (default: 16384 on CUDA, a micro-batch of 16; 1024)"
     )
     loss.add_argument("--rounds", type=int, default=3, help="timed rounds, interleaved (default: 3)")
-    loss.add_argument("--warmup", type=int, default=1, help="untimed calls per kernel first (default: 1)")
+    loss.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed calls per kernel first, at least one (the first, alone: its peak memory and values; default: 1)",
+    )
     loss.add_argument("--units", type=int, default=3, help="timed calls per kernel and round (default: 3)")
     loss.add_argument("--seed", type=int, default=0, help="seed of the synthetic hidden states, table and targets")
     loss.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
@@ -129,7 +134,8 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     for name in ("rounds", "warmup", "steps", "batch", "prompt_len", "new_tokens", "threads", "rows", "units"):
         value = getattr(args, name, None)
-        least = 0 if name == "warmup" and args.what != "train" else 1  # train's first step gives first_loss
+        # train's first warm-up step gives first_loss, loss's first call the peak memory and values
+        least = 0 if name == "warmup" and args.what == "generate" else 1
         if value is not None and value < least:
             raise AxiomError(f"--{name.replace('_', '-')}={value} must be at least {least}")
     if getattr(args, "vs_hf", False):  # before ours is timed; imported after, not to count in our peak memory
