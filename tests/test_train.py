@@ -36,7 +36,14 @@ import axiom.train.trainer as trainer_mod
 from axiom.config import ModelConfig, TrainConfig
 from axiom.data.loader import read_manifest
 from axiom.errors import AxiomError
-from axiom.model.checkpoint import list_checkpoints, load_model, load_training_state, verify_checkpoint
+from axiom.model.checkpoint import (
+    list_checkpoints,
+    load_model,
+    load_training_state,
+    save_training_state,
+    verify_checkpoint,
+    write_checksums,
+)
 from axiom.model.transformer import Axiom, Block
 from axiom.train.evaluator import EVAL_COLUMNS, Evaluator
 from axiom.train.launch import train, uneven_split
@@ -241,10 +248,9 @@ def test_periodic_after_counts_the_evaluations_and_checkpoints_still_due():
             assert periodic_after(step, steps, interval) == due, (steps, interval, step)
 
 
-def test_the_eta_counts_the_evaluations_and_checkpoints_still_to_come(tiny_data, tmp_path, monkeypatch):
-    """The ETA counted the steps left at their speed and no evaluation or checkpoint, and "done" their time as all:
-    with evaluations every N steps that can be most of a run. Here each evaluation takes 30 s and each checkpoint
-    12 s on a fake clock; the steps themselves are milliseconds."""
+def slow_evaluations_and_checkpoints(monkeypatch) -> None:
+    """Each evaluation takes 30 s and each checkpoint 12 s on the fake clock of the runs' progress lines; the steps
+    themselves are milliseconds."""
     now = [0.0]
 
     def taking(seconds, original):
@@ -258,10 +264,21 @@ def test_the_eta_counts_the_evaluations_and_checkpoints_still_to_come(tiny_data,
     saving = checkpointer_mod.Checkpointer.save_if_healthy
     monkeypatch.setattr(checkpointer_mod.Checkpointer, "save_if_healthy", taking(12.0, saving))
     monkeypatch.setattr(trainer_mod, "Progress", functools.partial(trainer_mod.Progress, clock=lambda: now[0]))
+
+
+def etas_of(log: str) -> list[int]:
+    """The seconds of each progress line's ETA in train.log's text `log`."""
+    return [int(m) * 60 + int(s) for m, s in re.findall(r"^step \d/\d .* \| eta (\d+)m(\d\d)s$", log, re.M)]
+
+
+def test_the_eta_counts_the_evaluations_and_checkpoints_still_to_come(tiny_data, tmp_path, monkeypatch):
+    """The ETA counted the steps left at their speed and no evaluation or checkpoint, and "done" their time as all:
+    with evaluations every N steps that can be most of a run."""
+    slow_evaluations_and_checkpoints(monkeypatch)
     cfg = micro_config("max_steps=8", "eval_interval=4", "checkpoint_interval=4", "log_interval=2")
     train(cfg, tiny_data, tmp_path / "run")
     log = (tmp_path / "run" / "train.log").read_text()
-    etas = [int(m) * 60 + int(s) for m, s in re.findall(r"^step \d/8 .* \| eta (\d+)m(\d\d)s$", log, re.M)]
+    etas = etas_of(log)
     # at steps 2 and 4: the evaluations of steps 4 and 8 (no checkpoint timed yet); at 6 and 8: step 8's of each
     expected = [60, 60, 42, 42]
     assert len(etas) == 4 and all(e <= eta <= e + 1 for eta, e in zip(etas, expected, strict=True)), etas
@@ -269,6 +286,33 @@ def test_the_eta_counts_the_evaluations_and_checkpoints_still_to_come(tiny_data,
     assert re.search(
         r"tokens in 0m0\ds of training steps \(all sessions\) and 1m54s of evaluations and checkpoints", log
     )
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["checkpoint-with-times", "older-checkpoint"])
+def test_a_resumed_runs_first_eta_counts_the_evaluations_and_checkpoints_its_checkpoint_timed(
+    saved, tiny_data, tmp_path, monkeypatch
+):
+    """A resumed run counted no evaluation or checkpoint in its ETA until it had timed one of each again: the
+    checkpoint did not keep what they took. Now its state holds their mean seconds (30 s and 12 s on a fake clock
+    here), which the resumed run's first line counts; a checkpoint written before that resumes as it did."""
+    slow_evaluations_and_checkpoints(monkeypatch)
+    run = tmp_path / "run"
+    settings = ("eval_interval=4", "checkpoint_interval=2", "log_interval=2")
+    train(micro_config("max_steps=4", *settings), tiny_data, run)
+    ckpt = run / "checkpoints" / "step_000004"
+    state = load_training_state(ckpt)
+    # the evaluations of steps 0 and 4, and the checkpoint of step 2: step 4's own was being written
+    assert state["seconds_per"] == {"evaluation": 30.0, "checkpoint": 12.0}
+    if not saved:
+        del state["seconds_per"]
+        save_training_state(state, ckpt)
+        write_checksums(ckpt)
+    train(micro_config("max_steps=8", *settings), tiny_data, run, resume=True)
+    etas = etas_of((run / "train.log").read_text().partition(f"resumed from {ckpt}")[2])
+    # at step 6: the evaluation of step 8 and the checkpoints of steps 6 and 8; at 8: step 8's, of which only a
+    # checkpoint (step 6's) was timed by this run
+    expected = [30 + 2 * 12, 30 + 12] if saved else [0, 12]
+    assert len(etas) == 2 and all(e <= eta <= e + 1 for eta, e in zip(etas, expected, strict=True)), etas
 
 
 def test_progress_lines_give_the_figures_train_csv_holds(tiny_data, tmp_path):

@@ -60,7 +60,7 @@ class Meter:
 
 class Progress:
     """The bar and the progress lines; `meter` counts the steps since the last line, `timed` the evaluations and
-    checkpoints between steps (`clock`: seconds)."""
+    checkpoints between steps (`clock`: seconds) into the run's `TrainState.seconds_per`."""
 
     def __init__(
         self,
@@ -82,27 +82,28 @@ class Progress:
         self.timed_count = dict.fromkeys(self.intervals, 0)  # ... over this many of them
 
     @contextlib.contextmanager
-    def timed(self, kind: str) -> Iterator[None]:
-        """Time an evaluation or a checkpoint (`kind`): the ETA counts one still to come at their mean."""
+    def timed(self, kind: str, state: TrainState) -> Iterator[None]:
+        """Time an evaluation or a checkpoint (`kind`): this session's mean of them becomes `state.seconds_per[kind]`,
+        at which the ETA counts one still to come."""
         start = self.clock()
         yield
         self.spent[kind] += self.clock() - start
         self.timed_count[kind] += 1
+        state.seconds_per[kind] = self.spent[kind] / self.timed_count[kind]
 
     @property
     def between_steps_s(self) -> float:
         """Seconds of this session's evaluations and checkpoints."""
         return sum(self.spent.values())
 
-    def eta(self, step: int) -> float:
-        """Seconds to the end of a run at the line of step `step`: the steps left at the mean step time since the
-        last line, and the evaluations and checkpoints still due (step `step`'s own included: they follow its line)
-        at the mean time this session's took (one not yet timed: none)."""
+    def eta(self, state: TrainState) -> float:
+        """Seconds to the end of a run at the line of `state`'s step: the steps left at the mean step time since the
+        last line, and the evaluations and checkpoints still due (that step's own included: they follow its line)
+        at `state.seconds_per`, this session's mean or, until it has timed one, the checkpoint's (neither: none)."""
         t, m = self.cfg, self.meter
-        left = (t.steps - step) * m.seconds / m.steps
+        left = (t.steps - state.step) * m.seconds / m.steps
         for kind, interval in self.intervals.items():
-            if self.timed_count[kind]:
-                left += self.spent[kind] / self.timed_count[kind] * periodic_after(step - 1, t.steps, interval)
+            left += state.seconds_per.get(kind, 0.0) * periodic_after(state.step - 1, t.steps, interval)
         return left
 
     def mfu(self, tokens_per_s: float) -> str:
@@ -137,7 +138,7 @@ class Progress:
     def log_line(self, result: StepResult, lr: float, state: TrainState) -> None:
         """A progress line in train.log and a row of train.csv."""
         t, s, m = self.cfg, state, self.meter
-        eta = self.eta(s.step)
+        eta = self.eta(s)
         # the step's loss, as train.csv and the bar have it; the mean of the line's steps beside it, named
         mean = f" (mean {sum(m.losses) / len(m.losses):.4f} over {len(m.losses)} steps)" if len(m.losses) > 1 else ""
         mfu = self.mfu(m.tokens_per_s)

@@ -102,7 +102,8 @@ class SpikeRecovery:
         s = self.checkpointer.load(good_dir)
         scale = s.lr_multiplier(s.step) * t.rollback_lr_factor
         s.lr_scale, s.lr_scale_until = scale, s.step + t.rollback_lr_steps
-        s.best_val_loss, s.elapsed_s = state.best_val_loss, state.elapsed_s  # best/ and the wall time are not undone
+        # best/, the wall time and the measured evaluation and checkpoint times are not undone
+        s.best_val_loss, s.elapsed_s, s.seconds_per = state.best_val_loss, state.elapsed_s, state.seconds_per
         skipped = (state.step - s.step) * t.grad_accum_steps * t.micro_batch_size
         event = {
             "step": s.step,

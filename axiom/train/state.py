@@ -26,6 +26,9 @@ class TrainState:
     lr_scale: float = 1.0  # the LR multiplier after rollbacks ...
     lr_scale_until: int = 0  # ... up to this step
     rollbacks: list[dict] = field(default_factory=list)  # every rollback of the run (events.csv)
+    # mean seconds of one "evaluation" and one "checkpoint" save, as the latest session to time one measured them:
+    # the ETA of a resumed run counts them before it has timed its own (a checkpoint holds the saves before it)
+    seconds_per: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -246,7 +246,7 @@ class Trainer:
         # the untrained baseline: the first point of the curve
         last_eval = None
         if self.state.step == 0:
-            with self.progress.timed("evaluation"):
+            with self.progress.timed("evaluation", self.state):
                 last_eval = self.evaluator.evaluate(self.state)
         stopped = None
         self.progress.start(self.state.step)
@@ -262,11 +262,11 @@ class Trainer:
                     continue
                 s = self.state
                 if self.evaluator.due(s):
-                    with self.progress.timed("evaluation"):
+                    with self.progress.timed("evaluation", s):
                         last_eval = self.evaluator.evaluate(s)
                 stopping = stop.requested(self.d, self.device)
                 if stopping or periodic(s.step, t.steps, t.checkpoint_interval) or self.checkpointer.pending:
-                    with self.progress.timed("checkpoint"):
+                    with self.progress.timed("checkpoint", s):
                         path = self.checkpointer.save_if_healthy(s)
                 if stopping:
                     stopped = stop.signal
