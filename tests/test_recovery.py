@@ -376,6 +376,37 @@ def test_init_from_a_hugging_face_folder(tiny_data, tmp_path):
         assert float(rows[0]["val_loss"]) == pytest.approx(trained_val, rel=1e-6), fmt
 
 
+def test_a_checkpoint_of_axiom_import_starts_a_run_with_init_from_and_resume_from_says_so(tiny_data, tmp_path, capsys):
+    """train, export, import, train again: the imported checkpoint holds weights without training state, so
+    --resume-from refuses it in one line naming --init-from, which starts a new run from exactly those weights."""
+    pytest.importorskip("transformers")
+    source, hf, ckpt, run = (tmp_path / name for name in ("source", "hf", "ckpt", "run"))
+    sets = micro_args("max_steps=2", "eval_interval=2", "checkpoint_interval=2")
+    assert main(["train", "--data", str(tiny_data), "--out", str(source), *sets]) == 0
+    assert main(["export", "--ckpt", str(source / "checkpoints" / "best"), "--out", str(hf), "--format", "llama"]) == 0
+    assert main(["import", "--hf", str(hf), "--out", str(ckpt)]) == 0
+    capsys.readouterr()
+    again = ["train", "--data", str(tiny_data), "--out", str(run), *sets]
+    assert main([*again, "--resume-from", str(ckpt)]) == 2
+    assert capsys.readouterr().err == (
+        f"axiom train: error: --resume-from {ckpt}: weights without training state (no state.pt: optimizer, loader "
+        f"position, RNG), so training cannot continue from it; --init-from {ckpt} starts a new run (a new --out) "
+        "from its weights\n"
+    )
+    assert not run.exists()
+    assert main([*again, "--init-from", str(ckpt)]) == 0
+    log = (run / "train.log").read_text()
+    assert f"--init-from {ckpt}: a new run from its weights, at step 0 with a fresh optimizer\n" in log
+    rows = read_rows(run / "eval.csv")
+    assert [int(r["step"]) for r in rows] == [0, 2]  # from step 0, not the imported checkpoint's step 2
+    # its first evaluation is axiom eval's of the imported checkpoint, and the source run's last: the same weights
+    capsys.readouterr()
+    args = ["eval", "--ckpt", str(ckpt), "--data", str(tiny_data), "--eval-tokens", "256", "--device", "cpu", "--json"]
+    assert main(args) == 0
+    imported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
+    assert float(rows[0]["val_loss"]) == imported == float(read_rows(source / "eval.csv")[-1]["val_loss"])
+
+
 def test_resume_skips_a_corrupt_newest_checkpoint(tiny_data, tmp_path):
     sets = micro_args("max_steps=8", "eval_interval=4", "checkpoint_interval=2", "keep_checkpoints=4")
     reference, run = tmp_path / "reference", tmp_path / "run"

@@ -359,6 +359,8 @@ def setup(
         rewind_logs(log, None)
         weights = f"the weights of {init_from}" if init_from is not None else "new weights"
         log.info(f"--resume: {run_dir} has no complete checkpoint yet; starting fresh from {weights}")
+    elif init_from is not None:
+        log.info(f"--init-from {init_from}: a new run from its weights, at step 0 with a fresh optimizer")
     trainer.log_plan()
     return trainer
 
