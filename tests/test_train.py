@@ -630,11 +630,13 @@ def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
     assert [r["loss"] for r in read_rows(run / "train.csv")] == ref_losses
 
 
-def torchrun_train(data: Path, run: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """`axiom train` under torchrun: two gloo processes on the CPU."""
+def torchrun_train(
+    data: Path, run: Path, tmp_path: Path, *args: str, program: tuple[str, ...] = ("-m", "axiom.cli")
+) -> subprocess.CompletedProcess:
+    """`axiom train` under torchrun: two gloo processes on the CPU, each running `program`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves its log folders there
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd = [*torchrun, "-m", "axiom.cli", "train", "--data", str(data), "--out", str(run), "--device", "cpu", *args]
+    cmd = [*torchrun, *program, "train", "--data", str(data), "--out", str(run), "--device", "cpu", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -656,6 +658,31 @@ def test_an_error_under_torchrun_is_said_once(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "axiom.cli", "train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "r")]
     done = subprocess.run(cmd, env=alone, capture_output=True, text=True)
     assert done.returncode == 2 and "axiom train: error: " in done.stderr
+
+
+def test_a_missing_data_under_torchrun_is_said_by_the_first_process_also_when_it_starts_late(tmp_path):
+    """The second process met the error first and exited at once, and torchrun stopped the first before it said it:
+    torchrun's report (exitcode 2) and no error line at all. The others now wait for torchrun to stop them."""
+    # the first process starts a second after the other, as on a loaded machine
+    late_first = (
+        "import os, sys, time\nif os.environ['LOCAL_RANK'] == '0':\n    time.sleep(1)\nfrom axiom.cli import main\n"
+    )
+    late_first += "sys.exit(main())"
+    missing, run = tmp_path / "missing", tmp_path / "run"
+    done = torchrun_train(missing, run, tmp_path, program=("--no-python", sys.executable, "-c", late_first))
+    assert done.returncode != 0
+    error = (
+        f"axiom train: error: {missing}/manifest.json not found: {missing} is not a prepared data directory; run "
+        "`axiom prepare`\n"
+    )
+    assert done.stderr.count("axiom train: error: ") == 1 and error in done.stderr, done.stderr[-3000:]
+    assert not run.exists()
+    # the first process is the failure torchrun reports; torchrun stopped the other (SIGTERM) before its wait ran out
+    assert re.search(
+        r"Root Cause[^\n]*\n\[0\]:\n.*\n.*\n  rank      : 0 \(local_rank: 0\)\n  exitcode  : 2 ", done.stderr
+    )
+    assert "exitcode  : -15" in done.stderr
+    assert done.stderr.count("Traceback") == 1 and "ChildFailedError" in done.stderr  # torchrun's own report alone
 
 
 def test_a_kills_leftover_and_a_one_process_checkpoint_resume_alike_on_every_fsdp_rank(tiny_data, tmp_path):

@@ -8,10 +8,15 @@ import importlib
 import os
 import select
 import sys
+import time
 
 from axiom import __version__, torchrun
 from axiom.errors import AxiomError
 from axiom.signals import sigint_held
+
+# How long a process of torchrun's other than a machine's first waits, after an error, for torchrun to stop it (see
+# _say_error): the first meets the same error as late as the processes start apart (seconds, on a loaded machine).
+QUIET_WAIT_S = 10.0
 
 # name -> (module, one-line help). Modules are imported only to build their own parser.
 COMMANDS = {
@@ -111,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return importlib.import_module(args.module).run(args) or 0
     except AxiomError as e:
-        if _says_errors():
-            print(f"axiom {args.command}: error: {e}", file=sys.stderr)
+        _say_error(f"axiom {args.command}: error: {e}")
         return 2
     except KeyboardInterrupt:
         if _says_errors():  # Ctrl-C reaches every process torchrun started
@@ -129,9 +133,19 @@ def main(argv: list[str] | None = None) -> int:
 def _says_errors() -> bool:
     """Whether this process prints a command's error. Under torchrun every process of a machine meets the same one
     (the same arguments and files; a device each process could not have is refused on all of them alike), so its
-    first process says it and the others exit with the same status silently. Once per machine, not per run: a file
+    first process says it and the others wait to be stopped (_say_error). Once per machine, not per run: a file
     missing on one machine is said there."""
     return torchrun.is_first("LOCAL_RANK")
+
+
+def _say_error(line: str) -> None:
+    """Print a command's error, once per machine under torchrun (_says_errors). torchrun stops every process as soon
+    as one exits: another process that met the error first and exited at once had the first stopped before it could
+    say it, and the error was said nowhere. So the others wait, and torchrun stops them once the first has said it
+    and exited; one still running after QUIET_WAIT_S met an error of its own (the first goes on), and says it."""
+    if not _says_errors():
+        time.sleep(QUIET_WAIT_S)
+    print(line, file=sys.stderr)
 
 
 def _stdout_reader_gone() -> bool:
