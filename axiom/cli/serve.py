@@ -101,8 +101,11 @@ def run(args: argparse.Namespace) -> None:
         logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
         app = build_app(service, args.body_timeout, local_names)
         # No lifespan: the app has no start-up or shutdown hooks, and a forced stop would log its task's cancellation.
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None, lifespan="off")
-        config.load()  # picks uvicorn's HTTP protocol (httptools' if installed, else h11's), wrapped here
+        # h11 also where httptools is installed (uvicorn[standard]), whose protocol uvicorn would take: it sends a
+        # stream chunked to an HTTP/1.0 client, which cannot read chunks (RFC 9112, 6.1). The event loop is
+        # uvicorn's choice: uvloop where installed, else asyncio's (tests/test_serve.py runs both).
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None, lifespan="off", http="h11")
+        config.load()  # makes the protocol class, wrapped here
         config.http_protocol_class = with_connection_limits(
             config.http_protocol_class, args.head_timeout, args.max_connections
         )

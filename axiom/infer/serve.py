@@ -503,7 +503,7 @@ IDLE_BEFORE_CLOSED_S = 1.0
 
 
 def with_connection_limits(protocol: type, head_seconds: float, max_connections: int) -> type:
-    """uvicorn's HTTP protocol class `protocol` (h11's or httptools') with limits uvicorn lacks, so that idle
+    """uvicorn's HTTP protocol class `protocol` (h11's: axiom/cli/serve.py) with limits uvicorn lacks, so that idle
     clients cannot hold every one of `max_connections` (uvicorn's own `limit_concurrency` is left unset: its 503 is
     plain text, and it logs a warning per refusal):
     - a connection whose request head has not arrived whole within `head_seconds` of the connection opening or of
