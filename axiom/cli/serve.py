@@ -101,10 +101,12 @@ def run(args: argparse.Namespace) -> None:
         logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
         app = build_app(service, args.body_timeout, local_names)
         # No lifespan: the app has no start-up or shutdown hooks, and a forced stop would log its task's cancellation.
-        # h11 also where httptools is installed (uvicorn[standard]), whose protocol uvicorn would take: it sends a
-        # stream chunked to an HTTP/1.0 client, which cannot read chunks (RFC 9112, 6.1). The event loop is
-        # uvicorn's choice: uvloop where installed, else asyncio's (tests/test_serve.py runs both).
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None, lifespan="off", http="h11")
+        # asyncio's event loop and h11, the ones the tests run, also where uvicorn[standard] installed uvloop and
+        # httptools, which uvicorn would take: httptools' protocol sends a stream chunked to an HTTP/1.0 client,
+        # which cannot read chunks (RFC 9112, 6.1), and the shutdown here is written against asyncio's server.
+        config = uvicorn.Config(
+            app, log_level="warning", timeout_graceful_shutdown=None, lifespan="off", loop="asyncio", http="h11"
+        )
         config.load()  # makes the protocol class, wrapped here
         config.http_protocol_class = with_connection_limits(
             config.http_protocol_class, args.head_timeout, args.max_connections
