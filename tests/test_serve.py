@@ -471,7 +471,8 @@ def serving(service) -> Iterator[int]:
     from axiom.infer.serve import build_app
 
     sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(build_app(service), log_level="warning"))
+    config = uvicorn.Config(build_app(service), log_level="warning", loop="asyncio", http="h11")  # as axiom serve's
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     service.start()
     thread.start()
