@@ -179,6 +179,12 @@ def test_an_error_is_said_whatever_world_size_holds(monkeypatch, capsys):
         monkeypatch.setenv("LOCAL_RANK", local_rank)
         assert main(["train", "--data", "d", "--out", "r", "--set", "lr_max=fast"]) == 2  # refused before any work
         assert capsys.readouterr().err == error and waits == waited
+        waits.clear()  # argparse's usage errors alike: every process printed its usage and the error at once
+        with pytest.raises(SystemExit) as usage:
+            main(["train", "--data", "d", "--out", "r", "--sett", "lr_max=fast"])
+        err = capsys.readouterr().err
+        assert usage.value.code == 2 and waits == waited
+        assert err.startswith("usage: axiom ") and err.endswith(": error: unrecognized arguments: --sett lr_max=fast\n")
 
 
 def test_notices_are_said_once_per_run_and_by_any_process_torchrun_did_not_start(monkeypatch, capsys):

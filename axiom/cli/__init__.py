@@ -9,6 +9,7 @@ import os
 import select
 import sys
 import time
+from typing import NoReturn
 
 from axiom import __version__, torchrun
 from axiom.errors import AxiomError
@@ -79,9 +80,7 @@ def examples(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="axiom", description="Pretrain, evaluate, sample from and publish Axiom-Dense models."
-    )
+    parser = _Parser(prog="axiom", description="Pretrain, evaluate, sample from and publish Axiom-Dense models.")
     parser.add_argument("--version", action="version", version=f"axiom {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -139,13 +138,28 @@ def _says_errors() -> bool:
 
 
 def _say_error(line: str) -> None:
-    """Print a command's error, once per machine under torchrun (_says_errors). torchrun stops every process as soon
-    as one exits: another process that met the error first and exited at once had the first stopped before it could
-    say it, and the error was said nowhere. So the others wait, and torchrun stops them once the first has said it
-    and exited; one still running after QUIET_WAIT_S met an error of its own (the first goes on), and says it."""
+    """Print a command's error, once per machine under torchrun (_wait_unless_first)."""
+    _wait_unless_first()
+    print(line, file=sys.stderr)
+
+
+def _wait_unless_first() -> None:
+    """Under torchrun, wait in a process other than a machine's first (_says_errors) before it says an error.
+    torchrun stops every process as soon as one exits: another process that met the error first and exited at once
+    had the first stopped before it could say it, and the error was said nowhere. So the others wait, and torchrun
+    stops them once the first has said it and exited; one still running after QUIET_WAIT_S met an error of its own
+    (the first goes on), and says it."""
     if not _says_errors():
         time.sleep(QUIET_WAIT_S)
-    print(line, file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors (an unknown flag, a missing argument) are said once per machine under
+    torchrun, as a command's are: every process printed its usage and the error."""
+
+    def error(self, message: str) -> NoReturn:
+        _wait_unless_first()
+        super().error(message)
 
 
 def _stdout_reader_gone() -> bool:
