@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,3 +58,16 @@ def write_dataset(
         manifest[f"{split}_bytes"] = nbytes
     write_json_atomic(data_dir / MANIFEST, manifest)
     return manifest
+
+
+def held_under(folder: str | Path) -> list[str]:
+    """What this process holds open under `folder`: its mapped files and file descriptors (Linux /proc)."""
+    inside = str(Path(folder).resolve()) + os.sep
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    held = {f"map {line.split(maxsplit=5)[5]}" for line in lines if inside in line}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor listdir itself used is gone
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(inside):
+                held.add(f"fd {target}")
+    return sorted(held)

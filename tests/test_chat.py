@@ -8,11 +8,13 @@ import gzip
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import zstandard
 from conftest import read_rows, save_model, when_the_reader_leaves
-from data_helpers import write_dataset
+from data_helpers import held_under, write_dataset
 from decode_helpers import BREAKING, text_or_one_line
 from safetensors.torch import load_file
 
@@ -321,6 +323,30 @@ def test_packing_keeps_conversations_whole_and_masks_targets(chat_dir):
     trained = y[y != IGNORE_INDEX].tolist()
     reply = [*load_tokenizer().encode_ordinary(REPLY), IM_END]
     assert trained == reply * (len(trained) // len(reply))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux /proc")
+def test_a_chat_reader_that_fails_holds_no_shard_open_while_its_error_is_kept(chat_dir, tmp_path):
+    """As `test_loader.py::test_a_reader_that_fails_holds_no_shard_open_while_its_error_is_kept`, for chat data."""
+    data_dir = shutil.copytree(chat_dir, tmp_path / "data")
+    kept = []
+
+    def fails(match, call):
+        with pytest.raises(AxiomError, match=match) as caught:
+            call()
+        kept.append(caught.value)
+        assert held_under(data_dir) == [], caught.value
+
+    fails("does not fit a window of seq_len=8", lambda: ChatLoader(data_dir, seq_len=8, micro_batch_size=1, seed=0))
+    fails("fewer than one global batch", lambda: ChatLoader(data_dir, seq_len=64, micro_batch_size=10**4, seed=0))
+    fails("does not fit a window of seq_len=8", lambda: next(chat_eval_batches(data_dir, 8, 1, 512)))
+    tokens, mask = data_dir / "train_00000.bin", data_dir / "train_00000.mask"
+    ids = np.fromfile(tokens, dtype="<u4")
+    ids[-1] = 0  # the split no longer ends with EOS
+    ids.tofile(tokens)
+    fails("does not end with EOS", lambda: Conversations(data_dir, "train"))
+    mask.write_bytes(b"\x07" + mask.read_bytes()[1:])  # the masks fail their check after the tokens were mapped
+    fails("mask value 7 at token 0", lambda: Conversations(data_dir, "train"))
 
 
 def test_masked_loss_equals_hand_computed_cross_entropy():

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from data_helpers import write_dataset
+from data_helpers import held_under, write_dataset
 
 from axiom.data.loader import TokenStream, TrainLoader, eval_batches, read_manifest
 from axiom.errors import AxiomError
@@ -204,3 +205,29 @@ def test_errors_name_the_directory_and_counts(tmp_path, data_dir):
     shard.write_bytes(shard.read_bytes()[:-4])
     with pytest.raises(AxiomError, match="train_00001.bin: 144 bytes, manifest says 37 tokens"):
         TrainLoader(data_dir, SEQ, micro_batch_size=1, seed=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux /proc")
+def test_a_reader_that_fails_holds_no_shard_open_while_its_error_is_kept(data_dir):
+    """A notebook or a server keeps the error, and with its traceback the frames that held the mapped shards."""
+    stream = TokenStream(data_dir, "train")
+    assert len(held_under(data_dir)) == 2 * len(stream.shards) > 2  # a map and a descriptor per shard
+    stream.close()
+    assert held_under(data_dir) == []
+    kept = []
+
+    def fails(match, call):
+        with pytest.raises(AxiomError, match=match) as caught:
+            call()
+        kept.append(caught.value)
+        assert held_under(data_dir) == [], caught.value
+
+    fails("fewer than one global batch", lambda: TrainLoader(data_dir, SEQ, micro_batch_size=1000, seed=0))
+    fails("fewer than one window", lambda: next(eval_batches(data_dir, seq_len=1000, batch_size=1, eval_tokens=1000)))
+    # the last shard fails its check after the others were mapped: an id out of range, then a cut file
+    last = sorted(data_dir.glob("train_*.bin"))[-1]
+    good = last.read_bytes()
+    last.write_bytes(np.array([10**9], dtype="<u4").tobytes() + good[4:])
+    fails("token id 1,000,000,000 at token 0", lambda: TokenStream(data_dir, "train"))
+    last.write_bytes(good[:-4])
+    fails("bytes, manifest says", lambda: TokenStream(data_dir, "train"))

@@ -8,7 +8,8 @@ each token once per epoch; their order is a permutation fixed by (seed, epoch).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,17 @@ def size_mismatch(path: Path, expected: int) -> str | None:
     return None if actual == expected else f"{actual:,} bytes"
 
 
+@contextmanager
+def closed_on_error(close: Callable[[], None]) -> Iterator[None]:
+    """Call `close` if the block raises: the error's traceback keeps the frames that hold a reader alive, and with
+    it the reader's maps and file descriptors, for as long as the caller keeps the error (a notebook, a server)."""
+    try:
+        yield
+    except BaseException:
+        close()
+        raise
+
+
 class TokenStream:
     """One split's shards as a single token sequence, memory-mapped; `read` copies out any range.
 
@@ -161,24 +173,30 @@ class TokenStream:
         self.shards: list[np.memmap] = []
         self.paths: list[Path] = []
         sizes = []
-        for shard in manifest["shards"]:
-            if shard["split"] != split or shard["tokens"] == 0:
-                continue
-            name = mask_name(shard["file"]) if masks else shard["file"]
-            path = member(data_dir, name, f"{data_dir / MANIFEST}: shards[].file")
-            expected = shard["tokens"] * dtype.itemsize
-            if found := size_mismatch(path, expected):
-                raise AxiomError(
-                    f"{path}: {found}, manifest says {shard['tokens']:,} tokens ({expected:,} bytes); "
-                    f"the prepared data is damaged: {DAMAGED.format(dir=data_dir)}"
-                )
-            self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
-            self.paths.append(path)
-            sizes.append(shard["tokens"])
-        self.offsets = np.cumsum([0, *sizes])  # shard i holds stream positions offsets[i]:offsets[i+1]
-        self.num_tokens = int(self.offsets[-1])
-        for i, shard in enumerate(self.shards):
-            self._check(np.asarray(shard[: self.HEAD_CHECK]), int(self.offsets[i]))
+        with closed_on_error(self.close):
+            for shard in manifest["shards"]:
+                if shard["split"] != split or shard["tokens"] == 0:
+                    continue
+                name = mask_name(shard["file"]) if masks else shard["file"]
+                path = member(data_dir, name, f"{data_dir / MANIFEST}: shards[].file")
+                expected = shard["tokens"] * dtype.itemsize
+                if found := size_mismatch(path, expected):
+                    raise AxiomError(
+                        f"{path}: {found}, manifest says {shard['tokens']:,} tokens ({expected:,} bytes); "
+                        f"the prepared data is damaged: {DAMAGED.format(dir=data_dir)}"
+                    )
+                self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
+                self.paths.append(path)
+                sizes.append(shard["tokens"])
+            self.offsets = np.cumsum([0, *sizes])  # shard i holds stream positions offsets[i]:offsets[i+1]
+            self.num_tokens = int(self.offsets[-1])
+            for i in range(len(self.shards)):  # a copy, and no map in a local: a failing check's frames hold none
+                self._check(np.array(self.shards[i][: self.HEAD_CHECK]), int(self.offsets[i]))
+
+    def close(self) -> None:
+        """Let go of the shards' maps, and so of their file descriptors (`read` hands out copies, never views, so
+        nothing else holds them); the stream cannot be read after this."""
+        self.shards.clear()  # in place: a list that someone still holds lets go too
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int64, crossing shard boundaries where needed."""
@@ -314,6 +332,7 @@ class TrainLoader(WindowLoader):
         self.stream = TokenStream(data_dir, "train", vocab_size=vocab_size)
         self.size = max(self.stream.num_tokens - 1, 0) // seq_len
         if self.size < self.global_batch:
+            self.stream.close()  # the error's traceback keeps this loader alive: see closed_on_error
             raise AxiomError(
                 f"{data_dir}: the train split has {self.stream.num_tokens:,} tokens, fewer than one global batch "
                 f"needs ({self.global_batch} windows of {seq_len}+1 tokens = "
@@ -361,16 +380,17 @@ def eval_batches(
             f"evaluation: need seq_len > 0, batch size > 0 and eval tokens >= seq_len, got seq_len={seq_len}, "
             f"batch size {batch_size}, eval tokens {eval_tokens}"
         )
-    stream = TokenStream(data_dir, "val", manifest, vocab_size)
-    num_windows = eval_windows(stream.num_tokens, seq_len, eval_tokens)
-    if num_windows == 0:
-        raise AxiomError(
-            f"{data_dir}: the val split has {stream.num_tokens:,} tokens, fewer than one window of "
-            f"{seq_len}+1; prepare with a larger --val-fraction or lower seq_len"
-        )
-    for first in range(0, num_windows, batch_size):
-        n = min(batch_size, num_windows - first)
-        batch = torch.from_numpy(stream.read(first * seq_len, n * seq_len + 1))
-        inputs = batch[:-1].view(n, seq_len)
-        targets = batch[1:].view(n, seq_len)
-        yield inputs, targets
+    # closed on an error too (see closed_on_error), and when the caller stops early
+    with closing(TokenStream(data_dir, "val", manifest, vocab_size)) as stream:
+        num_windows = eval_windows(stream.num_tokens, seq_len, eval_tokens)
+        if num_windows == 0:
+            raise AxiomError(
+                f"{data_dir}: the val split has {stream.num_tokens:,} tokens, fewer than one window of "
+                f"{seq_len}+1; prepare with a larger --val-fraction or lower seq_len"
+            )
+        for first in range(0, num_windows, batch_size):
+            n = min(batch_size, num_windows - first)
+            batch = torch.from_numpy(stream.read(first * seq_len, n * seq_len + 1))
+            inputs = batch[:-1].view(n, seq_len)
+            targets = batch[1:].view(n, seq_len)
+            yield inputs, targets

@@ -14,13 +14,14 @@ window is `TrainConfig.doc_masking` (masked by default for chat data; docs/finet
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from axiom.data.loader import TokenStream, WindowLoader, read_manifest
+from axiom.data.loader import TokenStream, WindowLoader, closed_on_error, read_manifest
 from axiom.errors import AxiomError
 from axiom.model.loss import IGNORE_INDEX
 from axiom.text.tokenizer import EOS_ID
@@ -36,13 +37,21 @@ class Conversations:
     ) -> None:
         manifest = manifest if manifest is not None else read_manifest(data_dir)
         self.tokens = TokenStream(data_dir, split, manifest, vocab_size)
-        self.masks = TokenStream(data_dir, split, manifest, masks=True)
-        shards = zip(self.tokens.shards, self.tokens.offsets[:-1], strict=True)
-        ends = [np.flatnonzero(np.asarray(s) == EOS_ID) + offset + 1 for s, offset in shards]
-        self.starts = np.concatenate([[0], *ends]).astype(np.int64)  # (n + 1,): i is [starts[i], starts[i + 1])
-        if self.starts[-1] != self.tokens.num_tokens:
-            raise AxiomError(f"{data_dir}: the {split} split does not end with EOS; re-run `axiom prepare --chat`")
+        with closed_on_error(self.tokens.close):
+            self.masks = TokenStream(data_dir, split, manifest, masks=True)
+        with closed_on_error(self.close):
+            # no zip in a local: it keeps its last pair, a map, alive in the frame an error's traceback holds
+            shards = self.tokens.shards
+            ends = [np.flatnonzero(np.asarray(s) == EOS_ID) + self.tokens.offsets[i] + 1 for i, s in enumerate(shards)]
+            self.starts = np.concatenate([[0], *ends]).astype(np.int64)  # (n + 1,): i is [starts[i], starts[i + 1])
+            if self.starts[-1] != self.tokens.num_tokens:
+                raise AxiomError(f"{data_dir}: the {split} split does not end with EOS; re-run `axiom prepare --chat`")
         self.lengths = np.diff(self.starts)
+
+    def close(self) -> None:
+        """Let go of both streams' maps and file descriptors (TokenStream.close)."""
+        self.tokens.close()
+        self.masks.close()
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -132,15 +141,16 @@ class ChatLoader(WindowLoader):
     ) -> None:
         super().__init__(data_dir, seq_len, micro_batch_size, seed, rank, world_size, step_windows)
         self.data = Conversations(data_dir, "train", vocab_size=vocab_size)
-        self.data.check_fit(seq_len, str(data_dir))
-        self.size = len(self.data)
-        self._packed_epoch = -1
-        if self.epoch_windows() < self.global_batch:
-            raise AxiomError(
-                f"{data_dir}: the train split packs into {self.epoch_windows()} windows of {seq_len}+1 tokens, "
-                f"fewer than one global batch ({self.global_batch}); prepare more conversations or lower the batch "
-                "size"
-            )
+        with closed_on_error(self.data.close):
+            self.data.check_fit(seq_len, str(data_dir))
+            self.size = len(self.data)
+            self._packed_epoch = -1
+            if self.epoch_windows() < self.global_batch:
+                raise AxiomError(
+                    f"{data_dir}: the train split packs into {self.epoch_windows()} windows of {seq_len}+1 tokens, "
+                    f"fewer than one global batch ({self.global_batch}); prepare more conversations or lower the "
+                    "batch size"
+                )
 
     @property
     def num_conversations(self) -> int:
@@ -181,12 +191,13 @@ def chat_eval_batches(
     """The val split's conversations packed in stream order: the first `eval_tokens // seq_len` windows (at least
     one), in batches of `batch_size` (the last may be smaller); the same on every rank and call. `manifest` as in
     `eval_batches`."""
-    data = Conversations(data_dir, "val", manifest, vocab_size)
-    if len(data) == 0:
-        raise AxiomError(f"{data_dir}: the val split has no conversations; prepare with a larger --val-fraction")
-    data.check_fit(seq_len, str(data_dir))
-    packing = pack(data.lengths, np.arange(len(data)), seq_len + 1)
-    num_windows = min(chat_eval_windows(seq_len, eval_tokens), len(packing))
-    for first in range(0, num_windows, batch_size):
-        windows = range(first, min(first + batch_size, num_windows))
-        yield to_batch([data.window(packing.window(w), seq_len) for w in windows])
+    # closed on an error too (see closed_on_error), and when the caller stops early
+    with closing(Conversations(data_dir, "val", manifest, vocab_size)) as data:
+        if len(data) == 0:
+            raise AxiomError(f"{data_dir}: the val split has no conversations; prepare with a larger --val-fraction")
+        data.check_fit(seq_len, str(data_dir))
+        packing = pack(data.lengths, np.arange(len(data)), seq_len + 1)
+        num_windows = min(chat_eval_windows(seq_len, eval_tokens), len(packing))
+        for first in range(0, num_windows, batch_size):
+            windows = range(first, min(first + batch_size, num_windows))
+            yield to_batch([data.window(packing.window(w), seq_len) for w in windows])
