@@ -606,14 +606,13 @@ def test_fine_tuning_resumes_bit_exact_after_kill_9(chat_dir, base_ckpt, tmp_pat
     cmd = [sys.executable, "-m", "axiom.cli", "train", "--data", str(chat_dir), "--out", str(run)]
     cmd += ["--init-from", str(base_ckpt), *set_args(*extra)]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        while not (run / "checkpoints" / "step_000004").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.01)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) as proc:  # closes stderr
+        try:
+            while not (run / "checkpoints" / "step_000004").exists():
+                assert proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.01)
+        finally:
+            proc.send_signal(signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL and not (run / "checkpoints" / "step_000016").exists()
     resume = [*cmd[: cmd.index("--init-from")], "--resume", *set_args(*extra)]
     done = subprocess.run(resume, capture_output=True, text=True, env=env)

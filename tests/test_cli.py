@@ -312,12 +312,13 @@ def test_ctrl_c_at_any_moment_of_the_start_is_one_line():
     own start (its site module, a traceback or a fatal error that no code of ours runs early enough to prevent)."""
     cmd = [sys.executable, "-m", "axiom.cli", "info", "--preset", "tiny"]
     for delay in (0.0, 0.2, 0.5):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while not sigint_held(proc.pid):  # held for the seconds torch takes to import: never missed
-            assert proc.poll() is None and time.monotonic() < deadline, "SIGINT never held while the commands load"
-            time.sleep(0.001)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
-        err = proc.communicate(timeout=60)[1]
+        # with: a failed check waits for the command and closes its pipe (it was left running, the pipe open)
+        with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+            deadline = time.monotonic() + 60
+            while not sigint_held(proc.pid):  # held for the seconds torch takes to import: never missed
+                assert proc.poll() is None and time.monotonic() < deadline, "SIGINT never held while the commands load"
+                time.sleep(0.001)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            err = proc.communicate(timeout=60)[1]
         assert (proc.returncode, err) in {(130, "axiom: interrupted\n"), (130, "axiom info: interrupted\n"), (0, "")}
