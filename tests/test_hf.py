@@ -660,7 +660,9 @@ def test_lm_eval_harness_runs_on_export(ckpts, exported, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     samples = [
-        json.loads(line) for f in (tmp_path / "results").rglob("samples_axiom_tiny_*.jsonl") for line in f.open()
+        json.loads(line)
+        for f in (tmp_path / "results").rglob("samples_axiom_tiny_*.jsonl")
+        for line in f.read_text().splitlines()
     ]
     assert len(samples) == len(docs)
 
