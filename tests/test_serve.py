@@ -85,6 +85,7 @@ class Server:
         if " on http://" not in first:
             self.proc.kill()
             self.proc.wait()
+            self.proc.stdout.close()
             raise RuntimeError(f"axiom serve did not start: {first!r} {log.read_text()[-2000:]}")
         self.url = first.split(" on ")[1].split()[0]  # http://127.0.0.1:PORT/v1
         self.port = int(self.url.split(":")[2].split("/")[0])
@@ -100,6 +101,7 @@ class Server:
         return status, data
 
     def stop(self) -> None:
+        self.client.close()  # the connections it keeps alive
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -176,6 +178,7 @@ def test_completions_streaming_and_not_with_the_openai_client(server):
     events = response.read().decode().split("\n\n")
     assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
     assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: {") for e in events[:-2])
+    conn.close()
 
 
 def test_greedy_text_equals_axiom_generate_alone_and_with_8_requests_in_flight(server, ckpt, capsys):
@@ -449,9 +452,12 @@ def raw_stream(port: int, body: dict, wait: bool = True) -> tuple[socket.socket,
     return sock, reader
 
 
-def drop(sock: socket.socket) -> None:
-    """Disconnect at once (a plain close would wait for the reader made from the socket to be closed too)."""
+def drop(sock: socket.socket, reader: object = None) -> None:
+    """Disconnect at once (a plain close would wait for the reader made from the socket to be closed too), and close
+    that reader: until then the socket holds its descriptor (ResourceWarning: unclosed socket)."""
     sock.shutdown(socket.SHUT_RDWR)
+    if reader is not None:
+        reader.close()
     sock.close()
 
 
@@ -493,17 +499,17 @@ def test_full_queue_answers_503_and_disconnects_free_their_slots(ckpt, tmp_path)
 
     try:
         long = {"model": s.name, "prompt": "Hello", "max_tokens": 4000, "temperature": 0}
-        running, _ = raw_stream(s.port, long)
-        queued_stream, _ = raw_stream(s.port, long, wait=False)
+        running = raw_stream(s.port, long)
+        queued_stream = raw_stream(s.port, long, wait=False)
         queued = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
         queued.request("POST", "/v1/completions", json.dumps(long))  # non-streaming, waits for the slot
         wait_for(lambda: health()["accepted"] == 3)
         with pytest.raises(openai.InternalServerError) as e:
             s.client.completions.create(model=s.name, prompt="Hello", max_tokens=5)
         assert e.value.status_code == 503 and e.value.body["code"] == "busy"
-        drop(queued_stream)  # a streaming client that leaves before its first token: it leaves the queue
+        drop(*queued_stream)  # a streaming client that leaves before its first token: it leaves the queue
         wait_for(lambda: health() == {"status": "ok", "running": 1, "waiting": 1, "accepted": 2})
-        drop(running)  # a client that leaves mid-stream: its slot passes to the waiting request
+        drop(*running)  # a client that leaves mid-stream: its slot passes to the waiting request
         wait_for(lambda: health() == {"status": "ok", "running": 1, "waiting": 0, "accepted": 1})
         drop(queued.sock)  # a non-streaming client that leaves while decoding
         wait_for(lambda: health()["accepted"] == 0)
@@ -1159,6 +1165,7 @@ def test_request_checking_runs_off_the_event_loop(ckpt, monkeypatch):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", "/health")
         assert conn.getresponse().status == 200 and time.monotonic() - start < 1.5
+        conn.close()
         slow.join()
         ((status, data),) = answers
         assert status == 400 and json.loads(data)["error"]["code"] == "context_length_exceeded"
