@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from axiom.data.loader import FORMAT_VERSION, MANIFEST, TOKEN_DTYPE, shard_name
+from axiom.errors import AxiomError
 from axiom.files import write_json_atomic
 from axiom.text.tokenizer import EOS_ID, NAME, SHA256, load_tokenizer
 
@@ -71,3 +73,12 @@ def held_under(folder: str | Path) -> list[str]:
             if target.startswith(inside):
                 held.add(f"fd {target}")
     return sorted(held)
+
+
+def fails_holding_nothing(folder: str | Path, kept: list, match: str, call: Callable[[], object]) -> None:
+    """`call()` raises an AxiomError matching `match`, which is kept in `kept` (as a notebook or a server keeps the
+    last error, and with its traceback the frames that held a reader), and nothing under `folder` is held open."""
+    with pytest.raises(AxiomError, match=match) as caught:
+        call()
+    kept.append(caught.value)
+    assert held_under(folder) == [], caught.value

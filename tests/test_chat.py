@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import zstandard
 from conftest import read_rows, save_model, when_the_reader_leaves
-from data_helpers import held_under, write_dataset
+from data_helpers import fails_holding_nothing, write_dataset
 from decode_helpers import BREAKING, text_or_one_line
 from safetensors.torch import load_file
 
@@ -329,13 +329,10 @@ def test_packing_keeps_conversations_whole_and_masks_targets(chat_dir):
 def test_a_chat_reader_that_fails_holds_no_shard_open_while_its_error_is_kept(chat_dir, tmp_path):
     """As `test_loader.py::test_a_reader_that_fails_holds_no_shard_open_while_its_error_is_kept`, for chat data."""
     data_dir = shutil.copytree(chat_dir, tmp_path / "data")
-    kept = []
+    kept: list = []
 
     def fails(match, call):
-        with pytest.raises(AxiomError, match=match) as caught:
-            call()
-        kept.append(caught.value)
-        assert held_under(data_dir) == [], caught.value
+        fails_holding_nothing(data_dir, kept, match, call)
 
     fails("does not fit a window of seq_len=8", lambda: ChatLoader(data_dir, seq_len=8, micro_batch_size=1, seed=0))
     fails("fewer than one global batch", lambda: ChatLoader(data_dir, seq_len=64, micro_batch_size=10**4, seed=0))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import held_under, write_dataset
+from data_helpers import fails_holding_nothing, held_under, write_dataset
 
 from axiom.data.loader import TokenStream, TrainLoader, eval_batches, read_manifest
 from axiom.errors import AxiomError
@@ -214,13 +214,10 @@ def test_a_reader_that_fails_holds_no_shard_open_while_its_error_is_kept(data_di
     assert len(held_under(data_dir)) == 2 * len(stream.shards) > 2  # a map and a descriptor per shard
     stream.close()
     assert held_under(data_dir) == []
-    kept = []
+    kept: list = []
 
     def fails(match, call):
-        with pytest.raises(AxiomError, match=match) as caught:
-            call()
-        kept.append(caught.value)
-        assert held_under(data_dir) == [], caught.value
+        fails_holding_nothing(data_dir, kept, match, call)
 
     fails("fewer than one global batch", lambda: TrainLoader(data_dir, SEQ, micro_batch_size=1000, seed=0))
     fails("fewer than one window", lambda: next(eval_batches(data_dir, seq_len=1000, batch_size=1, eval_tokens=1000)))
