@@ -1,5 +1,6 @@
 import ast
 import json
+import os
 import re
 import runpy
 import signal
@@ -185,6 +186,27 @@ def test_an_error_is_said_whatever_world_size_holds(monkeypatch, capsys):
         err = capsys.readouterr().err
         assert usage.value.code == 2 and waits == waited
         assert err.startswith("usage: axiom ") and err.endswith(": error: unrecognized arguments: --sett lr_max=fast\n")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends itself SIGINT")
+def test_ctrl_c_while_a_process_waits_to_be_stopped_under_torchrun_ends_it_silently(monkeypatch, capsys):
+    """Ctrl-C reaches every process torchrun started, those waiting after an error (QUIET_WAIT_S) too: a command's
+    error then ended in a KeyboardInterrupt traceback inside the error's, and argparse's waited with SIGINT held (as
+    while the commands load), the whole wait, then said "axiom: interrupted" in every process."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    real_sleep = time.sleep
+
+    def ctrl_c_during(seconds: float) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        real_sleep(0.1)
+
+    monkeypatch.setattr(time, "sleep", ctrl_c_during)
+    for argv in (["eval", "--ckpt", "missing"], ["eval", "--sett", "x=1"]):
+        with pytest.raises(BaseException) as stopped:
+            main(argv)
+        assert isinstance(stopped.value, SystemExit) and stopped.value.code == 130, (argv, stopped.value)
+        assert capsys.readouterr().err == "", argv
 
 
 def test_notices_are_said_once_per_run_and_by_any_process_torchrun_did_not_start(monkeypatch, capsys):

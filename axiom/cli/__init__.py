@@ -98,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line, with SIGINT held while the command modules import (torch: seconds): Ctrl-C inside a C
-    extension's import broke it half-way (an ImportError, or an abort), so it is answered once they have."""
+    extension's import broke it half-way (an ImportError, or an abort), so it is answered once they have. Parsing is
+    not held: a usage error's wait under torchrun (_Parser) must answer Ctrl-C at once, as a command error's does."""
     with sigint_held():
-        return build_parser().parse_args(argv)
+        parser = build_parser()
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,9 +150,13 @@ def _wait_unless_first() -> None:
     torchrun stops every process as soon as one exits: another process that met the error first and exited at once
     had the first stopped before it could say it, and the error was said nowhere. So the others wait, and torchrun
     stops them once the first has said it and exited; one still running after QUIET_WAIT_S met an error of its own
-    (the first goes on), and says it."""
+    (the first goes on), and says it. A Ctrl-C, which reaches every process, ends the wait and the process silently
+    (exit 130), as in a command (main): it was a KeyboardInterrupt traceback inside the error's."""
     if not _says_errors():
-        time.sleep(QUIET_WAIT_S)
+        try:
+            time.sleep(QUIET_WAIT_S)
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
 
 
 class _Parser(argparse.ArgumentParser):
