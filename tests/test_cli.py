@@ -207,6 +207,11 @@ def test_ctrl_c_while_a_process_waits_to_be_stopped_under_torchrun_ends_it_silen
             main(argv)
         assert isinstance(stopped.value, SystemExit) and stopped.value.code == 130, (argv, stopped.value)
         assert capsys.readouterr().err == "", argv
+    # and while the commands load: only the first process says it (every process did)
+    monkeypatch.setattr("axiom.cli.build_parser", lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert main(["eval", "--ckpt", "missing"]) == 130 and capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["eval", "--ckpt", "missing"]) == 130 and capsys.readouterr().err == "axiom: interrupted\n"
 
 
 def test_notices_are_said_once_per_run_and_by_any_process_torchrun_did_not_start(monkeypatch, capsys):

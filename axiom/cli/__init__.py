@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(argv)
     except KeyboardInterrupt:
-        print("axiom: interrupted", file=sys.stderr)
+        if _says_errors():  # Ctrl-C reaches every process torchrun started
+            print("axiom: interrupted", file=sys.stderr)
         return 130
     for stream in (sys.stdin, sys.stdout):  # bytes the locale cannot decode, or an argument's it cannot encode
         with contextlib.suppress(AttributeError, ValueError):  # (surrogates): shown replaced, not a traceback
