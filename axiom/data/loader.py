@@ -331,13 +331,13 @@ class TrainLoader(WindowLoader):
         super().__init__(data_dir, seq_len, micro_batch_size, seed, rank, world_size, step_windows)
         self.stream = TokenStream(data_dir, "train", vocab_size=vocab_size)
         self.size = max(self.stream.num_tokens - 1, 0) // seq_len
-        if self.size < self.global_batch:
-            self.stream.close()  # the error's traceback keeps this loader alive: see closed_on_error
-            raise AxiomError(
-                f"{data_dir}: the train split has {self.stream.num_tokens:,} tokens, fewer than one global batch "
-                f"needs ({self.global_batch} windows of {seq_len}+1 tokens = "
-                f"{self.global_batch * seq_len + 1:,} tokens); prepare more data or lower seq_len/batch size"
-            )
+        with closed_on_error(self.stream.close):
+            if self.size < self.global_batch:
+                raise AxiomError(
+                    f"{data_dir}: the train split has {self.stream.num_tokens:,} tokens, fewer than one global batch "
+                    f"needs ({self.global_batch} windows of {seq_len}+1 tokens = "
+                    f"{self.global_batch * seq_len + 1:,} tokens); prepare more data or lower seq_len/batch size"
+                )
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
 
