@@ -474,11 +474,11 @@ def serving(service) -> Iterator[int]:
     stopped on leaving."""
     import uvicorn
 
+    from axiom.cli.serve import UVICORN_RUNTIME
     from axiom.infer.serve import build_app
 
     sock = socket.create_server(("127.0.0.1", 0))
-    config = uvicorn.Config(build_app(service), log_level="warning", loop="asyncio", http="h11")  # as axiom serve's
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(build_app(service), log_level="warning", **UVICORN_RUNTIME))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     service.start()
     thread.start()

@@ -26,6 +26,10 @@ from axiom.model.checkpoint import run_dir_of
 from axiom.text.chatml import is_chat_tuned
 
 ABANDON_WAIT_S = 1.0  # a forced stop waits this long for the handlers to send their 503s
+# asyncio's event loop and h11, the ones the tests run, also where uvicorn[standard] installed uvloop and httptools,
+# which uvicorn would take: httptools' protocol sends a stream chunked to an HTTP/1.0 client, which cannot read
+# chunks (RFC 9112, 6.1), and the shutdown here is written against asyncio's server.
+UVICORN_RUNTIME = {"loop": "asyncio", "http": "h11"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,11 +105,8 @@ def run(args: argparse.Namespace) -> None:
         logging.basicConfig(level=logging.INFO, format="axiom serve: %(message)s", stream=sys.stderr)
         app = build_app(service, args.body_timeout, local_names)
         # No lifespan: the app has no start-up or shutdown hooks, and a forced stop would log its task's cancellation.
-        # asyncio's event loop and h11, the ones the tests run, also where uvicorn[standard] installed uvloop and
-        # httptools, which uvicorn would take: httptools' protocol sends a stream chunked to an HTTP/1.0 client,
-        # which cannot read chunks (RFC 9112, 6.1), and the shutdown here is written against asyncio's server.
         config = uvicorn.Config(
-            app, log_level="warning", timeout_graceful_shutdown=None, lifespan="off", loop="asyncio", http="h11"
+            app, log_level="warning", timeout_graceful_shutdown=None, lifespan="off", **UVICORN_RUNTIME
         )
         config.load()  # makes the protocol class, wrapped here
         config.http_protocol_class = with_connection_limits(
