@@ -24,6 +24,7 @@ def is_first(rank_variable: str) -> bool:
     the one whose `rank_variable` (RANK: of the run; LOCAL_RANK: of this machine) is 0; any process torchrun did not
     start. Never an error, for it decides who says one: a variable that is no count (another tool's, or the very
     error being said) makes this process speak."""
-    world, rank = os.environ.get("WORLD_SIZE", "1").strip(), os.environ.get(rank_variable, "0").strip()
-    under_torchrun = world.isdecimal() and int(world) > 1
-    return not under_torchrun or not rank.isdecimal() or int(rank) == 0
+    try:
+        return count("WORLD_SIZE", "1") <= 1 or count(rank_variable, "0") == 0
+    except AxiomError:
+        return True
