@@ -15,8 +15,8 @@ from axiom import __version__, torchrun
 from axiom.errors import AxiomError
 from axiom.signals import sigint_held
 
-# How long a process of torchrun's other than a machine's first waits, after an error, for torchrun to stop it (see
-# _say_error): the first meets the same error as late as the processes start apart (seconds, on a loaded machine).
+# How long a process of torchrun's other than a machine's first waits, after an error, for torchrun to stop it
+# (_wait_unless_first): the first meets the same error as late as the processes start apart (seconds, when loaded).
 QUIET_WAIT_S = 10.0
 
 # name -> (module, one-line help). Modules are imported only to build their own parser.
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return importlib.import_module(args.module).run(args) or 0
     except AxiomError as e:
-        _say_error(f"axiom {args.command}: error: {e}")
+        _wait_unless_first()
+        print(f"axiom {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if _says_errors():  # Ctrl-C reaches every process torchrun started
@@ -135,15 +136,9 @@ def main(argv: list[str] | None = None) -> int:
 def _says_errors() -> bool:
     """Whether this process prints a command's error. Under torchrun every process of a machine meets the same one
     (the same arguments and files; a device each process could not have is refused on all of them alike), so its
-    first process says it and the others wait to be stopped (_say_error). Once per machine, not per run: a file
+    first process says it and the others wait to be stopped (_wait_unless_first). Once per machine, not per run: a file
     missing on one machine is said there."""
     return torchrun.is_first("LOCAL_RANK")
-
-
-def _say_error(line: str) -> None:
-    """Print a command's error, once per machine under torchrun (_wait_unless_first)."""
-    _wait_unless_first()
-    print(line, file=sys.stderr)
 
 
 def _wait_unless_first() -> None:
